@@ -1,0 +1,28 @@
+"""fdchannel: pass open file descriptors between processes as owned objects.
+
+A `Channel` sends messages, each a payload of bytes with any number of fds;
+the receiver gets each message whole, with its fds as `OwnedFd` objects that
+close themselves when nobody takes them.
+"""
+
+from __future__ import annotations
+
+from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
+from ._errors import ChannelClosed, FdChannelError, LimitExceeded, ProtocolError, TruncatedControlData
+from ._message import Message
+from ._ownedfd import OwnedFd
+
+__all__ = [
+    "DEFAULT_MAX_FDS",
+    "DEFAULT_MAX_PAYLOAD",
+    "Channel",
+    "ChannelClosed",
+    "FdChannelError",
+    "LimitExceeded",
+    "Message",
+    "OwnedFd",
+    "ProtocolError",
+    "TruncatedControlData",
+]
+
+__version__ = "0.1.0"

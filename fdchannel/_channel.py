@@ -1,0 +1,584 @@
+"""`Channel`: messages of bytes and fds over one connected stream socket."""
+
+from __future__ import annotations
+
+import array
+import os
+import select
+import socket
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, Self
+
+from typing_extensions import Buffer
+
+from ._codec import HEADER_SIZE, Decoder, pack_header
+from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
+from ._fdutil import close_all
+from ._message import Message
+from ._ownedfd import OwnedFd, fileno_of
+from .transports import Outgoing, Session, Transport, default_transport
+from .transports._unix import SCM_MAX_FD
+
+__all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "Channel"]
+
+DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
+DEFAULT_MAX_FDS: Final = 1024
+
+_SOL_SOCKET: Final = socket.SOL_SOCKET
+_SCM_RIGHTS: Final = socket.SCM_RIGHTS
+_MSG_CTRUNC: Final = socket.MSG_CTRUNC
+_MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)
+#: Never raise SIGPIPE: a vanished peer is a BrokenPipeError, not a dead process.
+_SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
+#: Atomically close-on-exec where the kernel can (Linux, FreeBSD).
+_RECV_CLOEXEC: Final = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+#: The kernel hands over at most one sendmsg's batch of fds per recvmsg.
+_ANCBUF: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+
+
+class _Chunk:
+    """Bytes still to send, and the fds that must ride on the first of them."""
+
+    __slots__ = ("bufs", "fds", "owns_fds")
+
+    def __init__(self, bufs: list[Buffer], fds: list[int], owns_fds: bool = False) -> None:
+        self.bufs = bufs
+        self.fds = fds
+        self.owns_fds = owns_fds
+
+    def release_fds(self) -> None:
+        fds, self.fds = self.fds, []
+        if self.owns_fds:
+            close_all(fds)
+
+    def detach(self) -> None:
+        """Stop borrowing the caller's memory and fds: copy and duplicate them."""
+        self.bufs = [b"".join(self.bufs)]
+        if self.fds and not self.owns_fds:
+            dups: list[int] = []
+            try:
+                for fd in self.fds:
+                    dups.append(os.dup(fd))
+            except BaseException:
+                close_all(dups)
+                raise
+            self.fds, self.owns_fds = dups, True
+
+    def consume(self, n: int) -> bool:
+        """Drop *n* sent bytes; return True when nothing is left."""
+        bufs = self.bufs
+        while n:
+            first = memoryview(bufs[0]).cast("B")
+            if n < len(first):
+                bufs[0] = first[n:]
+                return False
+            n -= len(first)
+            del bufs[0]
+        while bufs and not memoryview(bufs[0]).nbytes:
+            del bufs[0]
+        return not bufs
+
+
+def _set_written(exc: OSError, n: int) -> None:
+    # BlockingIOError has the attribute; TimeoutError gets it the same way.
+    exc.characters_written = n  # type: ignore[attr-defined]
+
+
+def _rights(fds: list[int]) -> list[tuple[int, int, array.array[int]]]:
+    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+
+
+class Channel:
+    """A message channel over a connected stream socket.
+
+    Each message is a payload of bytes and any number of fds; the receiver
+    gets it back whole as one `Message` whose fds it owns, however the kernel
+    split or merged the stream.  The channel owns its socket.
+
+    Sending never takes ownership of the caller's fds: they may be closed as
+    soon as `send` returns or raises.  Received fds are non-inheritable.
+
+    Blocking behaviour follows the socket conventions: `settimeout(None)`
+    blocks (the default), ``0.0`` (or `setblocking(False)`) never waits and
+    raises `BlockingIOError`, a positive timeout raises `TimeoutError` when
+    the whole call does not finish in time.  A `send` interrupted that way
+    sets ``characters_written`` on the exception: ``0`` means the message was
+    not taken (send it again), more means it was taken and its remainder is
+    `pending` (call `flush` until it returns; never send it again).
+
+    Concurrent `send` calls from several threads never interleave frames and
+    concurrent `recv` calls never split a message.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        transport: Transport | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_fds: int = DEFAULT_MAX_FDS,
+    ) -> None:
+        """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
+
+        *max_payload* (bytes) and *max_fds* bound what one message may carry,
+        both ways: `send` refuses more with `ValueError` and a peer that
+        declares more gets `LimitExceeded`.  A message exactly at a limit is
+        allowed.  Raises `ValueError` for a socket the transport cannot use.
+        """
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"a Channel needs a SOCK_STREAM socket, got {sock.type!r}")
+        if max_payload < 0 or max_fds < 0:
+            raise ValueError("max_payload and max_fds must not be negative")
+        transport = default_transport() if transport is None else transport
+        transport.check_socket(sock)
+        self._sock = sock
+        self._fileno = sock.fileno()
+        self._transport = transport
+        self.max_payload = max_payload
+        self.max_fds = max_fds
+        self._session: Session = transport.session(sock)
+        self._has_control = type(self._session).take_control is not Session.take_control
+        self._decoder = Decoder(
+            wire_id=transport.wire_id,
+            in_band=self._session.in_band,
+            max_payload=max_payload,
+            max_fds=max_fds,
+            max_aux=transport.max_aux(max_fds),
+            transport_name=transport.name,
+        )
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._pending: deque[_Chunk] = deque()
+        self._broken: FdChannelError | None = None
+        self._eof = False
+        self._closed = False
+        timeout = sock.gettimeout()
+        self._timeout: float | None = None
+        self.settimeout(timeout)
+
+    # -- construction ---------------------------------------------------
+
+    @classmethod
+    def pair(cls, *, transport: Transport | None = None, **kwargs: Any) -> tuple[Channel, Channel]:
+        """Return two connected channels over a new AF_UNIX socketpair.
+
+        Both sockets are non-inheritable.  Keyword arguments go to both ends.
+        """
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            return cls(a, transport=transport, **kwargs), cls(b, transport=transport, **kwargs)
+        except BaseException:
+            a.close()
+            b.close()
+            raise
+
+    @classmethod
+    def from_fd(cls, fd: int, **kwargs: Any) -> Channel:
+        """Wrap an inherited socket fd; the channel owns it from now on.
+
+        The fd is made non-inheritable.  Raises `OSError` if *fd* is not a
+        socket and `ValueError` if it is not a connected stream socket (the
+        fd is then left open and still the caller's).
+        """
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.getpeername()
+            channel = cls(sock, **kwargs)
+        except BaseException:
+            sock.detach()
+            raise
+        os.set_inheritable(fd, False)
+        return channel
+
+    # -- socket-like surface ----------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """The transport this channel was built with."""
+        return self._transport
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called."""
+        return self._closed
+
+    @property
+    def pending(self) -> bool:
+        """True while part of a sent message waits in the channel for `flush`."""
+        return bool(self._pending)
+
+    def fileno(self) -> int:
+        """The socket's fd, for `select`/`poll`; ownership stays with the channel."""
+        return self._sock.fileno()
+
+    def gettimeout(self) -> float | None:
+        """``None`` when blocking, ``0.0`` when non-blocking, else the timeout."""
+        return self._timeout
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Set the timeout of each `send`, `recv` and `flush` call, as `socket.settimeout`."""
+        if timeout is not None:
+            timeout = float(timeout)
+            if timeout < 0:
+                raise ValueError("timeout must be non-negative or None")
+        self._timeout = timeout
+        # With a timeout the fd is non-blocking and the channel waits in
+        # poll() against a deadline that covers the whole call.
+        self._sock.setblocking(timeout is None)
+
+    def setblocking(self, flag: bool) -> None:
+        """``setblocking(True)`` is ``settimeout(None)``, ``False`` is ``settimeout(0.0)``."""
+        self.settimeout(None if flag else 0.0)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fileno}"
+        return f"<Channel {state} transport={self._transport.name}>"
+
+    # -- sending ------------------------------------------------------------
+
+    def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
+        """Send one message: *payload* and *fds*, delivered together.
+
+        *fds* are ints or objects with ``fileno()`` (files, sockets,
+        `OwnedFd`); they stay the caller's.  Raises `ValueError` before
+        writing anything when the message exceeds ``max_payload``/``max_fds``
+        or names the channel's own socket; `BlockingIOError`/`TimeoutError`
+        with ``characters_written`` as described on the class; other
+        `OSError` (such as `BrokenPipeError`) from the kernel.
+        """
+        nums = [fileno_of(f) for f in fds] if fds else []
+        size = memoryview(payload).nbytes
+        if size > self.max_payload:
+            raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
+        if len(nums) > self.max_fds:
+            raise ValueError(f"{len(nums)} fds exceed max_fds={self.max_fds}")
+        if self._fileno in nums:
+            raise ValueError("refusing to send a channel's own socket over itself")
+        with self._send_lock:
+            self._check_usable()
+            deadline = self._deadline()
+            if self._has_control:
+                self._pump_nowait()
+                self._queue_control()
+            if self._pending:
+                # Older data goes first; if it cannot, this message is not taken.
+                self._push(deadline, this_message=0)
+            out = self._session.outgoing(nums)
+            try:
+                self._send_frame(out, len(nums), payload, size, deadline)
+            except BaseException as exc:
+                if getattr(exc, "characters_written", 1) == 0:
+                    self._session.discard(out)
+                raise
+
+    def flush(self) -> None:
+        """Send what a non-blocking or timed-out `send` left pending.
+
+        Returns when nothing is pending; raises `BlockingIOError` or
+        `TimeoutError` (``characters_written`` = bytes written by this call)
+        if the socket fills up first.
+        """
+        with self._send_lock:
+            self._check_usable()
+            if self._has_control:
+                self._queue_control()
+            if self._pending:
+                self._push(self._deadline(), this_message=None)
+
+    def _send_frame(
+        self, out: Outgoing, nfds: int, payload: Buffer, size: int, deadline: float | None
+    ) -> None:
+        in_band = list(out.in_band)
+        aux = out.aux
+        header = pack_header(self._transport.wire_id, nfds, len(aux), size)
+        bufs: list[Buffer] = [header]
+        if aux:
+            bufs.append(aux)
+        if size:
+            bufs.append(payload)
+        total = HEADER_SIZE + len(aux) + size
+        if len(in_band) <= SCM_MAX_FD:
+            # The common case: one sendmsg for the whole frame.
+            try:
+                sent = self._sock.sendmsg(bufs, _rights(in_band), _SEND_FLAGS)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                _set_written(exc, 0)
+                raise
+            if sent == total:
+                return
+            chunk = _Chunk(bufs, in_band)
+            if sent:
+                chunk.fds = []
+                chunk.consume(sent)
+            self._pending.append(chunk)
+            self._push(deadline, this_message=sent)
+            return
+        # More fds than one sendmsg may carry: every batch but the last rides
+        # on one byte of its own, the last on the rest of the frame.
+        frame = b"".join(bufs) if size <= 4096 else None
+        lead = frame if frame is not None else b"".join(bufs[:-1]) + bytes(memoryview(payload)[:SCM_MAX_FD])
+        batches = [in_band[i : i + SCM_MAX_FD] for i in range(0, len(in_band), SCM_MAX_FD)]
+        if len(lead) < len(batches):
+            raise ValueError("frame too short to carry its fds; the transport must pad it")
+        chunks = [_Chunk([lead[i : i + 1]], batch) for i, batch in enumerate(batches[:-1])]
+        rest = len(batches) - 1
+        if frame is not None:
+            tail: list[Buffer] = [frame[rest:]]
+        else:
+            tail = [lead[rest:], memoryview(payload)[len(lead) - (total - size) :]]
+        chunks.append(_Chunk(tail, batches[-1]))
+        self._pending.extend(chunks)
+        self._push(deadline, this_message=0)
+
+    def _push(self, deadline: float | None, this_message: int | None, dontwait: bool = False) -> None:
+        """Write pending chunks until none is left.
+
+        *this_message*: bytes of the current message written before the call
+        (``None`` when flushing).  On would-block or timeout the remainder is
+        detached from the caller's memory and fds and the error is raised with
+        ``characters_written`` set; on any other error mid-frame the channel
+        is marked unusable.
+        """
+        pending = self._pending
+        sock = self._sock
+        flags = _SEND_FLAGS | (_MSG_DONTWAIT if dontwait else 0)
+        written = 0
+        try:
+            while pending:
+                chunk = pending[0]
+                try:
+                    n = sock.sendmsg(chunk.bufs, _rights(chunk.fds), flags)
+                except BlockingIOError:
+                    if dontwait:
+                        raise
+                    self._wait(select.POLLOUT, deadline)
+                    continue
+                if n and chunk.fds:
+                    chunk.release_fds()
+                written += n
+                if chunk.consume(n):
+                    pending.popleft()
+        except (BlockingIOError, TimeoutError) as exc:
+            if this_message is None:
+                _set_written(exc, written)
+            else:
+                # Older pending data is always flushed before a message is
+                # queued, so everything pending now belongs to this message.
+                _set_written(exc, this_message + written)
+                if not this_message + written:
+                    pending.clear()  # not taken: nothing of it stays behind
+                    raise
+            for chunk in pending:
+                chunk.detach()
+            raise
+        except BaseException as exc:
+            if pending:
+                self._discard_pending()
+                self._broken = ProtocolError(f"a frame was cut short by {exc!r}: the stream is corrupt")
+            raise
+
+    def _discard_pending(self) -> None:
+        for chunk in self._pending:
+            chunk.release_fds()
+        self._pending.clear()
+
+    # -- transport control frames --------------------------------------------
+
+    def _queue_control(self) -> None:
+        for payload in self._session.take_control():
+            header = pack_header(self._transport.wire_id, 0, 0, len(payload), control=True)
+            self._pending.append(_Chunk([header + payload], []))
+
+    def _flush_control_nowait(self) -> None:
+        """Send queued control frames if that can be done without waiting."""
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            if self._broken is None and not self._closed:
+                self._queue_control()
+                if self._pending:
+                    try:
+                        self._push(None, this_message=None, dontwait=True)
+                    except BlockingIOError:
+                        pass
+        finally:
+            self._send_lock.release()
+
+    def _pump_nowait(self) -> None:
+        """Read whatever already arrived, so the transport sees the peer's control frames."""
+        if not self._recv_lock.acquire(blocking=False):
+            return
+        try:
+            while not self._eof and self._fill(None, dontwait=True):
+                pass
+            # Acknowledgements do not depend on the data frames around
+            # them, so they are handled now and the data waits for recv().
+            for frame in self._decoder.take_control_frames():
+                self._session.control(bytes(frame.payload))
+        except (BlockingIOError, FdChannelError):
+            pass  # recv() reports stream errors
+        finally:
+            self._recv_lock.release()
+
+    # -- receiving ------------------------------------------------------------
+
+    def recv(self) -> Message:
+        """Receive one whole message; its fds are now the caller's.
+
+        Raises `ChannelClosed` when the peer closed between messages,
+        `ProtocolError` for anything malformed (after which the channel is
+        unusable), `BlockingIOError`/`TimeoutError` when no whole message
+        arrived in time (what did arrive stays buffered for the next call).
+        """
+        with self._recv_lock:
+            self._check_usable()
+            decoder = self._decoder
+            deadline = None
+            while True:
+                try:
+                    frame = decoder.next_frame()
+                except ProtocolError as exc:
+                    self._fail(exc)
+                    raise
+                if frame is not None:
+                    if frame.control:
+                        self._session.control(bytes(frame.payload))
+                        continue
+                    try:
+                        fds = self._session.incoming(frame.nfds, frame.aux, frame.fds)
+                    except ProtocolError as exc:
+                        self._fail(exc)
+                        raise
+                    if self._has_control:
+                        self._flush_control_nowait()
+                    return Message(frame.payload, tuple(map(OwnedFd, fds)))
+                if self._eof:
+                    raise ChannelClosed("the peer closed the channel")
+                if deadline is None and self._timeout:
+                    deadline = time.monotonic() + self._timeout
+                self._fill(deadline)
+
+    def _fill(self, deadline: float | None, dontwait: bool = False) -> bool:
+        """Do one read into the decoder; False if nothing was ready (dontwait)."""
+        decoder = self._decoder
+        while True:
+            try:
+                n, ancdata, flags, _ = self._sock.recvmsg_into(
+                    [decoder.get_buffer()], _ANCBUF, _RECV_CLOEXEC | (_MSG_DONTWAIT if dontwait else 0)
+                )
+                break
+            except BlockingIOError:
+                if dontwait:
+                    return False
+                self._wait(select.POLLIN, deadline)
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+        if fds and not _RECV_CLOEXEC:
+            for fd in fds:
+                os.set_inheritable(fd, False)
+        if flags & _MSG_CTRUNC:
+            close_all(fds)
+            exc = TruncatedControlData(
+                "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
+                "process at its RLIMIT_NOFILE?  The fds that arrived were closed"
+            )
+            self._fail(exc)
+            raise exc
+        if n:
+            decoder.buffer_updated(n, fds)
+        else:
+            close_all(fds)
+            self._eof = True
+            decoder.receive_eof()
+        return True
+
+    def __iter__(self) -> Iterator[Message]:
+        """Yield messages until the peer closes the channel."""
+        while True:
+            try:
+                yield self.recv()
+            except ChannelClosed:
+                return
+
+    # -- state ---------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        timeout = self._timeout
+        if timeout is None or timeout == 0.0:
+            return None
+        return time.monotonic() + timeout
+
+    def _wait(self, events: int, deadline: float | None) -> None:
+        """Wait for *events* on the socket, or raise as the timeout says."""
+        if self._timeout == 0.0:
+            raise BlockingIOError(11, "the channel is non-blocking and the socket is not ready")
+        poller = select.poll()
+        poller.register(self._fileno, events)
+        if deadline is None:
+            poller.poll()
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000 + 0.999))):
+            raise TimeoutError("timed out")
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed Channel")
+        broken = self._broken
+        if broken is not None:
+            raise type(broken)(f"the channel is unusable after an earlier error: {broken}")
+
+    def _fail(self, exc: FdChannelError) -> None:
+        """Mark the channel unusable after *exc* and close every fd it holds."""
+        if self._broken is None:
+            self._broken = exc
+        close_all(self._decoder.take_fds())
+
+    def close(self) -> None:
+        """Close the socket and every fd the channel still holds.  Idempotent.
+
+        Pending outgoing data is sent if the socket takes it without waiting,
+        otherwise dropped.  Messages received but not yet returned by `recv`
+        are closed with their fds.
+        """
+        if self._closed:
+            return
+        if self._pending and self._broken is None:
+            with self._send_lock:
+                try:
+                    self._push(None, this_message=None, dontwait=True)
+                except OSError:
+                    pass
+        self._closed = True
+        with self._send_lock:
+            self._discard_pending()
+        # A thread blocked in recv() keeps the receive lock; it cleans up
+        # the decoder itself when it returns (see _check_usable).
+        if self._recv_lock.acquire(blocking=False):
+            try:
+                close_all(self._decoder.take_fds())
+            finally:
+                self._recv_lock.release()
+        try:
+            self._session.close()
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
+            self.close()

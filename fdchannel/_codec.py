@@ -1,0 +1,354 @@
+"""The sans-IO frame codec: bytes and fd numbers in, frames out.
+
+No sockets and no system calls live here, so the blocking channel, the
+asyncio channel and the tests all drive the same code.  The reading side
+follows `asyncio.BufferedProtocol`: the caller asks `Decoder.get_buffer` where
+to read, reads into it, and reports what arrived with `Decoder.buffer_updated`.
+That shape lets a large payload be read straight into the buffer it is handed
+over in, with no copy.
+
+Wire format (all integers little-endian; docs/wire-format.md has the rest)::
+
+    offset size  field
+         0    4  magic  b"FDCH"
+         4    1  version (1)
+         5    1  transport id (0 = UnixRights, 1 = PidfdGetfd, 2 = WinDuplicate)
+         6    2  flags (bit 0: transport control frame; others must be 0)
+         8    4  fd count
+        12    4  aux length   (transport data: fd references, padding)
+        16    8  payload length
+        24       aux, then payload
+
+In-band fds (SCM_RIGHTS) ride on bytes of the frame they belong to.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Final
+
+from ._errors import LimitExceeded, ProtocolError
+
+__all__ = [
+    "FLAG_CONTROL",
+    "HEADER_SIZE",
+    "MAGIC",
+    "VERSION",
+    "Decoder",
+    "Frame",
+    "pack_header",
+]
+
+MAGIC: Final = b"FDCH"
+VERSION: Final = 1
+FLAG_CONTROL: Final = 1
+_HEADER = struct.Struct("<4sBBHIIQ")
+HEADER_SIZE: Final = _HEADER.size
+_pack = _HEADER.pack
+_unpack_from = _HEADER.unpack_from
+
+#: Frames up to this size (header included) are parsed out of the shared read
+#: buffer; larger ones get buffers of their own that reads go straight into.
+INLINE_LIMIT: Final = 64 * 1024
+#: Control frames are the transports' own small messages (acknowledgements).
+MAX_CONTROL_PAYLOAD: Final = 64 * 1024
+
+
+def pack_header(wire_id: int, nfds: int, aux_len: int, payload_len: int, *, control: bool = False) -> bytes:
+    """Return the 24-byte header of one frame."""
+    return _pack(MAGIC, VERSION, wire_id, FLAG_CONTROL if control else 0, nfds, aux_len, payload_len)
+
+
+class Frame:
+    """One decoded frame.
+
+    ``fds`` are the in-band fd numbers that arrived with the frame, in order;
+    whoever takes the frame from `Decoder.next_frame` owns them.
+    """
+
+    __slots__ = ("aux", "control", "fds", "nfds", "payload")
+
+    def __init__(
+        self, control: bool, nfds: int, aux: bytes, payload: bytes | bytearray, fds: list[int]
+    ) -> None:
+        self.control = control
+        self.nfds = nfds
+        self.aux = aux
+        self.payload = payload
+        self.fds = fds
+
+    def __repr__(self) -> str:
+        return (
+            f"Frame(control={self.control}, nfds={self.nfds}, aux={len(self.aux)}B, "
+            f"payload={len(self.payload)}B, fds={self.fds})"
+        )
+
+
+class _Big:
+    """A frame too large for the shared buffer, being read into its own buffers."""
+
+    __slots__ = ("aux", "aux_fill", "control", "end", "nfds", "payload", "payload_fill", "start")
+
+    def __init__(self, control: bool, nfds: int, aux_len: int, payload_len: int, start: int) -> None:
+        self.control = control
+        self.nfds = nfds
+        self.aux = bytearray(aux_len)
+        self.payload = bytearray(payload_len)
+        self.aux_fill = 0
+        self.payload_fill = 0
+        self.start = start
+        self.end = start + HEADER_SIZE + aux_len + payload_len
+
+    def feed(self, data: memoryview) -> None:
+        """Copy already-buffered bytes of this frame in (only on entering this state)."""
+        take = min(len(data), len(self.aux) - self.aux_fill)
+        self.aux[self.aux_fill : self.aux_fill + take] = data[:take]
+        self.aux_fill += take
+        rest = data[take:]
+        self.payload[self.payload_fill : self.payload_fill + len(rest)] = rest
+        self.payload_fill += len(rest)
+
+    def space(self) -> memoryview:
+        if self.aux_fill < len(self.aux):
+            return memoryview(self.aux)[self.aux_fill :]
+        return memoryview(self.payload)[self.payload_fill :]
+
+    def advance(self, n: int) -> None:
+        if self.aux_fill < len(self.aux):
+            self.aux_fill += n
+        else:
+            self.payload_fill += n
+
+    @property
+    def complete(self) -> bool:
+        return self.payload_fill == len(self.payload) and self.aux_fill == len(self.aux)
+
+
+class Decoder:
+    """Turns the bytes and fds read from a stream into `Frame` objects.
+
+    Limits are checked on the header, before any buffer is sized from it.
+    Each fd is matched to the frame it rode on by stream position: an fd must
+    have arrived in a read that overlapped its frame's bytes, and a frame
+    that is complete must have exactly the in-band fds it declared.  On any
+    violation `ProtocolError` is raised (then, and by every later
+    `next_frame`, after the frames decoded before it); `take_fds` hands back
+    every fd still held so the caller can close them.
+    """
+
+    def __init__(
+        self,
+        *,
+        wire_id: int,
+        in_band: bool,
+        max_payload: int,
+        max_fds: int,
+        max_aux: int,
+        transport_name: str = "",
+    ) -> None:
+        self._wire_id = wire_id
+        self._in_band = in_band
+        self._max_payload = max_payload
+        self._max_fds = max_fds
+        self._max_aux = max_aux
+        self._transport_name = transport_name or f"transport {wire_id}"
+        self._buf = bytearray(2 * INLINE_LIMIT)
+        self._mv = memoryview(self._buf)
+        self._start = 0  # first unparsed byte in _buf
+        self._end = 0  # end of valid data in _buf
+        self._received = 0  # stream offset just past everything received
+        self._big: _Big | None = None
+        # (fd, stream offset where its read began, where it ended)
+        self._fds: deque[tuple[int, int, int]] = deque()
+        self._frames: deque[Frame] = deque()
+        self._error: ProtocolError | None = None
+        self._eof = False
+
+    # -- reading side ---------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Return the writable buffer the next read should fill (never empty)."""
+        big = self._big
+        if big is not None:
+            return big.space()
+        if self._end == len(self._buf):
+            # Unparsed data is less than a header or an inline frame, so
+            # moving it to the front always frees room.
+            n = self._end - self._start
+            self._buf[:n] = self._mv[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._mv[self._end :]
+
+    def buffer_updated(self, nbytes: int, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Record that *nbytes* were read into the last `get_buffer` result.
+
+        *fds* are the fd numbers that arrived with those bytes; the decoder
+        owns them from now on.  Raises `ProtocolError` on malformed input.
+        """
+        if nbytes <= 0:
+            raise ValueError("buffer_updated needs nbytes > 0; report EOF with receive_eof()")
+        begin = self._received
+        self._received = end = begin + nbytes
+        if fds:
+            self._fds.extend((fd, begin, end) for fd in fds)
+        if self._error is not None:
+            return
+        try:
+            big = self._big
+            if big is not None:
+                big.advance(nbytes)
+                if big.complete:
+                    self._finish_big(big)
+            else:
+                self._end += nbytes
+                self._parse()
+        except ProtocolError as exc:
+            self._error = exc
+
+    def receive_eof(self) -> None:
+        """Record that the stream ended.
+
+        Raises `ProtocolError` if it ended inside a frame or with fds that
+        belong to no frame.
+        """
+        self._eof = True
+        if self._error is not None:
+            return
+        if self._big is not None or self._end > self._start:
+            self._error = ProtocolError("peer closed the stream in the middle of a message")
+        elif self._fds:
+            self._error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame and no stray fd is buffered."""
+        return self._big is None and self._start == self._end and not self._fds
+
+    def next_frame(self) -> Frame | None:
+        """Return the next complete frame, or None if more data is needed.
+
+        Raises the stored `ProtocolError` once the frames before it are out.
+        """
+        if self._frames:
+            return self._frames.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def take_control_frames(self) -> list[Frame]:
+        """Remove and return the queued control frames, leaving data frames queued."""
+        control = [f for f in self._frames if f.control]
+        if control:
+            data = [f for f in self._frames if not f.control]
+            self._frames.clear()
+            self._frames.extend(data)
+        return control
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The protocol error met, if any."""
+        return self._error
+
+    def take_fds(self) -> list[int]:
+        """Give up and return every fd still held (buffered and in queued frames)."""
+        out = [fd for fd, _, _ in self._fds]
+        self._fds.clear()
+        for frame in self._frames:
+            out.extend(frame.fds)
+            frame.fds = []
+        self._frames.clear()
+        return out
+
+    # -- parsing ----------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf = self._buf
+        start, end = self._start, self._end
+        try:
+            while end - start >= HEADER_SIZE:
+                header = _unpack_from(buf, start)
+                _, _, _, flags, nfds, aux_len, payload_len = header
+                self._check_header(*header)
+                total = HEADER_SIZE + aux_len + payload_len
+                frame_start = self._received - (end - start)
+                if total > INLINE_LIMIT:
+                    big = _Big(bool(flags), nfds, aux_len, payload_len, frame_start)
+                    stop = min(end, start + total)
+                    big.feed(self._mv[start + HEADER_SIZE : stop])
+                    start = stop
+                    self._big = big
+                    if big.complete:
+                        self._finish_big(big)
+                    continue
+                if end - start < total:
+                    break
+                body = start + HEADER_SIZE
+                aux = bytes(buf[body : body + aux_len]) if aux_len else b""
+                payload = bytes(buf[body + aux_len : start + total])
+                fds = self._take_inband(nfds, frame_start, frame_start + total)
+                self._frames.append(Frame(bool(flags), nfds, aux, payload, fds))
+                start += total
+        finally:
+            if start == end:
+                start = end = 0
+            self._start, self._end = start, end
+
+    def _finish_big(self, big: _Big) -> None:
+        self._big = None
+        fds = self._take_inband(big.nfds, big.start, big.end)
+        self._frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds))
+
+    def _check_header(  # noqa: PLR0917 - the header's fields, in order
+        self, magic: bytes, version: int, wire_id: int, flags: int, nfds: int, aux_len: int, payload_len: int
+    ) -> None:
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r}): the peer is not an fdchannel")
+        if version != VERSION:
+            raise ProtocolError(f"peer speaks wire version {version}, this side speaks {VERSION}")
+        if wire_id != self._wire_id:
+            raise ProtocolError(
+                f"peer uses transport id {wire_id}, this channel uses {self._transport_name} "
+                f"(id {self._wire_id}): both ends must use the same transport"
+            )
+        if flags & ~FLAG_CONTROL:
+            raise ProtocolError(f"unknown frame flags {flags:#x}")
+        if flags & FLAG_CONTROL:
+            if nfds or payload_len > MAX_CONTROL_PAYLOAD:
+                raise ProtocolError("malformed control frame")
+            return
+        if payload_len > self._max_payload:
+            raise LimitExceeded(
+                f"peer declared a {payload_len}-byte payload; max_payload is {self._max_payload}"
+            )
+        if nfds > self._max_fds:
+            raise LimitExceeded(f"peer declared {nfds} fds; max_fds is {self._max_fds}")
+        if aux_len > self._max_aux:
+            raise LimitExceeded(
+                f"peer declared {aux_len} bytes of transport data; the limit is {self._max_aux}"
+            )
+
+    def _take_inband(self, nfds: int, start: int, end: int) -> list[int]:
+        want = nfds if self._in_band else 0
+        queue = self._fds
+        taken: list[int] = []
+        if want:
+            if len(queue) < want:
+                raise ProtocolError(f"frame declared {want} fds but {len(queue)} arrived with it")
+            for _ in range(want):
+                fd, _begin, read_end = queue[0]
+                if read_end <= start:
+                    raise ProtocolError("an fd arrived with bytes before its frame")
+                queue.popleft()
+                taken.append(fd)
+        # An fd read together with bytes of the next frame may be that frame's;
+        # one that arrived no later than this frame's last byte is surplus.
+        if queue and queue[0][1] < end and queue[0][2] <= end:
+            for fd in taken:  # hand them back so take_fds() releases them too
+                queue.appendleft((fd, start, start + 1))
+            raise ProtocolError(
+                f"more fds arrived than the frame declared ({nfds})"
+                if self._in_band
+                else f"{self._transport_name} carries no in-band fds, but some arrived"
+            )
+        return taken

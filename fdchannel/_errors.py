@@ -1,0 +1,51 @@
+"""The one error hierarchy of fdchannel.
+
+OS failures are not wrapped: they surface as the `OSError` subclass the kernel
+chose (`BlockingIOError`, `TimeoutError`, `BrokenPipeError`, ...) with errno
+intact, so callers can use the same ``except`` clauses as with sockets.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChannelClosed",
+    "FdChannelError",
+    "LimitExceeded",
+    "ProtocolError",
+    "TruncatedControlData",
+]
+
+
+class FdChannelError(Exception):
+    """Base class of every error fdchannel raises that is not an `OSError`."""
+
+
+class ChannelClosed(FdChannelError, EOFError):
+    """The peer closed the connection cleanly between two messages.
+
+    Also an `EOFError`, so ``except EOFError`` works as with other streams.
+    """
+
+
+class ProtocolError(FdChannelError):
+    """The peer sent something this channel cannot accept.
+
+    Raised for bad magic or version, a transport mismatch, a declared size or
+    fd count over the limits, fds that do not match what a frame declared,
+    truncated control data, or EOF in the middle of a message.  Every fd that
+    arrived with the offending data has been closed.  After it the channel is
+    unusable: every later ``send()``/``recv()`` raises `ProtocolError` naming
+    this original failure.
+    """
+
+
+class LimitExceeded(ProtocolError):
+    """The peer declared a payload or fd count over this channel's limits."""
+
+
+class TruncatedControlData(ProtocolError):
+    """The kernel truncated the control data (``MSG_CTRUNC``).
+
+    Usually the receiving process is at its ``RLIMIT_NOFILE`` and the kernel
+    could not install every fd; the fds that did arrive were closed.
+    """

@@ -1,0 +1,44 @@
+"""`Message`: what one ``recv()`` returns."""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+import attrs
+
+from ._ownedfd import OwnedFd
+
+__all__ = ["Message"]
+
+
+@attrs.define(eq=False, slots=True)
+class Message:
+    """A payload and the fds that were sent with it, in the order sent.
+
+    The message owns nothing itself: each `OwnedFd` in `fds` owns its fd.
+    Leaving ``with msg:`` (or calling `close`) closes every fd that was not
+    taken (detached, converted or closed) by then.
+
+    `payload` is `bytes`; a payload too large for the channel's read buffer
+    is received in place into a `bytearray` (no copy) and handed over as is.
+    """
+
+    payload: bytes | bytearray
+    fds: tuple[OwnedFd, ...] = ()
+
+    def close(self) -> None:
+        """Close every fd of this message still owned here.  Idempotent."""
+        errors: list[OSError] = []
+        for fd in self.fds:
+            try:
+                fd.close()
+            except OSError as exc:  # keep closing the rest
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

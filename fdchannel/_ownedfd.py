@@ -1,0 +1,142 @@
+"""`OwnedFd`: one received file descriptor and the duty to close it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from typing import IO, Any, Self
+
+__all__ = ["OwnedFd", "fileno_of"]
+
+
+def fileno_of(obj: int | Any) -> int:
+    """Return the fd number of an int or of an object with ``fileno()``.
+
+    Raises `TypeError` for anything else and `ValueError` for a negative
+    number (which is how closed Python file objects and sockets report).
+    """
+    if isinstance(obj, int):
+        fd = obj
+    else:
+        try:
+            get = obj.fileno
+        except AttributeError:
+            raise TypeError(
+                f"expected an int fd or an object with fileno(), got {type(obj).__name__}"
+            ) from None
+        fd = get()
+        if not isinstance(fd, int):
+            raise TypeError(f"{type(obj).__name__}.fileno() returned {type(fd).__name__}")
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor {fd} (closed?)")
+    return fd
+
+
+class OwnedFd:
+    """An open file descriptor owned by this object.
+
+    Exactly one owner at a time: this object until it is closed, detached or
+    converted (`open`, `socket`); after that it owns nothing and every method
+    but `close` raises `ValueError`.  Received fds are non-inheritable
+    (close-on-exec).
+
+    An `OwnedFd` garbage-collected while still open closes its fd and emits
+    `ResourceWarning`, like `socket.socket`.
+    """
+
+    __slots__ = ("__weakref__", "_fd")
+
+    def __init__(self, fd: int) -> None:
+        """Take ownership of *fd* (an int the caller will no longer close)."""
+        self._fd = fd
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else f"fd={self._fd}"
+        return f"<OwnedFd {state}>"
+
+    def _check(self) -> int:
+        fd = self._fd
+        if fd < 0:
+            raise ValueError("I/O operation on a closed, detached or converted OwnedFd")
+        return fd
+
+    @property
+    def closed(self) -> bool:
+        """True once the fd was closed, detached or converted."""
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """Return the fd number; ownership stays here.  `ValueError` if closed."""
+        return self._check()
+
+    def close(self) -> None:
+        """Close the fd.  Idempotent; a no-op after `detach` or a conversion."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def detach(self) -> int:
+        """Give up ownership and return the fd number; the caller must close it."""
+        fd = self._check()
+        self._fd = -1
+        return fd
+
+    def dup(self) -> OwnedFd:
+        """Return a new, independently owned, non-inheritable duplicate."""
+        return OwnedFd(os.dup(self._check()))
+
+    def open(self, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
+        """Wrap the fd in a file object; ownership moves to the file object.
+
+        Takes the arguments of the builtin `open` after *file*.  ``closefd=False``
+        is refused (`ValueError`): the fd must have exactly one owner.  If the
+        arguments are invalid the error propagates and this object still owns
+        the fd.
+        """
+        fd = self._check()
+        if not kwargs.pop("closefd", True) or (len(args) >= 4 and not args[3]):
+            raise ValueError("closefd=False would leave the fd without an owner; use dup()")
+        # open() closes a raw fd it has already wrapped when a later layer
+        # fails (a bad encoding, say), which would leave us owning a closed
+        # number.  A trial run that never owns the fd finds such errors first.
+        open_: Any = open  # mode is a runtime str: no overload to pick
+        _discard(open_(fd, mode, *args, closefd=False, **kwargs))
+        f: IO[Any] = open_(fd, mode, *args, **kwargs)
+        self._fd = -1
+        return f
+
+    def socket(self) -> socket.socket:
+        """Wrap the fd in a `socket.socket`; ownership moves to the socket.
+
+        Family, type and protocol are read from the kernel.  Raises `OSError`
+        (``ENOTSOCK``) if the fd is not a socket; this object then still owns it.
+        """
+        s = socket.socket(fileno=self._check())
+        self._fd = -1
+        return s
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
+            os.close(fd)
+
+
+def _discard(probe: IO[Any]) -> None:
+    """Drop a closefd=False wrapper without touching the fd or its offset."""
+    raw: Any = probe
+    # Detach layer by layer so no flush or close reaches the fd.
+    while hasattr(raw, "detach"):
+        try:
+            raw = raw.detach()
+        except ValueError:  # unbuffered layer already reached
+            break
+    raw.close()  # FileIO with closefd=False: closes nothing

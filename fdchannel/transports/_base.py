@@ -1,0 +1,101 @@
+"""The `Transport` interface: how fds leave and enter a process.
+
+A transport never frames messages; the codec does that for every transport.
+A `Transport` object is configuration and may serve many channels; each
+channel asks it for a `Session` that holds that channel's own state.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from collections.abc import Sequence
+from typing import ClassVar
+
+import attrs
+
+__all__ = ["Outgoing", "Session", "Transport"]
+
+
+@attrs.frozen
+class Outgoing:
+    """What a session wants sent with one message.
+
+    ``aux`` goes into the frame's transport-data block.  ``in_band`` are fd
+    numbers to attach as SCM_RIGHTS to the frame's bytes (the channel splits
+    them into batches the kernel accepts).  ``token`` is the session's own
+    handle for this message, given back to `Session.discard` if the message
+    is never sent.
+    """
+
+    aux: bytes = b""
+    in_band: Sequence[int] = ()
+    token: object = None
+
+
+class Session(abc.ABC):
+    """One channel's side of a transport.
+
+    Calls come from the channel with its send or receive lock held; a session
+    must not block.  Control payloads it queues are sent to the peer's
+    session, in order, ahead of the next message (and whenever the channel
+    can send without blocking).
+    """
+
+    #: True when fds travel as SCM_RIGHTS on the frame's bytes.
+    in_band: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def outgoing(self, fds: Sequence[int]) -> Outgoing:
+        """Prepare *fds* (borrowed: the caller keeps ownership) for sending.
+
+        Anything the session must keep alive after ``send()`` returns (so the
+        caller may close its fds at once) it duplicates and owns itself.
+        """
+
+    def discard(self, out: Outgoing) -> None:  # noqa: B027 - optional hook
+        """*out* was never sent: release whatever `outgoing` kept for it."""
+
+    @abc.abstractmethod
+    def incoming(self, nfds: int, aux: bytes, in_band: list[int]) -> list[int]:
+        """Return the *nfds* fds of a received frame, owned by the caller.
+
+        *in_band* are the SCM_RIGHTS fds that came with the frame; the session
+        owns them on entry.  On failure it closes every fd it owns or opened
+        for this frame and raises (`ProtocolError` for malformed *aux*, an
+        `OSError` such as `PermissionError` for a refused duplication).
+        """
+
+    def control(self, payload: bytes) -> None:  # noqa: B027 - optional hook
+        """Handle a control payload sent by the peer's session."""
+
+    def take_control(self) -> list[bytes]:
+        """Return and forget the control payloads waiting to be sent."""
+        return []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The channel is closing: release everything still held."""
+
+
+class Transport(abc.ABC):
+    """How a channel moves fds between processes.
+
+    Subclass it, give it a unique `wire_id` (0-15 are fdchannel's own) and a
+    `name`, and implement `session`.  Both ends of a channel must use the same
+    transport: the id travels in every frame header and a mismatch is a
+    `ProtocolError` on the first message.
+    """
+
+    wire_id: ClassVar[int]
+    name: ClassVar[str]
+
+    def check_socket(self, sock: socket.socket) -> None:  # noqa: B027 - optional hook
+        """Raise `ValueError` if *sock* cannot carry this transport."""
+
+    def max_aux(self, max_fds: int) -> int:
+        """The largest transport-data block a frame with *max_fds* fds may declare."""
+        return 0
+
+    @abc.abstractmethod
+    def session(self, sock: socket.socket) -> Session:
+        """Return a new session for a channel over *sock* (borrowed, not owned)."""

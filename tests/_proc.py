@@ -1,0 +1,53 @@
+"""Real child processes for tests, with timeouts instead of hangs."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+
+TIMEOUT = 30.0
+
+
+def fork_child(body: Callable[[], object]) -> int:
+    """Run *body* in a forked child that exits 0 on success, 1 on any exception."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            body()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_child(pid: int, timeout: float = TIMEOUT) -> int:
+    """Wait for *pid* at most *timeout* seconds; kill it and fail on a hang.
+
+    Returns the exit code (negative signal number if killed by a signal).
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(int(timeout * 1000)):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} did not finish within {timeout}s")
+    finally:
+        os.close(pidfd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_child(body: Callable[[], object], timeout: float = TIMEOUT) -> None:
+    """Fork, run *body* in the child, and assert it succeeded."""
+    code = wait_child(fork_child(body), timeout)
+    assert code == 0, f"child failed with exit code {code}"
