@@ -31,3 +31,13 @@ def no_fd_leaks() -> Iterator[None]:
     after = open_fds()
     leaked = {fd: target for fd, target in after.items() if before.get(fd) != target}
     assert not leaked, f"test leaked fds: {leaked}"
+
+
+from ._transports import PAIR_FACTORIES, PairFactory  # noqa: E402
+
+
+@pytest.fixture(params=PAIR_FACTORIES)
+def make_pair(request: pytest.FixtureRequest) -> PairFactory:
+    """A function returning a connected (a, b) channel pair for one transport."""
+    factory: PairFactory = request.param
+    return factory
