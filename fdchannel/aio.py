@@ -1,0 +1,881 @@
+"""asyncio support: `AsyncChannel`, `connect` and `start_server`.
+
+`AsyncChannel` is the asyncio twin of `fdchannel.Channel`: the same wire
+format, the same sans-IO decoder, the same transports, over a non-blocking
+socket driven by the event loop's reader/writer callbacks (no thread per
+channel).  It works on the default event loop and on uvloop.
+
+Cancellation (and so ``asyncio.timeout()``) is safe at every ``await``:
+
+* a cancelled `AsyncChannel.recv` loses nothing: whatever was read stays
+  buffered in the channel and the next ``recv()`` returns it;
+* a cancelled `AsyncChannel.send` never corrupts the stream.  If no byte of
+  the message had been written, the message is not sent.  Otherwise the
+  message is *taken*: its remainder (payload copied, fds duplicated, so the
+  caller may close its own at once) is finished before anything else is
+  written, by the next ``send()`` or by `AsyncChannel.flush`.  The
+  ``CancelledError`` carries ``characters_written`` (``0``: not taken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import warnings
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final, Self
+
+from typing_extensions import Buffer
+
+from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
+from ._codec import HEADER_SIZE, Decoder, pack_header
+from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
+from ._fdutil import close_all
+from ._message import Message
+from ._ownedfd import OwnedFd, fileno_of
+from ._sockio import SEND_FLAGS, Chunk, read_into, rights, set_written, split_batches
+from .transports import Outgoing, Session, Transport, default_transport
+from .transports._unix import SCM_MAX_FD
+
+if TYPE_CHECKING:
+    from ._listener import Listener
+
+__all__ = ["AsyncChannel", "Server", "connect", "start_server"]
+
+_log = logging.getLogger("fdchannel.aio")
+
+#: After this many operations in a row that completed without waiting, one
+#: ``await asyncio.sleep(0)``: a peer that keeps the socket ready must not
+#: starve the other tasks of the loop.
+_FAIRNESS: Final = 64
+
+
+class AsyncChannel:
+    """A message channel over a connected stream socket, for asyncio.
+
+    Each message is a payload of bytes and any number of fds; the receiver
+    gets it back whole as one `Message` whose fds it owns.  The channel owns
+    its socket (made non-blocking) and every fd it received but has not yet
+    returned.  Sending never takes ownership of the caller's fds: close them
+    as soon as ``send()`` returns or raises (also when it was cancelled).
+
+    One channel belongs to one event loop (the first that waits on it).
+    Several tasks may call `send` at once (frames never interleave) and
+    several may call `recv` at once (each gets whole messages).
+
+    Errors: `ChannelClosed` when the peer closed between messages,
+    `ProtocolError` for anything malformed (the channel is unusable after
+    it), `OSError` subclasses from the kernel with errno intact, `ValueError`
+    for calls on a closed channel.  See the module docstring for what
+    cancellation does.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        transport: Transport | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_fds: int = DEFAULT_MAX_FDS,
+    ) -> None:
+        """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
+
+        The socket is made non-blocking.  *max_payload* and *max_fds* bound one
+        message both ways, as on `fdchannel.Channel` (a message exactly at a
+        limit is allowed).  Raises `ValueError` for a socket the transport
+        cannot use (the socket then stays the caller's).
+        """
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"an AsyncChannel needs a SOCK_STREAM socket, got {sock.type!r}")
+        if max_payload < 0 or max_fds < 0:
+            raise ValueError("max_payload and max_fds must not be negative")
+        transport = default_transport() if transport is None else transport
+        transport.check_socket(sock)
+        session = transport.session(sock)
+        decoder = Decoder(
+            wire_id=transport.wire_id,
+            in_band=session.in_band,
+            max_payload=max_payload,
+            max_fds=max_fds,
+            max_aux=transport.max_aux(max_fds),
+            transport_name=transport.name,
+        )
+        self._setup(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
+
+    def _setup(
+        self,
+        sock: socket.socket,
+        transport: Transport,
+        session: Session,
+        decoder: Decoder,
+        *,
+        max_payload: int,
+        max_fds: int,
+    ) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fileno = sock.fileno()
+        self._transport = transport
+        self._session = session
+        self._has_control = type(session).take_control is not Session.take_control
+        self._decoder = decoder
+        self.max_payload = max_payload
+        self.max_fds = max_fds
+        self._send_lock = asyncio.Lock()
+        self._recv_lock = asyncio.Lock()
+        self._pending: deque[Chunk] = deque()
+        self._broken: FdChannelError | None = None
+        self._eof = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Reader/writer callbacks stay registered after a wake-up until one
+        # fires with nobody waiting: a receiver that waits again and again
+        # then costs no epoll_ctl pair per message.
+        self._reading = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._writing = False
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._streak = 0
+
+    # -- construction ---------------------------------------------------
+
+    @classmethod
+    def pair(cls, *, transport: Transport | None = None, **kwargs: Any) -> tuple[AsyncChannel, AsyncChannel]:
+        """Return two connected channels over a new AF_UNIX socketpair.
+
+        Both sockets are non-inheritable.  Keyword arguments go to both ends.
+        """
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            first = cls(a, transport=transport, **kwargs)
+        except BaseException:
+            a.close()
+            b.close()
+            raise
+        try:
+            return first, cls(b, transport=transport, **kwargs)
+        except BaseException:
+            first.close()
+            b.close()
+            raise
+
+    @classmethod
+    def from_fd(cls, fd: int, **kwargs: Any) -> AsyncChannel:
+        """Wrap an inherited socket fd; the channel owns it from now on.
+
+        The fd is made non-inheritable.  Raises `OSError` if *fd* is not a
+        socket and `ValueError` if it is not a connected stream socket (the
+        fd is then left open and still the caller's).
+        """
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.getpeername()
+            channel = cls(sock, **kwargs)
+        except BaseException:
+            sock.detach()
+            raise
+        os.set_inheritable(fd, False)
+        return channel
+
+    @classmethod
+    def from_channel(cls, channel: Channel) -> AsyncChannel:
+        """Take over a blocking `Channel`: its socket and all of its state.
+
+        The new channel owns the socket, the messages and fds *channel* had
+        received but not yet returned, and any remainder of a message a
+        timed-out or non-blocking ``send()`` left pending (it is finished
+        first).  Transport and limits carry over.  *channel* is closed
+        afterwards without closing anything (its ``closed`` is true and its
+        methods raise `ValueError`).  Raises `ValueError` if *channel* is
+        closed and `RuntimeError` if another thread is inside its ``send()``
+        or ``recv()``; nothing moves then.
+        """
+        ch: Any = channel  # its private state, by design: same package
+        if ch._closed:
+            raise ValueError("cannot take over a closed Channel")
+        if not ch._send_lock.acquire(blocking=False):
+            raise RuntimeError("the Channel is in use by another thread (send)")
+        try:
+            if not ch._recv_lock.acquire(blocking=False):
+                raise RuntimeError("the Channel is in use by another thread (recv)")
+            try:
+                self = cls.__new__(cls)
+                self._setup(
+                    ch._sock,
+                    ch._transport,
+                    ch._session,
+                    ch._decoder,
+                    max_payload=ch.max_payload,
+                    max_fds=ch.max_fds,
+                )
+                # Chunks a blocking channel leaves pending are detached: they
+                # own their bytes and fds, so they simply change hands.
+                self._pending.extend(ch._pending)
+                ch._pending.clear()
+                self._broken = ch._broken
+                self._eof = ch._eof
+                ch._closed = True
+            finally:
+                ch._recv_lock.release()
+        finally:
+            ch._send_lock.release()
+        return self
+
+    # -- socket-like surface ----------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """The transport this channel was built with."""
+        return self._transport
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` or `aclose` was called."""
+        return self._closed
+
+    @property
+    def pending(self) -> bool:
+        """True while the remainder of a cancelled ``send()`` waits to be written."""
+        return bool(self._pending)
+
+    def fileno(self) -> int:
+        """The socket's fd; ownership stays with the channel."""
+        return self._sock.fileno()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fileno}"
+        return f"<AsyncChannel {state} transport={self._transport.name}>"
+
+    # -- waiting on the loop ------------------------------------------------
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError(f"{self!r} is bound to another event loop")
+        return loop
+
+    async def _wait_readable(self) -> None:
+        """Wait until the socket is readable.  On close: `ChannelClosed`."""
+        loop = self._bind_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._read_waiter = fut
+        if not self._reading:
+            loop.add_reader(self._fileno, self._on_readable)
+            self._reading = True
+        try:
+            await fut
+        except BaseException:
+            # Cancelled: stop watching now; nobody may come back for it.
+            self._read_waiter = None
+            self._stop_reading()
+            raise
+        self._read_waiter = None
+        if self._closed:
+            raise ChannelClosed("the channel was closed while waiting in recv()")
+
+    def _on_readable(self) -> None:
+        waiter = self._read_waiter
+        if waiter is None or waiter.done():
+            # Nobody waits: stop watching, or a level-triggered poller would
+            # call again at once for data nobody is reading.
+            self._stop_reading()
+        else:
+            waiter.set_result(None)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.remove_reader(self._fileno)
+
+    async def _wait_writable(self) -> None:
+        """Wait until the socket is writable.  On close: `ValueError`."""
+        loop = self._bind_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._write_waiter = fut
+        if not self._writing:
+            loop.add_writer(self._fileno, self._on_writable)
+            self._writing = True
+        try:
+            await fut
+        except BaseException:
+            self._write_waiter = None
+            self._stop_writing()
+            raise
+        self._write_waiter = None
+        if self._closed:
+            raise ValueError("the channel was closed while waiting in send()")
+
+    def _on_writable(self) -> None:
+        waiter = self._write_waiter
+        if waiter is None or waiter.done():
+            self._stop_writing()
+        else:
+            waiter.set_result(None)
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            self._writing = False
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.remove_writer(self._fileno)
+
+    # -- sending ------------------------------------------------------------
+
+    async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
+        """Send one message: *payload* and *fds*, delivered together.
+
+        *fds* are ints or objects with ``fileno()``; they stay the caller's.
+        Waits while the socket is full (backpressure): memory held by the
+        channel stays at most one message however slowly the peer reads.
+        *payload* is borrowed until ``send()`` returns: do not change it.
+
+        Raises `ValueError` before writing anything when the message exceeds
+        ``max_payload``/``max_fds``, names the channel's own socket, or the
+        channel is closed; `ProtocolError` if an earlier error left the
+        channel unusable; `OSError` (such as `BrokenPipeError`) from the
+        kernel.  Cancelled: not sent if ``characters_written`` on the
+        ``CancelledError`` is ``0``; otherwise taken and finished before any
+        later message (see `flush`).
+        """
+        nums = [f if f.__class__ is int and f >= 0 else fileno_of(f) for f in fds] if fds else []
+        size = memoryview(payload).nbytes
+        if size > self.max_payload:
+            raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
+        nfds = len(nums)
+        if nfds > self.max_fds:
+            raise ValueError(f"{nfds} fds exceed max_fds={self.max_fds}")
+        if self._fileno in nums:
+            raise ValueError("refusing to send a channel's own socket over itself")
+        try:
+            # Cancelled while waiting for the lock: nothing was taken.
+            await self._send_lock.acquire()
+        except BaseException as exc:
+            set_written(exc, 0)
+            raise
+        try:
+            self._check_usable()
+            try:
+                await self._fair()
+                if self._has_control:
+                    self._pump_nowait()
+                    self._queue_control()
+                if self._pending:
+                    # Older data goes first; if it cannot, this message is not taken.
+                    await self._push(this_message=None)
+            except BaseException as exc:
+                set_written(exc, 0)
+                raise
+            out = self._session.outgoing(nums)
+            try:
+                await self._send_frame(out, nfds, payload, size)
+            except BaseException as exc:
+                if getattr(exc, "characters_written", 1) == 0:
+                    self._session.discard(out)
+                raise
+        finally:
+            self._send_lock.release()
+
+    async def flush(self) -> None:
+        """Write what a cancelled ``send()`` left pending; return when none is.
+
+        Raises as `send` does.  Cancelling it leaves the rest pending.
+        """
+        async with self._send_lock:
+            self._check_usable()
+            if self._has_control:
+                self._queue_control()
+            if self._pending:
+                await self._push(this_message=None)
+
+    async def _fair(self) -> None:
+        self._streak += 1
+        if self._streak >= _FAIRNESS:
+            self._streak = 0
+            await asyncio.sleep(0)
+
+    async def _send_frame(self, out: Outgoing, nfds: int, payload: Buffer, size: int) -> None:
+        aux = out.aux
+        in_band = list(out.in_band)
+        bufs: list[Buffer] = [pack_header(self._transport.wire_id, nfds, len(aux), size)]
+        if aux:
+            bufs.append(aux)
+        if size:
+            bufs.append(payload)
+        if len(in_band) <= SCM_MAX_FD:
+            # The common case: one sendmsg, no chunk, no waiting.
+            total = HEADER_SIZE + len(aux) + size
+            try:
+                sent = self._sock.sendmsg(bufs, rights(in_band), SEND_FLAGS)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                set_written(exc, 0)
+                raise
+            if sent == total:
+                return
+            chunk = Chunk(bufs, in_band)
+            if sent:
+                chunk.fds = []  # they rode on the bytes that left
+                chunk.consume(sent)
+            self._pending.append(chunk)
+            await self._push(this_message=sent)
+            return
+        self._pending.extend(split_batches(bufs, payload, size, in_band))
+        await self._push(this_message=0)
+
+    def _write_pending(self) -> int:
+        """Write pending chunks until none is left or the socket is full."""
+        pending = self._pending
+        sock = self._sock
+        written = 0
+        while pending:
+            chunk = pending[0]
+            try:
+                n = sock.sendmsg(chunk.bufs, rights(chunk.fds), SEND_FLAGS)
+            except BlockingIOError:
+                break
+            if n and chunk.fds:
+                # Attached to bytes that left: never attach them again.
+                chunk.release_fds()
+            written += n
+            if chunk.consume(n):
+                pending.popleft()
+            else:
+                break  # a short write: the socket is full
+        return written
+
+    async def _push(self, this_message: int | None) -> None:
+        """Write pending chunks until none is left, waiting for writability.
+
+        *this_message*: bytes of the current message written before the call
+        (``None`` when flushing older data).  Everything pending belongs to
+        the current message when it is not None, since older data is always
+        flushed before a message is taken.  On cancellation the remainder is
+        detached (or dropped if nothing of the message left) and
+        ``characters_written`` set; on any other error mid-frame the channel
+        is marked unusable.
+        """
+        pending = self._pending
+        written = 0
+        try:
+            while True:
+                written += self._write_pending()
+                if not pending:
+                    return
+                await self._wait_writable()
+        except asyncio.CancelledError as exc:
+            taken = written + (this_message or 0)
+            set_written(exc, taken)
+            if this_message is not None and not taken:
+                pending.clear()  # not taken: nothing of it stays behind
+                raise
+            try:
+                for chunk in pending:
+                    chunk.detach()
+            except OSError as dup_exc:
+                self._corrupt(dup_exc)
+            raise
+        except BaseException as exc:
+            set_written(exc, written + (this_message or 0))
+            if pending:
+                self._corrupt(exc)
+            raise
+
+    def _corrupt(self, exc: BaseException) -> None:
+        self._discard_pending()
+        if self._broken is None:
+            self._broken = ProtocolError(f"a frame was cut short by {exc!r}: the stream is corrupt")
+
+    def _discard_pending(self) -> None:
+        for chunk in self._pending:
+            chunk.release_fds()
+        self._pending.clear()
+
+    # -- transport control frames --------------------------------------------
+
+    def _queue_control(self) -> None:
+        for payload in self._session.take_control():
+            header = pack_header(self._transport.wire_id, 0, 0, len(payload), control=True)
+            self._pending.append(Chunk([header + payload], []))
+
+    def _flush_control_nowait(self) -> None:
+        """Send queued control frames if that can be done without waiting."""
+        if self._send_lock.locked() or self._broken is not None or self._closed:
+            return
+        self._queue_control()
+        if self._pending:
+            try:
+                self._write_pending()
+            except OSError as exc:
+                self._corrupt(exc)
+            else:
+                for chunk in self._pending:
+                    chunk.detach()
+
+    def _pump_nowait(self) -> None:
+        """Read what already arrived so the transport sees the peer's control frames."""
+        # A task inside recv() owns the decoder: reading here could leave it
+        # waiting for readability with a whole message already buffered.
+        if self._recv_lock.locked():
+            return
+        try:
+            # Bounded: a peer that keeps sending must not fill our memory
+            # with data frames nobody asked for yet.
+            for _ in range(16):
+                if self._eof:
+                    break
+                if not read_into(self._sock, self._decoder):
+                    self._eof = True
+        except BlockingIOError:  # drained
+            pass
+        except TruncatedControlData as exc:
+            self._fail(exc)
+            return
+        except (OSError, FdChannelError):
+            return  # recv() reports stream errors
+        for frame in self._decoder.take_control_frames():
+            self._session.control(bytes(frame.payload))
+
+    # -- receiving ------------------------------------------------------------
+
+    async def recv(self) -> Message:
+        """Receive one whole message; its fds are now the caller's.
+
+        Raises `ChannelClosed` when the peer closed between messages (or the
+        channel was closed while this call waited), `ProtocolError` for
+        anything malformed (the channel is unusable after it), `ValueError`
+        on a closed channel, `OSError` from the kernel.  Cancelled: nothing
+        is lost; what arrived stays buffered for the next ``recv()``.
+        """
+        async with self._recv_lock:
+            self._check_usable()
+            decoder = self._decoder
+            waited = False
+            while True:
+                try:
+                    frame = decoder.next_frame()
+                except ProtocolError as exc:
+                    self._fail(exc)
+                    raise
+                if frame is not None:
+                    if frame.control:
+                        self._session.control(bytes(frame.payload))
+                        continue
+                    # No await from here on: the frame must reach the caller.
+                    try:
+                        fds = self._session.incoming(frame.nfds, frame.aux, frame.fds)
+                    except ProtocolError as exc:
+                        self._fail(exc)
+                        raise
+                    if self._has_control:
+                        self._flush_control_nowait()
+                    return Message(frame.payload, tuple(map(OwnedFd, fds)))
+                if self._eof:
+                    raise ChannelClosed("the peer closed the channel")
+                if not waited:
+                    # Checked before reading, never with a frame in hand.
+                    await self._fair()
+                try:
+                    if not read_into(self._sock, decoder):
+                        self._eof = True
+                except BlockingIOError:
+                    waited = True
+                    self._streak = 0
+                    await self._wait_readable()
+                except TruncatedControlData as exc:
+                    self._fail(exc)
+                    raise
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        """Yield messages until the peer closes the channel."""
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.recv()
+        except ChannelClosed:
+            raise StopAsyncIteration from None
+
+    # -- state ---------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed AsyncChannel")
+        broken = self._broken
+        if broken is not None:
+            raise type(broken)(f"the channel is unusable after an earlier error: {broken}")
+
+    def _fail(self, exc: FdChannelError) -> None:
+        """Mark the channel unusable after *exc* and close every fd it holds."""
+        if self._broken is None:
+            self._broken = exc
+        close_all(self._decoder.take_fds())
+
+    def close(self) -> None:
+        """Close the socket and every fd the channel holds.  Idempotent.
+
+        The remainder of a cancelled send is written if the socket takes it
+        without waiting, otherwise dropped (the peer then sees a message cut
+        short).  Messages received but not yet returned are closed with their
+        fds.  Tasks waiting in `recv` get `ChannelClosed`, tasks waiting in
+        `send` get `ValueError`.
+        """
+        if self._closed:
+            return
+        if self._pending and self._broken is None and not self._send_lock.locked():
+            try:
+                self._write_pending()
+            except OSError:
+                pass
+        if self._has_control and self._broken is None and not self._eof:
+            # Take the peer's control frames (acknowledgements) out of the
+            # socket first: closing a Unix socket with unread data resets the
+            # connection, and the peer would see ECONNRESET instead of EOF.
+            self._pump_nowait()
+        self._closed = True
+        self._stop_reading()
+        self._stop_writing()
+        for waiter in (self._read_waiter, self._write_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)  # the woken task sees _closed
+        self._discard_pending()
+        close_all(self._decoder.take_fds())
+        try:
+            self._session.close()
+        finally:
+            self._sock.close()
+
+    async def aclose(self) -> None:
+        """Close the channel as `close` does; an ``await`` for ``async with`` symmetry."""
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
+            self.close()
+
+
+# -- named endpoints -------------------------------------------------------------
+
+
+async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncChannel:
+    """Connect to the `start_server` (or `fdchannel.Listener`) at *path*.
+
+    *path* is a filesystem path or, on Linux, an abstract name starting with
+    ``"\\0"``.  Keyword arguments go to `AsyncChannel`.  Raises `OSError`
+    (``FileNotFoundError``, ``ConnectionRefusedError``, ...) as
+    ``socket.connect`` does.  Cancelled: the socket is closed, nothing leaks.
+    """
+    address = os.fspath(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+        return AsyncChannel(sock, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
+
+
+Handler = Callable[[AsyncChannel], Awaitable[object]]
+
+
+class Server:
+    """A listening Unix socket that runs a handler task per connection.
+
+    Returned by `start_server`; mirrors `asyncio.Server`: `close`,
+    `wait_closed`, `serve_forever`, `start_serving`, `is_serving` and
+    ``async with`` (which closes and waits on exit).  The server owns its
+    `fdchannel.Listener` (socket and socket file).  Each handler gets an
+    `AsyncChannel` owned by the server: it is closed when the handler
+    returns or raises, so a handler must be done with it by then (or hand
+    its fds on).
+    """
+
+    def __init__(self, listener: Listener, handler: Handler) -> None:
+        self._listener = listener
+        self._handler = handler
+        self._loop = asyncio.get_running_loop()
+        self._serving = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = self._loop.create_future()
+        self._serving_forever: asyncio.Future[None] | None = None
+
+    @property
+    def path(self) -> str | bytes:
+        """The path or abstract name the server listens on."""
+        return self._listener.path
+
+    @property
+    def listener(self) -> Listener:
+        """The underlying `fdchannel.Listener` (owned by the server); see ``refused``."""
+        return self._listener
+
+    def is_serving(self) -> bool:
+        """True while new connections are accepted."""
+        return self._serving
+
+    async def start_serving(self) -> None:
+        """Start accepting connections (a no-op if already serving)."""
+        if self._listener.closed:
+            raise RuntimeError(f"server {self.path!r} is closed")
+        if not self._serving:
+            self._serving = True
+            self._loop.add_reader(self._listener.fileno(), self._on_acceptable)
+
+    def _on_acceptable(self) -> None:
+        # Accept what is queued, up to a bound so one busy listener does not
+        # keep the loop from everything else.
+        for _ in range(64):
+            if self._listener.closed:
+                return
+            try:
+                # Timeout 0.0: refused peers are closed, counted and logged by
+                # the listener; BlockingIOError once nothing is queued.
+                channel = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of fds: stop accepting for a moment instead of
+                    # spinning on a listener that stays readable (as asyncio does).
+                    _log.error("server %r: accept() failed: %s; pausing for 1s", self.path, exc)
+                    self._pause_accepting(1.0)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.ENOTCONN):
+                    continue
+                raise
+            try:
+                achannel = AsyncChannel.from_channel(channel)
+            except BaseException:
+                channel.close()
+                raise
+            task = self._loop.create_task(self._run_handler(achannel))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _pause_accepting(self, delay: float) -> None:
+        if not self._serving:
+            return
+        self._loop.remove_reader(self._listener.fileno())
+        self._serving = False
+
+        def resume() -> None:
+            if not self._listener.closed and not self._serving:
+                self._serving = True
+                self._loop.add_reader(self._listener.fileno(), self._on_acceptable)
+
+        self._loop.call_later(delay, resume)
+
+    async def _run_handler(self, channel: AsyncChannel) -> None:
+        try:
+            await self._handler(channel)
+        except Exception:
+            _log.exception("server %r: handler raised", self.path)
+        finally:
+            channel.close()
+
+    def close(self) -> None:
+        """Stop accepting, close the listening socket and remove the socket file.
+
+        Handlers already running go on; `wait_closed` waits for them and
+        `close_clients` cancels them.  Idempotent.
+        """
+        if self._serving:
+            self._serving = False
+            self._loop.remove_reader(self._listener.fileno())
+        self._listener.close()
+        waiter = self._serving_forever
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def close_clients(self) -> None:
+        """Cancel every running handler task (their channels are then closed)."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until `close` was called and every handler task has finished."""
+        await asyncio.shield(self._closed)
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def serve_forever(self) -> None:
+        """Accept connections until `close` is called; cancelling it closes the server.
+
+        As `asyncio.Server.serve_forever`; raises `RuntimeError` if another
+        task is already in it.
+        """
+        if self._serving_forever is not None:
+            raise RuntimeError(f"server {self.path!r} is already in serve_forever()")
+        await self.start_serving()
+        self._serving_forever = waiter = self._loop.create_future()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        finally:
+            self._serving_forever = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def start_server(
+    path: str | bytes | os.PathLike[Any],
+    handler: Handler,
+    *,
+    backlog: int = 128,
+    mode: int = 0o600,
+    start_serving: bool = True,
+    **options: Any,
+) -> Server:
+    """Listen on the Unix socket *path* and run ``await handler(channel)`` per connection.
+
+    Shaped like `asyncio.start_unix_server`, but the handler receives one
+    `AsyncChannel` (owned by the server, closed when the handler returns)
+    instead of a reader/writer pair.  The listening side is a
+    `fdchannel.Listener`: the socket file gets the permission bits *mode*
+    and no looser ones at any moment; a stale file left by a dead listener
+    is replaced, a live one raises `OSError` (``EADDRINUSE``), a path holding
+    anything but a socket raises `FileExistsError` and is left alone; a name
+    starting with ``"\\0"`` is a Linux abstract socket.  *options* go to the
+    `Listener` (``allow_uids``, ``allow_gids``, ``authorize``: refused peers
+    are closed before anything is read, counted in ``server.listener.refused``
+    and logged) and to each channel (``max_payload``, ``max_fds``,
+    ``transport``).  Exceptions raised by a handler are logged on the
+    ``fdchannel.aio`` logger and the server keeps serving.
+    """
+    from ._listener import Listener
+
+    listener = Listener(path, backlog=backlog, mode=mode, **options)
+    try:
+        listener.settimeout(0.0)
+        server = Server(listener, handler)
+        if start_serving:
+            await server.start_serving()
+    except BaseException:
+        listener.close()
+        raise
+    return server

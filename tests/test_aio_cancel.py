@@ -1,0 +1,261 @@
+"""AsyncChannel under cancellation, timeouts and backpressure.
+
+The sweeps cancel a ``recv()`` or ``send()`` after N event-loop iterations,
+for every N until the operation completes on its own, with a peer that reads
+or writes a large message (payload and 1,000 fds) over many iterations.
+After each cut the stream must still deliver every message exactly once,
+whole, with the right fds, and nothing may leak.
+"""
+
+# The loop fixtures are imported from tests/_aio.py; test parameters naming
+# them are not redefinitions.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fdchannel import Message
+from fdchannel.aio import AsyncChannel
+
+from ._aio import cancel_after, loop_kind, run  # noqa: F401 - fixtures
+
+Run = Callable[..., Any]
+
+
+def ident(fd: Any) -> tuple[int, int]:
+    st = os.fstat(fd if isinstance(fd, int) else fd.fileno())
+    return st.st_dev, st.st_ino
+
+
+def check(msg: Message, payload: bytes, nfds: int, target: tuple[int, int]) -> None:
+    with msg:
+        assert msg.payload == payload
+        assert len(msg.fds) == nfds
+        assert all(ident(fd) == target for fd in msg.fds)
+
+
+# Big enough to span many socket-buffer fills, with 1,000 fds in 4 batches.
+BIG = bytes(range(256)) * 4096  # 1 MiB
+NFDS = 1000
+
+
+def test_cancelled_recv_loses_nothing(run: Run) -> None:
+    """Cancel recv() after N iterations while a large message trickles in."""
+
+    async def main() -> int:
+        a, b = AsyncChannel.pair()
+        r, w = os.pipe()
+        target = ident(w)
+        cuts = 0
+        async with a, b:
+            for n in range(400):
+                sender = asyncio.create_task(a.send(BIG + n.to_bytes(2, "big"), fds=[w] * NFDS))
+                cancelled, msg = await cancel_after(asyncio.create_task(b.recv()), n)
+                if cancelled is not None:
+                    cuts += 1
+                    async with asyncio.timeout(10):
+                        msg = await b.recv()
+                assert msg is not None
+                check(msg, BIG + n.to_bytes(2, "big"), NFDS, target)
+                await sender
+                if cancelled is None:
+                    break  # from here on recv completes before the cut
+        os.close(r)
+        os.close(w)
+        return cuts
+
+    assert run(main()) > 5
+
+
+def test_cancelled_recv_with_small_messages(run: Run) -> None:
+    """Many small 1-fd messages: every cut point between and inside frames."""
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        r, w = os.pipe()
+        target = ident(w)
+        async with a, b:
+
+            async def produce() -> None:
+                for i in range(300):
+                    await a.send(b"m%d" % i, fds=[w])
+                    if i % 7 == 0:
+                        await asyncio.sleep(0)
+
+            producer = asyncio.create_task(produce())
+            for i in range(300):
+                cancelled, msg = await cancel_after(asyncio.create_task(b.recv()), i % 3)
+                if cancelled is not None:
+                    async with asyncio.timeout(10):
+                        msg = await b.recv()
+                assert msg is not None
+                check(msg, b"m%d" % i, 1, target)
+            await producer
+        os.close(r)
+        os.close(w)
+
+    run(main())
+
+
+def test_cancelled_send_never_corrupts(run: Run) -> None:
+    """Cancel send() after N iterations: not sent, or delivered whole before the next message."""
+
+    async def main() -> int:
+        a, b = AsyncChannel.pair()
+        r, w = os.pipe()
+        target = ident(w)
+        taken_cuts = 0
+        received: asyncio.Queue[Message] = asyncio.Queue()
+
+        async def reader() -> None:
+            # Reads as the loop lets it, so a large send needs many iterations.
+            async for msg in b:
+                await received.put(msg)
+
+        async with b:
+            reading = asyncio.create_task(reader())
+            async with a:
+                for n in range(400):
+                    payload = BIG + n.to_bytes(2, "big")
+                    mine = [os.dup(w) for _ in range(NFDS)]
+                    send_task = asyncio.create_task(a.send(payload, fds=mine))
+                    cancelled, _ = await cancel_after(send_task, n)
+                    # Whatever happened, the caller may close its fds at once.
+                    for fd in mine:
+                        os.close(fd)
+                    taken = cancelled is None or _written(cancelled) > 0
+                    if cancelled is not None and taken:
+                        taken_cuts += 1
+                    marker = b"marker %d" % n
+                    # The next send finishes a taken remainder first.
+                    await a.send(marker, fds=[w] * NFDS)
+                    assert not a.pending
+                    if taken:
+                        check(await received.get(), payload, NFDS, target)
+                    check(await received.get(), marker, NFDS, target)
+                    if cancelled is None:
+                        break
+            await reading
+            assert received.empty()
+        os.close(r)
+        os.close(w)
+        return taken_cuts
+
+    assert run(main()) > 5
+
+
+def _written(exc: asyncio.CancelledError) -> int:
+    """``characters_written`` of a send's CancelledError.
+
+    A task cancelled before it ever ran has none: it took nothing.
+    """
+    return int(getattr(exc, "characters_written", 0))
+
+
+def test_cancel_before_any_byte_means_not_sent(run: Run) -> None:
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        async with a, b:
+            # Fill the socket so the next send cannot write its first byte.
+            filler = asyncio.create_task(a.send(b"f" * (4 * 1024 * 1024)))
+            await cancel_after(filler, 2)
+            assert a.pending  # the filler was taken: its remainder is queued
+            blocked = asyncio.create_task(a.send(b"never", fds=[0]))
+            cancelled, _ = await cancel_after(blocked, 3)
+            assert cancelled is not None
+            assert _written(cancelled) == 0
+            assert a.pending  # still the filler's remainder, untouched
+
+            async def read_all() -> list[bytes]:
+                return [bytes((await b.recv()).payload) for _ in range(2)]
+
+            reading = asyncio.create_task(read_all())
+            await a.send(b"after")
+            assert await reading == [b"f" * (4 * 1024 * 1024), b"after"]
+
+    run(main())
+
+
+def test_timeout_behaves_like_cancellation(run: Run) -> None:
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        r, w = os.pipe()
+        async with a, b:
+            # recv: nothing there yet, then half a message: TimeoutError,
+            # and the half stays buffered.
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.01):
+                    await b.recv()
+            sender = asyncio.create_task(a.send(BIG, fds=[w] * NFDS))
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0):
+                    await b.recv()
+            async with asyncio.timeout(10):
+                msg = await b.recv()
+            check(msg, BIG, NFDS, ident(w))
+            await sender
+            # send: the peer does not read, the socket fills up, the timeout
+            # fires; the message was taken (part of it left) and finishes
+            # before the next one.
+            big = b"s" * (8 * 1024 * 1024)
+            with pytest.raises(TimeoutError) as info:
+                async with asyncio.timeout(0.05):
+                    await a.send(big, fds=[w])
+            cause = info.value.__cause__
+            assert isinstance(cause, asyncio.CancelledError)
+            assert cause.characters_written > 0  # type: ignore[attr-defined]
+            assert a.pending
+            os.close(w)  # ours; the channel holds its own duplicate
+            after = asyncio.create_task(a.send(b"after"))
+            with await b.recv() as m1:
+                assert m1.payload == big
+                os.write(m1.fds[0].fileno(), b"!")  # the duplicate is the pipe
+            await after
+            assert (await b.recv()).payload == b"after"
+        assert os.read(r, 1) == b"!"
+        os.close(r)
+
+    run(main())
+
+
+def test_backpressure_bounds_memory(run: Run) -> None:
+    """A peer that stops reading: send() waits, and memory stays bounded."""
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        chunk = b"p" * 65536
+        sent = 0
+        async with a, b:
+            gc.collect()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                for _ in range(200):
+                    try:
+                        async with asyncio.timeout(0.02):
+                            await a.send(chunk, fds=[0])
+                    except TimeoutError:
+                        break
+                    sent += 1
+                # Blocked: further attempts time out and take nothing, or
+                # leave at most one message pending.
+                for _ in range(20):
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.005):
+                            await a.send(chunk, fds=[0])
+                peak = tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+            # The kernel holds a few hundred KiB; we hold at most one message.
+            assert sent * len(chunk) < 8 * 1024 * 1024
+            assert peak < 4 * len(chunk) + 256 * 1024, peak
+
+    run(main())

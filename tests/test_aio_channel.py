@@ -1,0 +1,706 @@
+"""AsyncChannel: the shared channel behaviours, on the default loop and on uvloop.
+
+Each test runs once per transport (the `make_pair` fixture, wrapped with
+`AsyncChannel.from_channel`) and once per event loop kind.  The autouse
+fixture in conftest.py checks that no fd leaked.
+"""
+
+# The loop fixtures are imported from tests/_aio.py; test parameters naming
+# them are not redefinitions.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fdchannel import Channel, ChannelClosed, LimitExceeded, ProtocolError, TruncatedControlData
+from fdchannel._codec import pack_header
+from fdchannel.aio import AsyncChannel
+
+from ._aio import LOOPS, loop_kind, run, run_on  # noqa: F401 - fixtures
+from ._proc import fork_child, wait_child
+from ._transports import PairFactory
+
+APair = Callable[..., tuple[AsyncChannel, AsyncChannel]]
+Run = Callable[..., Any]
+
+
+@pytest.fixture
+def apair(make_pair: PairFactory) -> APair:
+    """Like `make_pair`, but the ends are AsyncChannels (via `from_channel`)."""
+
+    def factory(**kwargs: Any) -> tuple[AsyncChannel, AsyncChannel]:
+        a, b = make_pair(**kwargs)
+        return AsyncChannel.from_channel(a), AsyncChannel.from_channel(b)
+
+    return factory
+
+
+def ident(fd: int | Any) -> tuple[int, int]:
+    st = os.fstat(fd if isinstance(fd, int) else fd.fileno())
+    return st.st_dev, st.st_ino
+
+
+class Pipes:
+    """Some pipes, closed at the end of the test."""
+
+    def __init__(self, n: int) -> None:
+        self.pairs = [os.pipe() for _ in range(n)]
+
+    @property
+    def writers(self) -> list[int]:
+        return [w for _, w in self.pairs]
+
+    def close(self) -> None:
+        for r, w in self.pairs:
+            os.close(r)
+            os.close(w)
+
+
+# -- round trips ------------------------------------------------------------------
+
+
+def test_payload_and_fds_round_trip(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+        pipes = Pipes(2)
+        with tempfile.TemporaryFile() as f, socket.socket() as s:
+            async with a, b:
+                await a.send(b"payload", fds=[pipes.writers[0], f, s, pipes.writers[1]])
+                async with asyncio.timeout(5):
+                    msg = await b.recv()
+                with msg:
+                    assert msg.payload == b"payload"
+                    assert [ident(x) for x in msg.fds] == [
+                        ident(pipes.writers[0]),
+                        ident(f),
+                        ident(s),
+                        ident(pipes.writers[1]),
+                    ]
+                    for fd in msg.fds:
+                        assert not os.get_inheritable(fd.fileno())
+                    os.write(msg.fds[0].fileno(), b"x")
+                    assert os.read(pipes.pairs[0][0], 1) == b"x"
+        pipes.close()
+
+    run(main())
+
+
+def test_empty_payload_with_fds_and_bytes_without_fds(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+        r, w = os.pipe()
+        async with a, b:
+            await a.send(b"", fds=[r])
+            await a.send(b"only bytes")
+            await a.send()
+            with await b.recv() as m1:
+                assert m1.payload == b""
+                assert [ident(x) for x in m1.fds] == [ident(r)]
+            m2 = await b.recv()
+            assert (m2.payload, m2.fds) == (b"only bytes", ())
+            m3 = await b.recv()
+            assert (m3.payload, m3.fds) == (b"", ())
+        os.close(r)
+        os.close(w)
+
+    run(main())
+
+
+def test_thousand_fds_in_one_message(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+        r, w = os.pipe()
+        fds = [os.dup(w) for _ in range(1000)]
+        async with a, b:
+            sender = asyncio.create_task(a.send(b"many", fds=fds))
+            msg = await b.recv()
+            await sender
+            # The caller may close its fds as soon as send() returned.
+            for fd in fds:
+                os.close(fd)
+            with msg:
+                assert msg.payload == b"many"
+                assert len(msg.fds) == 1000
+                assert {ident(x) for x in msg.fds} == {ident(w)}
+        os.close(r)
+        os.close(w)
+
+    run(main())
+
+
+@pytest.mark.parametrize("size", [1, 4096, 65_000, 70_000, 8 * 1024 * 1024])
+def test_large_payloads(run: Run, apair: APair, size: int) -> None:
+    async def main() -> None:
+        a, b = apair()
+        payload = os.urandom(size)
+        async with a, b:
+            sender = asyncio.create_task(a.send(payload, fds=[0]))
+            msg = await b.recv()
+            await sender
+            with msg:
+                assert msg.payload == payload
+                assert len(msg.fds) == 1
+
+    run(main())
+
+
+def test_many_messages_in_order_and_async_for(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+        r, w = os.pipe()
+
+        all_seen = asyncio.Event()
+
+        async def produce() -> None:
+            for i in range(500):
+                await a.send(i.to_bytes(4, "little") * (i % 7), fds=[w] * (i % 3))
+            # Pull transports need the sender until the fds were taken.
+            await all_seen.wait()
+            await a.aclose()
+
+        producer = asyncio.create_task(produce())
+        seen = 0
+        async with b:
+            async for msg in b:
+                with msg:
+                    assert msg.payload == seen.to_bytes(4, "little") * (seen % 7)
+                    assert len(msg.fds) == seen % 3
+                seen += 1
+                if seen == 500:
+                    all_seen.set()
+        await producer
+        assert seen == 500
+        os.close(r)
+        os.close(w)
+
+    run(main())
+
+
+# -- EOF, errors, limits --------------------------------------------------------------
+
+
+def test_eof_between_messages(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+        await a.send(b"last")
+        await a.aclose()
+        async with b:
+            assert (await b.recv()).payload == b"last"
+            with pytest.raises(ChannelClosed):
+                await b.recv()
+            with pytest.raises(EOFError):  # still closed, still clean
+                await b.recv()
+
+    run(main())
+
+
+def _raw_pair() -> tuple[socket.socket, AsyncChannel]:
+    s, t = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return s, AsyncChannel(t)
+
+
+@pytest.mark.parametrize("cut", [1, 10, 24, 30])
+def test_eof_mid_message_is_protocol_error_and_closes_fds(run: Run, cut: int) -> None:
+    async def main() -> None:
+        s, b = _raw_pair()
+        r, w = os.pipe()
+        frame = pack_header(0, 1, 0, 10) + b"0123456789"
+        s.sendmsg([frame[:cut]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", w))])
+        s.close()
+        os.close(w)
+        async with b:
+            with pytest.raises(ProtocolError):
+                await b.recv()
+            # Unusable, and says so; never ChannelClosed.
+            with pytest.raises(ProtocolError, match="unusable"):
+                await b.recv()
+            with pytest.raises(ProtocolError, match="unusable"):
+                await b.send(b"x")
+        # The fd that arrived was closed: the pipe's write side is gone.
+        assert os.read(r, 1) == b""
+        os.close(r)
+
+    run(main())
+
+
+def test_bad_magic_is_protocol_error(run: Run) -> None:
+    async def main() -> None:
+        s, b = _raw_pair()
+        with s:
+            s.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 20)
+            async with b:
+                with pytest.raises(ProtocolError, match="magic"):
+                    await b.recv()
+
+    run(main())
+
+
+def test_send_limits(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair(max_payload=100, max_fds=3)
+        async with a, b:
+            with pytest.raises(ValueError, match="max_payload"):
+                await a.send(b"x" * 101)
+            with pytest.raises(ValueError, match="max_fds"):
+                await a.send(b"", fds=[0, 0, 0, 0])
+            with pytest.raises(ValueError, match="own socket"):
+                await a.send(b"", fds=[a.fileno()])
+            # Exactly at the limits is fine, and nothing was written before.
+            await a.send(b"y" * 100, fds=[0, 1, 2])
+            with await b.recv() as msg:
+                assert msg.payload == b"y" * 100
+                assert len(msg.fds) == 3
+
+    run(main())
+
+
+def test_peer_over_limits_gets_limit_exceeded(run: Run) -> None:
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        small = AsyncChannel.from_channel(Channel(b._sock.dup(), max_payload=10, max_fds=2))
+        b.close()
+        async with a, small:
+            await a.send(b"", fds=[0, 1, 2])
+            with pytest.raises(LimitExceeded):
+                await small.recv()
+            with pytest.raises(ProtocolError, match="unusable"):
+                await small.recv()
+
+    run(main())
+
+
+def test_peer_over_payload_limit(run: Run) -> None:
+    async def main() -> None:
+        s, b = _raw_pair()
+        b.close()
+        t = AsyncChannel(s, max_payload=10)
+        x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        t.close()
+        small = AsyncChannel(y, max_payload=10)
+        with x:
+            x.sendall(pack_header(0, 0, 0, 11) + b"x" * 11)
+            async with small:
+                with pytest.raises(LimitExceeded, match="max_payload"):
+                    await small.recv()
+
+    run(main())
+
+
+def test_closed_channel_raises_value_error(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+        await a.aclose()
+        await a.aclose()  # idempotent
+        b.close()
+        assert a.closed
+        with pytest.raises(ValueError, match="closed"):
+            await a.send(b"x")
+        with pytest.raises(ValueError, match="closed"):
+            await a.recv()
+
+    run(main())
+
+
+def test_close_wakes_waiting_tasks(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+
+        async def fill() -> None:
+            while True:  # until the socket is full and send() waits
+                await a.send(b"z" * (1 << 20))
+
+        # Nobody sends to a, nobody reads b: both tasks end up waiting.
+        receiver = asyncio.create_task(a.recv())
+        filler = asyncio.create_task(fill())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not receiver.done()
+        assert not filler.done()
+        a.close()
+        with pytest.raises(ChannelClosed):
+            await receiver
+        with pytest.raises(ValueError, match="closed"):
+            await filler
+        b.close()
+
+    run(main())
+
+
+def test_unread_messages_are_closed_with_the_channel(run: Run) -> None:
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        r, w = os.pipe()
+        async with a:
+            await a.send(b"1", fds=[w])
+            await a.send(b"2", fds=[w])
+        os.close(w)
+        async with b:
+            assert (await b.recv()).close() is None  # read both into the buffer
+        # b held the second message's fd; closing b closed it.
+        assert os.read(r, 1) == b""
+        os.close(r)
+
+    run(main())
+
+
+def test_bound_to_one_loop(apair: APair) -> None:
+    a, b = apair()
+    try:
+        with pytest.raises(TimeoutError):
+            run_on("asyncio", b.recv(), timeout=0.05)
+        with pytest.raises(RuntimeError, match="another event loop"):
+            run_on("asyncio", b.recv(), timeout=5)
+    finally:
+        a.close()
+        b.close()
+
+
+# -- concurrency ------------------------------------------------------------------
+
+
+def test_concurrent_senders_never_interleave(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+        r, w = os.pipe()
+
+        async def sender(tag: int) -> None:
+            for i in range(20):
+                # Large enough to need many writes, with enough fds for
+                # several batches: any interleaving would corrupt the stream.
+                await a.send(bytes([tag]) * (100_000 + i), fds=[w] * (300 + tag))
+
+        async def receiver() -> list[tuple[int, int]]:
+            got = []
+            for _ in range(80):
+                with await b.recv() as msg:
+                    tag = msg.payload[0]
+                    assert msg.payload == bytes([tag]) * len(msg.payload)
+                    assert len(msg.fds) == 300 + tag
+                    got.append((tag, len(msg.payload)))
+            return got
+
+        async with a, b:
+            got, *_ = await asyncio.gather(receiver(), *(sender(t) for t in range(4)))
+        for tag in range(4):  # per sender, in order
+            assert [n for t, n in got if t == tag] == [100_000 + i for i in range(20)]
+        os.close(r)
+        os.close(w)
+
+    run(main())
+
+
+def test_concurrent_receivers_never_split_a_message(run: Run, apair: APair) -> None:
+    async def main() -> None:
+        a, b = apair()
+
+        total: list[int] = []
+        all_seen = asyncio.Event()
+
+        async def receiver() -> list[bytes]:
+            got = []
+            async for msg in b:
+                with msg:
+                    assert len(msg.fds) == 2
+                    assert msg.payload == msg.payload[:1] * len(msg.payload)
+                    got.append(bytes(msg.payload))
+                total.append(1)
+                if len(total) == 60:
+                    all_seen.set()
+            return got
+
+        async def sender() -> None:
+            for i in range(60):
+                await a.send(bytes([i]) * (50_000 + 997 * i), fds=[0, 1])
+            await all_seen.wait()
+            await a.aclose()
+
+        async with b:
+            r1, r2, _ = await asyncio.gather(receiver(), receiver(), sender())
+        assert sorted(x[0] for x in r1 + r2) == list(range(60))
+
+    run(main())
+
+
+# -- real processes -----------------------------------------------------------------
+
+
+def _child_async(kind: str, body: Callable[[], Any]) -> int:
+    """Fork a child that runs coroutine function *body* on a fresh loop of *kind*."""
+    return fork_child(lambda: run_on(kind, body()))
+
+
+def test_fork_async_parent_blocking_child(run: Run, loop_kind: str) -> None:
+    parent, child = Channel.pair()
+    r, w = os.pipe()
+
+    def body() -> None:
+        parent.close()
+        child.settimeout(10)
+        with child.recv() as msg:
+            os.write(msg.fds[0].fileno(), msg.payload[::-1])
+        child.send(b"done", fds=[msg.payload and 1])
+
+    pid = fork_child(body)
+    child.close()
+
+    async def main() -> None:
+        ch = AsyncChannel.from_channel(parent)
+        async with ch:
+            await ch.send(b"olleh", fds=[w])
+            with await ch.recv() as reply:
+                assert reply.payload == b"done"
+                assert ident(reply.fds[0]) == ident(1)
+
+    try:
+        run(main())
+        assert os.read(r, 5) == b"hello"
+    finally:
+        os.close(r)
+        os.close(w)
+        parent.close()
+        assert wait_child(pid) == 0
+
+
+def test_fork_blocking_parent_async_child(loop_kind: str) -> None:
+    parent, child = Channel.pair()
+    r, w = os.pipe()
+
+    async def child_main() -> None:
+        parent.close()
+        async with AsyncChannel.from_channel(child) as ch:
+            async for msg in ch:
+                with msg:
+                    os.write(msg.fds[0].fileno(), msg.payload)
+                await ch.send(b"ack")
+
+    pid = _child_async(loop_kind, child_main)
+    child.close()
+    try:
+        parent.settimeout(10)
+        for i in range(50):
+            parent.send(b"%d," % i, fds=[w])
+            assert parent.recv().payload == b"ack"
+        parent.close()
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 4096):
+            data += chunk
+        assert data == b"".join(b"%d," % i for i in range(50))
+    finally:
+        os.close(r)
+        if not parent.closed:
+            parent.close()
+        assert wait_child(pid) == 0
+
+
+def test_peer_death_mid_message_and_between(run: Run) -> None:
+    parent, child = Channel.pair()
+    r, w = os.pipe()
+
+    def body() -> None:
+        parent.close()
+        child.send(b"whole", fds=[w])
+        # A frame cut short: header declares 1000 bytes, 10 arrive, then death.
+        os.write(child.fileno(), pack_header(0, 0, 0, 1000) + b"x" * 10)
+        os._exit(0)
+
+    pid = fork_child(body)
+    child.close()
+    os.close(w)
+
+    async def main() -> None:
+        async with AsyncChannel.from_channel(parent) as ch:
+            with await ch.recv() as msg:
+                assert msg.payload == b"whole"
+            with pytest.raises(ProtocolError, match="middle"):
+                await ch.recv()
+
+    try:
+        run(main())
+    finally:
+        os.close(r)
+        assert wait_child(pid) == 0
+
+
+def test_send_to_dead_peer_is_broken_pipe(run: Run) -> None:
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        b.close()
+        async with a:
+            with pytest.raises(BrokenPipeError):
+                await a.send(b"x" * 1000, fds=[0])
+
+    run(main())
+
+
+def test_msg_ctrunc_in_child_at_fd_limit(loop_kind: str) -> None:
+    a, b = AsyncChannel.pair()
+
+    async def child_main() -> None:
+        a.close()
+        try:
+            # Room for only a few more fds: the second message's 5 fds cannot
+            # all be installed and the kernel sets MSG_CTRUNC.
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            highest = max(int(x) for x in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+            fillers = []
+            try:  # fill every free slot below the limit, then free two
+                while True:
+                    fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            for fd in fillers[:2]:
+                os.close(fd)
+            with pytest.raises(TruncatedControlData):
+                await b.recv()
+            with pytest.raises(ProtocolError, match="unusable"):
+                await b.recv()
+            # The fds that did arrive were closed: both slots are free again.
+            fillers[:2] = [os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_RDONLY)]
+        finally:
+            b.close()
+
+    pid = _child_async(loop_kind, child_main)
+
+    async def main() -> None:
+        async with a:
+            await a.send(b"too many", fds=[0, 1, 2, 0, 1])
+
+    try:
+        b.close()
+        run_on(loop_kind, main())
+    finally:
+        a.close()
+        assert wait_child(pid) == 0
+
+
+def test_subprocess_with_uvloop_or_default_loop(loop_kind: str) -> None:
+    """A separate interpreter receives fds from an async parent and answers."""
+    script = textwrap.dedent(
+        """
+        import asyncio, os, sys
+        from fdchannel.aio import AsyncChannel
+
+        async def main():
+            async with AsyncChannel.from_fd(int(sys.argv[1])) as ch:
+                async for msg in ch:
+                    with msg:
+                        os.write(msg.fds[0].fileno(), msg.payload.upper())
+                    await ch.send(b"ok")
+
+        if sys.argv[2] == "uvloop":
+            import uvloop
+            factory = uvloop.new_event_loop
+        else:
+            factory = asyncio.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+        """
+    )
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(theirs.fileno()), loop_kind], pass_fds=[theirs.fileno()]
+    )
+    theirs.close()
+
+    async def main() -> None:
+        async with AsyncChannel(mine) as ch:
+            for word in (b"abc", b"def"):
+                await ch.send(word, fds=[w])
+                assert (await ch.recv()).payload == b"ok"
+
+    try:
+        run_on(loop_kind, main())
+        os.close(w)
+        assert os.read(r, 100) == b"ABCDEF"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        os.close(r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- from_channel ------------------------------------------------------------------
+
+
+def test_from_channel_takes_buffered_messages_and_pending_send(run: Run) -> None:
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    a.send(b"first", fds=[w])
+    a.send(b"second", fds=[w])
+    with b.recv() as m:  # reads both into b's buffer
+        assert m.payload == b"first"
+    # A non-blocking send that fills the socket leaves a remainder pending.
+    a.setblocking(False)
+    big = b"B" * (4 * 1024 * 1024)
+    with pytest.raises(BlockingIOError) as info:
+        a.send(big, fds=[w])
+    assert info.value.characters_written > 0  # type: ignore[attr-defined]
+    assert a.pending
+    os.close(w)
+
+    async def main() -> None:
+        aa = AsyncChannel.from_channel(a)
+        bb = AsyncChannel.from_channel(b)
+        assert a.closed
+        assert b.closed
+        a.close()  # a no-op now: the socket is aa's
+        with pytest.raises(ValueError, match="closed"):
+            b.recv()
+        async with aa, bb:
+            assert aa.pending
+            with await bb.recv() as m2:
+                assert m2.payload == b"second"
+                assert ident(m2.fds[0]) == ident(r)
+            receiver = asyncio.create_task(bb.recv())
+            await aa.flush()
+            assert not aa.pending
+            with await receiver as m3:
+                assert m3.payload == big
+                assert ident(m3.fds[0]) == ident(r)
+
+    try:
+        run(main())
+    finally:
+        os.close(r)
+
+
+def test_from_channel_refuses_closed(run: Run) -> None:
+    a, b = Channel.pair()
+    a.close()
+    with pytest.raises(ValueError, match="closed"):
+        AsyncChannel.from_channel(a)
+    b.close()
+
+
+def test_from_fd_rejects_non_socket() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError, match="non-socket"):
+            AsyncChannel.from_fd(r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_unclosed_channel_warns() -> None:
+    a, b = AsyncChannel.pair()
+    a.close()
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del b  # no reference cycle: collected (and warned about) at once
