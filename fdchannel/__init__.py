@@ -7,10 +7,13 @@ close themselves when nobody takes them.
 
 from __future__ import annotations
 
+from . import fdpass
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
 from ._errors import ChannelClosed, FdChannelError, LimitExceeded, ProtocolError, TruncatedControlData
+from ._listener import Listener, PeerCredentials
 from ._message import Message
 from ._ownedfd import OwnedFd
+from ._process import spawn
 
 __all__ = [
     "DEFAULT_MAX_FDS",
@@ -19,10 +22,14 @@ __all__ = [
     "ChannelClosed",
     "FdChannelError",
     "LimitExceeded",
+    "Listener",
     "Message",
     "OwnedFd",
+    "PeerCredentials",
     "ProtocolError",
     "TruncatedControlData",
+    "fdpass",
+    "spawn",
 ]
 
 __version__ = "0.1.0"

@@ -9,12 +9,14 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, Self
 
 from typing_extensions import Buffer
 
+from . import _listener, _process
 from ._codec import HEADER_SIZE, Decoder, pack_header
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
@@ -114,6 +116,9 @@ class Channel:
     concurrent `recv` calls never split a message.
     """
 
+    #: The partner end, for close_other(); set by pair() only.
+    _other_end: weakref.ref[Channel] | None = None
+
     def __init__(
         self,
         sock: socket.socket,
@@ -170,11 +175,15 @@ class Channel:
         """
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            return cls(a, transport=transport, **kwargs), cls(b, transport=transport, **kwargs)
+            ends = cls(a, transport=transport, **kwargs), cls(b, transport=transport, **kwargs)
         except BaseException:
             a.close()
             b.close()
             raise
+        # Each end can close its partner after a fork (close_other); weak, so
+        # the two never keep each other alive.
+        ends[0]._other_end, ends[1]._other_end = weakref.ref(ends[1]), weakref.ref(ends[0])
+        return ends
 
     @classmethod
     def from_fd(cls, fd: int, **kwargs: Any) -> Channel:
@@ -193,6 +202,55 @@ class Channel:
             raise
         os.set_inheritable(fd, False)
         return channel
+
+    @classmethod
+    def from_environ(cls, **kwargs: Any) -> Channel:
+        """Return the channel end `fdchannel.spawn` gave this process.
+
+        Wraps the fd named by ``FDCHANNEL_FD`` (keyword arguments go to the
+        constructor); the channel owns it and the variable is removed from
+        `os.environ`.  Raises `FdChannelError` naming the variable when it is
+        missing, not a number, or not a connected AF_UNIX stream socket (the
+        fd is then left open and the variable set).
+        """
+        return _process.channel_from_environ(cls, True, kwargs)
+
+    @classmethod
+    def connect(
+        cls, path: str | bytes | os.PathLike[Any], *, timeout: float | None = None, **kwargs: Any
+    ) -> Channel:
+        """Connect to a `Listener` at *path* (``"\\0name"`` for an abstract name).
+
+        *timeout* bounds the connect and stays the channel's timeout, as with
+        `socket.create_connection`; other keyword arguments go to the
+        constructor.  The new channel is the caller's.  Raises `OSError`
+        (`FileNotFoundError`, `ConnectionRefusedError`, `TimeoutError`, ...)
+        with nothing left open.
+        """
+        return _listener.connect(cls, path, timeout, **kwargs)
+
+    def peer_credentials(self) -> _listener.PeerCredentials:
+        """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
+
+        For the ends of `pair` this is the process that created the pair.
+        Raises `OSError` from the kernel.
+        """
+        return _listener.peer_credentials(self._sock)
+
+    def close_other(self) -> None:
+        """After `os.fork`, close the other end of this `pair` in this process.
+
+        Call it on the end each process keeps.  The other end's pending
+        output is dropped unsent (it belongs to the process that keeps that
+        end).  A no-op if the other end is already closed; `ValueError` for
+        a channel that does not come from `pair`.
+        """
+        _process.close_other(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # multiprocessing.Process(args=(channel,)) under spawn/forkserver
+        # duplicates the fd into the child; anything else is a TypeError.
+        return _process.reduce_channel(self)
 
     # -- socket-like surface ----------------------------------------------
 

@@ -1,0 +1,383 @@
+"""`Listener`, `Channel.connect` and peer credentials, with real sockets and processes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fdchannel import Channel, ChannelClosed, Listener, PeerCredentials
+
+from ._proc import fork_child, run_child, wait_child
+
+TIMEOUT = 30
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching uid/gid needs root")
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    return tmp_path / "ep.sock"
+
+
+def abstract_name() -> str:
+    return f"\0fdchannel-test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def listener(sock_path: Path) -> Iterator[Listener]:
+    with Listener(sock_path) as lst:
+        lst.settimeout(TIMEOUT)
+        yield lst
+
+
+def exchange(lst: Listener, address: str | os.PathLike[str]) -> PeerCredentials:
+    """Connect, pass a pipe through, and return the accepted side's view of the client."""
+    with Channel.connect(address, timeout=TIMEOUT) as client, lst.accept() as server:
+        r, w = os.pipe()
+        try:
+            client.send(b"pipe", fds=[w])
+            with server.recv() as msg:
+                os.write(msg.fds[0].fileno(), b"through")
+            os.close(w)
+            w = -1
+            assert os.read(r, 10) == b"through"
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+        assert client.peer_credentials() == PeerCredentials(os.getpid(), os.geteuid(), os.getegid())
+        return server.peer_credentials()
+
+
+# -- filesystem paths -------------------------------------------------------------------
+
+
+def test_accept_connect_and_credentials(listener: Listener, sock_path: Path) -> None:
+    creds = exchange(listener, sock_path)
+    assert creds == PeerCredentials(pid=os.getpid(), uid=os.geteuid(), gid=os.getegid())
+    assert isinstance(listener.fileno(), int)
+    assert listener.path == str(sock_path)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o660, 0o666, 0o000])
+def test_file_gets_exact_mode_whatever_the_umask(sock_path: Path, mode: int) -> None:
+    def body() -> None:
+        for umask in (0o000, 0o077, 0o022):
+            os.umask(umask)
+            with Listener(sock_path, mode=mode):
+                st = os.lstat(sock_path)
+                assert stat.S_ISSOCK(st.st_mode)
+                assert stat.S_IMODE(st.st_mode) == mode
+                assert os.umask(umask) == umask  # never touched
+            # Nothing left behind: no socket, no temporary directory.
+            assert os.listdir(sock_path.parent) == []
+
+    run_child(body)
+
+
+def test_close_removes_the_file(sock_path: Path) -> None:
+    lst = Listener(sock_path)
+    assert sock_path.exists()
+    lst.close()
+    lst.close()
+    assert not sock_path.exists()
+    assert lst.closed
+
+
+def test_stale_socket_is_replaced(sock_path: Path) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(sock_path))
+    dead.close()  # the file stays: nobody listens on it
+    with Listener(sock_path) as lst:
+        lst.settimeout(TIMEOUT)
+        exchange(lst, sock_path)
+
+
+def test_live_socket_is_not_replaced(listener: Listener, sock_path: Path) -> None:
+    with pytest.raises(OSError, match="live socket") as info:
+        Listener(sock_path)
+    assert info.value.errno == errno.EADDRINUSE
+    # The liveness probe was a connection: the live listener sees it close.
+    with listener.accept() as probe, pytest.raises(ChannelClosed):
+        probe.recv()
+    exchange(listener, sock_path)  # and it still serves
+
+
+def test_live_socket_with_full_backlog_is_not_replaced(sock_path: Path) -> None:
+    with Listener(sock_path, backlog=0) as lst:
+        # Fill the backlog; a probe then gets EAGAIN, which still means live.
+        clients = []
+        try:
+            while True:
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.setblocking(False)
+                clients.append(c)
+                if c.connect_ex(str(sock_path)) != 0:
+                    break
+            with pytest.raises(OSError, match="live socket"):
+                Listener(sock_path)
+        finally:
+            for c in clients:
+                c.close()
+        assert lst.fileno() >= 0
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+def test_non_socket_at_path_is_refused_and_kept(sock_path: Path, kind: str) -> None:
+    if kind == "file":
+        sock_path.write_text("precious")
+    elif kind == "dir":
+        sock_path.mkdir()
+    else:
+        sock_path.symlink_to("/etc/hostname")
+    with pytest.raises(FileExistsError, match="not a socket") as info:
+        Listener(sock_path)
+    assert info.value.errno == errno.EEXIST
+    if kind == "file":
+        assert sock_path.read_text() == "precious"
+    else:
+        assert sock_path.is_dir() if kind == "dir" else sock_path.is_symlink()
+    assert sorted(p.name for p in sock_path.parent.iterdir()) == [sock_path.name]
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        Listener(tmp_path / "no" / "such" / "dir.sock")
+
+
+def test_long_path_near_the_limit(tmp_path: Path) -> None:
+    # The temporary name would be too long; the listener binds through /proc.
+    base = str(tmp_path)
+    path = Path(base) / ("x" * (105 - len(base)))
+    assert len(os.fsencode(str(path))) == 106
+    with Listener(path) as lst:
+        lst.settimeout(TIMEOUT)
+        exchange(lst, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_path_too_long(tmp_path: Path) -> None:
+    path = tmp_path / ("x" * 120)
+    with pytest.raises(OSError, match="too long") as info:
+        Listener(path)
+    assert info.value.errno == errno.ENAMETOOLONG
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments(sock_path: Path) -> None:
+    with pytest.raises(ValueError, match="permission bits"):
+        Listener(sock_path, mode=0o4755)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        Listener(sock_path, max_payloda=3)
+    with pytest.raises(ValueError, match="empty"):
+        Listener("")
+    assert not sock_path.exists()
+
+
+def test_forked_copy_does_not_remove_the_file(listener: Listener, sock_path: Path) -> None:
+    run_child(listener.close)
+    assert sock_path.exists()
+    exchange(listener, sock_path)
+
+
+def test_close_leaves_a_successors_file(sock_path: Path) -> None:
+    old = Listener(sock_path)
+    os.unlink(sock_path)
+    with Listener(sock_path) as new:
+        old.close()
+        assert sock_path.exists()
+        new.settimeout(TIMEOUT)
+        exchange(new, sock_path)
+
+
+def test_channel_options_reach_accepted_channels(sock_path: Path) -> None:
+    with Listener(sock_path, max_payload=5) as lst:
+        lst.settimeout(TIMEOUT)
+        with Channel.connect(sock_path) as client, lst.accept() as server:
+            assert server.max_payload == 5
+            assert client.gettimeout() is None
+
+
+# -- connect errors ----------------------------------------------------------------------
+
+
+def test_connect_missing_path(sock_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        Channel.connect(sock_path)
+
+
+def test_connect_refused(sock_path: Path) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(sock_path))
+    dead.close()
+    with pytest.raises(ConnectionRefusedError):
+        Channel.connect(sock_path)
+
+
+# -- abstract names -----------------------------------------------------------------------
+
+
+def test_abstract_name() -> None:
+    name = abstract_name()
+    with Listener(name) as lst:
+        lst.settimeout(TIMEOUT)
+        exchange(lst, name)
+        with pytest.raises(OSError, match="in use") as info:
+            Listener(name)
+        assert info.value.errno == errno.EADDRINUSE
+    # Free again once closed.
+    Listener(name).close()
+
+
+# -- accept, timeouts, iteration ----------------------------------------------------------
+
+
+def test_accept_timeout(listener: Listener) -> None:
+    listener.settimeout(0.05)
+    assert listener.gettimeout() == 0.05
+    with pytest.raises(TimeoutError):
+        listener.accept()
+    listener.settimeout(0.0)
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+
+
+def test_iteration_yields_accepted_channels(listener: Listener, sock_path: Path) -> None:
+    clients = [Channel.connect(sock_path) for _ in range(3)]
+    try:
+        for i, (server, client) in enumerate(zip(listener, clients, strict=False)):
+            with server:
+                client.send(str(i).encode())
+                server.settimeout(TIMEOUT)
+                assert server.recv().payload == str(i).encode()
+            if i == 2:
+                break
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_close_from_another_thread_ends_iteration(listener: Listener) -> None:
+    started = threading.Event()
+    result: list[object] = []
+
+    def serve() -> None:
+        started.set()
+        result.extend(listener)  # blocks in accept until closed
+        result.append("ended")
+
+    listener.settimeout(None)
+    t = threading.Thread(target=serve)
+    t.start()
+    assert started.wait(TIMEOUT)
+    # Close while the thread is (about to be) blocked in accept().
+    listener.close()
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert result == ["ended"]
+    with pytest.raises(ValueError, match="closed"):
+        listener.accept()
+
+
+# -- peer checks ---------------------------------------------------------------------------
+
+
+def _connect_as(address: str, uid: int | None, gid: int | None, ready_w: int) -> Callable[[], None]:
+    """A child body: switch ids, connect, report, then expect to be closed unread."""
+
+    def body() -> None:
+        if gid is not None:
+            os.setgroups([])
+            os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+        with Channel.connect(address, timeout=TIMEOUT) as ch:
+            os.write(ready_w, b"c")
+            with pytest.raises((ChannelClosed, ConnectionResetError)):
+                ch.recv()
+
+    return body
+
+
+def _refuse_then_accept(
+    caplog: pytest.LogCaptureFixture, uid: int | None, gid: int | None, **checks: object
+) -> None:
+    name = abstract_name()  # abstract: no file permissions stand in the way
+    r, w = os.pipe()
+    try:
+        with Listener(name, **checks) as lst:  # type: ignore[arg-type]
+            lst.settimeout(TIMEOUT)
+            pid = fork_child(_connect_as(name, uid, gid, w))
+            try:
+                assert os.read(r, 1) == b"c"  # its connection is queued first
+                with caplog.at_level(logging.WARNING, logger="fdchannel.listener"):
+                    creds = exchange(lst, name)  # accept refuses the child, then serves us
+                assert creds.pid == os.getpid()
+                assert lst.refused == 1
+                assert [r.levelname for r in caplog.records] == ["WARNING"]
+                assert f"pid={pid}" in caplog.records[0].getMessage()
+            finally:
+                assert wait_child(pid) == 0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@needs_root
+def test_allow_uids_refuses_other_users(caplog: pytest.LogCaptureFixture) -> None:
+    _refuse_then_accept(caplog, NOBODY, NOBODY, allow_uids=[os.geteuid()])
+
+
+@needs_root
+def test_allow_gids_refuses_other_groups(caplog: pytest.LogCaptureFixture) -> None:
+    _refuse_then_accept(caplog, None, NOBODY, allow_gids={os.getegid()})
+
+
+def test_authorize_callback_sees_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[PeerCredentials] = []
+
+    def authorize(creds: PeerCredentials) -> bool:
+        seen.append(creds)
+        return creds.pid == os.getpid()
+
+    _refuse_then_accept(caplog, None, None, authorize=authorize)
+    assert len(seen) == 2
+    assert all(c.uid == os.geteuid() for c in seen)
+
+
+def test_authorize_exception_refuses_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    name = abstract_name()
+
+    def authorize(creds: PeerCredentials) -> bool:
+        raise RuntimeError("policy bug")
+
+    with Listener(name, authorize=authorize) as lst:
+        lst.settimeout(0.5)
+        client = Channel.connect(name, timeout=TIMEOUT)
+        with client, caplog.at_level(logging.WARNING, logger="fdchannel.listener"):
+            with pytest.raises(TimeoutError):
+                lst.accept()  # refuses the one peer, then times out waiting
+            with pytest.raises(ChannelClosed):
+                client.recv()
+        assert lst.refused == 1
+        assert "policy bug" in caplog.text
+        assert caplog.records[0].exc_info is not None
+
+
+def test_pair_credentials_name_the_creator() -> None:
+    a, b = Channel.pair()
+    with a, b:
+        me = PeerCredentials(os.getpid(), os.geteuid(), os.getegid())
+        assert a.peer_credentials() == me
+        assert b.peer_credentials() == me
+        with pytest.raises(AttributeError):
+            me.pid = 1  # type: ignore[misc]

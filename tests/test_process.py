@@ -1,0 +1,350 @@
+"""Handing channel ends to other processes: spawn, from_environ, fork, multiprocessing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fdchannel
+from fdchannel import Channel, ChannelClosed, FdChannelError
+
+from ._proc import fork_child, wait_child
+
+TIMEOUT = 30
+REPO = str(Path(__file__).resolve().parent.parent)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    return env
+
+
+def finish(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        assert proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- spawn ---------------------------------------------------------------------------
+
+CHILD_REPORTS = r"""
+import json, os, sys
+from fdchannel import Channel
+ch = Channel.from_environ()
+fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+report = {
+    "fds": [fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")],
+    "channel_fd": ch.fileno(),
+    "inheritable": os.get_inheritable(ch.fileno()),
+    "env_left": "FDCHANNEL_FD" in os.environ,
+    "foo": os.environ.get("FOO"),
+}
+ch.send(json.dumps(report).encode())
+with ch.recv() as msg:
+    os.write(msg.fds[0].fileno(), b"child wrote " + msg.payload)
+ch.close()
+"""
+
+
+def test_spawn_child_inherits_only_its_end() -> None:
+    r, w = os.pipe()
+    # An inheritable fd of ours that must not reach the child anyway.
+    os.set_inheritable(w, True)
+    try:
+        proc, ch = fdchannel.spawn([sys.executable, "-c", CHILD_REPORTS], env=child_env())
+        with ch:
+            ch.settimeout(TIMEOUT)
+            assert not os.get_inheritable(ch.fileno())
+            with ch.recv() as msg:
+                report = json.loads(msg.payload)
+            assert set(report["fds"]) == {0, 1, 2, report["channel_fd"]}
+            assert report["inheritable"] is False
+            assert report["env_left"] is False
+            ch.send(b"hello", fds=[w])
+            os.close(w)
+            w = -1
+            finish(proc)
+            assert os.read(r, 100) == b"child wrote hello"
+            with pytest.raises(ChannelClosed):
+                ch.recv()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+CHILD_CHECKS_EXTRA_FD = r"""
+import os, sys
+from fdchannel import Channel
+extra = int(sys.argv[1])
+with Channel.from_environ() as ch:
+    os.write(extra, b"extra fd works, FOO=" + os.environ["FOO"].encode())
+    ch.send(b"done")
+"""
+
+
+def test_spawn_merges_caller_env_and_pass_fds() -> None:
+    r, w = os.pipe()
+    env = child_env(FOO="bar")
+    before = dict(env)
+    try:
+        proc, ch = fdchannel.spawn(
+            [sys.executable, "-c", CHILD_CHECKS_EXTRA_FD, str(w)], env=env, pass_fds=[w]
+        )
+        with ch:
+            ch.settimeout(TIMEOUT)
+            assert env == before  # the caller's mapping is not changed
+            assert "FDCHANNEL_FD" not in os.environ
+            assert ch.recv().payload == b"done"
+            finish(proc)
+        assert os.read(r, 100) == b"extra fd works, FOO=bar"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_spawn_failure_closes_both_ends() -> None:
+    with pytest.raises(FileNotFoundError):
+        fdchannel.spawn(["/nonexistent/program"])
+
+
+def test_spawn_refuses_close_fds_false() -> None:
+    with pytest.raises(ValueError, match="close_fds"):
+        fdchannel.spawn([sys.executable, "-c", "pass"], close_fds=False)
+
+
+# -- from_environ ----------------------------------------------------------------------
+
+
+def test_from_environ_adopts_and_unsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = socket.socketpair()
+    os.set_inheritable(b.fileno(), True)
+    monkeypatch.setenv("FDCHANNEL_FD", str(b.fileno()))
+    with Channel(a) as ours, Channel.from_environ(max_payload=10) as theirs:
+        b.detach()  # the channel owns the fd now
+        assert theirs.max_payload == 10
+        assert "FDCHANNEL_FD" not in os.environ
+        assert not os.get_inheritable(theirs.fileno())
+        ours.send(b"ping")
+        assert theirs.recv().payload == b"ping"
+
+
+def test_from_environ_missing_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FDCHANNEL_FD", raising=False)
+    with pytest.raises(FdChannelError, match="FDCHANNEL_FD is not set"):
+        Channel.from_environ()
+
+
+def test_from_environ_not_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FDCHANNEL_FD", "seven")
+    with pytest.raises(FdChannelError, match="FDCHANNEL_FD='seven' is not a file descriptor"):
+        Channel.from_environ()
+
+
+def _assert_refused_and_left_open(fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FDCHANNEL_FD", str(fd))
+    with pytest.raises(FdChannelError, match=f"FDCHANNEL_FD={fd}: fd {fd} is not a connected"):
+        Channel.from_environ()
+    os.fstat(fd)  # still open: bad input loses nothing
+    assert os.environ["FDCHANNEL_FD"] == str(fd)
+
+
+def test_from_environ_fd_not_a_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    r, w = os.pipe()
+    try:
+        _assert_refused_and_left_open(r, monkeypatch)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_from_environ_fd_not_connected(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        _assert_refused_and_left_open(s.fileno(), monkeypatch)
+
+
+def test_from_environ_fd_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    monkeypatch.setenv("FDCHANNEL_FD", str(r))
+    with pytest.raises(FdChannelError, match="FDCHANNEL_FD"):
+        Channel.from_environ()
+
+
+# -- after os.fork() -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close_other", "close"])
+def test_each_side_closes_the_other_end_after_fork(how: str) -> None:
+    parent_end, child_end = Channel.pair()
+
+    def child() -> None:
+        if how == "close_other":
+            child_end.close_other()
+        else:
+            parent_end.close()
+        assert parent_end.closed
+        child_end.settimeout(TIMEOUT)
+        # Ends only if every copy of parent_end is closed: ours and the parent's.
+        for msg in child_end:
+            child_end.send(msg.payload)
+        child_end.close()
+
+    pid = fork_child(child)
+    try:
+        if how == "close_other":
+            parent_end.close_other()
+        else:
+            child_end.close()
+        assert child_end.closed
+        parent_end.settimeout(TIMEOUT)
+        parent_end.send(b"ping")
+        assert parent_end.recv().payload == b"ping"
+        parent_end.close()
+    finally:
+        parent_end.close()
+        assert wait_child(pid, TIMEOUT) == 0
+
+
+def test_parent_sees_eof_once_child_exits_after_close_other() -> None:
+    parent_end, child_end = Channel.pair()
+    pid = fork_child(child_end.close_other)
+    with parent_end:
+        parent_end.close_other()
+        assert wait_child(pid) == 0
+        parent_end.settimeout(TIMEOUT)
+        # EOF: our copy of child_end is closed too.
+        with pytest.raises(ChannelClosed):
+            parent_end.recv()
+
+
+def test_close_other_drops_pending_output_unsent() -> None:
+    a, b = Channel.pair()
+    with a, b:
+        a.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            a.send(b"x" * (8 << 20))
+        written = info.value.characters_written  # type: ignore[attr-defined]
+        assert written > 0
+        assert a.pending
+        b.close_other()
+        assert a.closed
+        raw = socket.socket(fileno=os.dup(b.fileno()))
+        with raw:
+            raw.settimeout(TIMEOUT)
+            got = 0
+            while chunk := raw.recv(1 << 20):
+                got += len(chunk)
+        # Exactly what left before: the copy's remainder was never pushed.
+        assert got == written
+
+
+def test_close_other_needs_a_pair_end() -> None:
+    a, b = socket.socketpair()
+    with b, Channel(a) as ch, pytest.raises(ValueError, match=r"Channel\.pair"):
+        ch.close_other()
+
+
+def test_close_other_when_already_closed_is_a_no_op() -> None:
+    a, b = Channel.pair()
+    b.close()
+    a.close_other()
+    a.close_other()
+    a.close()
+
+
+# -- multiprocessing and pickling ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def _mp_helpers_running() -> None:
+    # The helper processes multiprocessing keeps for the whole session hold
+    # fds of ours; start them before the leak check takes its snapshot.
+    multiprocessing.resource_tracker.ensure_running()
+    multiprocessing.forkserver.ensure_running()
+
+
+def _mp_child(ch: Channel) -> None:
+    ch.settimeout(TIMEOUT)
+    with ch, ch.recv() as msg:
+        os.write(msg.fds[0].fileno(), b"via " + msg.payload)
+        ch.send(b"done " + str(os.getpid()).encode())
+
+
+@pytest.mark.usefixtures("_mp_helpers_running")
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_multiprocessing_process_argument(method: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    ours, theirs = Channel.pair(max_fds=3)
+    r, w = os.pipe()
+    try:
+        with ours:
+            proc = ctx.Process(target=_mp_child, args=(theirs,))
+            proc.start()
+            theirs.close()  # the child has its own copy now
+            try:
+                ours.settimeout(TIMEOUT)
+                ours.send(method.encode(), fds=[w])
+                assert ours.recv().payload == f"done {proc.pid}".encode()
+                proc.join(TIMEOUT)
+                assert proc.exitcode == 0
+            finally:
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join()
+                proc.close()
+        assert os.read(r, 100) == b"via " + method.encode()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.usefixtures("_mp_helpers_running")
+def test_multiprocessing_refuses_channel_with_buffered_data() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    a, b = Channel.pair()
+    with a, b:
+        a.send(b"one")
+        a.send(b"two")
+        b.settimeout(TIMEOUT)
+        # Both frames were in the socket, so one read took both: "two" is
+        # buffered in b and would be lost to a copy in another process.
+        assert b.recv().payload == b"one"
+        proc = ctx.Process(target=_mp_child, args=(b,))
+        with pytest.raises(ValueError, match="buffered or pending"):
+            proc.start()
+
+
+def test_plain_pickle_is_a_typeerror() -> None:
+    a, b = Channel.pair()
+    with a, b:
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(a)
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            copy.copy(a)
+
+
+def test_pair_ends_still_work_after_close_other_is_set_up() -> None:
+    # pair() links the ends weakly: dropping one closes it (with a warning), not both.
+    a, b = Channel.pair()
+    with a, b:
+        a.send(b"x")
+        assert b.recv().payload == b"x"
+        assert b._other_end is not None
+        assert b._other_end() is a
