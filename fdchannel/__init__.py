@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from . import fdpass
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
-from ._errors import ChannelClosed, FdChannelError, LimitExceeded, ProtocolError, TruncatedControlData
+from ._errors import (
+    ChannelClosed,
+    FdChannelError,
+    FdsWithdrawn,
+    LimitExceeded,
+    ProtocolError,
+    TruncatedControlData,
+)
 from ._listener import Listener, PeerCredentials
 from ._message import Message
 from ._ownedfd import OwnedFd
@@ -21,6 +28,7 @@ __all__ = [
     "Channel",
     "ChannelClosed",
     "FdChannelError",
+    "FdsWithdrawn",
     "LimitExceeded",
     "Listener",
     "Message",

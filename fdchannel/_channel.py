@@ -17,27 +17,31 @@ from typing import Any, Final, Self
 from typing_extensions import Buffer
 
 from . import _listener, _process
-from ._codec import HEADER_SIZE, Decoder, pack_header
+from ._codec import _HEADER, HEADER_SIZE, MAGIC, VERSION, Decoder, pack_header
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
 from ._message import Message
 from ._ownedfd import OwnedFd, fileno_of
-from .transports import Outgoing, Session, Transport, default_transport
+from .transports import Session, Transport, default_transport
 from .transports._unix import SCM_MAX_FD
 
 __all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "Channel"]
+
+_pack = _HEADER.pack
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
 DEFAULT_MAX_FDS: Final = 1024
 
 _SOL_SOCKET: Final = socket.SOL_SOCKET
 _SCM_RIGHTS: Final = socket.SCM_RIGHTS
-_MSG_CTRUNC: Final = socket.MSG_CTRUNC
-_MSG_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)
+# Plain ints: the socket module's IntFlag members cost an enum operation
+# each time they are combined, on the hot path.
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_MSG_DONTWAIT: Final = int(getattr(socket, "MSG_DONTWAIT", 0))
 #: Never raise SIGPIPE: a vanished peer is a BrokenPipeError, not a dead process.
-_SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
+_SEND_FLAGS: Final = int(getattr(socket, "MSG_NOSIGNAL", 0))
 #: Atomically close-on-exec where the kernel can (Linux, FreeBSD).
-_RECV_CLOEXEC: Final = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_RECV_CLOEXEC: Final = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 #: The kernel hands over at most one sendmsg's batch of fds per recvmsg.
 _ANCBUF: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
 
@@ -88,6 +92,20 @@ class _Chunk:
 def _set_written(exc: OSError, n: int) -> None:
     # BlockingIOError has the attribute; TimeoutError gets it the same way.
     exc.characters_written = n  # type: ignore[attr-defined]
+
+
+def _rights_received(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds in *ancdata*, now owned by the caller and non-inheritable."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            # A truncated message may end in a partial int; it is no fd.
+            fds.extend(memoryview(data)[: len(data) - len(data) % 4].cast("i").tolist())
+    if fds and not _RECV_CLOEXEC:
+        # No atomic way here: do it before anything else can fork.
+        for fd in fds:
+            os.set_inheritable(fd, False)
+    return fds
 
 
 def _rights(fds: list[int]) -> list[tuple[int, int, array.array[int]]]:
@@ -147,6 +165,10 @@ class Channel:
         self.max_fds = max_fds
         self._session: Session = transport.session(sock)
         self._has_control = type(self._session).take_control is not Session.take_control
+        self._wire_id = transport.wire_id
+        # Sessions that send fds in band exactly as given (UnixRights) take a
+        # shorter path for messages of up to SCM_MAX_FD fds.
+        self._simple = self._session.passthrough and not self._has_control
         self._decoder = Decoder(
             wire_id=transport.wire_id,
             in_band=self._session.in_band,
@@ -164,6 +186,10 @@ class Channel:
         timeout = sock.gettimeout()
         self._timeout: float | None = None
         self.settimeout(timeout)
+        if self._has_control:
+            # A session may greet its peer (WinDuplicate announces its pid);
+            # a fresh socket takes that without blocking.
+            self._flush_control_nowait()
 
     # -- construction ---------------------------------------------------
 
@@ -308,16 +334,23 @@ class Channel:
         with ``characters_written`` as described on the class; other
         `OSError` (such as `BrokenPipeError`) from the kernel.
         """
-        nums = [fileno_of(f) for f in fds] if fds else []
-        size = memoryview(payload).nbytes
+        nums = [f if f.__class__ is int and f >= 0 else fileno_of(f) for f in fds] if fds else []
+        size = len(payload) if payload.__class__ is bytes else memoryview(payload).nbytes  # type: ignore[arg-type]
         if size > self.max_payload:
             raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
-        if len(nums) > self.max_fds:
-            raise ValueError(f"{len(nums)} fds exceed max_fds={self.max_fds}")
+        nfds = len(nums)
+        if nfds > self.max_fds:
+            raise ValueError(f"{nfds} fds exceed max_fds={self.max_fds}")
         if self._fileno in nums:
             raise ValueError("refusing to send a channel's own socket over itself")
         with self._send_lock:
-            self._check_usable()
+            if self._closed or self._broken is not None:
+                self._check_usable()
+            if self._simple and nfds <= SCM_MAX_FD and not self._pending:
+                # The common case: fds pass through as they are, nothing is
+                # queued ahead, one sendmsg carries the whole frame.
+                self._send_frame(b"", nums, nfds, payload, size, None)
+                return
             deadline = self._deadline()
             if self._has_control:
                 self._pump_nowait()
@@ -327,7 +360,7 @@ class Channel:
                 self._push(deadline, this_message=0)
             out = self._session.outgoing(nums)
             try:
-                self._send_frame(out, len(nums), payload, size, deadline)
+                self._send_frame(out.aux, list(out.in_band), nfds, payload, size, deadline)
             except BaseException as exc:
                 if getattr(exc, "characters_written", 1) == 0:
                     self._session.discard(out)
@@ -348,11 +381,10 @@ class Channel:
                 self._push(self._deadline(), this_message=None)
 
     def _send_frame(
-        self, out: Outgoing, nfds: int, payload: Buffer, size: int, deadline: float | None
+        self, aux: bytes, in_band: list[int], nfds: int, payload: Buffer, size: int, deadline: float | None
     ) -> None:
-        in_band = list(out.in_band)
-        aux = out.aux
-        header = pack_header(self._transport.wire_id, nfds, len(aux), size)
+        """Write one frame; *deadline* None means "from now on", computed if needed."""
+        header = _pack(MAGIC, VERSION, self._wire_id, 0, nfds, len(aux), size)
         bufs: list[Buffer] = [header]
         if aux:
             bufs.append(aux)
@@ -375,7 +407,7 @@ class Channel:
                 chunk.fds = []
                 chunk.consume(sent)
             self._pending.append(chunk)
-            self._push(deadline, this_message=sent)
+            self._push(deadline or self._deadline(), this_message=sent)
             return
         # More fds than one sendmsg may carry: every batch but the last rides
         # on one byte of its own, the last on the rest of the frame.
@@ -392,7 +424,7 @@ class Channel:
             tail = [lead[rest:], memoryview(payload)[len(lead) - (total - size) :]]
         chunks.append(_Chunk(tail, batches[-1]))
         self._pending.extend(chunks)
-        self._push(deadline, this_message=0)
+        self._push(deadline or self._deadline(), this_message=0)
 
     def _push(self, deadline: float | None, this_message: int | None, dontwait: bool = False) -> None:
         """Write pending chunks until none is left.
@@ -438,7 +470,10 @@ class Channel:
         except BaseException as exc:
             if pending:
                 self._discard_pending()
-                self._broken = ProtocolError(f"a frame was cut short by {exc!r}: the stream is corrupt")
+                # A vanished peer reads nothing more, so a cut frame corrupts
+                # nothing; recv() must still deliver what it sent before.
+                if not isinstance(exc, BrokenPipeError | ConnectionResetError):
+                    self._broken = ProtocolError(f"a frame was cut short by {exc!r}: the stream is corrupt")
             raise
 
     def _discard_pending(self) -> None:
@@ -463,7 +498,10 @@ class Channel:
                 if self._pending:
                     try:
                         self._push(None, this_message=None, dontwait=True)
-                    except BlockingIOError:
+                    except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                        # Opportunistic: a full socket waits for the next
+                        # send(); a vanished peer needs no acknowledgements,
+                        # and recv() still delivers what it sent before.
                         pass
         finally:
             self._send_lock.release()
@@ -495,7 +533,8 @@ class Channel:
         arrived in time (what did arrive stays buffered for the next call).
         """
         with self._recv_lock:
-            self._check_usable()
+            if self._closed or self._broken is not None:
+                self._check_usable()
             decoder = self._decoder
             deadline = None
             while True:
@@ -504,23 +543,34 @@ class Channel:
                 except ProtocolError as exc:
                     self._fail(exc)
                     raise
-                if frame is not None:
-                    if frame.control:
-                        self._session.control(bytes(frame.payload))
-                        continue
+                if frame is None:
+                    if self._eof:
+                        raise ChannelClosed("the peer closed the channel")
+                    if deadline is None and self._timeout:
+                        deadline = time.monotonic() + self._timeout
+                    self._fill(deadline)
+                    continue
+                if frame.control:
+                    self._session.control(bytes(frame.payload))
+                    continue
+                if self._simple and not frame.aux:
+                    fds = frame.fds
+                else:
                     try:
                         fds = self._session.incoming(frame.nfds, frame.aux, frame.fds)
                     except ProtocolError as exc:
                         self._fail(exc)
                         raise
+                    except BaseException:
+                        # A message refused for this end alone (PermissionError,
+                        # FdsWithdrawn): the session acknowledged it so the peer
+                        # can release its copies; tell it now.
+                        if self._has_control:
+                            self._flush_control_nowait()
+                        raise
                     if self._has_control:
                         self._flush_control_nowait()
-                    return Message(frame.payload, tuple(map(OwnedFd, fds)))
-                if self._eof:
-                    raise ChannelClosed("the peer closed the channel")
-                if deadline is None and self._timeout:
-                    deadline = time.monotonic() + self._timeout
-                self._fill(deadline)
+                return Message(frame.payload, tuple(map(OwnedFd, fds)) if fds else ())
 
     def _fill(self, deadline: float | None, dontwait: bool = False) -> bool:
         """Do one read into the decoder; False if nothing was ready (dontwait)."""
@@ -535,13 +585,10 @@ class Channel:
                 if dontwait:
                     return False
                 self._wait(select.POLLIN, deadline)
-        fds: list[int] = []
-        for level, kind, data in ancdata:
-            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
-        if fds and not _RECV_CLOEXEC:
-            for fd in fds:
-                os.set_inheritable(fd, False)
+            except ConnectionResetError:
+                self._session.peer_closed()  # as at EOF: the peer is gone
+                raise
+        fds = _rights_received(ancdata) if ancdata else []
         if flags & _MSG_CTRUNC:
             close_all(fds)
             exc = TruncatedControlData(
@@ -556,6 +603,9 @@ class Channel:
             close_all(fds)
             self._eof = True
             decoder.receive_eof()
+            # The peer can no longer take anything: a duplication transport
+            # releases the copies it kept for it.
+            self._session.peer_closed()
         return True
 
     def __iter__(self) -> Iterator[Message]:

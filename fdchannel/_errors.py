@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ChannelClosed",
     "FdChannelError",
+    "FdsWithdrawn",
     "LimitExceeded",
     "ProtocolError",
     "TruncatedControlData",
@@ -48,4 +49,16 @@ class TruncatedControlData(ProtocolError):
 
     Usually the receiving process is at its ``RLIMIT_NOFILE`` and the kernel
     could not install every fd; the fds that did arrive were closed.
+    """
+
+
+class FdsWithdrawn(FdChannelError, ConnectionResetError):
+    """The sender released a message's fds before this end could take them.
+
+    Raised by ``recv()`` on a duplication transport (`PidfdGetfd`,
+    `WinDuplicate`) when the sending process exited, or closed its channel,
+    while the message was in flight.  The payload is lost with the fds;
+    nothing of the message was delivered and nothing leaked.  The channel
+    stays usable: later messages (typically none, or an EOF) follow.  Also a
+    `ConnectionResetError`, since it means the peer went away.
     """

@@ -44,6 +44,10 @@ class Session(abc.ABC):
 
     #: True when fds travel as SCM_RIGHTS on the frame's bytes.
     in_band: ClassVar[bool] = False
+    #: True when `outgoing` of up to SCM_MAX_FD fds is always
+    #: ``Outgoing(b"", fds)`` and nothing needs `discard`; the channel then
+    #: skips the call on its hot path.
+    passthrough: ClassVar[bool] = False
 
     @abc.abstractmethod
     def outgoing(self, fds: Sequence[int]) -> Outgoing:
@@ -73,8 +77,20 @@ class Session(abc.ABC):
         """Return and forget the control payloads waiting to be sent."""
         return []
 
+    def peer_closed(self) -> None:  # noqa: B027 - optional hook
+        """The peer's end of the stream is closed (EOF was read).
+
+        The peer's channel is gone, so it will never take what this side
+        still keeps for it: a duplication transport releases its copies here
+        instead of holding them until `close`.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook
-        """The channel is closing: release everything still held."""
+        """The channel is closing: release everything still held.
+
+        Called once, after every `incoming` call has returned (a session
+        shared by threads guards itself), and before the socket is closed.
+        """
 
 
 class Transport(abc.ABC):

@@ -1,0 +1,460 @@
+"""PidfdGetfd: pulls, acknowledgements, and every ordering of close and death.
+
+All with real processes and the real kernel; waits are polls with timeouts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import select
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError
+from fdchannel.transports import PidfdGetfd, UnixRights, _pidfd
+
+from ._proc import TIMEOUT, fork_child, run_child, wait_child
+from ._transports import PIDFD_UNAVAILABLE, tcp_socketpair
+
+pytestmark = pytest.mark.skipif(PIDFD_UNAVAILABLE is not None, reason=PIDFD_UNAVAILABLE or "")
+
+Pair = Callable[[], tuple[Channel, Channel]]
+
+
+def _unix() -> tuple[Channel, Channel]:
+    return Channel.pair(transport=PidfdGetfd())
+
+
+def _tcp() -> tuple[Channel, Channel]:
+    x, y = tcp_socketpair()
+    return Channel(x, transport=PidfdGetfd()), Channel(y, transport=PidfdGetfd())
+
+
+@pytest.fixture(params=[_unix, _tcp], ids=["unix", "tcp"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Channel, Channel]]:
+    a, b = request.param()
+    try:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def eof_within(fd: int, timeout: float = TIMEOUT) -> bool:
+    """True if pipe read end *fd* reaches EOF within *timeout* (nothing is written to it)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    if not poller.poll(int(timeout * 1000)):
+        return False
+    return os.read(fd, 1) == b""
+
+
+def still_open(fd: int) -> bool:
+    """True if pipe read end *fd* has no EOF right now (some write end lives)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    return not poller.poll(0)
+
+
+def signal_ready(w: int) -> None:
+    os.write(w, b"!")
+
+
+def wait_ready(r: int) -> None:
+    poller = select.poll()
+    poller.register(r, select.POLLIN)
+    assert poller.poll(int(TIMEOUT * 1000)), "the other process never signalled"
+    assert os.read(r, 1) == b"!"
+
+
+# -- the basics ---------------------------------------------------------------
+
+
+def test_round_trip_between_processes(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    r, w = os.pipe()
+
+    def child() -> None:
+        a.close()
+        with b.recv() as msg:
+            assert msg.payload == b"pipe"
+            (fd,) = msg.fds
+            assert not os.get_inheritable(fd.fileno())
+            os.write(fd.fileno(), b"via pidfd_getfd")
+        b.send(b"done")
+
+    try:
+        pid = fork_child(child)
+        a.send(b"pipe", fds=[w])
+        assert a.recv().payload == b"done"
+        assert wait_child(pid) == 0
+        assert os.read(r, 100) == b"via pidfd_getfd"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_sender_keeps_copies_until_acknowledged(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        a.send(b"x", fds=[w])
+        os.close(w)  # the caller may close at once: the session holds a copy
+        w = -1
+        with b.recv() as msg:
+            assert len(msg.fds) == 1
+        # The receiver's copy is closed; the sender's copy keeps the pipe
+        # open until the acknowledgement is processed on the sender's side.
+        assert still_open(r)
+        a.send(b"y")  # processes the acknowledgement that arrived meanwhile
+        assert eof_within(r)
+        assert b.recv().payload == b"y"
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_send_never_waits_for_acknowledgements(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    a.setblocking(False)  # would raise BlockingIOError if send had to wait
+    r, w = os.pipe()
+    try:
+        for i in range(50):
+            a.send(b"%d" % i, fds=[w, r])
+        for i in range(50):
+            with b.recv() as msg:
+                assert msg.payload == b"%d" % i
+                assert len(msg.fds) == 2
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_many_fds_in_one_message(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        a.send(b"many", fds=[w] * 1000)
+        with b.recv() as msg:
+            assert len(msg.fds) == 1000
+            assert {os.fstat(f.fileno()).st_ino for f in msg.fds} == {os.fstat(w).st_ino}
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_socket_crosses_and_works(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    x, y = socket.socketpair()
+    with x, y:
+        a.send(b"sock", fds=[x])
+        with b.recv() as msg, msg.fds[0].socket() as s:
+            s.sendall(b"ping")
+            assert y.recv(4) == b"ping"
+
+
+# -- the orderings ------------------------------------------------------------
+
+
+def test_receiver_closes_first_releases_the_senders_copies(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+
+    def receiver() -> None:
+        a.close()
+        os.close(ready_r)
+        wait_for_fd = b  # never reads: closes with the message unread
+        wait_for_fd.close()
+        signal_ready(ready_w)
+
+    try:
+        a.send(b"never taken", fds=[w])
+        os.close(w)
+        w = -1
+        pid = fork_child(receiver)
+        b.close()
+        os.close(ready_w)
+        ready_w = -1
+        wait_ready(ready_r)
+        assert still_open(r)  # the sender still holds its copy...
+        # ...until it reads the EOF (AF_UNIX reports a peer that closed with
+        # unread data as a reset)
+        with pytest.raises((ChannelClosed, ConnectionResetError)):
+            a.recv()
+        assert eof_within(r)
+        assert wait_child(pid) == 0
+    finally:
+        for fd in (r, w, ready_r, ready_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_receiver_dies_releases_the_senders_copies(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    r, w = os.pipe()
+
+    def receiver() -> None:
+        os._exit(0)  # dies without closing anything
+
+    try:
+        a.send(b"never taken", fds=[w])
+        os.close(w)
+        w = -1
+        assert wait_child(fork_child(receiver)) == 0
+        b.close()
+        with pytest.raises((ChannelClosed, ConnectionResetError)):
+            a.recv()
+        assert eof_within(r)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def _reuse_numbers(n: int = 64) -> list[int]:
+    """Open *n* decoy files; the kernel hands out the lowest free numbers,
+    so every number the session just released is now a different file."""
+    decoys = [os.open("/dev/zero", os.O_RDONLY) for _ in range(n)]
+    return decoys
+
+
+def test_sender_closes_with_messages_in_flight_never_misdelivers(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def sender() -> None:
+        b.close()
+        r, w = os.pipe()
+        for i in range(5):
+            a.send(b"in flight %d" % i, fds=[w, r])
+        os.close(r)
+        os.close(w)
+        a.close()  # lease first, then the unacknowledged copies
+        _reuse_numbers()  # the released numbers now name /dev/zero
+        signal_ready(ready_w)
+        wait_ready(done_r)  # stay alive: this is "closed", not "exited"
+
+    pid = fork_child(sender)
+    try:
+        a.close()
+        wait_ready(ready_r)
+        for _ in range(5):
+            with pytest.raises(FdsWithdrawn, match="closed its channel"):
+                b.recv()
+        with pytest.raises(ChannelClosed):
+            b.recv()
+        signal_ready(done_w)
+        assert wait_child(pid) == 0
+    finally:
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_sender_dies_with_messages_in_flight(pair: tuple[Channel, Channel], reaped: bool) -> None:
+    a, b = pair
+
+    def sender() -> None:
+        b.close()
+        _r, w = os.pipe()
+        a.send(b"orphan", fds=[w])
+        a.send(b"no fds, still delivered")
+        os._exit(0)  # dies holding its copies: the kernel closes them
+
+    pid = fork_child(sender)
+    a.close()
+    if reaped:
+        assert wait_child(pid) == 0
+    else:
+        # Wait for the exit without reaping: the sender stays a zombie.
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    try:
+        with pytest.raises(FdsWithdrawn, match="exited"):
+            b.recv()
+        assert b.recv().payload == b"no fds, still delivered"
+        with pytest.raises(ChannelClosed):
+            b.recv()
+    finally:
+        if not reaped:
+            assert wait_child(pid) == 0
+
+
+def test_permission_denied_drops_the_message_and_the_channel_stays_usable() -> None:
+    a, b = Channel.pair(transport=PidfdGetfd())
+    r, w = os.pipe()
+
+    def unprivileged_receiver() -> None:
+        a.close()
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)  # no ptrace rights over root
+        b.settimeout(TIMEOUT)
+        with pytest.raises(PermissionError, match="not allowed to copy fds") as info:
+            b.recv()
+        assert info.value.errno == errno.EPERM
+        assert b.recv().payload == b"after"  # the channel stays usable
+        b.send(b"ok")
+        b.close()
+
+    try:
+        a.settimeout(TIMEOUT)
+        pid = fork_child(unprivileged_receiver)
+        b.close()
+        a.send(b"denied", fds=[w])
+        os.close(w)
+        w = -1
+        a.send(b"after")
+        assert a.recv().payload == b"ok"
+        assert wait_child(pid) == 0
+        # The refusal was acknowledged, so the sender released its copy.
+        with pytest.raises(ChannelClosed):
+            a.recv()
+        assert eof_within(r)
+    finally:
+        a.close()
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+# -- mismatches and support -------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender_is_pidfd", [True, False])
+def test_transport_mismatch_is_a_protocol_error_on_the_first_message(sender_is_pidfd: bool) -> None:
+    x, y = socket.socketpair()
+    ends = (PidfdGetfd(), UnixRights()) if sender_is_pidfd else (UnixRights(), PidfdGetfd())
+    a, b = Channel(x, transport=ends[0]), Channel(y, transport=ends[1])
+    r, w = os.pipe()
+    try:
+        b.settimeout(TIMEOUT)
+        a.send(b"first", fds=[w, r])
+        with pytest.raises(ProtocolError, match="both ends must use the same transport"):
+            b.recv()
+        with pytest.raises(ProtocolError, match="same transport"):
+            b.recv()  # unusable, and says why
+    finally:
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_peer_naming_an_fd_it_lacks_is_a_protocol_error() -> None:
+    a, b = Channel.pair(transport=PidfdGetfd())
+    r, w = os.pipe()
+    try:
+        b.settimeout(TIMEOUT)
+        a.send(b"ok", fds=[w])  # establishes the lease
+        b.recv().fds[0].close()
+        out = a._session.outgoing([w])
+        a._session.discard(out)  # the sender released that copy: the number is free
+        x = a._sock
+        from fdchannel._codec import pack_header
+
+        x.sendall(pack_header(PidfdGetfd.wire_id, 1, len(out.aux), 0) + out.aux)
+        with pytest.raises(ProtocolError, match="an fd it does not have"):
+            b.recv()
+    finally:
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
+_NR = {"x86_64": {"pidfd_getfd": 438, "kcmp": 312}, "aarch64": {"pidfd_getfd": 438, "kcmp": 272}}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+
+
+def deny_syscall(name: str, err: int = errno.ENOSYS) -> None:
+    """Make system call *name* fail with *err* in this process, for good (seccomp).
+
+    A real kernel mechanism: the way a container or an old kernel looks.
+    """
+    machine = platform.machine()
+    filt = [  # struct sock_filter: code, jt, jf, k
+        (0x20, 0, 0, 4),  # ld [arch]
+        (0x15, 1, 0, _AUDIT_ARCH[machine]),  # jeq arch, skip the allow
+        (0x06, 0, 0, 0x7FFF0000),  # ret ALLOW
+        (0x20, 0, 0, 0),  # ld [nr]
+        (0x15, 0, 1, _NR[machine][name]),  # jeq nr
+        (0x06, 0, 0, 0x00050000 | err),  # ret ERRNO(err)
+        (0x06, 0, 0, 0x7FFF0000),  # ret ALLOW
+    ]
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_ushort),
+            ("jt", ctypes.c_ubyte),
+            ("jf", ctypes.c_ubyte),
+            ("k", ctypes.c_uint),
+        ]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    prog_filters = (SockFilter * len(filt))(*(SockFilter(*f) for f in filt))
+    prog = SockFprog(len(filt), prog_filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+@pytest.mark.skipif(platform.machine() not in _NR, reason="seccomp numbers known for x86_64/aarch64")
+def test_kernel_without_pidfd_getfd_fails_at_construction() -> None:
+    def body() -> None:
+        deny_syscall("pidfd_getfd")
+        assert PidfdGetfd.unavailable_reason() is not None
+        with pytest.raises(OSError, match="pidfd_getfd") as info:
+            Channel.pair(transport=PidfdGetfd())
+        assert info.value.errno == errno.ENOSYS
+        Channel.pair()[0].close()  # the in-band default still works
+
+    run_child(body)
+
+
+def test_python_without_pidfd_open_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "pidfd_open")
+    with pytest.raises(OSError, match=r"os\.pidfd_open"):
+        Channel.pair(transport=PidfdGetfd())
+
+
+@pytest.mark.skipif(platform.machine() not in _NR, reason="seccomp numbers known for x86_64/aarch64")
+def test_without_kcmp_the_lease_is_compared_by_pulling_it_again() -> None:
+    def body() -> None:
+        deny_syscall("kcmp")
+        _pidfd._kcmp_works = None
+        a, b = Channel.pair(transport=PidfdGetfd())
+        r, w = os.pipe()
+        try:
+            b.settimeout(TIMEOUT)
+            a.send(b"one", fds=[w])
+            with b.recv() as msg:
+                assert os.fstat(msg.fds[0].fileno()).st_ino == os.fstat(w).st_ino
+            assert _pidfd._kcmp_works is False
+            a.send(b"two", fds=[w])
+            a.close()
+            decoys = _reuse_numbers()
+            with pytest.raises(FdsWithdrawn):
+                b.recv()
+            for fd in decoys:
+                os.close(fd)
+        finally:
+            a.close()
+            b.close()
+            os.close(r)
+            os.close(w)
+
+    run_child(body)
