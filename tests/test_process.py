@@ -240,7 +240,7 @@ def test_close_other_drops_pending_output_unsent() -> None:
         a.setblocking(False)
         with pytest.raises(BlockingIOError) as info:
             a.send(b"x" * (8 << 20))
-        written = info.value.characters_written  # type: ignore[attr-defined]
+        written = info.value.characters_written
         assert written > 0
         assert a.pending
         b.close_other()
@@ -295,7 +295,7 @@ def test_multiprocessing_process_argument(method: str) -> None:
     r, w = os.pipe()
     try:
         with ours:
-            proc = ctx.Process(target=_mp_child, args=(theirs,))
+            proc = ctx.Process(target=_mp_child, args=(theirs,))  # type: ignore[attr-defined]
             proc.start()
             theirs.close()  # the child has its own copy now
             try:
