@@ -122,6 +122,9 @@ class AsyncChannel:
         self._transport = transport
         self._session = session
         self._has_control = type(session).take_control is not Session.take_control
+        # Sessions that hand in-band fds through as they are (UnixRights)
+        # need no incoming() call per message.
+        self._simple = session.passthrough and not self._has_control
         self._decoder = decoder
         self.max_payload = max_payload
         self.max_fds = max_fds
@@ -140,6 +143,10 @@ class AsyncChannel:
         self._writing = False
         self._write_waiter: asyncio.Future[None] | None = None
         self._streak = 0
+        if self._has_control:
+            # A session may greet its peer (WinDuplicate announces its pid);
+            # a fresh socket takes that without waiting.
+            self._flush_control_nowait()
 
     # -- construction ---------------------------------------------------
 
@@ -486,8 +493,17 @@ class AsyncChannel:
         except BaseException as exc:
             set_written(exc, written + (this_message or 0))
             if pending:
-                self._corrupt(exc)
+                self._cut_short(exc)
             raise
+
+    def _cut_short(self, exc: BaseException) -> None:
+        """A write failed with *exc*, maybe in the middle of a frame."""
+        if isinstance(exc, BrokenPipeError | ConnectionResetError):
+            # A vanished peer reads nothing more, so a cut frame corrupts
+            # nothing; recv() must still deliver what it sent before.
+            self._discard_pending()
+        else:
+            self._corrupt(exc)
 
     def _corrupt(self, exc: BaseException) -> None:
         self._discard_pending()
@@ -515,7 +531,7 @@ class AsyncChannel:
             try:
                 self._write_pending()
             except OSError as exc:
-                self._corrupt(exc)
+                self._cut_short(exc)
             else:
                 for chunk in self._pending:
                     chunk.detach()
@@ -534,8 +550,12 @@ class AsyncChannel:
                     break
                 if not read_into(self._sock, self._decoder):
                     self._eof = True
+                    self._session.peer_closed()
         except BlockingIOError:  # drained
             pass
+        except ConnectionResetError:
+            self._session.peer_closed()
+            return  # recv() reports it
         except TruncatedControlData as exc:
             self._fail(exc)
             return
@@ -570,14 +590,24 @@ class AsyncChannel:
                         self._session.control(bytes(frame.payload))
                         continue
                     # No await from here on: the frame must reach the caller.
-                    try:
-                        fds = self._session.incoming(frame.nfds, frame.aux, frame.fds)
-                    except ProtocolError as exc:
-                        self._fail(exc)
-                        raise
-                    if self._has_control:
-                        self._flush_control_nowait()
-                    return Message(frame.payload, tuple(map(OwnedFd, fds)))
+                    if self._simple and not frame.aux:
+                        fds = frame.fds
+                    else:
+                        try:
+                            fds = self._session.incoming(frame.nfds, frame.aux, frame.fds)
+                        except ProtocolError as exc:
+                            self._fail(exc)
+                            raise
+                        except BaseException:
+                            # Refused for this end alone (PermissionError,
+                            # FdsWithdrawn): the session acknowledged it so the
+                            # peer can release its copies; tell it now.
+                            if self._has_control:
+                                self._flush_control_nowait()
+                            raise
+                        if self._has_control:
+                            self._flush_control_nowait()
+                    return Message(frame.payload, tuple(map(OwnedFd, fds)) if fds else ())
                 if self._eof:
                     raise ChannelClosed("the peer closed the channel")
                 if not waited:
@@ -586,12 +616,18 @@ class AsyncChannel:
                 try:
                     if not read_into(self._sock, decoder):
                         self._eof = True
+                        # The peer can no longer take anything: a duplication
+                        # transport releases the copies it kept for it.
+                        self._session.peer_closed()
                 except BlockingIOError:
                     waited = True
                     self._streak = 0
                     await self._wait_readable()
                 except TruncatedControlData as exc:
                     self._fail(exc)
+                    raise
+                except ConnectionResetError:
+                    self._session.peer_closed()  # as at EOF: the peer is gone
                     raise
 
     def __aiter__(self) -> AsyncIterator[Message]:

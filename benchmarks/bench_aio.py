@@ -1,0 +1,217 @@
+"""fdchannel's AsyncChannel against the blocking Channel, side by side.
+
+Run:  python benchmarks/bench_aio.py [--messages N] [--rounds R] [--no-uvloop]
+
+Sender and receiver are two processes.  Every workload runs the blocking
+pair and the async pair (on the default loop, and on uvloop when it can be
+imported) in alternating rounds, so machine noise hits all alike, and prints
+the best round of each and the ratio async / blocking (lower is better; the
+target is 1.5x or less for 1-fd messages).
+
+Workloads:
+  stream-1fd    N messages of 1 byte + 1 fd, the sender streaming, the
+                receiver closing each fd; time per message.
+  pingpong-1fd  a 1-fd message each way, both processes pinned to one CPU
+                (cross-CPU round trips measure wake-up latency, not code);
+                time per round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fdchannel import Channel
+from fdchannel.aio import AsyncChannel
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - optional
+    uvloop = None
+
+Side = Callable[[socket.socket, int], None]
+
+
+def run_pair(sender: Side, receiver: Side, count: int, pin: bool = False) -> float:
+    """Fork a receiver, run both sides on a fresh socketpair; return the sender's seconds."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # receiver
+        code = 1
+        try:
+            a.close()
+            os.close(go_w)
+            os.close(done_r)
+            if pin:
+                os.sched_setaffinity(0, {0})
+            os.read(go_r, 1)
+            receiver(b, count)
+            os.write(done_w, b"k")
+            code = 0
+        finally:
+            os._exit(code)
+    b.close()
+    os.close(go_r)
+    os.close(done_w)
+    if pin:
+        os.sched_setaffinity(0, {0})
+    try:
+        os.write(go_w, b"g")
+        start = time.perf_counter()
+        sender(a, count)
+        done = os.read(done_r, 1)
+        elapsed = time.perf_counter() - start
+        assert done == b"k", "receiver failed"
+    finally:
+        os.close(go_w)
+        os.close(done_r)
+        _, status = os.waitpid(pid, 0)
+        if pin:
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        a.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    return elapsed
+
+
+def on_loop(kind: str, coro: Any) -> Any:
+    factory = uvloop.new_event_loop if kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+# -- blocking ----------------------------------------------------------------------------
+
+
+def blocking_stream_send(sock: socket.socket, n: int) -> None:
+    ch = Channel(sock.dup())
+    fd = sys.stderr.fileno()
+    for _ in range(n):
+        ch.send(b"x", fds=[fd])
+    ch.close()
+
+
+def blocking_stream_recv(sock: socket.socket, n: int) -> None:
+    ch = Channel(sock.dup())
+    for _ in range(n):
+        ch.recv().fds[0].close()
+    ch.close()
+
+
+def blocking_ping(sock: socket.socket, n: int) -> None:
+    ch = Channel(sock.dup())
+    fd = sys.stderr.fileno()
+    for _ in range(n):
+        ch.send(b"p", fds=[fd])
+        ch.recv().fds[0].close()
+    ch.close()
+
+
+def blocking_pong(sock: socket.socket, n: int) -> None:
+    ch = Channel(sock.dup())
+    fd = sys.stderr.fileno()
+    for _ in range(n):
+        ch.recv().fds[0].close()
+        ch.send(b"q", fds=[fd])
+    ch.close()
+
+
+# -- async -------------------------------------------------------------------------------
+
+
+def async_sides(kind: str) -> dict[str, Side]:
+    async def stream_send(sock: socket.socket, n: int) -> None:
+        ch = AsyncChannel(sock.dup())
+        fd = sys.stderr.fileno()
+        send = ch.send
+        for _ in range(n):
+            await send(b"x", fds=[fd])
+        await ch.aclose()
+
+    async def stream_recv(sock: socket.socket, n: int) -> None:
+        ch = AsyncChannel(sock.dup())
+        recv = ch.recv
+        for _ in range(n):
+            (await recv()).fds[0].close()
+        await ch.aclose()
+
+    async def ping(sock: socket.socket, n: int) -> None:
+        ch = AsyncChannel(sock.dup())
+        fd = sys.stderr.fileno()
+        for _ in range(n):
+            await ch.send(b"p", fds=[fd])
+            (await ch.recv()).fds[0].close()
+        await ch.aclose()
+
+    async def pong(sock: socket.socket, n: int) -> None:
+        ch = AsyncChannel(sock.dup())
+        fd = sys.stderr.fileno()
+        for _ in range(n):
+            (await ch.recv()).fds[0].close()
+            await ch.send(b"q", fds=[fd])
+        await ch.aclose()
+
+    def sync(fn: Callable[[socket.socket, int], Any]) -> Side:
+        return lambda sock, n: on_loop(kind, fn(sock, n))
+
+    return {
+        "stream_send": sync(stream_send),
+        "stream_recv": sync(stream_recv),
+        "ping": sync(ping),
+        "pong": sync(pong),
+    }
+
+
+def bench(name: str, runs: dict[str, Callable[[], float]], rounds: int, per: int, unit: str) -> None:
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for label, fn in runs.items():
+            best[label] = min(best[label], fn())
+    base = best["blocking"]
+    print(f"{name}:")
+    for label, t in best.items():
+        ratio = "" if label == "blocking" else f"   ratio {t / base:.2f}x"
+        print(f"  {label:<16} {t / per * 1e6:8.2f} µs/{unit}{ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args()
+    n = args.messages
+    kinds = ["asyncio"] + ([] if args.no_uvloop or uvloop is None else ["uvloop"])
+    sides = {kind: async_sides(kind) for kind in kinds}
+
+    stream: dict[str, Callable[[], float]] = {
+        "blocking": lambda: run_pair(blocking_stream_send, blocking_stream_recv, n)
+    }
+    for kind in kinds:
+        s = sides[kind]
+        stream[f"async/{kind}"] = lambda s=s: run_pair(s["stream_send"], s["stream_recv"], n)  # type: ignore[misc]
+    bench(f"stream-1fd ({n} messages)", stream, args.rounds, n, "msg")
+
+    m = max(1, n // 10)
+    pingpong: dict[str, Callable[[], float]] = {
+        "blocking": lambda: run_pair(blocking_ping, blocking_pong, m, pin=True)
+    }
+    for kind in kinds:
+        s = sides[kind]
+        pingpong[f"async/{kind}"] = lambda s=s: run_pair(s["ping"], s["pong"], m, pin=True)  # type: ignore[misc]
+    bench(f"pingpong-1fd ({m} round trips, one CPU)", pingpong, args.rounds, m, "round trip")
+
+
+if __name__ == "__main__":
+    main()
