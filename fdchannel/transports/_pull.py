@@ -104,9 +104,13 @@ class PullSession(Session):
         #: The peer's pid once its hello arrived (sessions with ``greet``).
         self.peer_pid: int | None = None
         if self.greet:
-            self._control.append(_CONTROL.pack(_HELLO, os.getpid()))
+            self._control.append(_CONTROL.pack(_HELLO, self._os_pid()))
 
     # -- operating-system hooks -------------------------------------------
+
+    def _os_pid(self) -> int:
+        """This process's id (asked each time: a forked child has its own)."""
+        return os.getpid()
 
     @abc.abstractmethod
     def _os_export(self, fd: int) -> tuple[Any, Any]:
@@ -172,7 +176,7 @@ class PullSession(Session):
         with self._lock:
             if self._closed:
                 raise ValueError("the session is closed")
-            pid = os.getpid()
+            pid = self._os_pid()
             if pid != self._owner:
                 self._adopt(pid)
             refs: list[Any] = []

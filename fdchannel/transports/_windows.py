@@ -113,6 +113,9 @@ class _WinSession(PullSession):
         self._api = api
         super().__init__()
 
+    def _os_pid(self) -> int:
+        return self._api.current_pid()
+
     # -- sending side
     def _os_export(self, fd: int) -> tuple[Any, Any]:
         api = self._api
@@ -264,10 +267,11 @@ class WinDuplicate(Transport):
     name = "WinDuplicate"
 
     def __init__(self, api: WinApi | None = None) -> None:
-        if api is None and sys.platform == "win32":
-            from ._win32 import Win32Api
+        if sys.platform == "win32":  # mypy narrows on a bare platform check
+            if api is None:
+                from ._win32 import Win32Api
 
-            api = Win32Api()
+                api = Win32Api()
         self._api = api
 
     def check_socket(self, sock: socket.socket) -> None:
