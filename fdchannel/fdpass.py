@@ -63,73 +63,74 @@ def _as_socket(sock: int | Any) -> Iterator[socket.socket]:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
-def send(sock: int | Any, fd: int | Any) -> None:
-    """Send *fd* over *sock* as IO::FDPass does: one NUL byte with one fd.
-
-    *sock* is a connected ``AF_UNIX`` stream socket: an int fd, a
-    `socket.socket` (its timeout applies) or any object with ``fileno()``.
-    *fd* is an int or an object with ``fileno()``; it stays the caller's and
-    may be closed as soon as this returns (the kernel holds its own
-    reference while the fd is in flight).
-
-    Raises `BlockingIOError` on a non-blocking socket that cannot take the
-    byte now (nothing was sent: call again when writable), `TimeoutError`
-    for a socket object whose timeout expired, `BrokenPipeError` if the peer
-    has gone, and other `OSError` from the kernel (``EBADF`` for a bad *fd*,
-    ``ENOTSOCK``, ``ETOOMANYREFS`` when too many fds are in flight).
-    """
-    num = fileno_of(fd)
-    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [num]))]
-    with _as_socket(sock) as s:
-        # One byte either leaves whole (with its fd) or not at all.
-        s.sendmsg([b"\0"], rights, _SEND_FLAGS)
-
-
-def recv(sock: int | Any) -> int:
-    """Receive one fd sent by IO::FDPass (or `send`); the caller owns it.
-
-    *sock* is as for `send`.  The returned fd is non-inheritable
-    (close-on-exec).  If the peer attached several fds to the byte, the
-    first is returned and the others are closed.
-
-    Raises `EOFError` when the peer closed the connection (or
-    `ConnectionResetError` where the kernel reports a reset),
-    `BlockingIOError` on a non-blocking socket with nothing to read,
-    `TimeoutError` for a socket object whose timeout expired, and `OSError`
-    with ``errno.EBADMSG`` when a byte arrived without an fd or the byte was
-    not NUL (any fd is closed), ``errno.EMSGSIZE`` when the kernel truncated
-    the control message (``MSG_CTRUNC``, usually this process is at its
-    ``RLIMIT_NOFILE``; every fd that did arrive is closed).  Nothing is
-    returned or left open on any error.
-    """
-    with _as_socket(sock) as s:
-        data, ancdata, flags, _ = s.recvmsg(1, _ANCBUF, _RECV_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % _INT_SIZE]))
-    try:
-        if not _RECV_CLOEXEC:
-            for num in fds:
-                os.set_inheritable(num, False)
-        if flags & socket.MSG_CTRUNC:
-            raise OSError(
-                errno.EMSGSIZE,
-                "the kernel truncated the control message (MSG_CTRUNC); is this process at its "
-                "RLIMIT_NOFILE?  The fds that arrived were closed",
-            )
-        if not data:
-            raise EOFError("the peer closed the socket")
-        if not fds:
-            raise OSError(errno.EBADMSG, "a byte arrived without an fd: the peer is not sending fds")
-        if data != b"\0":
-            raise OSError(errno.EBADMSG, f"expected the NUL byte of IO::FDPass, got {data!r}; fd closed")
-    except BaseException:
-        close_all(fds)
-        raise
-    close_all(fds[1:])
-    return fds[0]
-
-
+# The Unix definitions come last so that documentation tools, which read the
+# source without running it, describe them rather than the Windows import.
 if sys.platform == "win32":  # pragma: no cover - the Windows flavour lives in its own module
-    from ._fdpass_win import recv, send  # type: ignore[no-redef]
+    from ._fdpass_win import recv, send
+else:
+
+    def send(sock: int | Any, fd: int | Any) -> None:
+        """Send *fd* over *sock* as IO::FDPass does: one NUL byte with one fd.
+
+        *sock* is a connected ``AF_UNIX`` stream socket: an int fd, a
+        `socket.socket` (its timeout applies) or any object with ``fileno()``.
+        *fd* is an int or an object with ``fileno()``; it stays the caller's and
+        may be closed as soon as this returns (the kernel holds its own
+        reference while the fd is in flight).
+
+        Raises `BlockingIOError` on a non-blocking socket that cannot take the
+        byte now (nothing was sent: call again when writable), `TimeoutError`
+        for a socket object whose timeout expired, `BrokenPipeError` if the peer
+        has gone, and other `OSError` from the kernel (``EBADF`` for a bad *fd*,
+        ``ENOTSOCK``, ``ETOOMANYREFS`` when too many fds are in flight).
+        """
+        num = fileno_of(fd)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [num]))]
+        with _as_socket(sock) as s:
+            # One byte either leaves whole (with its fd) or not at all.
+            s.sendmsg([b"\0"], rights, _SEND_FLAGS)
+
+    def recv(sock: int | Any) -> int:
+        """Receive one fd sent by IO::FDPass (or `send`); the caller owns it.
+
+        *sock* is as for `send`.  The returned fd is non-inheritable
+        (close-on-exec).  If the peer attached several fds to the byte, the
+        first is returned and the others are closed.
+
+        Raises `EOFError` when the peer closed the connection (or
+        `ConnectionResetError` where the kernel reports a reset),
+        `BlockingIOError` on a non-blocking socket with nothing to read,
+        `TimeoutError` for a socket object whose timeout expired, and `OSError`
+        with ``errno.EBADMSG`` when a byte arrived without an fd or the byte was
+        not NUL (any fd is closed), ``errno.EMSGSIZE`` when the kernel truncated
+        the control message (``MSG_CTRUNC``, usually this process is at its
+        ``RLIMIT_NOFILE``; every fd that did arrive is closed).  Nothing is
+        returned or left open on any error.
+        """
+        with _as_socket(sock) as s:
+            data, ancdata, flags, _ = s.recvmsg(1, _ANCBUF, _RECV_CLOEXEC)
+        fds: list[int] = []
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % _INT_SIZE]))
+        try:
+            if not _RECV_CLOEXEC:
+                for num in fds:
+                    os.set_inheritable(num, False)
+            if flags & socket.MSG_CTRUNC:
+                raise OSError(
+                    errno.EMSGSIZE,
+                    "the kernel truncated the control message (MSG_CTRUNC); is this process at its "
+                    "RLIMIT_NOFILE?  The fds that arrived were closed",
+                )
+            if not data:
+                raise EOFError("the peer closed the socket")
+            if not fds:
+                raise OSError(errno.EBADMSG, "a byte arrived without an fd: the peer is not sending fds")
+            if data != b"\0":
+                raise OSError(errno.EBADMSG, f"expected the NUL byte of IO::FDPass, got {data!r}; fd closed")
+        except BaseException:
+            close_all(fds)
+            raise
+        close_all(fds[1:])
+        return fds[0]
