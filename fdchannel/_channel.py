@@ -335,7 +335,7 @@ class Channel:
         `OSError` (such as `BrokenPipeError`) from the kernel.
         """
         nums = [f if f.__class__ is int and f >= 0 else fileno_of(f) for f in fds] if fds else []
-        size = len(payload) if payload.__class__ is bytes else memoryview(payload).nbytes  # type: ignore[arg-type]
+        size = len(payload) if payload.__class__ is bytes else memoryview(payload).nbytes
         if size > self.max_payload:
             raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
         nfds = len(nums)

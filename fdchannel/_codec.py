@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import Final
+from typing import Any, Final
 
 from ._errors import LimitExceeded, ProtocolError
 
@@ -46,7 +46,10 @@ FLAG_CONTROL: Final = 1
 _HEADER = struct.Struct("<4sBBHIIQ")
 HEADER_SIZE: Final = _HEADER.size
 _pack = _HEADER.pack
-_unpack_from = _HEADER.unpack_from
+# The same header with magic, version, transport id and flags read as one
+# number, so the hot path checks them with a single comparison.
+_FAST = struct.Struct("<QIIQ")
+_fast_unpack_from = _FAST.unpack_from
 
 #: Frames up to this size (header included) are parsed out of the shared read
 #: buffer; larger ones get buffers of their own that reads go straight into.
@@ -153,14 +156,16 @@ class Decoder:
         self._max_fds = max_fds
         self._max_aux = max_aux
         self._transport_name = transport_name or f"transport {wire_id}"
+        self._data_tag = _FAST.unpack(_pack(MAGIC, VERSION, wire_id, 0, 0, 0, 0))[0]
         self._buf = bytearray(2 * INLINE_LIMIT)
         self._mv = memoryview(self._buf)
         self._start = 0  # first unparsed byte in _buf
         self._end = 0  # end of valid data in _buf
         self._received = 0  # stream offset just past everything received
         self._big: _Big | None = None
-        # (fd, stream offset where its read began, where it ended)
-        self._fds: deque[tuple[int, int, int]] = deque()
+        # One entry per read that brought fds: [fds, stream offset where the
+        # read began, where it ended].
+        self._fds: deque[list[Any]] = deque()
         self._frames: deque[Frame] = deque()
         self._error: ProtocolError | None = None
         self._eof = False
@@ -188,10 +193,40 @@ class Decoder:
         """
         if nbytes <= 0:
             raise ValueError("buffer_updated needs nbytes > 0; report EOF with receive_eof()")
+        start = self._start
+        end = self._end + nbytes
+        if self._big is None and self._error is None and not self._fds and end - start >= HEADER_SIZE:
+            # The common case, kept short: the read completed exactly one
+            # small frame, with exactly its fds.  Anything else takes the
+            # general path below.
+            tag, nfds, aux_len, payload_len = _fast_unpack_from(self._buf, start)
+            body = start + HEADER_SIZE + aux_len
+            if (
+                body + payload_len == end
+                and tag == self._data_tag
+                and nfds == (len(fds) if self._in_band else 0)
+                and nfds <= self._max_fds
+                and payload_len <= self._max_payload
+                and aux_len <= self._max_aux
+                and end - start <= INLINE_LIMIT
+            ):
+                mv = self._mv
+                self._frames.append(
+                    Frame(
+                        False,
+                        nfds,
+                        mv[body - aux_len : body].tobytes() if aux_len else b"",
+                        mv[body:end].tobytes(),
+                        fds if fds.__class__ is list else list(fds),
+                    )
+                )
+                self._received += nbytes
+                self._start = self._end = 0
+                return
         begin = self._received
         self._received = end = begin + nbytes
         if fds:
-            self._fds.extend((fd, begin, end) for fd in fds)
+            self._fds.append([fds if fds.__class__ is list else list(fds), begin, end])
         if self._error is not None:
             return
         try:
@@ -252,7 +287,7 @@ class Decoder:
 
     def take_fds(self) -> list[int]:
         """Give up and return every fd still held (buffered and in queued frames)."""
-        out = [fd for fd, _, _ in self._fds]
+        out = [fd for batch in self._fds for fd in batch[0]]
         self._fds.clear()
         for frame in self._frames:
             out.extend(frame.fds)
@@ -267,9 +302,17 @@ class Decoder:
         start, end = self._start, self._end
         try:
             while end - start >= HEADER_SIZE:
-                header = _unpack_from(buf, start)
-                _, _, _, flags, nfds, aux_len, payload_len = header
-                self._check_header(*header)
+                tag, nfds, aux_len, payload_len = _fast_unpack_from(buf, start)
+                flags = 0
+                if (
+                    tag != self._data_tag
+                    or payload_len > self._max_payload
+                    or nfds > self._max_fds
+                    or aux_len > self._max_aux
+                ):
+                    header = _HEADER.unpack_from(buf, start)
+                    self._check_header(*header)  # raises, or accepts a control frame
+                    flags = header[3]
                 total = HEADER_SIZE + aux_len + payload_len
                 frame_start = self._received - (end - start)
                 if total > INLINE_LIMIT:
@@ -285,9 +328,9 @@ class Decoder:
                     break
                 body = start + HEADER_SIZE
                 aux = bytes(buf[body : body + aux_len]) if aux_len else b""
-                payload = bytes(buf[body + aux_len : start + total])
-                fds = self._take_inband(nfds, frame_start, frame_start + total)
-                self._frames.append(Frame(bool(flags), nfds, aux, payload, fds))
+                payload = self._mv[body + aux_len : start + total].tobytes()
+                fds = self._take_inband(nfds, frame_start, frame_start + total) if nfds or self._fds else []
+                self._frames.append(Frame(flags != 0, nfds, aux, payload, fds))
                 start += total
         finally:
             if start == end:
@@ -299,7 +342,7 @@ class Decoder:
         fds = self._take_inband(big.nfds, big.start, big.end)
         self._frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds))
 
-    def _check_header(  # noqa: PLR0917 - the header's fields, in order
+    def _check_header(
         self, magic: bytes, version: int, wire_id: int, flags: int, nfds: int, aux_len: int, payload_len: int
     ) -> None:
         if magic != MAGIC:
@@ -329,26 +372,46 @@ class Decoder:
             )
 
     def _take_inband(self, nfds: int, start: int, end: int) -> list[int]:
+        """Take the in-band fds of the frame at stream offsets [start, end)."""
         want = nfds if self._in_band else 0
         queue = self._fds
-        taken: list[int] = []
-        if want:
-            if len(queue) < want:
-                raise ProtocolError(f"frame declared {want} fds but {len(queue)} arrived with it")
-            for _ in range(want):
-                fd, _begin, read_end = queue[0]
-                if read_end <= start:
-                    raise ProtocolError("an fd arrived with bytes before its frame")
+        if want and len(queue) == 1:
+            # The common case: one read brought exactly this frame's fds.
+            batch = queue[0]
+            if len(batch[0]) == want and start < batch[2] <= end:
                 queue.popleft()
-                taken.append(fd)
-        # An fd read together with bytes of the next frame may be that frame's;
-        # one that arrived no later than this frame's last byte is surplus.
-        if queue and queue[0][1] < end and queue[0][2] <= end:
-            for fd in taken:  # hand them back so take_fds() releases them too
-                queue.appendleft((fd, start, start + 1))
-            raise ProtocolError(
-                f"more fds arrived than the frame declared ({nfds})"
-                if self._in_band
-                else f"{self._transport_name} carries no in-band fds, but some arrived"
-            )
+                fds: list[int] = batch[0]
+                return fds
+        taken: list[int] = []
+        try:
+            while len(taken) < want:
+                if not queue:
+                    raise ProtocolError(f"frame declared {want} fds but {len(taken)} arrived with it")
+                batch = queue[0]
+                fds, _begin, read_end = batch
+                if read_end <= start:
+                    raise ProtocolError("fds arrived with bytes before the frame they were counted for")
+                need = want - len(taken)
+                if len(fds) <= need:
+                    queue.popleft()
+                    if taken:
+                        taken.extend(fds)
+                    else:
+                        taken = fds
+                else:
+                    taken.extend(fds[:need])
+                    batch[0] = fds[need:]
+            # fds read together with bytes of the next frame may be that
+            # frame's; fds that arrived no later than this frame's last byte
+            # are surplus.
+            if queue and queue[0][2] <= end:
+                raise ProtocolError(
+                    f"more fds arrived than the frame declared ({nfds})"
+                    if self._in_band
+                    else f"{self._transport_name} carries no in-band fds, but some arrived"
+                )
+        except ProtocolError:
+            if taken:  # hand them back so take_fds() releases them too
+                queue.appendleft([taken, start, start + 1])
+            raise
         return taken

@@ -19,6 +19,7 @@ _HEADER_BYTES = 24
 
 class _UnixSession(Session):
     in_band = True
+    passthrough = True
 
     def outgoing(self, fds: Sequence[int]) -> Outgoing:
         batches = -(-len(fds) // SCM_MAX_FD)
