@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import os
 import select
 import socket
@@ -22,6 +21,12 @@ from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedCont
 from ._fdutil import close_all
 from ._message import Message
 from ._ownedfd import OwnedFd, fileno_of
+from ._sockio import MSG_DONTWAIT as _MSG_DONTWAIT
+from ._sockio import SEND_FLAGS as _SEND_FLAGS
+from ._sockio import Chunk as _Chunk
+from ._sockio import read_into, split_batches
+from ._sockio import rights as _rights
+from ._sockio import set_written as _set_written
 from .transports import Session, Transport, default_transport
 from .transports._unix import SCM_MAX_FD
 
@@ -31,85 +36,6 @@ _pack = _HEADER.pack
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
 DEFAULT_MAX_FDS: Final = 1024
-
-_SOL_SOCKET: Final = socket.SOL_SOCKET
-_SCM_RIGHTS: Final = socket.SCM_RIGHTS
-# Plain ints: the socket module's IntFlag members cost an enum operation
-# each time they are combined, on the hot path.
-_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
-_MSG_DONTWAIT: Final = int(getattr(socket, "MSG_DONTWAIT", 0))
-#: Never raise SIGPIPE: a vanished peer is a BrokenPipeError, not a dead process.
-_SEND_FLAGS: Final = int(getattr(socket, "MSG_NOSIGNAL", 0))
-#: Atomically close-on-exec where the kernel can (Linux, FreeBSD).
-_RECV_CLOEXEC: Final = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
-#: The kernel hands over at most one sendmsg's batch of fds per recvmsg.
-_ANCBUF: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
-
-
-class _Chunk:
-    """Bytes still to send, and the fds that must ride on the first of them."""
-
-    __slots__ = ("bufs", "fds", "owns_fds")
-
-    def __init__(self, bufs: list[Buffer], fds: list[int], owns_fds: bool = False) -> None:
-        self.bufs = bufs
-        self.fds = fds
-        self.owns_fds = owns_fds
-
-    def release_fds(self) -> None:
-        fds, self.fds = self.fds, []
-        if self.owns_fds:
-            close_all(fds)
-
-    def detach(self) -> None:
-        """Stop borrowing the caller's memory and fds: copy and duplicate them."""
-        self.bufs = [b"".join(self.bufs)]
-        if self.fds and not self.owns_fds:
-            dups: list[int] = []
-            try:
-                for fd in self.fds:
-                    dups.append(os.dup(fd))
-            except BaseException:
-                close_all(dups)
-                raise
-            self.fds, self.owns_fds = dups, True
-
-    def consume(self, n: int) -> bool:
-        """Drop *n* sent bytes; return True when nothing is left."""
-        bufs = self.bufs
-        while n:
-            first = memoryview(bufs[0]).cast("B")
-            if n < len(first):
-                bufs[0] = first[n:]
-                return False
-            n -= len(first)
-            del bufs[0]
-        while bufs and not memoryview(bufs[0]).nbytes:
-            del bufs[0]
-        return not bufs
-
-
-def _set_written(exc: OSError, n: int) -> None:
-    # BlockingIOError has the attribute; TimeoutError gets it the same way.
-    exc.characters_written = n  # type: ignore[attr-defined]
-
-
-def _rights_received(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds in *ancdata*, now owned by the caller and non-inheritable."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-            # A truncated message may end in a partial int; it is no fd.
-            fds.extend(memoryview(data)[: len(data) - len(data) % 4].cast("i").tolist())
-    if fds and not _RECV_CLOEXEC:
-        # No atomic way here: do it before anything else can fork.
-        for fd in fds:
-            os.set_inheritable(fd, False)
-    return fds
-
-
-def _rights(fds: list[int]) -> list[tuple[int, int, array.array[int]]]:
-    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
 
 
 class Channel:
@@ -411,19 +337,7 @@ class Channel:
             return
         # More fds than one sendmsg may carry: every batch but the last rides
         # on one byte of its own, the last on the rest of the frame.
-        frame = b"".join(bufs) if size <= 4096 else None
-        lead = frame if frame is not None else b"".join(bufs[:-1]) + bytes(memoryview(payload)[:SCM_MAX_FD])
-        batches = [in_band[i : i + SCM_MAX_FD] for i in range(0, len(in_band), SCM_MAX_FD)]
-        if len(lead) < len(batches):
-            raise ValueError("frame too short to carry its fds; the transport must pad it")
-        chunks = [_Chunk([lead[i : i + 1]], batch) for i, batch in enumerate(batches[:-1])]
-        rest = len(batches) - 1
-        if frame is not None:
-            tail: list[Buffer] = [frame[rest:]]
-        else:
-            tail = [lead[rest:], memoryview(payload)[len(lead) - (total - size) :]]
-        chunks.append(_Chunk(tail, batches[-1]))
-        self._pending.extend(chunks)
+        self._pending.extend(split_batches(bufs, payload, size, in_band))
         self._push(deadline or self._deadline(), this_message=0)
 
     def _push(self, deadline: float | None, this_message: int | None, dontwait: bool = False) -> None:
@@ -574,12 +488,12 @@ class Channel:
 
     def _fill(self, deadline: float | None, dontwait: bool = False) -> bool:
         """Do one read into the decoder; False if nothing was ready (dontwait)."""
-        decoder = self._decoder
+        # The read itself (ancillary data, MSG_CTRUNC, EOF) is shared with
+        # AsyncChannel in _sockio; only the waiting differs.
+        flags = _MSG_DONTWAIT if dontwait else 0
         while True:
             try:
-                n, ancdata, flags, _ = self._sock.recvmsg_into(
-                    [decoder.get_buffer()], _ANCBUF, _RECV_CLOEXEC | (_MSG_DONTWAIT if dontwait else 0)
-                )
+                got = read_into(self._sock, self._decoder, flags)
                 break
             except BlockingIOError:
                 if dontwait:
@@ -588,21 +502,11 @@ class Channel:
             except ConnectionResetError:
                 self._session.peer_closed()  # as at EOF: the peer is gone
                 raise
-        fds = _rights_received(ancdata) if ancdata else []
-        if flags & _MSG_CTRUNC:
-            close_all(fds)
-            exc = TruncatedControlData(
-                "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
-                "process at its RLIMIT_NOFILE?  The fds that arrived were closed"
-            )
-            self._fail(exc)
-            raise exc
-        if n:
-            decoder.buffer_updated(n, fds)
-        else:
-            close_all(fds)
+            except TruncatedControlData as exc:
+                self._fail(exc)
+                raise
+        if not got:
             self._eof = True
-            decoder.receive_eof()
             # The peer can no longer take anything: a duplication transport
             # releases the copies it kept for it.
             self._session.peer_closed()

@@ -150,8 +150,9 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> lis
     for level, kind, data in ancdata:
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             # Whole ints only: a truncated trailing fragment is no fd.
-            fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+            fds.extend(memoryview(data)[: len(data) - len(data) % 4].cast("i").tolist())
     if fds and not RECV_FLAGS:
+        # No atomic way here: do it before anything else can fork.
         for fd in fds:
             os.set_inheritable(fd, False)
     if flags & _MSG_CTRUNC:
