@@ -282,8 +282,13 @@ class Channel:
                 self._pump_nowait()
                 self._queue_control()
             if self._pending:
-                # Older data goes first; if it cannot, this message is not taken.
-                self._push(deadline, this_message=0)
+                # Older data goes first; if it cannot all go, this message is
+                # not taken (and the older data stays queued).
+                try:
+                    self._push(deadline, this_message=None)
+                except (BlockingIOError, TimeoutError) as exc:
+                    _set_written(exc, 0)
+                    raise
             out = self._session.outgoing(nums)
             try:
                 self._send_frame(out.aux, list(out.in_band), nfds, payload, size, deadline)
@@ -373,7 +378,8 @@ class Channel:
                 _set_written(exc, written)
             else:
                 # Older pending data is always flushed before a message is
-                # queued, so everything pending now belongs to this message.
+                # queued (send() calls with this_message=None for that), so
+                # everything pending now belongs to this message.
                 _set_written(exc, this_message + written)
                 if not this_message + written:
                     pending.clear()  # not taken: nothing of it stays behind
