@@ -505,9 +505,6 @@ class Channel:
                 if dontwait:
                     return False
                 self._wait(select.POLLIN, deadline)
-            except ConnectionResetError:
-                self._session.peer_closed()  # as at EOF: the peer is gone
-                raise
             except TruncatedControlData as exc:
                 self._fail(exc)
                 raise

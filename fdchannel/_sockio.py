@@ -171,9 +171,17 @@ def read_into(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> bo
     decoder is told (`Decoder.receive_eof`) and any fds that came with it are
     closed.  Raises `BlockingIOError` when nothing is ready (nothing
     consumed), `TruncatedControlData` on ``MSG_CTRUNC`` (the stream can no
-    longer be trusted) and other `OSError` from the kernel.
+    longer be trusted) and other `OSError` from the kernel.  A connection
+    reset counts as end of stream.
     """
-    n, ancdata, msg_flags, _ = sock.recvmsg_into([decoder.get_buffer()], ANCBUF, RECV_FLAGS | flags)
+    try:
+        n, ancdata, msg_flags, _ = sock.recvmsg_into([decoder.get_buffer()], ANCBUF, RECV_FLAGS | flags)
+    except ConnectionResetError:
+        # A peer that closed without reading all we sent is reported as a
+        # reset once its own data is drained: for us it is its EOF (clean
+        # between messages, a ProtocolError inside one).
+        decoder.receive_eof()
+        return False
     fds = fds_from_ancillary(ancdata, msg_flags) if ancdata or msg_flags & _MSG_CTRUNC else []
     if n:
         decoder.buffer_updated(n, fds)

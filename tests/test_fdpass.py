@@ -234,7 +234,7 @@ def test_nonblocking_recv_and_send_raise_blockingioerror(pair: tuple[socket.sock
     # Fill the socket buffer, then one more fd does not fit.
     r, w = os.pipe()
     try:
-        with pytest.raises(BlockingIOError):  # noqa: PT012 - the loop is the setup
+        with pytest.raises(BlockingIOError):
             while True:
                 ours.send(b"x" * 65536)
         with pytest.raises(BlockingIOError):
@@ -311,7 +311,7 @@ def _fill_fd_table() -> list[int]:
     highest = max(int(n) for n in os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     fillers = []
-    with pytest.raises(OSError, match="Too many open files"):  # noqa: PT012 - the loop is the setup
+    with pytest.raises(OSError, match="Too many open files"):
         while True:
             fillers.append(os.open("/dev/null", os.O_RDONLY))
     return fillers

@@ -1,0 +1,326 @@
+"""UnixRights specifics: SCM_RIGHTS batches, raw peers, MSG_CTRUNC, resets.
+
+A "raw peer" is a plain socket that writes frames by hand, so every
+malformed input a real peer could send is tried against a real Channel.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import resource
+import select
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from fdchannel import Channel, ChannelClosed, ProtocolError, TruncatedControlData
+from fdchannel._codec import pack_header
+
+from ._proc import run_child
+from .conftest import open_fds
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def raw_peer() -> Iterator[tuple[socket.socket, Channel]]:
+    """(a raw socket, the Channel on the other end)."""
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ch = Channel(other)
+    ch.settimeout(TIMEOUT)
+    raw.settimeout(TIMEOUT)
+    yield raw, ch
+    raw.close()
+    ch.close()
+
+
+def send_raw(sock: socket.socket, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    assert sock.sendmsg([data], anc) == len(data)
+
+
+def frame(payload: bytes, nfds: int = 0) -> bytes:
+    return pack_header(0, nfds, 0, len(payload)) + payload
+
+
+def pipe_closed_everywhere(r: int) -> bool:
+    """True when every write end of the pipe is closed (read gives EOF)."""
+    ready, _, _ = select.select([r], [], [], TIMEOUT)
+    return bool(ready) and os.read(r, 1) == b""
+
+
+def limit_fds_to_free_slots(free: int) -> None:
+    """Lower RLIMIT_NOFILE so that exactly *free* more fds can be opened."""
+    used = sorted(open_fds())
+    limit = 0
+    while limit - sum(fd < limit for fd in used) < free or limit in used:
+        limit += 1
+    # Numbers below `limit` hold exactly `free` holes; the fd limit makes
+    # everything from `limit` up unusable.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def assert_unusable(ch: Channel, original: str) -> None:
+    with pytest.raises(ProtocolError, match="unusable") as info:
+        ch.recv()
+    assert original in str(info.value)
+    with pytest.raises(ProtocolError, match="unusable"):
+        ch.send(b"x")
+
+
+# -- malformed input: a clear error, and every fd that arrived is closed ---------
+
+
+def test_garbage_is_a_protocol_error(raw_peer: tuple[socket.socket, Channel]) -> None:
+    raw, ch = raw_peer
+    r, w = os.pipe()
+    send_raw(raw, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", [w])
+    os.close(w)
+    with pytest.raises(ProtocolError, match="bad magic"):
+        ch.recv()
+    assert pipe_closed_everywhere(r)  # the fd that came with the garbage was closed
+    assert_unusable(ch, "bad magic")
+    os.close(r)
+
+
+def test_fewer_fds_than_declared(raw_peer: tuple[socket.socket, Channel]) -> None:
+    raw, ch = raw_peer
+    r, w = os.pipe()
+    send_raw(raw, frame(b"two?", nfds=2), [w])
+    os.close(w)
+    with pytest.raises(ProtocolError, match="declared 2 fds but 1"):
+        ch.recv()
+    assert pipe_closed_everywhere(r)
+    os.close(r)
+
+
+def test_more_fds_than_declared(raw_peer: tuple[socket.socket, Channel]) -> None:
+    raw, ch = raw_peer
+    r, w = os.pipe()
+    send_raw(raw, frame(b"one", nfds=1), [w, w, w])
+    os.close(w)
+    with pytest.raises(ProtocolError, match="more fds arrived"):
+        ch.recv()
+    assert pipe_closed_everywhere(r)
+    os.close(r)
+
+
+def test_good_message_before_a_bad_one_is_still_delivered(raw_peer: tuple[socket.socket, Channel]) -> None:
+    raw, ch = raw_peer
+    send_raw(raw, frame(b"fine", 1) + b"\xff" * 24, [0])
+    with ch.recv() as msg:
+        assert msg.payload == b"fine"
+        assert len(msg.fds) == 1
+    with pytest.raises(ProtocolError, match="bad magic"):
+        ch.recv()
+
+
+def test_oversized_header_fails_before_allocating(raw_peer: tuple[socket.socket, Channel]) -> None:
+    raw, ch = raw_peer
+    send_raw(raw, pack_header(0, 0, 0, 1 << 62))  # 4 EiB: allocating it would fail loudly
+    with pytest.raises(ProtocolError, match="max_payload"):
+        ch.recv()
+
+
+def test_eof_in_the_middle_of_a_message(raw_peer: tuple[socket.socket, Channel]) -> None:
+    raw, ch = raw_peer
+    r, w = os.pipe()
+    data = frame(b"cut short", 1)
+    send_raw(raw, data[:30], [w])
+    os.close(w)
+    raw.close()
+    with pytest.raises(ProtocolError, match="middle of a message"):
+        ch.recv()
+    assert pipe_closed_everywhere(r)
+    os.close(r)
+
+
+def test_eof_inside_the_header(raw_peer: tuple[socket.socket, Channel]) -> None:
+    raw, ch = raw_peer
+    send_raw(raw, frame(b"x")[:5])
+    raw.shutdown(socket.SHUT_WR)
+    with pytest.raises(ProtocolError, match="middle of a message"):
+        ch.recv()
+
+
+def test_eof_between_messages_is_channel_closed(raw_peer: tuple[socket.socket, Channel]) -> None:
+    raw, ch = raw_peer
+    send_raw(raw, frame(b"only"))
+    raw.shutdown(socket.SHUT_WR)
+    assert ch.recv().payload == b"only"
+    with pytest.raises(ChannelClosed):
+        ch.recv()
+    with pytest.raises(ChannelClosed):  # and stays so
+        ch.recv()
+
+
+def test_peer_closing_with_our_data_unread_is_channel_closed(raw_peer: tuple[socket.socket, Channel]) -> None:
+    # The kernel reports this as ECONNRESET once the peer's data is drained.
+    raw, ch = raw_peer
+    send_raw(raw, frame(b"bye"))
+    ch.send(b"never read")
+    raw.close()
+    assert ch.recv().payload == b"bye"
+    with pytest.raises(ChannelClosed):
+        ch.recv()
+
+
+def test_merged_and_split_reads() -> None:
+    """Plain data merged before a frame with fds, frames split mid-header."""
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with raw, Channel(other) as ch:
+        ch.settimeout(TIMEOUT)
+        data = frame(b"plain1") + frame(b"withfd", 1) + frame(b"tail")
+        cut = len(frame(b"plain1")) + 3
+        send_raw(raw, data[:cut], [0])  # fd rides on the 4th byte of frame 2
+        send_raw(raw, data[cut:])
+        assert ch.recv().payload == b"plain1"
+        with ch.recv() as msg:
+            assert (msg.payload, len(msg.fds)) == (b"withfd", 1)
+        assert ch.recv().payload == b"tail"
+
+
+# -- the sender side on the wire -----------------------------------------------------
+
+
+def test_an_empty_message_still_carries_bytes_for_its_fds() -> None:
+    a, raw = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with Channel(a) as ch, raw:
+        raw.settimeout(TIMEOUT)
+        ch.send(b"", fds=[0])
+        data, anc, _, _ = raw.recvmsg(100, socket.CMSG_SPACE(16))
+        assert data == pack_header(0, 1, 0, 0)  # the header is what the fd rides on
+        ((_, _, fdbytes),) = anc
+        os.close(array.array("i", fdbytes)[0])
+
+
+def test_more_fds_than_one_sendmsg_are_split_into_kernel_sized_batches() -> None:
+    a, raw = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with Channel(a) as ch, raw:
+        raw.settimeout(TIMEOUT)
+        ch.send(b"", fds=[0] * 600)
+        batches = []
+        got = b""
+        while len(got) < 24:
+            data, anc, flags, _ = raw.recvmsg(100, socket.CMSG_SPACE(4 * 300))
+            assert not flags & socket.MSG_CTRUNC
+            got += data
+            for _, _, fdbytes in anc:
+                fds = array.array("i", fdbytes).tolist()
+                batches.append(len(fds))
+                for fd in fds:
+                    os.close(fd)
+        assert batches == [253, 253, 94]
+        assert got == pack_header(0, 600, 0, 0)
+
+
+def test_pending_batches_are_duplicated_so_the_caller_may_close() -> None:
+    """A send that blocks between two batches of a 1,000-fd message keeps
+    duplicates of the batches still to go; the caller closes its fds at once."""
+    a, b = Channel.pair()
+    with a, b:
+        a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # a few skbs fill it
+        a.setblocking(False)
+        small = 0
+        while True:
+            try:
+                a.send(b"s")
+                small += 1
+            except BlockingIOError as exc:
+                assert exc.characters_written == 0
+                break
+        # Make room for exactly one more small frame: read one frame raw.
+        with socket.socket(fileno=os.dup(b.fileno())) as peek:
+            assert len(peek.recv(25)) == 25
+        small -= 1
+        r, w = os.pipe()
+        with pytest.raises(BlockingIOError) as info:
+            a.send(b"big", fds=[r, w] * 500)
+        assert info.value.characters_written > 0
+        assert a.pending
+        os.close(r)  # ours; the channel holds its own duplicates
+        os.close(w)
+        got = []
+
+        def receive() -> None:
+            b.settimeout(TIMEOUT)
+            for _ in range(small):
+                assert b.recv().payload == b"s"
+            got.append(b.recv())
+
+        t = threading.Thread(target=receive, daemon=True)
+        t.start()
+        a.settimeout(TIMEOUT)
+        a.flush()
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+        with got[0] as msg:
+            assert msg.payload == b"big"
+            assert len(msg.fds) == 1000
+            os.write(msg.fds[999].fileno(), b"!")  # a write end, as sent
+            assert os.read(msg.fds[0].fileno(), 1) == b"!"
+
+
+# -- the receiver out of fds: MSG_CTRUNC -------------------------------------------------
+
+
+def test_receiver_at_its_fd_limit_gets_truncated_control_data() -> None:
+    a, b = Channel.pair()
+
+    def body() -> None:
+        a.close()
+        b.settimeout(TIMEOUT)
+        before = set(open_fds())
+        # Room for exactly one more fd: the kernel installs 1 of 3 and sets CTRUNC.
+        limit_fds_to_free_slots(1)
+        with pytest.raises(TruncatedControlData, match="RLIMIT_NOFILE"):
+            b.recv()
+        assert set(open_fds()) == before  # the fd that did arrive was closed
+        with pytest.raises(ProtocolError, match="unusable"):
+            b.recv()
+
+    r, w = os.pipe()
+    try:
+        a.send(b"three", fds=[r, w, r])
+
+        def child() -> None:
+            os.close(r)
+            os.close(w)
+            body()
+
+        run_child(child)
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
+
+
+def test_receiver_with_no_fd_left_at_all() -> None:
+    a, b = Channel.pair()
+    r, w = os.pipe()
+
+    def child() -> None:
+        a.close()
+        os.close(r)
+        os.close(w)
+        b.settimeout(TIMEOUT)
+        before = set(open_fds())
+        saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit_fds_to_free_slots(0)
+        with pytest.raises(TruncatedControlData):
+            b.recv()
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)  # listing /proc needs an fd
+        assert set(open_fds()) == before
+
+    try:
+        a.send(b"one", fds=[w])
+        run_child(child)
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
