@@ -109,6 +109,7 @@ class Channel:
         self._broken: FdChannelError | None = None
         self._eof = False
         self._closed = False
+        self._pid = os.getpid()
         timeout = sock.gettimeout()
         self._timeout: float | None = None
         self.settimeout(timeout)
@@ -126,9 +127,13 @@ class Channel:
         Both sockets are non-inheritable.  Keyword arguments go to both ends.
         """
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        first: Channel | None = None
         try:
-            ends = cls(a, transport=transport, **kwargs), cls(b, transport=transport, **kwargs)
+            first = cls(a, transport=transport, **kwargs)
+            ends = first, cls(b, transport=transport, **kwargs)
         except BaseException:
+            if first is not None:
+                first.close()
             a.close()
             b.close()
             raise
@@ -431,12 +436,18 @@ class Channel:
         if not self._recv_lock.acquire(blocking=False):
             return
         try:
-            while not self._eof and self._fill(None, dontwait=True):
-                pass
+            # Bounded, so a peer that streams without pause cannot keep a
+            # send() here.
+            for _ in range(16):
+                if self._eof or not self._fill(None, dontwait=True):
+                    break
             # Acknowledgements do not depend on the data frames around
             # them, so they are handled now and the data waits for recv().
             for frame in self._decoder.take_control_frames():
                 self._session.control(bytes(frame.payload))
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
         except (BlockingIOError, FdChannelError):
             pass  # recv() reports stream errors
         finally:
@@ -471,7 +482,11 @@ class Channel:
                     self._fill(deadline)
                     continue
                 if frame.control:
-                    self._session.control(bytes(frame.payload))
+                    try:
+                        self._session.control(bytes(frame.payload))
+                    except ProtocolError as exc:
+                        self._fail(exc)
+                        raise
                     continue
                 if self._simple and not frame.aux:
                     fds = frame.fds
@@ -566,7 +581,8 @@ class Channel:
         """
         if self._closed:
             return
-        if self._pending and self._broken is None:
+        # A forked copy must not push the creator's queued output a second time.
+        if self._pending and self._broken is None and self._pid == os.getpid():
             with self._send_lock:
                 try:
                     self._push(None, this_message=None, dontwait=True)
