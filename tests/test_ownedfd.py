@@ -1,0 +1,176 @@
+"""OwnedFd: exactly one owner at a time, on every path."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import tempfile
+
+import pytest
+
+from fdchannel import OwnedFd
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def owned_pipe() -> tuple[OwnedFd, OwnedFd]:
+    r, w = os.pipe()
+    return OwnedFd(r), OwnedFd(w)
+
+
+def test_close_is_idempotent_and_marks_closed() -> None:
+    r, w = owned_pipe()
+    fd = r.fileno()
+    assert not r.closed
+    r.close()
+    r.close()
+    assert r.closed
+    assert not is_open(fd)
+    w.close()
+
+
+@pytest.mark.parametrize("use", ["fileno", "detach", "dup", "open", "socket"])
+def test_every_use_after_close_is_a_value_error(use: str) -> None:
+    r, w = owned_pipe()
+    r.close()
+    w.close()
+    with pytest.raises(ValueError, match="closed"):
+        getattr(r, use)()
+
+
+def test_detach_hands_over_the_number() -> None:
+    r, w = owned_pipe()
+    fd = r.detach()
+    assert r.closed
+    r.close()  # a no-op: it owns nothing now
+    assert is_open(fd)
+    os.close(fd)
+    w.close()
+
+
+def test_dup_is_independent_and_not_inheritable() -> None:
+    r, w = owned_pipe()
+    with w.dup() as w2:
+        assert w2.fileno() != w.fileno()
+        assert not os.get_inheritable(w2.fileno())
+        w.close()
+        os.write(w2.fileno(), b"d")
+    assert os.read(r.fileno(), 1) == b"d"
+    r.close()
+
+
+def test_context_manager_closes() -> None:
+    r, w = owned_pipe()
+    with r as entered:
+        assert entered is r
+        fd = r.fileno()
+    assert not is_open(fd)
+    w.close()
+
+
+def test_open_moves_ownership_to_the_file() -> None:
+    with tempfile.TemporaryFile() as tmp:
+        tmp.write(b"contents")
+        tmp.flush()
+        owned = OwnedFd(os.dup(tmp.fileno()))
+        fd = owned.fileno()
+        f = owned.open("rb")
+        assert owned.closed
+        with pytest.raises(ValueError, match="closed"):
+            owned.fileno()
+        owned.close()  # does not touch the file's fd
+        assert is_open(fd)
+        f.seek(0)
+        assert f.read() == b"contents"
+        f.close()
+        assert not is_open(fd)
+
+
+def test_open_text_mode_with_arguments() -> None:
+    r, w = owned_pipe()
+    with w.open("w", encoding="utf-8", errors="strict", newline="") as fw:
+        fw.write("héllo")
+    with r.open("r", encoding="utf-8") as fr:
+        assert fr.read() == "héllo"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error"),
+    [
+        (("zz",), {}, ValueError),
+        (("r",), {"encoding": "no-such-codec"}, LookupError),
+        (("rb",), {"encoding": "utf-8"}, ValueError),
+        (("r",), {"buffering": 0}, ValueError),
+    ],
+)
+def test_open_with_bad_arguments_keeps_ownership(
+    args: tuple[str], kwargs: dict[str, object], error: type
+) -> None:
+    r, w = owned_pipe()
+    with pytest.raises(error):
+        r.open(*args, **kwargs)
+    assert not r.closed
+    os.write(w.fileno(), b"still open")
+    assert os.read(r.fileno(), 100) == b"still open"
+    r.close()
+    w.close()
+
+
+def test_open_refuses_closefd_false() -> None:
+    r, w = owned_pipe()
+    with pytest.raises(ValueError, match="closefd"):
+        r.open("rb", closefd=False)
+    assert not r.closed
+    r.close()
+    w.close()
+
+
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [
+        (socket.AF_UNIX, socket.SOCK_STREAM),
+        (socket.AF_UNIX, socket.SOCK_DGRAM),
+        (socket.AF_INET, socket.SOCK_STREAM),
+    ],
+)
+def test_socket_detects_family_and_type(family: int, kind: int) -> None:
+    s = socket.socket(family, kind)
+    owned = OwnedFd(s.detach())
+    with owned.socket() as converted:
+        assert owned.closed
+        assert converted.family == family
+        assert converted.type == kind
+
+
+def test_socket_of_a_non_socket_keeps_ownership() -> None:
+    r, w = owned_pipe()
+    with pytest.raises(OSError, match=r"not a socket|Socket operation"):
+        r.socket()
+    assert not r.closed
+    r.close()
+    w.close()
+
+
+def test_garbage_collected_while_open_closes_and_warns() -> None:
+    r, w = owned_pipe()
+    fd = r.fileno()
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del r
+        gc.collect()
+    assert not is_open(fd)
+    w.close()
+
+
+def test_repr() -> None:
+    r, w = owned_pipe()
+    assert repr(r) == f"<OwnedFd fd={r.fileno()}>"
+    r.close()
+    w.close()
+    assert repr(r) == "<OwnedFd closed>"
