@@ -32,8 +32,15 @@ def _perl_available() -> bool:
 
 @pytest.fixture(scope="module")
 def perl() -> None:
-    # Not a skip: CI installs it, and a skipped interop test proves nothing.
-    assert _perl_available(), "the interop tests need IO::FDPass: apt-get install libio-fdpass-perl"
+    if _perl_available():
+        return
+    why = "the interop tests need the Perl module IO::FDPass: apt-get install libio-fdpass-perl"
+    # CI installs it, so there a missing module fails: a skipped interop
+    # test proves nothing.  Elsewhere the README's test command must still
+    # run on a fresh machine, so the skip names what to install.
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
 
 
 @pytest.fixture
