@@ -1,0 +1,39 @@
+"""The complete examples in the README and the quickstart run as shown."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
+
+
+@pytest.mark.parametrize(
+    ("doc", "index", "expected"),
+    [
+        ("README.md", 0, "b'write here'"),
+        ("docs/index.md", 0, "b'hello'"),
+        ("docs/quickstart.md", 0, "b'hello'"),
+    ],
+)
+def test_example_runs(doc: str, index: int, expected: str) -> None:
+    code = python_blocks(ROOT / doc)[index]
+    out = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(expected)
+    assert "Warning" not in out.stderr
