@@ -370,7 +370,10 @@ class AsyncChannel:
         try:
             self._check_usable()
             try:
-                await self._fair()
+                self._streak += 1
+                if self._streak >= _FAIRNESS:  # inline: no coroutine per message
+                    self._streak = 0
+                    await asyncio.sleep(0)
                 if self._has_control:
                     self._pump_nowait()
                     self._queue_control()
@@ -401,12 +404,6 @@ class AsyncChannel:
                 self._queue_control()
             if self._pending:
                 await self._push(this_message=None)
-
-    async def _fair(self) -> None:
-        self._streak += 1
-        if self._streak >= _FAIRNESS:
-            self._streak = 0
-            await asyncio.sleep(0)
 
     async def _send_frame(self, out: Outgoing, nfds: int, payload: Buffer, size: int) -> None:
         aux = out.aux
@@ -612,7 +609,10 @@ class AsyncChannel:
                     raise ChannelClosed("the peer closed the channel")
                 if not waited:
                     # Checked before reading, never with a frame in hand.
-                    await self._fair()
+                    self._streak += 1
+                    if self._streak >= _FAIRNESS:
+                        self._streak = 0
+                        await asyncio.sleep(0)
                 try:
                     if not read_into(self._sock, decoder):
                         self._eof = True

@@ -704,3 +704,29 @@ def test_unclosed_channel_warns() -> None:
     a.close()
     with pytest.warns(ResourceWarning, match="unclosed"):
         del b  # no reference cycle: collected (and warned about) at once
+
+
+def test_always_ready_peer_does_not_starve_the_loop(run: Run) -> None:
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        async with a, b:
+            for _ in range(200):  # all queued in the socket before reading
+                await a.send(b"x", fds=[0])
+            ticking = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            start = ticks
+            for _ in range(200):
+                (await b.recv()).close()  # never has to wait
+            ticking.cancel()
+            # The receiver yielded now and then (every 64 operations).
+            assert ticks - start >= 200 // 64 - 1
+
+    run(main())
