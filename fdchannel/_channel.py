@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 import weakref
+from array import array as _array
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, Self
@@ -16,7 +17,7 @@ from typing import Any, Final, Self
 from typing_extensions import Buffer
 
 from . import _listener, _process
-from ._codec import _HEADER, HEADER_SIZE, MAGIC, VERSION, Decoder, pack_header
+from ._codec import _FAST, _HEADER, HEADER_SIZE, MAGIC, VERSION, Decoder, header_tag, pack_header
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
 from ._message import Message
@@ -33,6 +34,9 @@ from .transports._unix import SCM_MAX_FD
 __all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "Channel"]
 
 _pack = _HEADER.pack
+_SOL_SOCKET: Final = socket.SOL_SOCKET
+_SCM_RIGHTS: Final = socket.SCM_RIGHTS
+_pack_fast = _FAST.pack  # (tag, nfds, aux length, payload length), see header_tag
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
 DEFAULT_MAX_FDS: Final = 1024
@@ -92,6 +96,7 @@ class Channel:
         self._session: Session = transport.session(sock)
         self._has_control = type(self._session).take_control is not Session.take_control
         self._wire_id = transport.wire_id
+        self._data_tag = header_tag(transport.wire_id)
         # Sessions that send fds in band exactly as given (UnixRights) take a
         # shorter path for messages of up to SCM_MAX_FD fds.
         self._simple = self._session.passthrough and not self._has_control
@@ -278,9 +283,20 @@ class Channel:
             if self._closed or self._broken is not None:
                 self._check_usable()
             if self._simple and nfds <= SCM_MAX_FD and not self._pending:
-                # The common case: fds pass through as they are, nothing is
-                # queued ahead, one sendmsg carries the whole frame.
-                self._send_frame(b"", nums, nfds, payload, size, None)
+                # The common case, inlined: fds pass through as they are,
+                # nothing is queued ahead, one sendmsg carries the whole frame.
+                bufs: list[Buffer] = [_pack_fast(self._data_tag, nfds, 0, size), payload]
+                try:
+                    sent = self._sock.sendmsg(
+                        bufs, [(_SOL_SOCKET, _SCM_RIGHTS, _array("i", nums))] if nfds else (), _SEND_FLAGS
+                    )
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    _set_written(exc, 0)
+                    raise
+                if sent != HEADER_SIZE + size:
+                    self._queue_rest(bufs, nums, sent, None)
                 return
             deadline = self._deadline()
             if self._has_control:
@@ -336,19 +352,22 @@ class Channel:
             except OSError as exc:
                 _set_written(exc, 0)
                 raise
-            if sent == total:
-                return
-            chunk = _Chunk(bufs, in_band)
-            if sent:
-                chunk.fds = []
-                chunk.consume(sent)
-            self._pending.append(chunk)
-            self._push(deadline or self._deadline(), this_message=sent)
+            if sent != total:
+                self._queue_rest(bufs, in_band, sent, deadline)
             return
         # More fds than one sendmsg may carry: every batch but the last rides
         # on one byte of its own, the last on the rest of the frame.
         self._pending.extend(split_batches(bufs, payload, size, in_band))
         self._push(deadline or self._deadline(), this_message=0)
+
+    def _queue_rest(self, bufs: list[Buffer], in_band: list[int], sent: int, deadline: float | None) -> None:
+        """Queue what one sendmsg of a frame did not send, and push it."""
+        chunk = _Chunk(bufs, in_band)
+        if sent:
+            chunk.fds = []  # they rode on the bytes that left
+            chunk.consume(sent)
+        self._pending.append(chunk)
+        self._push(deadline or self._deadline(), this_message=sent)
 
     def _push(self, deadline: float | None, this_message: int | None, dontwait: bool = False) -> None:
         """Write pending chunks until none is left.
@@ -477,6 +496,16 @@ class Channel:
                 if frame is None:
                     if self._eof:
                         raise ChannelClosed("the peer closed the channel")
+                    if self._timeout is None:
+                        # Blocking: the read simply waits (one syscall).
+                        try:
+                            got = read_into(self._sock, decoder)
+                        except TruncatedControlData as exc:
+                            self._fail(exc)
+                            raise
+                        if not got:
+                            self._at_eof()
+                        continue
                     if deadline is None and self._timeout:
                         deadline = time.monotonic() + self._timeout
                     self._fill(deadline)
@@ -505,7 +534,11 @@ class Channel:
                         raise
                     if self._has_control:
                         self._flush_control_nowait()
-                return Message(frame.payload, tuple(map(OwnedFd, fds)) if fds else ())
+                if not fds:
+                    return Message(frame.payload, ())
+                if len(fds) == 1:
+                    return Message(frame.payload, (OwnedFd(fds[0]),))
+                return Message(frame.payload, tuple(map(OwnedFd, fds)))
 
     def _fill(self, deadline: float | None, dontwait: bool = False) -> bool:
         """Do one read into the decoder; False if nothing was ready (dontwait)."""
@@ -524,11 +557,14 @@ class Channel:
                 self._fail(exc)
                 raise
         if not got:
-            self._eof = True
-            # The peer can no longer take anything: a duplication transport
-            # releases the copies it kept for it.
-            self._session.peer_closed()
+            self._at_eof()
         return True
+
+    def _at_eof(self) -> None:
+        self._eof = True
+        # The peer can no longer take anything: a duplication transport
+        # releases the copies it kept for it.
+        self._session.peer_closed()
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages until the peer closes the channel."""

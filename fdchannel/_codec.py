@@ -50,6 +50,7 @@ _pack = _HEADER.pack
 # number, so the hot path checks them with a single comparison.
 _FAST = struct.Struct("<QIIQ")
 _fast_unpack_from = _FAST.unpack_from
+_NO = (-1, 0, 0, 0)  # a "header" no frame matches
 
 #: Frames up to this size (header included) are parsed out of the shared read
 #: buffer; larger ones get buffers of their own that reads go straight into.
@@ -61,6 +62,12 @@ MAX_CONTROL_PAYLOAD: Final = 64 * 1024
 def pack_header(wire_id: int, nfds: int, aux_len: int, payload_len: int, *, control: bool = False) -> bytes:
     """Return the 24-byte header of one frame."""
     return _pack(MAGIC, VERSION, wire_id, FLAG_CONTROL if control else 0, nfds, aux_len, payload_len)
+
+
+def header_tag(wire_id: int) -> int:
+    """The header's first 8 bytes (magic, version, transport, no flags) as one number."""
+    tag: int = _FAST.unpack(_pack(MAGIC, VERSION, wire_id, 0, 0, 0, 0))[0]
+    return tag
 
 
 class Frame:
@@ -156,7 +163,7 @@ class Decoder:
         self._max_fds = max_fds
         self._max_aux = max_aux
         self._transport_name = transport_name or f"transport {wire_id}"
-        self._data_tag = _FAST.unpack(_pack(MAGIC, VERSION, wire_id, 0, 0, 0, 0))[0]
+        self._data_tag = header_tag(wire_id)
         self._buf = bytearray(2 * INLINE_LIMIT)
         self._mv = memoryview(self._buf)
         self._start = 0  # first unparsed byte in _buf
@@ -177,6 +184,8 @@ class Decoder:
         big = self._big
         if big is not None:
             return big.space()
+        if not self._end:
+            return self._mv  # the whole buffer, without making a slice
         if self._end == len(self._buf):
             # Unparsed data is less than a header or an inline frame, so
             # moving it to the front always frees room.
@@ -193,35 +202,31 @@ class Decoder:
         """
         if nbytes <= 0:
             raise ValueError("buffer_updated needs nbytes > 0; report EOF with receive_eof()")
-        start = self._start
-        end = self._end + nbytes
-        if self._big is None and self._error is None and not self._fds and end - start >= HEADER_SIZE:
-            # The common case, kept short: the read completed exactly one
-            # small frame, with exactly its fds.  Anything else takes the
-            # general path below.
-            tag, nfds, aux_len, payload_len = _fast_unpack_from(self._buf, start)
-            body = start + HEADER_SIZE + aux_len
+        if not self._end and self._big is None and not self._fds and self._error is None:
+            # The common case, kept short: the buffer was empty and this read
+            # brought exactly one small frame with exactly its fds.  Anything
+            # else takes the general path below.
+            tag, nfds, aux_len, payload_len = _fast_unpack_from(self._buf) if nbytes >= HEADER_SIZE else _NO
             if (
-                body + payload_len == end
+                nbytes == HEADER_SIZE + aux_len + payload_len
                 and tag == self._data_tag
                 and nfds == (len(fds) if self._in_band else 0)
+                and nbytes <= INLINE_LIMIT
                 and nfds <= self._max_fds
                 and payload_len <= self._max_payload
                 and aux_len <= self._max_aux
-                and end - start <= INLINE_LIMIT
             ):
-                mv = self._mv
+                body = HEADER_SIZE + aux_len
                 self._frames.append(
                     Frame(
                         False,
                         nfds,
-                        mv[body - aux_len : body].tobytes() if aux_len else b"",
-                        mv[body:end].tobytes(),
+                        self._mv[HEADER_SIZE:body].tobytes() if aux_len else b"",
+                        self._mv[body:nbytes].tobytes(),
                         fds if fds.__class__ is list else list(fds),
                     )
                 )
                 self._received += nbytes
-                self._start = self._end = 0
                 return
         begin = self._received
         self._received = end = begin + nbytes

@@ -182,7 +182,19 @@ def read_into(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> bo
         # between messages, a ProtocolError inside one).
         decoder.receive_eof()
         return False
-    fds = fds_from_ancillary(ancdata, msg_flags) if ancdata or msg_flags & _MSG_CTRUNC else []
+    fds: list[int] | tuple[()]
+    if msg_flags & _MSG_CTRUNC or len(ancdata) > 1 or not RECV_FLAGS:
+        fds = fds_from_ancillary(ancdata, msg_flags)
+    elif ancdata:
+        # Inlined common case of fds_from_ancillary: one SCM_RIGHTS entry of
+        # whole ints, already close-on-exec.
+        level, kind, data = ancdata[0]
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(data) % 4:
+            fds = memoryview(data).cast("i").tolist()
+        else:
+            fds = fds_from_ancillary(ancdata, msg_flags)
+    else:
+        fds = ()
     if n:
         decoder.buffer_updated(n, fds)
         return True
