@@ -22,10 +22,13 @@ from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedCont
 from ._fdutil import close_all
 from ._message import Message
 from ._ownedfd import OwnedFd, fileno_of
+from ._sockio import ANCBUF as _ANCBUF
+from ._sockio import MSG_CTRUNC as _MSG_CTRUNC
 from ._sockio import MSG_DONTWAIT as _MSG_DONTWAIT
+from ._sockio import RECV_FLAGS as _RECV_FLAGS
 from ._sockio import SEND_FLAGS as _SEND_FLAGS
 from ._sockio import Chunk as _Chunk
-from ._sockio import read_into, split_batches
+from ._sockio import finish_read, read_into, split_batches
 from ._sockio import rights as _rights
 from ._sockio import set_written as _set_written
 from .transports import Session, Transport, default_transport
@@ -486,20 +489,35 @@ class Channel:
             if self._closed or self._broken is not None:
                 self._check_usable()
             decoder = self._decoder
+            frames = decoder.frames
             deadline = None
             while True:
-                try:
-                    frame = decoder.next_frame()
-                except ProtocolError as exc:
-                    self._fail(exc)
-                    raise
-                if frame is None:
+                while not frames:
+                    if decoder.error is not None:
+                        self._fail(decoder.error)
+                        raise decoder.error
                     if self._eof:
                         raise ChannelClosed("the peer closed the channel")
                     if self._timeout is None:
-                        # Blocking: the read simply waits (one syscall).
+                        # Blocking: the read simply waits.  The common case of
+                        # _sockio.read_into is inlined: one recvmsg bringing
+                        # one SCM_RIGHTS entry of whole fds, or none.
                         try:
-                            got = read_into(self._sock, decoder)
+                            n, anc, flags, _ = self._sock.recvmsg_into(
+                                [decoder.get_buffer()], _ANCBUF, _RECV_FLAGS
+                            )
+                        except ConnectionResetError:
+                            n, anc, flags = 0, [], 0
+                        if n and not flags & _MSG_CTRUNC and len(anc) <= 1:
+                            if not anc:
+                                decoder.buffer_updated(n)
+                                continue
+                            level, kind, data = anc[0]
+                            if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(data) % 4:
+                                decoder.buffer_updated(n, memoryview(data).cast("i").tolist())
+                                continue
+                        try:
+                            got = finish_read(decoder, n, anc, flags)
                         except TruncatedControlData as exc:
                             self._fail(exc)
                             raise
@@ -509,7 +527,7 @@ class Channel:
                     if deadline is None and self._timeout:
                         deadline = time.monotonic() + self._timeout
                     self._fill(deadline)
-                    continue
+                frame = frames.popleft()
                 if frame.control:
                     try:
                         self._session.control(bytes(frame.payload))

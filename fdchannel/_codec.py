@@ -173,7 +173,9 @@ class Decoder:
         # One entry per read that brought fds: [fds, stream offset where the
         # read began, where it ended].
         self._fds: deque[list[Any]] = deque()
-        self._frames: deque[Frame] = deque()
+        #: Complete frames in stream order; take them with `next_frame` (or
+        #: ``popleft()``: a channel's hot path reads the queue directly).
+        self.frames: deque[Frame] = deque()
         self._error: ProtocolError | None = None
         self._eof = False
 
@@ -217,7 +219,7 @@ class Decoder:
                 and aux_len <= self._max_aux
             ):
                 body = HEADER_SIZE + aux_len
-                self._frames.append(
+                self.frames.append(
                     Frame(
                         False,
                         nfds,
@@ -270,19 +272,19 @@ class Decoder:
 
         Raises the stored `ProtocolError` once the frames before it are out.
         """
-        if self._frames:
-            return self._frames.popleft()
+        if self.frames:
+            return self.frames.popleft()
         if self._error is not None:
             raise self._error
         return None
 
     def take_control_frames(self) -> list[Frame]:
         """Remove and return the queued control frames, leaving data frames queued."""
-        control = [f for f in self._frames if f.control]
+        control = [f for f in self.frames if f.control]
         if control:
-            data = [f for f in self._frames if not f.control]
-            self._frames.clear()
-            self._frames.extend(data)
+            data = [f for f in self.frames if not f.control]
+            self.frames.clear()
+            self.frames.extend(data)
         return control
 
     @property
@@ -294,10 +296,10 @@ class Decoder:
         """Give up and return every fd still held (buffered and in queued frames)."""
         out = [fd for batch in self._fds for fd in batch[0]]
         self._fds.clear()
-        for frame in self._frames:
+        for frame in self.frames:
             out.extend(frame.fds)
             frame.fds = []
-        self._frames.clear()
+        self.frames.clear()
         return out
 
     # -- parsing ----------------------------------------------------------
@@ -335,7 +337,7 @@ class Decoder:
                 aux = bytes(buf[body : body + aux_len]) if aux_len else b""
                 payload = self._mv[body + aux_len : start + total].tobytes()
                 fds = self._take_inband(nfds, frame_start, frame_start + total) if nfds or self._fds else []
-                self._frames.append(Frame(flags != 0, nfds, aux, payload, fds))
+                self.frames.append(Frame(flags != 0, nfds, aux, payload, fds))
                 start += total
         finally:
             if start == end:
@@ -345,7 +347,7 @@ class Decoder:
     def _finish_big(self, big: _Big) -> None:
         self._big = None
         fds = self._take_inband(big.nfds, big.start, big.end)
-        self._frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds))
+        self.frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds))
 
     def _check_header(
         self, magic: bytes, version: int, wire_id: int, flags: int, nfds: int, aux_len: int, payload_len: int

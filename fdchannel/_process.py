@@ -126,7 +126,7 @@ def reduce_channel(channel: Channel) -> tuple[Any, ...]:
         )
     if channel.closed:
         raise ValueError("cannot hand a closed Channel to a new process")
-    if channel.pending or not channel._decoder.at_boundary or channel._decoder._frames:
+    if channel.pending or not channel._decoder.at_boundary or channel._decoder.frames:
         # The copy would start mid-stream: buffered bytes and fds stay here.
         raise ValueError("cannot hand a Channel with buffered or pending data to a new process")
     from multiprocessing import reduction

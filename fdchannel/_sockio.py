@@ -23,11 +23,13 @@ from .transports._unix import SCM_MAX_FD
 
 __all__ = [
     "ANCBUF",
+    "MSG_CTRUNC",
     "MSG_DONTWAIT",
     "RECV_FLAGS",
     "SEND_FLAGS",
     "Chunk",
     "fds_from_ancillary",
+    "finish_read",
     "read_into",
     "rights",
     "set_written",
@@ -38,7 +40,7 @@ _SOL_SOCKET: Final = socket.SOL_SOCKET
 _SCM_RIGHTS: Final = socket.SCM_RIGHTS
 # Plain ints: combining the socket module's IntFlag members costs an enum
 # operation each time, on the hot path.
-_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 MSG_DONTWAIT: Final = int(getattr(socket, "MSG_DONTWAIT", 0))
 #: Never raise SIGPIPE: a vanished peer is a BrokenPipeError, not a dead process.
 SEND_FLAGS: Final = int(getattr(socket, "MSG_NOSIGNAL", 0))
@@ -155,7 +157,7 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> lis
         # No atomic way here: do it before anything else can fork.
         for fd in fds:
             os.set_inheritable(fd, False)
-    if flags & _MSG_CTRUNC:
+    if flags & MSG_CTRUNC:
         close_all(fds)
         raise TruncatedControlData(
             "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
@@ -180,10 +182,14 @@ def read_into(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> bo
         # A peer that closed without reading all we sent is reported as a
         # reset once its own data is drained: for us it is its EOF (clean
         # between messages, a ProtocolError inside one).
-        decoder.receive_eof()
-        return False
+        n, ancdata, msg_flags = 0, [], 0
+    return finish_read(decoder, n, ancdata, msg_flags)
+
+
+def finish_read(decoder: Decoder, n: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> bool:
+    """Hand one ``recvmsg_into``'s result to *decoder*; False at end of stream."""
     fds: list[int] | tuple[()]
-    if msg_flags & _MSG_CTRUNC or len(ancdata) > 1 or not RECV_FLAGS:
+    if msg_flags & MSG_CTRUNC or len(ancdata) > 1 or not RECV_FLAGS:
         fds = fds_from_ancillary(ancdata, msg_flags)
     elif ancdata:
         # Inlined common case of fds_from_ancillary: one SCM_RIGHTS entry of
