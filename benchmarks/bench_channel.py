@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fdchannel import Channel  # noqa: E402
+from fdchannel import Channel
 
 Side = Callable[[socket.socket, int], None]
 
@@ -218,7 +218,9 @@ WORKLOADS: dict[str, tuple[Side, Side, Side, Side, int, str, float, bool]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=20000, help="messages per round (1-fd workloads)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", choices=sorted(WORKLOADS), action="append")
