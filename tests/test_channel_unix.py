@@ -324,3 +324,46 @@ def test_receiver_with_no_fd_left_at_all() -> None:
         os.close(w)
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("mode", ["nonblocking", "timeout"])
+def test_partial_message_and_its_fds_stay_buffered(
+    raw_peer: tuple[socket.socket, Channel], mode: str
+) -> None:
+    raw, ch = raw_peer
+    if mode == "nonblocking":
+        ch.setblocking(False)
+        expected: type[OSError] = BlockingIOError
+    else:
+        ch.settimeout(0.01)
+        expected = TimeoutError
+    r, w = os.pipe()
+    data = frame(b"in two parts", 1)
+    send_raw(raw, data[:10], [w])  # the fd arrives with the first part
+    os.close(w)
+    with pytest.raises(expected):
+        ch.recv()
+    with pytest.raises(expected):  # still incomplete, nothing lost
+        ch.recv()
+    send_raw(raw, data[10:])
+    ch.settimeout(TIMEOUT)
+    with ch.recv() as msg:
+        assert msg.payload == b"in two parts"
+        os.write(msg.fds[0].fileno(), b"w")
+    assert os.read(r, 1) == b"w"
+    os.close(r)
+
+
+def test_close_with_a_partial_message_buffered_closes_its_fds(
+    raw_peer: tuple[socket.socket, Channel],
+) -> None:
+    raw, ch = raw_peer
+    r, w = os.pipe()
+    send_raw(raw, frame(b"never finished", 1)[:10], [w])
+    os.close(w)
+    ch.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        ch.recv()
+    ch.close()
+    assert pipe_closed_everywhere(r)
+    os.close(r)
