@@ -7,17 +7,16 @@ import select
 import socket
 import threading
 import time
-import warnings
 import weakref
 from array import array as _array
-from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, Self
 
 from typing_extensions import Buffer
 
 from . import _listener, _process
-from ._codec import _FAST, _HEADER, HEADER_SIZE, MAGIC, VERSION, Decoder, header_tag, pack_header
+from ._channelbase import ChannelBase
+from ._codec import _FAST, HEADER_SIZE, header_tag
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
 from ._message import Message
@@ -27,16 +26,14 @@ from ._sockio import MSG_CTRUNC as _MSG_CTRUNC
 from ._sockio import MSG_DONTWAIT as _MSG_DONTWAIT
 from ._sockio import RECV_FLAGS as _RECV_FLAGS
 from ._sockio import SEND_FLAGS as _SEND_FLAGS
-from ._sockio import Chunk as _Chunk
-from ._sockio import finish_read, read_into, split_batches
+from ._sockio import finish_read, read_into
 from ._sockio import rights as _rights
 from ._sockio import set_written as _set_written
-from .transports import Session, Transport, default_transport
+from .transports import Transport
 from .transports._unix import SCM_MAX_FD
 
 __all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "Channel"]
 
-_pack = _HEADER.pack
 _SOL_SOCKET: Final = socket.SOL_SOCKET
 _SCM_RIGHTS: Final = socket.SCM_RIGHTS
 _pack_fast = _FAST.pack  # (tag, nfds, aux length, payload length), see header_tag
@@ -45,7 +42,7 @@ DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
 DEFAULT_MAX_FDS: Final = 1024
 
 
-class Channel:
+class Channel(ChannelBase):
     """A message channel over a connected stream socket.
 
     Each message is a payload of bytes and any number of fds; the receiver
@@ -67,6 +64,7 @@ class Channel:
     concurrent `recv` calls never split a message.
     """
 
+    _kind = "Channel"
     #: The partner end, for close_other(); set by pair() only.
     _other_end: weakref.ref[Channel] | None = None
 
@@ -85,38 +83,11 @@ class Channel:
         declares more gets `LimitExceeded`.  A message exactly at a limit is
         allowed.  Raises `ValueError` for a socket the transport cannot use.
         """
-        if sock.type != socket.SOCK_STREAM:
-            raise ValueError(f"a Channel needs a SOCK_STREAM socket, got {sock.type!r}")
-        if max_payload < 0 or max_fds < 0:
-            raise ValueError("max_payload and max_fds must not be negative")
-        transport = default_transport() if transport is None else transport
-        transport.check_socket(sock)
-        self._sock = sock
-        self._fileno = sock.fileno()
-        self._transport = transport
-        self.max_payload = max_payload
-        self.max_fds = max_fds
-        self._session: Session = transport.session(sock)
-        self._has_control = type(self._session).take_control is not Session.take_control
-        self._wire_id = transport.wire_id
+        transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
+        self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
         self._data_tag = header_tag(transport.wire_id)
-        # Sessions that send fds in band exactly as given (UnixRights) take a
-        # shorter path for messages of up to SCM_MAX_FD fds.
-        self._simple = self._session.passthrough and not self._has_control
-        self._decoder = Decoder(
-            wire_id=transport.wire_id,
-            in_band=self._session.in_band,
-            max_payload=max_payload,
-            max_fds=max_fds,
-            max_aux=transport.max_aux(max_fds),
-            transport_name=transport.name,
-        )
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._pending: deque[_Chunk] = deque()
-        self._broken: FdChannelError | None = None
-        self._eof = False
-        self._closed = False
         self._pid = os.getpid()
         timeout = sock.gettimeout()
         self._timeout: float | None = None
@@ -134,17 +105,7 @@ class Channel:
 
         Both sockets are non-inheritable.  Keyword arguments go to both ends.
         """
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        first: Channel | None = None
-        try:
-            first = cls(a, transport=transport, **kwargs)
-            ends = first, cls(b, transport=transport, **kwargs)
-        except BaseException:
-            if first is not None:
-                first.close()
-            a.close()
-            b.close()
-            raise
+        ends = cls._pair(transport, kwargs)
         # Each end can close its partner after a fork (close_other); weak, so
         # the two never keep each other alive.
         ends[0]._other_end, ends[1]._other_end = weakref.ref(ends[1]), weakref.ref(ends[0])
@@ -158,15 +119,7 @@ class Channel:
         socket and `ValueError` if it is not a connected stream socket (the
         fd is then left open and still the caller's).
         """
-        sock = socket.socket(fileno=fd)
-        try:
-            sock.getpeername()
-            channel = cls(sock, **kwargs)
-        except BaseException:
-            sock.detach()
-            raise
-        os.set_inheritable(fd, False)
-        return channel
+        return cls._from_fd(fd, kwargs)
 
     @classmethod
     def from_environ(cls, **kwargs: Any) -> Channel:
@@ -257,10 +210,6 @@ class Channel:
         """``setblocking(True)`` is ``settimeout(None)``, ``False`` is ``settimeout(0.0)``."""
         self.settimeout(None if flag else 0.0)
 
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._fileno}"
-        return f"<Channel {state} transport={self._transport.name}>"
-
     # -- sending ------------------------------------------------------------
 
     def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
@@ -299,7 +248,7 @@ class Channel:
                     _set_written(exc, 0)
                     raise
                 if sent != HEADER_SIZE + size:
-                    self._queue_rest(bufs, nums, sent, None)
+                    self._queue_rest(bufs, nums, sent)
                 return
             deadline = self._deadline()
             if self._has_control:
@@ -315,7 +264,9 @@ class Channel:
                     raise
             out = self._session.outgoing(nums)
             try:
-                self._send_frame(out.aux, list(out.in_band), nfds, payload, size, deadline)
+                written = self._write_frame(out.aux, list(out.in_band), nfds, payload, size)
+                if written is not None:
+                    self._push(deadline, this_message=written)
             except BaseException as exc:
                 if getattr(exc, "characters_written", 1) == 0:
                     self._session.discard(out)
@@ -335,42 +286,10 @@ class Channel:
             if self._pending:
                 self._push(self._deadline(), this_message=None)
 
-    def _send_frame(
-        self, aux: bytes, in_band: list[int], nfds: int, payload: Buffer, size: int, deadline: float | None
-    ) -> None:
-        """Write one frame; *deadline* None means "from now on", computed if needed."""
-        header = _pack(MAGIC, VERSION, self._wire_id, 0, nfds, len(aux), size)
-        bufs: list[Buffer] = [header]
-        if aux:
-            bufs.append(aux)
-        if size:
-            bufs.append(payload)
-        total = HEADER_SIZE + len(aux) + size
-        if len(in_band) <= SCM_MAX_FD:
-            # The common case: one sendmsg for the whole frame.
-            try:
-                sent = self._sock.sendmsg(bufs, _rights(in_band), _SEND_FLAGS)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                _set_written(exc, 0)
-                raise
-            if sent != total:
-                self._queue_rest(bufs, in_band, sent, deadline)
-            return
-        # More fds than one sendmsg may carry: every batch but the last rides
-        # on one byte of its own, the last on the rest of the frame.
-        self._pending.extend(split_batches(bufs, payload, size, in_band))
-        self._push(deadline or self._deadline(), this_message=0)
-
-    def _queue_rest(self, bufs: list[Buffer], in_band: list[int], sent: int, deadline: float | None) -> None:
-        """Queue what one sendmsg of a frame did not send, and push it."""
-        chunk = _Chunk(bufs, in_band)
-        if sent:
-            chunk.fds = []  # they rode on the bytes that left
-            chunk.consume(sent)
-        self._pending.append(chunk)
-        self._push(deadline or self._deadline(), this_message=sent)
+    def _queue_rest(self, bufs: list[Buffer], in_band: list[int], sent: int) -> None:
+        """Queue what the inlined sendmsg of `send` did not send, and push it."""
+        self._queue_unsent(bufs, in_band, sent)
+        self._push(self._deadline(), this_message=sent)
 
     def _push(self, deadline: float | None, this_message: int | None, dontwait: bool = False) -> None:
         """Write pending chunks until none is left.
@@ -423,17 +342,7 @@ class Channel:
                     self._broken = ProtocolError(f"a frame was cut short by {exc!r}: the stream is corrupt")
             raise
 
-    def _discard_pending(self) -> None:
-        for chunk in self._pending:
-            chunk.release_fds()
-        self._pending.clear()
-
     # -- transport control frames --------------------------------------------
-
-    def _queue_control(self) -> None:
-        for payload in self._session.take_control():
-            header = pack_header(self._transport.wire_id, 0, 0, len(payload), control=True)
-            self._pending.append(_Chunk([header + payload], []))
 
     def _flush_control_nowait(self) -> None:
         """Send queued control frames if that can be done without waiting."""
@@ -535,23 +444,7 @@ class Channel:
                         self._fail(exc)
                         raise
                     continue
-                if self._simple and not frame.aux:
-                    fds = frame.fds
-                else:
-                    try:
-                        fds = self._session.incoming(frame.nfds, frame.aux, frame.fds)
-                    except ProtocolError as exc:
-                        self._fail(exc)
-                        raise
-                    except BaseException:
-                        # A message refused for this end alone (PermissionError,
-                        # FdsWithdrawn): the session acknowledged it so the peer
-                        # can release its copies; tell it now.
-                        if self._has_control:
-                            self._flush_control_nowait()
-                        raise
-                    if self._has_control:
-                        self._flush_control_nowait()
+                fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
                 if not fds:
                     return Message(frame.payload, ())
                 if len(fds) == 1:
@@ -577,12 +470,6 @@ class Channel:
         if not got:
             self._at_eof()
         return True
-
-    def _at_eof(self) -> None:
-        self._eof = True
-        # The peer can no longer take anything: a duplication transport
-        # releases the copies it kept for it.
-        self._session.peer_closed()
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages until the peer closes the channel."""
@@ -612,19 +499,6 @@ class Channel:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000 + 0.999))):
             raise TimeoutError("timed out")
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise ValueError("I/O operation on a closed Channel")
-        broken = self._broken
-        if broken is not None:
-            raise type(broken)(f"the channel is unusable after an earlier error: {broken}")
-
-    def _fail(self, exc: FdChannelError) -> None:
-        """Mark the channel unusable after *exc* and close every fd it holds."""
-        if self._broken is None:
-            self._broken = exc
-        close_all(self._decoder.take_fds())
 
     def close(self) -> None:
         """Close the socket and every fd the channel still holds.  Idempotent.
@@ -662,8 +536,3 @@ class Channel:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
-            self.close()

@@ -24,22 +24,20 @@ import errno
 import logging
 import os
 import socket
-import warnings
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from typing_extensions import Buffer
 
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
-from ._codec import HEADER_SIZE, Decoder, pack_header
+from ._channelbase import ChannelBase
+from ._codec import Decoder
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
 from ._message import Message
 from ._ownedfd import OwnedFd, fileno_of
-from ._sockio import SEND_FLAGS, Chunk, read_into, rights, set_written, split_batches
-from .transports import Outgoing, Session, Transport, default_transport
-from .transports._unix import SCM_MAX_FD
+from ._sockio import SEND_FLAGS, read_into, rights, set_written
+from .transports import Session, Transport
 
 if TYPE_CHECKING:
     from ._listener import Listener
@@ -54,7 +52,7 @@ _log = logging.getLogger("fdchannel.aio")
 _FAIRNESS: Final = 64
 
 
-class AsyncChannel:
+class AsyncChannel(ChannelBase):
     """A message channel over a connected stream socket, for asyncio.
 
     Each message is a payload of bytes and any number of fds; the receiver
@@ -74,6 +72,8 @@ class AsyncChannel:
     cancellation does.
     """
 
+    _kind = "AsyncChannel"
+
     def __init__(
         self,
         sock: socket.socket,
@@ -89,21 +89,7 @@ class AsyncChannel:
         limit is allowed).  Raises `ValueError` for a socket the transport
         cannot use (the socket then stays the caller's).
         """
-        if sock.type != socket.SOCK_STREAM:
-            raise ValueError(f"an AsyncChannel needs a SOCK_STREAM socket, got {sock.type!r}")
-        if max_payload < 0 or max_fds < 0:
-            raise ValueError("max_payload and max_fds must not be negative")
-        transport = default_transport() if transport is None else transport
-        transport.check_socket(sock)
-        session = transport.session(sock)
-        decoder = Decoder(
-            wire_id=transport.wire_id,
-            in_band=session.in_band,
-            max_payload=max_payload,
-            max_fds=max_fds,
-            max_aux=transport.max_aux(max_fds),
-            transport_name=transport.name,
-        )
+        transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
         self._setup(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
 
     def _setup(
@@ -117,23 +103,9 @@ class AsyncChannel:
         max_fds: int,
     ) -> None:
         sock.setblocking(False)
-        self._sock = sock
-        self._fileno = sock.fileno()
-        self._transport = transport
-        self._session = session
-        self._has_control = type(session).take_control is not Session.take_control
-        # Sessions that hand in-band fds through as they are (UnixRights)
-        # need no incoming() call per message.
-        self._simple = session.passthrough and not self._has_control
-        self._decoder = decoder
-        self.max_payload = max_payload
-        self.max_fds = max_fds
+        self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
-        self._pending: deque[Chunk] = deque()
-        self._broken: FdChannelError | None = None
-        self._eof = False
-        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Reader/writer callbacks stay registered after a wake-up until one
         # fires with nobody waiting: a receiver that waits again and again
@@ -156,19 +128,7 @@ class AsyncChannel:
 
         Both sockets are non-inheritable.  Keyword arguments go to both ends.
         """
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            first = cls(a, transport=transport, **kwargs)
-        except BaseException:
-            a.close()
-            b.close()
-            raise
-        try:
-            return first, cls(b, transport=transport, **kwargs)
-        except BaseException:
-            first.close()
-            b.close()
-            raise
+        return cls._pair(transport, kwargs)
 
     @classmethod
     def from_fd(cls, fd: int, **kwargs: Any) -> AsyncChannel:
@@ -178,15 +138,7 @@ class AsyncChannel:
         socket and `ValueError` if it is not a connected stream socket (the
         fd is then left open and still the caller's).
         """
-        sock = socket.socket(fileno=fd)
-        try:
-            sock.getpeername()
-            channel = cls(sock, **kwargs)
-        except BaseException:
-            sock.detach()
-            raise
-        os.set_inheritable(fd, False)
-        return channel
+        return cls._from_fd(fd, kwargs)
 
     @classmethod
     def from_channel(cls, channel: Channel) -> AsyncChannel:
@@ -252,10 +204,6 @@ class AsyncChannel:
     def fileno(self) -> int:
         """The socket's fd; ownership stays with the channel."""
         return self._sock.fileno()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._fileno}"
-        return f"<AsyncChannel {state} transport={self._transport.name}>"
 
     # -- waiting on the loop ------------------------------------------------
 
@@ -385,7 +333,9 @@ class AsyncChannel:
                 raise
             out = self._session.outgoing(nums)
             try:
-                await self._send_frame(out, nfds, payload, size)
+                written = self._write_frame(out.aux, list(out.in_band), nfds, payload, size)
+                if written is not None:
+                    await self._push(this_message=written)
             except BaseException as exc:
                 if getattr(exc, "characters_written", 1) == 0:
                     self._session.discard(out)
@@ -404,36 +354,6 @@ class AsyncChannel:
                 self._queue_control()
             if self._pending:
                 await self._push(this_message=None)
-
-    async def _send_frame(self, out: Outgoing, nfds: int, payload: Buffer, size: int) -> None:
-        aux = out.aux
-        in_band = list(out.in_band)
-        bufs: list[Buffer] = [pack_header(self._transport.wire_id, nfds, len(aux), size)]
-        if aux:
-            bufs.append(aux)
-        if size:
-            bufs.append(payload)
-        if len(in_band) <= SCM_MAX_FD:
-            # The common case: one sendmsg, no chunk, no waiting.
-            total = HEADER_SIZE + len(aux) + size
-            try:
-                sent = self._sock.sendmsg(bufs, rights(in_band), SEND_FLAGS)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                set_written(exc, 0)
-                raise
-            if sent == total:
-                return
-            chunk = Chunk(bufs, in_band)
-            if sent:
-                chunk.fds = []  # they rode on the bytes that left
-                chunk.consume(sent)
-            self._pending.append(chunk)
-            await self._push(this_message=sent)
-            return
-        self._pending.extend(split_batches(bufs, payload, size, in_band))
-        await self._push(this_message=0)
 
     def _write_pending(self) -> int:
         """Write pending chunks until none is left or the socket is full."""
@@ -507,17 +427,7 @@ class AsyncChannel:
         if self._broken is None:
             self._broken = ProtocolError(f"a frame was cut short by {exc!r}: the stream is corrupt")
 
-    def _discard_pending(self) -> None:
-        for chunk in self._pending:
-            chunk.release_fds()
-        self._pending.clear()
-
     # -- transport control frames --------------------------------------------
-
-    def _queue_control(self) -> None:
-        for payload in self._session.take_control():
-            header = pack_header(self._transport.wire_id, 0, 0, len(payload), control=True)
-            self._pending.append(Chunk([header + payload], []))
 
     def _flush_control_nowait(self) -> None:
         """Send queued control frames if that can be done without waiting."""
@@ -546,8 +456,7 @@ class AsyncChannel:
                 if self._eof:
                     break
                 if not read_into(self._sock, self._decoder):
-                    self._eof = True
-                    self._session.peer_closed()
+                    self._at_eof()
         except BlockingIOError:  # drained
             pass
         except ConnectionResetError:
@@ -587,23 +496,7 @@ class AsyncChannel:
                         self._session.control(bytes(frame.payload))
                         continue
                     # No await from here on: the frame must reach the caller.
-                    if self._simple and not frame.aux:
-                        fds = frame.fds
-                    else:
-                        try:
-                            fds = self._session.incoming(frame.nfds, frame.aux, frame.fds)
-                        except ProtocolError as exc:
-                            self._fail(exc)
-                            raise
-                        except BaseException:
-                            # Refused for this end alone (PermissionError,
-                            # FdsWithdrawn): the session acknowledged it so the
-                            # peer can release its copies; tell it now.
-                            if self._has_control:
-                                self._flush_control_nowait()
-                            raise
-                        if self._has_control:
-                            self._flush_control_nowait()
+                    fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
                     return Message(frame.payload, tuple(map(OwnedFd, fds)) if fds else ())
                 if self._eof:
                     raise ChannelClosed("the peer closed the channel")
@@ -615,10 +508,7 @@ class AsyncChannel:
                         await asyncio.sleep(0)
                 try:
                     if not read_into(self._sock, decoder):
-                        self._eof = True
-                        # The peer can no longer take anything: a duplication
-                        # transport releases the copies it kept for it.
-                        self._session.peer_closed()
+                        self._at_eof()
                 except BlockingIOError:
                     waited = True
                     self._streak = 0
@@ -641,19 +531,6 @@ class AsyncChannel:
             raise StopAsyncIteration from None
 
     # -- state ---------------------------------------------------------------
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise ValueError("I/O operation on a closed AsyncChannel")
-        broken = self._broken
-        if broken is not None:
-            raise type(broken)(f"the channel is unusable after an earlier error: {broken}")
-
-    def _fail(self, exc: FdChannelError) -> None:
-        """Mark the channel unusable after *exc* and close every fd it holds."""
-        if self._broken is None:
-            self._broken = exc
-        close_all(self._decoder.take_fds())
 
     def close(self) -> None:
         """Close the socket and every fd the channel holds.  Idempotent.
@@ -698,11 +575,6 @@ class AsyncChannel:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
-            self.close()
 
 
 # -- named endpoints -------------------------------------------------------------
