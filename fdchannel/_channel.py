@@ -224,13 +224,9 @@ class Channel(ChannelBase):
         """
         nums = [f if f.__class__ is int and f >= 0 else fileno_of(f) for f in fds] if fds else []
         size = len(payload) if payload.__class__ is bytes else memoryview(payload).nbytes
-        if size > self.max_payload:
-            raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
         nfds = len(nums)
-        if nfds > self.max_fds:
-            raise ValueError(f"{nfds} fds exceed max_fds={self.max_fds}")
-        if self._fileno in nums:
-            raise ValueError("refusing to send a channel's own socket over itself")
+        if size > self.max_payload or nfds > self.max_fds or self._fileno in nums:
+            self._refuse(size, nums)
         with self._send_lock:
             if self._closed or self._broken is not None:
                 self._check_usable()
