@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -27,7 +28,6 @@ from ._sockio import MSG_DONTWAIT as _MSG_DONTWAIT
 from ._sockio import RECV_FLAGS as _RECV_FLAGS
 from ._sockio import SEND_FLAGS as _SEND_FLAGS
 from ._sockio import finish_read, read_into
-from ._sockio import rights as _rights
 from ._sockio import set_written as _set_written
 from .transports import Transport
 from .transports._unix import SCM_MAX_FD
@@ -297,24 +297,16 @@ class Channel(ChannelBase):
         is marked unusable.
         """
         pending = self._pending
-        sock = self._sock
         flags = _SEND_FLAGS | (_MSG_DONTWAIT if dontwait else 0)
         written = 0
         try:
-            while pending:
-                chunk = pending[0]
-                try:
-                    n = sock.sendmsg(chunk.bufs, _rights(chunk.fds), flags)
-                except BlockingIOError:
-                    if dontwait:
-                        raise
-                    self._wait(select.POLLOUT, deadline)
-                    continue
-                if n and chunk.fds:
-                    chunk.release_fds()
-                written += n
-                if chunk.consume(n):
-                    pending.popleft()
+            while True:
+                written += self._write_pending(flags)
+                if not pending:
+                    break
+                if dontwait:
+                    raise BlockingIOError(errno.EAGAIN, "the socket is full")
+                self._wait(select.POLLOUT, deadline)
         except (BlockingIOError, TimeoutError) as exc:
             if this_message is None:
                 _set_written(exc, written)

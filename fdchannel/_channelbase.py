@@ -228,6 +228,27 @@ class ChannelBase:
             chunk.consume(sent)
         self._pending.append(chunk)
 
+    def _write_pending(self, flags: int = SEND_FLAGS) -> int:
+        """Write pending chunks until none is left or the socket is full; return the bytes written."""
+        pending = self._pending
+        sock = self._sock
+        written = 0
+        while pending:
+            chunk = pending[0]
+            try:
+                n = sock.sendmsg(chunk.bufs, rights(chunk.fds), flags)
+            except BlockingIOError:
+                break
+            if n and chunk.fds:
+                # Attached to bytes that left: never attach them again.
+                chunk.release_fds()
+            written += n
+            if chunk.consume(n):
+                pending.popleft()
+            else:
+                break  # a short write: the socket is full
+        return written
+
     def _discard_pending(self) -> None:
         for chunk in self._pending:
             chunk.release_fds()

@@ -36,7 +36,7 @@ from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedCont
 from ._fdutil import close_all
 from ._message import Message
 from ._ownedfd import OwnedFd, fileno_of
-from ._sockio import SEND_FLAGS, read_into, rights, set_written
+from ._sockio import read_into, set_written
 from .transports import Session, Transport
 
 if TYPE_CHECKING:
@@ -350,27 +350,6 @@ class AsyncChannel(ChannelBase):
                 self._queue_control()
             if self._pending:
                 await self._push(this_message=None)
-
-    def _write_pending(self) -> int:
-        """Write pending chunks until none is left or the socket is full."""
-        pending = self._pending
-        sock = self._sock
-        written = 0
-        while pending:
-            chunk = pending[0]
-            try:
-                n = sock.sendmsg(chunk.bufs, rights(chunk.fds), SEND_FLAGS)
-            except BlockingIOError:
-                break
-            if n and chunk.fds:
-                # Attached to bytes that left: never attach them again.
-                chunk.release_fds()
-            written += n
-            if chunk.consume(n):
-                pending.popleft()
-            else:
-                break  # a short write: the socket is full
-        return written
 
     async def _push(self, this_message: int | None) -> None:
         """Write pending chunks until none is left, waiting for writability.
