@@ -65,6 +65,7 @@ class Channel(ChannelBase):
     """
 
     _kind = "Channel"
+
     #: The partner end, for close_other(); set by pair() only.
     _other_end: weakref.ref[Channel] | None = None
 

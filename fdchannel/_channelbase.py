@@ -1,11 +1,12 @@
 """`ChannelBase`: what the blocking `Channel` and `AsyncChannel` have in common.
 
 The two channels differ in how they wait (``poll`` against a deadline, or the
-event loop), hence in their locks and in every loop that reads or writes.
-Their state, its checks, the first ``sendmsg`` of a frame and the handling of
-what the transport's session says stay the same whichever way they wait, so
-they live here once.  The hot paths of `Channel` do not call into this module
-for the common case: they inline what they need.
+event loop), hence in their locks and in how they read.  Their state, its
+checks, the writes that never wait (a frame's first ``sendmsg``, the queue as
+far as the socket takes it) and the handling of what the transport's session
+says stay the same whichever way they wait, so they live here once.  The hot
+paths of `Channel` do not call into this module for the common case: they
+inline what they need.
 """
 
 from __future__ import annotations
