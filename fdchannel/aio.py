@@ -320,6 +320,8 @@ class AsyncChannel(ChannelBase):
                     await asyncio.sleep(0)
                 if self._has_control:
                     self._pump_nowait()
+                    if self._broken is not None:
+                        self._check_usable()  # a malformed control frame just arrived
                     self._queue_control()
                 if self._pending:
                     # Older data goes first; if it cannot, this message is not taken.
@@ -434,16 +436,17 @@ class AsyncChannel(ChannelBase):
                     self._at_eof()
         except BlockingIOError:  # drained
             pass
-        except ConnectionResetError:
-            self._session.peer_closed()
-            return  # recv() reports it
         except TruncatedControlData as exc:
             self._fail(exc)
             return
         except (OSError, FdChannelError):
             return  # recv() reports stream errors
         for frame in self._decoder.take_control_frames():
-            self._session.control(bytes(frame.payload))
+            try:
+                self._session.control(bytes(frame.payload))
+            except ProtocolError as exc:
+                self._fail(exc)  # the next send()/recv() says so
+                return
 
     # -- receiving ------------------------------------------------------------
 
@@ -468,7 +471,11 @@ class AsyncChannel(ChannelBase):
                     raise
                 if frame is not None:
                     if frame.control:
-                        self._session.control(bytes(frame.payload))
+                        try:
+                            self._session.control(bytes(frame.payload))
+                        except ProtocolError as exc:
+                            self._fail(exc)
+                            raise
                         continue
                     # No await from here on: the frame must reach the caller.
                     fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
@@ -490,9 +497,6 @@ class AsyncChannel(ChannelBase):
                     await self._wait_readable()
                 except TruncatedControlData as exc:
                     self._fail(exc)
-                    raise
-                except ConnectionResetError:
-                    self._session.peer_closed()  # as at EOF: the peer is gone
                     raise
 
     def __aiter__(self) -> AsyncIterator[Message]:
