@@ -17,7 +17,7 @@ from typing_extensions import Buffer
 
 from . import _listener, _process
 from ._channelbase import ChannelBase
-from ._codec import _FAST, HEADER_SIZE, header_tag
+from ._codec import _FAST, HEADER_SIZE, Frame, header_tag
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
 from ._message import Message
@@ -407,13 +407,28 @@ class Channel(ChannelBase):
                         except ConnectionResetError:
                             n, anc, flags = 0, [], 0
                         if n and not flags & _MSG_CTRUNC and len(anc) <= 1:
-                            if not anc:
-                                decoder.buffer_updated(n)
-                                continue
-                            level, kind, data = anc[0]
-                            if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(data) % 4:
-                                decoder.buffer_updated(n, memoryview(data).cast("i").tolist())
-                                continue
+                            got_fds: list[int] | tuple[()] | None = ()
+                            if anc:
+                                level, kind, data = anc[0]
+                                got_fds = (
+                                    memoryview(data).cast("i").tolist()
+                                    if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(data) % 4
+                                    else None  # something odd: finish_read sorts it out
+                                )
+                            if got_fds is not None:
+                                one = decoder.buffer_updated_one(n, got_fds)
+                                if one is None:
+                                    continue
+                                payload, fds = one
+                                if not self._simple:
+                                    frames.append(Frame(False, len(fds), b"", payload, fds))
+                                    continue
+                                # A lone plain frame, straight to the caller.
+                                if not fds:
+                                    return Message(payload, ())
+                                if len(fds) == 1:
+                                    return Message(payload, (OwnedFd(fds[0]),))
+                                return Message(payload, tuple(map(OwnedFd, fds)))
                         try:
                             got = finish_read(decoder, n, anc, flags)
                         except TruncatedControlData as exc:

@@ -202,34 +202,41 @@ class Decoder:
         *fds* are the fd numbers that arrived with those bytes; the decoder
         owns them from now on.  Raises `ProtocolError` on malformed input.
         """
+        one = self.buffer_updated_one(nbytes, fds)
+        if one is not None:
+            self.frames.append(Frame(False, len(one[1]), b"", one[0], one[1]))
+
+    def buffer_updated_one(
+        self, nbytes: int, fds: list[int] | tuple[int, ...] = ()
+    ) -> tuple[bytes, list[int]] | None:
+        """`buffer_updated`, returning a lone plain frame instead of queueing it.
+
+        When nothing was buffered or queued and this read is exactly one
+        data frame without transport data, returns its ``(payload, fds)``
+        (the fds now the caller's) and queues nothing: the common case,
+        without a `Frame` object.  Otherwise records the read exactly as
+        `buffer_updated` does and returns None.
+        """
         if nbytes <= 0:
             raise ValueError("buffer_updated needs nbytes > 0; report EOF with receive_eof()")
-        if not self._end and self._big is None and not self._fds and self._error is None:
-            # The common case, kept short: the buffer was empty and this read
-            # brought exactly one small frame with exactly its fds.  Anything
-            # else takes the general path below.
+        if not self._end and not self.frames and self._big is None and not self._fds and self._error is None:
             tag, nfds, aux_len, payload_len = _fast_unpack_from(self._buf) if nbytes >= HEADER_SIZE else _NO
             if (
-                nbytes == HEADER_SIZE + aux_len + payload_len
+                nbytes == HEADER_SIZE + payload_len
                 and tag == self._data_tag
-                and nfds == (len(fds) if self._in_band else 0)
+                and nfds == len(fds)
+                and (self._in_band or not nfds)
                 and nbytes <= INLINE_LIMIT
                 and nfds <= self._max_fds
                 and payload_len <= self._max_payload
-                and aux_len <= self._max_aux
+                and not aux_len
             ):
-                body = HEADER_SIZE + aux_len
-                self.frames.append(
-                    Frame(
-                        False,
-                        nfds,
-                        self._mv[HEADER_SIZE:body].tobytes() if aux_len else b"",
-                        self._mv[body:nbytes].tobytes(),
-                        fds if fds.__class__ is list else list(fds),
-                    )
-                )
                 self._received += nbytes
-                return
+                return self._mv[HEADER_SIZE:nbytes].tobytes(), fds if fds.__class__ is list else list(fds)
+        self._record(nbytes, fds)
+        return None
+
+    def _record(self, nbytes: int, fds: list[int] | tuple[int, ...]) -> None:
         begin = self._received
         self._received = end = begin + nbytes
         if fds:
