@@ -223,7 +223,11 @@ class Channel(ChannelBase):
         with ``characters_written`` as described on the class; other
         `OSError` (such as `BrokenPipeError`) from the kernel.
         """
-        nums = [f if f.__class__ is int and f >= 0 else fileno_of(f) for f in fds] if fds else []
+        nums = list(fds)
+        for f in nums:
+            if f.__class__ is not int or f < 0:
+                nums = [fileno_of(f) for f in nums]
+                break
         size = len(payload) if payload.__class__ is bytes else memoryview(payload).nbytes
         nfds = len(nums)
         if size > self.max_payload or nfds > self.max_fds or self._fileno in nums:
