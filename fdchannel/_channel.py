@@ -117,8 +117,9 @@ class Channel(ChannelBase):
         """Wrap an inherited socket fd; the channel owns it from now on.
 
         The fd is made non-inheritable.  Raises `OSError` if *fd* is not a
-        socket and `ValueError` if it is not a connected stream socket (the
-        fd is then left open and still the caller's).
+        socket (``ENOTSOCK``) or not connected (``ENOTCONN``), `ValueError`
+        if it is not a stream socket or the transport cannot use it; the fd
+        is then left open and still the caller's.
         """
         return cls._from_fd(fd, kwargs)
 
@@ -235,43 +236,55 @@ class Channel(ChannelBase):
         with self._send_lock:
             if self._closed or self._broken is not None:
                 self._check_usable()
-            if self._simple and nfds <= SCM_MAX_FD and not self._pending:
-                # The common case, inlined: fds pass through as they are,
-                # nothing is queued ahead, one sendmsg carries the whole frame.
-                bufs: list[Buffer] = [_pack_fast(self._data_tag, nfds, 0, size), payload]
-                try:
-                    sent = self._sock.sendmsg(
-                        bufs, [(_SOL_SOCKET, _SCM_RIGHTS, _array("i", nums))] if nfds else (), _SEND_FLAGS
-                    )
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    _set_written(exc, 0)
-                    raise
-                if sent != HEADER_SIZE + size:
-                    self._queue_rest(bufs, nums, sent)
-                return
-            deadline = self._deadline()
-            if self._has_control:
-                self._pump_nowait()
-                self._queue_control()
-            if self._pending:
-                # Older data goes first; if it cannot all go, this message is
-                # not taken (and the older data stays queued).
-                try:
-                    self._push(deadline, this_message=None)
-                except (BlockingIOError, TimeoutError) as exc:
-                    _set_written(exc, 0)
-                    raise
-            out = self._session.outgoing(nums)
+            writing = False
             try:
-                written = self._write_frame(out.aux, list(out.in_band), nfds, payload, size)
-                if written is not None:
-                    self._push(deadline, this_message=written)
+                if self._simple and nfds <= SCM_MAX_FD and not self._pending:
+                    # The common case, inlined: fds pass through as they are,
+                    # nothing is queued ahead, one sendmsg carries the whole frame.
+                    bufs: list[Buffer] = [_pack_fast(self._data_tag, nfds, 0, size), payload]
+                    writing = True
+                    try:
+                        sent = self._sock.sendmsg(
+                            bufs, [(_SOL_SOCKET, _SCM_RIGHTS, _array("i", nums))] if nfds else (), _SEND_FLAGS
+                        )
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        _set_written(exc, 0)
+                        raise
+                    if sent != HEADER_SIZE + size:
+                        self._queue_rest(bufs, nums, sent)
+                    return
+                deadline = self._deadline()
+                if self._has_control:
+                    self._pump_nowait()
+                    self._queue_control()
+                if self._pending:
+                    # Older data goes first; if it cannot all go, this message
+                    # is not taken (and the older data stays queued).
+                    try:
+                        self._push(deadline, this_message=None)
+                    except (BlockingIOError, TimeoutError) as exc:
+                        _set_written(exc, 0)
+                        raise
+                out = self._session.outgoing(nums)
+                try:
+                    writing = True
+                    written = self._write_frame(out.aux, list(out.in_band), nfds, payload, size)
+                    if written is not None:
+                        self._push(deadline, this_message=written)
+                except BaseException as exc:
+                    if getattr(exc, "characters_written", 1) == 0:
+                        self._session.discard(out)
+                    raise
             except BaseException as exc:
-                if getattr(exc, "characters_written", 1) == 0:
-                    self._session.discard(out)
+                if writing and not isinstance(exc, OSError):
+                    self._interrupted(exc)
                 raise
+            finally:
+                if self._closed:
+                    # close() ran in another thread while this one was sending.
+                    self._discard_pending()
 
     def flush(self) -> None:
         """Send what a non-blocking or timed-out `send` left pending.
@@ -286,6 +299,20 @@ class Channel(ChannelBase):
                 self._queue_control()
             if self._pending:
                 self._push(self._deadline(), this_message=None)
+
+    def _interrupted(self, exc: BaseException) -> None:
+        """*exc* (KeyboardInterrupt, a signal handler's error) cut into a write.
+
+        It may have struck after the kernel took part of a frame but before
+        the count reached us, so how much left is unknown: the stream can no
+        longer be trusted.
+        """
+        self._discard_pending()
+        if self._broken is None:
+            self._broken = ProtocolError(
+                f"send() was interrupted by {exc!r} while writing a frame; how much of it "
+                "left is unknown, so the stream is unusable"
+            )
 
     def _queue_rest(self, bufs: list[Buffer], in_band: list[int], sent: int) -> None:
         """Queue what the inlined sendmsg of `send` did not send, and push it."""
@@ -323,8 +350,18 @@ class Channel(ChannelBase):
                 if not this_message + written:
                     pending.clear()  # not taken: nothing of it stays behind
                     raise
-            for chunk in pending:
-                chunk.detach()
+            try:
+                for chunk in pending:
+                    chunk.detach()
+            except OSError as dup_error:
+                # The rest cannot be kept (no fd left to duplicate into), and
+                # the caller may close its fds now: the frame stays cut short.
+                self._discard_pending()
+                self._broken = ProtocolError(
+                    f"the rest of a message could not be kept ({dup_error}): the stream is cut short"
+                )
+                _set_written(dup_error, getattr(exc, "characters_written", 0))
+                raise dup_error from exc
             raise
         except BaseException as exc:
             if pending:
@@ -390,74 +427,80 @@ class Channel(ChannelBase):
         with self._recv_lock:
             if self._closed or self._broken is not None:
                 self._check_usable()
-            decoder = self._decoder
-            frames = decoder.frames
-            deadline = None
-            while True:
-                while not frames:
-                    if decoder.error is not None:
-                        self._fail(decoder.error)
-                        raise decoder.error
-                    if self._eof:
-                        raise ChannelClosed("the peer closed the channel")
-                    if self._timeout is None:
-                        # Blocking: the read simply waits.  The common case of
-                        # _sockio.read_into is inlined: one recvmsg bringing
-                        # one SCM_RIGHTS entry of whole fds, or none.
-                        try:
-                            n, anc, flags, _ = self._sock.recvmsg_into(
-                                [decoder.get_buffer()], _ANCBUF, _RECV_FLAGS
-                            )
-                        except ConnectionResetError:
-                            n, anc, flags = 0, [], 0
-                        if n and not flags & _MSG_CTRUNC and len(anc) <= 1:
-                            got_fds: list[int] | tuple[()] | None = ()
-                            if anc:
-                                level, kind, data = anc[0]
-                                got_fds = (
-                                    memoryview(data).cast("i").tolist()
-                                    if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(data) % 4
-                                    else None  # something odd: finish_read sorts it out
+            try:
+                decoder = self._decoder
+                frames = decoder.frames
+                deadline = None
+                while True:
+                    while not frames:
+                        if decoder.error is not None:
+                            self._fail(decoder.error)
+                            raise decoder.error
+                        if self._eof:
+                            raise ChannelClosed("the peer closed the channel")
+                        if self._timeout is None:
+                            # Blocking: the read simply waits.  The common case of
+                            # _sockio.read_into is inlined: one recvmsg bringing
+                            # one SCM_RIGHTS entry of whole fds, or none.
+                            try:
+                                n, anc, flags, _ = self._sock.recvmsg_into(
+                                    [decoder.get_buffer()], _ANCBUF, _RECV_FLAGS
                                 )
-                            if got_fds is not None:
-                                one = decoder.buffer_updated_one(n, got_fds)
-                                if one is None:
-                                    continue
-                                payload, fds = one
-                                if not self._simple:
-                                    frames.append(Frame(False, len(fds), b"", payload, fds))
-                                    continue
-                                # A lone plain frame, straight to the caller.
-                                if not fds:
-                                    return Message(payload, ())
-                                if len(fds) == 1:
-                                    return Message(payload, (OwnedFd(fds[0]),))
-                                return Message(payload, tuple(map(OwnedFd, fds)))
+                            except ConnectionResetError:
+                                n, anc, flags = 0, [], 0
+                            if n and not flags & _MSG_CTRUNC and len(anc) <= 1 and _RECV_FLAGS:
+                                got_fds: list[int] | tuple[()] | None = ()
+                                if anc:
+                                    level, kind, data = anc[0]
+                                    got_fds = (
+                                        memoryview(data).cast("i").tolist()
+                                        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(data) % 4
+                                        else None  # something odd: finish_read sorts it out
+                                    )
+                                if got_fds is not None:
+                                    one = decoder.buffer_updated_one(n, got_fds)
+                                    if one is None:
+                                        continue
+                                    payload, fds = one
+                                    if not self._simple:
+                                        frames.append(Frame(False, len(fds), b"", payload, fds))
+                                        continue
+                                    # A lone plain frame, straight to the caller.
+                                    if not fds:
+                                        return Message(payload, ())
+                                    if len(fds) == 1:
+                                        return Message(payload, (OwnedFd(fds[0]),))
+                                    return Message(payload, tuple(map(OwnedFd, fds)))
+                            try:
+                                got = finish_read(decoder, n, anc, flags)
+                            except TruncatedControlData as exc:
+                                self._fail(exc)
+                                raise
+                            if not got:
+                                self._at_eof()
+                            continue
+                        if deadline is None and self._timeout:
+                            deadline = time.monotonic() + self._timeout
+                        self._fill(deadline)
+                    frame = frames.popleft()
+                    if frame.control:
                         try:
-                            got = finish_read(decoder, n, anc, flags)
-                        except TruncatedControlData as exc:
+                            self._session.control(bytes(frame.payload))
+                        except ProtocolError as exc:
                             self._fail(exc)
                             raise
-                        if not got:
-                            self._at_eof()
                         continue
-                    if deadline is None and self._timeout:
-                        deadline = time.monotonic() + self._timeout
-                    self._fill(deadline)
-                frame = frames.popleft()
-                if frame.control:
-                    try:
-                        self._session.control(bytes(frame.payload))
-                    except ProtocolError as exc:
-                        self._fail(exc)
-                        raise
-                    continue
-                fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
-                if not fds:
-                    return Message(frame.payload, ())
-                if len(fds) == 1:
-                    return Message(frame.payload, (OwnedFd(fds[0]),))
-                return Message(frame.payload, tuple(map(OwnedFd, fds)))
+                    fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
+                    if not fds:
+                        return Message(frame.payload, ())
+                    if len(fds) == 1:
+                        return Message(frame.payload, (OwnedFd(fds[0]),))
+                    return Message(frame.payload, tuple(map(OwnedFd, fds)))
+            finally:
+                if self._closed:
+                    # close() ran in another thread while this one waited:
+                    # what arrived meanwhile goes with the channel.
+                    close_all(self._decoder.take_fds())
 
     def _fill(self, deadline: float | None, dontwait: bool = False) -> bool:
         """Do one read into the decoder; False if nothing was ready (dontwait)."""
@@ -499,6 +542,8 @@ class Channel(ChannelBase):
         """Wait for *events* on the socket, or raise as the timeout says."""
         if self._timeout == 0.0:
             raise BlockingIOError(11, "the channel is non-blocking and the socket is not ready")
+        if self._closed:  # by another thread; its fd number may be reused already
+            raise ValueError(f"I/O operation on a closed {self._kind}")
         poller = select.poll()
         poller.register(self._fileno, events)
         if deadline is None:
@@ -525,10 +570,14 @@ class Channel(ChannelBase):
                 except OSError:
                     pass
         self._closed = True
-        with self._send_lock:
-            self._discard_pending()
-        # A thread blocked in recv() keeps the receive lock; it cleans up
-        # the decoder itself when it returns (see _check_usable).
+        # A thread blocked in send() or recv() keeps its lock (the kernel
+        # does not wake it when the socket is closed); it drops what the
+        # channel holds itself when its call returns (see send and recv).
+        if self._send_lock.acquire(blocking=False):
+            try:
+                self._discard_pending()
+            finally:
+                self._send_lock.release()
         if self._recv_lock.acquire(blocking=False):
             try:
                 close_all(self._decoder.take_fds())

@@ -126,7 +126,9 @@ def split_batches(bufs: list[Buffer], payload: Buffer, size: int, in_band: list[
     """
     total = sum(memoryview(b).nbytes for b in bufs)
     frame = b"".join(bufs) if size <= 4096 else None
-    lead = frame if frame is not None else b"".join(bufs[:-1]) + bytes(memoryview(payload)[:SCM_MAX_FD])
+    # Sliced by bytes, whatever the payload's item size (an array('i'), say).
+    data = memoryview(payload).cast("B")
+    lead = frame if frame is not None else b"".join(bufs[:-1]) + bytes(data[:SCM_MAX_FD])
     batches = [in_band[i : i + SCM_MAX_FD] for i in range(0, len(in_band), SCM_MAX_FD)]
     if len(lead) < len(batches):
         raise ValueError("frame too short to carry its fds; the transport must pad it")
@@ -135,7 +137,7 @@ def split_batches(bufs: list[Buffer], payload: Buffer, size: int, in_band: list[
     if frame is not None:
         tail: list[Buffer] = [frame[rest:]]
     else:
-        tail = [lead[rest:], memoryview(payload)[len(lead) - (total - size) :]]
+        tail = [lead[rest:], data[len(lead) - (total - size) :]]
     chunks.append(Chunk(tail, batches[-1]))
     return chunks
 

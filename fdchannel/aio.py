@@ -135,8 +135,9 @@ class AsyncChannel(ChannelBase):
         """Wrap an inherited socket fd; the channel owns it from now on.
 
         The fd is made non-inheritable.  Raises `OSError` if *fd* is not a
-        socket and `ValueError` if it is not a connected stream socket (the
-        fd is then left open and still the caller's).
+        socket (``ENOTSOCK``) or not connected (``ENOTCONN``), `ValueError`
+        if it is not a stream socket or the transport cannot use it; the fd
+        is then left open and still the caller's.
         """
         return cls._from_fd(fd, kwargs)
 

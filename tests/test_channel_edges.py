@@ -1,0 +1,197 @@
+"""Edge cases found in review: each test failed before its fix.
+
+Interrupted writes, running out of fds while keeping a message's rest,
+payloads with multi-byte items, close() racing a blocked call, and
+platforms without MSG_CMSG_CLOEXEC.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import resource
+import select
+import signal
+import socket
+import threading
+
+import pytest
+
+import fdchannel._channel
+import fdchannel._sockio
+from fdchannel import Channel, ChannelClosed, ProtocolError
+
+from ._proc import run_child
+
+TIMEOUT = 10.0
+
+
+def readable(sock: socket.socket | Channel) -> bool:
+    ready, _, _ = select.select([sock], [], [], TIMEOUT)
+    return bool(ready)
+
+
+def test_payload_with_wide_items_and_many_fds_arrives_whole() -> None:
+    a, b = Channel.pair()
+    with a, b:
+        b.settimeout(TIMEOUT)
+        payload = array.array("i", range(2000))  # 8,000 bytes in 2,000 items
+        t = threading.Thread(target=a.send, args=(payload, [0] * 300), daemon=True)
+        t.start()
+        with b.recv() as msg:
+            assert msg.payload == payload.tobytes()
+            assert len(msg.fds) == 300
+        t.join(TIMEOUT)
+        a.send(b"next")
+        assert b.recv().payload == b"next"  # the stream is intact
+
+
+def test_running_out_of_fds_while_keeping_the_rest_breaks_the_channel_cleanly() -> None:
+    """The rest of a partly sent 300-fd message cannot be duplicated (EMFILE):
+    the error says how much was written, the channel says it is unusable, and
+    nothing keeps borrowing the caller's fd numbers."""
+
+    def body() -> None:
+        a, b = Channel.pair()
+        a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # a few skbs fill it
+        a.setblocking(False)
+        while True:  # fill the socket with small frames
+            try:
+                a.send(b"")
+            except BlockingIOError:
+                break
+        with socket.socket(fileno=os.dup(b.fileno())) as peek:
+            peek.recv(24)  # room for exactly one more small write
+        r, w = os.pipe()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(r, w) + 1, hard))  # no new fd possible
+        try:
+            with pytest.raises(OSError) as info:
+                a.send(b"P" * 100, fds=[r] * 300)  # 253 fds leave, 47 would have to be kept
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert info.value.errno == errno.EMFILE
+        assert info.value.characters_written > 0  # type: ignore[attr-defined]
+        assert not a.pending
+        with pytest.raises(ProtocolError, match="could not be kept"):
+            a.send(b"more")
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+    run_child(body)
+
+
+def test_signal_handler_raising_during_a_blocked_send_breaks_the_channel() -> None:
+    """A KeyboardInterrupt-like error may strike after the kernel took part
+    of a frame: the channel must refuse to go on, not cut the stream."""
+
+    class Alarm(Exception):
+        pass
+
+    def body() -> None:
+        def on_alarm(*_: object) -> None:
+            raise Alarm
+
+        signal.signal(signal.SIGALRM, on_alarm)
+        a, b = Channel.pair()
+        signal.setitimer(signal.ITIMER_REAL, 0.2)  # fires while send() waits for a reader
+        with pytest.raises(Alarm):
+            a.send(b"A" * (16 << 20), fds=[0])
+        with pytest.raises(ProtocolError, match="interrupted by Alarm"):
+            a.send(b"after")
+        a.close()
+        b.close()
+
+    run_child(body)
+
+
+def test_close_from_another_thread_during_recv_closes_buffered_fds() -> None:
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ch = Channel(other)
+    # close() cannot wake a thread waiting in the kernel: it returns when its
+    # timeout expires, and must drop what the channel held then.
+    ch.settimeout(0.3)
+    r, w = os.pipe()
+    # Half a frame with its fd: recv() keeps it buffered and waits for more.
+    frame = fdchannel._codec.pack_header(0, 1, 0, 4) + b"half"
+    raw.sendmsg([frame[:10]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+    os.close(w)
+    outcome: list[BaseException] = []
+
+    def receiver() -> None:
+        try:
+            ch.recv()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=receiver, daemon=True)
+    t.start()
+    while not ch._recv_lock.locked():  # the receiver is inside recv()
+        t.join(0.001)
+    ch.close()  # returns at once; the buffered fd is the receiver's to drop
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert outcome
+    assert isinstance(outcome[0], OSError | ValueError)
+    ready, _, _ = select.select([r], [], [], TIMEOUT)
+    assert ready
+    assert os.read(r, 1) == b""  # the fd that was buffered is closed
+    os.close(r)
+    raw.close()
+
+
+def test_close_does_not_wait_for_a_blocked_send() -> None:
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    outcome: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            a.send(b"x" * (8 << 20), fds=[r])  # more than the socket holds: blocks
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    assert readable(b)  # the sender is writing
+    closer = threading.Thread(target=a.close, daemon=True)
+    closer.start()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive(), "close() waited for the blocked send()"
+    b.close()  # the peer goes away: the blocked send() fails and returns
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert outcome
+    assert isinstance(outcome[0], OSError)
+    os.close(r)
+    os.close(w)
+
+
+def test_received_fds_are_non_inheritable_without_msg_cmsg_cloexec(monkeypatch: pytest.MonkeyPatch) -> None:
+    # macOS has no MSG_CMSG_CLOEXEC: the constant is 0 there.
+    monkeypatch.setattr(fdchannel._channel, "_RECV_FLAGS", 0)
+    monkeypatch.setattr(fdchannel._sockio, "RECV_FLAGS", 0)
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    with a, b:
+        a.send(b"x", fds=[w])
+        with b.recv() as msg:  # blocking recv: the inlined fast path
+            assert not os.get_inheritable(msg.fds[0].fileno())
+        b.settimeout(TIMEOUT)
+        a.send(b"y", fds=[w])
+        with b.recv() as msg:  # timed recv: the general path
+            assert not os.get_inheritable(msg.fds[0].fileno())
+    os.close(r)
+    os.close(w)
+
+
+def test_channel_closed_after_close_is_not_silent() -> None:
+    a, b = Channel.pair()
+    a.close()
+    with pytest.raises(ChannelClosed):
+        b.recv()
+    b.close()
