@@ -50,7 +50,6 @@ _pack = _HEADER.pack
 # number, so the hot path checks them with a single comparison.
 _FAST = struct.Struct("<QIIQ")
 _fast_unpack_from = _FAST.unpack_from
-_NO = (-1, 0, 0, 0)  # a "header" no frame matches
 
 #: Frames up to this size (header included) are parsed out of the shared read
 #: buffer; larger ones get buffers of their own that reads go straight into.
@@ -220,7 +219,9 @@ class Decoder:
         if nbytes <= 0:
             raise ValueError("buffer_updated needs nbytes > 0; report EOF with receive_eof()")
         if not self._end and not self.frames and self._big is None and not self._fds and self._error is None:
-            tag, nfds, aux_len, payload_len = _fast_unpack_from(self._buf) if nbytes >= HEADER_SIZE else _NO
+            # Fewer than HEADER_SIZE new bytes leave stale ones behind them,
+            # but then nbytes == HEADER_SIZE + payload_len cannot hold.
+            tag, nfds, aux_len, payload_len = _fast_unpack_from(self._buf)
             if (
                 nbytes == HEADER_SIZE + payload_len
                 and tag == self._data_tag
