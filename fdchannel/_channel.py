@@ -300,20 +300,6 @@ class Channel(ChannelBase):
             if self._pending:
                 self._push(self._deadline(), this_message=None)
 
-    def _interrupted(self, exc: BaseException) -> None:
-        """*exc* (KeyboardInterrupt, a signal handler's error) cut into a write.
-
-        It may have struck after the kernel took part of a frame but before
-        the count reached us, so how much left is unknown: the stream can no
-        longer be trusted.
-        """
-        self._discard_pending()
-        if self._broken is None:
-            self._broken = ProtocolError(
-                f"send() was interrupted by {exc!r} while writing a frame; how much of it "
-                "left is unknown, so the stream is unusable"
-            )
-
     def _queue_rest(self, bufs: list[Buffer], in_band: list[int], sent: int) -> None:
         """Queue what the inlined sendmsg of `send` did not send, and push it."""
         self._queue_unsent(bufs, in_band, sent)

@@ -221,6 +221,20 @@ class ChannelBase:
         self._pending.extend(split_batches(bufs, payload, size, in_band))
         return 0
 
+    def _interrupted(self, exc: BaseException) -> None:
+        """*exc* (KeyboardInterrupt, a signal handler's error) cut into a write.
+
+        It may have struck after the kernel took part of a frame but before
+        the count reached us, so how much left is unknown: the stream can no
+        longer be trusted.
+        """
+        self._discard_pending()
+        if self._broken is None:
+            self._broken = ProtocolError(
+                f"send() was interrupted by {exc!r} while writing a frame; how much of it "
+                "left is unknown, so the stream is unusable"
+            )
+
     def _queue_unsent(self, bufs: list[Buffer], fds: list[int], sent: int) -> None:
         """Queue what one ``sendmsg`` of a whole frame (*bufs*, *fds*) did not send."""
         chunk = Chunk(bufs, fds)

@@ -338,6 +338,10 @@ class AsyncChannel(ChannelBase):
             except BaseException as exc:
                 if getattr(exc, "characters_written", 1) == 0:
                     self._session.discard(out)
+                elif not isinstance(exc, OSError | asyncio.CancelledError):
+                    # KeyboardInterrupt or a signal handler's error inside the
+                    # synchronous write: how much of the frame left is unknown.
+                    self._interrupted(exc)
                 raise
         finally:
             self._send_lock.release()

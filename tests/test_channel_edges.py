@@ -21,7 +21,9 @@ import pytest
 import fdchannel._channel
 import fdchannel._sockio
 from fdchannel import Channel, ChannelClosed, ProtocolError
+from fdchannel.aio import AsyncChannel
 
+from ._aio import run_on  # imported early: it opens uvloop's process-wide pipe
 from ._proc import run_child
 
 TIMEOUT = 10.0
@@ -195,3 +197,43 @@ def test_channel_closed_after_close_is_not_silent() -> None:
     with pytest.raises(ChannelClosed):
         b.recv()
     b.close()
+
+
+class _Interrupting(socket.socket):
+    """A real socket whose next sendmsg is followed by an exception, as when
+    a signal handler raises right after the kernel took part of a frame."""
+
+    def sendmsg(self, *args: object) -> int:  # type: ignore[override]
+        n: int = super().sendmsg(*args)  # type: ignore[arg-type]
+        raise KeyboardInterrupt(f"after {n} bytes")
+
+
+def _interrupting_pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return _Interrupting(fileno=a.detach()), b
+
+
+def test_interrupt_right_after_a_write_breaks_the_blocking_channel() -> None:
+    sa, sb = _interrupting_pair()
+    with Channel(sa) as a, Channel(sb) as b:
+        with pytest.raises(KeyboardInterrupt):
+            a.send(b"frame", fds=[0])
+        with pytest.raises(ProtocolError, match="interrupted by KeyboardInterrupt"):
+            a.send(b"next")
+        b.settimeout(TIMEOUT)
+        with b.recv() as msg:  # what left, left whole here; nothing follows it
+            assert msg.payload == b"frame"
+
+
+def test_interrupt_right_after_a_write_breaks_the_async_channel() -> None:
+    async def body() -> None:
+        sa, sb = _interrupting_pair()
+        async with AsyncChannel(sa) as a, AsyncChannel(sb) as b:
+            with pytest.raises(KeyboardInterrupt):
+                await a.send(b"frame", fds=[0])
+            with pytest.raises(ProtocolError, match="interrupted by KeyboardInterrupt"):
+                await a.send(b"next")
+            with await b.recv() as msg:
+                assert msg.payload == b"frame"
+
+    run_on("asyncio", body())
