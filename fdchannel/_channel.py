@@ -174,25 +174,6 @@ class Channel(ChannelBase):
 
     # -- socket-like surface ----------------------------------------------
 
-    @property
-    def transport(self) -> Transport:
-        """The transport this channel was built with."""
-        return self._transport
-
-    @property
-    def closed(self) -> bool:
-        """True once `close` was called."""
-        return self._closed
-
-    @property
-    def pending(self) -> bool:
-        """True while part of a sent message waits in the channel for `flush`."""
-        return bool(self._pending)
-
-    def fileno(self) -> int:
-        """The socket's fd, for `select`/`poll`; ownership stays with the channel."""
-        return self._sock.fileno()
-
     def gettimeout(self) -> float | None:
         """``None`` when blocking, ``0.0`` when non-blocking, else the timeout."""
         return self._timeout

@@ -147,6 +147,30 @@ class ChannelBase:
 
         def _flush_control_nowait(self) -> None: ...
 
+    @property
+    def transport(self) -> Transport:
+        """The transport this channel was built with."""
+        return self._transport
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel was closed (``close``, ``aclose`` or leaving ``with``)."""
+        return self._closed
+
+    @property
+    def pending(self) -> bool:
+        """True while the rest of a message that was taken waits in the channel.
+
+        That is after a ``send()`` that raised with ``characters_written > 0``
+        (non-blocking, timed out, or cancelled): ``flush()`` writes it, and
+        the next ``send()`` writes it first.
+        """
+        return bool(self._pending)
+
+    def fileno(self) -> int:
+        """The socket's fd, for ``select``/``poll``; ownership stays with the channel."""
+        return self._sock.fileno()
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fileno}"
         return f"<{self._kind} {state} transport={self._transport.name}>"

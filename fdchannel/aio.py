@@ -187,25 +187,6 @@ class AsyncChannel(ChannelBase):
 
     # -- socket-like surface ----------------------------------------------
 
-    @property
-    def transport(self) -> Transport:
-        """The transport this channel was built with."""
-        return self._transport
-
-    @property
-    def closed(self) -> bool:
-        """True once `close` or `aclose` was called."""
-        return self._closed
-
-    @property
-    def pending(self) -> bool:
-        """True while the remainder of a cancelled ``send()`` waits to be written."""
-        return bool(self._pending)
-
-    def fileno(self) -> int:
-        """The socket's fd; ownership stays with the channel."""
-        return self._sock.fileno()
-
     # -- waiting on the loop ------------------------------------------------
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
