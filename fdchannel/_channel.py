@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 import weakref
-from array import array as _array
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, Self
 
@@ -23,6 +22,9 @@ from ._fdutil import close_all
 from ._message import Message
 from ._ownedfd import OwnedFd, fileno_of
 from ._sockio import ANCBUF as _ANCBUF
+from ._sockio import FD_PACK as _FD_PACK
+from ._sockio import FD_UNPACK as _FD_UNPACK
+from ._sockio import MAX_FD_BYTES as _MAX_FD_BYTES
 from ._sockio import MSG_CTRUNC as _MSG_CTRUNC
 from ._sockio import MSG_DONTWAIT as _MSG_DONTWAIT
 from ._sockio import RECV_FLAGS as _RECV_FLAGS
@@ -226,7 +228,9 @@ class Channel(ChannelBase):
                     writing = True
                     try:
                         sent = self._sock.sendmsg(
-                            bufs, [(_SOL_SOCKET, _SCM_RIGHTS, _array("i", nums))] if nfds else (), _SEND_FLAGS
+                            bufs,
+                            [(_SOL_SOCKET, _SCM_RIGHTS, _FD_PACK[nfds](*nums))] if nfds else (),
+                            _SEND_FLAGS,
                         )
                     except BlockingIOError:
                         sent = 0
@@ -416,12 +420,15 @@ class Channel(ChannelBase):
                             except ConnectionResetError:
                                 n, anc, flags = 0, [], 0
                             if n and not flags & _MSG_CTRUNC and len(anc) <= 1 and _RECV_FLAGS:
-                                got_fds: list[int] | tuple[()] | None = ()
+                                got_fds: tuple[int, ...] | None = ()
                                 if anc:
                                     level, kind, data = anc[0]
                                     got_fds = (
-                                        memoryview(data).cast("i").tolist()
-                                        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(data) % 4
+                                        _FD_UNPACK[len(data) >> 2](data)
+                                        if level == _SOL_SOCKET
+                                        and kind == _SCM_RIGHTS
+                                        and not len(data) % 4
+                                        and len(data) <= _MAX_FD_BYTES
                                         else None  # something odd: finish_read sorts it out
                                     )
                                 if got_fds is not None:
@@ -430,7 +437,7 @@ class Channel(ChannelBase):
                                         continue
                                     payload, fds = one
                                     if not self._simple:
-                                        frames.append(Frame(False, len(fds), b"", payload, fds))
+                                        frames.append(Frame(False, len(fds), b"", payload, list(fds)))
                                         continue
                                     # A lone plain frame, straight to the caller.
                                     if not fds:

@@ -203,16 +203,16 @@ class Decoder:
         """
         one = self.buffer_updated_one(nbytes, fds)
         if one is not None:
-            self.frames.append(Frame(False, len(one[1]), b"", one[0], one[1]))
+            self.frames.append(Frame(False, len(one[1]), b"", one[0], list(one[1])))
 
     def buffer_updated_one(
         self, nbytes: int, fds: list[int] | tuple[int, ...] = ()
-    ) -> tuple[bytes, list[int]] | None:
+    ) -> tuple[bytes, list[int] | tuple[int, ...]] | None:
         """`buffer_updated`, returning a lone plain frame instead of queueing it.
 
         When nothing was buffered or queued and this read is exactly one
         data frame without transport data, returns its ``(payload, fds)``
-        (the fds now the caller's) and queues nothing: the common case,
+        (the fds, as given, now the caller's) and queues nothing: the common case,
         without a `Frame` object.  Otherwise records the read exactly as
         `buffer_updated` does and returns None.
         """
@@ -233,7 +233,7 @@ class Decoder:
                 and not aux_len
             ):
                 self._received += nbytes
-                return self._mv[HEADER_SIZE:nbytes].tobytes(), fds if fds.__class__ is list else list(fds)
+                return self._mv[HEADER_SIZE:nbytes].tobytes(), fds
         self._record(nbytes, fds)
         return None
 
