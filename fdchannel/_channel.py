@@ -115,17 +115,6 @@ class Channel(ChannelBase):
         return ends
 
     @classmethod
-    def from_fd(cls, fd: int, **kwargs: Any) -> Channel:
-        """Wrap an inherited socket fd; the channel owns it from now on.
-
-        The fd is made non-inheritable.  Raises `OSError` if *fd* is not a
-        socket (``ENOTSOCK``) or not connected (``ENOTCONN``), `ValueError`
-        if it is not a stream socket or the transport cannot use it; the fd
-        is then left open and still the caller's.
-        """
-        return cls._from_fd(fd, kwargs)
-
-    @classmethod
     def from_environ(cls, **kwargs: Any) -> Channel:
         """Return the channel end `fdchannel.spawn` gave this process.
 

@@ -126,8 +126,15 @@ class ChannelBase:
             raise
 
     @classmethod
-    def _from_fd(cls, fd: int, kwargs: dict[str, Any]) -> Self:
-        """The logic of ``from_fd()``."""
+    def from_fd(cls, fd: int, **kwargs: Any) -> Self:
+        """Wrap an inherited socket fd; the channel owns it from now on.
+
+        Keyword arguments go to the constructor.  The fd is made
+        non-inheritable.  Raises `OSError` if *fd* is not a socket
+        (``ENOTSOCK``) or not connected (``ENOTCONN``), `ValueError` if it is
+        not a stream socket or the transport cannot use it; the fd is then
+        left open and still the caller's.
+        """
         sock = socket.socket(fileno=fd)
         try:
             sock.getpeername()

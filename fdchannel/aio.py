@@ -131,17 +131,6 @@ class AsyncChannel(ChannelBase):
         return cls._pair(transport, kwargs)
 
     @classmethod
-    def from_fd(cls, fd: int, **kwargs: Any) -> AsyncChannel:
-        """Wrap an inherited socket fd; the channel owns it from now on.
-
-        The fd is made non-inheritable.  Raises `OSError` if *fd* is not a
-        socket (``ENOTSOCK``) or not connected (``ENOTCONN``), `ValueError`
-        if it is not a stream socket or the transport cannot use it; the fd
-        is then left open and still the caller's.
-        """
-        return cls._from_fd(fd, kwargs)
-
-    @classmethod
     def from_channel(cls, channel: Channel) -> AsyncChannel:
         """Take over a blocking `Channel`: its socket and all of its state.
 
