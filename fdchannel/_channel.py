@@ -39,6 +39,8 @@ __all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "Channel"]
 _SOL_SOCKET: Final = socket.SOL_SOCKET
 _SCM_RIGHTS: Final = socket.SCM_RIGHTS
 _pack_fast = _FAST.pack  # (tag, nfds, aux length, payload length), see header_tag
+#: The largest fd number a C int holds: SCM_RIGHTS carries ints.
+_FD_MAX: Final = 2**31 - 1
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
 DEFAULT_MAX_FDS: Final = 1024
@@ -198,67 +200,70 @@ class Channel(ChannelBase):
         """
         nums = list(fds)
         for f in nums:
-            if f.__class__ is not int or f < 0:
-                nums = [fileno_of(f) for f in nums]
+            if f.__class__ is not int or not 0 <= f <= _FD_MAX:
+                nums = [fileno_of(f) for f in nums]  # objects, or a clear error
                 break
-        size = len(payload) if payload.__class__ is bytes else memoryview(payload).nbytes
+        if payload.__class__ is bytes:
+            size = len(payload)
+        else:
+            view = memoryview(payload)
+            if not view.contiguous:
+                raise BufferError("the payload must be a contiguous buffer")
+            size = view.nbytes
         nfds = len(nums)
         if size > self.max_payload or nfds > self.max_fds or self._fileno in nums:
             self._refuse(size, nums)
-        with self._send_lock:
-            if self._closed or self._broken is not None:
-                self._check_usable()
-            writing = False
-            try:
-                if self._simple and nfds <= SCM_MAX_FD and not self._pending:
-                    # The common case, inlined: fds pass through as they are,
-                    # nothing is queued ahead, one sendmsg carries the whole frame.
-                    bufs: list[Buffer] = [_pack_fast(self._data_tag, nfds, 0, size), payload]
-                    writing = True
-                    try:
-                        sent = self._sock.sendmsg(
-                            bufs,
-                            [(_SOL_SOCKET, _SCM_RIGHTS, _FD_PACK[nfds](*nums))] if nfds else (),
-                            _SEND_FLAGS,
-                        )
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError as exc:
-                        _set_written(exc, 0)
-                        raise
-                    if sent != HEADER_SIZE + size:
-                        self._queue_rest(bufs, nums, sent)
-                    return
-                deadline = self._deadline()
-                if self._has_control:
-                    self._pump_nowait()
-                    self._queue_control()
-                if self._pending:
-                    # Older data goes first; if it cannot all go, this message
-                    # is not taken (and the older data stays queued).
-                    try:
-                        self._push(deadline, this_message=None)
-                    except (BlockingIOError, TimeoutError) as exc:
-                        _set_written(exc, 0)
-                        raise
-                out = self._session.outgoing(nums)
+        try:
+            with self._send_lock:
+                if self._closed or self._broken is not None:
+                    self._check_usable()
+                writing = False
                 try:
-                    writing = True
-                    written = self._write_frame(out.aux, list(out.in_band), nfds, payload, size)
-                    if written is not None:
-                        self._push(deadline, this_message=written)
+                    if self._simple and nfds <= SCM_MAX_FD and not self._pending:
+                        # The common case, inlined: fds pass through as they are,
+                        # nothing is queued ahead, one sendmsg carries the whole frame.
+                        bufs: list[Buffer] = [_pack_fast(self._data_tag, nfds, 0, size), payload]
+                        anc = [(_SOL_SOCKET, _SCM_RIGHTS, _FD_PACK[nfds](*nums))] if nfds else ()
+                        writing = True
+                        try:
+                            sent = self._sock.sendmsg(bufs, anc, _SEND_FLAGS)
+                        except BlockingIOError:
+                            sent = 0
+                        except OSError as exc:
+                            _set_written(exc, 0)
+                            raise
+                        if sent != HEADER_SIZE + size:
+                            self._queue_rest(bufs, nums, sent)
+                        return
+                    deadline = self._deadline()
+                    if self._has_control:
+                        self._pump_nowait()
+                        self._queue_control()
+                    if self._pending:
+                        # Older data goes first; if it cannot all go, this message
+                        # is not taken (and the older data stays queued).
+                        try:
+                            self._push(deadline, this_message=None)
+                        except (BlockingIOError, TimeoutError) as exc:
+                            _set_written(exc, 0)
+                            raise
+                    out = self._session.outgoing(nums)
+                    try:
+                        writing = True
+                        written = self._write_frame(out.aux, list(out.in_band), nfds, payload, size)
+                        if written is not None:
+                            self._push(deadline, this_message=written)
+                    except BaseException as exc:
+                        if getattr(exc, "characters_written", 1) == 0:
+                            self._session.discard(out)
+                        raise
                 except BaseException as exc:
-                    if getattr(exc, "characters_written", 1) == 0:
-                        self._session.discard(out)
+                    if writing and not isinstance(exc, OSError):
+                        self._interrupted(exc)
                     raise
-            except BaseException as exc:
-                if writing and not isinstance(exc, OSError):
-                    self._interrupted(exc)
-                raise
-            finally:
-                if self._closed:
-                    # close() ran in another thread while this one was sending.
-                    self._discard_pending()
+        finally:
+            if self._closed:
+                self._after_close_race()
 
     def flush(self) -> None:
         """Send what a non-blocking or timed-out `send` left pending.
@@ -384,86 +389,114 @@ class Channel(ChannelBase):
         unusable), `BlockingIOError`/`TimeoutError` when no whole message
         arrived in time (what did arrive stays buffered for the next call).
         """
-        with self._recv_lock:
-            if self._closed or self._broken is not None:
-                self._check_usable()
-            try:
-                decoder = self._decoder
-                frames = decoder.frames
-                deadline = None
-                while True:
-                    while not frames:
-                        if decoder.error is not None:
-                            self._fail(decoder.error)
-                            raise decoder.error
-                        if self._eof:
-                            raise ChannelClosed("the peer closed the channel")
-                        if self._timeout is None:
-                            # Blocking: the read simply waits.  The common case of
-                            # _sockio.read_into is inlined: one recvmsg bringing
-                            # one SCM_RIGHTS entry of whole fds, or none.
-                            try:
-                                n, anc, flags, _ = self._sock.recvmsg_into(
-                                    [decoder.get_buffer()], _ANCBUF, _RECV_FLAGS
-                                )
-                            except ConnectionResetError:
-                                n, anc, flags = 0, [], 0
-                            if n and not flags & _MSG_CTRUNC and len(anc) <= 1 and _RECV_FLAGS:
-                                got_fds: tuple[int, ...] | None = ()
-                                if anc:
-                                    level, kind, data = anc[0]
-                                    got_fds = (
-                                        _FD_UNPACK[len(data) >> 2](data)
-                                        if level == _SOL_SOCKET
-                                        and kind == _SCM_RIGHTS
-                                        and not len(data) % 4
-                                        and len(data) <= _MAX_FD_BYTES
-                                        else None  # something odd: finish_read sorts it out
+        try:
+            with self._recv_lock:
+                if self._closed or self._broken is not None:
+                    self._check_usable()
+                try:
+                    decoder = self._decoder
+                    frames = decoder.frames
+                    deadline = None
+                    while True:
+                        while not frames:
+                            if decoder.error is not None:
+                                self._fail(decoder.error)
+                                raise decoder.error
+                            if self._eof:
+                                raise ChannelClosed("the peer closed the channel")
+                            if self._timeout is None:
+                                # Blocking: the read simply waits.  The common case of
+                                # _sockio.read_into is inlined: one recvmsg bringing
+                                # one SCM_RIGHTS entry of whole fds, or none.
+                                try:
+                                    n, anc, flags, _ = self._sock.recvmsg_into(
+                                        [decoder.get_buffer()], _ANCBUF, _RECV_FLAGS
                                     )
-                                if got_fds is not None:
-                                    one = decoder.buffer_updated_one(n, got_fds)
-                                    if one is None:
-                                        continue
-                                    payload, fds = one
-                                    if not self._simple:
-                                        frames.append(Frame(False, len(fds), b"", payload, list(fds)))
-                                        continue
-                                    # A lone plain frame, straight to the caller.
-                                    if not fds:
-                                        return Message(payload, ())
-                                    if len(fds) == 1:
-                                        return Message(payload, (OwnedFd(fds[0]),))
-                                    return Message(payload, tuple(map(OwnedFd, fds)))
+                                except ConnectionResetError:
+                                    n, anc, flags = 0, [], 0
+                                if n and not flags & _MSG_CTRUNC and len(anc) <= 1 and _RECV_FLAGS:
+                                    got_fds: tuple[int, ...] | None = ()
+                                    if anc:
+                                        level, kind, data = anc[0]
+                                        got_fds = (
+                                            _FD_UNPACK[len(data) >> 2](data)
+                                            if level == _SOL_SOCKET
+                                            and kind == _SCM_RIGHTS
+                                            and not len(data) % 4
+                                            and len(data) <= _MAX_FD_BYTES
+                                            else None  # something odd: finish_read sorts it out
+                                        )
+                                    if got_fds is not None:
+                                        one = decoder.buffer_updated_one(n, got_fds)
+                                        if one is None:
+                                            continue
+                                        payload, fds = one
+                                        if not self._simple:
+                                            frames.append(Frame(False, len(fds), b"", payload, list(fds)))
+                                            continue
+                                        # A lone plain frame, straight to the caller.
+                                        if not fds:
+                                            return Message(payload, ())
+                                        if len(fds) == 1:
+                                            return Message(payload, (OwnedFd(fds[0]),))
+                                        return Message(payload, tuple(map(OwnedFd, fds)))
+                                try:
+                                    got = finish_read(decoder, n, anc, flags)
+                                except TruncatedControlData as exc:
+                                    self._fail(exc)
+                                    raise
+                                if not got:
+                                    self._at_eof()
+                                continue
+                            if deadline is None and self._timeout:
+                                deadline = time.monotonic() + self._timeout
+                            self._fill(deadline)
+                        frame = frames.popleft()
+                        if frame.control:
                             try:
-                                got = finish_read(decoder, n, anc, flags)
-                            except TruncatedControlData as exc:
+                                self._session.control(bytes(frame.payload))
+                            except ProtocolError as exc:
                                 self._fail(exc)
                                 raise
-                            if not got:
-                                self._at_eof()
                             continue
-                        if deadline is None and self._timeout:
-                            deadline = time.monotonic() + self._timeout
-                        self._fill(deadline)
-                    frame = frames.popleft()
-                    if frame.control:
-                        try:
-                            self._session.control(bytes(frame.payload))
-                        except ProtocolError as exc:
-                            self._fail(exc)
-                            raise
-                        continue
-                    fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
-                    if not fds:
-                        return Message(frame.payload, ())
-                    if len(fds) == 1:
-                        return Message(frame.payload, (OwnedFd(fds[0]),))
-                    return Message(frame.payload, tuple(map(OwnedFd, fds)))
-            finally:
-                if self._closed:
-                    # close() ran in another thread while this one waited:
-                    # what arrived meanwhile goes with the channel.
-                    close_all(self._decoder.take_fds())
+                        fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
+                        if not fds:
+                            return Message(frame.payload, ())
+                        if len(fds) == 1:
+                            return Message(frame.payload, (OwnedFd(fds[0]),))
+                        return Message(frame.payload, tuple(map(OwnedFd, fds)))
+                except BaseException as exc:
+                    if not isinstance(exc, OSError | FdChannelError | ValueError):
+                        # KeyboardInterrupt or a signal handler's error: it may
+                        # have struck after the kernel handed over bytes and fds
+                        # but before they were recorded, so they may be lost.
+                        self._fail(
+                            ProtocolError(
+                                f"recv() was interrupted by {exc!r}; what it had read may be lost, "
+                                "so the stream is unusable"
+                            )
+                        )
+                    raise
+        finally:
+            if self._closed:
+                self._after_close_race()
+
+    def _after_close_race(self) -> None:
+        """close() ran in another thread during a send() or recv(): drop what is held.
+
+        close() skips what a busy lock guards.  Each call checks for a close
+        after releasing its lock and close() sets the flag before trying the
+        locks, so one of the two always finds the lock free.
+        """
+        for lock, drop in (
+            (self._send_lock, self._discard_pending),
+            (self._recv_lock, lambda: close_all(self._decoder.take_fds())),
+        ):
+            if lock.acquire(blocking=False):
+                try:
+                    drop()
+                finally:
+                    lock.release()
 
     def _fill(self, deadline: float | None, dontwait: bool = False) -> bool:
         """Do one read into the decoder; False if nothing was ready (dontwait)."""
@@ -525,13 +558,20 @@ class Channel(ChannelBase):
         """
         if self._closed:
             return
-        # A forked copy must not push the creator's queued output a second time.
-        if self._pending and self._broken is None and self._pid == os.getpid():
-            with self._send_lock:
-                try:
-                    self._push(None, this_message=None, dontwait=True)
-                except OSError:
-                    pass
+        # A forked copy must not push the creator's queued output a second
+        # time, and a send() in progress keeps its lock: then nothing is pushed.
+        if (
+            self._pending
+            and self._broken is None
+            and self._pid == os.getpid()
+            and self._send_lock.acquire(blocking=False)
+        ):
+            try:
+                self._push(None, this_message=None, dontwait=True)
+            except OSError:
+                pass
+            finally:
+                self._send_lock.release()
         self._closed = True
         # A thread blocked in send() or recv() keeps its lock (the kernel
         # does not wake it when the socket is closed); it drops what the

@@ -15,6 +15,7 @@ import os
 import socket
 import warnings
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Self
 
 from typing_extensions import Buffer
@@ -22,6 +23,7 @@ from typing_extensions import Buffer
 from ._codec import _HEADER, HEADER_SIZE, MAGIC, VERSION, Decoder, Frame, pack_header
 from ._errors import FdChannelError, ProtocolError
 from ._fdutil import close_all
+from ._ownedfd import fileno_of
 from ._sockio import SEND_FLAGS, Chunk, rights, set_written, split_batches
 from .transports import Session, Transport, default_transport
 from .transports._unix import SCM_MAX_FD
@@ -209,6 +211,20 @@ class ChannelBase:
         self._session.peer_closed()
 
     # -- sending ------------------------------------------------------------
+
+    @staticmethod
+    def _message_args(payload: Buffer, fds: Iterable[int | Any]) -> tuple[list[int], int]:
+        """The fd numbers and payload size of a message; raises before anything is written.
+
+        ``Channel.send`` inlines the same checks on its hot path.
+        """
+        nums = [fileno_of(f) for f in fds]
+        if payload.__class__ is bytes:
+            return nums, len(payload)
+        view = memoryview(payload)
+        if not view.contiguous:
+            raise BufferError("the payload must be a contiguous buffer")
+        return nums, view.nbytes
 
     def _refuse(self, size: int, nums: list[int]) -> NoReturn:
         """Raise the `ValueError` for a message `send` must not write (the caller checked)."""

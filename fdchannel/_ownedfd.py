@@ -28,8 +28,8 @@ def fileno_of(obj: int | Any) -> int:
         fd = get()
         if not isinstance(fd, int):
             raise TypeError(f"{type(obj).__name__}.fileno() returned {type(fd).__name__}")
-    if fd < 0:
-        raise ValueError(f"invalid file descriptor {fd} (closed?)")
+    if not 0 <= fd <= 2**31 - 1:
+        raise ValueError(f"invalid file descriptor {fd}" + (" (closed?)" if fd < 0 else ""))
     return fd
 
 

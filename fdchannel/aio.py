@@ -35,7 +35,7 @@ from ._codec import Decoder
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
 from ._message import Message
-from ._ownedfd import OwnedFd, fileno_of
+from ._ownedfd import OwnedFd
 from ._sockio import read_into, set_written
 from .transports import Session, Transport
 
@@ -271,8 +271,7 @@ class AsyncChannel(ChannelBase):
         ``CancelledError`` is ``0``; otherwise taken and finished before any
         later message (see `flush`).
         """
-        nums = [f if f.__class__ is int and f >= 0 else fileno_of(f) for f in fds] if fds else []
-        size = len(payload) if payload.__class__ is bytes else memoryview(payload).nbytes
+        nums, size = self._message_args(payload, fds)
         nfds = len(nums)
         if size > self.max_payload or nfds > self.max_fds or self._fileno in nums:
             self._refuse(size, nums)

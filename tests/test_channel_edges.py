@@ -237,3 +237,120 @@ def test_interrupt_right_after_a_write_breaks_the_async_channel() -> None:
                 assert msg.payload == b"frame"
 
     run_on("asyncio", body())
+
+
+def test_bad_arguments_are_refused_without_harm() -> None:
+    a, b = Channel.pair()
+    with a, b:
+        b.settimeout(TIMEOUT)
+        with pytest.raises(ValueError, match="invalid file descriptor"):
+            a.send(b"x", fds=[2**31])
+        with pytest.raises(BufferError, match="contiguous"):
+            a.send(memoryview(b"abcdef")[::2])
+        a.send(b"fine", fds=[0])  # nothing was written, nothing is broken
+        with b.recv() as msg:
+            assert msg.payload == b"fine"
+
+
+def test_bad_arguments_are_refused_without_harm_async() -> None:
+    async def body() -> None:
+        a, b = AsyncChannel.pair()
+        async with a, b:
+            with pytest.raises(ValueError, match="invalid file descriptor"):
+                await a.send(b"x", fds=[2**31])
+            with pytest.raises(BufferError, match="contiguous"):
+                await a.send(memoryview(b"abcdef")[::2])
+            await a.send(b"fine", fds=[0])
+            with await b.recv() as msg:
+                assert msg.payload == b"fine"
+
+    run_on("asyncio", body())
+
+
+def test_close_does_not_wait_for_a_send_with_pending_data() -> None:
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    a.settimeout(0.5)  # the sender gives up on its own once the socket is gone
+    outcome: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            a.send(b"x" * (8 << 20), fds=[w] * 300)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    while not a.pending and t.is_alive():  # the rest of the message is queued
+        t.join(0.001)
+    closer = threading.Thread(target=a.close, daemon=True)
+    closer.start()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive(), "close() waited for the send lock"
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert outcome
+    assert isinstance(outcome[0], OSError | ValueError)
+    assert not a.pending  # the duplicates it kept were closed
+    b.close()
+    os.close(r)
+    os.close(w)
+
+
+class _InterruptedRecv(socket.socket):
+    """A real socket whose reads are interrupted, as by a signal handler."""
+
+    def recvmsg_into(self, *args: object) -> tuple[int, list[tuple[int, int, bytes]], int, object]:  # type: ignore[override]
+        raise KeyboardInterrupt
+
+
+def test_interrupted_recv_makes_the_channel_say_so() -> None:
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with raw, Channel(_InterruptedRecv(fileno=other.detach())) as ch:
+        with pytest.raises(KeyboardInterrupt):
+            ch.recv()
+        with pytest.raises(ProtocolError, match="interrupted by KeyboardInterrupt"):
+            ch.recv()
+
+
+class _CloseOnRelease:
+    """The receive lock, with a close() slipped in just before it is released."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.lock = threading.Lock()
+        self.channel = channel
+        self.armed = True
+
+    def acquire(self, blocking: bool = True) -> bool:
+        return self.lock.acquire(blocking)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.armed:
+            self.armed = False
+            self.channel.close()  # runs while recv() still holds the lock
+        self.lock.release()
+
+
+def test_close_racing_the_end_of_recv_still_closes_buffered_fds() -> None:
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    a.send(b"first")
+    a.send(b"second", fds=[w])  # likely read together with the first
+    os.close(w)
+    b._recv_lock = _CloseOnRelease(b)  # type: ignore[assignment]
+    assert b.recv().payload == b"first"
+    assert b.closed
+    ready, _, _ = select.select([r], [], [], TIMEOUT)
+    assert ready
+    assert os.read(r, 1) == b""  # the buffered second message's fd is closed
+    os.close(r)
+    a.close()
