@@ -264,8 +264,9 @@ class AsyncChannel(ChannelBase):
         *payload* is borrowed until ``send()`` returns: do not change it.
 
         Raises `ValueError` before writing anything when the message exceeds
-        ``max_payload``/``max_fds``, names the channel's own socket, or the
-        channel is closed; `ProtocolError` if an earlier error left the
+        ``max_payload``/``max_fds``, names an invalid fd or the channel's own
+        socket, or the channel is closed; `BufferError` for a payload that is
+        not contiguous; `ProtocolError` if an earlier error left the
         channel unusable; `OSError` (such as `BrokenPipeError`) from the
         kernel.  Cancelled: not sent if ``characters_written`` on the
         ``CancelledError`` is ``0``; otherwise taken and finished before any
