@@ -435,44 +435,56 @@ class AsyncChannel(ChannelBase):
         is lost; what arrived stays buffered for the next ``recv()``.
         """
         async with self._recv_lock:
-            self._check_usable()
-            decoder = self._decoder
-            waited = False
-            while True:
-                try:
-                    frame = decoder.next_frame()
-                except ProtocolError as exc:
-                    self._fail(exc)
-                    raise
-                if frame is not None:
-                    if frame.control:
-                        try:
-                            self._session.control(bytes(frame.payload))
-                        except ProtocolError as exc:
-                            self._fail(exc)
-                            raise
-                        continue
-                    # No await from here on: the frame must reach the caller.
-                    fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
-                    return Message(frame.payload, tuple(map(OwnedFd, fds)) if fds else ())
-                if self._eof:
-                    raise ChannelClosed("the peer closed the channel")
-                if not waited:
-                    # Checked before reading, never with a frame in hand.
-                    self._streak += 1
-                    if self._streak >= _FAIRNESS:
+            try:
+                self._check_usable()
+                decoder = self._decoder
+                waited = False
+                while True:
+                    try:
+                        frame = decoder.next_frame()
+                    except ProtocolError as exc:
+                        self._fail(exc)
+                        raise
+                    if frame is not None:
+                        if frame.control:
+                            try:
+                                self._session.control(bytes(frame.payload))
+                            except ProtocolError as exc:
+                                self._fail(exc)
+                                raise
+                            continue
+                        # No await from here on: the frame must reach the caller.
+                        fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
+                        return Message(frame.payload, tuple(map(OwnedFd, fds)) if fds else ())
+                    if self._eof:
+                        raise ChannelClosed("the peer closed the channel")
+                    if not waited:
+                        # Checked before reading, never with a frame in hand.
+                        self._streak += 1
+                        if self._streak >= _FAIRNESS:
+                            self._streak = 0
+                            await asyncio.sleep(0)
+                    try:
+                        if not read_into(self._sock, decoder):
+                            self._at_eof()
+                    except BlockingIOError:
+                        waited = True
                         self._streak = 0
-                        await asyncio.sleep(0)
-                try:
-                    if not read_into(self._sock, decoder):
-                        self._at_eof()
-                except BlockingIOError:
-                    waited = True
-                    self._streak = 0
-                    await self._wait_readable()
-                except TruncatedControlData as exc:
-                    self._fail(exc)
-                    raise
+                        await self._wait_readable()
+                    except TruncatedControlData as exc:
+                        self._fail(exc)
+                        raise
+            except BaseException as exc:
+                if not isinstance(exc, OSError | FdChannelError | ValueError | asyncio.CancelledError):
+                    # KeyboardInterrupt or a signal handler's error inside the
+                    # synchronous read or hand-over: what it had read may be lost.
+                    self._fail(
+                        ProtocolError(
+                            f"recv() was interrupted by {exc!r}; what it had read may be lost, "
+                            "so the stream is unusable"
+                        )
+                    )
+                raise
 
     def __aiter__(self) -> AsyncIterator[Message]:
         """Yield messages until the peer closes the channel."""

@@ -354,3 +354,25 @@ def test_close_racing_the_end_of_recv_still_closes_buffered_fds() -> None:
     assert os.read(r, 1) == b""  # the buffered second message's fd is closed
     os.close(r)
     a.close()
+
+
+class _SignalError(Exception):
+    """What a signal handler might raise."""
+
+
+class _InterruptedRecvSignal(socket.socket):
+    def recvmsg_into(self, *args: object) -> tuple[int, list[tuple[int, int, bytes]], int, object]:  # type: ignore[override]
+        raise _SignalError
+
+
+def test_interrupted_recv_makes_the_async_channel_say_so() -> None:
+    async def body() -> None:
+        raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with raw:
+            async with AsyncChannel(_InterruptedRecvSignal(fileno=other.detach())) as ch:
+                with pytest.raises(_SignalError):
+                    await ch.recv()
+                with pytest.raises(ProtocolError, match="interrupted by _SignalError"):
+                    await ch.recv()
+
+    run_on("asyncio", body())
