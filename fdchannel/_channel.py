@@ -454,11 +454,7 @@ class Channel(ChannelBase):
                             self._fill(deadline)
                         frame = frames.popleft()
                         if frame.control:
-                            try:
-                                self._session.control(bytes(frame.payload))
-                            except ProtocolError as exc:
-                                self._fail(exc)
-                                raise
+                            self._control(frame)
                             continue
                         fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
                         if not fds:
@@ -468,15 +464,7 @@ class Channel(ChannelBase):
                         return Message(frame.payload, tuple(map(OwnedFd, fds)))
                 except BaseException as exc:
                     if not isinstance(exc, OSError | FdChannelError | ValueError):
-                        # KeyboardInterrupt or a signal handler's error: it may
-                        # have struck after the kernel handed over bytes and fds
-                        # but before they were recorded, so they may be lost.
-                        self._fail(
-                            ProtocolError(
-                                f"recv() was interrupted by {exc!r}; what it had read may be lost, "
-                                "so the stream is unusable"
-                            )
-                        )
+                        self._recv_interrupted(exc)
                     raise
         finally:
             if self._closed:

@@ -282,6 +282,26 @@ class ChannelBase:
                 "left is unknown, so the stream is unusable"
             )
 
+    def _control(self, frame: Frame) -> None:
+        """Hand a control frame to the session; a malformed one breaks the channel."""
+        try:
+            self._session.control(bytes(frame.payload))
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def _recv_interrupted(self, exc: BaseException) -> None:
+        """*exc* (KeyboardInterrupt, a signal handler's error) cut into a recv().
+
+        It may have struck after the kernel handed over bytes and fds but
+        before they were recorded, so they may be lost: say so from now on.
+        """
+        self._fail(
+            ProtocolError(
+                f"recv() was interrupted by {exc!r}; what it had read may be lost, so the stream is unusable"
+            )
+        )
+
     def _queue_unsent(self, bufs: list[Buffer], fds: list[int], sent: int) -> None:
         """Queue what one ``sendmsg`` of a whole frame (*bufs*, *fds*) did not send."""
         chunk = Chunk(bufs, fds)

@@ -447,11 +447,7 @@ class AsyncChannel(ChannelBase):
                         raise
                     if frame is not None:
                         if frame.control:
-                            try:
-                                self._session.control(bytes(frame.payload))
-                            except ProtocolError as exc:
-                                self._fail(exc)
-                                raise
+                            self._control(frame)
                             continue
                         # No await from here on: the frame must reach the caller.
                         fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
@@ -476,14 +472,7 @@ class AsyncChannel(ChannelBase):
                         raise
             except BaseException as exc:
                 if not isinstance(exc, OSError | FdChannelError | ValueError | asyncio.CancelledError):
-                    # KeyboardInterrupt or a signal handler's error inside the
-                    # synchronous read or hand-over: what it had read may be lost.
-                    self._fail(
-                        ProtocolError(
-                            f"recv() was interrupted by {exc!r}; what it had read may be lost, "
-                            "so the stream is unusable"
-                        )
-                    )
+                    self._recv_interrupted(exc)
                 raise
 
     def __aiter__(self) -> AsyncIterator[Message]:
