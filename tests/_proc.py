@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import sys
 import traceback
 from collections.abc import Callable
+
+from .conftest import open_fds
 
 TIMEOUT = 30.0
 
@@ -51,3 +54,14 @@ def run_child(body: Callable[[], object], timeout: float = TIMEOUT) -> None:
     """Fork, run *body* in the child, and assert it succeeded."""
     code = wait_child(fork_child(body), timeout)
     assert code == 0, f"child failed with exit code {code}"
+
+
+def limit_fds_to_free_slots(free: int) -> None:
+    """Lower RLIMIT_NOFILE so that exactly *free* more fds can be opened."""
+    used = sorted(open_fds())
+    limit = 0
+    while limit - sum(fd < limit for fd in used) < free or limit in used:
+        limit += 1
+    # Numbers below `limit` hold exactly `free` holes; the fd limit makes
+    # everything from `limit` up unusable.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import socket
 import struct
 import subprocess
@@ -30,7 +29,7 @@ from fdchannel._codec import pack_header
 from fdchannel.aio import AsyncChannel
 
 from ._aio import LOOPS, loop_kind, run, run_on  # noqa: F401 - fixtures
-from ._proc import fork_child, wait_child
+from ._proc import fork_child, limit_fds_to_free_slots, wait_child
 from ._transports import PairFactory
 
 APair = Callable[..., tuple[AsyncChannel, AsyncChannel]]
@@ -552,25 +551,16 @@ def test_msg_ctrunc_in_child_at_fd_limit(loop_kind: str) -> None:
     async def child_main() -> None:
         a.close()
         try:
-            # Room for only a few more fds: the second message's 5 fds cannot
-            # all be installed and the kernel sets MSG_CTRUNC.
-            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            highest = max(int(x) for x in os.listdir("/proc/self/fd"))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
-            fillers = []
-            try:  # fill every free slot below the limit, then free two
-                while True:
-                    fillers.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError:
-                pass
-            for fd in fillers[:2]:
-                os.close(fd)
+            # Room for two more fds: the message's 5 cannot all be installed
+            # and the kernel sets MSG_CTRUNC.
+            limit_fds_to_free_slots(2)
             with pytest.raises(TruncatedControlData):
                 await b.recv()
             with pytest.raises(ProtocolError, match="unusable"):
                 await b.recv()
             # The fds that did arrive were closed: both slots are free again.
-            fillers[:2] = [os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_RDONLY)]
+            for _ in range(2):
+                os.open(os.devnull, os.O_RDONLY)  # the child exits: no need to close
         finally:
             b.close()
 

@@ -19,7 +19,7 @@ import pytest
 from fdchannel import Channel, ChannelClosed, ProtocolError, TruncatedControlData
 from fdchannel._codec import pack_header
 
-from ._proc import run_child
+from ._proc import limit_fds_to_free_slots, run_child
 from .conftest import open_fds
 
 TIMEOUT = 10.0
@@ -50,17 +50,6 @@ def pipe_closed_everywhere(r: int) -> bool:
     """True when every write end of the pipe is closed (read gives EOF)."""
     ready, _, _ = select.select([r], [], [], TIMEOUT)
     return bool(ready) and os.read(r, 1) == b""
-
-
-def limit_fds_to_free_slots(free: int) -> None:
-    """Lower RLIMIT_NOFILE so that exactly *free* more fds can be opened."""
-    used = sorted(open_fds())
-    limit = 0
-    while limit - sum(fd < limit for fd in used) < free or limit in used:
-        limit += 1
-    # Numbers below `limit` hold exactly `free` holes; the fd limit makes
-    # everything from `limit` up unusable.
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 def assert_unusable(ch: Channel, original: str) -> None:
