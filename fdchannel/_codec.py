@@ -163,6 +163,10 @@ class Decoder:
         self._max_aux = max_aux
         self._transport_name = transport_name or f"transport {wire_id}"
         self._data_tag = header_tag(wire_id)
+        # What the one-frame fast path accepts, folded into two bounds: an
+        # inline frame within max_payload, and in-band fds within max_fds.
+        self._fast_max_payload = min(max_payload, INLINE_LIMIT - HEADER_SIZE)
+        self._fast_max_fds = max_fds if in_band else 0
         self._buf = bytearray(2 * INLINE_LIMIT)
         self._mv = memoryview(self._buf)
         self._start = 0  # first unparsed byte in _buf
@@ -175,7 +179,9 @@ class Decoder:
         #: Complete frames in stream order; take them with `next_frame` (or
         #: ``popleft()``: a channel's hot path reads the queue directly).
         self.frames: deque[Frame] = deque()
-        self._error: ProtocolError | None = None
+        #: The protocol error met, if any (a plain attribute: recv() checks
+        #: it on every call).
+        self.error: ProtocolError | None = None
         self._eof = False
 
     # -- reading side ---------------------------------------------------
@@ -218,7 +224,7 @@ class Decoder:
         """
         if nbytes <= 0:
             raise ValueError("buffer_updated needs nbytes > 0; report EOF with receive_eof()")
-        if not self._end and not self.frames and self._big is None and not self._fds and self._error is None:
+        if not self._end and not self.frames and self._big is None and not self._fds and self.error is None:
             # Fewer than HEADER_SIZE new bytes leave stale ones behind them,
             # but then nbytes == HEADER_SIZE + payload_len cannot hold.
             tag, nfds, aux_len, payload_len = _fast_unpack_from(self._buf)
@@ -226,10 +232,8 @@ class Decoder:
                 nbytes == HEADER_SIZE + payload_len
                 and tag == self._data_tag
                 and nfds == len(fds)
-                and (self._in_band or not nfds)
-                and nbytes <= INLINE_LIMIT
-                and nfds <= self._max_fds
-                and payload_len <= self._max_payload
+                and nfds <= self._fast_max_fds
+                and payload_len <= self._fast_max_payload
                 and not aux_len
             ):
                 self._received += nbytes
@@ -242,7 +246,7 @@ class Decoder:
         self._received = end = begin + nbytes
         if fds:
             self._fds.append([fds if fds.__class__ is list else list(fds), begin, end])
-        if self._error is not None:
+        if self.error is not None:
             return
         try:
             big = self._big
@@ -254,7 +258,7 @@ class Decoder:
                 self._end += nbytes
                 self._parse()
         except ProtocolError as exc:
-            self._error = exc
+            self.error = exc
 
     def receive_eof(self) -> None:
         """Record that the stream ended.
@@ -263,12 +267,12 @@ class Decoder:
         belong to no frame.
         """
         self._eof = True
-        if self._error is not None:
+        if self.error is not None:
             return
         if self._big is not None or self._end > self._start:
-            self._error = ProtocolError("peer closed the stream in the middle of a message")
+            self.error = ProtocolError("peer closed the stream in the middle of a message")
         elif self._fds:
-            self._error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
+            self.error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
 
     @property
     def at_boundary(self) -> bool:
@@ -282,8 +286,8 @@ class Decoder:
         """
         if self.frames:
             return self.frames.popleft()
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         return None
 
     def take_control_frames(self) -> list[Frame]:
@@ -294,11 +298,6 @@ class Decoder:
             self.frames.clear()
             self.frames.extend(data)
         return control
-
-    @property
-    def error(self) -> ProtocolError | None:
-        """The protocol error met, if any."""
-        return self._error
 
     def take_fds(self) -> list[int]:
         """Give up and return every fd still held (buffered and in queued frames)."""

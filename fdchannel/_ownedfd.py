@@ -123,7 +123,10 @@ class OwnedFd:
         self.close()
 
     def __del__(self) -> None:
-        fd = getattr(self, "_fd", -1)
+        try:
+            fd = self._fd
+        except AttributeError:  # __init__ never ran
+            return
         if fd >= 0:
             self._fd = -1
             warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
