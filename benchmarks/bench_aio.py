@@ -14,6 +14,11 @@ Workloads:
   pingpong-1fd  a 1-fd message each way, both processes pinned to one CPU
                 (cross-CPU round trips measure wake-up latency, not code);
                 time per round trip.
+  loop-floor    no fdchannel at all: one byte each way with plain socket
+                recv/sendall against the loop's own sock_recv/sock_sendall,
+                pinned likewise.  The event loop's wake-up cost per round
+                trip, which no async channel can go below: read the
+                pingpong-1fd ratios against it.
 """
 
 from __future__ import annotations
@@ -125,6 +130,17 @@ def blocking_pong(sock: socket.socket, n: int) -> None:
     ch.close()
 
 
+def raw_ping(sock: socket.socket, n: int) -> None:
+    for _ in range(n):
+        sock.sendall(b"p")
+        sock.recv(1)
+
+
+def raw_pong(sock: socket.socket, n: int) -> None:
+    for _ in range(n):
+        sock.sendall(sock.recv(1))
+
+
 # -- async -------------------------------------------------------------------------------
 
 
@@ -160,6 +176,19 @@ def async_sides(kind: str) -> dict[str, Side]:
             await ch.send(b"q", fds=[fd])
         await ch.aclose()
 
+    async def loop_ping(sock: socket.socket, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        for _ in range(n):
+            await loop.sock_sendall(sock, b"p")
+            await loop.sock_recv(sock, 1)
+
+    async def loop_pong(sock: socket.socket, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        for _ in range(n):
+            await loop.sock_sendall(sock, await loop.sock_recv(sock, 1))
+
     def sync(fn: Callable[[socket.socket, int], Any]) -> Side:
         return lambda sock, n: on_loop(kind, fn(sock, n))
 
@@ -168,6 +197,8 @@ def async_sides(kind: str) -> dict[str, Side]:
         "stream_recv": sync(stream_recv),
         "ping": sync(ping),
         "pong": sync(pong),
+        "loop_ping": sync(loop_ping),
+        "loop_pong": sync(loop_pong),
     }
 
 
@@ -211,6 +242,13 @@ def main() -> None:
         s = sides[kind]
         pingpong[f"async/{kind}"] = lambda s=s: run_pair(s["ping"], s["pong"], m, pin=True)  # type: ignore[misc]
     bench(f"pingpong-1fd ({m} round trips, one CPU)", pingpong, args.rounds, m, "round trip")
+
+    floor: dict[str, Callable[[], float]] = {"blocking": lambda: run_pair(raw_ping, raw_pong, m, pin=True)}
+    for kind in kinds:
+        s = sides[kind]
+        floor[f"async/{kind}"] = lambda s=s: run_pair(s["loop_ping"], s["loop_pong"], m, pin=True)  # type: ignore[misc]
+    title = f"loop-floor: 1 byte each way, no fdchannel ({m} round trips, one CPU)"
+    bench(title, floor, args.rounds, m, "round trip")
 
 
 if __name__ == "__main__":
