@@ -58,8 +58,10 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     known way to ask.
     """
     if hasattr(socket, "SO_PEERCRED"):  # Linux
-        size = struct.calcsize("3i")
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
+        # struct ucred: pid_t pid; uid_t uid; gid_t gid.  The ids are
+        # unsigned: containers map users to ids of 2**31 and more.
+        size = struct.calcsize("iII")
+        pid, uid, gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
         return PeerCredentials(pid, uid, gid)
     if sys.platform == "darwin" or sys.platform.startswith(("freebsd", "dragonfly")):  # pragma: no cover
         # struct xucred: u_int version; uid_t uid; short ngroups; gid_t groups[16];

@@ -342,6 +342,31 @@ def test_allow_gids_refuses_other_groups(caplog: pytest.LogCaptureFixture) -> No
     _refuse_then_accept(caplog, None, NOBODY, allow_gids={os.getegid()})
 
 
+@needs_root
+def test_ids_of_2_31_and_more_are_read_unsigned() -> None:
+    big = 3_000_000_000  # as user-namespace mappings in containers hand out
+    name = abstract_name()
+    with Listener(name, allow_uids=[big], allow_gids=[big]) as lst:
+        lst.settimeout(TIMEOUT)
+
+        def body() -> None:
+            os.setgroups([])
+            os.setgid(big)
+            os.setuid(big)
+            with Channel.connect(name, timeout=TIMEOUT) as ch:
+                assert ch.recv().payload == b"accepted"
+
+        pid = fork_child(body)
+        try:
+            with lst.accept() as server:
+                creds = server.peer_credentials()
+                server.send(b"accepted")
+        finally:
+            assert wait_child(pid) == 0
+    assert (creds.pid, creds.uid, creds.gid) == (pid, big, big)
+    assert lst.refused == 0
+
+
 def test_authorize_callback_sees_credentials(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[PeerCredentials] = []
 
