@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Self
 
 from typing_extensions import Buffer
@@ -70,8 +70,10 @@ class Channel(ChannelBase):
 
     _kind = "Channel"
 
-    #: The partner end, for close_other(); set by pair() only.
-    _other_end: weakref.ref[Channel] | None = None
+    #: The partner end, for close_other(); set by pair() only (and, for a
+    #: pair end rebuilt in a multiprocessing child, to something that
+    #: returns None: no partner in that process).
+    _other_end: Callable[[], Channel | None] | None = None
 
     def __init__(
         self,
@@ -155,8 +157,11 @@ class Channel(ChannelBase):
 
         Call it on the end each process keeps.  The other end's pending
         output is dropped unsent (it belongs to the process that keeps that
-        end).  A no-op if the other end is already closed; `ValueError` for
-        a channel that does not come from `pair`.
+        end).  A no-op if the other end is already closed, and in a
+        `multiprocessing` child that got this end through ``spawn`` or
+        ``forkserver`` (the other end never reached it), so a target can
+        call it under any start method; `ValueError` for a channel that does
+        not come from `pair`.
         """
         _process.close_other(self)
 

@@ -132,13 +132,25 @@ def reduce_channel(channel: Channel) -> tuple[Any, ...]:
     from multiprocessing import reduction
 
     options = {"max_payload": channel.max_payload, "max_fds": channel.max_fds, "transport": channel.transport}
-    return _rebuild_channel, (type(channel), reduction.DupFd(channel.fileno()), options)
+    paired = channel._other_end is not None
+    return _rebuild_channel, (type(channel), reduction.DupFd(channel.fileno()), options, paired)
 
 
-def _rebuild_channel(cls: type[Channel], dupfd: Any, options: dict[str, Any]) -> Channel:
+def _no_other_end() -> None:
+    return None
+
+
+def _rebuild_channel(
+    cls: type[Channel], dupfd: Any, options: dict[str, Any], paired: bool = False
+) -> Channel:
     fd: int = dupfd.detach()
     try:
-        return cls.from_fd(fd, **options)
+        channel = cls.from_fd(fd, **options)
     except BaseException:
         os.close(fd)
         raise
+    if paired:
+        # A pair end: close_other() stays valid and has nothing to close
+        # here, so one target body serves every start method.
+        channel._other_end = _no_other_end
+    return channel

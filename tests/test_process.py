@@ -243,12 +243,14 @@ def test_close_other_drops_pending_output_unsent() -> None:
         written = info.value.characters_written
         assert written > 0
         assert a.pending
-        b.close_other()
-        assert a.closed
         raw = socket.socket(fileno=os.dup(b.fileno()))
         with raw:
             raw.settimeout(TIMEOUT)
-            got = 0
+            # Make room first: a close() that pushed queued output would
+            # now get some of it out without waiting.
+            got = len(raw.recv(min(written, 128 << 10), socket.MSG_WAITALL))
+            b.close_other()
+            assert a.closed
             while chunk := raw.recv(1 << 20):
                 got += len(chunk)
         # Exactly what left before: the copy's remainder was never pushed.
@@ -281,10 +283,16 @@ def _mp_helpers_running() -> None:
 
 
 def _mp_child(ch: Channel) -> None:
+    # Under fork this child also inherited the parent's end; under spawn
+    # and forkserver it never got it: one call serves all three.
+    ch.close_other()
     ch.settimeout(TIMEOUT)
-    with ch, ch.recv() as msg:
-        os.write(msg.fds[0].fileno(), b"via " + msg.payload)
-        ch.send(b"done " + str(os.getpid()).encode())
+    with ch:
+        with ch.recv() as msg:
+            os.write(msg.fds[0].fileno(), b"via " + msg.payload)
+            ch.send(b"done " + str(os.getpid()).encode())
+        # Only the parent holds the other end now: its close is our EOF.
+        assert list(ch) == []
 
 
 @pytest.mark.usefixtures("_mp_helpers_running")
@@ -302,6 +310,7 @@ def test_multiprocessing_process_argument(method: str) -> None:
                 ours.settimeout(TIMEOUT)
                 ours.send(method.encode(), fds=[w])
                 assert ours.recv().payload == f"done {proc.pid}".encode()
+                ours.close()
                 proc.join(TIMEOUT)
                 assert proc.exitcode == 0
             finally:
