@@ -369,9 +369,11 @@ class Channel(ChannelBase):
             return
         try:
             # Bounded, so a peer that streams without pause cannot keep a
-            # send() here.
+            # send() here, and stopped at the first data frame, so data
+            # nobody asked for yet is not pulled into memory (control frames
+            # behind it wait for recv()).
             for _ in range(16):
-                if self._eof or not self._fill(None, dontwait=True):
+                if self._eof or self._decoder.holds_data or not self._fill(None, dontwait=True):
                     break
             # Acknowledgements do not depend on the data frames around
             # them, so they are handled now and the data waits for recv().

@@ -275,6 +275,18 @@ class Decoder:
             self.error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
 
     @property
+    def holds_data(self) -> bool:
+        """True when a data frame is queued or a large one is coming in.
+
+        Reading on would only buffer data nobody asked for yet: a reader
+        after control frames alone stops here, and the peer feels
+        backpressure instead.
+        """
+        if self._big is not None:
+            return True
+        return any(not frame.control for frame in self.frames)
+
+    @property
     def at_boundary(self) -> bool:
         """True when no partial frame and no stray fd is buffered."""
         return self._big is None and self._start == self._end and not self._fds

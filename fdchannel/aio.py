@@ -403,9 +403,10 @@ class AsyncChannel(ChannelBase):
             return
         try:
             # Bounded: a peer that keeps sending must not fill our memory
-            # with data frames nobody asked for yet.
+            # with data frames nobody asked for yet, so reading stops at the
+            # first one (control frames behind it wait for recv()).
             for _ in range(16):
-                if self._eof:
+                if self._eof or self._decoder.holds_data:
                     break
                 if not read_into(self._sock, self._decoder):
                     self._at_eof()

@@ -11,6 +11,7 @@ import os
 import platform
 import select
 import socket
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -458,3 +459,82 @@ def test_without_kcmp_the_lease_is_compared_by_pulling_it_again() -> None:
             os.close(w)
 
     run_child(body)
+
+
+# -- reading for acknowledgements never buffers data nobody asked for ---------------
+
+
+def _send_until_full(ch: Channel, big: bytes) -> int:
+    """Push big messages until the socket is full; return how many were taken."""
+    try:
+        ch.flush()
+    except BlockingIOError:
+        return 0  # still busy with the last one
+    taken = 0
+    try:
+        while True:
+            ch.send(big)
+            taken += 1
+    except BlockingIOError as exc:
+        taken += exc.characters_written > 0  # taken, the rest pending
+    return taken
+
+
+def test_send_does_not_pull_unasked_data_into_memory() -> None:
+    # send() reads what arrived to see acknowledgements; if it read on past
+    # data frames, a peer streaming to a process that only sends would fill
+    # that process's memory and never feel backpressure.
+    a, b = Channel.pair(transport=PidfdGetfd())
+    with a, b:
+        a.setblocking(False)
+        big = b"x" * (1 << 20)
+        taken = _send_until_full(a, big)
+        for _ in range(50):
+            b.send(b"tick")
+            taken += _send_until_full(a, big)
+        # What the socket holds plus the one message b started to buffer.
+        assert taken <= 4
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        flusher = threading.Thread(target=a.flush)
+        flusher.start()
+        try:
+            for _ in range(taken):  # nothing was lost either
+                assert b.recv().payload == big
+        finally:
+            flusher.join(TIMEOUT)
+        assert not flusher.is_alive()
+
+
+def test_async_send_does_not_pull_unasked_data_into_memory() -> None:
+    import asyncio
+
+    from fdchannel.aio import AsyncChannel
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair(transport=PidfdGetfd())
+        async with a, b:
+            big = b"x" * (1 << 20)
+            taken = 0
+
+            async def stream() -> None:
+                nonlocal taken
+                while True:
+                    await a.send(big)
+                    taken += 1
+
+            task = asyncio.create_task(stream())
+            for _ in range(50):
+                await b.send(b"tick")
+                for _ in range(3):  # let the streamer take what it can
+                    await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert taken <= 4
+            async with asyncio.timeout(TIMEOUT):
+                flushed = asyncio.create_task(a.flush())
+                assert (await b.recv()).payload == big
+                await flushed
+
+    asyncio.run(main())
