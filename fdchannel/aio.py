@@ -268,10 +268,13 @@ class AsyncChannel(ChannelBase):
         socket, or the channel is closed; `BufferError` for a payload that is
         not contiguous; `ProtocolError` if an earlier error left the
         channel unusable; `OSError` (such as `BrokenPipeError`) from the
-        kernel.  Cancelled: not sent if ``characters_written`` on the
-        ``CancelledError`` is ``0``; otherwise taken and finished before any
-        later message (see `flush`).
+        kernel; `RuntimeError` when called from another event loop than the
+        one the channel was first used on.  Cancelled: not sent if
+        ``characters_written`` on the ``CancelledError`` is ``0``; otherwise
+        taken and finished before any later message (see `flush`).
         """
+        if self._loop is not asyncio.get_running_loop():
+            self._bind_loop()  # RuntimeError from another loop, before anything is touched
         nums, size = self._message_args(payload, fds)
         nfds = len(nums)
         if size > self.max_payload or nfds > self.max_fds or self._fileno in nums:
@@ -434,7 +437,11 @@ class AsyncChannel(ChannelBase):
         anything malformed (the channel is unusable after it), `ValueError`
         on a closed channel, `OSError` from the kernel.  Cancelled: nothing
         is lost; what arrived stays buffered for the next ``recv()``.
+        `RuntimeError` when called from another event loop than the one the
+        channel was first used on (the channel stays as it was).
         """
+        if self._loop is not asyncio.get_running_loop():
+            self._bind_loop()  # RuntimeError from another loop, before anything is touched
         async with self._recv_lock:
             try:
                 self._check_usable()
@@ -631,6 +638,9 @@ class Server:
             task = self._loop.create_task(self._run_handler(achannel))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            # A task cancelled before its first step never runs the
+            # handler's finally: the channel is closed here too.
+            task.add_done_callback(lambda _task, channel=achannel: channel.close())
 
     def _pause_accepting(self, delay: float) -> None:
         if not self._serving:

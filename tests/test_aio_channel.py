@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -28,7 +28,7 @@ from fdchannel import Channel, ChannelClosed, LimitExceeded, ProtocolError, Trun
 from fdchannel._codec import pack_header
 from fdchannel.aio import AsyncChannel
 
-from ._aio import LOOPS, loop_kind, run, run_on  # noqa: F401 - fixtures
+from ._aio import LOOPS, TIMEOUT, T, loop_kind, run, run_on  # noqa: F401 - fixtures
 from ._proc import fork_child, limit_fds_to_free_slots, wait_child
 from ._transports import PairFactory
 
@@ -357,11 +357,26 @@ def test_unread_messages_are_closed_with_the_channel(run: Run) -> None:
 
 def test_bound_to_one_loop(apair: APair) -> None:
     a, b = apair()
+
+    async def bounded(coro: Coroutine[Any, Any, T]) -> T:
+        async with asyncio.timeout(TIMEOUT):
+            return await coro
+
     try:
-        with pytest.raises(TimeoutError):
-            run_on("asyncio", b.recv(), timeout=0.05)
-        with pytest.raises(RuntimeError, match="another event loop"):
-            run_on("asyncio", b.recv(), timeout=5)
+        with asyncio.Runner() as first, asyncio.Runner() as second:
+            first.run(bounded(a.send(b"one", fds=[0])))
+            first.run(bounded(a.send(b"two", fds=[1])))
+            with first.run(bounded(b.recv())) as msg:
+                assert msg.payload == b"one"
+            # Another loop is refused whether or not a message is buffered,
+            # and nothing is lost or broken by the refusal.
+            with pytest.raises(RuntimeError, match="another event loop"):
+                second.run(bounded(b.recv()))
+            with pytest.raises(RuntimeError, match="another event loop"):
+                second.run(bounded(a.send(b"three")))
+            with first.run(bounded(b.recv())) as msg:
+                assert msg.payload == b"two"
+                assert len(msg.fds) == 1
     finally:
         a.close()
         b.close()

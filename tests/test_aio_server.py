@@ -180,6 +180,29 @@ def test_close_clients_cancels_handlers(run: Run, tmp_path: Path) -> None:
     run(main())
 
 
+def test_handlers_cancelled_before_they_start_still_close_their_channels(run: Run, tmp_path: Path) -> None:
+    path = tmp_path / "srv.sock"
+    started = []
+
+    async def handler(ch: AsyncChannel) -> None:
+        started.append(ch)
+
+    async def main() -> None:
+        server = await start_server(path, handler)
+        client = await connect(path)
+        while not server._tasks:  # accepted; the handler's task has not run a step yet
+            await asyncio.sleep(0)
+        server.close()
+        server.close_clients()  # as at loop shutdown: the task never starts
+        await server.wait_closed()
+        assert started == []
+        with pytest.raises(ChannelClosed):
+            await client.recv()
+        await client.aclose()
+
+    run(main())
+
+
 def test_refused_peers_are_closed_and_counted(run: Run, tmp_path: Path) -> None:
     path = tmp_path / "srv.sock"
 
