@@ -565,6 +565,15 @@ async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncC
 Handler = Callable[[AsyncChannel], Awaitable[object]]
 
 
+def _closer(channel: AsyncChannel) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback closing *channel*, whatever became of the task."""
+
+    def close(_task: asyncio.Task[None]) -> None:
+        channel.close()
+
+    return close
+
+
 class Server:
     """A listening Unix socket that runs a handler task per connection.
 
@@ -640,7 +649,7 @@ class Server:
             task.add_done_callback(self._tasks.discard)
             # A task cancelled before its first step never runs the
             # handler's finally: the channel is closed here too.
-            task.add_done_callback(lambda _task, channel=achannel: channel.close())
+            task.add_done_callback(_closer(achannel))
 
     def _pause_accepting(self, delay: float) -> None:
         if not self._serving:
