@@ -29,7 +29,7 @@ PAIR_FACTORIES = [pytest.param(_unix_pair, id="UnixRights")]
 
 #: Why PidfdGetfd cannot run here (old kernel, seccomp, no Python support).
 PIDFD_UNAVAILABLE = PidfdGetfd.unavailable_reason()
-_needs_pidfd = pytest.mark.skipif(PIDFD_UNAVAILABLE is not None, reason=PIDFD_UNAVAILABLE or "")
+needs_pidfd = pytest.mark.skipif(PIDFD_UNAVAILABLE is not None, reason=PIDFD_UNAVAILABLE or "")
 
 
 def tcp_socketpair() -> tuple[socket.socket, socket.socket]:
@@ -71,6 +71,6 @@ def _pidfd_tcp_pair(**kwargs: object) -> tuple[Channel, Channel]:
 
 
 PAIR_FACTORIES += [
-    pytest.param(_pidfd_pair, id="PidfdGetfd-unix", marks=_needs_pidfd),
-    pytest.param(_pidfd_tcp_pair, id="PidfdGetfd-tcp", marks=_needs_pidfd),
+    pytest.param(_pidfd_pair, id="PidfdGetfd-unix", marks=needs_pidfd),
+    pytest.param(_pidfd_tcp_pair, id="PidfdGetfd-tcp", marks=needs_pidfd),
 ]

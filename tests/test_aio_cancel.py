@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -23,9 +24,13 @@ from typing import Any
 import pytest
 
 from fdchannel import Message
+from fdchannel._codec import pack_header
 from fdchannel.aio import AsyncChannel
+from fdchannel.transports import PidfdGetfd, Transport, UnixRights
 
-from ._aio import cancel_after, loop_kind, run  # noqa: F401 - fixtures
+from ._aio import TIMEOUT, cancel_after, loop_kind, run  # noqa: F401 - fixtures
+from ._transports import needs_pidfd
+from .conftest import open_fds
 
 Run = Callable[..., Any]
 
@@ -160,6 +165,55 @@ def _written(exc: asyncio.CancelledError) -> int:
     return int(getattr(exc, "characters_written", 0))
 
 
+def test_cancelled_send_keeps_its_own_duplicates_of_fds_still_to_go(run: Run) -> None:
+    """A send cancelled between two fd batches of a 1,000-fd message holds
+    duplicates of the batches still to go: the caller closes its fds at
+    once, the numbers are reused for other files, and the peer still gets
+    the original pipe."""
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        async with a, b:
+            a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # a few skbs fill it
+            small = pack_header(UnixRights.wire_id, 0, 0, 1) + b"s"
+            with socket.socket(fileno=os.dup(a.fileno())) as raw:
+                raw.setblocking(False)
+                count = 0
+                with pytest.raises(BlockingIOError):
+                    while True:
+                        raw.send(small)
+                        count += 1
+            # Make room for exactly one more small write: read one frame raw.
+            with socket.socket(fileno=os.dup(b.fileno())) as peek:
+                assert len(peek.recv(len(small))) == len(small)
+            count -= 1
+            r, w = os.pipe()
+            target = ident(w)
+            mine = [os.dup(w) for _ in range(NFDS)]
+            task = asyncio.create_task(a.send(b"big", fds=mine))
+            while not a.pending:  # the first batch left, the rest waits for room
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as info:
+                await task
+            assert _written(info.value) > 0
+            for fd in [r, w, *mine]:
+                os.close(fd)
+            decoys = [os.open(os.devnull, os.O_RDONLY) for _ in range(NFDS + 2)]  # reuse the numbers
+            try:
+                flushing = asyncio.create_task(a.flush())
+                async with asyncio.timeout(TIMEOUT):
+                    for _ in range(count):
+                        assert (await b.recv()).payload == b"s"
+                    check(await b.recv(), b"big", NFDS, target)
+                    await flushing
+            finally:
+                for fd in decoys:
+                    os.close(fd)
+
+    run(main())
+
+
 def test_cancel_before_any_byte_means_not_sent(run: Run) -> None:
     async def main() -> None:
         a, b = AsyncChannel.pair()
@@ -180,6 +234,56 @@ def test_cancel_before_any_byte_means_not_sent(run: Run) -> None:
             reading = asyncio.create_task(read_all())
             await a.send(b"after")
             assert await reading == [b"f" * (4 * 1024 * 1024), b"after"]
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        pytest.param(UnixRights, id="UnixRights"),
+        pytest.param(PidfdGetfd, id="PidfdGetfd", marks=needs_pidfd),
+    ],
+)
+def test_send_cancelled_before_any_byte_keeps_no_fd(run: Run, transport: type[Transport]) -> None:
+    """Not taken means nothing stays behind: a duplication transport's
+    copies of the fds (made for the peer to pull) are closed at once."""
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair(transport=transport())
+        async with a, b:
+            async with asyncio.timeout(TIMEOUT):
+                # Settle what a transport keeps for the channel's life (a
+                # lease file) and the acknowledgement of a first message.
+                await a.send(b"first", fds=[0])
+                (await b.recv()).close()
+                await b.send(b"carries the acknowledgement")
+                await a.recv()
+            small = pack_header(transport.wire_id, 0, 0, 1) + b"s"
+            with socket.socket(fileno=os.dup(a.fileno())) as raw:
+                raw.setblocking(False)
+                count = 0
+                with pytest.raises(BlockingIOError):
+                    while True:
+                        raw.send(small)
+                        count += 1
+            r, w = os.pipe()
+            before = open_fds()
+            task = asyncio.create_task(a.send(b"never", fds=[r, w] * 5))
+            cancelled, _ = await cancel_after(task, 3)
+            assert cancelled is not None
+            assert _written(cancelled) == 0
+            assert not a.pending
+            assert open_fds() == before
+            os.close(r)
+            os.close(w)
+            async with asyncio.timeout(TIMEOUT):
+                receiving = asyncio.create_task(b.recv())
+                await a.send(b"after")
+                for _ in range(count):
+                    assert (await receiving).payload == b"s"
+                    receiving = asyncio.create_task(b.recv())
+                assert (await receiving).payload == b"after"
 
     run(main())
 
