@@ -1,5 +1,10 @@
 """The Channel's behaviour, run against every transport in PAIR_FACTORIES.
 
+What the blocking and the async channel share (the tests taking `chans` or
+`any_pair`) runs against `AsyncChannel` too, on each loop kind, through
+`tests/_async_view.py`; what only the blocking channel has (non-blocking
+mode, send timeouts, fork) takes `blocking_chans` or `make_pair`.
+
 Transport-specific checks (SCM_RIGHTS batches, raw frames on the socket,
 MSG_CTRUNC) live in test_channel_unix.py.
 """
@@ -25,22 +30,50 @@ from fdchannel import (
     OwnedFd,
     ProtocolError,
 )
+from fdchannel.aio import AsyncChannel
 
+from ._async_view import AsyncPairFactory, async_pair_params
 from ._proc import fork_child, run_child, wait_child
-from ._transports import PairFactory
+from ._transports import PAIR_FACTORIES, PairFactory
 
 TIMEOUT = 10.0
 
 
-@pytest.fixture
-def chans(make_pair: PairFactory) -> Iterator[tuple[Channel, Channel]]:
-    """A connected pair with timeouts, so a bug fails instead of hanging."""
-    a, b = make_pair()
+@pytest.fixture(params=[*PAIR_FACTORIES, *async_pair_params()])
+def any_pair(request: pytest.FixtureRequest) -> Iterator[PairFactory]:
+    """Pairs of every transport, of `Channel` and of `AsyncChannel` (driven
+    through `BlockingView`, on each loop kind): for the behaviour both share."""
+    param = request.param
+    if not isinstance(param, tuple):
+        yield param
+        return
+    factory = AsyncPairFactory(*param)
+    try:
+        yield factory  # type: ignore[misc]
+    finally:
+        factory.shutdown()
+
+
+def _with_timeouts(factory: PairFactory) -> Iterator[tuple[Channel, Channel]]:
+    a, b = factory()
     a.settimeout(TIMEOUT)
     b.settimeout(TIMEOUT)
     yield a, b
     a.close()
     b.close()
+
+
+@pytest.fixture
+def chans(any_pair: PairFactory) -> Iterator[tuple[Channel, Channel]]:
+    """A connected pair of either channel, with timeouts, so a bug fails instead of hanging."""
+    yield from _with_timeouts(any_pair)
+
+
+@pytest.fixture
+def blocking_chans(make_pair: PairFactory) -> Iterator[tuple[Channel, Channel]]:
+    """A connected `Channel` pair with timeouts: for what only the blocking channel has
+    (non-blocking mode, send timeouts, fork)."""
+    yield from _with_timeouts(make_pair)
 
 
 def in_thread(target: object, *args: object) -> threading.Thread:
@@ -293,17 +326,22 @@ def test_send_limits_are_checked_before_writing(make_pair: PairFactory) -> None:
             assert (len(msg.payload), len(msg.fds)) == (10, 2)
 
 
-def test_default_limits() -> None:
-    a, b = Channel.pair()
-    with a, b:
+@pytest.mark.parametrize("cls", [Channel, AsyncChannel])
+def test_default_limits(cls: type[Channel] | type[AsyncChannel]) -> None:
+    a, b = cls.pair()
+    try:
         assert a.max_payload == 64 * 1024 * 1024
         assert a.max_fds == 1024
+    finally:
+        a.close()
+        b.close()
 
 
 @pytest.mark.parametrize("what", ["payload", "fds"])
 def test_peer_over_the_limits_gets_limit_exceeded_and_the_channel_says_so(
-    make_pair: PairFactory, what: str
+    any_pair: PairFactory, what: str
 ) -> None:
+    make_pair = any_pair
     a, b = make_pair()
     a.settimeout(TIMEOUT)
     b.close()
@@ -333,8 +371,8 @@ def test_peer_over_the_limits_gets_limit_exceeded_and_the_channel_says_so(
 # -- blocking, non-blocking, timeouts -----------------------------------------------
 
 
-def test_timeout_accessors_mirror_socket(chans: tuple[Channel, Channel]) -> None:
-    a, _ = chans
+def test_timeout_accessors_mirror_socket(blocking_chans: tuple[Channel, Channel]) -> None:
+    a, _ = blocking_chans
     a.settimeout(None)
     assert a.gettimeout() is None
     a.setblocking(False)
@@ -358,8 +396,8 @@ def test_recv_timeout_keeps_partial_data(chans: tuple[Channel, Channel]) -> None
         assert msg.payload == b"later"
 
 
-def test_nonblocking_recv_raises_until_a_whole_message_is_in(chans: tuple[Channel, Channel]) -> None:
-    a, b = chans
+def test_nonblocking_recv_raises_until_a_whole_message_is_in(blocking_chans: tuple[Channel, Channel]) -> None:
+    a, b = blocking_chans
     b.setblocking(False)
     with pytest.raises(BlockingIOError):
         b.recv()
@@ -398,8 +436,8 @@ def _receive(b: Channel, count: int, out: list[tuple[bytes, int]]) -> None:
             out.append((bytes(msg.payload), len(msg.fds)))
 
 
-def test_nonblocking_partial_send_never_duplicates_or_loses(chans: tuple[Channel, Channel]) -> None:
-    a, b = chans
+def test_nonblocking_partial_send_never_duplicates_or_loses(blocking_chans: tuple[Channel, Channel]) -> None:
+    a, b = blocking_chans
     r, w = os.pipe()
     big = b"B" * (1 << 20)
     taken, written = _fill_until_blocked(a, big, [w])
@@ -425,8 +463,8 @@ def test_nonblocking_partial_send_never_duplicates_or_loses(chans: tuple[Channel
     os.close(r)
 
 
-def test_message_not_taken_while_older_data_is_pending(chans: tuple[Channel, Channel]) -> None:
-    a, b = chans
+def test_message_not_taken_while_older_data_is_pending(blocking_chans: tuple[Channel, Channel]) -> None:
+    a, b = blocking_chans
     big = b"B" * (1 << 20)
     # 1 MiB is more than a socket buffer holds, so the first send is partial.
     taken, written = _fill_until_blocked(a, big, [])
@@ -445,8 +483,8 @@ def test_message_not_taken_while_older_data_is_pending(chans: tuple[Channel, Cha
     assert got == [(big, 0)] * taken + [(b"small", 1)]
 
 
-def test_send_timeout_reports_characters_written(chans: tuple[Channel, Channel]) -> None:
-    a, b = chans
+def test_send_timeout_reports_characters_written(blocking_chans: tuple[Channel, Channel]) -> None:
+    a, b = blocking_chans
     a.settimeout(0.05)
     big = b"T" * (1 << 20)
     taken = 0
@@ -638,8 +676,8 @@ def test_unclosed_channel_warns(make_pair: PairFactory) -> None:
     b.close()
 
 
-def test_context_manager(make_pair: PairFactory) -> None:
-    a, b = make_pair()
+def test_context_manager(any_pair: PairFactory) -> None:
+    a, b = any_pair()
     with a as entered, b:
         assert entered is a
     assert a.closed
