@@ -5,6 +5,10 @@ payloads with multi-byte items, close() racing a blocked call, and
 platforms without MSG_CMSG_CLOEXEC.
 """
 
+# The loop fixtures are imported from tests/_aio.py; test parameters naming
+# them are not redefinitions.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import array
@@ -15,6 +19,8 @@ import select
 import signal
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -23,8 +29,10 @@ import fdchannel._sockio
 from fdchannel import Channel, ChannelClosed, ProtocolError
 from fdchannel.aio import AsyncChannel
 
-from ._aio import run_on  # imported early: it opens uvloop's process-wide pipe
+from ._aio import loop_kind, run  # noqa: F401 - fixtures
 from ._proc import run_child
+
+Run = Callable[..., Any]
 
 TIMEOUT = 10.0
 
@@ -225,7 +233,7 @@ def test_interrupt_right_after_a_write_breaks_the_blocking_channel() -> None:
             assert msg.payload == b"frame"
 
 
-def test_interrupt_right_after_a_write_breaks_the_async_channel() -> None:
+def test_interrupt_right_after_a_write_breaks_the_async_channel(run: Run) -> None:
     async def body() -> None:
         sa, sb = _interrupting_pair()
         async with AsyncChannel(sa) as a, AsyncChannel(sb) as b:
@@ -236,7 +244,7 @@ def test_interrupt_right_after_a_write_breaks_the_async_channel() -> None:
             with await b.recv() as msg:
                 assert msg.payload == b"frame"
 
-    run_on("asyncio", body())
+    run(body())
 
 
 def test_bad_arguments_are_refused_without_harm() -> None:
@@ -252,7 +260,7 @@ def test_bad_arguments_are_refused_without_harm() -> None:
             assert msg.payload == b"fine"
 
 
-def test_bad_arguments_are_refused_without_harm_async() -> None:
+def test_bad_arguments_are_refused_without_harm_async(run: Run) -> None:
     async def body() -> None:
         a, b = AsyncChannel.pair()
         async with a, b:
@@ -264,7 +272,7 @@ def test_bad_arguments_are_refused_without_harm_async() -> None:
             with await b.recv() as msg:
                 assert msg.payload == b"fine"
 
-    run_on("asyncio", body())
+    run(body())
 
 
 def test_close_does_not_wait_for_a_send_with_pending_data() -> None:
@@ -365,7 +373,7 @@ class _InterruptedRecvSignal(socket.socket):
         raise _SignalError
 
 
-def test_interrupted_recv_makes_the_async_channel_say_so() -> None:
+def test_interrupted_recv_makes_the_async_channel_say_so(run: Run) -> None:
     async def body() -> None:
         raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with raw:
@@ -375,4 +383,4 @@ def test_interrupted_recv_makes_the_async_channel_say_so() -> None:
                 with pytest.raises(ProtocolError, match="interrupted by _SignalError"):
                     await ch.recv()
 
-    run_on("asyncio", body())
+    run(body())

@@ -1,9 +1,14 @@
 """A malformed transport control frame makes either channel unusable, and says so."""
 
+# The loop fixtures are imported from tests/_aio.py; test parameters naming
+# them are not redefinitions.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -12,8 +17,10 @@ from fdchannel._codec import pack_header
 from fdchannel.aio import AsyncChannel
 from fdchannel.transports import PidfdGetfd
 
-from ._aio import run_on
+from ._aio import loop_kind, run  # noqa: F401 - fixtures
 from ._transports import PIDFD_UNAVAILABLE
+
+Run = Callable[..., Any]
 
 pytestmark = pytest.mark.skipif(PIDFD_UNAVAILABLE is not None, reason=PIDFD_UNAVAILABLE or "")
 
@@ -54,7 +61,7 @@ def test_blocking_send_sees_it_while_reading_acknowledgements(
             ch.recv()
 
 
-def test_async_recv_and_send(raw_and_sock: tuple[socket.socket, socket.socket]) -> None:
+def test_async_recv_and_send(raw_and_sock: tuple[socket.socket, socket.socket], run: Run) -> None:
     raw, other = raw_and_sock
 
     async def body() -> None:
@@ -65,10 +72,10 @@ def test_async_recv_and_send(raw_and_sock: tuple[socket.socket, socket.socket]) 
             with pytest.raises(ProtocolError, match=r"unusable.*malformed"):
                 await ch.send(b"x")
 
-    run_on("asyncio", body())
+    run(body())
 
 
-def test_async_send_sees_it_first(raw_and_sock: tuple[socket.socket, socket.socket]) -> None:
+def test_async_send_sees_it_first(raw_and_sock: tuple[socket.socket, socket.socket], run: Run) -> None:
     raw, other = raw_and_sock
 
     async def body() -> None:
@@ -79,4 +86,4 @@ def test_async_send_sees_it_first(raw_and_sock: tuple[socket.socket, socket.sock
             with pytest.raises(ProtocolError, match="unusable"):
                 await ch.recv()
 
-    run_on("asyncio", body())
+    run(body())

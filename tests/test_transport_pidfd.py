@@ -3,6 +3,10 @@
 All with real processes and the real kernel; waits are polls with timeouts.
 """
 
+# The loop fixtures are imported from tests/_aio.py; test parameters naming
+# them are not redefinitions.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import ctypes
@@ -13,14 +17,18 @@ import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError
 from fdchannel.transports import PidfdGetfd, UnixRights, _pidfd
 
+from ._aio import loop_kind, run  # noqa: F401 - fixtures
 from ._proc import TIMEOUT, fork_child, run_child, wait_child
 from ._transports import PIDFD_UNAVAILABLE, tcp_socketpair
+
+Run = Callable[..., Any]
 
 pytestmark = pytest.mark.skipif(PIDFD_UNAVAILABLE is not None, reason=PIDFD_UNAVAILABLE or "")
 
@@ -506,7 +514,7 @@ def test_send_does_not_pull_unasked_data_into_memory() -> None:
         assert not flusher.is_alive()
 
 
-def test_async_send_does_not_pull_unasked_data_into_memory() -> None:
+def test_async_send_does_not_pull_unasked_data_into_memory(run: Run) -> None:
     import asyncio
 
     from fdchannel.aio import AsyncChannel
@@ -537,4 +545,4 @@ def test_async_send_does_not_pull_unasked_data_into_memory() -> None:
                 assert (await b.recv()).payload == big
                 await flushed
 
-    asyncio.run(main())
+    run(main())
