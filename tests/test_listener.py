@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import socket
 import stat
+import struct
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -82,6 +84,51 @@ def test_file_gets_exact_mode_whatever_the_umask(sock_path: Path, mode: int) -> 
             assert os.listdir(sock_path.parent) == []
 
     run_child(body)
+
+
+_IN_ATTRIB, _IN_CREATE, _IN_MOVED_TO = 0x4, 0x100, 0x80
+
+
+def _inotify_events(fd: int) -> list[tuple[int, str]]:
+    """(mask, name) of every inotify event queued on *fd*."""
+    events = []
+    try:
+        data = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return events
+    offset = 0
+    while offset < len(data):
+        _wd, mask, _cookie, size = struct.unpack_from("iIII", data, offset)
+        name = data[offset + 16 : offset + 16 + size].rstrip(b"\0").decode()
+        events.append((mask, name))
+        offset += 16 + size
+    return events
+
+
+def test_the_path_never_shows_a_socket_with_other_permissions(sock_path: Path) -> None:
+    # Binding at the path and then chmod-ing would leave a window in which
+    # anyone (umask 0) could connect; the kernel reports that chmod on the
+    # name as IN_ATTRIB.  The name must appear once, already with its mode,
+    # and never change until it is removed.
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        watch = _IN_ATTRIB | _IN_CREATE | _IN_MOVED_TO
+        assert libc.inotify_add_watch(fd, str(sock_path.parent).encode(), watch) >= 0
+
+        def body() -> None:
+            os.umask(0)
+            with Listener(sock_path, mode=0o600) as lst:
+                lst.settimeout(TIMEOUT)
+                with Channel.connect(sock_path, timeout=TIMEOUT), lst.accept():
+                    pass
+
+        run_child(body)
+        on_path = [mask for mask, name in _inotify_events(fd) if name == sock_path.name]
+        assert on_path == [_IN_CREATE]
+    finally:
+        os.close(fd)
 
 
 def test_close_removes_the_file(sock_path: Path) -> None:
