@@ -435,7 +435,11 @@ def _clear_stale(path: str) -> None:
         probe.close()
     if err == errno.ECONNREFUSED:
         try:
-            os.unlink(path)
+            # Only the file probed: a listener that replaced it meanwhile
+            # keeps its socket (the window left is that of two syscalls).
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(path)
         except FileNotFoundError:
             pass
         return
