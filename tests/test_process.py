@@ -88,6 +88,70 @@ def test_spawn_child_inherits_only_its_end() -> None:
             os.close(w)
 
 
+LIST_SOCKETS = r"""
+import os
+for name in os.listdir("/proc/self/fd"):
+    try:
+        target = os.readlink(f"/proc/self/fd/{name}")
+    except OSError:
+        continue
+    if target.startswith("socket:"):
+        print(target)
+"""
+
+
+def _sockets_of_this_process() -> set[str]:
+    targets = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            targets.add(target)
+    return targets
+
+
+class _ArgsThatSpawnMeanwhile(list[str]):
+    """Child arguments that, when Popen reads them (the channel's ends exist
+    by then), start another child with close_fds=False, as a thread spawning
+    concurrently would, and record the sockets that child got from us."""
+
+    def __init__(self, args: list[str], before: set[str]) -> None:
+        super().__init__(args)
+        self.before = before
+        self.leaked: set[str] | None = None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        if self.leaked is None:
+            ours_now = _sockets_of_this_process() - self.before
+            assert ours_now, "the channel's ends should exist while Popen runs"
+            other = subprocess.run(
+                [sys.executable, "-c", LIST_SOCKETS],
+                close_fds=False,
+                capture_output=True,
+                check=True,
+                timeout=TIMEOUT,
+            )
+            self.leaked = set(other.stdout.decode().split()) & ours_now
+        return super().__iter__()
+
+
+def test_a_concurrent_spawn_gets_neither_end() -> None:
+    args = _ArgsThatSpawnMeanwhile([sys.executable, "-c", CHILD_REPORTS], _sockets_of_this_process())
+    proc, ch = fdchannel.spawn(args, env=child_env())
+    with ch:
+        ch.settimeout(TIMEOUT)
+        with ch.recv():
+            pass
+        r, w = os.pipe()
+        ch.send(b"x", fds=[w])
+        os.close(w)
+        finish(proc)
+        os.close(r)
+    assert args.leaked == set()
+
+
 CHILD_CHECKS_EXTRA_FD = r"""
 import os, sys
 from fdchannel import Channel
