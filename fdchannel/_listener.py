@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -48,6 +49,29 @@ class PeerCredentials:
     pid: int | None
     uid: int
     gid: int
+
+
+#: Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect time.
+_SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The supplementary groups of *sock*'s peer as recorded at connect time.
+
+    Empty where the OS cannot tell (only Linux 4.13+ can, with
+    ``SO_PEERGROUPS``).
+    """
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return frozenset()
+    for count in (64, 65536):  # NGROUPS_MAX is 65536
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue  # more groups than that
+            return frozenset()  # an older kernel
+        return frozenset(array.array("I", raw[: len(raw) - len(raw) % 4]))
+    return frozenset()
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
@@ -119,8 +143,9 @@ class Listener:
     namespace may connect, so filter peers with *allow_uids*/*authorize*.
 
     Peers are checked before anything is read from them: a peer passes when
-    its uid is in *allow_uids* (if given), its primary gid in *allow_gids*
-    (if given) and *authorize* (if given) returns true for its
+    its uid is in *allow_uids* (if given), its primary gid or one of its
+    supplementary groups in *allow_gids* (if given; supplementary groups
+    are known on Linux 4.13+) and *authorize* (if given) returns true for its
     `PeerCredentials`.  A refused connection is closed, counted in `refused`
     and logged on the ``fdchannel.listener`` logger; `accept` then waits for
     the next one.  An exception inside *authorize* refuses the peer too (and
@@ -282,7 +307,7 @@ class Listener:
                 except OSError as exc:
                     self._refuse(sock, None, f"its credentials could not be read ({exc})")
                     continue
-                reason = self._check(creds)
+                reason = self._check(creds, sock)
                 if reason is not None:
                     self._refuse(sock, creds, reason)
                     continue
@@ -320,10 +345,14 @@ class Listener:
                 if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000 + 0.999))):
                     raise TimeoutError("timed out")
 
-    def _check(self, creds: PeerCredentials) -> str | None:
+    def _check(self, creds: PeerCredentials, sock: socket.socket) -> str | None:
         if self._allow_uids is not None and creds.uid not in self._allow_uids:
             return "its uid is not allowed"
-        if self._allow_gids is not None and creds.gid not in self._allow_gids:
+        if (
+            self._allow_gids is not None
+            and creds.gid not in self._allow_gids
+            and self._allow_gids.isdisjoint(peer_groups(sock))
+        ):
             return "its gid is not allowed"
         if self._authorize is not None:
             try:

@@ -414,6 +414,30 @@ def test_ids_of_2_31_and_more_are_read_unsigned() -> None:
     assert lst.refused == 0
 
 
+@needs_root
+def test_allow_gids_accepts_a_supplementary_group() -> None:
+    team = 4242  # not the peer's primary group
+    name = abstract_name()
+    with Listener(name, allow_gids={team}) as lst:
+        lst.settimeout(TIMEOUT)
+
+        def body() -> None:
+            os.setgroups([team])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            with Channel.connect(name, timeout=TIMEOUT) as ch:
+                assert ch.recv().payload == b"accepted"
+
+        pid = fork_child(body)
+        try:
+            with lst.accept() as server:
+                assert server.peer_credentials().gid == NOBODY
+                server.send(b"accepted")
+        finally:
+            assert wait_child(pid) == 0
+    assert lst.refused == 0
+
+
 def test_authorize_callback_sees_credentials(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[PeerCredentials] = []
 
