@@ -257,8 +257,33 @@ class Decoder:
             else:
                 self._end += nbytes
                 self._parse()
+            if fds and self._fds:
+                self._check_held()
         except ProtocolError as exc:
             self.error = exc
+
+    def _check_held(self) -> None:
+        """Refuse more buffered fds than the frame in progress may carry.
+
+        Otherwise a peer could declare one fd and a long payload, then drip
+        bytes carrying 253 fds each, and fill this process's fd table long
+        before the frame completes and its count is compared.
+        """
+        held = sum(len(batch[0]) for batch in self._fds)
+        if not self._in_band:
+            allowed = 0
+        elif self._big is not None:
+            allowed = self._big.nfds
+        elif self._end - self._start >= HEADER_SIZE:
+            allowed = _fast_unpack_from(self._buf, self._start)[1]  # validated by _parse
+        else:
+            allowed = self._max_fds  # the header is not in yet
+        if held > allowed:
+            raise ProtocolError(
+                f"more fds arrived than the frame declared ({allowed}): {held} held"
+                if self._in_band
+                else f"{self._transport_name} carries no in-band fds, but some arrived"
+            )
 
     def receive_eof(self) -> None:
         """Record that the stream ended.

@@ -117,6 +117,26 @@ def test_more_fds_than_declared(raw_peer: tuple[socket.socket, Channel]) -> None
     os.close(r)
 
 
+def test_fds_dripped_beyond_the_declared_count_are_refused_at_once(
+    raw_peer: tuple[socket.socket, Channel],
+) -> None:
+    raw, ch = raw_peer
+    r, w = os.pipe()
+    before = len(open_fds())
+    data = frame(b"p" * (1 << 20), nfds=1)  # one fd declared, a long payload to come
+    send_raw(raw, data[:25], [w])
+    for i in range(3):  # 253 more with each byte: none of them belongs there
+        send_raw(raw, data[25 + i : 26 + i], [w] * 253)
+    os.close(w)
+    with pytest.raises(ProtocolError, match=r"more fds arrived than the frame declared \(1\)"):
+        ch.recv()
+    # What was read was closed at once; the rest never left the socket.
+    assert len(open_fds()) <= before
+    ch.close()
+    assert pipe_closed_everywhere(r)
+    os.close(r)
+
+
 def test_good_message_before_a_bad_one_is_still_delivered(raw_peer: tuple[socket.socket, Channel]) -> None:
     raw, ch = raw_peer
     send_raw(raw, frame(b"fine", 1) + b"\xff" * 24, [0])

@@ -174,6 +174,31 @@ def test_too_many_fds() -> None:
     assert sorted(dec.take_fds()) == [3, 4]
 
 
+@pytest.mark.parametrize("payload_len", [1000, INLINE_LIMIT * 4], ids=["inline", "big"])
+def test_fds_beyond_the_declared_count_fail_before_the_frame_completes(payload_len: int) -> None:
+    # A peer declaring one fd and dripping batches of 253 with the payload
+    # must not make the receiver hold them until the frame ends.
+    dec = decoder()
+    data = frame_bytes(b"x" * payload_len, nfds=1)
+    feed(dec, data[: HEADER_SIZE + 1], [1])
+    assert dec.error is None
+    feed(dec, data[HEADER_SIZE + 1 : HEADER_SIZE + 2], list(range(100, 353)))
+    with pytest.raises(ProtocolError, match=r"more fds arrived than the frame declared \(1\)"):
+        dec.next_frame()
+    assert sorted(dec.take_fds()) == [1, *range(100, 353)]
+
+
+def test_fds_ahead_of_a_header_are_bounded_by_max_fds() -> None:
+    dec = decoder(max_fds=4)
+    feed(dec, frame_bytes(b"", nfds=4)[:5], [1, 2, 3, 4])
+    assert dec.error is None  # the header may still declare 4
+    dec2 = decoder(max_fds=4)
+    feed(dec2, frame_bytes(b"", nfds=4)[:5], [1, 2, 3, 4, 5])
+    with pytest.raises(ProtocolError, match="more fds arrived"):
+        dec2.next_frame()
+    assert sorted(dec2.take_fds()) == [1, 2, 3, 4, 5]
+
+
 def test_fds_on_a_frame_that_declares_none() -> None:
     dec = decoder()
     feed(dec, frame_bytes(b"x"), [3])
