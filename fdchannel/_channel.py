@@ -199,8 +199,10 @@ class Channel(ChannelBase):
         *fds* are ints or objects with ``fileno()`` (files, sockets,
         `OwnedFd`); they stay the caller's.  Raises `ValueError` before
         writing anything when the message exceeds ``max_payload``/``max_fds``
-        or names an invalid fd or the channel's own socket, `BufferError` for
-        a payload that is not contiguous; `BlockingIOError`/`TimeoutError`
+        or names an impossible fd number (negative, a closed file object) or
+        the channel's own socket, `BufferError` for a payload that is not
+        contiguous, `OSError` (``EBADF``) for a number that is not an open
+        fd, also before writing anything; `BlockingIOError`/`TimeoutError`
         with ``characters_written`` as described on the class; other
         `OSError` (such as `BrokenPipeError`) from the kernel.
         """

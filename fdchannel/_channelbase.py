@@ -264,7 +264,16 @@ class ChannelBase:
             self._queue_unsent(bufs, in_band, sent)
             return sent
         # More fds than one sendmsg may carry: every batch but the last rides
-        # on one byte of its own, the last on the rest of the frame.
+        # on one byte of its own, the last on the rest of the frame.  The
+        # kernel checks each batch only as it goes, so a closed fd number in
+        # a later batch would cut the frame after the first: check them all
+        # now, as the kernel does for a message of one batch.
+        for fd in in_band:
+            try:
+                os.get_inheritable(fd)
+            except OSError as exc:
+                set_written(exc, 0)
+                raise
         self._pending.extend(split_batches(bufs, payload, size, in_band))
         return 0
 

@@ -264,9 +264,11 @@ class AsyncChannel(ChannelBase):
         *payload* is borrowed until ``send()`` returns: do not change it.
 
         Raises `ValueError` before writing anything when the message exceeds
-        ``max_payload``/``max_fds``, names an invalid fd or the channel's own
-        socket, or the channel is closed; `BufferError` for a payload that is
-        not contiguous; `ProtocolError` if an earlier error left the
+        ``max_payload``/``max_fds``, names an impossible fd number (negative,
+        a closed file object) or the channel's own socket, or the channel is
+        closed; `BufferError` for a payload that is not contiguous; `OSError`
+        (``EBADF``) for a number that is not an open fd, also before writing
+        anything; `ProtocolError` if an earlier error left the
         channel unusable; `OSError` (such as `BrokenPipeError`) from the
         kernel; `RuntimeError` when called from another event loop than the
         one the channel was first used on.  Cancelled: not sent if

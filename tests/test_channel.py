@@ -302,6 +302,11 @@ def test_bad_fds_are_refused_before_anything_is_written(chans: tuple[Channel, Ch
     with pytest.raises(OSError, match="Bad file descriptor") as info:
         a.send(b"x", fds=[r])  # closed number: the kernel refuses the whole message
     assert info.value.errno == errno.EBADF
+    with pytest.raises(OSError, match="Bad file descriptor") as info:
+        # Past the first batch of 253 too: refused before the first one leaves.
+        # (A number no process can have open: r's may be reused by now.)
+        a.send(b"x", fds=[0] * 299 + [1_000_000])
+    assert info.value.errno == errno.EBADF
     # Nothing of any of these reached the peer.
     a.send(b"after")
     assert b.recv().payload == b"after"
