@@ -37,3 +37,18 @@ def test_example_runs(doc: str, index: int, expected: str) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith(expected)
     assert "Warning" not in out.stderr
+
+
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_code_fences_pair_up(doc: str) -> None:
+    # A stray fence turns the prose after it into code (and code into prose).
+    opening = True
+    for number, line in enumerate((ROOT / doc).read_text().splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            if opening:
+                assert line.strip() != "```", f"{doc}:{number}: a fence opens with no language"
+            opening = not opening
+    assert opening, f"{doc}: a code fence is never closed"
