@@ -229,6 +229,10 @@ def test_received_fds_are_close_on_exec(chans: tuple[Channel, Channel]) -> None:
     r, w = os.pipe()
     os.set_inheritable(r, True)
     a.send(b"", fds=[r])
+    a.send(b"", fds=[r])
+    with b.recv() as msg:
+        assert not os.get_inheritable(msg.fds[0].fileno())
+    b.settimeout(None)  # the default blocking read too (the message is there already)
     with b.recv() as msg:
         assert not os.get_inheritable(msg.fds[0].fileno())
     os.close(r)

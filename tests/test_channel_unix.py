@@ -246,30 +246,33 @@ def test_more_fds_than_one_sendmsg_are_split_into_kernel_sized_batches() -> None
         assert got == pack_header(0, 600, 0, 0)
 
 
+def _stuck_after_the_first_batch(a: Channel, b: Channel, fds: list[int]) -> int:
+    """Leave *a* non-blocking with a message of *fds* (over 253) whose first
+    batch left; return how many small frames are queued ahead of it."""
+    a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # a few skbs fill it
+    a.setblocking(False)
+    small = 0
+    with pytest.raises(BlockingIOError):
+        while True:
+            a.send(b"s")
+            small += 1
+    # Make room for exactly one more small frame: read one frame raw.
+    with socket.socket(fileno=os.dup(b.fileno())) as peek:
+        assert len(peek.recv(25)) == 25
+    with pytest.raises(BlockingIOError) as info:
+        a.send(b"big", fds=fds)
+    assert info.value.characters_written > 0
+    assert a.pending
+    return small - 1
+
+
 def test_pending_batches_are_duplicated_so_the_caller_may_close() -> None:
     """A send that blocks between two batches of a 1,000-fd message keeps
     duplicates of the batches still to go; the caller closes its fds at once."""
     a, b = Channel.pair()
     with a, b:
-        a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # a few skbs fill it
-        a.setblocking(False)
-        small = 0
-        while True:
-            try:
-                a.send(b"s")
-                small += 1
-            except BlockingIOError as exc:
-                assert exc.characters_written == 0
-                break
-        # Make room for exactly one more small frame: read one frame raw.
-        with socket.socket(fileno=os.dup(b.fileno())) as peek:
-            assert len(peek.recv(25)) == 25
-        small -= 1
         r, w = os.pipe()
-        with pytest.raises(BlockingIOError) as info:
-            a.send(b"big", fds=[r, w] * 500)
-        assert info.value.characters_written > 0
-        assert a.pending
+        small = _stuck_after_the_first_batch(a, b, [r, w] * 500)
         os.close(r)  # ours; the channel holds its own duplicates
         os.close(w)
         got = []
@@ -296,12 +299,15 @@ def test_pending_batches_are_duplicated_so_the_caller_may_close() -> None:
 # -- the receiver out of fds: MSG_CTRUNC -------------------------------------------------
 
 
-def test_receiver_at_its_fd_limit_gets_truncated_control_data() -> None:
+@pytest.mark.parametrize("timeout", [None, TIMEOUT], ids=["blocking", "timeout"])
+def test_receiver_at_its_fd_limit_gets_truncated_control_data(timeout: float | None) -> None:
     a, b = Channel.pair()
 
     def body() -> None:
         a.close()
-        b.settimeout(TIMEOUT)
+        # Blocking (the default, with its own inlined read) is safe here:
+        # the message is in the socket before the child starts.
+        b.settimeout(timeout)
         before = set(open_fds())
         # Room for exactly one more fd: the kernel installs 1 of 3 and sets CTRUNC.
         limit_fds_to_free_slots(1)
@@ -326,6 +332,37 @@ def test_receiver_at_its_fd_limit_gets_truncated_control_data() -> None:
         os.close(w)
         a.close()
         b.close()
+
+
+def test_close_closes_the_duplicates_of_fds_still_to_go() -> None:
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    with b:
+        _stuck_after_the_first_batch(a, b, [w] * 1000)
+        os.close(w)  # ours; the channel keeps duplicates of the 747 to go
+        held = len(open_fds())
+        a.close()
+        assert len(open_fds()) <= held - 747
+    # The first batch was in b's socket: gone with it.
+    assert pipe_closed_everywhere(r)
+    os.close(r)
+
+
+def test_close_pushes_pending_output_the_socket_takes_at_once() -> None:
+    a, b = Channel.pair()
+    payload = os.urandom(300_000)  # more than the socket holds
+    with b, socket.socket(fileno=os.dup(b.fileno())) as raw:
+        raw.settimeout(TIMEOUT)
+        a.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            a.send(payload)
+        written = info.value.characters_written
+        assert 0 < written < len(payload)
+        got = raw.recv(written, socket.MSG_WAITALL)  # empty the socket
+        a.close()  # the remainder fits now: close() writes it
+        while chunk := raw.recv(1 << 20):
+            got += chunk
+    assert got == pack_header(0, 0, 0, len(payload)) + payload
 
 
 def test_receiver_with_no_fd_left_at_all() -> None:

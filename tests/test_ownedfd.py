@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import socket
@@ -9,7 +10,7 @@ import tempfile
 
 import pytest
 
-from fdchannel import OwnedFd
+from fdchannel import Message, OwnedFd
 
 
 def is_open(fd: int) -> bool:
@@ -174,3 +175,16 @@ def test_repr() -> None:
     r.close()
     w.close()
     assert repr(r) == "<OwnedFd closed>"
+
+
+def test_message_close_closes_the_rest_when_one_fails() -> None:
+    r, w = os.pipe()
+    os.close(r)  # closed behind the OwnedFd's back: its close() fails
+    gone, kept = OwnedFd(r), OwnedFd(w)
+    msg = Message(b"", (gone, kept))
+    with pytest.raises(OSError) as info:
+        msg.close()
+    assert info.value.errno == errno.EBADF
+    assert kept.closed
+    with pytest.raises(OSError):
+        os.fstat(w)  # really closed
