@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from fdchannel import Message
-from fdchannel._codec import pack_header
+from fdchannel._codec import HEADER_SIZE, pack_header
 from fdchannel.aio import AsyncChannel
 from fdchannel.transports import PidfdGetfd, Transport, UnixRights
 
@@ -165,6 +165,22 @@ def _written(exc: asyncio.CancelledError) -> int:
     return int(getattr(exc, "characters_written", 0))
 
 
+SMALL_FRAME_BODY = b"s"
+
+
+def _fill_with_small_frames(ch: AsyncChannel, wire_id: int) -> int:
+    """Write 1-byte frames into *ch*'s socket behind its back until it is full; how many."""
+    small = pack_header(wire_id, 0, 0, len(SMALL_FRAME_BODY)) + SMALL_FRAME_BODY
+    count = 0
+    with socket.socket(fileno=os.dup(ch.fileno())) as raw:
+        raw.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:
+                raw.send(small)
+                count += 1
+    return count
+
+
 def test_cancelled_send_keeps_its_own_duplicates_of_fds_still_to_go(run: Run) -> None:
     """A send cancelled between two fd batches of a 1,000-fd message holds
     duplicates of the batches still to go: the caller closes its fds at
@@ -175,17 +191,11 @@ def test_cancelled_send_keeps_its_own_duplicates_of_fds_still_to_go(run: Run) ->
         a, b = AsyncChannel.pair()
         async with a, b:
             a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # a few skbs fill it
-            small = pack_header(UnixRights.wire_id, 0, 0, 1) + b"s"
-            with socket.socket(fileno=os.dup(a.fileno())) as raw:
-                raw.setblocking(False)
-                count = 0
-                with pytest.raises(BlockingIOError):
-                    while True:
-                        raw.send(small)
-                        count += 1
+            count = _fill_with_small_frames(a, UnixRights.wire_id)
             # Make room for exactly one more small write: read one frame raw.
             with socket.socket(fileno=os.dup(b.fileno())) as peek:
-                assert len(peek.recv(len(small))) == len(small)
+                size = HEADER_SIZE + len(SMALL_FRAME_BODY)
+                assert len(peek.recv(size)) == size
             count -= 1
             r, w = os.pipe()
             target = ident(w)
@@ -259,14 +269,7 @@ def test_send_cancelled_before_any_byte_keeps_no_fd(run: Run, transport: type[Tr
                 (await b.recv()).close()
                 await b.send(b"carries the acknowledgement")
                 await a.recv()
-            small = pack_header(transport.wire_id, 0, 0, 1) + b"s"
-            with socket.socket(fileno=os.dup(a.fileno())) as raw:
-                raw.setblocking(False)
-                count = 0
-                with pytest.raises(BlockingIOError):
-                    while True:
-                        raw.send(small)
-                        count += 1
+            count = _fill_with_small_frames(a, transport.wire_id)
             r, w = os.pipe()
             before = open_fds()
             task = asyncio.create_task(a.send(b"never", fds=[r, w] * 5))

@@ -389,17 +389,19 @@ def test_allow_gids_refuses_other_groups(caplog: pytest.LogCaptureFixture) -> No
     _refuse_then_accept(caplog, None, NOBODY, allow_gids={os.getegid()})
 
 
-@needs_root
-def test_ids_of_2_31_and_more_are_read_unsigned() -> None:
-    big = 3_000_000_000  # as user-namespace mappings in containers hand out
+def _accept_a_child_with_ids(uid: int, gid: int, groups: list[int], **checks: object) -> PeerCredentials:
+    """A child switches to these ids and connects; the listener must accept it.
+
+    Returns the credentials the accepted channel reports (pid, uid, gid).
+    """
     name = abstract_name()
-    with Listener(name, allow_uids=[big], allow_gids=[big]) as lst:
+    with Listener(name, **checks) as lst:  # type: ignore[arg-type]
         lst.settimeout(TIMEOUT)
 
         def body() -> None:
-            os.setgroups([])
-            os.setgid(big)
-            os.setuid(big)
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
             with Channel.connect(name, timeout=TIMEOUT) as ch:
                 assert ch.recv().payload == b"accepted"
 
@@ -410,32 +412,23 @@ def test_ids_of_2_31_and_more_are_read_unsigned() -> None:
                 server.send(b"accepted")
         finally:
             assert wait_child(pid) == 0
-    assert (creds.pid, creds.uid, creds.gid) == (pid, big, big)
-    assert lst.refused == 0
+        assert lst.refused == 0
+    assert creds.pid == pid
+    return creds
+
+
+@needs_root
+def test_ids_of_2_31_and_more_are_read_unsigned() -> None:
+    big = 3_000_000_000  # as user-namespace mappings in containers hand out
+    creds = _accept_a_child_with_ids(big, big, [], allow_uids=[big], allow_gids=[big])
+    assert (creds.uid, creds.gid) == (big, big)
 
 
 @needs_root
 def test_allow_gids_accepts_a_supplementary_group() -> None:
     team = 4242  # not the peer's primary group
-    name = abstract_name()
-    with Listener(name, allow_gids={team}) as lst:
-        lst.settimeout(TIMEOUT)
-
-        def body() -> None:
-            os.setgroups([team])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with Channel.connect(name, timeout=TIMEOUT) as ch:
-                assert ch.recv().payload == b"accepted"
-
-        pid = fork_child(body)
-        try:
-            with lst.accept() as server:
-                assert server.peer_credentials().gid == NOBODY
-                server.send(b"accepted")
-        finally:
-            assert wait_child(pid) == 0
-    assert lst.refused == 0
+    creds = _accept_a_child_with_ids(NOBODY, NOBODY, [team], allow_gids={team})
+    assert creds.gid == NOBODY
 
 
 def test_authorize_callback_sees_credentials(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,6 +20,7 @@ import fdchannel
 from fdchannel import Channel, ChannelClosed, FdChannelError
 
 from ._proc import fork_child, wait_child
+from .conftest import open_fds
 
 TIMEOUT = 30
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -88,28 +89,15 @@ def test_spawn_child_inherits_only_its_end() -> None:
             os.close(w)
 
 
-LIST_SOCKETS = r"""
-import os
-for name in os.listdir("/proc/self/fd"):
-    try:
-        target = os.readlink(f"/proc/self/fd/{name}")
-    except OSError:
-        continue
-    if target.startswith("socket:"):
-        print(target)
-"""
+# Prints what each of the process's fds points at.
+LIST_FDS = (
+    "import os; [print(os.readlink(f'/proc/self/fd/{n}')) for n in os.listdir('/proc/self/fd') "
+    "if os.path.exists(f'/proc/self/fd/{n}')]"
+)
 
 
 def _sockets_of_this_process() -> set[str]:
-    targets = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:"):
-            targets.add(target)
-    return targets
+    return {target for target in open_fds().values() if target.startswith("socket:")}
 
 
 class _ArgsThatSpawnMeanwhile(list[str]):
@@ -127,7 +115,7 @@ class _ArgsThatSpawnMeanwhile(list[str]):
             ours_now = _sockets_of_this_process() - self.before
             assert ours_now, "the channel's ends should exist while Popen runs"
             other = subprocess.run(
-                [sys.executable, "-c", LIST_SOCKETS],
+                [sys.executable, "-c", LIST_FDS],
                 close_fds=False,
                 capture_output=True,
                 check=True,
