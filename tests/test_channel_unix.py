@@ -137,6 +137,22 @@ def test_fds_dripped_beyond_the_declared_count_are_refused_at_once(
     os.close(r)
 
 
+def test_transport_data_of_unix_rights_must_be_zero_padding() -> None:
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Enough fds allowed for frames that need padding bytes to ride on.
+    with raw, Channel(other, max_fds=26 * 253) as ch:
+        ch.settimeout(TIMEOUT)
+        send_raw(raw, pack_header(0, 0, 1, 2) + b"\0" + b"ok")
+        assert ch.recv().payload == b"ok"
+        r, w = os.pipe()
+        send_raw(raw, pack_header(0, 1, 1, 2) + b"\1" + b"no", [w])
+        os.close(w)
+        with pytest.raises(ProtocolError, match="zero padding"):
+            ch.recv()
+        assert pipe_closed_everywhere(r)
+        os.close(r)
+
+
 def test_good_message_before_a_bad_one_is_still_delivered(raw_peer: tuple[socket.socket, Channel]) -> None:
     raw, ch = raw_peer
     send_raw(raw, frame(b"fine", 1) + b"\xff" * 24, [0])
