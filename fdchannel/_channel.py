@@ -15,7 +15,7 @@ from typing import Any, Final, Self
 from typing_extensions import Buffer
 
 from . import _listener, _process
-from ._channelbase import ChannelBase
+from ._channelbase import PUMP_BUDGET, ChannelBase
 from ._codec import _FAST, HEADER_SIZE, Frame, header_tag
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
@@ -371,11 +371,11 @@ class Channel(ChannelBase):
             return
         try:
             # Bounded, so a peer that streams without pause cannot keep a
-            # send() here, and stopped at the first data frame, so data
-            # nobody asked for yet is not pulled into memory (control frames
-            # behind it wait for recv()).
+            # send() here; and reading ahead of recv() stops at PUMP_BUDGET
+            # of unread data (control frames behind it then wait for recv()).
+            decoder = self._decoder
             for _ in range(16):
-                if self._eof or self._decoder.holds_data or not self._fill(None, dontwait=True):
+                if self._eof or decoder.unread_bytes >= PUMP_BUDGET or not self._fill(None, dontwait=True):
                     break
             # Acknowledgements do not depend on the data frames around
             # them, so they are handled now and the data waits for recv().
@@ -442,7 +442,16 @@ class Channel(ChannelBase):
                                             continue
                                         payload, fds = one
                                         if not self._simple:
-                                            frames.append(Frame(False, len(fds), b"", payload, list(fds)))
+                                            frames.append(
+                                                Frame(
+                                                    False,
+                                                    len(fds),
+                                                    b"",
+                                                    payload,
+                                                    list(fds),
+                                                    decoder.received - n,
+                                                )
+                                            )
                                             continue
                                         # A lone plain frame, straight to the caller.
                                         if not fds:

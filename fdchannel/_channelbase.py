@@ -16,7 +16,7 @@ import socket
 import warnings
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NoReturn, Self
 
 from typing_extensions import Buffer
 
@@ -31,6 +31,13 @@ from .transports._unix import SCM_MAX_FD
 __all__ = ["ChannelBase"]
 
 _pack = _HEADER.pack
+
+
+#: How much unread data a send() on a duplication transport may read ahead
+#: of recv() while it looks for the peer's acknowledgements: enough that
+#: acknowledgements behind a few unread messages still arrive, bounded so a
+#: process that only sends does not pull its peer's whole stream into memory.
+PUMP_BUDGET: Final = 1 << 20
 
 
 class ChannelBase:

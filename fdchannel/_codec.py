@@ -76,16 +76,24 @@ class Frame:
     whoever takes the frame from `Decoder.next_frame` owns them.
     """
 
-    __slots__ = ("aux", "control", "fds", "nfds", "payload")
+    __slots__ = ("aux", "control", "fds", "nfds", "payload", "start")
 
     def __init__(
-        self, control: bool, nfds: int, aux: bytes, payload: bytes | bytearray, fds: list[int]
+        self,
+        control: bool,
+        nfds: int,
+        aux: bytes,
+        payload: bytes | bytearray,
+        fds: list[int],
+        start: int = 0,
     ) -> None:
         self.control = control
         self.nfds = nfds
         self.aux = aux
         self.payload = payload
         self.fds = fds
+        #: The stream offset of the frame's first byte.
+        self.start = start
 
     def __repr__(self) -> str:
         return (
@@ -209,7 +217,7 @@ class Decoder:
         """
         one = self.buffer_updated_one(nbytes, fds)
         if one is not None:
-            self.frames.append(Frame(False, len(one[1]), b"", one[0], list(one[1])))
+            self.frames.append(Frame(False, len(one[1]), b"", one[0], list(one[1]), self._received - nbytes))
 
     def buffer_updated_one(
         self, nbytes: int, fds: list[int] | tuple[int, ...] = ()
@@ -276,8 +284,10 @@ class Decoder:
             allowed = self._big.nfds
         elif self._end - self._start >= HEADER_SIZE:
             allowed = _fast_unpack_from(self._buf, self._start)[1]  # validated by _parse
-        else:
-            allowed = self._max_fds  # the header is not in yet
+        else:  # the header is not in yet: no frame may carry more than max_fds
+            if held > self._max_fds:
+                raise LimitExceeded(f"peer sent {held} fds for one frame; max_fds is {self._max_fds}")
+            return
         if held > allowed:
             raise ProtocolError(
                 f"more fds arrived than the frame declared ({allowed}): {held} held"
@@ -300,16 +310,18 @@ class Decoder:
             self.error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
 
     @property
-    def holds_data(self) -> bool:
-        """True when a data frame is queued or a large one is coming in.
+    def received(self) -> int:
+        """The stream offset just past everything received."""
+        return self._received
 
-        Reading on would only buffer data nobody asked for yet: a reader
-        after control frames alone stops here, and the peer feels
-        backpressure instead.
-        """
+    @property
+    def unread_bytes(self) -> int:
+        """Bytes received and not taken yet: queued frames and a partial one."""
+        if self.frames:
+            return self._received - self.frames[0].start
         if self._big is not None:
-            return True
-        return any(not frame.control for frame in self.frames)
+            return self._received - self._big.start
+        return self._end - self._start
 
     @property
     def at_boundary(self) -> bool:
@@ -381,7 +393,7 @@ class Decoder:
                 aux = bytes(buf[body : body + aux_len]) if aux_len else b""
                 payload = self._mv[body + aux_len : start + total].tobytes()
                 fds = self._take_inband(nfds, frame_start, frame_start + total) if nfds or self._fds else []
-                self.frames.append(Frame(flags != 0, nfds, aux, payload, fds))
+                self.frames.append(Frame(flags != 0, nfds, aux, payload, fds, frame_start))
                 start += total
         finally:
             if start == end:
@@ -391,7 +403,7 @@ class Decoder:
     def _finish_big(self, big: _Big) -> None:
         self._big = None
         fds = self._take_inband(big.nfds, big.start, big.end)
-        self.frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds))
+        self.frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds, big.start))
 
     def _check_header(
         self, magic: bytes, version: int, wire_id: int, flags: int, nfds: int, aux_len: int, payload_len: int

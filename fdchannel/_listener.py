@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import array
+import ctypes
 import errno
 import logging
 import os
+import platform
 import select
 import shutil
 import socket
@@ -51,8 +53,19 @@ class PeerCredentials:
     gid: int
 
 
-#: Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect time.
-_SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+def _so_peergroups() -> int | None:
+    """Linux's SO_PEERGROUPS (4.13+), where its number is known."""
+    value = getattr(socket, "SO_PEERGROUPS", None)
+    if value is not None:
+        return int(value)
+    if not sys.platform.startswith("linux"):
+        return None
+    # Python 3.11 lacks the constant.  59 is the generic Linux number; sparc
+    # and parisc number their socket options differently.
+    return None if platform.machine().startswith(("sparc", "parisc")) else 59
+
+
+_SO_PEERGROUPS: Final = _so_peergroups()
 
 
 def peer_groups(sock: socket.socket) -> frozenset[int]:
@@ -61,17 +74,30 @@ def peer_groups(sock: socket.socket) -> frozenset[int]:
     Empty where the OS cannot tell (only Linux 4.13+ can, with
     ``SO_PEERGROUPS``).
     """
-    if not sys.platform.startswith("linux"):  # pragma: no cover
+    if _SO_PEERGROUPS is None:  # pragma: no cover - not Linux
         return frozenset()
-    for count in (64, 65536):  # NGROUPS_MAX is 65536
+    try:
+        # 1024 bytes (256 groups) is the most socket.getsockopt() reads.
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            return frozenset()  # a kernel without SO_PEERGROUPS
         try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * count)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE:
-                continue  # more groups than that
-            return frozenset()  # an older kernel
-        return frozenset(array.array("I", raw[: len(raw) - len(raw) % 4]))
-    return frozenset()
+            raw = _getsockopt_large(sock.fileno(), _SO_PEERGROUPS, 4 * 65536)  # NGROUPS_MAX
+        except OSError:
+            return frozenset()
+    return frozenset(array.array("I", raw[: len(raw) - len(raw) % 4]))
+
+
+def _getsockopt_large(fd: int, option: int, size: int) -> bytes:
+    """``getsockopt(SOL_SOCKET, option)`` into a buffer larger than Python allows."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    if libc.getsockopt(fd, socket.SOL_SOCKET, option, buf, ctypes.byref(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return buf.raw[: length.value]
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 from typing_extensions import Buffer
 
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
-from ._channelbase import ChannelBase
+from ._channelbase import PUMP_BUDGET, ChannelBase
 from ._codec import Decoder
 from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import close_all
@@ -183,7 +183,13 @@ class AsyncChannel(ChannelBase):
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
-            raise RuntimeError(f"{self!r} is bound to another event loop")
+            if not self._loop.is_closed():
+                raise RuntimeError(f"{self!r} is bound to another event loop")
+            # That loop is gone, and its reader and writer with it (one
+            # asyncio.run() after another): this one takes over.
+            self._loop = loop
+            self._reading = self._writing = False
+            self._read_waiter = self._write_waiter = None
         return loop
 
     async def _wait_readable(self) -> None:
@@ -408,10 +414,11 @@ class AsyncChannel(ChannelBase):
             return
         try:
             # Bounded: a peer that keeps sending must not fill our memory
-            # with data frames nobody asked for yet, so reading stops at the
-            # first one (control frames behind it wait for recv()).
+            # with data nobody asked for yet, so reading ahead of recv()
+            # stops at PUMP_BUDGET of it (control frames behind it then wait
+            # for recv()).
             for _ in range(16):
-                if self._eof or self._decoder.holds_data:
+                if self._eof or self._decoder.unread_bytes >= PUMP_BUDGET:
                     break
                 if not read_into(self._sock, self._decoder):
                     self._at_eof()

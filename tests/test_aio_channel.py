@@ -377,6 +377,19 @@ def test_bound_to_one_loop(apair: APair) -> None:
             with first.run(bounded(b.recv())) as msg:
                 assert msg.payload == b"two"
                 assert len(msg.fds) == 1
+        # Both loops are closed now: a new one takes the channels over.
+        with asyncio.Runner() as third:
+            third.run(bounded(a.send(b"three", fds=[2])))
+            with third.run(bounded(b.recv())) as msg:
+                assert (msg.payload, len(msg.fds)) == (b"three", 1)
+
+            async def wait_then_send() -> bytes:
+                waiting = asyncio.create_task(b.recv())  # waits on the new loop
+                await asyncio.sleep(0)
+                await a.send(b"four")
+                return bytes((await waiting).payload)
+
+            assert third.run(bounded(wait_then_send())) == b"four"
     finally:
         a.close()
         b.close()

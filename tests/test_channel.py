@@ -346,7 +346,7 @@ def test_default_limits(cls: type[Channel] | type[AsyncChannel]) -> None:
         b.close()
 
 
-@pytest.mark.parametrize("what", ["payload", "fds"])
+@pytest.mark.parametrize("what", ["payload", "fds", "batches of fds"])
 def test_peer_over_the_limits_gets_limit_exceeded_and_the_channel_says_so(
     any_pair: PairFactory, what: str
 ) -> None:
@@ -362,9 +362,12 @@ def test_peer_over_the_limits_gets_limit_exceeded_and_the_channel_says_so(
         if what == "payload":
             a2.max_payload = 100  # the sender's own check is not what we test
             a2.send(b"12345", fds=[r])
-        else:
+        elif what == "fds":
             a2.max_fds = 10
             a2.send(b"", fds=[r, w])
+        else:  # the first batch of 253 rides on one byte, ahead of the header
+            a2.max_fds = 1000
+            a2.send(b"", fds=[r, w] * 150)
         os.close(r)
         os.close(w)
         with pytest.raises(LimitExceeded) as first:

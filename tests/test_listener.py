@@ -425,9 +425,11 @@ def test_ids_of_2_31_and_more_are_read_unsigned() -> None:
 
 
 @needs_root
-def test_allow_gids_accepts_a_supplementary_group() -> None:
+@pytest.mark.parametrize("others", [0, 300], ids=["alone", "after-300-others"])
+def test_allow_gids_accepts_a_supplementary_group(others: int) -> None:
     team = 4242  # not the peer's primary group
-    creds = _accept_a_child_with_ids(NOBODY, NOBODY, [team], allow_gids={team})
+    groups = [*range(5000, 5000 + others), team]  # past 256 needs a larger read
+    creds = _accept_a_child_with_ids(NOBODY, NOBODY, groups, allow_gids={team})
     assert creds.gid == NOBODY
 
 
