@@ -186,10 +186,14 @@ class AsyncChannel(ChannelBase):
             if not self._loop.is_closed():
                 raise RuntimeError(f"{self!r} is bound to another event loop")
             # That loop is gone, and its reader and writer with it (one
-            # asyncio.run() after another): this one takes over.
+            # asyncio.run() after another): this one takes over, with new
+            # locks (asyncio's bind to the loop they first waited on, and a
+            # task abandoned with the old loop may still hold one).
             self._loop = loop
             self._reading = self._writing = False
             self._read_waiter = self._write_waiter = None
+            self._send_lock = asyncio.Lock()
+            self._recv_lock = asyncio.Lock()
         return loop
 
     async def _wait_readable(self) -> None:

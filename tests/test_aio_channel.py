@@ -395,6 +395,27 @@ def test_bound_to_one_loop(apair: APair) -> None:
         b.close()
 
 
+def test_a_channel_moves_to_the_next_loop_once_its_loop_is_closed() -> None:
+    a, b = AsyncChannel.pair()
+
+    async def two_receivers() -> list[bytes]:
+        async with asyncio.timeout(TIMEOUT):
+            first = asyncio.create_task(b.recv())
+            second = asyncio.create_task(b.recv())
+            await asyncio.sleep(0)  # both wait: the receive lock is contended on this loop
+            await a.send(b"1")
+            await a.send(b"2")
+            return sorted([bytes((await first).payload), bytes((await second).payload)])
+
+    try:
+        for _ in range(2):  # as two asyncio.run() calls in a row
+            with asyncio.Runner() as runner:
+                assert runner.run(two_receivers()) == [b"1", b"2"]
+    finally:
+        a.close()
+        b.close()
+
+
 # -- concurrency ------------------------------------------------------------------
 
 
