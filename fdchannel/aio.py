@@ -178,22 +178,34 @@ class AsyncChannel(ChannelBase):
 
     # -- waiting on the loop ------------------------------------------------
 
+    def _enter_loop(self) -> None:
+        """At each public call, before any lock: bind the channel to the running loop.
+
+        A channel whose loop has been closed (one ``asyncio.run()`` after
+        another) moves to the running one; only here, with no lock held.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is None or self._loop is loop:
+            self._loop = loop
+            return
+        if not self._loop.is_closed():
+            raise RuntimeError(f"{self!r} is bound to another event loop")
+        # The old loop's reader and writer went with it.  New locks too:
+        # asyncio's bind to the loop they first waited on, and a task
+        # abandoned with the old loop may still hold one.
+        self._loop = loop
+        self._reading = self._writing = False
+        self._read_waiter = self._write_waiter = None
+        self._send_lock = asyncio.Lock()
+        self._recv_lock = asyncio.Lock()
+
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        """The channel's loop, which must be the running one (see `_enter_loop`)."""
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
-            if not self._loop.is_closed():
-                raise RuntimeError(f"{self!r} is bound to another event loop")
-            # That loop is gone, and its reader and writer with it (one
-            # asyncio.run() after another): this one takes over, with new
-            # locks (asyncio's bind to the loop they first waited on, and a
-            # task abandoned with the old loop may still hold one).
-            self._loop = loop
-            self._reading = self._writing = False
-            self._read_waiter = self._write_waiter = None
-            self._send_lock = asyncio.Lock()
-            self._recv_lock = asyncio.Lock()
+            raise RuntimeError(f"{self!r} is bound to another event loop")
         return loop
 
     async def _wait_readable(self) -> None:
@@ -286,7 +298,7 @@ class AsyncChannel(ChannelBase):
         taken and finished before any later message (see `flush`).
         """
         if self._loop is not asyncio.get_running_loop():
-            self._bind_loop()  # RuntimeError from another loop, before anything is touched
+            self._enter_loop()  # RuntimeError from another loop, before anything is touched
         nums, size = self._message_args(payload, fds)
         nfds = len(nums)
         if size > self.max_payload or nfds > self.max_fds or self._fileno in nums:
@@ -336,6 +348,8 @@ class AsyncChannel(ChannelBase):
 
         Raises as `send` does.  Cancelling it leaves the rest pending.
         """
+        if self._loop is not asyncio.get_running_loop():
+            self._enter_loop()
         async with self._send_lock:
             self._check_usable()
             if self._has_control:
@@ -454,7 +468,7 @@ class AsyncChannel(ChannelBase):
         channel was first used on (the channel stays as it was).
         """
         if self._loop is not asyncio.get_running_loop():
-            self._bind_loop()  # RuntimeError from another loop, before anything is touched
+            self._enter_loop()  # RuntimeError from another loop, before anything is touched
         async with self._recv_lock:
             try:
                 self._check_usable()

@@ -416,6 +416,36 @@ def test_a_channel_moves_to_the_next_loop_once_its_loop_is_closed() -> None:
         b.close()
 
 
+def test_flush_first_on_the_next_loop_finishes_what_the_closed_one_left() -> None:
+    a, b = AsyncChannel.pair()
+    big = bytes(4 << 20)  # far more than the socket holds
+
+    async def on_the_first_loop() -> None:
+        sending = asyncio.create_task(a.send(big))
+        while not a.pending:  # taken, the rest waits for room
+            await asyncio.sleep(0)
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+
+    async def on_the_next_loop() -> None:
+        async with asyncio.timeout(TIMEOUT):
+            flushes = [asyncio.create_task(a.flush()) for _ in range(2)]  # both wait for room
+            await asyncio.sleep(0)
+            assert len((await b.recv()).payload) == len(big)
+            await asyncio.gather(*flushes)
+            assert not a.pending
+
+    try:
+        with asyncio.Runner() as runner:
+            runner.run(on_the_first_loop())
+        with asyncio.Runner() as runner:
+            runner.run(on_the_next_loop())
+    finally:
+        a.close()
+        b.close()
+
+
 # -- concurrency ------------------------------------------------------------------
 
 
