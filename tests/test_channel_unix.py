@@ -72,6 +72,22 @@ def pipe_closed_everywhere(r: int) -> bool:
     return bool(ready) and os.read(r, 1) == b""
 
 
+def assert_refused_closing_its_fds(
+    raw: socket.socket, ch: Channel, data: bytes, copies: int, match: str
+) -> None:
+    """Send *data* raw with *copies* of a pipe's write end: recv() must raise
+    `ProtocolError` matching *match* and close every copy that arrived."""
+    r, w = os.pipe()
+    try:
+        send_raw(raw, data, [w] * copies)
+        os.close(w)
+        with pytest.raises(ProtocolError, match=match):
+            ch.recv()
+        assert pipe_closed_everywhere(r)
+    finally:
+        os.close(r)
+
+
 def assert_unusable(ch: Channel, original: str) -> None:
     with pytest.raises(ProtocolError, match="unusable") as info:
         ch.recv()
@@ -85,36 +101,18 @@ def assert_unusable(ch: Channel, original: str) -> None:
 
 def test_garbage_is_a_protocol_error(raw_peer: tuple[socket.socket, Channel]) -> None:
     raw, ch = raw_peer
-    r, w = os.pipe()
-    send_raw(raw, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", [w])
-    os.close(w)
-    with pytest.raises(ProtocolError, match="bad magic"):
-        ch.recv()
-    assert pipe_closed_everywhere(r)  # the fd that came with the garbage was closed
+    assert_refused_closing_its_fds(raw, ch, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1, "bad magic")
     assert_unusable(ch, "bad magic")
-    os.close(r)
 
 
 def test_fewer_fds_than_declared(raw_peer: tuple[socket.socket, Channel]) -> None:
     raw, ch = raw_peer
-    r, w = os.pipe()
-    send_raw(raw, frame(b"two?", nfds=2), [w])
-    os.close(w)
-    with pytest.raises(ProtocolError, match="declared 2 fds but 1"):
-        ch.recv()
-    assert pipe_closed_everywhere(r)
-    os.close(r)
+    assert_refused_closing_its_fds(raw, ch, frame(b"two?", nfds=2), 1, "declared 2 fds but 1")
 
 
 def test_more_fds_than_declared(raw_peer: tuple[socket.socket, Channel]) -> None:
     raw, ch = raw_peer
-    r, w = os.pipe()
-    send_raw(raw, frame(b"one", nfds=1), [w, w, w])
-    os.close(w)
-    with pytest.raises(ProtocolError, match="more fds arrived"):
-        ch.recv()
-    assert pipe_closed_everywhere(r)
-    os.close(r)
+    assert_refused_closing_its_fds(raw, ch, frame(b"one", nfds=1), 3, "more fds arrived")
 
 
 def test_fds_dripped_beyond_the_declared_count_are_refused_at_once(
@@ -144,13 +142,7 @@ def test_transport_data_of_unix_rights_must_be_zero_padding() -> None:
         ch.settimeout(TIMEOUT)
         send_raw(raw, pack_header(0, 0, 1, 2) + b"\0" + b"ok")
         assert ch.recv().payload == b"ok"
-        r, w = os.pipe()
-        send_raw(raw, pack_header(0, 1, 1, 2) + b"\1" + b"no", [w])
-        os.close(w)
-        with pytest.raises(ProtocolError, match="zero padding"):
-            ch.recv()
-        assert pipe_closed_everywhere(r)
-        os.close(r)
+        assert_refused_closing_its_fds(raw, ch, pack_header(0, 1, 1, 2) + b"\1" + b"no", 1, "zero padding")
 
 
 def test_good_message_before_a_bad_one_is_still_delivered(raw_peer: tuple[socket.socket, Channel]) -> None:
