@@ -28,11 +28,13 @@ import asyncio
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import _pair  # benchmarks/_pair.py, beside this script
+from _pair import Side
 
 from fdchannel import Channel
 from fdchannel.aio import AsyncChannel
@@ -42,50 +44,10 @@ try:
 except ImportError:  # pragma: no cover - optional
     uvloop = None
 
-Side = Callable[[socket.socket, int], None]
-
 
 def run_pair(sender: Side, receiver: Side, count: int, pin: bool = False) -> float:
-    """Fork a receiver, run both sides on a fresh socketpair; return the sender's seconds."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    go_r, go_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # receiver
-        code = 1
-        try:
-            a.close()
-            os.close(go_w)
-            os.close(done_r)
-            if pin:
-                os.sched_setaffinity(0, {0})
-            os.read(go_r, 1)
-            receiver(b, count)
-            os.write(done_w, b"k")
-            code = 0
-        finally:
-            os._exit(code)
-    b.close()
-    os.close(go_r)
-    os.close(done_w)
-    if pin:
-        os.sched_setaffinity(0, {0})
-    try:
-        os.write(go_w, b"g")
-        start = time.perf_counter()
-        sender(a, count)
-        done = os.read(done_r, 1)
-        elapsed = time.perf_counter() - start
-        assert done == b"k", "receiver failed"
-    finally:
-        os.close(go_w)
-        os.close(done_r)
-        _, status = os.waitpid(pid, 0)
-        if pin:
-            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-        a.close()
-    assert os.waitstatus_to_exitcode(status) == 0
-    return elapsed
+    """Wall seconds of one run (see `_pair.run_pair`)."""
+    return _pair.run_pair(sender, receiver, count, pin)[0]
 
 
 def on_loop(kind: str, coro: Any) -> Any:
