@@ -4,49 +4,28 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, Self
+from typing import Any, Self
 
 from typing_extensions import Buffer
 
 from . import _listener, _process
-from ._channelbase import PUMP_BUDGET, ChannelBase
-from ._codec import _FAST, HEADER_SIZE, Frame, header_tag
-from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
-from ._fdutil import close_all
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
+from ._errors import ChannelClosed, FdChannelError
 from ._message import Message
-from ._ownedfd import OwnedFd, fileno_of
-from ._sockio import ANCBUF as _ANCBUF
-from ._sockio import FD_PACK as _FD_PACK
-from ._sockio import FD_UNPACK as _FD_UNPACK
-from ._sockio import MAX_FD_BYTES as _MAX_FD_BYTES
-from ._sockio import MSG_CTRUNC as _MSG_CTRUNC
-from ._sockio import MSG_DONTWAIT as _MSG_DONTWAIT
-from ._sockio import RECV_FLAGS as _RECV_FLAGS
-from ._sockio import SEND_FLAGS as _SEND_FLAGS
-from ._sockio import finish_read, read_into
-from ._sockio import set_written as _set_written
+from ._outbox import set_written
+from ._sockio import write_pending
+from ._wait import wait_ready
 from .transports import Transport
-from .transports._unix import SCM_MAX_FD
 
 __all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "Channel"]
 
-_SOL_SOCKET: Final = socket.SOL_SOCKET
-_SCM_RIGHTS: Final = socket.SCM_RIGHTS
-_pack_fast = _FAST.pack  # (tag, nfds, aux length, payload length), see header_tag
-#: The largest fd number a C int holds: SCM_RIGHTS carries ints.
-_FD_MAX: Final = 2**31 - 1
 
-DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
-DEFAULT_MAX_FDS: Final = 1024
-
-
-class Channel(ChannelBase):
+class Channel(ChannelCore):
     """A message channel over a connected stream socket.
 
     Each message is a payload of bytes and any number of fds; the receiver
@@ -92,10 +71,8 @@ class Channel(ChannelBase):
         """
         transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
-        self._data_tag = header_tag(transport.wire_id)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._pid = os.getpid()
         timeout = sock.gettimeout()
         self._timeout: float | None = None
         self.settimeout(timeout)
@@ -184,8 +161,10 @@ class Channel(ChannelBase):
                 raise ValueError("timeout must be non-negative or None")
         self._timeout = timeout
         # With a timeout the fd is non-blocking and the channel waits in
-        # poll() against a deadline that covers the whole call.
-        self._sock.setblocking(timeout is None)
+        # poll() against a deadline that covers the whole call.  Where no
+        # per-call MSG_DONTWAIT exists (Windows) it stays non-blocking even
+        # without one, so the calls that must never wait cannot block.
+        self._sock.setblocking(timeout is None and bool(self._dontwait))
 
     def setblocking(self, flag: bool) -> None:
         """``setblocking(True)`` is ``settimeout(None)``, ``False`` is ``settimeout(0.0)``."""
@@ -204,74 +183,45 @@ class Channel(ChannelBase):
         contiguous, `OSError` (``EBADF``) for a number that is not an open
         fd, also before writing anything; `BlockingIOError`/`TimeoutError`
         with ``characters_written`` as described on the class; other
-        `OSError` (such as `BrokenPipeError`) from the kernel.
+        `OSError` (such as `BrokenPipeError`) from the kernel;
+        `ProtocolError` if an earlier error left the channel unusable
+        (`ChannelBroken` when this end broke it).
         """
-        nums = list(fds)
-        for f in nums:
-            if f.__class__ is not int or not 0 <= f <= _FD_MAX:
-                nums = [fileno_of(f) for f in nums]  # objects, or a clear error
-                break
-        if payload.__class__ is bytes:
-            size = len(payload)
-        else:
-            view = memoryview(payload)
-            if not view.contiguous:
-                raise BufferError("the payload must be a contiguous buffer")
-            size = view.nbytes
-        nfds = len(nums)
-        if size > self.max_payload or nfds > self.max_fds or self._fileno in nums:
-            self._refuse(size, nums)
+        nums, size = self._message(payload, fds)
         try:
             with self._send_lock:
                 if self._closed or self._broken is not None:
                     self._check_usable()
-                writing = False
-                try:
-                    if self._simple and nfds <= SCM_MAX_FD and not self._pending:
-                        # The common case, inlined: fds pass through as they are,
-                        # nothing is queued ahead, one sendmsg carries the whole frame.
-                        bufs: list[Buffer] = [_pack_fast(self._data_tag, nfds, 0, size), payload]
-                        anc = [(_SOL_SOCKET, _SCM_RIGHTS, _FD_PACK[nfds](*nums))] if nfds else ()
-                        writing = True
-                        try:
-                            sent = self._sock.sendmsg(bufs, anc, _SEND_FLAGS)
-                        except BlockingIOError:
-                            sent = 0
-                        except OSError as exc:
-                            _set_written(exc, 0)
-                            raise
-                        if sent != HEADER_SIZE + size:
-                            self._queue_rest(bufs, nums, sent)
-                        return
-                    deadline = self._deadline()
-                    if self._has_control:
-                        self._pump_nowait()
-                        self._queue_control()
-                    if self._pending:
-                        # Older data goes first; if it cannot all go, this message
-                        # is not taken (and the older data stays queued).
-                        try:
-                            self._push(deadline, this_message=None)
-                        except (BlockingIOError, TimeoutError) as exc:
-                            _set_written(exc, 0)
-                            raise
-                    out = self._session.outgoing(nums)
-                    try:
-                        writing = True
-                        written = self._write_frame(out.aux, list(out.in_band), nfds, payload, size)
-                        if written is not None:
-                            self._push(deadline, this_message=written)
-                    except BaseException as exc:
-                        if getattr(exc, "characters_written", 1) == 0:
-                            self._session.discard(out)
-                        raise
-                except BaseException as exc:
-                    if writing and not isinstance(exc, OSError):
-                        self._interrupted(exc)
-                    raise
+                if self._fast_send_ok(len(nums)):
+                    sent = self._send_whole(payload, nums, size)
+                    if sent is not None:
+                        self._push(self._deadline(), sent)
+                    return
+                self._send_queued(payload, nums, size)
         finally:
             if self._closed:
                 self._after_close_race()
+
+    def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
+        """The general send: control frames and older data first, then the message."""
+        deadline = self._deadline()
+        try:
+            self._prepare_send()
+            if self._outbox.pending:
+                # Older data goes first; if it cannot all go, this message
+                # is not taken (and the older data stays queued).
+                self._push(deadline, None)
+        except BaseException as exc:
+            set_written(exc, 0)
+            raise
+        out, sent = self._start_message(payload, nums, size)
+        if sent is None:
+            return
+        try:
+            self._push(deadline, sent)
+        except BaseException as exc:
+            self._not_taken(exc, out)
+            raise
 
     def flush(self) -> None:
         """Send what a non-blocking or timed-out `send` left pending.
@@ -283,111 +233,45 @@ class Channel(ChannelBase):
         with self._send_lock:
             self._check_usable()
             if self._has_control:
-                self._queue_control()
-            if self._pending:
-                self._push(self._deadline(), this_message=None)
+                self._outbox.add_control(self._session.take_control())
+            if self._outbox.pending:
+                self._push(self._deadline(), None)
 
-    def _queue_rest(self, bufs: list[Buffer], in_band: list[int], sent: int) -> None:
-        """Queue what the inlined sendmsg of `send` did not send, and push it."""
-        self._queue_unsent(bufs, in_band, sent)
-        self._push(self._deadline(), this_message=sent)
+    def _push(self, deadline: float | None, before: int | None) -> None:
+        """Write queued chunks until none is left, waiting in poll() against *deadline*.
 
-    def _push(self, deadline: float | None, this_message: int | None, dontwait: bool = False) -> None:
-        """Write pending chunks until none is left.
-
-        *this_message*: bytes of the current message written before the call
-        (``None`` when flushing).  On would-block or timeout the remainder is
-        detached from the caller's memory and fds and the error is raised with
-        ``characters_written`` set; on any other error mid-frame the channel
-        is marked unusable.
+        *before*: bytes of the current message written before the call
+        (``None`` when flushing older data).  How a stop or a failure ends
+        the message is the outbox's rule (`Outbox.paused`, `Outbox.failed`).
         """
-        pending = self._pending
-        flags = _SEND_FLAGS | (_MSG_DONTWAIT if dontwait else 0)
+        outbox = self._outbox
         written = 0
         try:
             while True:
-                written += self._write_pending(flags)
-                if not pending:
-                    break
-                if dontwait:
-                    raise BlockingIOError(errno.EAGAIN, "the socket is full")
-                self._wait(select.POLLOUT, deadline)
+                written += write_pending(self._io, self._sock, outbox, self._send_flags)
+                if not outbox.pending:
+                    return
+                self._wait(True, deadline)
         except (BlockingIOError, TimeoutError) as exc:
-            if this_message is None:
-                _set_written(exc, written)
-            else:
-                # Older pending data is always flushed before a message is
-                # queued (send() calls with this_message=None for that), so
-                # everything pending now belongs to this message.
-                _set_written(exc, this_message + written)
-                if not this_message + written:
-                    pending.clear()  # not taken: nothing of it stays behind
-                    raise
-            try:
-                for chunk in pending:
-                    chunk.detach()
-            except OSError as dup_error:
-                # The rest cannot be kept (no fd left to duplicate into), and
-                # the caller may close its fds now: the frame stays cut short.
-                self._discard_pending()
-                self._broken = ProtocolError(
-                    f"the rest of a message could not be kept ({dup_error}): the stream is cut short"
-                )
-                _set_written(dup_error, getattr(exc, "characters_written", 0))
-                raise dup_error from exc
+            self._push_paused(exc, before, written)
             raise
         except BaseException as exc:
-            if pending:
-                self._discard_pending()
-                # A vanished peer reads nothing more, so a cut frame corrupts
-                # nothing; recv() must still deliver what it sent before.
-                if not isinstance(exc, BrokenPipeError | ConnectionResetError):
-                    self._broken = ProtocolError(f"a frame was cut short by {exc!r}: the stream is corrupt")
+            self._push_failed(exc, before, written)
             raise
 
-    # -- transport control frames --------------------------------------------
+    # -- the locks, for the core ----------------------------------------------
 
-    def _flush_control_nowait(self) -> None:
-        """Send queued control frames if that can be done without waiting."""
-        if not self._send_lock.acquire(blocking=False):
-            return
-        try:
-            if self._broken is None and not self._closed:
-                self._queue_control()
-                if self._pending:
-                    try:
-                        self._push(None, this_message=None, dontwait=True)
-                    except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-                        # Opportunistic: a full socket waits for the next
-                        # send(); a vanished peer needs no acknowledgements,
-                        # and recv() still delivers what it sent before.
-                        pass
-        finally:
-            self._send_lock.release()
+    def _claim_send(self) -> bool:
+        return self._send_lock.acquire(blocking=False)
 
-    def _pump_nowait(self) -> None:
-        """Read whatever already arrived, so the transport sees the peer's control frames."""
-        if not self._recv_lock.acquire(blocking=False):
-            return
-        try:
-            # Bounded, so a peer that streams without pause cannot keep a
-            # send() here; and reading ahead of recv() stops at PUMP_BUDGET
-            # of unread data (control frames behind it then wait for recv()).
-            decoder = self._decoder
-            for _ in range(16):
-                if self._eof or decoder.unread_bytes >= PUMP_BUDGET or not self._fill(None, dontwait=True):
-                    break
-            # Acknowledgements do not depend on the data frames around
-            # them, so they are handled now and the data waits for recv().
-            for frame in self._decoder.take_control_frames():
-                self._session.control(bytes(frame.payload))
-        except ProtocolError as exc:
-            self._fail(exc)
-            raise
-        except (BlockingIOError, FdChannelError):
-            pass  # recv() reports stream errors
-        finally:
-            self._recv_lock.release()
+    def _release_send(self) -> None:
+        self._send_lock.release()
+
+    def _claim_recv(self) -> bool:
+        return self._recv_lock.acquire(blocking=False)
+
+    def _release_recv(self) -> None:
+        self._recv_lock.release()
 
     # -- receiving ------------------------------------------------------------
 
@@ -403,83 +287,24 @@ class Channel(ChannelBase):
             with self._recv_lock:
                 if self._closed or self._broken is not None:
                     self._check_usable()
+                decoder = self._decoder
+                deadline = None
                 try:
-                    decoder = self._decoder
-                    frames = decoder.frames
-                    deadline = None
                     while True:
-                        while not frames:
-                            if decoder.error is not None:
-                                self._fail(decoder.error)
-                                raise decoder.error
-                            if self._eof:
-                                raise ChannelClosed("the peer closed the channel")
-                            if self._timeout is None:
-                                # Blocking: the read simply waits.  The common case of
-                                # _sockio.read_into is inlined: one recvmsg bringing
-                                # one SCM_RIGHTS entry of whole fds, or none.
-                                try:
-                                    n, anc, flags, _ = self._sock.recvmsg_into(
-                                        [decoder.get_buffer()], _ANCBUF, _RECV_FLAGS
-                                    )
-                                except ConnectionResetError:
-                                    n, anc, flags = 0, [], 0
-                                if n and not flags & _MSG_CTRUNC and len(anc) <= 1 and _RECV_FLAGS:
-                                    got_fds: tuple[int, ...] | None = ()
-                                    if anc:
-                                        level, kind, data = anc[0]
-                                        got_fds = (
-                                            _FD_UNPACK[len(data) >> 2](data)
-                                            if level == _SOL_SOCKET
-                                            and kind == _SCM_RIGHTS
-                                            and not len(data) % 4
-                                            and len(data) <= _MAX_FD_BYTES
-                                            else None  # something odd: finish_read sorts it out
-                                        )
-                                    if got_fds is not None:
-                                        one = decoder.buffer_updated_one(n, got_fds)
-                                        if one is None:
-                                            continue
-                                        payload, fds = one
-                                        if not self._simple:
-                                            frames.append(
-                                                Frame(
-                                                    False,
-                                                    len(fds),
-                                                    b"",
-                                                    payload,
-                                                    list(fds),
-                                                    decoder.received - n,
-                                                )
-                                            )
-                                            continue
-                                        # A lone plain frame, straight to the caller.
-                                        if not fds:
-                                            return Message(payload, ())
-                                        if len(fds) == 1:
-                                            return Message(payload, (OwnedFd(fds[0]),))
-                                        return Message(payload, tuple(map(OwnedFd, fds)))
-                                try:
-                                    got = finish_read(decoder, n, anc, flags)
-                                except TruncatedControlData as exc:
-                                    self._fail(exc)
-                                    raise
-                                if not got:
-                                    self._at_eof()
-                                continue
+                        if decoder.frames or decoder.error is not None or decoder.eof:
+                            msg = self._next_message()
+                            if msg is not None:
+                                return msg
+                        try:
+                            # Blocking (no timeout): the read itself waits.
+                            msg = self._read(0)
+                        except BlockingIOError:
                             if deadline is None and self._timeout:
                                 deadline = time.monotonic() + self._timeout
-                            self._fill(deadline)
-                        frame = frames.popleft()
-                        if frame.control:
-                            self._control(frame)
+                            self._wait(False, deadline)
                             continue
-                        fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
-                        if not fds:
-                            return Message(frame.payload, ())
-                        if len(fds) == 1:
-                            return Message(frame.payload, (OwnedFd(fds[0]),))
-                        return Message(frame.payload, tuple(map(OwnedFd, fds)))
+                        if msg is not None:
+                            return msg
                 except BaseException as exc:
                     if not isinstance(exc, OSError | FdChannelError | ValueError):
                         self._recv_interrupted(exc)
@@ -495,35 +320,7 @@ class Channel(ChannelBase):
         after releasing its lock and close() sets the flag before trying the
         locks, so one of the two always finds the lock free.
         """
-        for lock, drop in (
-            (self._send_lock, self._discard_pending),
-            (self._recv_lock, lambda: close_all(self._decoder.take_fds())),
-        ):
-            if lock.acquire(blocking=False):
-                try:
-                    drop()
-                finally:
-                    lock.release()
-
-    def _fill(self, deadline: float | None, dontwait: bool = False) -> bool:
-        """Do one read into the decoder; False if nothing was ready (dontwait)."""
-        # The read itself (ancillary data, MSG_CTRUNC, EOF) is shared with
-        # AsyncChannel in _sockio; only the waiting differs.
-        flags = _MSG_DONTWAIT if dontwait else 0
-        while True:
-            try:
-                got = read_into(self._sock, self._decoder, flags)
-                break
-            except BlockingIOError:
-                if dontwait:
-                    return False
-                self._wait(select.POLLIN, deadline)
-            except TruncatedControlData as exc:
-                self._fail(exc)
-                raise
-        if not got:
-            self._at_eof()
-        return True
+        self._drop_held()
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages until the peer closes the channel."""
@@ -533,7 +330,7 @@ class Channel(ChannelBase):
             except ChannelClosed:
                 return
 
-    # -- state ---------------------------------------------------------------
+    # -- waiting -------------------------------------------------------------
 
     def _deadline(self) -> float | None:
         timeout = self._timeout
@@ -541,19 +338,13 @@ class Channel(ChannelBase):
             return None
         return time.monotonic() + timeout
 
-    def _wait(self, events: int, deadline: float | None) -> None:
-        """Wait for *events* on the socket, or raise as the timeout says."""
+    def _wait(self, write: bool, deadline: float | None) -> None:
+        """Wait until the socket is writable (or readable), or raise as the timeout says."""
         if self._timeout == 0.0:
-            raise BlockingIOError(11, "the channel is non-blocking and the socket is not ready")
+            raise BlockingIOError(errno.EAGAIN, "the channel is non-blocking and the socket is not ready")
         if self._closed:  # by another thread; its fd number may be reused already
             raise ValueError(f"I/O operation on a closed {self._kind}")
-        poller = select.poll()
-        poller.register(self._fileno, events)
-        if deadline is None:
-            poller.poll()
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000 + 0.999))):
+        if not wait_ready((self._fileno,), write=write, deadline=deadline):
             raise TimeoutError("timed out")
 
     def close(self) -> None:
@@ -561,42 +352,11 @@ class Channel(ChannelBase):
 
         Pending outgoing data is sent if the socket takes it without waiting,
         otherwise dropped.  Messages received but not yet returned by `recv`
-        are closed with their fds.
+        are closed with their fds.  A thread blocked in `send` or `recv`
+        keeps what its call holds and drops it when the call returns (the
+        kernel does not wake it when the socket is closed).
         """
-        if self._closed:
-            return
-        # A forked copy must not push the creator's queued output a second
-        # time, and a send() in progress keeps its lock: then nothing is pushed.
-        if (
-            self._pending
-            and self._broken is None
-            and self._pid == os.getpid()
-            and self._send_lock.acquire(blocking=False)
-        ):
-            try:
-                self._push(None, this_message=None, dontwait=True)
-            except OSError:
-                pass
-            finally:
-                self._send_lock.release()
-        self._closed = True
-        # A thread blocked in send() or recv() keeps its lock (the kernel
-        # does not wake it when the socket is closed); it drops what the
-        # channel holds itself when its call returns (see send and recv).
-        if self._send_lock.acquire(blocking=False):
-            try:
-                self._discard_pending()
-            finally:
-                self._send_lock.release()
-        if self._recv_lock.acquire(blocking=False):
-            try:
-                close_all(self._decoder.take_fds())
-            finally:
-                self._recv_lock.release()
-        try:
-            self._session.close()
-        finally:
-            self._sock.close()
+        super().close()
 
     def __enter__(self) -> Self:
         return self

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Final
 
 from ._errors import LimitExceeded, ProtocolError
@@ -34,10 +35,13 @@ __all__ = [
     "FLAG_CONTROL",
     "HEADER_SIZE",
     "MAGIC",
+    "SCM_MAX_FD",
     "VERSION",
     "Decoder",
     "Frame",
+    "header_tag",
     "pack_header",
+    "pack_tagged",
 ]
 
 MAGIC: Final = b"FDCH"
@@ -50,6 +54,14 @@ _pack = _HEADER.pack
 # number, so the hot path checks them with a single comparison.
 _FAST = struct.Struct("<QIIQ")
 _fast_unpack_from = _FAST.unpack_from
+#: ``pack_tagged(tag, nfds, aux_len, payload_len)``: a data frame's header from
+#: its `header_tag`, in one call (the channels' hot paths use it).
+pack_tagged: Final = _FAST.pack
+
+#: The most fds one ``sendmsg`` may carry on Linux (``EINVAL`` above it);
+#: a frame whose in-band fds need more goes out in batches of this size,
+#: each riding on bytes of its own frame.
+SCM_MAX_FD: Final = 253
 
 #: Frames up to this size (header included) are parsed out of the shared read
 #: buffer; larger ones get buffers of their own that reads go straight into.
@@ -163,6 +175,7 @@ class Decoder:
         max_fds: int,
         max_aux: int,
         transport_name: str = "",
+        lone_frames: bool = True,
     ) -> None:
         self._wire_id = wire_id
         self._in_band = in_band
@@ -175,6 +188,9 @@ class Decoder:
         # inline frame within max_payload, and in-band fds within max_fds.
         self._fast_max_payload = min(max_payload, INLINE_LIMIT - HEADER_SIZE)
         self._fast_max_fds = max_fds if in_band else 0
+        # A session that must see every frame (one that sends fds out of band)
+        # turns the lone-frame shortcut off: its frames always queue.
+        self._lone = lone_frames
         self._buf = bytearray(2 * INLINE_LIMIT)
         self._mv = memoryview(self._buf)
         self._start = 0  # first unparsed byte in _buf
@@ -190,7 +206,8 @@ class Decoder:
         #: The protocol error met, if any (a plain attribute: recv() checks
         #: it on every call).
         self.error: ProtocolError | None = None
-        self._eof = False
+        #: True once `receive_eof` was called.
+        self.eof = False
 
     # -- reading side ---------------------------------------------------
 
@@ -232,7 +249,14 @@ class Decoder:
         """
         if nbytes <= 0:
             raise ValueError("buffer_updated needs nbytes > 0; report EOF with receive_eof()")
-        if not self._end and not self.frames and self._big is None and not self._fds and self.error is None:
+        if (
+            self._lone
+            and not self._end
+            and not self.frames
+            and self._big is None
+            and not self._fds
+            and self.error is None
+        ):
             # Fewer than HEADER_SIZE new bytes leave stale ones behind them,
             # but then nbytes == HEADER_SIZE + payload_len cannot hold.
             tag, nfds, aux_len, payload_len = _fast_unpack_from(self._buf)
@@ -301,7 +325,7 @@ class Decoder:
         Raises `ProtocolError` if it ended inside a frame or with fds that
         belong to no frame.
         """
-        self._eof = True
+        self.eof = True
         if self.error is not None:
             return
         if self._big is not None or self._end > self._start:
@@ -338,6 +362,11 @@ class Decoder:
         if self.error is not None:
             raise self.error
         return None
+
+    def push_back(self, payload: bytes, fds: Sequence[int]) -> None:
+        """Queue a lone frame that `buffer_updated_one` returned after all (its fds back to the decoder)."""
+        start = self._received - HEADER_SIZE - len(payload)
+        self.frames.append(Frame(False, len(fds), b"", payload, list(fds), start))
 
     def take_control_frames(self) -> list[Frame]:
         """Remove and return the queued control frames, leaving data frames queued."""

@@ -8,6 +8,7 @@ intact, so callers can use the same ``except`` clauses as with sockets.
 from __future__ import annotations
 
 __all__ = [
+    "ChannelBroken",
     "ChannelClosed",
     "FdChannelError",
     "FdsWithdrawn",
@@ -35,8 +36,25 @@ class ProtocolError(FdChannelError):
     fd count over the limits, fds that do not match what a frame declared,
     truncated control data, or EOF in the middle of a message.  Every fd that
     arrived with the offending data has been closed.  After it the channel is
-    unusable: every later ``send()``/``recv()`` raises `ProtocolError` naming
-    this original failure.
+    unusable: every later ``send()``/``recv()`` raises an error of the same
+    class naming this original failure, chained to it (``__cause__``).
+
+    A channel that this end broke itself raises the subclass `ChannelBroken`
+    instead, so one ``except ProtocolError`` still covers every unusable
+    channel.
+    """
+
+
+class ChannelBroken(ProtocolError):
+    """This end made the channel unusable, through no fault of the peer.
+
+    Raised when a local event cut the stream: a ``KeyboardInterrupt`` or a
+    signal handler's exception struck while a frame was being written or
+    read (how much of it moved is unknown), no fd was left to duplicate the
+    rest of a partly written message, or the kernel failed a write in the
+    middle of a frame.  ``__cause__`` is that event.  Every fd the channel
+    held has been closed; later ``send()``/``recv()`` calls raise
+    `ChannelBroken` chained to this one.
     """
 
 

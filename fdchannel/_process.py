@@ -103,7 +103,7 @@ def close_other(channel: Channel) -> None:
     # Whatever the other end had queued belongs to the process that keeps
     # it: this copy drops it unsent, or the peer would receive it twice.
     with other._send_lock:
-        other._discard_pending()
+        other._outbox.discard()
     other.close()
 
 

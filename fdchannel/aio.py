@@ -24,19 +24,20 @@ import errno
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from typing_extensions import Buffer
 
-from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
-from ._channelbase import PUMP_BUDGET, ChannelBase
+from ._channel import Channel
 from ._codec import Decoder
-from ._errors import ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
+from ._errors import ChannelClosed, FdChannelError
 from ._fdutil import close_all
 from ._message import Message
-from ._ownedfd import OwnedFd
-from ._sockio import read_into, set_written
+from ._outbox import set_written
+from ._sockio import write_pending
 from .transports import Session, Transport
 
 if TYPE_CHECKING:
@@ -52,7 +53,57 @@ _log = logging.getLogger("fdchannel.aio")
 _FAIRNESS: Final = 64
 
 
-class AsyncChannel(ChannelBase):
+class _Gate:
+    """A FIFO lock whose free case takes no ``await``: a call takes it synchronously.
+
+    `asyncio.Lock` can only be taken by awaiting a coroutine, which the
+    fast paths of `AsyncChannel` would pay on every message.  Ownership is
+    handed to the next waiter on `leave`; a waiter cancelled after the hand-
+    over passes it on, so the gate is never lost.
+    """
+
+    __slots__ = ("_busy", "_waiters")
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def locked(self) -> bool:
+        return self._busy
+
+    def try_enter(self) -> bool:
+        """Take the gate if it is free and nobody is queued for it."""
+        if self._busy or self._waiters:
+            return False
+        self._busy = True
+        return True
+
+    async def enter(self) -> None:
+        """Wait for the gate (FIFO).  Cancelled: the gate is not taken."""
+        if self.try_enter():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.leave()  # handed over just as we were cancelled: pass it on
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def leave(self) -> None:
+        """Release the gate, handing it to the first live waiter."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the gate stays busy: it is theirs now
+                return
+        self._busy = False
+
+
+class AsyncChannel(ChannelCore):
     """A message channel over a connected stream socket, for asyncio.
 
     Each message is a payload of bytes and any number of fds; the receiver
@@ -104,8 +155,8 @@ class AsyncChannel(ChannelBase):
     ) -> None:
         sock.setblocking(False)
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
-        self._send_lock = asyncio.Lock()
-        self._recv_lock = asyncio.Lock()
+        self._send_gate = _Gate()
+        self._recv_gate = _Gate()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Reader/writer callbacks stay registered after a wake-up until one
         # fires with nobody waiting: a receiver that waits again and again
@@ -146,10 +197,10 @@ class AsyncChannel(ChannelBase):
         ch: Any = channel  # its private state, by design: same package
         if ch._closed:
             raise ValueError("cannot take over a closed Channel")
-        if not ch._send_lock.acquire(blocking=False):
+        if not ch._claim_send():
             raise RuntimeError("the Channel is in use by another thread (send)")
         try:
-            if not ch._recv_lock.acquire(blocking=False):
+            if not ch._claim_recv():
                 raise RuntimeError("the Channel is in use by another thread (recv)")
             try:
                 self = cls.__new__(cls)
@@ -162,27 +213,24 @@ class AsyncChannel(ChannelBase):
                     max_fds=ch.max_fds,
                 )
                 # Chunks a blocking channel leaves pending are detached: they
-                # own their bytes and fds, so they simply change hands.
-                self._pending.extend(ch._pending)
-                ch._pending.clear()
+                # own their bytes and fds, so the whole outbox changes hands.
+                self._outbox, ch._outbox = ch._outbox, self._outbox
                 self._broken = ch._broken
                 self._eof = ch._eof
                 ch._closed = True
             finally:
-                ch._recv_lock.release()
+                ch._release_recv()
         finally:
-            ch._send_lock.release()
+            ch._release_send()
         return self
-
-    # -- socket-like surface ----------------------------------------------
 
     # -- waiting on the loop ------------------------------------------------
 
     def _enter_loop(self) -> None:
-        """At each public call, before any lock: bind the channel to the running loop.
+        """At each public call, before any gate: bind the channel to the running loop.
 
         A channel whose loop has been closed (one ``asyncio.run()`` after
-        another) moves to the running one; only here, with no lock held.
+        another) moves to the running one; only here, with no gate held.
         """
         loop = asyncio.get_running_loop()
         if self._loop is None or self._loop is loop:
@@ -190,14 +238,13 @@ class AsyncChannel(ChannelBase):
             return
         if not self._loop.is_closed():
             raise RuntimeError(f"{self!r} is bound to another event loop")
-        # The old loop's reader and writer went with it.  New locks too:
-        # asyncio's bind to the loop they first waited on, and a task
-        # abandoned with the old loop may still hold one.
+        # The old loop's reader and writer went with it.  New gates too: a
+        # task abandoned with the old loop may still hold one.
         self._loop = loop
         self._reading = self._writing = False
         self._read_waiter = self._write_waiter = None
-        self._send_lock = asyncio.Lock()
-        self._recv_lock = asyncio.Lock()
+        self._send_gate = _Gate()
+        self._recv_gate = _Gate()
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         """The channel's loop, which must be the running one (see `_enter_loop`)."""
@@ -275,6 +322,40 @@ class AsyncChannel(ChannelBase):
             if loop is not None and not loop.is_closed():
                 loop.remove_writer(self._fileno)
 
+    async def _fair(self) -> None:
+        """After `_FAIRNESS` calls in a row that did not wait, let the loop run others."""
+        self._streak += 1
+        if self._streak >= _FAIRNESS:
+            self._streak = 0
+            await asyncio.sleep(0)
+
+    # -- the gates, for the core ----------------------------------------------
+
+    def _claim_send(self) -> bool:
+        return self._send_gate.try_enter()
+
+    def _release_send(self) -> None:
+        self._send_gate.leave()
+
+    def _claim_recv(self) -> bool:
+        return self._recv_gate.try_enter()
+
+    def _release_recv(self) -> None:
+        self._recv_gate.leave()
+
+    def _wake_waiters(self) -> None:
+        self._stop_reading()
+        self._stop_writing()
+        for waiter in (self._read_waiter, self._write_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)  # the woken task sees _closed
+
+    def _drop_held(self) -> None:
+        # One thread: a task suspended in send() or recv() touches nothing
+        # until it runs again, and then it finds the channel closed.
+        self._outbox.discard()
+        close_all(self._decoder.take_fds())
+
     # -- sending ------------------------------------------------------------
 
     async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
@@ -290,58 +371,59 @@ class AsyncChannel(ChannelBase):
         a closed file object) or the channel's own socket, or the channel is
         closed; `BufferError` for a payload that is not contiguous; `OSError`
         (``EBADF``) for a number that is not an open fd, also before writing
-        anything; `ProtocolError` if an earlier error left the
-        channel unusable; `OSError` (such as `BrokenPipeError`) from the
-        kernel; `RuntimeError` when called from another event loop than the
-        one the channel was first used on.  Cancelled: not sent if
-        ``characters_written`` on the ``CancelledError`` is ``0``; otherwise
-        taken and finished before any later message (see `flush`).
+        anything; `ProtocolError` if an earlier error left the channel
+        unusable (`ChannelBroken` when this end broke it); `OSError` (such
+        as `BrokenPipeError`) from the kernel; `RuntimeError` when called
+        from another event loop than the one the channel was first used on.
+        Cancelled: not sent if ``characters_written`` on the
+        ``CancelledError`` is ``0``; otherwise taken and finished before any
+        later message (see `flush`).
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
-        nums, size = self._message_args(payload, fds)
-        nfds = len(nums)
-        if size > self.max_payload or nfds > self.max_fds or self._fileno in nums:
-            self._refuse(size, nums)
-        try:
-            # Cancelled while waiting for the lock: nothing was taken.
-            await self._send_lock.acquire()
-        except BaseException as exc:
-            set_written(exc, 0)
-            raise
-        try:
-            self._check_usable()
+        nums, size = self._message(payload, fds)
+        gate = self._send_gate
+        if not gate.try_enter():
             try:
-                self._streak += 1
-                if self._streak >= _FAIRNESS:  # inline: no coroutine per message
-                    self._streak = 0
-                    await asyncio.sleep(0)
-                if self._has_control:
-                    self._pump_nowait()
-                    if self._broken is not None:
-                        self._check_usable()  # a malformed control frame just arrived
-                    self._queue_control()
-                if self._pending:
-                    # Older data goes first; if it cannot, this message is not taken.
-                    await self._push(this_message=None)
+                # Cancelled while waiting for the gate: nothing was taken.
+                await gate.enter()
             except BaseException as exc:
                 set_written(exc, 0)
                 raise
-            out = self._session.outgoing(nums)
-            try:
-                written = self._write_frame(out.aux, list(out.in_band), nfds, payload, size)
-                if written is not None:
-                    await self._push(this_message=written)
-            except BaseException as exc:
-                if getattr(exc, "characters_written", 1) == 0:
-                    self._session.discard(out)
-                elif not isinstance(exc, OSError | asyncio.CancelledError):
-                    # KeyboardInterrupt or a signal handler's error inside the
-                    # synchronous write: how much of the frame left is unknown.
-                    self._interrupted(exc)
-                raise
+        try:
+            if self._closed or self._broken is not None:
+                self._check_usable()
+            if self._streak < _FAIRNESS - 1 and self._fast_send_ok(len(nums)):
+                # The common case: no await unless the socket is full.
+                self._streak += 1
+                sent = self._send_whole(payload, nums, size)
+                if sent is not None:
+                    await self._push(sent)
+                return
+            await self._send_queued(payload, nums, size)
         finally:
-            self._send_lock.release()
+            gate.leave()
+
+    async def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
+        """The general send: control frames and older data first, then the message."""
+        try:
+            await self._fair()
+            self._check_usable()  # the state may have changed while others ran
+            self._prepare_send()
+            if self._outbox.pending:
+                # Older data goes first; if it cannot, this message is not taken.
+                await self._push(None)
+        except BaseException as exc:
+            set_written(exc, 0)
+            raise
+        out, sent = self._start_message(payload, nums, size)
+        if sent is None:
+            return
+        try:
+            await self._push(sent)
+        except BaseException as exc:
+            self._not_taken(exc, out)
+            raise
 
     async def flush(self) -> None:
         """Write what a cancelled ``send()`` left pending; return when none is.
@@ -350,109 +432,37 @@ class AsyncChannel(ChannelBase):
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()
-        async with self._send_lock:
+        await self._send_gate.enter()
+        try:
             self._check_usable()
             if self._has_control:
-                self._queue_control()
-            if self._pending:
-                await self._push(this_message=None)
+                self._outbox.add_control(self._session.take_control())
+            if self._outbox.pending:
+                await self._push(None)
+        finally:
+            self._send_gate.leave()
 
-    async def _push(self, this_message: int | None) -> None:
-        """Write pending chunks until none is left, waiting for writability.
+    async def _push(self, before: int | None) -> None:
+        """Write queued chunks until none is left, waiting for writability.
 
-        *this_message*: bytes of the current message written before the call
-        (``None`` when flushing older data).  Everything pending belongs to
-        the current message when it is not None, since older data is always
-        flushed before a message is taken.  On cancellation the remainder is
-        detached (or dropped if nothing of the message left) and
-        ``characters_written`` set; on any other error mid-frame the channel
-        is marked unusable.
+        *before*: bytes of the current message written before the call
+        (``None`` when flushing older data).  How a cancellation or a failure
+        ends the message is the outbox's rule (`Outbox.paused`, `Outbox.failed`).
         """
-        pending = self._pending
+        outbox = self._outbox
         written = 0
         try:
             while True:
-                written += self._write_pending()
-                if not pending:
+                written += write_pending(self._io, self._sock, outbox, self._send_flags)
+                if not outbox.pending:
                     return
                 await self._wait_writable()
         except asyncio.CancelledError as exc:
-            taken = written + (this_message or 0)
-            set_written(exc, taken)
-            if this_message is not None and not taken:
-                pending.clear()  # not taken: nothing of it stays behind
-                raise
-            try:
-                for chunk in pending:
-                    chunk.detach()
-            except OSError as dup_exc:
-                self._corrupt(dup_exc)
+            self._push_paused(exc, before, written)
             raise
         except BaseException as exc:
-            set_written(exc, written + (this_message or 0))
-            if pending:
-                self._cut_short(exc)
+            self._push_failed(exc, before, written)
             raise
-
-    def _cut_short(self, exc: BaseException) -> None:
-        """A write failed with *exc*, maybe in the middle of a frame."""
-        if isinstance(exc, BrokenPipeError | ConnectionResetError):
-            # A vanished peer reads nothing more, so a cut frame corrupts
-            # nothing; recv() must still deliver what it sent before.
-            self._discard_pending()
-        else:
-            self._corrupt(exc)
-
-    def _corrupt(self, exc: BaseException) -> None:
-        self._discard_pending()
-        if self._broken is None:
-            self._broken = ProtocolError(f"a frame was cut short by {exc!r}: the stream is corrupt")
-
-    # -- transport control frames --------------------------------------------
-
-    def _flush_control_nowait(self) -> None:
-        """Send queued control frames if that can be done without waiting."""
-        if self._send_lock.locked() or self._broken is not None or self._closed:
-            return
-        self._queue_control()
-        if self._pending:
-            try:
-                self._write_pending()
-            except OSError as exc:
-                self._cut_short(exc)
-            else:
-                for chunk in self._pending:
-                    chunk.detach()
-
-    def _pump_nowait(self) -> None:
-        """Read what already arrived so the transport sees the peer's control frames."""
-        # A task inside recv() owns the decoder: reading here could leave it
-        # waiting for readability with a whole message already buffered.
-        if self._recv_lock.locked():
-            return
-        try:
-            # Bounded: a peer that keeps sending must not fill our memory
-            # with data nobody asked for yet, so reading ahead of recv()
-            # stops at PUMP_BUDGET of it (control frames behind it then wait
-            # for recv()).
-            for _ in range(16):
-                if self._eof or self._decoder.unread_bytes >= PUMP_BUDGET:
-                    break
-                if not read_into(self._sock, self._decoder):
-                    self._at_eof()
-        except BlockingIOError:  # drained
-            pass
-        except TruncatedControlData as exc:
-            self._fail(exc)
-            return
-        except (OSError, FdChannelError):
-            return  # recv() reports stream errors
-        for frame in self._decoder.take_control_frames():
-            try:
-                self._session.control(bytes(frame.payload))
-            except ProtocolError as exc:
-                self._fail(exc)  # the next send()/recv() says so
-                return
 
     # -- receiving ------------------------------------------------------------
 
@@ -469,46 +479,42 @@ class AsyncChannel(ChannelBase):
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
-        async with self._recv_lock:
-            try:
+        gate = self._recv_gate
+        if not gate.try_enter():
+            await gate.enter()
+        try:
+            if self._closed or self._broken is not None:
                 self._check_usable()
-                decoder = self._decoder
-                waited = False
-                while True:
-                    try:
-                        frame = decoder.next_frame()
-                    except ProtocolError as exc:
-                        self._fail(exc)
-                        raise
-                    if frame is not None:
-                        if frame.control:
-                            self._control(frame)
-                            continue
-                        # No await from here on: the frame must reach the caller.
-                        fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
-                        return Message(frame.payload, tuple(map(OwnedFd, fds)) if fds else ())
-                    if self._eof:
-                        raise ChannelClosed("the peer closed the channel")
-                    if not waited:
-                        # Checked before reading, never with a frame in hand.
-                        self._streak += 1
-                        if self._streak >= _FAIRNESS:
-                            self._streak = 0
-                            await asyncio.sleep(0)
-                    try:
-                        if not read_into(self._sock, decoder):
-                            self._at_eof()
-                    except BlockingIOError:
-                        waited = True
+            decoder = self._decoder
+            waited = False
+            while True:
+                # No await between a frame in hand and the return: it must
+                # reach the caller.
+                if decoder.frames or decoder.error is not None or decoder.eof:
+                    msg = self._next_message()
+                    if msg is not None:
+                        return msg
+                if not waited:
+                    # Checked before reading, never with a frame in hand.
+                    self._streak += 1
+                    if self._streak >= _FAIRNESS:
                         self._streak = 0
-                        await self._wait_readable()
-                    except TruncatedControlData as exc:
-                        self._fail(exc)
-                        raise
-            except BaseException as exc:
-                if not isinstance(exc, OSError | FdChannelError | ValueError | asyncio.CancelledError):
-                    self._recv_interrupted(exc)
-                raise
+                        await asyncio.sleep(0)
+                try:
+                    msg = self._read(0)
+                except BlockingIOError:
+                    waited = True
+                    self._streak = 0
+                    await self._wait_readable()
+                    continue
+                if msg is not None:
+                    return msg
+        except BaseException as exc:
+            if not isinstance(exc, OSError | FdChannelError | ValueError | asyncio.CancelledError):
+                self._recv_interrupted(exc)
+            raise
+        finally:
+            gate.leave()
 
     def __aiter__(self) -> AsyncIterator[Message]:
         """Yield messages until the peer closes the channel."""
@@ -531,30 +537,7 @@ class AsyncChannel(ChannelBase):
         fds.  Tasks waiting in `recv` get `ChannelClosed`, tasks waiting in
         `send` get `ValueError`.
         """
-        if self._closed:
-            return
-        if self._pending and self._broken is None and not self._send_lock.locked():
-            try:
-                self._write_pending()
-            except OSError:
-                pass
-        if self._has_control and self._broken is None and not self._eof:
-            # Take the peer's control frames (acknowledgements) out of the
-            # socket first: closing a Unix socket with unread data resets the
-            # connection, and the peer would see ECONNRESET instead of EOF.
-            self._pump_nowait()
-        self._closed = True
-        self._stop_reading()
-        self._stop_writing()
-        for waiter in (self._read_waiter, self._write_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)  # the woken task sees _closed
-        self._discard_pending()
-        close_all(self._decoder.take_fds())
-        try:
-            self._session.close()
-        finally:
-            self._sock.close()
+        super().close()
 
     async def aclose(self) -> None:
         """Close the channel as `close` does; an ``await`` for ``async with`` symmetry."""

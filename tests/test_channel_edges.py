@@ -24,8 +24,7 @@ from typing import Any
 
 import pytest
 
-import fdchannel._channel
-import fdchannel._sockio
+import fdchannel._posixio
 from fdchannel import Channel, ChannelClosed, ProtocolError
 from fdchannel.aio import AsyncChannel
 
@@ -182,8 +181,7 @@ def test_close_does_not_wait_for_a_blocked_send() -> None:
 
 def test_received_fds_are_non_inheritable_without_msg_cmsg_cloexec(monkeypatch: pytest.MonkeyPatch) -> None:
     # macOS has no MSG_CMSG_CLOEXEC: the constant is 0 there.
-    monkeypatch.setattr(fdchannel._channel, "_RECV_FLAGS", 0)
-    monkeypatch.setattr(fdchannel._sockio, "RECV_FLAGS", 0)
+    monkeypatch.setattr(fdchannel._posixio, "RECV_FLAGS", 0)
     a, b = Channel.pair()
     r, w = os.pipe()
     os.set_inheritable(w, True)

@@ -1,0 +1,153 @@
+"""Socket I/O with ancillary data: ``sendmsg``/``recvmsg_into`` and SCM_RIGHTS.
+
+The one module that names POSIX-only parts of the socket API (``sendmsg``,
+``SCM_RIGHTS``, ``MSG_CTRUNC``, ``MSG_CMSG_CLOEXEC``); `fdchannel._sockio`
+imports it only where they exist.  Each function does one system call and
+never waits: the channels decide how to wait.  `fdchannel._streamio` has the
+same functions for streams that carry no fds.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any, Final
+
+from typing_extensions import Buffer
+
+from ._codec import SCM_MAX_FD, Decoder
+from ._errors import TruncatedControlData
+from ._fdutil import close_all
+
+__all__ = [
+    "ANCBUF",
+    "DONTWAIT",
+    "RECV_FLAGS",
+    "SEND_FLAGS",
+    "fds_from_ancillary",
+    "finish_read",
+    "read",
+    "rights",
+    "write",
+]
+
+_SOL_SOCKET: Final = socket.SOL_SOCKET
+_SCM_RIGHTS: Final = socket.SCM_RIGHTS
+# Plain ints: combining the socket module's IntFlag members costs an enum
+# operation each time, on the hot path.
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+#: Makes one call non-blocking whatever the socket's mode (0 where absent).
+DONTWAIT: Final = int(getattr(socket, "MSG_DONTWAIT", 0))
+#: Never raise SIGPIPE: a vanished peer is a BrokenPipeError, not a dead process.
+SEND_FLAGS: Final = int(getattr(socket, "MSG_NOSIGNAL", 0))
+#: Received fds are close-on-exec atomically where the kernel can (Linux, FreeBSD).
+RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+#: The kernel hands over at most one sendmsg's batch of fds per recvmsg;
+#: CMSG_SPACE (not CMSG_LEN) so the last fd is never cut off on the BSDs.
+ANCBUF: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+# Packers and unpackers of 0..SCM_MAX_FD C ints, indexed by count: on the hot
+# paths they cost half of what array.array or memoryview.cast do.
+_INTS = [struct.Struct(f"{n}i") for n in range(SCM_MAX_FD + 1)]
+_FD_PACK: Final = [s.pack for s in _INTS]
+_FD_UNPACK: Final = [s.unpack for s in _INTS]
+#: The most fd bytes one SCM_RIGHTS entry carries.
+_MAX_FD_BYTES: Final = 4 * SCM_MAX_FD
+
+
+def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes | array.array[int]]]:
+    """The ancillary data of a ``sendmsg`` carrying *fds* (none when empty)."""
+    if not fds:
+        return []
+    data = _FD_PACK[len(fds)](*fds) if len(fds) <= SCM_MAX_FD else array.array("i", fds)
+    return [(_SOL_SOCKET, _SCM_RIGHTS, data)]
+
+
+def write(sock: socket.socket, bufs: list[Buffer], fds: Sequence[int], flags: int = SEND_FLAGS) -> int:
+    """One ``sendmsg`` of *bufs* with *fds* on their first byte; the bytes that left.
+
+    0 when the socket is full (nothing left, the fds neither).  Other
+    `OSError` from the kernel propagates with nothing sent.
+    """
+    try:
+        if fds:
+            return sock.sendmsg(bufs, [(_SOL_SOCKET, _SCM_RIGHTS, _FD_PACK[len(fds)](*fds))], flags)
+        return sock.sendmsg(bufs, (), flags)
+    except BlockingIOError:
+        return 0
+
+
+def read(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> tuple[bytes, Sequence[int]] | None:
+    """Do one ``recvmsg_into`` straight into *decoder*.
+
+    Returns ``(payload, fds)`` when the read was exactly one plain data
+    frame that may skip the queue (`Decoder.buffer_updated_one`); the fds
+    are then the caller's.  Otherwise what arrived (bytes and fds) is the
+    decoder's, and at end of stream the decoder is told (`Decoder.eof`) and
+    any fds that came with it are closed; returns None.  Raises
+    `BlockingIOError` when nothing is ready (nothing consumed),
+    `TruncatedControlData` on ``MSG_CTRUNC`` (the fds that arrived are
+    closed; the stream can no longer be trusted) and other `OSError` from
+    the kernel.  A connection reset counts as end of stream.
+    """
+    try:
+        n, anc, msg_flags, _ = sock.recvmsg_into([decoder.get_buffer()], ANCBUF, RECV_FLAGS | flags)
+    except ConnectionResetError:
+        # A peer that closed without reading all we sent is reported as a
+        # reset once its own data is drained: for us it is its EOF (clean
+        # between messages, a ProtocolError inside one).
+        n, anc, msg_flags = 0, [], 0
+    if n and not msg_flags & _MSG_CTRUNC and RECV_FLAGS:
+        # The common case, first: one SCM_RIGHTS entry of whole fds, already
+        # close-on-exec, or none.
+        if not anc:
+            return decoder.buffer_updated_one(n, ())
+        if len(anc) == 1:
+            level, kind, data = anc[0]
+            if (
+                level == _SOL_SOCKET
+                and kind == _SCM_RIGHTS
+                and not len(data) % 4
+                and len(data) <= _MAX_FD_BYTES
+            ):
+                return decoder.buffer_updated_one(n, _FD_UNPACK[len(data) >> 2](data))
+    finish_read(decoder, n, anc, msg_flags)
+    return None
+
+
+def finish_read(decoder: Decoder, n: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> None:
+    """Hand one ``recvmsg_into``'s result to *decoder*, whatever its ancillary data."""
+    fds = fds_from_ancillary(ancdata, msg_flags)
+    if n:
+        decoder.buffer_updated(n, fds)
+        return
+    close_all(fds)
+    decoder.receive_eof()
+
+
+def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    """Return the fds of one ``recvmsg``'s ancillary data, owned by the caller.
+
+    Only ``SOL_SOCKET``/``SCM_RIGHTS`` entries carry fds; each fd is made
+    non-inheritable where ``MSG_CMSG_CLOEXEC`` could not do it atomically.
+    Raises `TruncatedControlData` after closing every fd that did arrive
+    when the kernel set ``MSG_CTRUNC``.
+    """
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            # Whole ints only: a truncated trailing fragment is no fd.
+            fds.extend(memoryview(data)[: len(data) - len(data) % 4].cast("i").tolist())
+    if fds and not RECV_FLAGS:
+        # No atomic way here: do it before anything else can fork.
+        for fd in fds:
+            os.set_inheritable(fd, False)
+    if flags & _MSG_CTRUNC:
+        close_all(fds)
+        raise TruncatedControlData(
+            "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
+            "process at its RLIMIT_NOFILE?  The fds that arrived were closed"
+        )
+    return fds

@@ -1,0 +1,46 @@
+"""Waiting for a socket against a deadline: ``poll`` where it exists, ``select`` otherwise.
+
+Used by the blocking `Channel` and by `Listener`; the asyncio channel waits
+on its event loop instead.  Deadlines are `time.monotonic` values covering a
+whole call, so a call that waits several times still ends on time.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Sequence
+
+__all__ = ["deadline_after", "wait_ready"]
+
+_HAVE_POLL = hasattr(select, "poll")
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The deadline *timeout* seconds from now (None: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def wait_ready(fds: Sequence[int], *, write: bool = False, deadline: float | None = None) -> bool:
+    """Wait until one of *fds* is readable (or writable, with *write*).
+
+    An error or hang-up on an fd counts as ready: the next call on it says
+    what happened.  Returns False if *deadline* passed first (at once when it
+    already has), True otherwise.
+    """
+    if deadline is None:
+        timeout = None
+    else:
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return False
+    if _HAVE_POLL:
+        poller = select.poll()
+        events = select.POLLOUT if write else select.POLLIN
+        for fd in fds:
+            poller.register(fd, events)
+        # Milliseconds rounded up, so a wait never returns before its deadline.
+        return bool(poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999))))
+    rlist, wlist = ([], list(fds)) if write else (list(fds), [])
+    ready = select.select(rlist, wlist, list(fds), timeout)  # pragma: no cover - Windows
+    return any(ready)  # pragma: no cover - Windows
