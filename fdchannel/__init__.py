@@ -17,9 +17,10 @@ from ._errors import (
     ProtocolError,
     TruncatedControlData,
 )
-from ._listener import Listener, PeerCredentials
+from ._listener import Listener
 from ._message import Message
 from ._ownedfd import OwnedFd
+from ._peer import PeerCredentials
 from ._process import spawn
 
 __all__ = [

@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from typing_extensions import Buffer
 
-from . import _listener, _process
+from . import _handoff, _peer
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed, FdChannelError
 from ._message import Message
@@ -105,7 +105,7 @@ class Channel(ChannelCore):
         missing, not a number, or not a connected AF_UNIX stream socket (the
         fd is then left open and the variable set).
         """
-        return _process.channel_from_environ(cls, True, kwargs)
+        return _handoff.channel_from_environ(cls, True, kwargs)
 
     @classmethod
     def connect(
@@ -119,15 +119,20 @@ class Channel(ChannelCore):
         (`FileNotFoundError`, `ConnectionRefusedError`, `TimeoutError`, ...)
         with nothing left open.
         """
-        return _listener.connect(cls, path, timeout, **kwargs)
+        sock = _peer.connect_unix(path, timeout)
+        try:
+            return cls(sock, **kwargs)
+        except BaseException:
+            sock.close()
+            raise
 
-    def peer_credentials(self) -> _listener.PeerCredentials:
+    def peer_credentials(self) -> _peer.PeerCredentials:
         """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
 
         For the ends of `pair` this is the process that created the pair.
         Raises `OSError` from the kernel.
         """
-        return _listener.peer_credentials(self._sock)
+        return _peer.peer_credentials(self._sock)
 
     def close_other(self) -> None:
         """After `os.fork`, close the other end of this `pair` in this process.
@@ -140,12 +145,22 @@ class Channel(ChannelCore):
         call it under any start method; `ValueError` for a channel that does
         not come from `pair`.
         """
-        _process.close_other(self)
+        ref = self._other_end
+        if ref is None:
+            raise ValueError("close_other() works on the ends returned by Channel.pair() only")
+        other = ref()
+        if other is None or other.closed:
+            return
+        # Whatever the other end had queued belongs to the process that keeps
+        # it: this copy drops it unsent, or the peer would receive it twice.
+        with other._send_lock:
+            other._outbox.discard()
+        other.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # multiprocessing.Process(args=(channel,)) under spawn/forkserver
         # duplicates the fd into the child; anything else is a TypeError.
-        return _process.reduce_channel(self)
+        return _handoff.reduce_channel(self)
 
     # -- socket-like surface ----------------------------------------------
 

@@ -33,7 +33,7 @@ import sys
 from typing import Any, Final
 
 from ._ownedfd import fileno_of
-from .transports._windows import WinApi, valid_handle
+from .transports._winapi import WinApi, valid_handle
 
 __all__ = ["WIRE", "recv", "send"]
 

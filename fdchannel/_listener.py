@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import array
-import ctypes
 import errno
 import logging
 import os
-import platform
-import select
 import shutil
 import socket
 import stat
-import struct
-import sys
 import tempfile
 import threading
 import time
@@ -21,137 +15,17 @@ import warnings
 from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any, Final, Self
 
-import attrs
-
+from ._channel import Channel
 from ._fdutil import close_all
+from ._peer import SUN_PATH_MAX, PeerCredentials, is_abstract, peer_credentials, peer_groups, unix_address
+from ._wait import wait_ready
 
 if TYPE_CHECKING:
-    from ._channel import Channel
     from .transports import Transport
 
-__all__ = ["Listener", "PeerCredentials", "connect", "peer_credentials"]
+__all__ = ["Listener", "PeerCredentials"]
 
 log: Final = logging.getLogger("fdchannel.listener")
-
-#: sun_path holds 108 bytes including the terminating NUL on Linux.
-_SUN_PATH_MAX: Final = 107
-
-
-@attrs.frozen
-class PeerCredentials:
-    """Who is at the other end of an AF_UNIX socket, as the kernel recorded it.
-
-    The values are those of the process when it called ``connect()`` (or
-    created the socketpair), not of whoever holds the socket now: the ends
-    of `Channel.pair` both report the process that created the pair, even
-    after one end was handed to a child.  ``pid`` is ``None`` where the OS
-    does not report it.  ``gid`` is the primary (effective) group only.
-    """
-
-    pid: int | None
-    uid: int
-    gid: int
-
-
-def _so_peergroups() -> int | None:
-    """Linux's SO_PEERGROUPS (4.13+), where its number is known."""
-    value = getattr(socket, "SO_PEERGROUPS", None)
-    if value is not None:
-        return int(value)
-    if not sys.platform.startswith("linux"):
-        return None
-    # Python 3.11 lacks the constant.  59 is the generic Linux number; sparc
-    # and parisc number their socket options differently.
-    return None if platform.machine().startswith(("sparc", "parisc")) else 59
-
-
-_SO_PEERGROUPS: Final = _so_peergroups()
-
-
-def peer_groups(sock: socket.socket) -> frozenset[int]:
-    """The supplementary groups of *sock*'s peer as recorded at connect time.
-
-    Empty where the OS cannot tell (only Linux 4.13+ can, with
-    ``SO_PEERGROUPS``).
-    """
-    if _SO_PEERGROUPS is None:  # pragma: no cover - not Linux
-        return frozenset()
-    try:
-        # 1024 bytes (256 groups) is the most socket.getsockopt() reads.
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
-    except OSError as exc:
-        if exc.errno != errno.ERANGE:
-            return frozenset()  # a kernel without SO_PEERGROUPS
-        try:
-            raw = _getsockopt_large(sock.fileno(), _SO_PEERGROUPS, 4 * 65536)  # NGROUPS_MAX
-        except OSError:
-            return frozenset()
-    return frozenset(array.array("I", raw[: len(raw) - len(raw) % 4]))
-
-
-def _getsockopt_large(fd: int, option: int, size: int) -> bytes:
-    """``getsockopt(SOL_SOCKET, option)`` into a buffer larger than Python allows."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(size)
-    length = ctypes.c_uint32(size)
-    if libc.getsockopt(fd, socket.SOL_SOCKET, option, buf, ctypes.byref(length)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return buf.raw[: length.value]
-
-
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
-    """Read the peer's credentials of connected AF_UNIX *sock* from the kernel.
-
-    Raises `OSError` from the kernel (``ENOTCONN``, ``EOPNOTSUPP`` for a
-    socket of another family) and `NotImplementedError` on an OS with no
-    known way to ask.
-    """
-    if hasattr(socket, "SO_PEERCRED"):  # Linux
-        # struct ucred: pid_t pid; uid_t uid; gid_t gid.  The ids are
-        # unsigned: containers map users to ids of 2**31 and more.
-        size = struct.calcsize("iII")
-        pid, uid, gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
-        return PeerCredentials(pid, uid, gid)
-    if sys.platform == "darwin" or sys.platform.startswith(("freebsd", "dragonfly")):  # pragma: no cover
-        # struct xucred: u_int version; uid_t uid; short ngroups; gid_t groups[16];
-        # FreeBSD >= 13 adds the pid after the groups.  Level 0 is SOL_LOCAL,
-        # option 1 LOCAL_PEERCRED (getpeereid() reads the same record).
-        raw = sock.getsockopt(0, 1, 256)
-        _version, uid, ngroups = struct.unpack_from("IIh", raw)
-        gid = struct.unpack_from("I", raw, 12)[0] if ngroups > 0 else -1
-        peer_pid: int | None = None
-        if sys.platform == "darwin":
-            peer_pid = struct.unpack("i", sock.getsockopt(0, 2, 4))[0]  # LOCAL_PEERPID
-        elif len(raw) >= 12 + 64 + 4 + 4:
-            peer_pid = struct.unpack_from("i", raw, 80)[0] or None
-        return PeerCredentials(peer_pid, uid, gid)
-    raise NotImplementedError(f"peer credentials are not supported on {sys.platform}")
-
-
-def connect(
-    cls: type[Channel], path: str | bytes | os.PathLike[Any], timeout: float | None, **kw: Any
-) -> Channel:
-    """The logic of `Channel.connect`."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(_address(path))
-        return cls(sock, **kw)
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _address(path: str | bytes | os.PathLike[Any]) -> str | bytes:
-    address = os.fspath(path)
-    if not address:
-        raise ValueError("an AF_UNIX address must not be empty")
-    return address
-
-
-def _is_abstract(address: str | bytes) -> bool:
-    return address[:1] in ("\0", b"\0")
 
 
 class Listener:
@@ -194,8 +68,6 @@ class Listener:
         **channel_options: Any,
     ) -> None:
         """Bind and listen; raises `OSError` (see the class) or `ValueError` for bad arguments."""
-        from ._channel import Channel
-
         unknown = set(channel_options) - {"max_payload", "max_fds", "transport"}
         if unknown:
             raise TypeError(f"Listener() got unexpected keyword arguments {sorted(unknown)}")
@@ -215,9 +87,9 @@ class Listener:
         self._file_id: tuple[int, int] | None = None
         #: Connections refused by the peer checks since the listener was created.
         self.refused = 0
-        address = _address(path)
+        address = unix_address(path)
         self._address = address
-        if _is_abstract(address):
+        if is_abstract(address):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.bind(address)
@@ -226,7 +98,7 @@ class Listener:
                 sock.close()
                 raise
         else:
-            if len(os.fsencode(address)) > _SUN_PATH_MAX:
+            if len(os.fsencode(address)) > SUN_PATH_MAX:
                 raise OSError(errno.ENAMETOOLONG, "AF_UNIX path too long: clients could not connect", address)
             sock = self._create_file_socket(address, mode, backlog)
         # accept() waits in poll() on the socket and on a wake-up fd that
@@ -269,7 +141,7 @@ class Listener:
             tmp = os.path.join(tmpdir, "s")
             bind_to = tmp
             dirfd = -1
-            if len(os.fsencode(tmp)) > _SUN_PATH_MAX:
+            if len(os.fsencode(tmp)) > SUN_PATH_MAX:
                 # The temporary name is longer than *path*; reach it through
                 # a short /proc alias of the directory instead.
                 dirfd = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -352,9 +224,6 @@ class Listener:
 
     def _accept_one(self, deadline: float | None) -> socket.socket:
         listener = self._sock
-        poller = select.poll()
-        poller.register(listener, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         while True:
             if self._closed:
                 raise ValueError("the Listener was closed")
@@ -364,12 +233,8 @@ class Listener:
             except BlockingIOError:
                 if self._timeout == 0.0:
                     raise
-            if deadline is None:
-                poller.poll()
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000 + 0.999))):
-                    raise TimeoutError("timed out")
+            if not wait_ready((listener.fileno(), self._wake_r), deadline=deadline):
+                raise TimeoutError("timed out")
 
     def _check(self, creds: PeerCredentials, sock: socket.socket) -> str | None:
         if self._allow_uids is not None and creds.uid not in self._allow_uids:

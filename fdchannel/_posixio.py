@@ -27,10 +27,12 @@ __all__ = [
     "DONTWAIT",
     "RECV_FLAGS",
     "SEND_FLAGS",
+    "ancillary_fds",
     "fds_from_ancillary",
     "finish_read",
     "read",
     "rights",
+    "truncated",
     "write",
 ]
 
@@ -130,10 +132,25 @@ def finish_read(decoder: Decoder, n: int, ancdata: list[tuple[int, int, bytes]],
 def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
     """Return the fds of one ``recvmsg``'s ancillary data, owned by the caller.
 
-    Only ``SOL_SOCKET``/``SCM_RIGHTS`` entries carry fds; each fd is made
-    non-inheritable where ``MSG_CMSG_CLOEXEC`` could not do it atomically.
     Raises `TruncatedControlData` after closing every fd that did arrive
     when the kernel set ``MSG_CTRUNC``.
+    """
+    fds = ancillary_fds(ancdata)
+    if truncated(flags):
+        close_all(fds)
+        raise TruncatedControlData(
+            "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
+            "process at its RLIMIT_NOFILE?  The fds that arrived were closed"
+        )
+    return fds
+
+
+def ancillary_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds in one ``recvmsg``'s ancillary data, non-inheritable, owned by the caller.
+
+    Only ``SOL_SOCKET``/``SCM_RIGHTS`` entries carry fds; each fd is made
+    non-inheritable here where ``MSG_CMSG_CLOEXEC`` could not do it
+    atomically.  The one reader of SCM_RIGHTS data in the package.
     """
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -144,10 +161,9 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> lis
         # No atomic way here: do it before anything else can fork.
         for fd in fds:
             os.set_inheritable(fd, False)
-    if flags & _MSG_CTRUNC:
-        close_all(fds)
-        raise TruncatedControlData(
-            "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
-            "process at its RLIMIT_NOFILE?  The fds that arrived were closed"
-        )
     return fds
+
+
+def truncated(flags: int) -> bool:
+    """True when a ``recvmsg``'s *flags* say the kernel cut its control data (``MSG_CTRUNC``)."""
+    return bool(flags & _MSG_CTRUNC)

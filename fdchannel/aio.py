@@ -26,7 +26,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import Any, Final, Self
 
 from typing_extensions import Buffer
 
@@ -35,13 +35,11 @@ from ._codec import Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed, FdChannelError
 from ._fdutil import close_all
+from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
 from ._sockio import write_pending
 from .transports import Session, Transport
-
-if TYPE_CHECKING:
-    from ._listener import Listener
 
 __all__ = ["AsyncChannel", "Server", "connect", "start_server"]
 
@@ -760,8 +758,6 @@ async def start_server(
     ``transport``).  Exceptions raised by a handler are logged on the
     ``fdchannel.aio`` logger and the server keeps serving.
     """
-    from ._listener import Listener
-
     listener = Listener(path, backlog=backlog, mode=mode, **options)
     try:
         listener.settimeout(0.0)

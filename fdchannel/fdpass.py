@@ -15,29 +15,27 @@ message are closed rather than leaked; a truncated control message
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import os
 import socket
 import sys
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any
 
 from ._fdutil import close_all
 from ._ownedfd import fileno_of
+from ._sockio import HAVE_ANCILLARY
 
 __all__ = ["recv", "send"]
 
 if sys.platform != "win32":
     import fcntl
 
-_INT_SIZE: Final = array.array("i").itemsize
-#: Room for a whole sendmsg's worth of fds (Linux SCM_MAX_FD), so a peer that
-#: sends several gets them closed here, not silently dropped as MSG_CTRUNC.
-_ANCBUF: Final = socket.CMSG_SPACE(253 * _INT_SIZE) if hasattr(socket, "CMSG_SPACE") else 0
-_SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
-_RECV_CLOEXEC: Final = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+if HAVE_ANCILLARY:
+    # Room for a whole sendmsg's worth of fds (ANCBUF), so a peer that sends
+    # several gets them closed here, not silently dropped as MSG_CTRUNC.
+    from . import _posixio
 
 
 @contextlib.contextmanager
@@ -85,10 +83,9 @@ else:
         ``ENOTSOCK``, ``ETOOMANYREFS`` when too many fds are in flight).
         """
         num = fileno_of(fd)
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [num]))]
         with _as_socket(sock) as s:
             # One byte either leaves whole (with its fd) or not at all.
-            s.sendmsg([b"\0"], rights, _SEND_FLAGS)
+            s.sendmsg([b"\0"], _posixio.rights([num]), _posixio.SEND_FLAGS)
 
     def recv(sock: int | Any) -> int:
         """Receive one fd sent by IO::FDPass (or `send`); the caller owns it.
@@ -108,16 +105,10 @@ else:
         returned or left open on any error.
         """
         with _as_socket(sock) as s:
-            data, ancdata, flags, _ = s.recvmsg(1, _ANCBUF, _RECV_CLOEXEC)
-        fds: list[int] = []
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % _INT_SIZE]))
+            data, ancdata, flags, _ = s.recvmsg(1, _posixio.ANCBUF, _posixio.RECV_FLAGS)
+        fds = _posixio.ancillary_fds(ancdata)
         try:
-            if not _RECV_CLOEXEC:
-                for num in fds:
-                    os.set_inheritable(num, False)
-            if flags & socket.MSG_CTRUNC:
+            if _posixio.truncated(flags):
                 raise OSError(
                     errno.EMSGSIZE,
                     "the kernel truncated the control message (MSG_CTRUNC); is this process at its "

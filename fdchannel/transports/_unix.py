@@ -5,16 +5,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 
+from .._codec import HEADER_SIZE, SCM_MAX_FD
 from .._errors import ProtocolError
 from .._fdutil import close_all
 from ._base import Outgoing, Session, Transport
 
 __all__ = ["SCM_MAX_FD", "UnixRights"]
-
-#: Linux accepts at most this many fds in one sendmsg (EINVAL above it).
-SCM_MAX_FD = 253
-#: The frame header; each batch of fds needs a byte of its own to ride on.
-_HEADER_BYTES = 24
 
 
 class _UnixSession(Session):
@@ -23,8 +19,8 @@ class _UnixSession(Session):
 
     def outgoing(self, fds: Sequence[int]) -> Outgoing:
         batches = -(-len(fds) // SCM_MAX_FD)
-        # A frame needs one byte per batch of fds; pad when it has fewer.
-        pad = max(0, batches - _HEADER_BYTES)
+        # A frame needs one byte per batch of fds to ride on; pad when it has fewer.
+        pad = max(0, batches - HEADER_SIZE)
         return Outgoing(aux=bytes(pad), in_band=fds)
 
     def incoming(self, nfds: int, aux: bytes, in_band: list[int]) -> list[int]:
@@ -53,7 +49,7 @@ class UnixRights(Transport):
             raise ValueError(f"UnixRights needs an AF_UNIX socket, got {sock.family!r}")
 
     def max_aux(self, max_fds: int) -> int:
-        return max(0, -(-max_fds // SCM_MAX_FD) - _HEADER_BYTES)
+        return max(0, -(-max_fds // SCM_MAX_FD) - HEADER_SIZE)
 
     def session(self, sock: socket.socket) -> Session:
         # Stateless: one shared session serves every channel.

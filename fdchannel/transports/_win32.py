@@ -11,7 +11,7 @@ import errno
 import socket
 import sys
 
-from ._windows import WinApi
+from ._winapi import WinApi
 
 __all__ = ["Win32Api"]
 

@@ -1,0 +1,95 @@
+"""Handing a channel end to another process: the environment, pickling, fork.
+
+What `Channel.from_environ`, `Channel.close_other` and `Channel.__reduce__`
+call; it sits below `fdchannel.Channel` and never imports it (the class comes
+in as an argument).  `fdchannel.spawn`, which creates channels, sits above.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Final, TypeVar
+
+from ._core import ChannelCore
+from ._errors import FdChannelError
+
+__all__ = ["ENV_VAR", "channel_from_environ", "reduce_channel"]
+
+#: The environment variable that tells a child which fd is its channel end.
+ENV_VAR: Final = "FDCHANNEL_FD"
+
+_C = TypeVar("_C", bound=ChannelCore)
+
+
+def channel_from_environ(cls: type[_C], unset: bool, kwargs: dict[str, Any]) -> _C:
+    """The logic of `Channel.from_environ`."""
+    value = os.environ.get(ENV_VAR)
+    if value is None:
+        raise FdChannelError(
+            f"{ENV_VAR} is not set: this process was not started by fdchannel.spawn() (or the "
+            "variable was already consumed)"
+        )
+    try:
+        fd = int(value)
+        if fd < 0:
+            raise ValueError(value)
+    except ValueError:
+        raise FdChannelError(f"{ENV_VAR}={value!r} is not a file descriptor number") from None
+    try:
+        channel = cls.from_fd(fd, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FdChannelError(
+            f"{ENV_VAR}={value}: fd {fd} is not a connected AF_UNIX stream socket ({exc}); it was left open"
+        ) from exc
+    if unset:
+        # The fd is the channel's now; a grandchild must not try to adopt it.
+        os.environ.pop(ENV_VAR, None)
+    return channel
+
+
+# -- pickling ---------------------------------------------------------------------
+
+
+def reduce_channel(channel: ChannelCore) -> tuple[Any, ...]:
+    """The logic of `Channel.__reduce__`: only while multiprocessing starts a process."""
+    popen = None
+    # multiprocessing sets the spawning popen only while it pickles a new
+    # process's arguments; if it was never imported it is not pickling us.
+    if "multiprocessing" in sys.modules:
+        from multiprocessing import context
+
+        popen = context.get_spawning_popen()
+    if popen is None:
+        raise TypeError(
+            "a Channel cannot be pickled: it owns a socket.  Pass it as an argument of "
+            "multiprocessing.Process (any start method), or send its fd over another Channel"
+        )
+    if channel.closed:
+        raise ValueError("cannot hand a closed Channel to a new process")
+    if channel.pending or not channel._decoder.at_boundary or channel._decoder.frames:
+        # The copy would start mid-stream: buffered bytes and fds stay here.
+        raise ValueError("cannot hand a Channel with buffered or pending data to a new process")
+    from multiprocessing import reduction
+
+    options = {"max_payload": channel.max_payload, "max_fds": channel.max_fds, "transport": channel.transport}
+    paired = getattr(channel, "_other_end", None) is not None
+    return _rebuild_channel, (type(channel), reduction.DupFd(channel.fileno()), options, paired)
+
+
+def _no_other_end() -> None:
+    return None
+
+
+def _rebuild_channel(cls: type[_C], dupfd: Any, options: dict[str, Any], paired: bool = False) -> _C:
+    fd: int = dupfd.detach()
+    try:
+        channel = cls.from_fd(fd, **options)
+    except BaseException:
+        os.close(fd)
+        raise
+    if paired:
+        # A pair end: close_other() stays valid and has nothing to close
+        # here, so one target body serves every start method.
+        channel._other_end = _no_other_end  # type: ignore[attr-defined]
+    return channel
