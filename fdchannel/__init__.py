@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import fdpass
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
 from ._errors import (
+    ChannelBroken,
     ChannelClosed,
     FdChannelError,
     FdsWithdrawn,
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_MAX_FDS",
     "DEFAULT_MAX_PAYLOAD",
     "Channel",
+    "ChannelBroken",
     "ChannelClosed",
     "FdChannelError",
     "FdsWithdrawn",

@@ -67,7 +67,7 @@ def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes | array.array[int]]
     return [(_SOL_SOCKET, _SCM_RIGHTS, data)]
 
 
-def write(sock: socket.socket, bufs: list[Buffer], fds: Sequence[int], flags: int = SEND_FLAGS) -> int:
+def write(sock: socket.socket, bufs: Sequence[Buffer], fds: Sequence[int], flags: int = SEND_FLAGS) -> int:
     """One ``sendmsg`` of *bufs* with *fds* on their first byte; the bytes that left.
 
     0 when the socket is full (nothing left, the fds neither).  Other

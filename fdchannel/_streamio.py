@@ -30,7 +30,7 @@ SEND_FLAGS: Final = int(getattr(socket, "MSG_NOSIGNAL", 0))
 _JOIN_LIMIT: Final = 64 * 1024
 
 
-def write(sock: socket.socket, bufs: list[Buffer], fds: Sequence[int], flags: int = SEND_FLAGS) -> int:
+def write(sock: socket.socket, bufs: Sequence[Buffer], fds: Sequence[int], flags: int = SEND_FLAGS) -> int:
     """Send as much of *bufs* as the socket takes now; the bytes that left (0 when full).
 
     *fds* must be empty: this stream carries none.  `OSError` from the
@@ -51,7 +51,7 @@ def write(sock: socket.socket, bufs: list[Buffer], fds: Sequence[int], flags: in
         return 0
 
 
-def _write_each(sock: socket.socket, bufs: list[Buffer], flags: int) -> int:
+def _write_each(sock: socket.socket, bufs: Sequence[Buffer], flags: int) -> int:
     sent = 0
     for buf in bufs:
         try:

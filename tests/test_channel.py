@@ -11,6 +11,7 @@ MSG_CTRUNC) live in test_channel_unix.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -39,10 +40,35 @@ from ._transports import PAIR_FACTORIES, PairFactory
 TIMEOUT = 10.0
 
 
-@pytest.fixture(params=[*PAIR_FACTORIES, *async_pair_params()])
+class NoTimeout:
+    """A blocking-channel factory whose pairs keep the default: no timeout at all.
+
+    So the shared tests also run the paths a timeout never takes (the
+    blocking fast paths of send and recv, where the kernel itself waits).
+    A watchdog shuts both sockets down after TIMEOUT, so a hang still fails
+    the test (the blocked call returns EOF or EPIPE) instead of CI.
+    """
+
+    def __init__(self, factory: PairFactory) -> None:
+        self.factory = factory
+
+    def __call__(self, **kwargs: object) -> tuple[Channel, Channel]:
+        return self.factory(**kwargs)
+
+
+def _no_timeout_params() -> list[object]:
+    params = []
+    for p in PAIR_FACTORIES:
+        factory: PairFactory = p.values[0]  # type: ignore[assignment]
+        params.append(pytest.param(NoTimeout(factory), id=f"{p.id}-no-timeout", marks=p.marks))
+    return params
+
+
+@pytest.fixture(params=[*PAIR_FACTORIES, *_no_timeout_params(), *async_pair_params()])
 def any_pair(request: pytest.FixtureRequest) -> Iterator[PairFactory]:
-    """Pairs of every transport, of `Channel` and of `AsyncChannel` (driven
-    through `BlockingView`, on each loop kind): for the behaviour both share."""
+    """Pairs of every transport, of `Channel` (with a timeout and without one) and of
+    `AsyncChannel` (driven through `BlockingView`, on each loop kind): for the
+    behaviour both share."""
     param = request.param
     if not isinstance(param, tuple):
         yield param
@@ -56,16 +82,39 @@ def any_pair(request: pytest.FixtureRequest) -> Iterator[PairFactory]:
 
 def _with_timeouts(factory: PairFactory) -> Iterator[tuple[Channel, Channel]]:
     a, b = factory()
-    a.settimeout(TIMEOUT)
-    b.settimeout(TIMEOUT)
-    yield a, b
-    a.close()
-    b.close()
+    if not isinstance(factory, NoTimeout):
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        yield a, b
+        a.close()
+        b.close()
+        return
+    assert a.gettimeout() is None
+    assert b.gettimeout() is None
+    fired = threading.Event()
+
+    def watchdog() -> None:
+        fired.set()
+        for ch in (a, b):
+            with contextlib.suppress(OSError, ValueError):
+                ch._sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(TIMEOUT, watchdog)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield a, b
+    finally:
+        timer.cancel()
+        a.close()
+        b.close()
+    assert not fired.is_set(), f"a blocking call hung for {TIMEOUT}s (the watchdog shut the sockets down)"
 
 
 @pytest.fixture
 def chans(any_pair: PairFactory) -> Iterator[tuple[Channel, Channel]]:
-    """A connected pair of either channel, with timeouts, so a bug fails instead of hanging."""
+    """A connected pair of either channel, with timeouts (or, for `NoTimeout` pairs, a
+    watchdog), so a bug fails instead of hanging."""
     yield from _with_timeouts(any_pair)
 
 
