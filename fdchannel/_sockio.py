@@ -33,7 +33,9 @@ class SocketIO(Protocol):
     def SEND_FLAGS(self) -> int:
         """The flags of every write (``MSG_NOSIGNAL`` where it exists)."""
 
-    def write(self, sock: socket.socket, bufs: Sequence[Buffer], fds: Sequence[int], flags: int = ..., /) -> int:
+    def write(
+        self, sock: socket.socket, bufs: Sequence[Buffer], fds: Sequence[int], flags: int = ..., /
+    ) -> int:
         """One write of *bufs* (fds on the first byte); the bytes that left, 0 when full."""
 
     def read(
