@@ -106,61 +106,67 @@ def raw_pong(sock: socket.socket, n: int) -> None:
 # -- async -------------------------------------------------------------------------------
 
 
+async def _async_stream_send(sock: socket.socket, n: int) -> None:
+    ch = AsyncChannel(sock.dup())
+    fd = sys.stderr.fileno()
+    send = ch.send
+    for _ in range(n):
+        await send(b"x", fds=[fd])
+    await ch.aclose()
+
+
+async def _async_stream_recv(sock: socket.socket, n: int) -> None:
+    ch = AsyncChannel(sock.dup())
+    recv = ch.recv
+    for _ in range(n):
+        (await recv()).fds[0].close()
+    await ch.aclose()
+
+
+async def _async_ping(sock: socket.socket, n: int) -> None:
+    ch = AsyncChannel(sock.dup())
+    fd = sys.stderr.fileno()
+    for _ in range(n):
+        await ch.send(b"p", fds=[fd])
+        (await ch.recv()).fds[0].close()
+    await ch.aclose()
+
+
+async def _async_pong(sock: socket.socket, n: int) -> None:
+    ch = AsyncChannel(sock.dup())
+    fd = sys.stderr.fileno()
+    for _ in range(n):
+        (await ch.recv()).fds[0].close()
+        await ch.send(b"q", fds=[fd])
+    await ch.aclose()
+
+
+async def _async_loop_ping(sock: socket.socket, n: int) -> None:
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    for _ in range(n):
+        await loop.sock_sendall(sock, b"p")
+        await loop.sock_recv(sock, 1)
+
+
+async def _async_loop_pong(sock: socket.socket, n: int) -> None:
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    for _ in range(n):
+        await loop.sock_sendall(sock, await loop.sock_recv(sock, 1))
+
+
 def async_sides(kind: str) -> dict[str, Side]:
-    async def stream_send(sock: socket.socket, n: int) -> None:
-        ch = AsyncChannel(sock.dup())
-        fd = sys.stderr.fileno()
-        send = ch.send
-        for _ in range(n):
-            await send(b"x", fds=[fd])
-        await ch.aclose()
-
-    async def stream_recv(sock: socket.socket, n: int) -> None:
-        ch = AsyncChannel(sock.dup())
-        recv = ch.recv
-        for _ in range(n):
-            (await recv()).fds[0].close()
-        await ch.aclose()
-
-    async def ping(sock: socket.socket, n: int) -> None:
-        ch = AsyncChannel(sock.dup())
-        fd = sys.stderr.fileno()
-        for _ in range(n):
-            await ch.send(b"p", fds=[fd])
-            (await ch.recv()).fds[0].close()
-        await ch.aclose()
-
-    async def pong(sock: socket.socket, n: int) -> None:
-        ch = AsyncChannel(sock.dup())
-        fd = sys.stderr.fileno()
-        for _ in range(n):
-            (await ch.recv()).fds[0].close()
-            await ch.send(b"q", fds=[fd])
-        await ch.aclose()
-
-    async def loop_ping(sock: socket.socket, n: int) -> None:
-        loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        for _ in range(n):
-            await loop.sock_sendall(sock, b"p")
-            await loop.sock_recv(sock, 1)
-
-    async def loop_pong(sock: socket.socket, n: int) -> None:
-        loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        for _ in range(n):
-            await loop.sock_sendall(sock, await loop.sock_recv(sock, 1))
-
     def sync(fn: Callable[[socket.socket, int], Any]) -> Side:
         return lambda sock, n: on_loop(kind, fn(sock, n))
 
     return {
-        "stream_send": sync(stream_send),
-        "stream_recv": sync(stream_recv),
-        "ping": sync(ping),
-        "pong": sync(pong),
-        "loop_ping": sync(loop_ping),
-        "loop_pong": sync(loop_pong),
+        "stream_send": sync(_async_stream_send),
+        "stream_recv": sync(_async_stream_recv),
+        "ping": sync(_async_ping),
+        "pong": sync(_async_pong),
+        "loop_ping": sync(_async_loop_ping),
+        "loop_pong": sync(_async_loop_pong),
     }
 
 

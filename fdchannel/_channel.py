@@ -15,7 +15,7 @@ from typing_extensions import Buffer
 
 from . import _handoff, _peer
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
-from ._errors import ChannelClosed, FdChannelError
+from ._errors import ChannelClosed
 from ._message import Message
 from ._outbox import set_written
 from ._sockio import write_pending
@@ -321,8 +321,7 @@ class Channel(ChannelCore):
                         if msg is not None:
                             return msg
                 except BaseException as exc:
-                    if not isinstance(exc, OSError | FdChannelError | ValueError):
-                        self._recv_interrupted(exc)
+                    self._recv_stopped(exc)
                     raise
         finally:
             if self._closed:

@@ -474,6 +474,11 @@ class Decoder:
                 queue.popleft()
                 fds: list[int] = batch[0]
                 return fds
+        return self._take_batches(want, nfds, start, end)
+
+    def _take_batches(self, want: int, nfds: int, start: int, end: int) -> list[int]:
+        """`_take_inband` in general: *want* fds from one or more reads' batches."""
+        queue = self._fds
         taken: list[int] = []
         try:
             while len(taken) < want:

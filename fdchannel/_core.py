@@ -542,6 +542,14 @@ class ChannelCore:
                 raise
         return fds
 
+    #: What may end a recv() without breaking the channel: nothing read was lost.
+    _recv_ok: ClassVar[tuple[type[BaseException], ...]] = (OSError, FdChannelError, ValueError)
+
+    def _recv_stopped(self, exc: BaseException) -> None:
+        """A recv() ends with *exc*: anything but the expected errors breaks the channel."""
+        if not isinstance(exc, self._recv_ok):
+            self._recv_interrupted(exc)
+
     def _recv_interrupted(self, exc: BaseException) -> None:
         """*exc* (KeyboardInterrupt, a signal handler's error) cut into a recv().
 

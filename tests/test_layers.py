@@ -34,6 +34,21 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
+def _import_targets(node: ast.ImportFrom | ast.Import, package: str, known: set[str]) -> set[str]:
+    """The package modules one import statement names."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names if alias.name in known}
+    if node.level:
+        base = package.split(".")
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    found = {target} if target in known and node.module is not None else set()
+    found.update(f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in known)
+    return found
+
+
 def _runtime_imports(module: str, path: Path, known: set[str]) -> set[str]:
     """The package modules *module* imports when it runs (anywhere in it, not under TYPE_CHECKING)."""
     tree = ast.parse(path.read_text())
@@ -45,21 +60,8 @@ def _runtime_imports(module: str, path: Path, known: set[str]) -> set[str]:
             for child in node.orelse:
                 visit(child)
             return
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target in known and node.module is not None:
-                found.add(target)
-            for alias in node.names:
-                sub = f"{target}.{alias.name}"
-                if sub in known:
-                    found.add(sub)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name in known)
+        if isinstance(node, ast.ImportFrom | ast.Import):
+            found.update(_import_targets(node, package, known))
         for child in ast.iter_child_nodes(node):
             visit(child)
 

@@ -273,24 +273,27 @@ class PullSession(Session):
             # Whatever happens below, this end is done with the message:
             # the sender may release its copies.
             self._ack = max(self._ack, seq)
-            peer = self._attach(pid, lease_num, token)
-            pulled: list[int] = []
-            try:
-                for ref in refs:
-                    pulled.append(self._os_pull(peer.proc, ref))
-                if not self._os_same_lease(peer):
-                    raise self._withdrawn(peer, "closed its channel")
-            except OSError as exc:
-                for fd in pulled:
-                    self._os_close_fd(fd)
-                if isinstance(exc, FdsWithdrawn):
-                    raise
-                raise self._pull_error(peer, exc) from exc
-            except BaseException:
-                for fd in pulled:
-                    self._os_close_fd(fd)
+            return self._pull_all(self._attach(pid, lease_num, token), refs)
+
+    def _pull_all(self, peer: _Peer, refs: list[Any]) -> list[int]:
+        """Pull every referenced fd out of *peer*; all of them, or none and an error."""
+        pulled: list[int] = []
+        try:
+            for ref in refs:
+                pulled.append(self._os_pull(peer.proc, ref))
+            if not self._os_same_lease(peer):
+                raise self._withdrawn(peer, "closed its channel")
+        except OSError as exc:
+            for fd in pulled:
+                self._os_close_fd(fd)
+            if isinstance(exc, FdsWithdrawn):
                 raise
-            return pulled
+            raise self._pull_error(peer, exc) from exc
+        except BaseException:
+            for fd in pulled:
+                self._os_close_fd(fd)
+            raise
+        return pulled
 
     def _attach(self, pid: int, lease_num: int, token: bytes) -> _Peer:
         """Return the sender *pid*, opening it and pulling its lease if new."""
@@ -324,24 +327,31 @@ class PullSession(Session):
                 self._os_close_lease(lease)
             exited = self._os_exited(proc)
             self._os_close_peer(proc)
-            if isinstance(exc, FdsWithdrawn | ProtocolError) or not isinstance(exc, OSError):
+            error = self._lease_error(pid, exc, exited) if isinstance(exc, OSError) else exc
+            if error is exc:
                 raise
-            if isinstance(exc, PermissionError):
-                raise self._denied(pid, exc) from exc
-            if exited or isinstance(exc, ProcessLookupError):
-                raise FdsWithdrawn(
-                    errno.ECONNRESET, f"the sending process {pid} exited before this message's fds were taken"
-                ) from exc
-            if exc.errno == errno.EBADF:
-                raise FdsWithdrawn(
-                    errno.ECONNRESET,
-                    f"process {pid} no longer holds the lease this message names: the sender closed "
-                    "its channel before the fds were taken",
-                ) from exc
-            raise
+            raise error from exc
         self._drop_peer()
         self._peer = peer = _Peer(pid, proc, lease_num, lease, token)
         return peer
+
+    def _lease_error(self, pid: int, exc: OSError, exited: bool) -> OSError:
+        """What to raise when pulling *pid*'s lease failed with *exc* (itself if nothing better)."""
+        if isinstance(exc, FdsWithdrawn):
+            return exc
+        if isinstance(exc, PermissionError):
+            return self._denied(pid, exc)
+        if exited or isinstance(exc, ProcessLookupError):
+            return FdsWithdrawn(
+                errno.ECONNRESET, f"the sending process {pid} exited before this message's fds were taken"
+            )
+        if exc.errno == errno.EBADF:
+            return FdsWithdrawn(
+                errno.ECONNRESET,
+                f"process {pid} no longer holds the lease this message names: the sender closed "
+                "its channel before the fds were taken",
+            )
+        return exc
 
     def _withdrawn(self, peer: _Peer, what: str) -> FdsWithdrawn:
         if self._os_exited(peer.proc):

@@ -98,36 +98,8 @@ class _WinSession(PullSession):
         return b"".join(parts)
 
     def _os_unpack_refs(self, nfds: int, data: bytes) -> list[Any]:
-        if len(data) < nfds * _REF.size:
-            raise ProtocolError(f"WinDuplicate: {len(data)} bytes of references for {nfds} fds")
-        refs: list[Any] = []
-        nblobs = 0
-        for i in range(nfds):
-            kind, value = _REF.unpack_from(data, i * _REF.size)
-            if kind == KIND_HANDLE:
-                if not valid_handle(value):
-                    raise ProtocolError(f"WinDuplicate: the sender named an invalid handle {value:#x}")
-                refs.append((kind, value))
-            elif kind == KIND_SOCKET:
-                if value != nblobs:
-                    raise ProtocolError("WinDuplicate: socket blobs out of order")
-                nblobs += 1
-                refs.append((kind, value))
-            else:
-                raise ProtocolError(f"WinDuplicate: unknown reference kind {kind}")
-        pos = nfds * _REF.size
-        blobs: list[bytes] = []
-        for _ in range(nblobs):
-            if len(data) < pos + _LEN.size:
-                raise ProtocolError("WinDuplicate: truncated socket blob")
-            (n,) = _LEN.unpack_from(data, pos)
-            pos += _LEN.size
-            if n > MAX_SHARE_BLOB or len(data) < pos + n:
-                raise ProtocolError("WinDuplicate: malformed socket blob")
-            blobs.append(data[pos : pos + n])
-            pos += n
-        if pos != len(data):
-            raise ProtocolError("WinDuplicate: trailing bytes after the references")
+        refs = _parse_refs(nfds, data)
+        blobs = _parse_blobs(data, nfds * _REF.size, sum(kind == KIND_SOCKET for kind, _ in refs))
         return [(kind, blobs[value] if kind == KIND_SOCKET else value) for kind, value in refs]
 
     # -- receiving side
@@ -220,3 +192,41 @@ class WinDuplicate(Transport):
 
     def __repr__(self) -> str:
         return "WinDuplicate()"
+
+
+def _parse_refs(nfds: int, data: bytes) -> list[tuple[int, int]]:
+    """The (kind, value) references of *nfds* fds at the start of *data*, checked."""
+    if len(data) < nfds * _REF.size:
+        raise ProtocolError(f"WinDuplicate: {len(data)} bytes of references for {nfds} fds")
+    refs: list[tuple[int, int]] = []
+    nblobs = 0
+    for i in range(nfds):
+        kind, value = _REF.unpack_from(data, i * _REF.size)
+        if kind == KIND_HANDLE:
+            if not valid_handle(value):
+                raise ProtocolError(f"WinDuplicate: the sender named an invalid handle {value:#x}")
+        elif kind == KIND_SOCKET:
+            if value != nblobs:
+                raise ProtocolError("WinDuplicate: socket blobs out of order")
+            nblobs += 1
+        else:
+            raise ProtocolError(f"WinDuplicate: unknown reference kind {kind}")
+        refs.append((kind, value))
+    return refs
+
+
+def _parse_blobs(data: bytes, pos: int, nblobs: int) -> list[bytes]:
+    """The *nblobs* length-prefixed socket blobs from *pos* to the end of *data*, checked."""
+    blobs: list[bytes] = []
+    for _ in range(nblobs):
+        if len(data) < pos + _LEN.size:
+            raise ProtocolError("WinDuplicate: truncated socket blob")
+        (n,) = _LEN.unpack_from(data, pos)
+        pos += _LEN.size
+        if n > MAX_SHARE_BLOB or len(data) < pos + n:
+            raise ProtocolError("WinDuplicate: malformed socket blob")
+        blobs.append(data[pos : pos + n])
+        pos += n
+    if pos != len(data):
+        raise ProtocolError("WinDuplicate: trailing bytes after the references")
+    return blobs
