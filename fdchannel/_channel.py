@@ -14,6 +14,7 @@ from typing import Any, Self
 from typing_extensions import Buffer
 
 from . import _handoff, _peer
+from ._codec import SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed
 from ._message import Message
@@ -207,7 +208,7 @@ class Channel(ChannelCore):
             with self._send_lock:
                 if self._closed or self._broken is not None:
                     self._check_usable()
-                if self._fast_send_ok(len(nums)):
+                if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
                     sent = self._send_whole(payload, nums, size)
                     if sent is not None:
                         self._push(self._deadline(), sent)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, NoReturn, Self
 
 from typing_extensions import Buffer
@@ -72,6 +72,8 @@ class ChannelCore:
     _decoder: Decoder
     _outbox: Outbox
     _io: SocketIO
+    _write: Callable[[socket.socket, Sequence[Buffer], Sequence[int], int], int]
+    _read_into: Callable[[socket.socket, Decoder, int], tuple[bytes, Sequence[int]] | None]
     _data_tag: int
     _send_flags: int
     _dontwait: int
@@ -129,6 +131,9 @@ class ChannelCore:
         self.max_payload = max_payload
         self.max_fds = max_fds
         io = self._io = io_for(sock)
+        # Bound once: the fast paths call them per message.
+        self._write = io.write
+        self._read_into = io.read
         self._send_flags = io.SEND_FLAGS
         self._dontwait = io.DONTWAIT
         self._has_control = type(session).take_control is not Session.take_control
@@ -302,12 +307,11 @@ class ChannelCore:
             raise ValueError(f"{nfds} fds exceed max_fds={self.max_fds}")
         raise ValueError("refusing to send a channel's own socket over itself")
 
-    def _fast_send_ok(self, nfds: int) -> bool:
-        """True when `_send_whole` may carry the message: nothing queued, fds as given."""
-        return self._simple and nfds <= SCM_MAX_FD and not self._outbox.pending
-
     def _send_whole(self, payload: Buffer, nums: list[int], size: int) -> int | None:
         """The send fast path: one write of the whole frame, fds passed through.
+
+        For a simple session (fds in band as given), up to `SCM_MAX_FD` fds
+        and nothing queued ahead; the channels test that inline.
 
         Returns None when all of it left, else the bytes that did (the rest
         is queued: push it with ``before`` set to that).  Raises `OSError`
@@ -315,7 +319,7 @@ class ChannelCore:
         """
         bufs: list[Buffer] = [pack_tagged(self._data_tag, len(nums), 0, size), payload]
         try:
-            sent: int = self._io.write(self._sock, bufs, nums, self._send_flags)
+            sent = self._write(self._sock, bufs, nums, self._send_flags)
         except OSError as exc:
             set_written(exc, 0)
             raise
@@ -480,7 +484,7 @@ class ChannelCore:
         (the channel failed) and `OSError` from the kernel.
         """
         try:
-            one = self._io.read(self._sock, self._decoder, flags)
+            one = self._read_into(self._sock, self._decoder, flags)
         except TruncatedControlData as exc:
             self._fail(exc)
             raise

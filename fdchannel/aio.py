@@ -31,7 +31,7 @@ from typing import Any, Final, Self
 from typing_extensions import Buffer
 
 from ._channel import Channel
-from ._codec import Decoder
+from ._codec import SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed, FdChannelError
 from ._fdutil import close_all
@@ -392,7 +392,12 @@ class AsyncChannel(ChannelCore):
         try:
             if self._closed or self._broken is not None:
                 self._check_usable()
-            if self._streak < _FAIRNESS - 1 and self._fast_send_ok(len(nums)):
+            if (
+                self._streak < _FAIRNESS - 1
+                and self._simple
+                and len(nums) <= SCM_MAX_FD
+                and not self._outbox.pending
+            ):
                 # The common case: no await unless the socket is full.
                 self._streak += 1
                 sent = self._send_whole(payload, nums, size)
