@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -329,7 +330,7 @@ class Listener:
 
 def _wakeup_fds() -> tuple[int, int]:
     """A non-blocking, close-on-exec (read, write) pair: one eventfd where there is one."""
-    if hasattr(os, "eventfd"):
+    if sys.platform == "linux" and hasattr(os, "eventfd"):
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         return fd, fd
     r, w = os.pipe()

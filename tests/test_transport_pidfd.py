@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError
-from fdchannel.transports import PidfdGetfd, UnixRights, _pidfd
+from fdchannel.transports import PidfdGetfd, UnixRights, _pidfd_linux
 
 from ._aio import loop_kind, run  # noqa: F401 - fixtures
 from ._proc import TIMEOUT, fork_child, run_child, wait_child
@@ -444,7 +444,7 @@ def test_python_without_pidfd_open_fails_at_construction(monkeypatch: pytest.Mon
 def test_without_kcmp_the_lease_is_compared_by_pulling_it_again() -> None:
     def body() -> None:
         deny_syscall("kcmp")
-        _pidfd._kcmp_works = None
+        _pidfd_linux._kcmp_works = None
         a, b = Channel.pair(transport=PidfdGetfd())
         r, w = os.pipe()
         try:
@@ -452,7 +452,7 @@ def test_without_kcmp_the_lease_is_compared_by_pulling_it_again() -> None:
             a.send(b"one", fds=[w])
             with b.recv() as msg:
                 assert os.fstat(msg.fds[0].fileno()).st_ino == os.fstat(w).st_ino
-            assert _pidfd._kcmp_works is False
+            assert _pidfd_linux._kcmp_works is False
             a.send(b"two", fds=[w])
             a.close()
             decoys = _reuse_numbers()

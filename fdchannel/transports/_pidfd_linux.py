@@ -1,0 +1,186 @@
+"""The Linux half of `PidfdGetfd`: ``pidfd_getfd``, ``kcmp``, sealed memfd leases.
+
+Python has ``os.pidfd_open`` but no ``pidfd_getfd`` or ``kcmp`` wrapper, so
+both are called through ``syscall(2)`` with ctypes.  Imported only on Linux
+(`fdchannel.transports._pidfd` holds the platform-neutral transport class).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import platform
+import select
+import struct
+import sys
+from typing import Any, Final
+
+from .._errors import ProtocolError
+from ._pull import TOKEN_SIZE, PullSession
+
+assert sys.platform == "linux"  # the rest is Linux only; mypy skips it elsewhere too
+
+__all__ = ["PidfdSession", "pidfd_getfd", "unavailable_reason"]
+
+#: syscall numbers: (pidfd_getfd, kcmp).  pidfd_getfd is 438 on every
+#: architecture using the generic table; kcmp is not.
+_SYSCALLS: Final = {"x86_64": (438, 312), "aarch64": (438, 272)}
+_KCMP_FILE: Final = 0
+_REF: Final = struct.Struct("<I")
+_LEASE_NAME: Final = "fdchannel-lease"
+
+_syscall: Any = None
+_NR_GETFD = 0
+_NR_KCMP = 0
+_SEALS: Final = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+_nrs = _SYSCALLS.get(platform.machine())
+if _nrs is not None:
+    _NR_GETFD, _NR_KCMP = _nrs
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _syscall = _libc.syscall
+    _syscall.restype = ctypes.c_long
+
+
+def _call(nr: int, *args: int) -> int:
+    """Run a system call; raise the `OSError` subclass errno names."""
+    result: int = _syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """Return a close-on-exec copy of fd *targetfd* of the process *pidfd* names.
+
+    The caller owns the result.  Raises `PermissionError` without ptrace
+    rights over the target, `ProcessLookupError` if it exited, `OSError`
+    (``EBADF``) if it has no such fd.
+    """
+    return _call(_NR_GETFD, pidfd, targetfd, 0)
+
+
+#: Whether kcmp(2) works here; None until first tried.  Kernels built
+#: without CONFIG_KCMP return ENOSYS, and then a lease is compared by pulling
+#: it again.
+_kcmp_works: bool | None = None
+
+
+def unavailable_reason() -> str | None:
+    """Why `PidfdGetfd` cannot work in this process, or None if it can.
+
+    Probes the kernel each time (a seccomp filter or a container can remove
+    a system call the kernel has).
+    """
+    if _syscall is None:
+        return f"PidfdGetfd does not know the syscall numbers for {platform.machine()}"
+    if not hasattr(os, "pidfd_open") or not hasattr(os, "memfd_create"):
+        return "PidfdGetfd needs a Python with os.pidfd_open and os.memfd_create (3.9+ on Linux)"
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError as exc:
+        return f"PidfdGetfd: pidfd_open failed ({exc.strerror}); it needs Linux >= 5.6"
+    try:
+        # An fd that is not a pidfd: a kernel with pidfd_getfd says EBADF.
+        _call(_NR_GETFD, -1, 0, 0)
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            return f"PidfdGetfd: the kernel refuses pidfd_getfd ({exc.strerror}); it needs Linux >= 5.6"
+    return None
+
+
+class PidfdSession(PullSession):
+    transport_name = "PidfdGetfd"
+
+    # -- sending side
+    def _os_export(self, fd: int) -> tuple[int, int]:
+        # A private close-on-exec duplicate: the caller may close its fd as
+        # soon as send() returns, and the receiver pulls this number.
+        dup = os.dup(fd)
+        return dup, dup
+
+    def _os_release(self, kept: int) -> None:
+        os.close(kept)
+
+    def _os_new_lease(self) -> tuple[int, bytes, int]:
+        # A sealed memfd holding a random token: only this session's lease
+        # holds it, so a pulled lease proves the pid is really the sender.
+        lease = os.memfd_create(_LEASE_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            token = os.urandom(TOKEN_SIZE)
+            os.write(lease, token)
+            fcntl.fcntl(lease, fcntl.F_ADD_SEALS, _SEALS)
+        except BaseException:
+            os.close(lease)
+            raise
+        return lease, token, lease
+
+    def _os_pack_refs(self, refs: list[int]) -> bytes:
+        return struct.pack(f"<{len(refs)}I", *refs)
+
+    def _os_unpack_refs(self, nfds: int, data: bytes) -> list[int]:
+        if len(data) != nfds * _REF.size:
+            raise ProtocolError(
+                f"PidfdGetfd: {len(data)} bytes of fd numbers for {nfds} fds (expected {nfds * _REF.size})"
+            )
+        return list(struct.unpack(f"<{nfds}I", data))
+
+    # -- receiving side
+    def _os_open_peer(self, pid: int) -> int:
+        return os.pidfd_open(pid)  # always close-on-exec
+
+    def _os_close_peer(self, proc: int) -> None:
+        os.close(proc)
+
+    def _os_pull(self, proc: int, ref: int) -> int:
+        return pidfd_getfd(proc, ref)
+
+    def _os_pull_lease(self, proc: int, num: int) -> int:
+        return pidfd_getfd(proc, num)
+
+    def _os_lease_token(self, lease: int) -> bytes | None:
+        try:
+            seals = fcntl.fcntl(lease, fcntl.F_GET_SEALS)
+        except OSError:  # EINVAL: not a memfd, so not a lease
+            return None
+        if seals & _SEALS != _SEALS or os.fstat(lease).st_size != TOKEN_SIZE:
+            return None
+        return os.pread(lease, TOKEN_SIZE, 0)
+
+    def _os_close_lease(self, lease: int) -> None:
+        os.close(lease)
+
+    def _os_same_lease(self, peer: Any) -> bool:
+        global _kcmp_works
+        if _kcmp_works is not False:
+            try:
+                same = _call(_NR_KCMP, peer.pid, os.getpid(), _KCMP_FILE, peer.lease_num, peer.lease) == 0
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    return False  # EBADF: the number is closed; ESRCH: the sender is gone
+                _kcmp_works = False
+            else:
+                _kcmp_works = True
+                return same
+        # No kcmp: pull the number again and compare inodes.  A memfd's inode
+        # cannot be reused while this process holds its copy of the lease.
+        try:
+            again = pidfd_getfd(peer.proc, peer.lease_num)
+        except OSError:
+            return False
+        try:
+            a, b = os.fstat(again), os.fstat(peer.lease)
+            return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        finally:
+            os.close(again)
+
+    def _os_close_fd(self, fd: int) -> None:
+        os.close(fd)
+
+    def _os_exited(self, proc: int) -> bool:
+        # A pidfd polls readable once its process has exited.
+        poller = select.poll()
+        poller.register(proc, select.POLLIN)
+        return bool(poller.poll(0))
