@@ -178,7 +178,8 @@ class ChannelCore:
             # The fd stays the caller's: the socket object must not close it.
             sock.detach()
             raise
-        os.set_inheritable(fd, False)
+        # Through the socket: on Windows *fd* is a SOCKET, which os.* refuses.
+        sock.set_inheritable(False)
         return channel
 
     if TYPE_CHECKING:

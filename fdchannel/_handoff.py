@@ -70,15 +70,34 @@ def reduce_channel(channel: ChannelCore) -> tuple[Any, ...]:
     if channel.pending or not channel._decoder.at_boundary or channel._decoder.frames:
         # The copy would start mid-stream: buffered bytes and fds stay here.
         raise ValueError("cannot hand a Channel with buffered or pending data to a new process")
-    from multiprocessing import reduction
-
     options = {"max_payload": channel.max_payload, "max_fds": channel.max_fds, "transport": channel.transport}
     paired = getattr(channel, "_other_end", None) is not None
+    if sys.platform == "win32":
+        # A SOCKET must not go through DuplicateHandle: multiprocessing's
+        # resource sharer hands the child a WSADuplicateSocket copy instead.
+        from multiprocessing.resource_sharer import DupSocket
+
+        return _rebuild_from_socket, (type(channel), DupSocket(channel._sock), options, paired)
+    from multiprocessing import reduction
+
     return _rebuild_channel, (type(channel), reduction.DupFd(channel.fileno()), options, paired)
 
 
 def _no_other_end() -> None:
     return None
+
+
+def _rebuild_from_socket(cls: type[_C], dup: Any, options: dict[str, Any], paired: bool) -> _C:
+    """`_rebuild_channel` for Windows: the child receives a socket object, not an fd."""
+    sock = dup.detach()
+    try:
+        channel = cls(sock, **options)
+    except BaseException:
+        sock.close()
+        raise
+    if paired:
+        channel._other_end = _no_other_end  # type: ignore[attr-defined]
+    return channel
 
 
 def _rebuild_channel(cls: type[_C], dupfd: Any, options: dict[str, Any], paired: bool = False) -> _C:

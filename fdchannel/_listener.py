@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 from ._channel import Channel
 from ._fdutil import close_all
-from ._peer import SUN_PATH_MAX, PeerCredentials, is_abstract, peer_credentials, peer_groups, unix_address
+from ._peer import (
+    SUN_PATH_MAX,
+    PeerCredentials,
+    is_abstract,
+    peer_credentials,
+    peer_groups,
+    unix_address,
+    unix_socket,
+)
 from ._wait import wait_ready
 
 if TYPE_CHECKING:
@@ -91,7 +99,7 @@ class Listener:
         address = unix_address(path)
         self._address = address
         if is_abstract(address):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = unix_socket()
             try:
                 sock.bind(address)
                 sock.listen(backlog)
@@ -137,12 +145,12 @@ class Listener:
         _clear_stale(path)
         parent = os.path.dirname(os.path.abspath(path))
         tmpdir = tempfile.mkdtemp(prefix=".fdch-", dir=parent)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = unix_socket()
         try:
             tmp = os.path.join(tmpdir, "s")
             bind_to = tmp
             dirfd = -1
-            if len(os.fsencode(tmp)) > SUN_PATH_MAX:
+            if sys.platform == "linux" and len(os.fsencode(tmp)) > SUN_PATH_MAX:
                 # The temporary name is longer than *path*; reach it through
                 # a short /proc alias of the directory instead.
                 dirfd = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -333,6 +341,8 @@ def _wakeup_fds() -> tuple[int, int]:
     if sys.platform == "linux" and hasattr(os, "eventfd"):
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         return fd, fd
+    if sys.platform == "win32":  # pragma: no cover - Listener refuses Windows before this
+        raise OSError(errno.EAFNOSUPPORT, "Listener needs AF_UNIX sockets")
     r, w = os.pipe()
     os.set_blocking(w, False)
     return r, w
@@ -346,7 +356,7 @@ def _clear_stale(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, "exists and is not a socket; refusing to replace it", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = unix_socket()
     try:
         # Non-blocking, so a live listener with a full backlog answers
         # EAGAIN instead of making us wait.

@@ -26,6 +26,7 @@ __all__ = [
     "peer_credentials",
     "peer_groups",
     "unix_address",
+    "unix_socket",
 ]
 
 #: sun_path holds 108 bytes including the terminating NUL on Linux.
@@ -124,13 +125,29 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     raise NotImplementedError(f"peer credentials are not supported on {sys.platform}")
 
 
+def unix_socket() -> socket.socket:
+    """A new AF_UNIX stream socket, owned by the caller.
+
+    Raises `OSError` (``EAFNOSUPPORT``) naming the platform where Python has
+    no AF_UNIX (Windows): named endpoints need it, channels do not.
+    """
+    family = getattr(socket, "AF_UNIX", None)
+    if family is None:
+        raise OSError(
+            errno.EAFNOSUPPORT,
+            f"AF_UNIX sockets are not available to Python on {sys.platform}: Listener, connect() "
+            "and start_server() need them (Channel.pair(), spawn() and Channel(sock) over TCP do not)",
+        )
+    return socket.socket(family, socket.SOCK_STREAM)
+
+
 def connect_unix(path: str | bytes | os.PathLike[Any], timeout: float | None) -> socket.socket:
     """A stream socket connected to the AF_UNIX *path*, owned by the caller.
 
     *timeout* bounds the connect and stays the socket's timeout.  Raises
     `OSError` as ``socket.connect`` does, with nothing left open.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = unix_socket()
     try:
         sock.settimeout(timeout)
         sock.connect(unix_address(path))

@@ -13,6 +13,7 @@ import array
 import os
 import socket
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -21,6 +22,10 @@ from typing_extensions import Buffer
 from ._codec import SCM_MAX_FD, Decoder
 from ._errors import TruncatedControlData
 from ._fdutil import close_all
+
+# Importers check `fdchannel._sockio.HAVE_ANCILLARY` first; this also tells
+# mypy --platform win32 that nothing below exists there.
+assert sys.platform != "win32"
 
 __all__ = [
     "ANCBUF",

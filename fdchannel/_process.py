@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,8 +38,7 @@ def spawn(
         raise ValueError("spawn() needs close_fds=True: the child must inherit only its channel end")
     env = popen_kwargs.pop("env", None)
     env = dict(os.environ if env is None else env)
-    pass_fds = tuple(popen_kwargs.pop("pass_fds", ()))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = socket.socketpair(getattr(socket, "AF_UNIX", socket.AF_INET), socket.SOCK_STREAM)
     try:
         channel = Channel(ours)
     except BaseException:
@@ -46,13 +46,38 @@ def spawn(
         theirs.close()
         raise
     try:
-        # Both ends are close-on-exec; Popen makes `theirs` inheritable in
-        # the new child only, so concurrent spawns never pick it up.
         env[ENV_VAR] = str(theirs.fileno())
-        proc = subprocess.Popen(args, env=env, pass_fds=(*pass_fds, theirs.fileno()), **popen_kwargs)
+        if sys.platform == "win32":
+            proc = subprocess.Popen(args, env=env, **_inherit_only(theirs, popen_kwargs))
+        else:
+            # Both ends are close-on-exec; Popen makes `theirs` inheritable in
+            # the new child only, so concurrent spawns never pick it up.
+            pass_fds = (*popen_kwargs.pop("pass_fds", ()), theirs.fileno())
+            proc = subprocess.Popen(args, env=env, pass_fds=pass_fds, **popen_kwargs)
     except BaseException:
         channel.close()
         raise
     finally:
         theirs.close()
     return proc, channel
+
+
+if sys.platform == "win32":
+
+    def _inherit_only(sock: socket.socket, popen_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Popen arguments that let a Windows child inherit *sock* and no other handle.
+
+        Windows has no ``pass_fds``: the socket's handle goes into the
+        ``STARTUPINFO`` handle list (with ``close_fds`` the child inherits only
+        the listed handles), and is made inheritable for that, which a
+        concurrent ``Popen(close_fds=False)`` in another thread could pick up.
+        """
+        if popen_kwargs.get("pass_fds"):
+            raise ValueError("pass_fds is not supported on Windows; send the fds over the channel instead")
+        popen_kwargs.pop("pass_fds", None)
+        info = popen_kwargs.pop("startupinfo", None) or subprocess.STARTUPINFO()
+        attributes = dict(info.lpAttributeList)
+        attributes["handle_list"] = [*attributes.get("handle_list", ()), sock.fileno()]
+        info.lpAttributeList = attributes
+        sock.set_inheritable(True)
+        return {**popen_kwargs, "startupinfo": info, "close_fds": True}

@@ -10,6 +10,7 @@ POSIX-only is touched at import time outside `fdchannel._posixio`.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
@@ -48,7 +49,7 @@ class SocketIO(Protocol):
 HAVE_ANCILLARY: Final = hasattr(socket.socket, "sendmsg") and hasattr(socket, "SCM_RIGHTS")
 
 _ancillary_io: SocketIO = _streamio
-if HAVE_ANCILLARY:
+if sys.platform != "win32" and HAVE_ANCILLARY:
     from . import _posixio
 
     _ancillary_io = _posixio

@@ -8,6 +8,7 @@ whole call, so a call that waits several times still ends on time.
 from __future__ import annotations
 
 import select
+import sys
 import time
 from collections.abc import Sequence
 
@@ -34,13 +35,24 @@ def wait_ready(fds: Sequence[int], *, write: bool = False, deadline: float | Non
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             return False
-    if _HAVE_POLL:
+    if sys.platform != "win32" and _HAVE_POLL:
+        return _poll(fds, write, timeout)
+    return _select(fds, write, timeout)
+
+
+if sys.platform != "win32":
+
+    def _poll(fds: Sequence[int], write: bool, timeout: float | None) -> bool:
         poller = select.poll()
         events = select.POLLOUT if write else select.POLLIN
         for fd in fds:
             poller.register(fd, events)
         # Milliseconds rounded up, so a wait never returns before its deadline.
         return bool(poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999))))
-    rlist, wlist = ([], list(fds)) if write else (list(fds), [])
-    ready = select.select(rlist, wlist, list(fds), timeout)  # pragma: no cover - Windows
-    return any(ready)  # pragma: no cover - Windows
+
+
+def _select(fds: Sequence[int], write: bool, timeout: float | None) -> bool:
+    # Windows: select() only, on sockets only; errors show as "exceptional".
+    rlist: list[int] = [] if write else list(fds)
+    wlist: list[int] = list(fds) if write else []
+    return any(select.select(rlist, wlist, list(fds), timeout))

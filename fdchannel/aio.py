@@ -38,6 +38,7 @@ from ._fdutil import close_all
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
+from ._peer import unix_socket
 from ._sockio import write_pending
 from .transports import Session, Transport
 
@@ -561,7 +562,7 @@ async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncC
     ``socket.connect`` does.  Cancelled: the socket is closed, nothing leaks.
     """
     address = os.fspath(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = unix_socket()
     try:
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, address)

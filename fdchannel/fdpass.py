@@ -38,34 +38,33 @@ if HAVE_ANCILLARY:
     from . import _posixio
 
 
-@contextlib.contextmanager
-def _as_socket(sock: int | Any) -> Iterator[socket.socket]:
-    """Yield *sock* as a `socket.socket` without taking ownership of it."""
-    if isinstance(sock, socket.socket):
-        yield sock  # keeps its own timeout/blocking mode
-        return
-    fd = fileno_of(sock)
-    # Wrapping an fd must not change it: socket() makes it non-blocking when
-    # a default timeout is set, so the flags are put back afterwards.
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL) if socket.getdefaulttimeout() is not None else None
-    # Family and type are given so that wrapping costs no syscalls; a fd
-    # that is not a socket fails in sendmsg/recvmsg with ENOTSOCK.
-    wrapper = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        if flags is not None:
-            wrapper.setblocking(not flags & os.O_NONBLOCK)
-        yield wrapper
-    finally:
-        wrapper.detach()
-        if flags is not None:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-
-
 # The Unix definitions come last so that documentation tools, which read the
 # source without running it, describe them rather than the Windows import.
 if sys.platform == "win32":  # pragma: no cover - the Windows flavour lives in its own module
     from ._fdpass_win import recv, send
 else:
+
+    @contextlib.contextmanager
+    def _as_socket(sock: int | Any) -> Iterator[socket.socket]:
+        """Yield *sock* as a `socket.socket` without taking ownership of it."""
+        if isinstance(sock, socket.socket):
+            yield sock  # keeps its own timeout/blocking mode
+            return
+        fd = fileno_of(sock)
+        # Wrapping an fd must not change it: socket() makes it non-blocking when
+        # a default timeout is set, so the flags are put back afterwards.
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL) if socket.getdefaulttimeout() is not None else None
+        # Family and type are given so that wrapping costs no syscalls; a fd
+        # that is not a socket fails in sendmsg/recvmsg with ENOTSOCK.
+        wrapper = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+        try:
+            if flags is not None:
+                wrapper.setblocking(not flags & os.O_NONBLOCK)
+            yield wrapper
+        finally:
+            wrapper.detach()
+            if flags is not None:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
     def send(sock: int | Any, fd: int | Any) -> None:
         """Send *fd* over *sock* as IO::FDPass does: one NUL byte with one fd.

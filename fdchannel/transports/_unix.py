@@ -45,7 +45,7 @@ class UnixRights(Transport):
     name = "UnixRights"
 
     def check_socket(self, sock: socket.socket) -> None:
-        if sock.family != socket.AF_UNIX:
+        if sock.family != getattr(socket, "AF_UNIX", None):
             raise ValueError(f"UnixRights needs an AF_UNIX socket, got {sock.family!r}")
 
     def max_aux(self, max_fds: int) -> int:
