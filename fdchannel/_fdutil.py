@@ -1,17 +1,64 @@
-"""Small fd helpers shared by the channel and the transports."""
+"""Small fd helpers shared by the channel and the transports.
+
+On Windows a process has two kinds of number for what it holds: CRT file
+descriptors (small ints the C runtime hands out) and Winsock SOCKET values
+(handle values).  The two are numbered independently, so the same int can
+name one of each; fdchannel marks every SOCKET it knows to be one as a
+`SocketHandle`, and closes each kind its own way.  On POSIX a socket is an
+fd like any other and `SocketHandle` never appears.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["close_all"]
+__all__ = ["SocketHandle", "close_all", "close_fd"]
+
+
+class SocketHandle(int):
+    """A Windows SOCKET value, told apart from a CRT fd that has the same number.
+
+    An `int`, so it goes wherever an fd number does; `close_fd` closes it
+    with ``closesocket``, never ``os.close``.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"SocketHandle({int(self)})"
+
+
+_ws2: Any = None
+
+
+def _close_socket(sock: int) -> None:
+    """``closesocket``: Python cannot wrap every SOCKET in a socket object to close it."""
+    global _ws2
+    if sys.platform != "win32":  # pragma: no cover - never built elsewhere
+        raise OSError(f"SocketHandle({sock}) outside Windows")
+    import ctypes
+
+    if _ws2 is None:
+        _ws2 = ctypes.WinDLL("ws2_32", use_last_error=True)
+    if _ws2.closesocket(ctypes.c_size_t(sock)) != 0:
+        raise ctypes.WinError(ctypes.get_last_error(), "closesocket")
+
+
+def close_fd(fd: int) -> None:
+    """Close *fd*: an fd with ``os.close``, a `SocketHandle` with ``closesocket``."""
+    if fd.__class__ is SocketHandle:
+        _close_socket(fd)
+    else:
+        os.close(fd)
 
 
 def close_all(fds: Iterable[int]) -> None:
-    """Close every fd in *fds*, ignoring ones already gone (EBADF)."""
+    """Close every fd in *fds* (`close_fd`), ignoring ones already gone (EBADF)."""
     for fd in fds:
         try:
-            os.close(fd)
+            close_fd(fd)
         except OSError:
             pass

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import warnings
 from typing import IO, Any, Self
+
+from ._fdutil import SocketHandle, close_fd
 
 __all__ = ["OwnedFd", "fileno_of"]
 
@@ -15,9 +18,13 @@ def fileno_of(obj: int | Any) -> int:
 
     Raises `TypeError` for anything else and `ValueError` for a negative
     number (which is how closed Python file objects and sockets report).
+    On Windows a socket object's number comes back as a `SocketHandle`
+    (SOCKETs and CRT fds are numbered apart there).
     """
     if isinstance(obj, int):
         fd = obj
+    elif sys.platform == "win32" and isinstance(obj, socket.socket):
+        fd = SocketHandle(obj.fileno())
     else:
         try:
             get = obj.fileno
@@ -43,12 +50,16 @@ class OwnedFd:
 
     An `OwnedFd` garbage-collected while still open closes its fd and emits
     `ResourceWarning`, like `socket.socket`.
+
+    On Windows it holds either a CRT fd or a Winsock SOCKET (`is_socket`);
+    each is closed, duplicated and converted its own way.
     """
 
     __slots__ = ("__weakref__", "_fd")
 
     def __init__(self, fd: int) -> None:
-        """Take ownership of *fd* (an int the caller will no longer close)."""
+        """Take ownership of *fd* (an int the caller will no longer close; a SOCKET on
+        Windows must come as a `fdchannel._fdutil.SocketHandle`)."""
         self._fd = fd
 
     def __repr__(self) -> str:
@@ -62,19 +73,31 @@ class OwnedFd:
         return fd
 
     @property
+    def is_socket(self) -> bool:
+        """True when this holds a Windows SOCKET rather than an fd (never on POSIX, where
+        a socket is an fd like any other)."""
+        return self._fd.__class__ is SocketHandle
+
+    @property
     def closed(self) -> bool:
         """True once the fd was closed, detached or converted."""
         return self._fd < 0
 
     def fileno(self) -> int:
-        """Return the fd number; ownership stays here.  `ValueError` if closed."""
+        """Return the fd number (a SOCKET value on Windows if `is_socket`); ownership stays here.
+
+        `ValueError` if closed.
+        """
         return self._check()
 
     def close(self) -> None:
         """Close the fd.  Idempotent; a no-op after `detach` or a conversion."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
-            os.close(fd)
+            if fd.__class__ is int:
+                os.close(fd)
+            else:
+                close_fd(fd)
 
     def detach(self) -> int:
         """Give up ownership and return the fd number; the caller must close it."""
@@ -84,7 +107,14 @@ class OwnedFd:
 
     def dup(self) -> OwnedFd:
         """Return a new, independently owned, non-inheritable duplicate."""
-        return OwnedFd(os.dup(self._check()))
+        fd = self._check()
+        if fd.__class__ is SocketHandle:
+            s = socket.socket(fileno=fd)
+            try:
+                return OwnedFd(SocketHandle(s.dup().detach()))
+            finally:
+                s.detach()
+        return OwnedFd(os.dup(fd))
 
     def open(self, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
         """Wrap the fd in a file object; ownership moves to the file object.
@@ -95,6 +125,8 @@ class OwnedFd:
         the fd.
         """
         fd = self._check()
+        if fd.__class__ is SocketHandle:
+            raise ValueError("a Windows socket cannot be opened as a file; use socket()")
         if not kwargs.pop("closefd", True) or (len(args) >= 4 and not args[3]):
             raise ValueError("closefd=False would leave the fd without an owner; use dup()")
         # open() closes a raw fd it has already wrapped when a later layer
@@ -112,7 +144,7 @@ class OwnedFd:
         Family, type and protocol are read from the kernel.  Raises `OSError`
         (``ENOTSOCK``) if the fd is not a socket; this object then still owns it.
         """
-        s = socket.socket(fileno=self._check())
+        s = socket.socket(fileno=int(self._check()))
         self._fd = -1
         return s
 
@@ -130,7 +162,7 @@ class OwnedFd:
         if fd >= 0:
             self._fd = -1
             warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
-            os.close(fd)
+            close_fd(fd)
 
 
 def _discard(probe: IO[Any]) -> None:

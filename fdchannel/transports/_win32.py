@@ -11,6 +11,7 @@ import errno
 import socket
 import sys
 
+from .._fdutil import SocketHandle, close_fd
 from ._winapi import WinApi
 
 __all__ = ["Win32Api"]
@@ -70,7 +71,6 @@ if sys.platform == "win32":
     _k32.UnmapViewOfFile.argtypes = (wintypes.LPCVOID,)
     _k32.WaitForSingleObject.argtypes = (wintypes.HANDLE, wintypes.DWORD)
     _k32.WaitForSingleObject.restype = wintypes.DWORD
-    _kb.CompareObjectHandles.argtypes = (wintypes.HANDLE, wintypes.HANDLE)
 
     def _fail(what: str) -> OSError:
         code = ctypes.get_last_error()
@@ -94,7 +94,7 @@ if sys.platform == "win32":
             return int(msvcrt.open_osfhandle(handle, 0))
 
         def close_fd(self, fd: int) -> None:
-            if self.is_socket(fd):
+            if fd.__class__ is SocketHandle or self.is_socket(fd):
                 self.close_socket(fd)
             else:
                 os.close(fd)
@@ -107,7 +107,11 @@ if sys.platform == "win32":
                 return False
             except OSError:
                 pass
-            s = socket.socket(fileno=fd)
+            try:
+                # WinError 10038 (not a socket) comes from the constructor.
+                s = socket.socket(fileno=fd)
+            except OSError:
+                return False
             try:
                 s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
                 return True
@@ -126,7 +130,7 @@ if sys.platform == "win32":
             return blob, kept.detach()
 
         def close_socket(self, sock: int) -> None:
-            socket.socket(fileno=sock).close()
+            close_fd(SocketHandle(sock))  # closesocket: not every SOCKET wraps in a socket object
 
         def socket_from_share(self, blob: bytes) -> int:
             return socket.fromshare(blob).detach()
@@ -152,7 +156,12 @@ if sys.platform == "win32":
                 raise _fail("CloseHandle")
 
         def compare_object_handles(self, first: int, second: int) -> bool:
-            return bool(_kb.CompareObjectHandles(first, second))
+            # Looked up here, not at import: Windows 8.1 has no such function.
+            compare = getattr(_kb, "CompareObjectHandles", None)
+            if compare is None:
+                raise OSError(errno.ENOSYS, "CompareObjectHandles needs Windows 10")
+            compare.argtypes = (wintypes.HANDLE, wintypes.HANDLE)
+            return bool(compare(first, second))
 
         def create_lease(self, token: bytes) -> int:
             h = _k32.CreateFileMappingW(_INVALID_HANDLE_VALUE, None, _PAGE_READWRITE, 0, len(token), None)

@@ -12,17 +12,22 @@ from typing import Protocol
 
 __all__ = ["WinApi", "valid_handle"]
 
+#: -6 as a 32-bit value: the lowest of the pseudo-handles (-6..-1).
+_FIRST_PSEUDO = 0xFFFFFFFA
+
 
 def valid_handle(handle: int) -> bool:
     """True for a handle value that may be duplicated.
 
     ``0`` is no handle; ``-1`` is both ``INVALID_HANDLE_VALUE`` and the
     current-process pseudo-handle, and -2..-6 are the other pseudo-handles
-    (current thread, tokens): duplicating those would hand the peer the
-    sender's own process or thread.  Only the low 32 bits of a real handle
-    are significant, so larger values are refused too.
+    (current thread, the process, thread and effective tokens): duplicating
+    those would hand the peer the sender's own process, thread or token.
+    Only the low 32 bits of a real handle are significant, so negative and
+    larger values are refused too, and -6..-1 as 32-bit values
+    (0xFFFFFFFA..0xFFFFFFFF).
     """
-    return 0 < handle <= 0xFFFFFFFF and handle not in (0xFFFFFFFF, 0xFFFFFFFE)
+    return 0 < handle < _FIRST_PSEUDO
 
 
 class WinApi(Protocol):
@@ -70,7 +75,7 @@ class WinApi(Protocol):
         """``CloseHandle``."""
 
     def compare_object_handles(self, first: int, second: int) -> bool:
-        """``CompareObjectHandles`` (Windows 10+): same kernel object?"""
+        """``CompareObjectHandles``: same kernel object?  `OSError` (``ENOSYS``) before Windows 10."""
 
     def create_lease(self, token: bytes) -> int:
         """A new kernel object holding *token* (a read-only section); its handle."""

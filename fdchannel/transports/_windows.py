@@ -22,6 +22,7 @@ import sys
 from typing import Any, Final
 
 from .._errors import ProtocolError
+from .._fdutil import SocketHandle
 from ._base import Session, Transport
 from ._pull import HEAD, PullSession
 from ._winapi import WinApi, valid_handle
@@ -51,7 +52,9 @@ class _WinSession(PullSession):
     # -- sending side
     def _os_export(self, fd: int) -> tuple[Any, Any]:
         api = self._api
-        if api.is_socket(fd):
+        # A socket object (or an OwnedFd holding one) says so; a bare int is
+        # a CRT fd if it is one, else a SOCKET if it answers as one.
+        if fd.__class__ is SocketHandle or api.is_socket(fd):
             pid = self.peer_pid
             if pid is None:
                 raise OSError(
@@ -113,7 +116,7 @@ class _WinSession(PullSession):
         api = self._api
         kind, value = ref
         if kind == KIND_SOCKET:
-            return api.socket_from_share(value)
+            return SocketHandle(api.socket_from_share(value))
         handle = api.duplicate_handle(proc, value, api.current_process(), False)
         try:
             return api.open_osfhandle(handle)
@@ -139,12 +142,22 @@ class _WinSession(PullSession):
         except OSError:
             return False
         try:
-            return api.compare_object_handles(again, peer.lease)
+            try:
+                return api.compare_object_handles(again, peer.lease)
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+            # Before Windows 10: the same section object holds the same
+            # random token; any other object does not.
+            return bool(api.read_lease(again) == peer.token)
         finally:
             api.close_handle(again)
 
     def _os_close_fd(self, fd: int) -> None:
-        self._api.close_fd(fd)
+        if fd.__class__ is SocketHandle:
+            self._api.close_socket(fd)
+        else:
+            self._api.close_fd(fd)
 
     def _os_exited(self, proc: int) -> bool:
         return self._api.process_exited(proc)
