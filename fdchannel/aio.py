@@ -23,6 +23,7 @@ import asyncio
 import errno
 import logging
 import os
+import select
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -258,6 +259,9 @@ class AsyncChannel(ChannelCore):
     async def _wait_readable(self) -> None:
         """Wait until the socket is readable.  On close: `ChannelClosed`."""
         loop = self._bind_loop()
+        if _lacks_readiness(loop):
+            await self._wait_readable_proactor(loop)
+            return
         fut: asyncio.Future[None] = loop.create_future()
         self._read_waiter = fut
         if not self._reading:
@@ -293,6 +297,9 @@ class AsyncChannel(ChannelCore):
     async def _wait_writable(self) -> None:
         """Wait until the socket is writable.  On close: `ValueError`."""
         loop = self._bind_loop()
+        if _lacks_readiness(loop):
+            await self._wait_writable_proactor()
+            return
         fut: asyncio.Future[None] = loop.create_future()
         self._write_waiter = fut
         if not self._writing:
@@ -342,6 +349,38 @@ class AsyncChannel(ChannelCore):
 
     def _release_recv(self) -> None:
         self._recv_gate.leave()
+
+    # Windows' default ProactorEventLoop completes operations instead of
+    # reporting readiness (no add_reader/add_writer).  Readable: a zero-byte
+    # receive completes when data (or the end of the stream) is there and
+    # consumes nothing, so the read itself stays the channel's, as on every
+    # other loop.  Writable: only under backpressure, so it is polled, with
+    # a back-off from 0.5 ms to 50 ms, and a cancellation never leaves a
+    # write of unknown size behind.
+
+    async def _wait_readable_proactor(self, loop: asyncio.AbstractEventLoop) -> None:
+        wake: asyncio.Future[None] = loop.create_future()
+        self._read_waiter = wake  # close() completes it
+        peek = asyncio.ensure_future(loop.sock_recv_into(self._sock, _EMPTY))
+        try:
+            await asyncio.wait((peek, wake), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._read_waiter = None
+            if not peek.done():
+                peek.cancel()
+            # A receive that failed (a reset, a closed socket) is seen by the
+            # next read; its exception must not be reported as unretrieved.
+            peek.add_done_callback(_swallow)
+        if self._closed:
+            raise ChannelClosed("the channel was closed while waiting in recv()")
+
+    async def _wait_writable_proactor(self) -> None:
+        delay = 0.0005
+        while not self._closed and not _writable_now(self._fileno):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if self._closed:
+            raise ValueError("the channel was closed while waiting in send()")
 
     def _wake_waiters(self) -> None:
         self._stop_reading()
@@ -570,6 +609,24 @@ async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncC
     except BaseException:
         sock.close()
         raise
+
+
+_EMPTY: Final = bytearray()
+_proactor_class: Any = getattr(asyncio, "ProactorEventLoop", None)
+
+
+def _lacks_readiness(loop: asyncio.AbstractEventLoop) -> bool:
+    """True for a loop without add_reader/add_writer (Windows' ProactorEventLoop)."""
+    return _proactor_class is not None and isinstance(loop, _proactor_class)
+
+
+def _writable_now(fd: int) -> bool:
+    return bool(select.select([], [fd], [], 0)[1])
+
+
+def _swallow(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 Handler = Callable[[AsyncChannel], Awaitable[object]]

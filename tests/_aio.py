@@ -9,6 +9,7 @@ uvloop is skipped only when it cannot be imported.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -29,6 +30,10 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": None if uvloop is None else uvloop.new_event_loop,
 }
+if sys.platform == "win32":
+    # The default loop there is the ProactorEventLoop ("asyncio"), which has
+    # no add_reader; the selector loop is the other one Windows users pick.
+    LOOP_FACTORIES["selector"] = asyncio.SelectorEventLoop
 
 if uvloop is not None:
     # libuv opens a process-wide pipe (its signal wake-up) the first time a
@@ -43,6 +48,9 @@ LOOPS = [
         "uvloop", id="uvloop", marks=pytest.mark.skipif(uvloop is None, reason="uvloop cannot be imported")
     ),
 ]
+if sys.platform == "win32":
+    # uvloop does not exist for Windows at all: run the selector loop instead.
+    LOOPS[1] = pytest.param("selector", id="selector")
 
 
 def run_on(kind: str, coro: Coroutine[Any, Any, T], timeout: float = TIMEOUT) -> T:
