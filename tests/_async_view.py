@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import socket
+import sys
 import threading
 from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, Self, TypeVar
@@ -21,7 +22,7 @@ import pytest
 
 from fdchannel import ChannelClosed, Message
 from fdchannel.aio import AsyncChannel
-from fdchannel.transports import PidfdGetfd, Transport, UnixRights
+from fdchannel.transports import PidfdGetfd, Transport, UnixRights, WinDuplicate
 
 from ._aio import LOOP_FACTORIES
 from ._transports import needs_pidfd
@@ -168,10 +169,14 @@ def _loop_marks(kind: str) -> list[Any]:
     return []
 
 
+#: The platform's own in-process transport: SCM_RIGHTS on POSIX, DuplicateHandle on Windows.
+NATIVE: type[Transport] = WinDuplicate if sys.platform == "win32" else UnixRights
+
+
 def async_loop_params() -> list[Any]:
-    """pytest params: ``(kind, UnixRights)`` for an `AsyncPairFactory`, per loop kind."""
+    """pytest params: ``(kind, NATIVE)`` for an `AsyncPairFactory`, per loop kind."""
     return [
-        pytest.param((kind, UnixRights), id=f"AsyncChannel-{kind}", marks=_loop_marks(kind))
+        pytest.param((kind, NATIVE), id=f"AsyncChannel-{kind}", marks=_loop_marks(kind))
         for kind in LOOP_FACTORIES
     ]
 
@@ -182,6 +187,9 @@ def async_pair_params() -> list[Any]:
     for kind in LOOP_FACTORIES:
         marks = _loop_marks(kind)
         name = f"AsyncChannel-{kind}"
+        if sys.platform == "win32":
+            params.append(pytest.param((kind, WinDuplicate), id=f"{name}-WinDuplicate", marks=marks))
+            continue
         params.append(pytest.param((kind, UnixRights), id=f"{name}-UnixRights", marks=marks))
         params.append(pytest.param((kind, PidfdGetfd), id=f"{name}-PidfdGetfd", marks=[*marks, needs_pidfd]))
     return params
