@@ -62,7 +62,7 @@ def reduce_channel(channel: ChannelCore) -> tuple[Any, ...]:
         popen = context.get_spawning_popen()
     if popen is None:
         raise TypeError(
-            "a Channel cannot be pickled: it owns a socket.  Pass it as an argument of "
+            f"a {channel._kind} cannot be pickled: it owns a socket.  Pass it as an argument of "
             "multiprocessing.Process (any start method), or send its fd over another Channel"
         )
     if channel.closed:

@@ -37,6 +37,12 @@ class Message:
         if errors:
             raise errors[0]
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a Message cannot be pickled: its fds mean nothing in another process.  Send it over a "
+            "Channel instead (channel.send(msg.payload, msg.fds))"
+        )
+
     def __enter__(self) -> Self:
         return self
 

@@ -21,6 +21,9 @@ def fileno_of(obj: int | Any) -> int:
     On Windows a socket object's number comes back as a `SocketHandle`
     (SOCKETs and CRT fds are numbered apart there).
     """
+    if obj.__class__ is bool:
+        # True is 1: stdout would leave silently.
+        raise TypeError(f"expected an fd, got {obj!r} (a bool)")
     if isinstance(obj, int):
         fd = obj
     elif sys.platform == "win32" and isinstance(obj, socket.socket):
@@ -154,6 +157,13 @@ class OwnedFd:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __reduce__(self) -> Any:
+        # A bare number means another file in another process.
+        raise TypeError(
+            "an OwnedFd cannot be pickled: its number means nothing in another process.  Send it "
+            "over a Channel instead (multiprocessing.Process can take the Channel as an argument)"
+        )
+
     def __del__(self) -> None:
         try:
             fd = self._fd
@@ -161,8 +171,11 @@ class OwnedFd:
             return
         if fd >= 0:
             self._fd = -1
-            warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
-            close_fd(fd)
+            # Close first: with -W error::ResourceWarning the warning raises.
+            try:
+                close_fd(fd)
+            finally:
+                warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
 
 
 def _discard(probe: IO[Any]) -> None:

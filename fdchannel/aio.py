@@ -36,6 +36,7 @@ from ._codec import SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed, FdChannelError
 from ._fdutil import close_all
+from ._handoff import reduce_channel
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
@@ -577,6 +578,12 @@ class AsyncChannel(ChannelCore):
         `send` get `ValueError`.
         """
         super().close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As Channel: multiprocessing.Process(args=(channel,)) hands the
+        # socket to the child (which rebuilds an AsyncChannel); anything
+        # else is a TypeError.
+        return reduce_channel(self)
 
     async def aclose(self) -> None:
         """Close the channel as `close` does; an ``await`` for ``async with`` symmetry."""
