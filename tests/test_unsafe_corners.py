@@ -1,6 +1,5 @@
 """Corners where a number could cross into the wrong hands: pickling, bools, collection under -W error."""
 
-
 from __future__ import annotations
 
 import asyncio
