@@ -21,6 +21,38 @@ ENV_VAR: Final = "FDCHANNEL_FD"
 
 _C = TypeVar("_C", bound=ChannelCore)
 
+#: On Windows the variable names an inherited pipe handle, "pipe:<handle>",
+#: from which the child reads its socket as a ``socket.share()`` blob:
+#: Winsock sockets do not survive handle inheritance everywhere (Wine, LSPs).
+SHARE_PREFIX: Final = "pipe:"
+
+
+if sys.platform == "win32":
+
+    def _channel_from_share(cls: type[_C], value: str, kwargs: dict[str, Any]) -> _C:
+        """Windows: read the parent's ``socket.share()`` blob from the inherited pipe; wrap it."""
+        import msvcrt
+        import socket
+
+        try:
+            handle = int(value[len(SHARE_PREFIX) :])
+            fd = msvcrt.open_osfhandle(handle, os.O_RDONLY)
+        except (ValueError, OSError) as exc:
+            raise FdChannelError(f"{ENV_VAR}={value!r} names no inherited pipe handle ({exc})") from exc
+        with open(fd, "rb") as pipe:
+            blob = pipe.read()
+        try:
+            sock = socket.fromshare(blob)
+        except OSError as exc:
+            raise FdChannelError(
+                f"{ENV_VAR}={value}: the parent's socket could not be taken ({exc})"
+            ) from exc
+        try:
+            return cls(sock, **kwargs)
+        except BaseException:
+            sock.close()
+            raise
+
 
 def channel_from_environ(cls: type[_C], unset: bool, kwargs: dict[str, Any]) -> _C:
     """The logic of `Channel.from_environ`."""
@@ -30,18 +62,21 @@ def channel_from_environ(cls: type[_C], unset: bool, kwargs: dict[str, Any]) -> 
             f"{ENV_VAR} is not set: this process was not started by fdchannel.spawn() (or the "
             "variable was already consumed)"
         )
-    try:
-        fd = int(value)
-        if fd < 0:
-            raise ValueError(value)
-    except ValueError:
-        raise FdChannelError(f"{ENV_VAR}={value!r} is not a file descriptor number") from None
-    try:
-        channel = cls.from_fd(fd, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise FdChannelError(
-            f"{ENV_VAR}={value}: fd {fd} is not a connected AF_UNIX stream socket ({exc}); it was left open"
-        ) from exc
+    if sys.platform == "win32" and value.startswith(SHARE_PREFIX):
+        channel = _channel_from_share(cls, value, kwargs)
+    else:
+        try:
+            fd = int(value)
+            if fd < 0:
+                raise ValueError(value)
+        except ValueError:
+            raise FdChannelError(f"{ENV_VAR}={value!r} is not a file descriptor number") from None
+        try:
+            channel = cls.from_fd(fd, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise FdChannelError(
+                f"{ENV_VAR}={value}: fd {fd} is not a connected stream socket ({exc}); it was left open"
+            ) from exc
     if unset:
         # The fd is the channel's now; a grandchild must not try to adopt it.
         os.environ.pop(ENV_VAR, None)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._channel import Channel
-from ._handoff import ENV_VAR
+from ._handoff import ENV_VAR, SHARE_PREFIX
 
 __all__ = ["spawn"]
 
@@ -48,7 +48,7 @@ def spawn(
     try:
         env[ENV_VAR] = str(theirs.fileno())
         if sys.platform == "win32":
-            proc = subprocess.Popen(args, env=env, **_inherit_only(theirs, popen_kwargs))
+            proc = _spawn_windows(args, env, theirs, popen_kwargs)
         else:
             # Both ends are close-on-exec; Popen makes `theirs` inheritable in
             # the new child only, so concurrent spawns never pick it up.
@@ -64,20 +64,41 @@ def spawn(
 
 if sys.platform == "win32":
 
-    def _inherit_only(sock: socket.socket, popen_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Popen arguments that let a Windows child inherit *sock* and no other handle.
+    def _spawn_windows(
+        args: Any, env: dict[str, str], ours: socket.socket, popen_kwargs: dict[str, Any]
+    ) -> subprocess.Popen[Any]:
+        """Start a Windows child and hand it *ours*'s peer socket.
 
-        Windows has no ``pass_fds``: the socket's handle goes into the
-        ``STARTUPINFO`` handle list (with ``close_fds`` the child inherits only
-        the listed handles), and is made inheritable for that, which a
-        concurrent ``Popen(close_fds=False)`` in another thread could pick up.
+        Windows has no ``pass_fds``, and a Winsock socket does not survive
+        handle inheritance everywhere (Wine, layered providers): the child
+        inherits only the read end of a pipe (through the ``STARTUPINFO``
+        handle list, with ``close_fds``), and reads from it the
+        ``socket.share(child_pid)`` blob of its socket.
         """
-        if popen_kwargs.get("pass_fds"):
+        if popen_kwargs.pop("pass_fds", None):
             raise ValueError("pass_fds is not supported on Windows; send the fds over the channel instead")
-        popen_kwargs.pop("pass_fds", None)
-        info = popen_kwargs.pop("startupinfo", None) or subprocess.STARTUPINFO()
-        attributes = dict(info.lpAttributeList)
-        attributes["handle_list"] = [*attributes.get("handle_list", ()), sock.fileno()]
-        info.lpAttributeList = attributes
-        sock.set_inheritable(True)
-        return {**popen_kwargs, "startupinfo": info, "close_fds": True}
+        import msvcrt
+
+        r, w = os.pipe()
+        try:
+            handle = msvcrt.get_osfhandle(r)
+            os.set_handle_inheritable(handle, True)
+            env[ENV_VAR] = f"{SHARE_PREFIX}{handle}"
+            info = popen_kwargs.pop("startupinfo", None) or subprocess.STARTUPINFO()
+            attributes = dict(info.lpAttributeList)
+            attributes["handle_list"] = [*attributes.get("handle_list", ()), handle]
+            info.lpAttributeList = attributes
+            proc = subprocess.Popen(args, env=env, startupinfo=info, close_fds=True, **popen_kwargs)
+        finally:
+            os.close(r)
+        try:
+            with open(w, "wb") as pipe:
+                w = -1
+                pipe.write(ours.share(proc.pid))
+        except BaseException:
+            if w >= 0:
+                os.close(w)
+            proc.kill()
+            proc.wait()
+            raise
+        return proc
