@@ -226,3 +226,41 @@ def test_an_owned_socket_closes_with_closesocket_not_os_close() -> None:
     fd.close()
     with pytest.raises(OSError):
         socket.socket(fileno=int(handle))  # gone: WinError 10038
+
+
+def _mp_child(ch: Channel) -> None:
+    ch.settimeout(TIMEOUT)
+    with ch:
+        ch.send(b"ready")  # the parent learns this process's pid from the channel's hello first
+        with ch.recv() as msg, msg.fds[0].open("wb", buffering=0) as f:
+            f.write(b"via multiprocessing " + msg.payload)
+        ch.send(b"done")
+
+
+def test_multiprocessing_spawn_hands_a_channel_to_the_child() -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = Channel.pair()
+    r, w = os.pipe()
+    try:
+        with ours:
+            proc = ctx.Process(target=_mp_child, args=(theirs,))
+            proc.start()
+            theirs.close()
+            try:
+                ours.settimeout(TIMEOUT)
+                assert ours.recv().payload == b"ready"
+                ours.send(b"spawn", fds=[w])
+                assert ours.recv().payload == b"done"
+                proc.join(TIMEOUT)
+                assert proc.exitcode == 0
+            finally:
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join()
+                proc.close()
+        assert os.read(r, 100) == b"via multiprocessing spawn"
+    finally:
+        os.close(r)
+        os.close(w)
