@@ -33,6 +33,8 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
 if sys.platform == "win32":
     # The default loop there is the ProactorEventLoop ("asyncio"), which has
     # no add_reader; the selector loop is the other one Windows users pick.
+    # uvloop does not exist for Windows: not a skip, not a loop kind there.
+    del LOOP_FACTORIES["uvloop"]
     LOOP_FACTORIES["selector"] = asyncio.SelectorEventLoop
 
 if uvloop is not None:
