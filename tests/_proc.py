@@ -1,18 +1,32 @@
-"""Real child processes for tests, with timeouts instead of hangs."""
+"""Real child processes for tests, with timeouts instead of hangs.
+
+POSIX only at call time (fork, waitpid, resource limits); the module itself
+imports everywhere, so a test module that needs one of these only in some
+tests marks those with `needs_fork` or `needs_rlimit`.
+"""
 
 from __future__ import annotations
 
 import os
-import resource
 import select
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
+
+import pytest
 
 from .conftest import open_fds
 
 TIMEOUT = 30.0
+
+#: For the tests that fork a child (`fork_child`, `run_child`).
+needs_fork = pytest.mark.skipif(sys.platform == "win32", reason="needs os.fork(), which Windows lacks")
+#: For the tests that lower RLIMIT_NOFILE (`limit_fds_to_free_slots`).
+needs_rlimit = pytest.mark.skipif(
+    sys.platform == "win32", reason="needs setrlimit(RLIMIT_NOFILE): Windows has no resource limits"
+)
 
 
 def fork_child(body: Callable[[], object]) -> int:
@@ -36,6 +50,8 @@ def wait_child(pid: int, timeout: float = TIMEOUT) -> int:
 
     Returns the exit code (negative signal number if killed by a signal).
     """
+    if not hasattr(os, "pidfd_open"):  # macOS, the BSDs: poll waitpid
+        return _poll_child(pid, timeout)
     pidfd = os.pidfd_open(pid)
     try:
         poller = select.poll()
@@ -50,6 +66,19 @@ def wait_child(pid: int, timeout: float = TIMEOUT) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _poll_child(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} did not finish within {timeout}s")
+        time.sleep(0.005)
+
+
 def run_child(body: Callable[[], object], timeout: float = TIMEOUT) -> None:
     """Fork, run *body* in the child, and assert it succeeded."""
     code = wait_child(fork_child(body), timeout)
@@ -58,7 +87,9 @@ def run_child(body: Callable[[], object], timeout: float = TIMEOUT) -> None:
 
 def limit_fds_to_free_slots(free: int) -> None:
     """Lower RLIMIT_NOFILE so that exactly *free* more fds can be opened."""
-    used = sorted(open_fds())
+    import resource
+
+    used = sorted(fd for fd in open_fds() if isinstance(fd, int))
     limit = 0
     while limit - sum(fd < limit for fd in used) < free or limit in used:
         limit += 1

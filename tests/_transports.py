@@ -1,20 +1,28 @@
 """The transports the shared channel tests run against.
 
 Each entry builds a connected pair of channels; a transport the machine
-cannot run is skipped with the reason, never silently dropped.
+cannot run is skipped with the reason, never silently dropped.  On Windows
+the list also holds WinDuplicate's pairs (its real Win32 adapter runs only
+there; elsewhere test_transport_windows_sim.py drives it simulated).
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 
 import pytest
 
 from fdchannel import Channel
-from fdchannel.transports import PidfdGetfd, UnixRights
+from fdchannel.transports import PidfdGetfd, UnixRights, WinDuplicate
 
 PairFactory = Callable[..., tuple[Channel, Channel]]
+
+#: For what needs AF_UNIX sockets and SCM_RIGHTS (UnixRights, raw AF_UNIX peers).
+needs_unix_rights = pytest.mark.skipif(
+    sys.platform == "win32", reason="UnixRights needs AF_UNIX sockets with SCM_RIGHTS, which Windows lacks"
+)
 
 
 def _unix_pair(**kwargs: object) -> tuple[Channel, Channel]:
@@ -22,7 +30,7 @@ def _unix_pair(**kwargs: object) -> tuple[Channel, Channel]:
 
 
 #: pytest params for the `make_pair` fixture; other transports append here.
-PAIR_FACTORIES = [pytest.param(_unix_pair, id="UnixRights")]
+PAIR_FACTORIES = [pytest.param(_unix_pair, id="UnixRights", marks=needs_unix_rights)]
 
 
 # -- PidfdGetfd: over a socketpair and over TCP on loopback ---------------------
@@ -54,23 +62,48 @@ def _pidfd_pair(**kwargs: object) -> tuple[Channel, Channel]:
     return Channel.pair(transport=PidfdGetfd(), **kwargs)  # type: ignore[arg-type]
 
 
-def _pidfd_tcp_pair(**kwargs: object) -> tuple[Channel, Channel]:
-    x, y = tcp_socketpair()
+def _channels_over(
+    x: socket.socket, y: socket.socket, make: Callable[[], object], **kwargs: object
+) -> tuple[Channel, Channel]:
+    """Channels over the connected sockets *x* and *y*, each with a transport from *make*."""
     try:
-        a = Channel(x, transport=PidfdGetfd(), **kwargs)  # type: ignore[arg-type]
+        a = Channel(x, transport=make(), **kwargs)  # type: ignore[arg-type]
     except BaseException:
         x.close()
         y.close()
         raise
     try:
-        return a, Channel(y, transport=PidfdGetfd(), **kwargs)  # type: ignore[arg-type]
+        return a, Channel(y, transport=make(), **kwargs)  # type: ignore[arg-type]
     except BaseException:
         a.close()
         y.close()
         raise
 
 
+def _pidfd_tcp_pair(**kwargs: object) -> tuple[Channel, Channel]:
+    return _channels_over(*tcp_socketpair(), PidfdGetfd, **kwargs)
+
+
 PAIR_FACTORIES += [
     pytest.param(_pidfd_pair, id="PidfdGetfd-unix", marks=needs_pidfd),
     pytest.param(_pidfd_tcp_pair, id="PidfdGetfd-tcp", marks=needs_pidfd),
 ]
+
+
+# -- WinDuplicate (Windows only): over socket.socketpair() and over TCP ---------
+
+
+def _windup_pair(**kwargs: object) -> tuple[Channel, Channel]:
+    # Windows' socketpair() is a loopback TCP pair made by the socket module.
+    return Channel.pair(transport=WinDuplicate(), **kwargs)  # type: ignore[arg-type]
+
+
+def _windup_tcp_pair(**kwargs: object) -> tuple[Channel, Channel]:
+    return _channels_over(*tcp_socketpair(), WinDuplicate, **kwargs)
+
+
+if sys.platform == "win32":
+    PAIR_FACTORIES += [
+        pytest.param(_windup_pair, id="WinDuplicate"),
+        pytest.param(_windup_tcp_pair, id="WinDuplicate-tcp"),
+    ]

@@ -34,7 +34,8 @@ from fdchannel import (
 from fdchannel.aio import AsyncChannel
 
 from ._async_view import AsyncPairFactory, async_pair_params
-from ._proc import fork_child, run_child, wait_child
+from ._portable import read_fd
+from ._proc import fork_child, needs_fork, run_child, wait_child
 from ._transports import PAIR_FACTORIES, PairFactory
 
 TIMEOUT = 10.0
@@ -138,11 +139,7 @@ def join(t: threading.Thread) -> None:
 
 def read(fd: int, n: int = 100) -> bytes:
     """os.read with a timeout: a bug fails the test instead of hanging it."""
-    import select
-
-    ready, _, _ = select.select([fd], [], [], TIMEOUT)
-    assert ready, "nothing to read in time"
-    return os.read(fd, n)
+    return read_fd(fd, n, TIMEOUT)
 
 
 # -- messages ------------------------------------------------------------------
@@ -618,6 +615,7 @@ def test_concurrent_receivers_never_split_a_message(chans: tuple[Channel, Channe
 # -- peers that go away ----------------------------------------------------------------
 
 
+@needs_fork
 def test_sending_to_a_closed_peer_is_brokenpipe_even_with_default_sigpipe(make_pair: PairFactory) -> None:
     a, b = make_pair()
     b.close()  # the only copy of the peer's end: it is gone
@@ -639,6 +637,7 @@ def test_sending_to_a_closed_peer_is_brokenpipe_even_with_default_sigpipe(make_p
         a.close()
 
 
+@needs_fork
 def test_peer_process_dies_between_messages(make_pair: PairFactory) -> None:
     a, b = make_pair()
 
@@ -667,6 +666,7 @@ def test_peer_process_dies_between_messages(make_pair: PairFactory) -> None:
         b.close()
 
 
+@needs_fork
 def test_between_two_real_processes(make_pair: PairFactory) -> None:
     parent, child = make_pair()
     r, w = os.pipe()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -62,6 +63,12 @@ def test_every_taken_message_arrives_once_in_order(plan: list[tuple[float | None
                     sent.append((payload, nfds))  # taken: its rest is pending
         a.settimeout(TIMEOUT)
         a.flush()
+        # A duplication transport's receiver pulls fds from the sender: a
+        # sender that closes first withdraws them (FdsWithdrawn), so the
+        # sender stays until everything it sent arrived.
+        deadline = time.monotonic() + TIMEOUT
+        while len(got) < len(sent) and not failure and time.monotonic() < deadline:
+            time.sleep(0.001)
     finally:
         a.close()
         t.join(TIMEOUT)

@@ -6,6 +6,17 @@ malformed input a real peer could send is tried against a real Channel.
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if sys.platform == "win32":
+    pytest.skip(
+        "UnixRights specifics: needs AF_UNIX sockets with SCM_RIGHTS (and resource limits), "
+        "which Windows lacks",
+        allow_module_level=True,
+    )
+
 import array
 import os
 import resource
@@ -14,8 +25,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from fdchannel import Channel, ChannelClosed, ProtocolError, TruncatedControlData
 from fdchannel._codec import pack_header

@@ -9,16 +9,16 @@ uses every hook: transport data, control frames (acknowledgements),
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import struct
+import sys
 from collections.abc import Sequence
 
 import pytest
 
 from fdchannel import Channel, ProtocolError
-from fdchannel.transports import Outgoing, Session, Transport, UnixRights
+from fdchannel.transports import Outgoing, Session, Transport, default_transport
 
 from ._proc import TIMEOUT, fork_child, wait_child
 
@@ -88,6 +88,8 @@ class _ProcFdSession(Session):
 
 
 def _mode(fd: int) -> int:
+    import fcntl
+
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
 
 
@@ -102,6 +104,9 @@ class ProcFdOpen(Transport):
         return _ProcFdSession()
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32", reason="needs os.fork(), fcntl and /proc/<pid>/fd, which Windows lacks"
+)
 def test_a_custom_transport_carries_fds_between_processes() -> None:
     a, b = Channel.pair(transport=ProcFdOpen())
     r, w = os.pipe()
@@ -131,12 +136,13 @@ def test_a_custom_transport_carries_fds_between_processes() -> None:
 
 def test_a_custom_transport_mismatch_is_a_protocol_error_without_garbage_fds() -> None:
     x, y = socket.socketpair()
-    a, b = Channel(x, transport=UnixRights()), Channel(y, transport=ProcFdOpen())
+    theirs = default_transport()  # UnixRights (in band) on POSIX, WinDuplicate on Windows
+    a, b = Channel(x, transport=theirs), Channel(y, transport=ProcFdOpen())
     r, w = os.pipe()
     try:
         b.settimeout(TIMEOUT)
         a.send(b"in band", fds=[w])
-        with pytest.raises(ProtocolError, match="transport id 0"):
+        with pytest.raises(ProtocolError, match=f"transport id {theirs.wire_id}"):
             b.recv()
     finally:
         a.close()

@@ -35,7 +35,10 @@ def test_prefork_echo() -> None:
     assert len(workers) == 3  # every worker got connections
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the example drops a child from root to uid 65534")
+@pytest.mark.skipif(sys.platform == "win32", reason="the example switches uids (setuid), which Windows lacks")
+@pytest.mark.skipif(
+    sys.platform != "win32" and os.geteuid() != 0, reason="the example drops a child from root to uid 65534"
+)
 def test_privsep() -> None:
     out = run_example("privsep.py")
     assert "open() itself fails: Permission denied" in out
@@ -43,6 +46,10 @@ def test_privsep() -> None:
     assert "refused by policy" in out
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32",
+    reason="the example's control endpoint is an AF_UNIX Listener, which Windows lacks",
+)
 def test_handoff_refuses_no_connection() -> None:
     out = run_example("handoff.py")
     assert "old server: handed off" in out

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if sys.platform == "win32":
+    pytest.skip(
+        "fdchannel.fdpass's POSIX wire: needs SCM_RIGHTS over AF_UNIX sockets, the Perl module "
+        "IO::FDPass, fork and resource limits, which Windows lacks (the Win32 flavour is "
+        "test_transport_windows_sim.py's)",
+        allow_module_level=True,
+    )
+
 import errno
 import os
 import resource
@@ -10,8 +22,6 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from fdchannel import fdpass
 

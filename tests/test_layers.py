@@ -51,7 +51,7 @@ def _import_targets(node: ast.ImportFrom | ast.Import, package: str, known: set[
 
 def _runtime_imports(module: str, path: Path, known: set[str]) -> set[str]:
     """The package modules *module* imports when it runs (anywhere in it, not under TYPE_CHECKING)."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
 
@@ -174,7 +174,7 @@ def test_posix_socket_names_live_in_the_posix_io_module() -> None:
     for path in PACKAGE.rglob("*.py"):
         if path.name in allowed:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Attribute) and node.attr in POSIX_ONLY:
                 offenders.append(f"{path.name}:{node.lineno}: {node.attr}")
     assert not offenders
@@ -187,7 +187,7 @@ def test_one_owner_per_constant() -> None:
     """SCM_MAX_FD, the header size and the header formats are defined once, in the codec."""
     definitions: dict[str, list[str]] = {}
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             targets: list[ast.expr] = []
             if isinstance(node, ast.Assign):
                 targets = node.targets
@@ -213,7 +213,7 @@ def test_one_owner_per_constant() -> None:
 def test_private_names_of_other_modules_are_not_imported() -> None:
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level:
                 for alias in node.names:
                     if alias.name.startswith("_") and not (node.module is None or alias.name[1:2] == "_"):
@@ -234,7 +234,8 @@ class _Hidden:
 class _Socket(socket.socket):
     sendmsg = recvmsg = recvmsg_into = _Hidden()
 socket.socket = _Socket
-del select.poll
+if hasattr(select, "poll"):
+    del select.poll
 import fdchannel, fdchannel.aio, fdchannel.transports
 from fdchannel._sockio import HAVE_ANCILLARY
 assert not HAVE_ANCILLARY

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if sys.platform == "win32":
+    pytest.skip(
+        "Listener and peer credentials: need AF_UNIX listeners (SO_PEERCRED) and fork, which Windows lacks",
+        allow_module_level=True,
+    )
+
 import ctypes
 import errno
 import logging
@@ -13,8 +23,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import pytest
 
 from fdchannel import Channel, ChannelClosed, Listener, PeerCredentials
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import multiprocessing
@@ -12,14 +13,17 @@ import pickle
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import fdchannel
 from fdchannel import Channel, ChannelClosed, FdChannelError
+from fdchannel._codec import pack_header
 
-from ._proc import fork_child, wait_child
+from ._portable import more_than_a_socket_holds
+from ._proc import fork_child, needs_fork, wait_child
 from .conftest import open_fds
 
 TIMEOUT = 30
@@ -32,26 +36,57 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def inheritable(fd: int) -> bool:
+    """Whether *fd* is inheritable; on Windows a socket's number is a SOCKET, not a CRT fd."""
+    if sys.platform == "win32":
+        with socket.socket(fileno=fd) as s:
+            try:
+                return s.get_inheritable()
+            finally:
+                s.detach()
+    return os.get_inheritable(fd)
+
+
 def finish(proc: subprocess.Popen[bytes]) -> None:
     try:
         assert proc.wait(timeout=TIMEOUT) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
+
+
+@contextlib.contextmanager
+def _reaped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        reap(proc)
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill *proc* if it still runs and wait for it: a failed test leaves nothing behind."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 # -- spawn ---------------------------------------------------------------------------
 
 CHILD_REPORTS = r"""
-import json, os, sys
+import json, os, socket, sys
 from fdchannel import Channel
 ch = Channel.from_environ()
-fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+if sys.platform == "win32":  # CRT fds ("fd N") and SOCKETs ("SOCKET H"), the leak check's listing
+    from tests.conftest import open_fds
+    fds = sorted(open_fds())
+    inheritable = ch._sock.get_inheritable()
+else:
+    fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+    fds = [fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")]
+    inheritable = os.get_inheritable(ch.fileno())
 report = {
-    "fds": [fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")],
+    "fds": fds,
     "channel_fd": ch.fileno(),
-    "inheritable": os.get_inheritable(ch.fileno()),
+    "inheritable": inheritable,
     "env_left": "FDCHANNEL_FD" in os.environ,
     "foo": os.environ.get("FOO"),
 }
@@ -68,12 +103,19 @@ def test_spawn_child_inherits_only_its_end() -> None:
     os.set_inheritable(w, True)
     try:
         proc, ch = fdchannel.spawn([sys.executable, "-c", CHILD_REPORTS], env=child_env())
-        with ch:
+        with ch, _reaped(proc):
             ch.settimeout(TIMEOUT)
-            assert not os.get_inheritable(ch.fileno())
+            assert not inheritable(ch.fileno())
             with ch.recv() as msg:
                 report = json.loads(msg.payload)
-            assert set(report["fds"]) == {0, 1, 2, report["channel_fd"]}
+            if sys.platform == "win32":
+                # The CRT fds are the standard ones at most (the child may have
+                # none of them); the only SOCKET is the channel's.
+                crt = {fd for fd in report["fds"] if fd.startswith("fd ")}
+                assert crt <= {"fd 0", "fd 1", "fd 2"}
+                assert set(report["fds"]) - crt == {f"SOCKET {report['channel_fd']}"}
+            else:
+                assert set(report["fds"]) == {0, 1, 2, report["channel_fd"]}
             assert report["inheritable"] is False
             assert report["env_left"] is False
             ch.send(b"hello", fds=[w])
@@ -125,6 +167,11 @@ class _ArgsThatSpawnMeanwhile(list[str]):
         return super().__iter__()
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32",
+    reason="Windows has no per-child inheritance (pass_fds): spawn() must make the child's end "
+    "inheritable while Popen runs, so a concurrent Popen(close_fds=False) may inherit it",
+)
 def test_a_concurrent_spawn_gets_neither_end() -> None:
     args = _ArgsThatSpawnMeanwhile([sys.executable, "-c", CHILD_REPORTS], _sockets_of_this_process())
     proc, ch = fdchannel.spawn(args, env=child_env())
@@ -143,9 +190,16 @@ def test_a_concurrent_spawn_gets_neither_end() -> None:
 CHILD_CHECKS_EXTRA_FD = r"""
 import os, sys
 from fdchannel import Channel
-extra = int(sys.argv[1])
 with Channel.from_environ() as ch:
+    if sys.argv[1] == "over-the-channel":  # Windows: no pass_fds
+        msg = ch.recv()
+        extra = msg.fds[0].fileno()
+    else:
+        msg = None
+        extra = int(sys.argv[1])
     os.write(extra, b"extra fd works, FOO=" + os.environ["FOO"].encode())
+    if msg is not None:
+        msg.close()
     ch.send(b"done")
 """
 
@@ -155,11 +209,22 @@ def test_spawn_merges_caller_env_and_pass_fds() -> None:
     env = child_env(FOO="bar")
     before = dict(env)
     try:
-        proc, ch = fdchannel.spawn(
-            [sys.executable, "-c", CHILD_CHECKS_EXTRA_FD, str(w)], env=env, pass_fds=[w]
-        )
-        with ch:
+        if sys.platform == "win32":
+            # No inheritance of fds by number: refused, nothing left open
+            # (the leak check); the extra fd goes over the channel instead.
+            with pytest.raises(ValueError, match="pass_fds is not supported on Windows"):
+                fdchannel.spawn([sys.executable, "-c", "pass"], env=env, pass_fds=[w])
+            proc, ch = fdchannel.spawn(
+                [sys.executable, "-c", CHILD_CHECKS_EXTRA_FD, "over-the-channel"], env=env
+            )
+        else:
+            proc, ch = fdchannel.spawn(
+                [sys.executable, "-c", CHILD_CHECKS_EXTRA_FD, str(w)], env=env, pass_fds=[w]
+            )
+        with ch, _reaped(proc):
             ch.settimeout(TIMEOUT)
+            if sys.platform == "win32":
+                ch.send(b"", fds=[w])
             assert env == before  # the caller's mapping is not changed
             assert "FDCHANNEL_FD" not in os.environ
             assert ch.recv().payload == b"done"
@@ -185,13 +250,13 @@ def test_spawn_refuses_close_fds_false() -> None:
 
 def test_from_environ_adopts_and_unsets(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = socket.socketpair()
-    os.set_inheritable(b.fileno(), True)
+    b.set_inheritable(True)
     monkeypatch.setenv("FDCHANNEL_FD", str(b.fileno()))
     with Channel(a) as ours, Channel.from_environ(max_payload=10) as theirs:
         b.detach()  # the channel owns the fd now
         assert theirs.max_payload == 10
         assert "FDCHANNEL_FD" not in os.environ
-        assert not os.get_inheritable(theirs.fileno())
+        assert not inheritable(theirs.fileno())
         ours.send(b"ping")
         assert theirs.recv().payload == b"ping"
 
@@ -208,11 +273,17 @@ def test_from_environ_not_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
         Channel.from_environ()
 
 
-def _assert_refused_and_left_open(fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def _assert_refused_and_left_open(
+    fd: int, monkeypatch: pytest.MonkeyPatch, still_open: Callable[[], object] | None = None
+) -> None:
     monkeypatch.setenv("FDCHANNEL_FD", str(fd))
     with pytest.raises(FdChannelError, match=f"FDCHANNEL_FD={fd}: fd {fd} is not a connected"):
         Channel.from_environ()
-    os.fstat(fd)  # still open: bad input loses nothing
+    # Still open: bad input loses nothing.  (A Windows SOCKET is no CRT fd: os.fstat refuses it.)
+    if still_open is None:
+        os.fstat(fd)
+    else:
+        still_open()
     assert os.environ["FDCHANNEL_FD"] == str(fd)
 
 
@@ -226,8 +297,10 @@ def test_from_environ_fd_not_a_socket(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_from_environ_fd_not_connected(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        _assert_refused_and_left_open(s.fileno(), monkeypatch)
+    with socket.socket(getattr(socket, "AF_UNIX", socket.AF_INET), socket.SOCK_STREAM) as s:
+        _assert_refused_and_left_open(
+            s.fileno(), monkeypatch, lambda: s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        )
 
 
 def test_from_environ_fd_closed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,6 +315,7 @@ def test_from_environ_fd_closed(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- after os.fork() -------------------------------------------------------------------
 
 
+@needs_fork
 @pytest.mark.parametrize("how", ["close_other", "close"])
 def test_each_side_closes_the_other_end_after_fork(how: str) -> None:
     parent_end, child_end = Channel.pair()
@@ -274,6 +348,7 @@ def test_each_side_closes_the_other_end_after_fork(how: str) -> None:
         assert wait_child(pid, TIMEOUT) == 0
 
 
+@needs_fork
 def test_parent_sees_eof_once_child_exits_after_close_other() -> None:
     parent_end, child_end = Channel.pair()
     pid = fork_child(child_end.close_other)
@@ -289,13 +364,18 @@ def test_parent_sees_eof_once_child_exits_after_close_other() -> None:
 def test_close_other_drops_pending_output_unsent() -> None:
     a, b = Channel.pair()
     with a, b:
+        # Whatever the channels wrote when created (a duplication transport's
+        # hello) is read first: from here on a's stream is what is counted.
+        a.send(b"sync")
+        b.settimeout(TIMEOUT)
+        assert b.recv().payload == b"sync"
         a.setblocking(False)
         with pytest.raises(BlockingIOError) as info:
-            a.send(b"x" * (8 << 20))
+            a.send(b"x" * more_than_a_socket_holds(8 << 20))
         written = info.value.characters_written
         assert written > 0
         assert a.pending
-        raw = socket.socket(fileno=os.dup(b.fileno()))
+        raw = b._sock.dup()  # not os.dup: a Windows SOCKET is no CRT fd
         with raw:
             raw.settimeout(TIMEOUT)
             # Make room first: a close() that pushed queued output would
@@ -330,8 +410,9 @@ def test_close_other_when_already_closed_is_a_no_op() -> None:
 def _mp_helpers_running() -> None:
     # The helper processes multiprocessing keeps for the whole session hold
     # fds of ours; start them before the leak check takes its snapshot.
-    multiprocessing.resource_tracker.ensure_running()
-    multiprocessing.forkserver.ensure_running()
+    if sys.platform != "win32":  # Windows has neither helper (nor fork)
+        multiprocessing.resource_tracker.ensure_running()
+        multiprocessing.forkserver.ensure_running()
 
 
 def _mp_child(ch: Channel) -> None:
@@ -348,7 +429,14 @@ def _mp_child(ch: Channel) -> None:
 
 
 @pytest.mark.usefixtures("_mp_helpers_running")
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param("fork", marks=needs_fork),
+        pytest.param("forkserver", marks=needs_fork),  # its server forks each child
+        "spawn",
+    ],
+)
 def test_multiprocessing_process_argument(method: str) -> None:
     ctx = multiprocessing.get_context(method)
     ours, theirs = Channel.pair(max_fds=3)
@@ -381,11 +469,13 @@ def test_multiprocessing_refuses_channel_with_buffered_data() -> None:
     ctx = multiprocessing.get_context("spawn")
     a, b = Channel.pair()
     with a, b:
-        a.send(b"one")
-        a.send(b"two")
+        # Both frames in one write (two sends may reach the peer in two
+        # segments, as with Nagle over TCP), so one read takes both: "two"
+        # is buffered in b and would be lost to a copy in another process.
+        with a._sock.dup() as raw:
+            wire = a.transport.wire_id
+            raw.sendall(pack_header(wire, 0, 0, 3) + b"one" + pack_header(wire, 0, 0, 3) + b"two")
         b.settimeout(TIMEOUT)
-        # Both frames were in the socket, so one read took both: "two" is
-        # buffered in b and would be lost to a copy in another process.
         assert b.recv().payload == b"one"
         proc = ctx.Process(target=_mp_child, args=(b,))
         with pytest.raises(ValueError, match="buffered or pending"):

@@ -9,20 +9,30 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from fdchannel import TruncatedControlData, _posixio, _streamio, _wait
+from fdchannel import TruncatedControlData, _streamio, _wait
 from fdchannel._codec import HEADER_SIZE, Decoder, pack_header
 from fdchannel._outbox import Outbox
 from fdchannel._sockio import io_for, write_pending
 
+from ._portable import more_than_a_socket_holds, stream_socketpair
 from ._proc import limit_fds_to_free_slots, run_child
-from ._transports import tcp_socketpair
+from ._transports import needs_unix_rights, tcp_socketpair
 from .conftest import open_fds
+
+_posixio: Any
+if sys.platform == "win32":
+    _posixio = None  # POSIX only (it asserts so); the tests of it are skipped
+else:
+    from fdchannel import _posixio
 
 TIMEOUT = 10.0
 
@@ -43,6 +53,16 @@ def unix_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 
 @pytest.fixture
+def any_io_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """The pair `Channel.pair` would use: AF_UNIX, or loopback TCP on Windows."""
+    a, b = stream_socketpair()
+    for s in (a, b):
+        s.settimeout(TIMEOUT)
+    with a, b:
+        yield a, b
+
+
+@pytest.fixture
 def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     a, b = tcp_socketpair()
     for s in (a, b):
@@ -51,6 +71,7 @@ def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
         yield a, b
 
 
+@needs_unix_rights
 def test_io_for_picks_ancillary_io_only_for_af_unix(
     unix_pair: tuple[socket.socket, socket.socket], tcp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
@@ -58,6 +79,7 @@ def test_io_for_picks_ancillary_io_only_for_af_unix(
     assert io_for(tcp_pair[0]) is _streamio
 
 
+@needs_unix_rights
 def test_posix_write_and_read_a_lone_frame_with_fds(unix_pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = unix_pair
     r, w = os.pipe()
@@ -75,6 +97,7 @@ def test_posix_write_and_read_a_lone_frame_with_fds(unix_pair: tuple[socket.sock
     os.close(w)
 
 
+@needs_unix_rights
 def test_posix_read_queues_when_lone_frames_are_off(unix_pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = unix_pair
     _posixio.write(a, [pack_header(0, 0, 0, 3), b"abc"], [])
@@ -85,6 +108,7 @@ def test_posix_read_queues_when_lone_frames_are_off(unix_pair: tuple[socket.sock
     assert bytes(frame.payload) == b"abc"
 
 
+@needs_unix_rights
 def test_posix_read_reports_eof_and_a_reset_to_the_decoder(
     unix_pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -96,6 +120,7 @@ def test_posix_read_reports_eof_and_a_reset_to_the_decoder(
     assert dec.error is None  # clean: between frames
 
 
+@needs_unix_rights
 def test_posix_read_would_block_consumes_nothing(unix_pair: tuple[socket.socket, socket.socket]) -> None:
     _, b = unix_pair
     b.setblocking(False)
@@ -106,6 +131,7 @@ def test_posix_read_would_block_consumes_nothing(unix_pair: tuple[socket.socket,
     assert dec.received == 0
 
 
+@needs_unix_rights
 def test_posix_read_of_a_truncated_control_message_closes_what_arrived(
     unix_pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -126,6 +152,7 @@ def test_posix_read_of_a_truncated_control_message_closes_what_arrived(
     run_child(child)
 
 
+@needs_unix_rights
 def test_posix_write_returns_0_when_the_socket_is_full(
     unix_pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -137,6 +164,7 @@ def test_posix_write_returns_0_when_the_socket_is_full(
     assert _posixio.write(a, [b"more"], []) == 0
 
 
+@needs_unix_rights
 def test_posix_write_to_a_vanished_peer_is_epipe_without_sigpipe(
     unix_pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -162,7 +190,7 @@ def test_stream_write_of_a_large_frame_stops_at_the_first_short_send(
 ) -> None:
     a, b = tcp_pair
     a.setblocking(False)
-    big = bytes(8 << 20)
+    big = bytes(more_than_a_socket_holds(8 << 20))
     header = pack_header(1, 0, 0, len(big))
     sent = _streamio.write(a, [header, big], [])
     assert HEADER_SIZE <= sent < HEADER_SIZE + len(big)  # the socket took part of it, no copy
@@ -190,7 +218,10 @@ def test_stream_read_treats_a_reset_as_end_of_stream(tcp_pair: tuple[socket.sock
     a, b = tcp_pair
     b.sendall(b"unread")  # a close with unread data sends a reset
     time.sleep(0)  # (nothing to wait for: the data is in a's buffer already)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    # struct linger {l_onoff = 1, l_linger = 0}: two ints, two u_shorts on Windows.
+    a.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
+    )
     a.close()
     dec = decoder(in_band=False)
     assert _stream_read_until_eof(b, dec)
@@ -206,15 +237,16 @@ def _stream_read_until_eof(sock: socket.socket, dec: Decoder) -> bool:
 
 
 def test_write_pending_drains_the_outbox_and_stops_when_full(
-    unix_pair: tuple[socket.socket, socket.socket],
+    any_io_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    a, b = unix_pair
+    a, b = any_io_pair
+    io = io_for(a)  # _posixio on AF_UNIX, _streamio where there is none (Windows)
     a.setblocking(False)
     outbox = Outbox(0)
-    payload = bytes(1 << 20)
+    payload = bytes(more_than_a_socket_holds(1 << 20))
     bufs = outbox.frame(b"", 0, payload, len(payload))
     outbox.add_frame(bufs, [], payload, len(payload))
-    written = write_pending(_posixio, a, outbox, _posixio.SEND_FLAGS)
+    written = write_pending(io, a, outbox, io.SEND_FLAGS)
     assert 0 < written < HEADER_SIZE + len(payload)
     assert outbox.pending
     assert outbox.nbytes == HEADER_SIZE + len(payload) - written
@@ -229,18 +261,30 @@ def test_write_pending_drains_the_outbox_and_stops_when_full(
     total = written
     while outbox.pending:
         assert _wait.wait_ready((a.fileno(),), write=True, deadline=time.monotonic() + TIMEOUT)
-        total += write_pending(_posixio, a, outbox, _posixio.SEND_FLAGS)
+        total += write_pending(io, a, outbox, io.SEND_FLAGS)
     t.join(TIMEOUT)
     assert not t.is_alive()
     assert total == HEADER_SIZE + len(payload)
 
 
-@pytest.mark.parametrize("use_poll", [True, False], ids=["poll", "select"])
+@pytest.mark.parametrize(
+    "use_poll",
+    [
+        pytest.param(
+            True,
+            id="poll",
+            marks=pytest.mark.skipif(
+                sys.platform == "win32", reason="select.poll, which Windows lacks (wait_ready selects there)"
+            ),
+        ),
+        pytest.param(False, id="select"),
+    ],
+)
 def test_wait_ready_honours_readiness_and_deadlines(
-    use_poll: bool, unix_pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+    use_poll: bool, any_io_pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_wait, "_HAVE_POLL", use_poll)
-    a, b = unix_pair
+    a, b = any_io_pair
     start = time.monotonic()
     assert not _wait.wait_ready((b.fileno(),), deadline=start + 0.05)
     assert time.monotonic() - start >= 0.05  # never returns before its deadline
@@ -248,10 +292,17 @@ def test_wait_ready_honours_readiness_and_deadlines(
     assert _wait.wait_ready((a.fileno(),), write=True, deadline=time.monotonic() + TIMEOUT)
     a.send(b"x")
     assert _wait.wait_ready((b.fileno(),), deadline=None)
+    # Any of several fds: the listener waits on its socket and a wake-up fd,
+    # a pipe.  (Windows has no listener, and its select() takes only sockets.)
+    if sys.platform == "win32":
+        x, y = socket.socketpair()
+        with x, y:
+            x.send(b"!")
+            assert _wait.wait_ready((y.fileno(), a.fileno()), deadline=time.monotonic() + TIMEOUT)
+        return
     r, w = os.pipe()
     try:
         os.write(w, b"!")
-        # Any of several fds: the listener waits on its socket and a wake-up fd.
         assert _wait.wait_ready((r, a.fileno()), deadline=time.monotonic() + TIMEOUT)
     finally:
         os.close(r)
@@ -265,6 +316,7 @@ def test_deadline_after() -> None:
     assert 0.9 < deadline - time.monotonic() <= 1.0
 
 
+@needs_unix_rights
 def test_errno_of_a_bad_fd_write_is_kept(unix_pair: tuple[socket.socket, socket.socket]) -> None:
     a, _ = unix_pair
     r, w = os.pipe()

@@ -9,6 +9,16 @@ All with real processes and the real kernel; waits are polls with timeouts.
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if sys.platform == "win32":
+    pytest.skip(
+        "PidfdGetfd needs Linux >= 5.6 (pidfd_open, pidfd_getfd) and fork; Windows has neither",
+        allow_module_level=True,
+    )
+
 import ctypes
 import errno
 import os
@@ -18,8 +28,6 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
-
-import pytest
 
 from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError
 from fdchannel.transports import PidfdGetfd, UnixRights, _pidfd_linux

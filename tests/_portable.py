@@ -1,0 +1,78 @@
+"""Helpers that do the same on POSIX and Windows, where the direct call does not.
+
+- `read_fd`: ``os.read`` with a timeout for any fd (Windows' select() takes
+  sockets only, not pipes).
+- `stream_socketpair`: the kind of pair `Channel.pair` makes (AF_UNIX where
+  it exists, else the loopback TCP pair of ``socket.socketpair()``).
+- `more_than_a_socket_holds`: a size no unread socket pair takes whole,
+  measured here (loopback buffers differ a lot: about 200 KiB for AF_UNIX
+  on Linux, about 4 MB for TCP on loopback under Wine).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import threading
+
+from ._transports import tcp_socketpair
+
+TIMEOUT = 10.0
+
+
+def read_fd(fd: int, n: int = 100, timeout: float = TIMEOUT) -> bytes:
+    """``os.read(fd, n)``, failing the test if nothing comes within *timeout* seconds.
+
+    The read runs in a daemon thread; one that never returns stays blocked
+    behind the failed test.
+    """
+    got: list[bytes | BaseException] = []
+
+    def reader() -> None:
+        try:
+            got.append(os.read(fd, n))
+        except BaseException as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert got, f"nothing to read from fd {fd} within {timeout}s"
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+def stream_socketpair() -> tuple[socket.socket, socket.socket]:
+    """A connected stream pair of the kind `Channel.pair` uses on this platform."""
+    return socket.socketpair(getattr(socket, "AF_UNIX", socket.AF_INET), socket.SOCK_STREAM)
+
+
+def _fill(a: socket.socket) -> int:
+    """Bytes *a* takes, nobody reading the other end, before it would block."""
+    a.setblocking(False)
+    chunk = bytes(1 << 16)
+    total = 0
+    while total < 1 << 30:
+        try:
+            total += a.send(chunk)
+        except BlockingIOError:
+            break
+    return total
+
+
+@functools.cache
+def socket_capacity() -> int:
+    """The most an unread socket pair takes (of `stream_socketpair` and TCP on loopback)."""
+    most = 0
+    for make in (stream_socketpair, tcp_socketpair):
+        a, b = make()
+        with a, b:
+            most = max(most, _fill(a), _fill(b))
+    return most
+
+
+def more_than_a_socket_holds(at_least: int) -> int:
+    """*at_least*, or more if that could fit into an unread socket pair at once."""
+    return max(at_least, 2 * socket_capacity() + (1 << 16))
