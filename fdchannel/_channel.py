@@ -223,6 +223,8 @@ class Channel(ChannelCore):
         deadline = self._deadline()
         try:
             self._prepare_send()
+            while self._peer_needed(nums):
+                self._wait(False, deadline)
             if self._outbox.pending:
                 # Older data goes first; if it cannot all go, this message
                 # is not taken (and the older data stays queued).

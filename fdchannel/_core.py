@@ -17,17 +17,19 @@ on close its own way (`_drop_held`).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final, NoReturn, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from typing_extensions import Buffer
 
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder, Frame, header_tag, pack_tagged
 from ._errors import ChannelBroken, ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
-from ._fdutil import close_all
+from ._fdutil import SocketHandle, close_all
 from ._message import Message
 from ._outbox import Outbox, set_written
 from ._ownedfd import OwnedFd, fileno_of
@@ -299,14 +301,21 @@ class ChannelCore:
             self._refuse(size, nums)
         return nums, size
 
-    def _refuse(self, size: int, nums: list[int]) -> NoReturn:
-        """Raise the `ValueError` for a message `send` must not write (the caller checked)."""
+    def _refuse(self, size: int, nums: list[int]) -> None:
+        """Raise the `ValueError` for a message `send` must not write (the caller's quick check hit).
+
+        Returns only on Windows, for a CRT fd that merely has the number of
+        the channel's SOCKET (the two are numbered apart there).
+        """
         if size > self.max_payload:
             raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
         nfds = len(nums)
         if nfds > self.max_fds:
             raise ValueError(f"{nfds} fds exceed max_fds={self.max_fds}")
-        raise ValueError("refusing to send a channel's own socket over itself")
+        if sys.platform != "win32" or any(
+            n == self._fileno and (n.__class__ is SocketHandle or not _is_crt_fd(n)) for n in nums
+        ):
+            raise ValueError("refusing to send a channel's own socket over itself")
 
     def _send_whole(self, payload: Buffer, nums: list[int], size: int) -> int | None:
         """The send fast path: one write of the whole frame, fds passed through.
@@ -337,6 +346,22 @@ class ChannelCore:
         if self._has_control:
             self._pump_nowait()
             self._outbox.add_control(self._session.take_control())
+
+    def _peer_needed(self, nums: list[int]) -> bool:
+        """True while the session needs to hear from the peer before it can send *nums*.
+
+        Reads what already arrived (the peer's greeting may be there); raises
+        `BrokenPipeError` if the peer closed without greeting.
+        """
+        session = self._session
+        if not session.waits_for_peer(nums):
+            return False
+        self._pump_nowait()
+        if not session.waits_for_peer(nums):
+            return False
+        if self._eof:
+            raise BrokenPipeError(errno.EPIPE, "the peer closed before its channel announced itself")
+        return True
 
     def _start_message(self, payload: Buffer, nums: list[int], size: int) -> tuple[Outgoing, int | None]:
         """Frame a message through the session and write what the socket takes now.
@@ -598,6 +623,19 @@ class ChannelCore:
             self._session.close()
         finally:
             self._sock.close()
+
+
+def _is_crt_fd(n: int) -> bool:
+    """Windows: True if *n* is an open CRT fd (whatever SOCKET has the same number)."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            msvcrt.get_osfhandle(n)
+        except OSError:
+            return False
+        return True
+    return False  # pragma: no cover - called on Windows only
 
 
 def _is_simple(session: Session) -> bool:

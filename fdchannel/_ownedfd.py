@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -147,7 +148,11 @@ class OwnedFd:
         Family, type and protocol are read from the kernel.  Raises `OSError`
         (``ENOTSOCK``) if the fd is not a socket; this object then still owns it.
         """
-        s = socket.socket(fileno=int(self._check()))
+        fd = self._check()
+        if sys.platform == "win32" and fd.__class__ is not SocketHandle:
+            # A CRT fd: a SOCKET that happens to have the same number is another object.
+            raise OSError(errno.ENOTSOCK, f"OwnedFd {fd} holds a CRT fd, not a socket")
+        s = socket.socket(fileno=int(fd))
         self._fd = -1
         return s
 

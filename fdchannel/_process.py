@@ -89,6 +89,9 @@ if sys.platform == "win32":
             attributes["handle_list"] = [*attributes.get("handle_list", ()), handle]
             info.lpAttributeList = attributes
             proc = subprocess.Popen(args, env=env, startupinfo=info, close_fds=True, **popen_kwargs)
+        except BaseException:
+            os.close(w)
+            raise
         finally:
             os.close(r)
         try:

@@ -29,15 +29,20 @@ def wait_ready(fds: Sequence[int], *, write: bool = False, deadline: float | Non
     what happened.  Returns False if *deadline* passed first (at once when it
     already has), True otherwise.
     """
-    if deadline is None:
-        timeout = None
-    else:
-        timeout = deadline - time.monotonic()
-        if timeout <= 0:
-            return False
-    if sys.platform != "win32" and _HAVE_POLL:
-        return _poll(fds, write, timeout)
-    return _select(fds, write, timeout)
+    while True:
+        if deadline is None:
+            timeout = None
+        else:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return False
+        if sys.platform != "win32" and _HAVE_POLL:
+            ready = _poll(fds, write, timeout)
+        else:
+            ready = _select(fds, write, timeout)
+        # select() may wake a clock tick early (15.6 ms on Windows): look again.
+        if ready or deadline is None:
+            return ready
 
 
 if sys.platform != "win32":

@@ -455,6 +455,8 @@ class AsyncChannel(ChannelCore):
             await self._fair()
             self._check_usable()  # the state may have changed while others ran
             self._prepare_send()
+            while self._peer_needed(nums):
+                await self._wait_readable()
             if self._outbox.pending:
                 # Older data goes first; if it cannot, this message is not taken.
                 await self._push(None)

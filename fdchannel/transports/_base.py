@@ -57,6 +57,15 @@ class Session(abc.ABC):
         caller may close its fds at once) it duplicates and owns itself.
         """
 
+    def waits_for_peer(self, fds: Sequence[int]) -> bool:
+        """True while *fds* cannot be prepared until the peer's session has spoken.
+
+        `WinDuplicate` shares a socket *for* the peer's process id, which the
+        peer announces in a control frame: until it has arrived, the channel
+        reads (and waits, within its timeout) before calling `outgoing`.
+        """
+        return False
+
     def discard(self, out: Outgoing) -> None:  # noqa: B027 - optional hook
         """*out* was never sent: release whatever `outgoing` kept for it."""
 

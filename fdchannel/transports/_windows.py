@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Sequence
 from typing import Any, Final
 
 from .._errors import ProtocolError
@@ -50,6 +51,11 @@ class _WinSession(PullSession):
         return self._api.current_pid()
 
     # -- sending side
+    def waits_for_peer(self, fds: Sequence[int]) -> bool:
+        return self.peer_pid is None and any(
+            fd.__class__ is SocketHandle or self._api.is_socket(fd) for fd in fds
+        )
+
     def _os_export(self, fd: int) -> tuple[Any, Any]:
         api = self._api
         # A socket object (or an OwnedFd holding one) says so; a bare int is
