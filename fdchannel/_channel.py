@@ -223,8 +223,15 @@ class Channel(ChannelCore):
         deadline = self._deadline()
         try:
             self._prepare_send()
+            delay = 0.0005
             while self._peer_needed(nums):
-                self._wait(False, deadline)
+                if self._recv_lock.locked():
+                    # A recv() in another thread reads the greeting for us.
+                    self._check_deadline(deadline)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+                else:
+                    self._wait(False, deadline)
             if self._outbox.pending:
                 # Older data goes first; if it cannot all go, this message
                 # is not taken (and the older data stays queued).
@@ -354,6 +361,12 @@ class Channel(ChannelCore):
         if timeout is None or timeout == 0.0:
             return None
         return time.monotonic() + timeout
+
+    def _check_deadline(self, deadline: float | None) -> None:
+        if self._timeout == 0.0:
+            raise BlockingIOError(errno.EAGAIN, "the channel is non-blocking and the peer has not spoken yet")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("timed out")
 
     def _wait(self, write: bool, deadline: float | None) -> None:
         """Wait until the socket is writable (or readable), or raise as the timeout says."""

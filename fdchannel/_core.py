@@ -412,6 +412,7 @@ class ChannelCore:
 
     def _push_failed(self, exc: BaseException, before: int | None, written: int) -> None:
         """A push failed with *exc* (the caller re-raises it)."""
+        written += getattr(exc, "fdchannel_written", 0)
         if isinstance(exc, OSError):
             broken = self._outbox.failed(exc, before, written)
         else:

@@ -235,7 +235,9 @@ class Outbox:
         try:
             for chunk in self.pending:
                 chunk.detach()
-        except OSError as dup_error:
+        except BaseException as dup_error:
+            # EMFILE, or an interrupt between two duplicates: either way the
+            # rest would keep borrowing fd numbers the caller may now close.
             self.discard()
             set_written(dup_error, taken)
             broken = ChannelBroken(
@@ -252,8 +254,12 @@ class Outbox:
         returns the error that makes the channel unusable when that cut a
         frame the peer is still reading, else None.
         """
-        set_written(exc, written if before is None else before + written)
+        taken = written if before is None else before + written
+        set_written(exc, taken)
         if not self.pending:
+            return None
+        if before is not None and not taken:
+            self.pending.clear()  # the kernel took nothing of it: not taken, nothing cut
             return None
         self.discard()
         # A vanished peer reads nothing more, so a cut frame corrupts

@@ -84,7 +84,9 @@ if sys.platform == "win32":
             handle = msvcrt.get_osfhandle(r)
             os.set_handle_inheritable(handle, True)
             env[ENV_VAR] = f"{SHARE_PREFIX}{handle}"
-            info = popen_kwargs.pop("startupinfo", None) or subprocess.STARTUPINFO()
+            popen_kwargs.pop("close_fds", None)  # True: checked by spawn()
+            given = popen_kwargs.pop("startupinfo", None)
+            info = given.copy() if given is not None else subprocess.STARTUPINFO()
             attributes = dict(info.lpAttributeList)
             attributes["handle_list"] = [*attributes.get("handle_list", ()), handle]
             info.lpAttributeList = attributes

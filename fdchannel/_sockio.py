@@ -65,9 +65,8 @@ def io_for(sock: socket.socket) -> SocketIO:
 def write_pending(io: SocketIO, sock: socket.socket, outbox: Outbox, flags: int) -> int:
     """Write *outbox*'s chunks with *io* until none is left or the socket is full.
 
-    Returns the bytes written.  `OSError` from the kernel propagates; what
-    was written before it is recorded in *outbox* (so ``characters_written``
-    can be computed by the caller from the outbox's rules).
+    Returns the bytes written.  `OSError` from the kernel propagates, with
+    the bytes this call wrote before it as ``fdchannel_written``.
     """
     write = io.write
     written = 0
@@ -75,7 +74,12 @@ def write_pending(io: SocketIO, sock: socket.socket, outbox: Outbox, flags: int)
         chunk = outbox.head()
         if chunk is None:
             return written
-        n = write(sock, chunk.bufs, chunk.fds, flags)
+        try:
+            n = write(sock, chunk.bufs, chunk.fds, flags)
+        except OSError as exc:
+            # What this call wrote before the error counts for characters_written.
+            exc.fdchannel_written = written  # type: ignore[attr-defined]
+            raise
         if not n:
             return written
         written += n

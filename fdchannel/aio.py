@@ -90,7 +90,8 @@ class _Gate:
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.leave()  # handed over just as we were cancelled: pass it on
-            else:
+            elif fut in self._waiters:
+                # (leave() may have dropped it already, skipping it as done)
                 self._waiters.remove(fut)
             raise
 
@@ -154,6 +155,7 @@ class AsyncChannel(ChannelCore):
         *,
         max_payload: int,
         max_fds: int,
+        greet: bool = True,
     ) -> None:
         sock.setblocking(False)
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
@@ -168,7 +170,7 @@ class AsyncChannel(ChannelCore):
         self._writing = False
         self._write_waiter: asyncio.Future[None] | None = None
         self._streak = 0
-        if self._has_control:
+        if greet and self._has_control:
             # A session may greet its peer (WinDuplicate announces its pid);
             # a fresh socket takes that without waiting.
             self._flush_control_nowait()
@@ -213,13 +215,17 @@ class AsyncChannel(ChannelCore):
                     ch._decoder,
                     max_payload=ch.max_payload,
                     max_fds=ch.max_fds,
+                    greet=False,
                 )
                 # Chunks a blocking channel leaves pending are detached: they
-                # own their bytes and fds, so the whole outbox changes hands.
+                # own their bytes and fds, so the whole outbox changes hands
+                # (before any control frame: it may hold a frame's rest).
                 self._outbox, ch._outbox = ch._outbox, self._outbox
                 self._broken = ch._broken
                 self._eof = ch._eof
                 ch._closed = True
+                if self._has_control:
+                    self._flush_control_nowait()
             finally:
                 ch._release_recv()
         finally:
@@ -455,8 +461,12 @@ class AsyncChannel(ChannelCore):
             await self._fair()
             self._check_usable()  # the state may have changed while others ran
             self._prepare_send()
+            delay = 0.0005
             while self._peer_needed(nums):
-                await self._wait_readable()
+                # Polled: a recv() may be parked on the one reader slot, and
+                # it reads the greeting for us then.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
             if self._outbox.pending:
                 # Older data goes first; if it cannot, this message is not taken.
                 await self._push(None)

@@ -218,3 +218,31 @@ def test_a_vanished_peer_mid_frame_does_not_break_receiving(kind: str) -> None:
                 await x.recv()
 
     run_on("asyncio", main())
+
+
+def test_the_async_gate_survives_a_waiter_cancelled_as_the_holder_leaves(run: Run) -> None:
+    """A queued send/recv cancelled in the same loop turn as the holder leaves: the
+    cancellation is a CancelledError (not a ValueError), and the gate is free after."""
+    from fdchannel.aio import _Gate
+
+    async def main() -> None:
+        gate = _Gate()
+        assert gate.try_enter()
+        queued = asyncio.ensure_future(gate.enter())
+        await asyncio.sleep(0)  # queued waits for the gate now
+        queued.cancel()
+        gate.leave()  # skips the cancelled waiter, frees the gate
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert gate.try_enter()
+        # Handed over, then cancelled before it ran: it passes the gate on.
+        second = asyncio.ensure_future(gate.enter())
+        await asyncio.sleep(0)
+        gate.leave()  # hands the gate to `second`
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert gate.try_enter()
+        gate.leave()
+
+    run(main())

@@ -296,3 +296,13 @@ def test_add_unsent_keeps_the_fds_only_when_nothing_left() -> None:
 def test_split_batches_refuses_a_frame_too_short_for_its_batches() -> None:
     with pytest.raises(ValueError, match="too short"):
         split_batches([b"x" * 2], b"", 0, list(range(3 * SCM_MAX_FD)))
+
+
+def test_a_failure_before_any_byte_of_a_message_left_is_not_taken() -> None:
+    """A 300-fd frame whose first batch the kernel refuses: nothing left, nothing cut."""
+    outbox = Outbox(WIRE_ID)
+    queue_message(outbox, b"p" * 10, [0] * 300)
+    exc = OSError(errno.ETOOMANYREFS, "too many references")
+    assert outbox.failed(exc, 0, 0) is None
+    assert exc.characters_written == 0  # type: ignore[attr-defined]
+    assert not outbox.pending
