@@ -141,7 +141,11 @@ CHILD = textwrap.dedent(
 @pytest.mark.parametrize("nfds", [2, 300], ids=["2-fds", "300-fds"])
 def test_spawn_carries_files_and_sockets_between_two_windows_processes(nfds: int) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc, ch = fdchannel.spawn([sys.executable, "-c", CHILD], env=env)
+    info = subprocess.STARTUPINFO()
+    before = repr(info.lpAttributeList)
+    # close_fds=True and a STARTUPINFO of the caller's are accepted (and the latter left as it was).
+    proc, ch = fdchannel.spawn([sys.executable, "-c", CHILD], env=env, close_fds=True, startupinfo=info)
+    assert repr(info.lpAttributeList) == before
     r, w = os.pipe()
     x, y = socket.socketpair()
     try:
