@@ -6,11 +6,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ._aio import loop_kind  # noqa: F401 - fixture
 from .test_examples import run_example
 
 
 def test_aio_dispatcher(loop_kind: str) -> None:
+    if loop_kind == "selector":
+        pytest.skip("examples/aio_dispatcher.py offers no selector loop (--loop asyncio or uvloop only)")
     # Bounded: 24 clients on 127.0.0.1, then the script shuts down by itself.
     out = run_example("aio_dispatcher.py", "--workers", "3", "--demo", "24", "--loop", loop_kind)
     assert "demo: 24 clients echoed by 3 workers" in out
