@@ -14,11 +14,35 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
 import threading
+
+import pytest
 
 from ._transports import tcp_socketpair
 
 TIMEOUT = 10.0
+
+
+def _under_wine() -> bool:
+    if sys.platform != "win32":
+        return False
+    import ctypes
+
+    return hasattr(ctypes.WinDLL("ntdll"), "wine_get_version")
+
+
+#: True when this Windows is Wine (CI's Windows run): for Wine's own quirks only.
+UNDER_WINE = _under_wine()
+
+#: Wine's getsockopt(SO_PROTOCOL_INFOW) fails on a socket that is not bound yet,
+#: so Python cannot wrap it (socket.socket(fileno=...) raises WinError 10022);
+#: Windows itself answers.  strict: a Wine that fixes it makes the test pass.
+wine_unbound_socket_quirk = pytest.mark.xfail(
+    UNDER_WINE,
+    reason="Wine: socket.socket(fileno=) of an unbound SOCKET raises WinError 10022 (Windows wraps it)",
+    strict=True,
+)
 
 
 def read_fd(fd: int, n: int = 100, timeout: float = TIMEOUT) -> bytes:

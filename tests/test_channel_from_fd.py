@@ -13,6 +13,8 @@ import pytest
 
 from fdchannel import Channel
 
+from ._portable import wine_unbound_socket_quirk
+
 CHILD = textwrap.dedent(
     """
     import os, socket, sys
@@ -90,6 +92,7 @@ def test_pipe_is_refused_and_stays_the_callers() -> None:
     os.close(w)
 
 
+@wine_unbound_socket_quirk
 def test_unconnected_socket_is_refused_and_stays_the_callers() -> None:
     with socket.socket(getattr(socket, "AF_UNIX", socket.AF_INET), socket.SOCK_STREAM) as s:
         with pytest.raises(OSError) as info:
