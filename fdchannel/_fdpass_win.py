@@ -41,6 +41,26 @@ __all__ = ["WIRE", "recv", "send"]
 WIRE: Final = struct.Struct("<I" + ("Q" if struct.calcsize("P") == 8 else "I"))
 
 
+def _exited(win: WinApi, pid: int) -> bool:
+    """Whether process *pid* has exited: asked on a failure only, with a handle of its own.
+
+    The handle the duplication used has ``PROCESS_DUP_HANDLE`` alone, which
+    cannot wait on the process.
+    """
+    try:
+        process = win.open_process(pid, synchronize=True)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:
+        return win.process_exited(process)
+    except OSError:
+        return False
+    finally:
+        win.close_handle(process)
+
+
 def _default_api(api: WinApi | None) -> WinApi:
     if api is not None:
         return api
@@ -118,11 +138,12 @@ def recv(sock: socket.socket | int, *, api: WinApi | None = None) -> int:
             s.detach()
     if not valid_handle(handle):
         raise OSError(errno.EBADMSG, f"the sender named an invalid or pseudo handle {handle:#x}")
-    process = win.open_process(pid)
+    # PROCESS_DUP_HANDLE only: no more than IO::FDPass asks for.
+    process = win.open_process(pid, synchronize=False)
     try:
         new = win.duplicate_handle(process, handle, win.current_process(), True)
     except OSError as exc:
-        if win.process_exited(process):
+        if _exited(win, pid):
             raise ProcessLookupError(errno.ESRCH, f"the sending process {pid} has exited") from exc
         raise
     finally:

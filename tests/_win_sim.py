@@ -20,6 +20,7 @@ from fdchannel.transports._windows import WinApi
 
 PSEUDO_CURRENT_PROCESS = -1
 PROCESS_DUP_HANDLE = 0x40
+SYNCHRONIZE = 0x00100000
 _FIRST_HANDLE = 0x100  # keeps handle values apart from small CRT fd numbers
 
 
@@ -104,6 +105,7 @@ class SimApi(WinApi):
 
     def __init__(self, proc: SimProcess) -> None:
         self.proc = proc
+        self.opened_with = 0
 
     def _process(self, handle: int, need: int = PROCESS_DUP_HANDLE) -> SimProcess:
         if handle == PSEUDO_CURRENT_PROCESS:
@@ -180,13 +182,16 @@ class SimApi(WinApi):
             if close_source and handle in src.handles:
                 del src.handles[handle]
 
-    def open_process(self, pid: int) -> int:
+    def open_process(self, pid: int, synchronize: bool = True) -> int:
         target = self.proc.machine.processes.get(pid)
         if target is None:
             raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
         if target.user != self.proc.user:
             raise PermissionError(errno.EACCES, f"access denied to process {pid}")
-        return self.proc.add_handle(target.obj, PROCESS_DUP_HANDLE)
+        access = PROCESS_DUP_HANDLE | (SYNCHRONIZE if synchronize else 0)
+        #: The rights the last OpenProcess asked for, for the tests to check.
+        self.opened_with = access
+        return self.proc.add_handle(target.obj, access)
 
     def close_handle(self, handle: int) -> None:
         if handle == PSEUDO_CURRENT_PROCESS:
@@ -205,4 +210,4 @@ class SimApi(WinApi):
         return obj.data if obj.kind == "lease" and isinstance(obj.data, bytes) else None
 
     def process_exited(self, process: int) -> bool:
-        return self._process(process, need=0).exited
+        return self._process(process, need=SYNCHRONIZE).exited

@@ -20,7 +20,7 @@ from fdchannel.transports._pull import HEAD
 from fdchannel.transports._windows import KIND_HANDLE, _WinSession
 
 from ._proc import TIMEOUT
-from ._win_sim import SimMachine, SimProcess
+from ._win_sim import PROCESS_DUP_HANDLE, SimMachine, SimProcess
 
 
 class Ends:
@@ -225,6 +225,9 @@ def test_fdpass_win_moves_a_handle_in_io_fdpass_format() -> None:
         assert pid == a.pid
         assert handle not in before_a
         got = _fdpass_win.recv(y, api=b.api)
+        # No more access than IO::FDPass asks for: PROCESS_DUP_HANDLE alone
+        # (a failure asks SYNCHRONIZE too, to tell an exited sender apart).
+        assert b.api.opened_with == PROCESS_DUP_HANDLE
         assert b.object_of_fd(got).name == "passed"
         assert a.handles == before_a  # DUPLICATE_CLOSE_SOURCE took the duplicate
         assert a.object_of_fd(fd).name == "passed"  # the caller's fd is untouched

@@ -145,8 +145,9 @@ if sys.platform == "win32":
                 raise _fail("DuplicateHandle")
             return int(out.value or 0)
 
-        def open_process(self, pid: int) -> int:
-            h = _k32.OpenProcess(_PROCESS_DUP_HANDLE | _SYNCHRONIZE, False, pid)
+        def open_process(self, pid: int, synchronize: bool = True) -> int:
+            access = _PROCESS_DUP_HANDLE | (_SYNCHRONIZE if synchronize else 0)
+            h = _k32.OpenProcess(access, False, pid)
             if not h:
                 raise _fail("OpenProcess")
             return int(h)

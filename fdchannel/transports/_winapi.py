@@ -68,8 +68,12 @@ class WinApi(Protocol):
     def duplicate_handle(self, src_process: int, handle: int, dst_process: int, close_source: bool) -> int:
         """``DuplicateHandle(..., 0, FALSE, DUPLICATE_SAME_ACCESS[|DUPLICATE_CLOSE_SOURCE])``."""
 
-    def open_process(self, pid: int) -> int:
-        """``OpenProcess(PROCESS_DUP_HANDLE | SYNCHRONIZE, FALSE, pid)``."""
+    def open_process(self, pid: int, synchronize: bool = True) -> int:
+        """``OpenProcess(PROCESS_DUP_HANDLE [| SYNCHRONIZE], FALSE, pid)``.
+
+        *synchronize* adds the right `process_exited` needs; `fdchannel.fdpass`
+        asks for ``PROCESS_DUP_HANDLE`` alone, as IO::FDPass does.
+        """
 
     def close_handle(self, handle: int) -> None:
         """``CloseHandle``."""
