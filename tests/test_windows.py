@@ -108,6 +108,34 @@ def test_named_endpoints_say_they_need_af_unix() -> None:
             Channel.connect(path)
 
 
+def test_the_async_endpoints_say_they_need_af_unix() -> None:
+    import asyncio
+
+    from fdchannel import aio
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "sock")
+            with pytest.raises(OSError, match="AF_UNIX") as info:
+                await aio.connect(path)
+            assert info.value.errno == errno.EAFNOSUPPORT
+            with pytest.raises(OSError, match="AF_UNIX"):
+                await aio.start_server(path, lambda ch: asyncio.sleep(0))
+
+    asyncio.run(main())
+
+
+def test_other_transports_say_what_they_need() -> None:
+    from fdchannel.transports import PidfdGetfd, UnixRights
+
+    x, y = socket.socketpair()
+    with x, y:
+        with pytest.raises(ValueError, match="AF_UNIX"):
+            Channel(x, transport=UnixRights())
+        with pytest.raises(OSError, match="Linux"):
+            Channel(x, transport=PidfdGetfd())
+
+
 def test_peer_credentials_say_they_are_not_supported() -> None:
     a, b = Channel.pair()
     with a, b, pytest.raises((NotImplementedError, OSError)):
