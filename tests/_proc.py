@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,18 @@ def limit_fds_to_free_slots(free: int) -> None:
     # Numbers below `limit` hold exactly `free` holes; the fd limit makes
     # everything from `limit` up unusable.
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def finish_process(proc: Any, timeout: float = TIMEOUT) -> None:
+    """Join a started `multiprocessing.Process` and assert it exited 0; kill it on a hang.
+
+    Always releases the process object (``close``), so no pipe of it is left open.
+    """
+    try:
+        proc.join(timeout)
+        assert proc.exitcode == 0, f"process exited with {proc.exitcode}"
+    finally:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+        proc.close()

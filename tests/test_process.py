@@ -23,7 +23,7 @@ from fdchannel import Channel, ChannelClosed, FdChannelError
 from fdchannel._codec import pack_header
 
 from ._portable import more_than_a_socket_holds
-from ._proc import fork_child, needs_fork, wait_child
+from ._proc import finish_process, fork_child, needs_fork, wait_child
 from .conftest import open_fds
 
 TIMEOUT = 30
@@ -451,13 +451,8 @@ def test_multiprocessing_process_argument(method: str) -> None:
                 ours.send(method.encode(), fds=[w])
                 assert ours.recv().payload == f"done {proc.pid}".encode()
                 ours.close()
-                proc.join(TIMEOUT)
-                assert proc.exitcode == 0
             finally:
-                if proc.exitcode is None:
-                    proc.kill()
-                    proc.join()
-                proc.close()
+                finish_process(proc)
         assert os.read(r, 100) == b"via " + method.encode()
     finally:
         os.close(r)

@@ -15,6 +15,7 @@ import pytest
 from fdchannel import Channel, Message, OwnedFd
 from fdchannel.aio import AsyncChannel
 
+from ._proc import finish_process
 from .test_process import _mp_helpers_running  # noqa: F401 - fixture
 
 TIMEOUT = 30.0
@@ -70,13 +71,8 @@ def test_an_async_channel_goes_to_a_multiprocessing_child(method: str) -> None:
 
     try:
         assert asyncio.run(main()) == b"child got hello"
-        proc.join(TIMEOUT)
-        assert proc.exitcode == 0
     finally:
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-        proc.close()
+        finish_process(proc)
 
 
 def test_a_bool_is_not_an_fd() -> None:

@@ -31,6 +31,8 @@ from fdchannel._fdutil import SocketHandle
 from fdchannel.transports import WinDuplicate, default_transport
 from fdchannel.transports._win32 import Win32Api
 
+from ._proc import finish_process
+
 TIMEOUT = 30.0
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -285,13 +287,8 @@ def test_multiprocessing_spawn_hands_a_channel_to_the_child() -> None:
                 assert ours.recv().payload == b"ready"
                 ours.send(b"spawn", fds=[w])
                 assert ours.recv().payload == b"done"
-                proc.join(TIMEOUT)
-                assert proc.exitcode == 0
             finally:
-                if proc.exitcode is None:
-                    proc.kill()
-                    proc.join()
-                proc.close()
+                finish_process(proc)
         assert os.read(r, 100) == b"via multiprocessing spawn"
     finally:
         os.close(r)
