@@ -215,8 +215,11 @@ class Channel(ChannelCore):
                     return
                 self._send_queued(payload, nums, size)
         finally:
+            # close() in another thread skips what a busy lock guards, and it
+            # sets the flag before trying the locks: one of the two always
+            # finds the lock free and drops what the channel holds.
             if self._closed:
-                self._after_close_race()
+                self._drop_held()
 
     def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
@@ -334,17 +337,11 @@ class Channel(ChannelCore):
                     self._recv_stopped(exc)
                     raise
         finally:
+            # close() in another thread skips what a busy lock guards, and it
+            # sets the flag before trying the locks: one of the two always
+            # finds the lock free and drops what the channel holds.
             if self._closed:
-                self._after_close_race()
-
-    def _after_close_race(self) -> None:
-        """close() ran in another thread during a send() or recv(): drop what is held.
-
-        close() skips what a busy lock guards.  Each call checks for a close
-        after releasing its lock and close() sets the flag before trying the
-        locks, so one of the two always finds the lock free.
-        """
-        self._drop_held()
+                self._drop_held()
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages until the peer closes the channel."""

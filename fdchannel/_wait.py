@@ -12,14 +12,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["deadline_after", "wait_ready"]
+__all__ = ["wait_ready"]
 
 _HAVE_POLL = hasattr(select, "poll")
-
-
-def deadline_after(timeout: float | None) -> float | None:
-    """The deadline *timeout* seconds from now (None: no deadline)."""
-    return None if timeout is None else time.monotonic() + timeout
 
 
 def wait_ready(fds: Sequence[int], *, write: bool = False, deadline: float | None = None) -> bool:

@@ -309,13 +309,6 @@ def test_wait_ready_honours_readiness_and_deadlines(
         os.close(w)
 
 
-def test_deadline_after() -> None:
-    assert _wait.deadline_after(None) is None
-    deadline = _wait.deadline_after(1.0)
-    assert deadline is not None
-    assert 0.9 < deadline - time.monotonic() <= 1.0
-
-
 @needs_unix_rights
 def test_errno_of_a_bad_fd_write_is_kept(unix_pair: tuple[socket.socket, socket.socket]) -> None:
     a, _ = unix_pair
