@@ -27,6 +27,7 @@ from ._peer import (
     unix_address,
     unix_socket,
 )
+from ._platform import FACTS
 from ._wait import wait_ready
 
 if TYPE_CHECKING:
@@ -88,12 +89,14 @@ class Listener:
         self._allow_uids = None if allow_uids is None else frozenset(allow_uids)
         self._allow_gids = None if allow_gids is None else frozenset(allow_gids)
         self._authorize = authorize
+        self._checks = allow_uids is not None or allow_gids is not None or authorize is not None
         self._lock = threading.Lock()
         self._closed = False
         self._released = True  # nothing to release until fully built
         self._timeout: float | None = None
         self._owner_pid = os.getpid()
         self._file_id: tuple[int, int] | None = None
+        self._liveness = -1  # the flock()ed lock file of a filesystem socket
         #: Connections refused by the peer checks since the listener was created.
         self.refused = 0
         address = unix_address(path)
@@ -142,7 +145,19 @@ class Listener:
         # would race with other threads creating files).  link() unlike
         # rename() never replaces what another process put at *path*.
         path = os.fsdecode(path)
-        _clear_stale(path)
+        lock, lock_existed = _take_liveness_lock(path)
+        self._liveness = lock
+        try:
+            _clear_stale(path, lock_existed)
+            return self._bind_into_place(path, mode, backlog)
+        except BaseException:
+            self._liveness = -1
+            _drop_liveness_lock(path, lock, unlink=True)
+            raise
+
+    def _bind_into_place(self, path: str, mode: int, backlog: int) -> socket.socket:
+        if sys.platform == "win32":  # pragma: no cover - Listener refuses Windows before this
+            raise OSError(errno.EAFNOSUPPORT, "Listener needs AF_UNIX sockets")
         parent = os.path.dirname(os.path.abspath(path))
         tmpdir = tempfile.mkdtemp(prefix=".fdch-", dir=parent)
         sock = unix_socket()
@@ -150,9 +165,17 @@ class Listener:
             tmp = os.path.join(tmpdir, "s")
             bind_to = tmp
             dirfd = -1
-            if sys.platform == "linux" and len(os.fsencode(tmp)) > SUN_PATH_MAX:
+            if len(os.fsencode(tmp)) > SUN_PATH_MAX:
+                if not os.path.isdir("/proc/self/fd"):
+                    raise OSError(
+                        errno.ENAMETOOLONG,
+                        f"AF_UNIX path too long to bind through a temporary name (at most {SUN_PATH_MAX} "
+                        f"bytes with its directory here; {len(os.fsencode(tmp))} needed): use a shorter "
+                        "path",
+                        path,
+                    )
                 # The temporary name is longer than *path*; reach it through
-                # a short /proc alias of the directory instead.
+                # a short /proc alias of the directory instead (Linux).
                 dirfd = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 bind_to = f"/proc/self/fd/{dirfd}/s"
             try:
@@ -165,6 +188,10 @@ class Listener:
             os.link(tmp, path)
             st = os.lstat(path)
             self._file_id = (st.st_dev, st.st_ino)
+            if self._liveness >= 0:
+                # The lock file names the socket file it guards.
+                os.ftruncate(self._liveness, 0)
+                os.pwrite(self._liveness, f"{st.st_dev} {st.st_ino}\n".encode(), 0)
         except FileExistsError as exc:
             sock.close()
             raise OSError(errno.EADDRINUSE, f"{path}: another process created it meanwhile", path) from exc
@@ -209,15 +236,24 @@ class Listener:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 sock = self._accept_one(deadline)
-                try:
-                    creds = peer_credentials(sock)
-                except OSError as exc:
-                    self._refuse(sock, None, f"its credentials could not be read ({exc})")
-                    continue
-                reason = self._check(creds, sock)
-                if reason is not None:
-                    self._refuse(sock, creds, reason)
-                    continue
+                if self._checks:
+                    try:
+                        creds = peer_credentials(sock)
+                    except OSError as exc:
+                        self._refuse(sock, None, f"its credentials could not be read ({exc})")
+                        continue
+                    except BaseException as exc:
+                        sock.close()
+                        if isinstance(exc, NotImplementedError):
+                            raise NotImplementedError(
+                                f"{exc}: this Listener checks peers (allow_uids, allow_gids or "
+                                "authorize) and cannot; the connection was closed"
+                            ) from exc
+                        raise
+                    reason = self._check(creds, sock)
+                    if reason is not None:
+                        self._refuse(sock, creds, reason)
+                        continue
                 try:
                     sock.setblocking(True)
                     return self._channel_cls(sock, **self._options)
@@ -296,11 +332,13 @@ class Listener:
                 return
             self._closed = True
             busy = self._waiters
+        # The files go first, while the liveness lock is still held: a
+        # listener starting now sees this one live or finds nothing there.
+        self._release_file()
         if busy:
             os.write(self._wake_w, b"\0\0\0\0\0\0\0\1")
         else:
             self._release()
-        self._release_file()
 
     def _release(self) -> None:
         if self._released:
@@ -308,6 +346,9 @@ class Listener:
         self._released = True
         self._sock.close()
         close_all({self._wake_r, self._wake_w})
+        if self._liveness >= 0:
+            lock, self._liveness = self._liveness, -1
+            os.close(lock)
 
     def _release_file(self) -> None:
         if self._file_id is None or os.getpid() != self._owner_pid:
@@ -319,6 +360,8 @@ class Listener:
                 os.unlink(path)
         except FileNotFoundError:
             pass
+        if self._liveness >= 0:
+            _drop_liveness_lock(path, self._liveness, unlink=True, close=False)
 
     def __del__(self) -> None:
         if not getattr(self, "_released", True):
@@ -348,8 +391,115 @@ def _wakeup_fds() -> tuple[int, int]:
     return r, w
 
 
-def _clear_stale(path: str) -> None:
-    """Remove *path* if it is a socket nobody listens on; refuse anything else there."""
+def _lock_path(path: str) -> str:
+    return path + ".lock"
+
+
+def _take_liveness_lock(path: str) -> tuple[int, bool]:
+    """Lock *path*'s lock file for a new listener: return (fd, whether the file was there).
+
+    A live `Listener` holds an exclusive ``flock`` on ``<path>.lock`` for as
+    long as any process holds its socket (the lock belongs to the open file,
+    which forked children share), and the file names the socket file it
+    guards; so liveness never depends on how the kernel answers a probe
+    (macOS and the BSDs refuse a connection to a listener with a full
+    backlog exactly as to a dead one).  A held lock whose socket file is no
+    longer at *path* (a successor removed it) is stale for *path* and is
+    replaced.  Raises `OSError` ``EADDRINUSE`` when a live listener is there.
+    """
+    if sys.platform == "win32":  # pragma: no cover - Listener refuses Windows before this
+        raise OSError(errno.EAFNOSUPPORT, "Listener needs AF_UNIX sockets")
+    import fcntl
+
+    lock_path = _lock_path(path)
+    for _ in range(16):
+        created = True
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            created = False
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except FileNotFoundError:
+                continue  # a closing listener removed it meanwhile
+        try:
+            held = os.fstat(fd)
+            if not stat.S_ISREG(held.st_mode):
+                raise FileExistsError(errno.EEXIST, "exists and is not a lock file; refusing it", lock_path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not _guards_another_file(fd, path):
+                    raise OSError(
+                        errno.EADDRINUSE,
+                        f"a live socket is listening there (its Listener holds {lock_path})",
+                        path,
+                    ) from None
+                # Its listener lives on without a file at *path*: the lock
+                # is no longer about *path*.
+                _unlink_if_same(lock_path, held)
+                os.close(fd)
+                continue
+        except BaseException:
+            os.close(fd)
+            raise
+        # Locked, but maybe a file a closing listener unlinked after we
+        # opened it: only the file at the path counts.
+        if _unlink_if_same(lock_path, held, unlink=False):
+            return fd, not created
+        os.close(fd)
+    raise OSError(errno.EADDRINUSE, f"{lock_path} keeps being replaced", path)
+
+
+def _guards_another_file(fd: int, path: str) -> bool:
+    """True if the lock file *fd* names a socket file other than the one at *path*."""
+    if sys.platform == "win32":  # pragma: no cover - Listener refuses Windows before this
+        raise OSError(errno.EAFNOSUPPORT, "Listener needs AF_UNIX sockets")
+    recorded = os.pread(fd, 64, 0).split()
+    if len(recorded) != 2:
+        return False  # its listener is still setting up: live
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    return (str(st.st_dev).encode(), str(st.st_ino).encode()) != tuple(recorded)
+
+
+def _unlink_if_same(lock_path: str, held: os.stat_result, *, unlink: bool = True) -> bool:
+    """True if *lock_path* is the file *held* is about (and unlink it when *unlink*)."""
+    try:
+        now = os.lstat(lock_path)
+    except FileNotFoundError:
+        return False
+    if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        return False
+    if unlink:
+        os.unlink(lock_path)
+    return True
+
+
+def _drop_liveness_lock(path: str, fd: int, *, unlink: bool, close: bool = True) -> None:
+    """Remove the lock file if it is still *fd*'s (done while holding it), and close *fd*."""
+    try:
+        if unlink:
+            try:
+                _unlink_if_same(_lock_path(path), os.fstat(fd))
+            except FileNotFoundError:
+                pass
+    finally:
+        if close:
+            os.close(fd)
+
+
+def _clear_stale(path: str, lock_existed: bool) -> None:
+    """Remove *path* if it is a socket nobody listens on; refuse anything else there.
+
+    Called with *path*'s lock file held, so no fdchannel `Listener` is live
+    there; a socket another program made is probed.  A refused probe means
+    "dead" only where the kernel tells a full backlog apart (Linux), or when
+    an fdchannel listener's lock file was left behind (it made the socket
+    and every process holding it is gone).
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -365,6 +515,14 @@ def _clear_stale(path: str) -> None:
     finally:
         probe.close()
     if err == errno.ECONNREFUSED:
+        if not (FACTS.refused_means_dead or lock_existed):
+            raise OSError(
+                errno.EADDRINUSE,
+                f"a socket is there that refused a connection, which on {FACTS.label} a live listener "
+                "with a full backlog answers too, and it is not an fdchannel Listener's: remove it "
+                "if nothing listens there",
+                path,
+            )
         try:
             # Only the file probed: a listener that replaced it meanwhile
             # keeps its socket (the window left is that of two syscalls).

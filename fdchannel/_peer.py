@@ -18,19 +18,23 @@ from typing import Any, Final
 
 import attrs
 
+from ._platform import FACTS, Facts
+
 __all__ = [
     "SUN_PATH_MAX",
     "PeerCredentials",
     "connect_unix",
     "is_abstract",
+    "parse_credentials",
     "peer_credentials",
     "peer_groups",
     "unix_address",
     "unix_socket",
 ]
 
-#: sun_path holds 108 bytes including the terminating NUL on Linux.
-SUN_PATH_MAX: Final = 107
+#: The longest AF_UNIX path (in bytes, the NUL excluded): 107 on Linux,
+#: 103 on macOS and the BSDs (sun_path is 104 bytes there).
+SUN_PATH_MAX: Final = FACTS.sun_path_max
 
 
 @attrs.frozen
@@ -41,7 +45,9 @@ class PeerCredentials:
     created the socketpair), not of whoever holds the socket now: the ends
     of `Channel.pair` both report the process that created the pair, even
     after one end was handed to a child.  ``pid`` is ``None`` where the OS
-    does not report it.  ``gid`` is the primary (effective) group only.
+    does not report it; on macOS it comes from ``LOCAL_PEERPID``, which
+    names the process that last used the peer's socket rather than the one
+    that connected.  ``gid`` is the primary (effective) group only.
     """
 
     pid: int | None
@@ -103,26 +109,81 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     socket of another family) and `NotImplementedError` on an OS with no
     known way to ask.
     """
-    if hasattr(socket, "SO_PEERCRED"):  # Linux
-        # struct ucred: pid_t pid; uid_t uid; gid_t gid.  The ids are
-        # unsigned: containers map users to ids of 2**31 and more.
-        size = struct.calcsize("iII")
-        pid, uid, gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
-        return PeerCredentials(pid, uid, gid)
-    if sys.platform == "darwin" or sys.platform.startswith(("freebsd", "dragonfly")):  # pragma: no cover
-        # struct xucred: u_int version; uid_t uid; short ngroups; gid_t groups[16];
-        # FreeBSD >= 13 adds the pid after the groups.  Level 0 is SOL_LOCAL,
-        # option 1 LOCAL_PEERCRED (getpeereid() reads the same record).
-        raw = sock.getsockopt(0, 1, 256)
-        _version, uid, ngroups = struct.unpack_from("IIh", raw)
-        gid = struct.unpack_from("I", raw, 12)[0] if ngroups > 0 else -1
-        peer_pid: int | None = None
-        if sys.platform == "darwin":
-            peer_pid = struct.unpack("i", sock.getsockopt(0, 2, 4))[0]  # LOCAL_PEERPID
-        elif len(raw) >= 12 + 64 + 4 + 4:
-            peer_pid = struct.unpack_from("i", raw, 80)[0] or None
-        return PeerCredentials(peer_pid, uid, gid)
-    raise NotImplementedError(f"peer credentials are not supported on {sys.platform}")
+    kind = FACTS.credentials
+    if kind is None:
+        raise NotImplementedError(f"fdchannel knows no way to read a peer's credentials on {sys.platform}")
+    raw = sock.getsockopt(*_CRED_OPTION[kind], _CRED_SIZE[kind])
+    pid: int | None = None
+    if kind == "xucred" and sys.platform == "darwin":  # pragma: no cover - macOS
+        pid = struct.unpack("i", sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERPID, 4))[0]
+    return parse_credentials(kind, raw, pid=pid)
+
+
+# Where each layout is read: (level, option).  SOL_LOCAL is 0 on the BSDs
+# and macOS; LOCAL_PEERCRED is 1 there, NetBSD's LOCAL_PEEREID is 3.
+_SOL_LOCAL: Final = 0
+_LOCAL_PEERPID: Final = 2  # macOS
+_CRED_OPTION: Final[dict[str, tuple[int, int]]] = {
+    "ucred": (socket.SOL_SOCKET, int(getattr(socket, "SO_PEERCRED", 17))),
+    "sockpeercred": (socket.SOL_SOCKET, int(getattr(socket, "SO_PEERCRED", 0x1022))),
+    "xucred": (_SOL_LOCAL, 1),
+    "unpcbid": (_SOL_LOCAL, 3),
+}
+# struct ucred (Linux): pid_t pid; uid_t uid; gid_t gid.
+_UCRED: Final = struct.Struct("=iII")
+# struct sockpeercred (OpenBSD): uid_t uid; gid_t gid; pid_t pid.
+_SOCKPEERCRED: Final = struct.Struct("=IIi")
+# struct unpcbid (NetBSD): pid_t unp_pid; uid_t unp_euid; gid_t unp_egid.
+_UNPCBID: Final = struct.Struct("=iII")
+# struct xucred (macOS, FreeBSD): u_int cr_version; uid_t cr_uid;
+# short cr_ngroups; gid_t cr_groups[XU_NGROUPS = 16]; FreeBSD 13+ then has
+# a union of a pointer and pid_t cr_pid, aligned to 8 (offset 80).
+_XUCRED_HEAD: Final = struct.Struct("=IIh")
+_XUCRED_GROUPS_AT: Final = 12
+_XUCRED_PID_AT: Final = 80
+_XUCRED_SIZE: Final = 88
+_XUCRED_VERSION: Final = 0
+_CRED_SIZE: Final = {
+    "ucred": _UCRED.size,
+    "sockpeercred": _SOCKPEERCRED.size,
+    "xucred": _XUCRED_SIZE,
+    "unpcbid": _UNPCBID.size,
+}
+
+
+def parse_credentials(kind: str, raw: bytes, *, pid: int | None = None) -> PeerCredentials:
+    """Decode one credentials record of layout *kind* (see `fdchannel._platform.Facts`).
+
+    *pid* is the peer's pid where the OS reports it apart from the record
+    (macOS's LOCAL_PEERPID).  Raises `OSError` (``EPROTO``) for a record
+    that is too short or of an unknown ``xucred`` version.
+    """
+    size = _CRED_SIZE.get(kind)
+    if size is None:
+        raise ValueError(f"unknown credentials layout {kind!r}")
+    # macOS's xucred ends after the groups; FreeBSD's pid is optional here.
+    need = _XUCRED_GROUPS_AT + 4 * 16 if kind == "xucred" else size
+    if len(raw) < need:
+        raise OSError(errno.EPROTO, f"peer credentials ({kind}): {len(raw)} bytes, expected {need}")
+    if kind == "ucred":
+        cpid, uid, gid = _UCRED.unpack_from(raw)
+        return PeerCredentials(cpid, uid, gid)
+    if kind == "sockpeercred":
+        uid, gid, cpid = _SOCKPEERCRED.unpack_from(raw)
+        return PeerCredentials(cpid, uid, gid)
+    if kind == "unpcbid":
+        cpid, uid, gid = _UNPCBID.unpack_from(raw)
+        return PeerCredentials(cpid, uid, gid)
+    version, uid, ngroups = _XUCRED_HEAD.unpack_from(raw)
+    if version != _XUCRED_VERSION:
+        raise OSError(errno.EPROTO, f"peer credentials: struct xucred version {version}, expected 0")
+    if ngroups < 1:
+        raise OSError(errno.EPROTO, "peer credentials: struct xucred lists no group")
+    # cr_groups[0] is the effective gid, as getpeereid() reports it.
+    (gid,) = struct.unpack_from("=I", raw, _XUCRED_GROUPS_AT)
+    if pid is None and len(raw) >= _XUCRED_SIZE:
+        pid = struct.unpack_from("=i", raw, _XUCRED_PID_AT)[0] or None
+    return PeerCredentials(pid, uid, gid)
 
 
 def unix_socket() -> socket.socket:
@@ -157,10 +218,22 @@ def connect_unix(path: str | bytes | os.PathLike[Any], timeout: float | None) ->
     return sock
 
 
-def unix_address(path: str | bytes | os.PathLike[Any]) -> str | bytes:
+def unix_address(path: str | bytes | os.PathLike[Any], facts: Facts = FACTS) -> str | bytes:
+    """*path* as the socket module takes it; raises `ValueError` or `OSError` naming the problem.
+
+    Abstract names (a leading NUL) exist only on Linux: elsewhere they are
+    refused with ``EAFNOSUPPORT`` rather than left to a puzzling bind error.
+    """
     address = os.fspath(path)
     if not address:
         raise ValueError("an AF_UNIX address must not be empty")
+    if is_abstract(address) and not facts.abstract_names:
+        raise OSError(
+            errno.EAFNOSUPPORT,
+            f"abstract AF_UNIX names (a leading NUL) exist only on Linux, not on {facts.label}; "
+            "use a filesystem path",
+            address,
+        )
     return address
 
 

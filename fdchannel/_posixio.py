@@ -10,6 +10,7 @@ same functions for streams that carry no fds.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import struct
@@ -22,6 +23,7 @@ from typing_extensions import Buffer
 from ._codec import SCM_MAX_FD, Decoder
 from ._errors import TruncatedControlData
 from ._fdutil import close_all
+from ._platform import FACTS, Facts
 
 # Importers check `fdchannel._sockio.HAVE_ANCILLARY` first; this also tells
 # mypy --platform win32 that nothing below exists there.
@@ -32,10 +34,12 @@ __all__ = [
     "DONTWAIT",
     "RECV_FLAGS",
     "SEND_FLAGS",
+    "ancbuf_size",
     "ancillary_fds",
     "fds_from_ancillary",
     "finish_read",
     "read",
+    "recv_failure",
     "rights",
     "truncated",
     "write",
@@ -50,11 +54,28 @@ _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 DONTWAIT: Final = int(getattr(socket, "MSG_DONTWAIT", 0))
 #: Never raise SIGPIPE: a vanished peer is a BrokenPipeError, not a dead process.
 SEND_FLAGS: Final = int(getattr(socket, "MSG_NOSIGNAL", 0))
-#: Received fds are close-on-exec atomically where the kernel can (Linux, FreeBSD).
+#: Received fds are close-on-exec atomically where the kernel can (Linux,
+#: FreeBSD, NetBSD, OpenBSD); macOS has no MSG_CMSG_CLOEXEC, so there each fd
+#: is marked right after the read (`ancillary_fds`), not atomically.
 RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
-#: The kernel hands over at most one sendmsg's batch of fds per recvmsg;
-#: CMSG_SPACE (not CMSG_LEN) so the last fd is never cut off on the BSDs.
-ANCBUF: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+
+
+def ancbuf_size(facts: Facts) -> int:
+    """The ancillary buffer of one ``recvmsg`` on the platform of *facts*.
+
+    The kernel hands over at most one sendmsg's batch of fds per recvmsg;
+    CMSG_SPACE (not CMSG_LEN) so the last fd is never cut off on the BSDs.
+    Where the kernel installs fds that do not fit the buffer and leaves them
+    open unreported (XNU), the buffer holds the most any peer can send, so
+    every fd is seen and the excess closed.
+    """
+    room = SCM_MAX_FD * array.array("i").itemsize
+    if facts.recv_fd_bytes_max is not None:
+        room = max(room, facts.recv_fd_bytes_max)
+    return socket.CMSG_SPACE(room)
+
+
+ANCBUF: Final = ancbuf_size(FACTS)
 # Packers and unpackers of 0..SCM_MAX_FD C ints, indexed by count: on the hot
 # paths they cost half of what array.array or memoryview.cast do.
 _INTS = [struct.Struct(f"{n}i") for n in range(SCM_MAX_FD + 1)]
@@ -75,8 +96,11 @@ def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes | array.array[int]]
 def write(sock: socket.socket, bufs: Sequence[Buffer], fds: Sequence[int], flags: int = SEND_FLAGS) -> int:
     """One ``sendmsg`` of *bufs* with *fds* on their first byte; the bytes that left.
 
-    0 when the socket is full (nothing left, the fds neither).  Other
-    `OSError` from the kernel propagates with nothing sent.
+    0 when the socket is full (nothing left, the fds neither), and on macOS
+    when the peer's buffer cannot take the control data yet (EMSGSIZE: the
+    socket may poll writable meanwhile, so a wait can spin until the peer
+    reads, as in libuv).  Other `OSError` from the kernel propagates with
+    nothing sent.
     """
     try:
         if fds:
@@ -84,6 +108,10 @@ def write(sock: socket.socket, bufs: Sequence[Buffer], fds: Sequence[int], flags
         return sock.sendmsg(bufs, (), flags)
     except BlockingIOError:
         return 0
+    except OSError as exc:
+        if fds and exc.errno == errno.EMSGSIZE and FACTS.emsgsize_is_backpressure:
+            return 0
+        raise
 
 
 def read(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> tuple[bytes, Sequence[int]] | None:
@@ -106,6 +134,11 @@ def read(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> tuple[b
         # reset once its own data is drained: for us it is its EOF (clean
         # between messages, a ProtocolError inside one).
         n, anc, msg_flags = 0, [], 0
+    except OSError as exc:
+        lost = recv_failure(exc)
+        if lost is None:
+            raise
+        raise lost from exc
     if n and not msg_flags & _MSG_CTRUNC and RECV_FLAGS:
         # The common case, first: one SCM_RIGHTS entry of whole fds, already
         # close-on-exec, or none.
@@ -167,6 +200,23 @@ def ancillary_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
         for fd in fds:
             os.set_inheritable(fd, False)
     return fds
+
+
+def recv_failure(exc: OSError) -> TruncatedControlData | None:
+    """The error to raise for a ``recvmsg`` that failed because the fds could not be installed.
+
+    Linux reports a full fd table with ``MSG_CTRUNC``; macOS and the BSDs
+    fail the call instead (and drop the fds, keeping or losing the bytes):
+    the same outcome for the channel, since the stream can no longer be
+    trusted.  None for any other error.
+    """
+    for number, words in FACTS.recv_fd_errors:
+        if exc.errno == number:
+            return TruncatedControlData(
+                f"{words} of a message; is this process at its RLIMIT_NOFILE?  "
+                "The stream can no longer be trusted"
+            )
+    return None
 
 
 def truncated(flags: int) -> bool:

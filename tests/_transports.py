@@ -29,8 +29,26 @@ def _unix_pair(**kwargs: object) -> tuple[Channel, Channel]:
     return Channel.pair(transport=UnixRights(), **kwargs)  # type: ignore[arg-type]
 
 
+def _unix_acked_pair(**kwargs: object) -> tuple[Channel, Channel]:
+    # A window of 4 fds, so the shared suite also runs the waits for
+    # acknowledgements (the default is 64).
+    return Channel.pair(transport=UnixRights(acknowledge=True, window=4), **kwargs)  # type: ignore[arg-type]
+
+
+def _unix_plain_pair(**kwargs: object) -> tuple[Channel, Channel]:
+    return Channel.pair(transport=UnixRights(acknowledge=False), **kwargs)  # type: ignore[arg-type]
+
+
 #: pytest params for the `make_pair` fixture; other transports append here.
-PAIR_FACTORIES = [pytest.param(_unix_pair, id="UnixRights", marks=needs_unix_rights)]
+#: UnixRights runs in both modes: the platform's default, and the other one.
+PAIR_FACTORIES = [
+    pytest.param(_unix_pair, id="UnixRights", marks=needs_unix_rights),
+    pytest.param(
+        _unix_plain_pair if UnixRights().acknowledge else _unix_acked_pair,
+        id="UnixRights-plain" if UnixRights().acknowledge else "UnixRights-acked",
+        marks=needs_unix_rights,
+    ),
+]
 
 
 # -- PidfdGetfd: over a socketpair and over TCP on loopback ---------------------

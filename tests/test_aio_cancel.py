@@ -14,6 +14,7 @@ whole, with the right fds, and nothing may leak.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import socket
@@ -263,6 +264,9 @@ def test_cancel_before_any_byte_means_not_sent(run: Run) -> None:
     "transport",
     [
         pytest.param(UnixRights, id="UnixRights", marks=needs_unix_rights),
+        pytest.param(
+            functools.partial(UnixRights, acknowledge=True), id="UnixRights-acked", marks=needs_unix_rights
+        ),
         pytest.param(PidfdGetfd, id="PidfdGetfd", marks=needs_pidfd),
     ],
 )
@@ -280,7 +284,7 @@ def test_send_cancelled_before_any_byte_keeps_no_fd(run: Run, transport: type[Tr
                 (await b.recv()).close()
                 await b.send(b"carries the acknowledgement")
                 await a.recv()
-            count = _fill_with_small_frames(a, transport.wire_id)
+            count = _fill_with_small_frames(a, a.transport.wire_id)
             r, w = os.pipe()
             before = open_fds()
             task = asyncio.create_task(a.send(b"never", fds=[r, w] * 5))
