@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Self
 
 from typing_extensions import Buffer
@@ -49,11 +49,6 @@ class Channel(ChannelCore):
     """
 
     _kind = "Channel"
-
-    #: The partner end, for close_other(); set by pair() only (and, for a
-    #: pair end rebuilt in a multiprocessing child, to something that
-    #: returns None: no partner in that process).
-    _other_end: Callable[[], Channel | None] | None = None
 
     def __init__(
         self,
@@ -127,36 +122,9 @@ class Channel(ChannelCore):
             sock.close()
             raise
 
-    def peer_credentials(self) -> _peer.PeerCredentials:
-        """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
-
-        For the ends of `pair` this is the process that created the pair.
-        Raises `OSError` from the kernel.
-        """
-        return _peer.peer_credentials(self._sock)
-
-    def close_other(self) -> None:
-        """After `os.fork`, close the other end of this `pair` in this process.
-
-        Call it on the end each process keeps.  The other end's pending
-        output is dropped unsent (it belongs to the process that keeps that
-        end).  A no-op if the other end is already closed, and in a
-        `multiprocessing` child that got this end through ``spawn`` or
-        ``forkserver`` (the other end never reached it), so a target can
-        call it under any start method; `ValueError` for a channel that does
-        not come from `pair`.
-        """
-        ref = self._other_end
-        if ref is None:
-            raise ValueError("close_other() works on the ends returned by Channel.pair() only")
-        other = ref()
-        if other is None or other.closed:
-            return
-        # Whatever the other end had queued belongs to the process that keeps
-        # it: this copy drops it unsent, or the peer would receive it twice.
-        with other._send_lock:
-            other._outbox.discard()
-        other.close()
+    def _discard_output(self) -> None:
+        with self._send_lock:
+            self._outbox.discard()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # multiprocessing.Process(args=(channel,)) under spawn/forkserver
@@ -214,6 +182,9 @@ class Channel(ChannelCore):
                         self._push(self._deadline(), sent)
                     return
                 self._send_queued(payload, nums, size)
+        except (OSError, ChannelClosed) as exc:
+            self._closed_meanwhile(exc)
+            raise
         finally:
             # close() in another thread skips what a busy lock guards, and it
             # sets the flag before trying the locks: one of the two always
@@ -351,6 +322,28 @@ class Channel(ChannelCore):
             except ChannelClosed:
                 return
 
+    def _recv_stopped(self, exc: BaseException) -> None:
+        super()._recv_stopped(exc)
+        if isinstance(exc, OSError | ChannelClosed):
+            self._closed_meanwhile(exc)
+
+    def _closed_meanwhile(self, exc: BaseException) -> None:
+        """Raise `ValueError` instead of *exc* if `close` in another thread cut the call short."""
+        if self._closed:
+            raise ValueError(f"{self._kind} closed by another thread during the call") from exc
+
+    def _wake_waiters(self) -> None:
+        # A thread blocked in poll() or in the kernel's recvmsg/sendmsg on
+        # this socket is not woken by close(): shutting the socket down wakes
+        # it (the call then raises ValueError).  Only when a call is in
+        # progress here, since shutdown() also ends the socket for any other
+        # process holding a copy.
+        if self._recv_lock.locked() or self._send_lock.locked():
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     # -- waiting -------------------------------------------------------------
 
     def _deadline(self) -> float | None:
@@ -379,9 +372,10 @@ class Channel(ChannelCore):
 
         Pending outgoing data is sent if the socket takes it without waiting,
         otherwise dropped.  Messages received but not yet returned by `recv`
-        are closed with their fds.  A thread blocked in `send` or `recv`
-        keeps what its call holds and drops it when the call returns (the
-        kernel does not wake it when the socket is closed).
+        are closed with their fds.  A thread blocked in `send` or `recv` is
+        woken (the socket is shut down first when a call is in progress:
+        closing an fd wakes no thread blocked on it) and its call raises
+        `ValueError`; what the call held is dropped.
         """
         super().close()
 

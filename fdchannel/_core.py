@@ -33,6 +33,7 @@ from ._fdutil import SocketHandle, close_all
 from ._message import Message
 from ._outbox import Outbox, set_written
 from ._ownedfd import OwnedFd, fileno_of
+from ._peer import PeerCredentials, peer_credentials
 from ._sockio import SocketIO, io_for, write_pending
 from .transports import Outgoing, Session, Transport, default_transport
 
@@ -93,6 +94,9 @@ class ChannelCore:
         cls, sock: socket.socket, transport: Transport | None, max_payload: int, max_fds: int
     ) -> tuple[Transport, Session, Decoder]:
         """Check the constructor's arguments; return the transport, session and decoder for *sock*."""
+        if not isinstance(sock, socket.socket):
+            hint = f"; for an fd number use {cls._kind}.from_fd({sock!r})" if isinstance(sock, int) else ""
+            raise TypeError(f"{cls._kind}() takes a connected socket.socket, not {type(sock).__name__}{hint}")
         if sock.type != socket.SOCK_STREAM:
             article = "an" if cls._kind[0] in "AEIOU" else "a"
             raise ValueError(f"{article} {cls._kind} needs a SOCK_STREAM socket, got {sock.type!r}")
@@ -100,6 +104,15 @@ class ChannelCore:
             raise ValueError("max_payload and max_fds must not be negative")
         transport = default_transport() if transport is None else transport
         transport.check_socket(sock)
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            # Caught now rather than as ENOTCONN/EINVAL on the first send.
+            raise OSError(
+                exc.errno,
+                f"{cls._kind}() needs a connected socket ({exc.strerror}): connect it first, or use "
+                f"{cls._kind}.connect(path) or {cls._kind}.pair()",
+            ) from exc
         session = transport.session(sock)
         decoder = Decoder(
             wire_id=transport.wire_id,
@@ -174,7 +187,6 @@ class ChannelCore:
         """
         sock = socket.socket(fileno=fd)
         try:
-            sock.getpeername()
             channel = cls(sock, **kwargs)
         except BaseException:
             # The fd stays the caller's: the socket object must not close it.
@@ -187,6 +199,45 @@ class ChannelCore:
     if TYPE_CHECKING:
         # Each channel defines these its own way.
         def __init__(self, sock: socket.socket, **kwargs: Any) -> None: ...
+
+    #: The partner end, for close_other(); set by pair() only (and, for a
+    #: pair end rebuilt in a multiprocessing child, to something that
+    #: returns None: no partner in that process).
+    _other_end: Callable[[], ChannelCore | None] | None = None
+
+    def peer_credentials(self) -> PeerCredentials:
+        """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
+
+        For the ends of `pair` this is the process that created the pair.
+        Raises `OSError` from the kernel (and `NotImplementedError` on an OS
+        with no way to ask).
+        """
+        return peer_credentials(self._sock)
+
+    def close_other(self) -> None:
+        """After `os.fork`, close the other end of this `pair` in this process.
+
+        Call it on the end each process keeps.  The other end's pending
+        output is dropped unsent (it belongs to the process that keeps that
+        end).  A no-op if the other end is already closed, and in a
+        `multiprocessing` child that got this end through ``spawn`` or
+        ``forkserver`` (the other end never reached it), so a target can
+        call it under any start method; `ValueError` for a channel that does
+        not come from `pair`.
+        """
+        ref = self._other_end
+        if ref is None:
+            raise ValueError(f"close_other() works on the ends returned by {self._kind}.pair() only")
+        other = ref()
+        if other is None or other.closed:
+            return
+        # Whatever the other end had queued belongs to the process that keeps
+        # it: this copy drops it unsent, or the peer would receive it twice.
+        other._discard_output()
+        other.close()
+
+    def _discard_output(self) -> None:
+        self._outbox.discard()
 
     # -- the subclass's locks, never waiting ---------------------------------
 
@@ -285,7 +336,14 @@ class ChannelCore:
 
     def _message(self, payload: Buffer, fds: Iterable[int | Any]) -> tuple[list[int], int]:
         """The fd numbers and payload size of a message; raises before anything is written."""
-        nums = list(fds)
+        try:
+            nums = list(fds)
+        except TypeError:
+            one = f"; for one fd write fds=[{fds!r}]" if isinstance(fds, int) else ""
+            raise TypeError(
+                f"fds must be an iterable of fds (ints or objects with fileno()), not "
+                f"{type(fds).__name__}{one}"
+            ) from None
         for f in nums:
             if f.__class__ is not int or not 0 <= f <= FD_MAX:
                 nums = [fileno_of(f) for f in nums]  # objects, or a clear error
@@ -293,7 +351,16 @@ class ChannelCore:
         if payload.__class__ is bytes:
             size = len(payload)
         else:
-            view = memoryview(payload)
+            try:
+                view = memoryview(payload)
+            except TypeError:
+                fix = ""
+                if isinstance(payload, str):
+                    fix = f"; encode text first, e.g. {payload[:20]!r}.encode()"
+                raise TypeError(
+                    f"the payload must be a bytes-like object (bytes, bytearray, memoryview), "
+                    f"not {type(payload).__name__}{fix}"
+                ) from None
             if not view.contiguous:
                 raise BufferError("the payload must be a contiguous buffer")
             size = view.nbytes
@@ -332,6 +399,7 @@ class ChannelCore:
             sent = self._write(self._sock, bufs, nums, self._send_flags)
         except OSError as exc:
             set_written(exc, 0)
+            _name_bad_fd(exc, nums)
             raise
         except BaseException as exc:
             self._break(self._outbox.interrupted(exc))
@@ -392,6 +460,7 @@ class ChannelCore:
         except OSError as exc:
             set_written(exc, 0)
             self._session.discard(out)
+            _name_bad_fd(exc, in_band)
             raise
         except BaseException as exc:
             self._break(outbox.interrupted(exc))
@@ -637,6 +706,22 @@ def _is_crt_fd(n: int) -> bool:
             return False
         return True
     return False  # pragma: no cover - called on Windows only
+
+
+def _name_bad_fd(exc: OSError, nums: list[int]) -> None:
+    """Raise an EBADF that names the closed fd instead of *exc* (nothing was sent)."""
+    if exc.errno != errno.EBADF or sys.platform == "win32":
+        return
+    for n in nums:
+        try:
+            os.fstat(n)
+        except OSError:
+            bad = OSError(
+                errno.EBADF,
+                f"fd {n} is not open (Bad file descriptor: closed, or never opened); nothing was sent",
+            )
+            set_written(bad, 0)
+            raise bad from exc
 
 
 def _is_simple(session: Session) -> bool:

@@ -131,7 +131,7 @@ def _rebuild_from_socket(cls: type[_C], dup: Any, options: dict[str, Any], paire
         sock.close()
         raise
     if paired:
-        channel._other_end = _no_other_end  # type: ignore[attr-defined]
+        channel._other_end = _no_other_end
     return channel
 
 
@@ -145,5 +145,5 @@ def _rebuild_channel(cls: type[_C], dupfd: Any, options: dict[str, Any], paired:
     if paired:
         # A pair end: close_other() stays valid and has nothing to close
         # here, so one target body serves every start method.
-        channel._other_end = _no_other_end  # type: ignore[attr-defined]
+        channel._other_end = _no_other_end
     return channel

@@ -145,8 +145,15 @@ class OwnedFd:
     def socket(self) -> socket.socket:
         """Wrap the fd in a `socket.socket`; ownership moves to the socket.
 
-        Family, type and protocol are read from the kernel.  Raises `OSError`
-        (``ENOTSOCK``) if the fd is not a socket; this object then still owns it.
+        Family, type and protocol are read from the kernel.  The blocking
+        mode lives in the open file, which the sender shares: a socket sent
+        while non-blocking (a timeout or ``setblocking(False)`` on the
+        sender's side) arrives non-blocking, and the returned object says
+        so (``gettimeout()`` is ``0.0``; call ``settimeout``/``setblocking``
+        to choose, which changes the mode for the sender's copy too).  On
+        Windows the mode cannot be read back and the object reports
+        blocking.  Raises `OSError` (``ENOTSOCK``) if the fd is not a
+        socket; this object then still owns it.
         """
         fd = self._check()
         if sys.platform == "win32" and fd.__class__ is not SocketHandle:
@@ -154,6 +161,10 @@ class OwnedFd:
             raise OSError(errno.ENOTSOCK, f"OwnedFd {fd} holds a CRT fd, not a socket")
         s = socket.socket(fileno=int(fd))
         self._fd = -1
+        if sys.platform != "win32" and not os.get_blocking(s.fileno()):
+            # socket.socket(fileno=) assumes blocking whatever the file says;
+            # a wrong None makes accept()/recv() raise BlockingIOError at once.
+            s.settimeout(0.0)
         return s
 
     def __enter__(self) -> Self:

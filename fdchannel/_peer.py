@@ -208,10 +208,19 @@ def connect_unix(path: str | bytes | os.PathLike[Any], timeout: float | None) ->
     *timeout* bounds the connect and stays the socket's timeout.  Raises
     `OSError` as ``socket.connect`` does, with nothing left open.
     """
+    address = unix_address(path)
     sock = unix_socket()
     try:
         sock.settimeout(timeout)
-        sock.connect(unix_address(path))
+        sock.connect(address)
+    except FileNotFoundError as exc:
+        sock.close()
+        raise FileNotFoundError(errno.ENOENT, "no socket there: is the Listener running?", address) from exc
+    except ConnectionRefusedError as exc:
+        sock.close()
+        raise ConnectionRefusedError(
+            errno.ECONNREFUSED, "nothing listens on that socket (a stale socket file?)", address
+        ) from exc
     except BaseException:
         sock.close()
         raise

@@ -25,8 +25,10 @@ import logging
 import os
 import select
 import socket
+import warnings
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any, Final, Self
 
 from typing_extensions import Buffer
@@ -40,7 +42,7 @@ from ._handoff import reduce_channel
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
-from ._peer import unix_socket
+from ._peer import PeerCredentials, unix_socket
 from ._sockio import write_pending
 from .transports import Session, Transport
 
@@ -183,7 +185,15 @@ class AsyncChannel(ChannelCore):
 
         Both sockets are non-inheritable.  Keyword arguments go to both ends.
         """
-        return cls._pair(transport, kwargs)
+        ends = cls._pair(transport, kwargs)
+        # Each end can close its partner after a fork (close_other).
+        ends[0]._other_end, ends[1]._other_end = weakref.ref(ends[1]), weakref.ref(ends[0])
+        return ends
+
+    @classmethod
+    async def connect(cls, path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncChannel:
+        """Connect to the `start_server` (or `fdchannel.Listener`) at *path*: `fdchannel.aio.connect`."""
+        return await connect(path, **kwargs)
 
     @classmethod
     def from_channel(cls, channel: Channel) -> AsyncChannel:
@@ -691,6 +701,19 @@ class Server:
         """The underlying `fdchannel.Listener` (owned by the server); see ``refused``."""
         return self._listener
 
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening socket, as `asyncio.Server.sockets` has them (empty once closed).
+
+        Owned by the server: use it for ``getsockname()`` and options, do
+        not close it.
+        """
+        return () if self._listener.closed else (self._listener._sock,)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on, as `asyncio.Server.get_loop`."""
+        return self._loop
+
     def is_serving(self) -> bool:
         """True while new connections are accepted."""
         return self._serving
@@ -775,7 +798,14 @@ class Server:
             self._closed.set_result(None)
 
     def close_clients(self) -> None:
-        """Cancel every running handler task (their channels are then closed)."""
+        """Cancel every running handler task; each one's channel is then closed.
+
+        asyncio's `close_clients` (3.13) closes the connections and lets the
+        handlers notice; here the handler task is cancelled (its ``finally``
+        blocks run) and its channel closed, which is also what
+        `asyncio.Server.abort_clients` amounts to for a channel: queued
+        output is dropped, not flushed.
+        """
         for task in list(self._tasks):
             task.cancel()
 
@@ -812,34 +842,67 @@ class Server:
 
 
 async def start_server(
+    client_connected_cb: Handler,
     path: str | bytes | os.PathLike[Any],
-    handler: Handler,
     *,
     backlog: int = 128,
     mode: int = 0o600,
     start_serving: bool = True,
-    **options: Any,
+    allow_uids: Collection[int] | None = None,
+    allow_gids: Collection[int] | None = None,
+    authorize: Callable[[PeerCredentials], object] | None = None,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_fds: int = DEFAULT_MAX_FDS,
+    transport: Transport | None = None,
 ) -> Server:
-    """Listen on the Unix socket *path* and run ``await handler(channel)`` per connection.
+    """Listen on the Unix socket *path* and run ``await client_connected_cb(channel)`` per connection.
 
-    Shaped like `asyncio.start_unix_server`, but the handler receives one
-    `AsyncChannel` (owned by the server, closed when the handler returns)
-    instead of a reader/writer pair.  The listening side is a
-    `fdchannel.Listener`: the socket file gets the permission bits *mode*
-    and no looser ones at any moment; a stale file left by a dead listener
-    is replaced, a live one raises `OSError` (``EADDRINUSE``), a path holding
-    anything but a socket raises `FileExistsError` and is left alone; a name
-    starting with ``"\\0"`` is a Linux abstract socket.  *options* go to the
-    `Listener` (``allow_uids``, ``allow_gids``, ``authorize``: refused peers
-    are closed before anything is read, counted in ``server.listener.refused``
-    and logged) and to each channel (``max_payload``, ``max_fds``,
-    ``transport``).  Exceptions raised by a handler are logged on the
-    ``fdchannel.aio`` logger and the server keeps serving.
+    Shaped like `asyncio.start_unix_server` (callback first, then the path;
+    the old order ``start_server(path, handler)`` still works with a
+    `DeprecationWarning`), but the callback receives one `AsyncChannel`
+    (owned by the server, closed when the callback returns) instead of a
+    reader/writer pair.  The listening side is a `fdchannel.Listener`: the
+    socket file gets the permission bits *mode* (``0o600``: owner only) and
+    no looser ones at any moment; a stale file left by a dead listener is
+    replaced, a live one raises `OSError` (``EADDRINUSE``), a path holding
+    anything but a socket raises `FileExistsError` and is left alone; a
+    name starting with ``"\\0"`` is a Linux abstract socket.
+
+    *allow_uids*, *allow_gids* and *authorize* check each peer as
+    `fdchannel.Listener` does (refused peers are closed before anything is
+    read, counted in ``server.listener.refused`` and logged).
+    *max_payload* (64 MiB), *max_fds* (1024) and *transport* go to each
+    channel.  Exceptions raised by the callback are logged on the
+    ``fdchannel.aio`` logger and the server keeps serving.  Raises
+    `OSError` as `fdchannel.Listener` does, `TypeError` for a callback that
+    is not callable.
     """
-    listener = Listener(path, backlog=backlog, mode=mode, **options)
+    if not callable(client_connected_cb) and callable(path):
+        warnings.warn(
+            "start_server(path, handler) is deprecated: pass the handler first, as "
+            "asyncio.start_unix_server(client_connected_cb, path) does",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        client_connected_cb, path = path, client_connected_cb
+    if not callable(client_connected_cb):
+        raise TypeError(
+            f"start_server() takes the handler first, then the path; got {type(client_connected_cb).__name__}"
+        )
+    listener = Listener(
+        path,
+        backlog=backlog,
+        mode=mode,
+        allow_uids=allow_uids,
+        allow_gids=allow_gids,
+        authorize=authorize,
+        max_payload=max_payload,
+        max_fds=max_fds,
+        transport=transport,
+    )
     try:
         listener.settimeout(0.0)
-        server = Server(listener, handler)
+        server = Server(listener, client_connected_cb)
         if start_serving:
             await server.start_serving()
     except BaseException:

@@ -217,7 +217,10 @@ class UnixRights(Transport):
 
     def check_socket(self, sock: socket.socket) -> None:
         if sock.family != getattr(socket, "AF_UNIX", None):
-            raise ValueError(f"UnixRights needs an AF_UNIX socket, got {sock.family!r}")
+            raise ValueError(
+                f"UnixRights needs an AF_UNIX socket, got {sock.family!r}: over TCP or another stream "
+                "use transport=PidfdGetfd() (Linux 5.6+) or transport=WinDuplicate() (Windows)"
+            )
 
     def max_aux(self, max_fds: int) -> int:
         # One byte more in both modes: the acknowledged mode's flags, which a
