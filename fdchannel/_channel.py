@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any, Self
 
 from typing_extensions import Buffer
@@ -105,17 +105,26 @@ class Channel(ChannelCore):
 
     @classmethod
     def connect(
-        cls, path: str | bytes | os.PathLike[Any], *, timeout: float | None = None, **kwargs: Any
+        cls,
+        path: str | bytes | os.PathLike[Any],
+        *,
+        timeout: float | None = None,
+        expect_uid: int | Collection[int] | None = None,
+        **kwargs: Any,
     ) -> Channel:
         """Connect to a `Listener` at *path* (``"\\0name"`` for an abstract name).
 
         *timeout* bounds the connect and stays the channel's timeout, as with
         `socket.create_connection`; other keyword arguments go to the
-        constructor.  The new channel is the caller's.  Raises `OSError`
-        (`FileNotFoundError`, `ConnectionRefusedError`, `TimeoutError`, ...)
-        with nothing left open.
+        constructor.  *expect_uid* (a uid or several) requires the server to
+        run as that user, checked from the kernel's peer credentials before
+        anything is sent: anyone may bind an abstract name first, so a
+        client that sends fds to one should say whom it expects.  The new
+        channel is the caller's.  Raises `OSError` (`FileNotFoundError`,
+        `ConnectionRefusedError`, `TimeoutError`, `PermissionError` for an
+        unexpected server, ...) with nothing left open.
         """
-        sock = _peer.connect_unix(path, timeout)
+        sock = _peer.connect_unix(path, timeout, expect_uid)
         try:
             return cls(sock, **kwargs)
         except BaseException:

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["Listener", "PeerCredentials"]
 
 log: Final = logging.getLogger("fdchannel.listener")
+#: Refusals logged at most once per this many seconds (the rest are counted).
+_LOG_INTERVAL: Final = 1.0
+#: With a 0.0 timeout, accept() gives up after refusing this many peers.
+_REFUSALS_PER_CALL: Final = 16
 
 
 class Listener:
@@ -57,9 +61,12 @@ class Listener:
     supplementary groups in *allow_gids* (if given; supplementary groups
     are known on Linux 4.13+) and *authorize* (if given) returns true for its
     `PeerCredentials`.  A refused connection is closed, counted in `refused`
-    and logged on the ``fdchannel.listener`` logger; `accept` then waits for
-    the next one.  An exception inside *authorize* refuses the peer too (and
-    is logged with its traceback).
+    and logged on the ``fdchannel.listener`` logger (at most one line per
+    second; it says how many were not logged); `accept` then waits for the
+    next one, within its timeout (a flood of refused peers never holds it
+    longer; with a ``0.0`` timeout it raises `BlockingIOError` after 16
+    refusals, so an event loop gets control back).  An exception inside
+    *authorize* refuses the peer too (and is logged with its traceback).
 
     The listener owns its socket; each accepted `Channel` is owned by the
     caller.  *max_payload*, *max_fds* and *transport* go to every accepted
@@ -99,6 +106,8 @@ class Listener:
         self._liveness = -1  # the flock()ed lock file of a filesystem socket
         #: Connections refused by the peer checks since the listener was created.
         self.refused = 0
+        self._logged_at = -_LOG_INTERVAL
+        self._unlogged = 0
         address = unix_address(path)
         self._address = address
         if is_abstract(address):
@@ -233,27 +242,21 @@ class Listener:
             self._waiters += 1
         try:
             timeout = self._timeout
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = None if not timeout else time.monotonic() + timeout
+            refused = 0
             while True:
+                if refused:
+                    # A flood of refused peers must not hold accept() past
+                    # its timeout, nor keep a 0.0-timeout caller (an event
+                    # loop) for more than a few of them.
+                    if self._timeout == 0.0 and refused >= _REFUSALS_PER_CALL:
+                        raise BlockingIOError(errno.EAGAIN, "only refused peers were waiting")
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError("timed out (only refused peers arrived)")
                 sock = self._accept_one(deadline)
-                if self._checks:
-                    try:
-                        creds = peer_credentials(sock)
-                    except OSError as exc:
-                        self._refuse(sock, None, f"its credentials could not be read ({exc})")
-                        continue
-                    except BaseException as exc:
-                        sock.close()
-                        if isinstance(exc, NotImplementedError):
-                            raise NotImplementedError(
-                                f"{exc}: this Listener checks peers (allow_uids, allow_gids or "
-                                "authorize) and cannot; the connection was closed"
-                            ) from exc
-                        raise
-                    reason = self._check(creds, sock)
-                    if reason is not None:
-                        self._refuse(sock, creds, reason)
-                        continue
+                if self._checks and not self._passes(sock):
+                    refused += 1
+                    continue
                 try:
                     sock.setblocking(True)
                     return self._channel_cls(sock, **self._options)
@@ -281,6 +284,27 @@ class Listener:
             if not wait_ready((listener.fileno(), self._wake_r), deadline=deadline):
                 raise TimeoutError("timed out")
 
+    def _passes(self, sock: socket.socket) -> bool:
+        """Check the peer of accepted *sock*; a refused one is closed, counted and logged."""
+        try:
+            creds = peer_credentials(sock)
+        except OSError as exc:
+            self._refuse(sock, None, f"its credentials could not be read ({exc})")
+            return False
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, NotImplementedError):
+                raise NotImplementedError(
+                    f"{exc}: this Listener checks peers (allow_uids, allow_gids or "
+                    "authorize) and cannot; the connection was closed"
+                ) from exc
+            raise
+        reason = self._check(creds, sock)
+        if reason is not None:
+            self._refuse(sock, creds, reason)
+            return False
+        return True
+
     def _check(self, creds: PeerCredentials, sock: socket.socket) -> str | None:
         if self._allow_uids is not None and creds.uid not in self._allow_uids:
             return "its uid is not allowed"
@@ -301,10 +325,26 @@ class Listener:
 
     def _refuse(self, sock: socket.socket, creds: PeerCredentials | None, reason: str) -> None:
         sock.close()
+        now = time.monotonic()
         with self._lock:
             self.refused += 1
+            # At most one log line per second: a flood of refused peers
+            # would otherwise cost more in logging than in refusing.
+            quiet, self._unlogged = self._unlogged, self._unlogged + 1
+            if now - self._logged_at < _LOG_INTERVAL:
+                return
+            self._logged_at, self._unlogged = now, 0
         who = "a peer" if creds is None else f"pid={creds.pid} uid={creds.uid} gid={creds.gid}"
-        log.warning("refused a connection on %r from %s: %s", self._address, who, reason)
+        if quiet:
+            log.warning(
+                "refused a connection on %r from %s: %s (and %d more since the last such line)",
+                self._address,
+                who,
+                reason,
+                quiet,
+            )
+        else:
+            log.warning("refused a connection on %r from %s: %s", self._address, who, reason)
 
     def __iter__(self) -> Iterator[Channel]:
         """Yield accepted channels until the listener is closed."""

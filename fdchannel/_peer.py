@@ -14,6 +14,7 @@ import platform
 import socket
 import struct
 import sys
+from collections.abc import Collection
 from typing import Any, Final
 
 import attrs
@@ -23,6 +24,7 @@ from ._platform import FACTS, Facts
 __all__ = [
     "SUN_PATH_MAX",
     "PeerCredentials",
+    "check_server",
     "connect_unix",
     "is_abstract",
     "parse_credentials",
@@ -202,17 +204,24 @@ def unix_socket() -> socket.socket:
     return socket.socket(family, socket.SOCK_STREAM)
 
 
-def connect_unix(path: str | bytes | os.PathLike[Any], timeout: float | None) -> socket.socket:
+def connect_unix(
+    path: str | bytes | os.PathLike[Any],
+    timeout: float | None,
+    expect_uid: int | Collection[int] | None = None,
+) -> socket.socket:
     """A stream socket connected to the AF_UNIX *path*, owned by the caller.
 
     *timeout* bounds the connect and stays the socket's timeout.  Raises
-    `OSError` as ``socket.connect`` does, with nothing left open.
+    `OSError` as ``socket.connect`` does, and `PermissionError` when the
+    server is not one of *expect_uid* (`check_server`), with nothing left
+    open.
     """
     address = unix_address(path)
     sock = unix_socket()
     try:
         sock.settimeout(timeout)
         sock.connect(address)
+        check_server(sock, expect_uid, address)
     except FileNotFoundError as exc:
         sock.close()
         raise FileNotFoundError(errno.ENOENT, "no socket there: is the Listener running?", address) from exc
@@ -225,6 +234,28 @@ def connect_unix(path: str | bytes | os.PathLike[Any], timeout: float | None) ->
         sock.close()
         raise
     return sock
+
+
+def check_server(sock: socket.socket, expect_uid: int | Collection[int] | None, address: object) -> None:
+    """Raise `PermissionError` unless the peer of connected *sock* runs as one of *expect_uid*.
+
+    For clients: a filesystem socket is protected by its directory's and its
+    own permissions, but anyone may bind an abstract name (or a path in a
+    world-writable directory) first; checking who serves it before sending
+    anything keeps a client from handing its fds to a squatter.  None checks
+    nothing.  The socket is left to the caller.
+    """
+    if expect_uid is None:
+        return
+    allowed = {expect_uid} if isinstance(expect_uid, int) else set(expect_uid)
+    uid = peer_credentials(sock).uid
+    if uid not in allowed:
+        raise PermissionError(
+            errno.EPERM,
+            f"the server is uid {uid}, not {sorted(allowed)} as expect_uid requires: refusing to use it "
+            "(another user may have bound this name first); nothing was sent",
+            address,
+        )
 
 
 def unix_address(path: str | bytes | os.PathLike[Any], facts: Facts = FACTS) -> str | bytes:

@@ -42,7 +42,7 @@ from ._handoff import reduce_channel
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
-from ._peer import PeerCredentials, unix_socket
+from ._peer import PeerCredentials, check_server, unix_address, unix_socket
 from ._sockio import write_pending
 from .transports import Session, Transport
 
@@ -621,19 +621,25 @@ class AsyncChannel(ChannelCore):
 # -- named endpoints -------------------------------------------------------------
 
 
-async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncChannel:
+async def connect(
+    path: str | bytes | os.PathLike[Any], *, expect_uid: int | Collection[int] | None = None, **kwargs: Any
+) -> AsyncChannel:
     """Connect to the `start_server` (or `fdchannel.Listener`) at *path*.
 
     *path* is a filesystem path or, on Linux, an abstract name starting with
-    ``"\\0"``.  Keyword arguments go to `AsyncChannel`.  Raises `OSError`
-    (``FileNotFoundError``, ``ConnectionRefusedError``, ...) as
-    ``socket.connect`` does.  Cancelled: the socket is closed, nothing leaks.
+    ``"\\0"``.  *expect_uid* requires the server to run as that user (or
+    one of those), as on `fdchannel.Channel.connect`.  Keyword arguments go
+    to `AsyncChannel`.  Raises `OSError` (``FileNotFoundError``,
+    ``ConnectionRefusedError``, ``PermissionError`` for an unexpected
+    server, ...) as ``socket.connect`` does.  Cancelled: the socket is
+    closed, nothing leaks.
     """
-    address = os.fspath(path)
+    address = unix_address(path)
     sock = unix_socket()
     try:
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, address)
+        check_server(sock, expect_uid, address)
         return AsyncChannel(sock, **kwargs)
     except BaseException:
         sock.close()
