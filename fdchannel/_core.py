@@ -33,7 +33,7 @@ from ._fdutil import SocketHandle, close_all
 from ._message import Message
 from ._outbox import Outbox, set_written
 from ._ownedfd import OwnedFd, fileno_of
-from ._peer import PeerCredentials, peer_credentials
+from ._peer import PeerCredentials, peer_credentials, refuse_fds
 from ._sockio import SocketIO, io_for, write_pending
 from .transports import Outgoing, Session, Transport, default_transport
 
@@ -159,6 +159,11 @@ class ChannelCore:
         self._eof = False
         self._closed = False
         self._pid = os.getpid()
+        if max_fds == 0:
+            # A data-only channel: where the kernel can, no fd even reaches
+            # this process (the sender gets EPERM); elsewhere the decoder
+            # closes what arrives.
+            refuse_fds(sock)
 
     @classmethod
     def _pair(cls, transport: Transport | None, kwargs: dict[str, Any]) -> tuple[Self, Self]:
@@ -205,14 +210,15 @@ class ChannelCore:
     #: returns None: no partner in that process).
     _other_end: Callable[[], ChannelCore | None] | None = None
 
-    def peer_credentials(self) -> PeerCredentials:
+    def peer_credentials(self, *, pidfd: bool = False) -> PeerCredentials:
         """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
 
         For the ends of `pair` this is the process that created the pair.
-        Raises `OSError` from the kernel (and `NotImplementedError` on an OS
-        with no way to ask).
+        With *pidfd* (Linux 6.5+), also a pidfd of that process, which the
+        caller owns (see `PeerCredentials`).  Raises `OSError` from the
+        kernel (and `NotImplementedError` on an OS with no way to ask).
         """
-        return peer_credentials(self._sock)
+        return peer_credentials(self._sock, pidfd=pidfd)
 
     def close_other(self) -> None:
         """After `os.fork`, close the other end of this `pair` in this process.

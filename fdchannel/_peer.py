@@ -15,10 +15,11 @@ import socket
 import struct
 import sys
 from collections.abc import Collection
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import attrs
 
+from ._ownedfd import OwnedFd
 from ._platform import FACTS, Facts
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "parse_credentials",
     "peer_credentials",
     "peer_groups",
+    "peer_pidfd",
+    "refuse_fds",
     "unix_address",
     "unix_socket",
 ]
@@ -50,11 +53,30 @@ class PeerCredentials:
     does not report it; on macOS it comes from ``LOCAL_PEERPID``, which
     names the process that last used the peer's socket rather than the one
     that connected.  ``gid`` is the primary (effective) group only.
+
+    ``pidfd`` is an `OwnedFd` of the peer process when it was asked for
+    (``peer_credentials(pidfd=True)``, Linux 6.5+ ``SO_PEERPIDFD``): it
+    names that very process even after it exited and its pid was reused,
+    so signalling it (``signal.pidfd_send_signal``) or waiting for it never
+    reaches another process.  The caller owns it: close it, or use the
+    credentials as a context manager.  It takes no part in ``==``.
     """
 
     pid: int | None
     uid: int
     gid: int
+    pidfd: OwnedFd | None = attrs.field(default=None, eq=False, kw_only=True)
+
+    def close(self) -> None:
+        """Close ``pidfd`` if there is one.  Idempotent."""
+        if self.pidfd is not None:
+            self.pidfd.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _so_peergroups() -> int | None:
@@ -104,13 +126,19 @@ def _getsockopt_large(fd: int, option: int, size: int) -> bytes:
     return buf.raw[: length.value]
 
 
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
+def peer_credentials(sock: socket.socket, *, pidfd: bool = False) -> PeerCredentials:
     """Read the peer's credentials of connected AF_UNIX *sock* from the kernel.
 
-    Raises `OSError` from the kernel (``ENOTCONN``, ``EOPNOTSUPP`` for a
-    socket of another family) and `NotImplementedError` on an OS with no
-    known way to ask.
+    With *pidfd*, the result also carries a pidfd of the peer process
+    (caller-owned; see `PeerCredentials`).  Raises `OSError` from the kernel
+    (``ENOTCONN``, ``EOPNOTSUPP`` for a socket of another family;
+    ``ENOPROTOOPT`` naming the need for Linux 6.5+ when *pidfd* was asked
+    for and the kernel has no ``SO_PEERPIDFD``) and `NotImplementedError`
+    on an OS with no known way to ask.
     """
+    if pidfd:
+        creds = peer_credentials(sock)
+        return attrs.evolve(creds, pidfd=OwnedFd(peer_pidfd(sock)))
     kind = FACTS.credentials
     if kind is None:
         raise NotImplementedError(f"fdchannel knows no way to read a peer's credentials on {sys.platform}")
@@ -186,6 +214,52 @@ def parse_credentials(kind: str, raw: bytes, *, pid: int | None = None) -> PeerC
     if pid is None and len(raw) >= _XUCRED_SIZE:
         pid = struct.unpack_from("=i", raw, _XUCRED_PID_AT)[0] or None
     return PeerCredentials(pid, uid, gid)
+
+
+#: Linux's SO_PEERPIDFD (6.5+) and SO_PASSRIGHTS (6.16+), numbered as on
+#: every architecture but sparc, parisc and alpha, where they do not apply.
+_SO_PEERPIDFD: Final = int(getattr(socket, "SO_PEERPIDFD", 77))
+_SO_PASSRIGHTS: Final = int(getattr(socket, "SO_PASSRIGHTS", 83))
+_LINUX_SOCKOPTS: Final = sys.platform == "linux" and not platform.machine().startswith(
+    ("sparc", "parisc", "alpha")
+)
+
+
+def peer_pidfd(sock: socket.socket) -> int:
+    """A close-on-exec pidfd of the peer of connected AF_UNIX *sock*, owned by the caller.
+
+    Raises `OSError` ``ENOPROTOOPT`` where the kernel has no
+    ``SO_PEERPIDFD`` (before Linux 6.5, and off Linux).
+    """
+    if not _LINUX_SOCKOPTS:
+        raise OSError(
+            errno.ENOPROTOOPT, f"a peer's pidfd needs Linux 6.5+ (SO_PEERPIDFD), not {sys.platform}"
+        )
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise OSError(exc.errno, "a peer's pidfd needs Linux 6.5+ (SO_PEERPIDFD)") from exc
+        raise
+    os.set_inheritable(fd, False)  # the kernel makes it O_CLOEXEC; say so anyway
+    return fd
+
+
+def refuse_fds(sock: socket.socket) -> bool:
+    """Make the kernel refuse fds sent to AF_UNIX *sock* (``SO_PASSRIGHTS`` off, Linux 6.16+).
+
+    A sender's ``sendmsg`` with SCM_RIGHTS then fails with ``EPERM`` and no
+    fd ever enters this process.  Returns False where the kernel cannot
+    (older kernels, other systems): fds then arrive and the channel closes
+    them (a frame declaring fds is over ``max_fds=0``).
+    """
+    if not _LINUX_SOCKOPTS or sock.family != getattr(socket, "AF_UNIX", None):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSRIGHTS, 0)
+    except OSError:
+        return False
+    return True
 
 
 def unix_socket() -> socket.socket:

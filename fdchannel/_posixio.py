@@ -111,6 +111,12 @@ def write(sock: socket.socket, bufs: Sequence[Buffer], fds: Sequence[int], flags
     except OSError as exc:
         if fds and exc.errno == errno.EMSGSIZE and FACTS.emsgsize_is_backpressure:
             return 0
+        if fds and exc.errno == errno.EPERM:
+            raise PermissionError(
+                errno.EPERM,
+                "the kernel refused to pass fds to the peer: its socket accepts only data (SO_PASSRIGHTS "
+                "off, as a channel with max_fds=0 sets it) or a security policy forbids it; nothing was sent",
+            ) from exc
         raise
 
 
