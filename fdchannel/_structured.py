@@ -6,10 +6,12 @@ not wait is a `ChannelCore` method; only the waiting is here, through a
 `Backend` (`fdchannel.trio` and `fdchannel.anyio` supply one each).  This
 module imports neither library.
 
-The calls follow trio's checkpoint rule: each ``send``/``recv``/``flush``
-first checks for cancellation (raising before anything is touched) and, when
-it completes without having waited, ends with a schedule point that cannot
-be cancelled (what it did is done and must reach the caller).
+Each ``send``/``recv``/``flush`` starts with a cancellation point (in a
+cancelled scope it raises before anything is touched).  It yields to the
+scheduler when it waits and, as `fdchannel.aio` does, after `_FAIRNESS`
+calls in a row that did not wait (a full checkpoint, at the start, where a
+cancellation still loses nothing): a schedule point in every call would
+double what a message costs (see benchmarks/bench_aio.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Final, Protocol, Self
 
 from typing_extensions import Buffer
 
@@ -38,6 +40,10 @@ from ._sockio import write_pending
 from .transports import Session, Transport
 
 __all__ = ["Backend", "Event", "Gate", "Server", "StructuredChannel", "connect_with", "serve_with"]
+
+#: After this many calls in a row that completed without waiting, one full
+#: checkpoint: a peer that keeps the socket ready must not starve other tasks.
+_FAIRNESS: Final = 64
 
 
 class Event(Protocol):
@@ -65,8 +71,8 @@ class Backend(Protocol):
     def wait_readable(self, fd: int) -> Awaitable[None]: ...
     def wait_writable(self, fd: int) -> Awaitable[None]: ...
     def notify_closing(self, fd: int) -> None: ...
+    def checkpoint(self) -> Awaitable[None]: ...
     def checkpoint_if_cancelled(self) -> Awaitable[None]: ...
-    def cancel_shielded_checkpoint(self) -> Awaitable[None]: ...
     def sleep(self, seconds: float) -> Awaitable[None]: ...
     def is_cancelled(self, exc: BaseException) -> bool: ...
     def event(self) -> Event: ...
@@ -165,6 +171,7 @@ class StructuredChannel(ChannelCore):
         # Tasks inside wait_readable/wait_writable: close() must wake them
         # (notify_closing) before the fd goes.
         self._waiting = 0
+        self._streak = 0
         if greet and self._has_control:
             self._flush_control_nowait()
 
@@ -243,6 +250,7 @@ class StructuredChannel(ChannelCore):
             raise ChannelClosed("the channel was closed while waiting in recv()") from None
         finally:
             self._waiting -= 1
+            self._streak = 0  # a wait is a schedule point
         if self._closed:
             raise ChannelClosed("the channel was closed while waiting in recv()")
 
@@ -256,6 +264,7 @@ class StructuredChannel(ChannelCore):
             raise ValueError("the channel was closed while waiting in send()") from None
         finally:
             self._waiting -= 1
+            self._streak = 0
         if self._closed:
             raise ValueError("the channel was closed while waiting in send()")
 
@@ -288,6 +297,14 @@ class StructuredChannel(ChannelCore):
         self._outbox.discard()
         close_all(self._decoder.take_fds())
 
+    def _checkpoint(self) -> Awaitable[None]:
+        """The cancellation point a call starts with; a full checkpoint every `_FAIRNESS` calls."""
+        self._streak += 1
+        if self._streak >= _FAIRNESS:
+            self._streak = 0
+            return self._backend.checkpoint()
+        return self._backend.checkpoint_if_cancelled()
+
     def _recv_stopped(self, exc: BaseException) -> None:
         if not isinstance(exc, self._recv_ok) and not self._backend.is_cancelled(exc):
             self._recv_interrupted(exc)
@@ -319,10 +336,9 @@ class StructuredChannel(ChannelCore):
         never send it again.
         """
         nums, size = self._message(payload, fds)
-        backend = self._backend
         gate = self._send_gate
         try:
-            await backend.checkpoint_if_cancelled()
+            await self._checkpoint()
             if not gate.try_enter():
                 await gate.enter()
         except BaseException as exc:
@@ -332,25 +348,17 @@ class StructuredChannel(ChannelCore):
             if self._closed or self._broken is not None:
                 self._check_usable()
             if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
+                # The common case: no await unless the socket is full.
                 sent = self._send_whole(payload, nums, size)
-                if sent is None:
-                    waited = False
-                else:
+                if sent is not None:
                     await self._push(sent)
-                    waited = True
-            else:
-                waited = await self._send_queued(payload, nums, size)
+                return
+            await self._send_queued(payload, nums, size)
         finally:
             gate.leave()
-        if not waited:
-            await backend.cancel_shielded_checkpoint()
 
-    async def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> bool:
-        """The general send: control frames and older data first, then the message.
-
-        Returns whether it waited (a schedule point happened).
-        """
-        waited = False
+    async def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
+        """The general send: control frames and older data first, then the message."""
         try:
             self._prepare_send()
             delay = 0.0005
@@ -358,32 +366,28 @@ class StructuredChannel(ChannelCore):
                 # Polled: a recv() may be waiting for readability, and it
                 # reads the greeting for us then.
                 await self._backend.sleep(delay)
-                waited = True
                 delay = min(delay * 2, 0.05)
             if self._outbox.pending:
                 # Older data goes first; if it cannot, this message is not taken.
                 await self._push(None)
-                waited = True
         except BaseException as exc:
             set_written(exc, 0)
             raise
         out, sent = self._start_message(payload, nums, size)
         if sent is None:
-            return waited
+            return
         try:
             await self._push(sent)
         except BaseException as exc:
             self._not_taken(exc, out)
             raise
-        return True
 
     async def flush(self) -> None:
         """Write what a cancelled ``send()`` left pending; return when none is.
 
         Raises as `send` does.  Cancelling it leaves the rest pending.
         """
-        backend = self._backend
-        await backend.checkpoint_if_cancelled()
+        await self._checkpoint()
         await self._send_gate.enter()
         try:
             self._check_usable()
@@ -393,7 +397,6 @@ class StructuredChannel(ChannelCore):
                 await self._push(None)
         finally:
             self._send_gate.leave()
-        await backend.cancel_shielded_checkpoint()
 
     async def _push(self, before: int | None) -> None:
         """Write queued chunks until none is left, waiting for writability.
@@ -419,7 +422,7 @@ class StructuredChannel(ChannelCore):
 
     # -- receiving ------------------------------------------------------------
 
-    async def recv(self) -> Message:  # noqa: C901 - the recv fast path: one loop, no call per step
+    async def recv(self) -> Message:
         """Receive one whole message; its fds are now the caller's.
 
         Raises `ChannelClosed` when the peer closed between messages (or the
@@ -428,12 +431,10 @@ class StructuredChannel(ChannelCore):
         on a closed channel, `OSError` from the kernel.  Cancelled: nothing
         is lost; what arrived stays buffered for the next ``recv()``.
         """
-        backend = self._backend
         gate = self._recv_gate
-        await backend.checkpoint_if_cancelled()
+        await self._checkpoint()  # nothing in hand yet: a cancellation here loses nothing
         if not gate.try_enter():
             await gate.enter()
-        waited = False
         try:
             if self._closed or self._broken is not None:
                 self._check_usable()
@@ -443,27 +444,19 @@ class StructuredChannel(ChannelCore):
                 if decoder.frames or decoder.error is not None or decoder.eof:
                     msg = self._next_message()
                     if msg is not None:
-                        break
+                        return msg
                 try:
                     msg = self._read(0)
                 except BlockingIOError:
                     await self._wait_readable()
-                    waited = True
                     continue
                 if msg is not None:
-                    break
+                    return msg
         except BaseException as exc:
             self._recv_stopped(exc)
             raise
         finally:
             gate.leave()
-        if not waited:
-            try:
-                await backend.cancel_shielded_checkpoint()
-            except BaseException:
-                msg.close()  # KeyboardInterrupt here: the fds must not float away
-                raise
-        return msg
 
     def __aiter__(self) -> AsyncIterator[Message]:
         """Yield messages until the peer closes the channel."""
@@ -641,8 +634,7 @@ class Server:
                 ours.close()
                 raise
             # A checkpoint per connection: a flood of peers must not starve the run.
-            await backend.checkpoint_if_cancelled()
-            await backend.cancel_shielded_checkpoint()
+            await backend.checkpoint()
 
     async def _run_handler(self, handler: Handler, channel: StructuredChannel, scope: Any) -> None:
         try:

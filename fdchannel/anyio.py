@@ -7,9 +7,12 @@ ownership rules, over a non-blocking socket that waits with
 ``anyio.wait_readable``/``wait_writable``.  Install it with
 ``pip install 'fdchannel[anyio]'``.
 
-Every ``send``/``recv``/``flush`` is a checkpoint.  Cancellation (so
-``anyio.move_on_after``/``fail_after`` and task-group cancellation) is safe at
-each of them:
+Every ``send``/``recv``/``flush`` starts with a cancellation point: in a
+cancelled scope it raises before touching anything.  It yields to the
+scheduler when it has to wait, and otherwise once every 64 calls (as
+`fdchannel.aio` does), so a peer that keeps the socket ready cannot starve
+other tasks.  Cancellation (so ``anyio.move_on_after``/``fail_after`` and
+task-group cancellation) is safe at every ``await``:
 
 * a cancelled `AnyioChannel.recv` loses nothing: what was read stays
   buffered and the next ``recv()`` returns it;
@@ -57,8 +60,8 @@ class _Anyio:
     wait_readable = staticmethod(anyio.wait_readable)
     wait_writable = staticmethod(anyio.wait_writable)
     notify_closing = staticmethod(anyio.notify_closing)
+    checkpoint = staticmethod(anyio.lowlevel.checkpoint)
     checkpoint_if_cancelled = staticmethod(anyio.lowlevel.checkpoint_if_cancelled)
-    cancel_shielded_checkpoint = staticmethod(anyio.lowlevel.cancel_shielded_checkpoint)
     sleep = staticmethod(anyio.sleep)
     event = staticmethod(anyio.Event)
     cancel_scope = staticmethod(anyio.CancelScope)

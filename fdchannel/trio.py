@@ -6,8 +6,13 @@ ownership rules, over a non-blocking socket that waits with
 ``trio.lowlevel.wait_readable``/``wait_writable``.  Install it with
 ``pip install 'fdchannel[trio]'``.
 
-Every ``send``/``recv``/``flush`` is a trio checkpoint.  Cancellation (so
-``trio.move_on_after``/``fail_after``) is safe at each of them:
+Every ``send``/``recv``/``flush`` starts with a cancellation point: in a
+cancelled scope it raises before touching anything.  It yields to the
+scheduler when it has to wait, and otherwise once every 64 calls (as
+`fdchannel.aio` does: a schedule point in every call would double what a
+message costs), so a peer that keeps the socket ready cannot starve other
+tasks.  Cancellation (so ``trio.move_on_after``/``fail_after``) is safe at
+every ``await``:
 
 * a cancelled `TrioChannel.recv` loses nothing: what was read stays
   buffered and the next ``recv()`` returns it;
@@ -51,8 +56,8 @@ class _Trio:
     wait_readable = staticmethod(trio.lowlevel.wait_readable)
     wait_writable = staticmethod(trio.lowlevel.wait_writable)
     notify_closing = staticmethod(trio.lowlevel.notify_closing)
+    checkpoint = staticmethod(trio.lowlevel.checkpoint)
     checkpoint_if_cancelled = staticmethod(trio.lowlevel.checkpoint_if_cancelled)
-    cancel_shielded_checkpoint = staticmethod(trio.lowlevel.cancel_shielded_checkpoint)
     sleep = staticmethod(trio.sleep)
     event = staticmethod(trio.Event)
     cancel_scope = staticmethod(trio.CancelScope)

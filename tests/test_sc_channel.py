@@ -209,7 +209,7 @@ def test_concurrent_senders_and_receivers(sc_kind: str) -> None:
 
 
 def test_always_ready_peer_does_not_starve_other_tasks(sc_kind: str) -> None:
-    """Each recv() is a checkpoint: a socket that is always ready still lets others run."""
+    """A socket that is always ready still lets others run (a checkpoint every 64 calls)."""
     cls = channel_class(sc_kind)
 
     async def main() -> None:
@@ -223,16 +223,16 @@ def test_always_ready_peer_does_not_starve_other_tasks(sc_kind: str) -> None:
                 await anyio.lowlevel.checkpoint()
 
         async with a, b:
-            for _ in range(100):  # all in the socket before reading
+            for _ in range(200):  # all in the socket before reading
                 await a.send(b"x", fds=[0])
             async with anyio.create_task_group() as group:
                 group.start_soon(ticker)
                 await anyio.lowlevel.checkpoint()
                 start = ticks
-                for _ in range(100):
+                for _ in range(200):
                     (await b.recv()).close()  # never has to wait
                 group.cancel_scope.cancel()
-            assert ticks - start >= 50
+            assert ticks - start >= 200 // 64 - 1
 
     run_kind(sc_kind, main)
 
