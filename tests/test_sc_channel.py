@@ -621,3 +621,55 @@ def _backend(kind: str) -> str:
     from ._structured import backend_of
 
     return backend_of(kind)
+
+
+@pytest.fixture(scope="module")
+def _mp_helper_running() -> None:
+    # multiprocessing's resource tracker, kept for the whole session, holds
+    # a pipe of ours: start it before the leak check takes its snapshot.
+    if sys.platform != "win32":
+        import multiprocessing.resource_tracker
+
+        multiprocessing.resource_tracker.ensure_running()
+
+
+def _mp_child(kind: str, ch: Any) -> None:
+    async def main() -> None:
+        async with ch:
+            with await ch.recv() as msg:
+                os.write(msg.fds[0].fileno(), b"via " + msg.payload)
+            await ch.send(type(ch).__name__.encode())
+
+    run_kind(kind, main)
+
+
+@pytest.mark.usefixtures("_mp_helper_running")
+def test_multiprocessing_process_argument(sc_kind: str) -> None:
+    """A channel handed to a ``spawn`` child (its ``__reduce__``) arrives as the same class, fd and all."""
+    import multiprocessing
+
+    from ._proc import finish_process
+
+    cls = channel_class(sc_kind)
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = cls.pair()
+    r, w = os.pipe()
+    try:
+        proc = ctx.Process(target=_mp_child, args=(sc_kind, theirs))  # type: ignore[attr-defined]
+        proc.start()
+        theirs.close()  # the child has its own copy now
+
+        async def main() -> None:
+            async with ours:
+                await ours.send(b"spawn", fds=[w])
+                assert (await ours.recv()).payload == cls.__name__.encode()
+
+        try:
+            run_kind(sc_kind, main)
+        finally:
+            finish_process(proc)
+        assert os.read(r, 100) == b"via spawn"
+    finally:
+        ours.close()
+        os.close(r)
+        os.close(w)
