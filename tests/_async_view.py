@@ -6,7 +6,8 @@ coroutine submitted to it and waited for.  Calls from several threads
 become concurrent tasks on that loop, and a call that times out is
 cancelled, so the tests of concurrency and of a receive timeout exercise
 the async channel's locks and its cancellation.  The structured kinds of
-`tests/_structured.py` (``trio``, ``anyio-asyncio``, ``anyio-trio``) run
+`tests/_structured.py` (``trio``, ``anyio-asyncio``, ``anyio-uvloop``,
+``anyio-trio``) run
 the same way, their run in a thread behind an anyio portal.
 """
 
@@ -194,8 +195,7 @@ def async_loop_params() -> list[Any]:
 def _name(kind: str) -> str:
     """The test id of a kind: its channel class and what runs it."""
     if kind in STRUCTURED_KINDS:
-        cls, backend = STRUCTURED_KINDS[kind]
-        return f"{cls}-{backend}"
+        return f"{STRUCTURED_KINDS[kind][0]}-{kind.removeprefix('anyio-')}"
     return f"AsyncChannel-{kind}"
 
 

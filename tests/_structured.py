@@ -3,8 +3,9 @@
 A *kind* names a channel class and what runs it:
 
 * ``"trio"``: `fdchannel.trio.TrioChannel` under ``trio.run``;
-* ``"anyio-asyncio"`` and ``"anyio-trio"``: `fdchannel.anyio.AnyioChannel`
-  under ``anyio.run`` on each backend.
+* ``"anyio-asyncio"``, ``"anyio-uvloop"`` and ``"anyio-trio"``:
+  `fdchannel.anyio.AnyioChannel` under ``anyio.run`` on each backend (the
+  asyncio one also with ``use_uvloop``).
 
 `run_kind` runs an async function to completion bounded by ``fail_after``;
 the tests written here use anyio's primitives (task groups, cancel scopes,
@@ -12,9 +13,9 @@ memory streams), which on the trio backend are trio's own, so the
 ``"trio"`` kind exercises `TrioChannel` under trio's cancellation.
 `PortalThread` runs a kind in a thread for `tests/_async_view.py`.
 
-A kind is skipped (with the reason) only where trio or anyio cannot be
-imported: the Windows suite under Wine installs neither (its pinned wheels,
-scripts/win-requirements.txt, do not include them).
+A kind is skipped (with the reason) only where trio, anyio (or uvloop)
+cannot be imported: the Windows suite under Wine installs none of them (its
+pinned wheels, scripts/win-requirements.txt, do not include them).
 """
 
 from __future__ import annotations
@@ -36,16 +37,21 @@ try:
     import anyio.lowlevel
 except ImportError:  # pragma: no cover - anyio is in the test extra
     anyio = None
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extra (not on Windows)
+    uvloop = None
 
 T = TypeVar("T")
 #: Upper bound of one test's whole async function.
 TIMEOUT = 30.0
 
-#: kind -> (channel class name, anyio backend)
-STRUCTURED_KINDS: dict[str, tuple[str, str]] = {
-    "trio": ("TrioChannel", "trio"),
-    "anyio-asyncio": ("AnyioChannel", "asyncio"),
-    "anyio-trio": ("AnyioChannel", "trio"),
+#: kind -> (channel class name, anyio backend, whether on uvloop)
+STRUCTURED_KINDS: dict[str, tuple[str, str, bool]] = {
+    "trio": ("TrioChannel", "trio", False),
+    "anyio-asyncio": ("AnyioChannel", "asyncio", False),
+    "anyio-uvloop": ("AnyioChannel", "asyncio", True),
+    "anyio-trio": ("AnyioChannel", "trio", False),
 }
 
 
@@ -57,6 +63,8 @@ def missing(kind: str) -> str | None:
     if anyio is None:
         # The tests drive every kind with anyio's primitives.
         return f"anyio cannot be imported{where}"
+    if uvloop is None and STRUCTURED_KINDS[kind][2]:
+        return "uvloop cannot be imported" + (" (it does not exist for Windows)" if where else "")
     return None
 
 
@@ -85,6 +93,10 @@ def backend_of(kind: str) -> str:
     return STRUCTURED_KINDS[kind][1]
 
 
+def backend_options(kind: str) -> dict[str, Any]:
+    return {"use_uvloop": True} if STRUCTURED_KINDS[kind][2] else {}
+
+
 def run_kind(kind: str, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float = TIMEOUT) -> T:
     """Run ``await fn(*args)`` under *kind*'s library, bounded by *timeout* seconds."""
 
@@ -92,13 +104,13 @@ def run_kind(kind: str, fn: Callable[..., Awaitable[T]], *args: Any, timeout: fl
         with anyio.fail_after(timeout):
             return await fn(*args)
 
-    result: T = anyio.run(bounded, backend=backend_of(kind))
+    result: T = anyio.run(bounded, backend=backend_of(kind), backend_options=backend_options(kind))
     return result
 
 
 @pytest.fixture(params=kind_params())
 def sc_kind(request: pytest.FixtureRequest) -> str:
-    """``"trio"``, ``"anyio-asyncio"`` or ``"anyio-trio"``."""
+    """``"trio"``, ``"anyio-asyncio"``, ``"anyio-uvloop"`` or ``"anyio-trio"``."""
     kind: str = request.param
     return kind
 
@@ -146,7 +158,7 @@ class PortalThread:
     """
 
     def __init__(self, kind: str) -> None:
-        self._cm = anyio.from_thread.start_blocking_portal(backend_of(kind))
+        self._cm = anyio.from_thread.start_blocking_portal(backend_of(kind), backend_options(kind))
         self._portal = self._cm.__enter__()
         self._lock = threading.Lock()
 

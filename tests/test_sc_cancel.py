@@ -1,7 +1,7 @@
 """TrioChannel and AnyioChannel under cancellation, timeouts and backpressure.
 
 The sweeps of test_aio_cancel.py, per structured kind (``trio``,
-``anyio-asyncio``, ``anyio-trio``), with cancel scopes instead of
+``anyio-asyncio``, ``anyio-uvloop``, ``anyio-trio``), with cancel scopes instead of
 ``Task.cancel()``: a ``recv()`` or ``send()`` is cancelled after N trips
 round the run, for every N until it completes on its own, with a peer that
 reads or writes a large message (payload and 1,000 fds) over many trips.

@@ -5,7 +5,7 @@ test_channel_unix.py); the cancellation sweeps are in test_sc_cancel.py.
 Here: the extras' import errors, pairs, peer credentials, ``connect`` and
 ``serve`` with handlers in a nursery / task group, closing under waiting
 tasks, taking over a blocking `Channel`, real processes, and fairness.
-Each test runs per kind (``trio``, ``anyio-asyncio``, ``anyio-trio``).
+Each test runs per kind (``trio``, ``anyio-asyncio``, ``anyio-uvloop``, ``anyio-trio``).
 """
 
 # The kind fixture is imported from tests/_structured.py; test parameters
@@ -581,7 +581,8 @@ def test_subprocess_peer(sc_kind: str) -> None:
                         os.write(msg.fds[0].fileno(), msg.payload.upper())
                     await ch.send(b"ok")
 
-        anyio.run(main, backend=sys.argv[2])
+        backend, _, uv = sys.argv[2].partition("+")
+        anyio.run(main, backend=backend, backend_options={{"use_uvloop": True}} if uv else {{}})
         """
     )
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -618,9 +619,10 @@ def test_subprocess_peer(sc_kind: str) -> None:
 
 
 def _backend(kind: str) -> str:
-    from ._structured import backend_of
+    """The child's ``backend[+uvloop]`` argument."""
+    from ._structured import backend_of, backend_options
 
-    return backend_of(kind)
+    return backend_of(kind) + ("+uvloop" if backend_options(kind) else "")
 
 
 @pytest.fixture(scope="module")
