@@ -130,6 +130,9 @@ def test_the_cycle_check_sees_a_cycle() -> None:
         ("fdchannel._channel", "fdchannel._listener"),
         ("fdchannel._channel", "fdchannel._process"),
         ("fdchannel._listener", "fdchannel.aio"),
+        ("fdchannel._listener", "fdchannel._structured"),
+        ("fdchannel._structured", "fdchannel.trio"),
+        ("fdchannel._structured", "fdchannel.anyio"),
         # The Win32 interface sits below both the protocol and the adapter.
         ("fdchannel.transports._winapi", "fdchannel.transports._windows"),
         ("fdchannel.transports._winapi", "fdchannel.transports._win32"),
