@@ -77,7 +77,7 @@ async def demo(clients: int) -> None:
                 f.write(f"contents of {name}")
         path = os.path.join(tmp, "broker.sock")
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(fdchannel.trio.serve, path, broker_handler(root))
+            server = await nursery.start(fdchannel.trio.serve, broker_handler(root), path)
             print(f"broker: serving {server.path}")
             outputs: list[str] = []
 

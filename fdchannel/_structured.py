@@ -35,7 +35,7 @@ from ._handoff import reduce_channel
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
-from ._peer import PeerCredentials, peer_credentials, unix_address, unix_socket
+from ._peer import check_server, unix_address, unix_socket
 from ._sockio import write_pending
 from .transports import Session, Transport
 
@@ -229,14 +229,6 @@ class StructuredChannel(ChannelCore):
         finally:
             ch._release_send()
         return self
-
-    def peer_credentials(self) -> PeerCredentials:
-        """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
-
-        For the ends of `pair` this is the process that created the pair.
-        Raises `OSError` from the kernel (and on a socket that is not AF_UNIX).
-        """
-        return peer_credentials(self._sock)
 
     # -- waiting ----------------------------------------------------------
 
@@ -508,6 +500,7 @@ async def connect_with(
     """The logic of ``connect()``: a channel of *cls* connected to *path*, or nothing left open."""
     backend = cls._backend
     address = unix_address(path)
+    expect_uid = kwargs.pop("expect_uid", None)
     sock = unix_socket()
     try:
         sock.setblocking(False)
@@ -528,6 +521,7 @@ async def connect_with(
                 # writability would report success at once).
                 await backend.sleep(delay)
                 delay = min(delay * 2, 0.05)
+        check_server(sock, expect_uid, address)
         return cls(sock, **kwargs)
     except BaseException:
         sock.close()

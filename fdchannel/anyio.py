@@ -109,7 +109,9 @@ async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AnyioC
     """Connect to the `serve` (or `fdchannel.Listener`) at *path*; the channel is the caller's.
 
     *path* is a filesystem path or, on Linux, an abstract name starting with
-    ``"\\0"``.  Keyword arguments go to `AnyioChannel`.  Raises `OSError`
+    ``"\\0"``.  ``expect_uid=`` (a uid or several) requires the server to run
+    as that user, as on `fdchannel.Channel.connect`.  Other keyword arguments
+    go to `AnyioChannel`.  Raises `OSError`
     (``FileNotFoundError``, ``ConnectionRefusedError``, ...) as
     ``socket.connect`` does.  Cancelled: the socket is closed, nothing leaks.
     """
@@ -118,8 +120,8 @@ async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AnyioC
 
 
 async def serve(
-    path: str | bytes | os.PathLike[Any],
     handler: Callable[[AnyioChannel], Awaitable[object]],
+    path: str | bytes | os.PathLike[Any],
     *,
     backlog: int = 128,
     mode: int = 0o600,
@@ -128,7 +130,10 @@ async def serve(
 ) -> None:
     """Listen on the Unix socket *path* and run ``await handler(channel)`` per connection.
 
-    Meant for ``server = await task_group.start(serve, path, handler)``: it
+    The handler comes first, as in ``trio.serve_tcp(handler, port)`` and
+    `asyncio.start_unix_server`.
+
+    Meant for ``server = await task_group.start(serve, handler, path)``: it
     reports the `Server` once listening.  Handlers run in a task group of
     ``serve`` itself; each gets an `AnyioChannel` owned by the server (closed
     when the handler returns or raises).  An exception a handler raises is

@@ -27,6 +27,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+# Imported for its uvloop warm-up: libuv's process-wide pipe opens at import,
+# outside any test, so the leak check of the first anyio-uvloop test sees only
+# what the test leaves.
+from . import _aio  # noqa: F401
+
 try:
     import trio
 except ImportError:  # pragma: no cover - trio is in the test extra

@@ -334,7 +334,7 @@ def test_serve_connect_and_close(sc_kind: str, tmp_path: Path) -> None:
     async def main() -> None:
         r, w = os.pipe()
         async with anyio.create_task_group() as group:
-            server = await group.start(functools.partial(module.serve, path, echo, mode=0o640))
+            server = await group.start(functools.partial(module.serve, echo, path, mode=0o640))
             assert server.is_serving()
             assert server.path == os.fspath(path)
             st = os.stat(path)
@@ -370,7 +370,7 @@ def test_serve_handler_errors_are_logged_and_serving_goes_on(
 
     async def main() -> None:
         async with anyio.create_task_group() as group:
-            server = await group.start(module.serve, path, handler)
+            server = await group.start(module.serve, handler, path)
             async with await module.connect(path) as bad:
                 await bad.send(b"boom", fds=[0])
                 with pytest.raises(ChannelClosed):  # the server closed its end
@@ -403,7 +403,7 @@ def test_cancelling_serve_cancels_handlers_and_closes_the_listener(sc_kind: str,
     async def main() -> None:
         entered.append(anyio.Event())
         async with anyio.create_task_group() as group:
-            await group.start(module.serve, path, handler)
+            await group.start(module.serve, handler, path)
             client = await module.connect(path)
             await entered[0].wait()
             await anyio.wait_all_tasks_blocked()
@@ -424,7 +424,7 @@ def test_close_clients_cancels_the_handlers_and_serving_goes_on(sc_kind: str, tm
 
     async def main() -> None:
         async with anyio.create_task_group() as group:
-            server = await group.start(module.serve, path, echo)
+            server = await group.start(module.serve, echo, path)
             clients = [await module.connect(path) for _ in range(3)]
             for client in clients:  # each handler is running
                 await client.send(b"ab")
@@ -450,7 +450,7 @@ def test_serve_refuses_peers_the_listener_refuses(sc_kind: str, tmp_path: Path) 
 
     async def refusing() -> int:
         async with anyio.create_task_group() as group:
-            server = await group.start(functools.partial(module.serve, path, echo, authorize=lambda c: False))
+            server = await group.start(functools.partial(module.serve, echo, path, authorize=lambda c: False))
             client = await module.connect(path)
             async with client:
                 with pytest.raises(ChannelClosed):
