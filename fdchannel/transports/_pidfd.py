@@ -44,6 +44,12 @@ class PidfdGetfd(Transport):
     that message, drops it, and the channel stays usable.  Received fds are
     close-on-exec.
 
+    The receiver copies only from the process proven to hold the other end
+    of this connection (the kernel's ``SO_PEERPIDFD`` for the AF_UNIX peer
+    that connected, else the sender's own socket, pulled once and compared
+    with this socket's peer); a frame naming any other process, this one
+    included, raises `UnverifiedSender` and nothing is pulled.
+
     The sender keeps a private duplicate of each fd until the receiver
     acknowledges the message (acknowledgements ride back as control frames
     and are handled during later ``send``/``recv``/``close`` calls, never
@@ -69,13 +75,13 @@ class PidfdGetfd(Transport):
             raise OSError(errno.ENOSYS, reason)
 
     def max_aux(self, max_fds: int) -> int:
-        return HEAD.size + max_fds * _REF_SIZE
+        return HEAD.size + (max_fds + 1) * _REF_SIZE
 
     def session(self, sock: socket.socket) -> Session:
         if sys.platform == "linux":
             from ._pidfd_linux import PidfdSession
 
-            return PidfdSession()
+            return PidfdSession(sock)
         raise OSError(errno.ENOSYS, unavailable_reason())
 
     def __repr__(self) -> str:

@@ -44,7 +44,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar, Final
 
-from .._errors import FdsWithdrawn, ProtocolError
+from .._errors import FdsWithdrawn, ProtocolError, UnverifiedSender
 from ._base import Outgoing, Session
 
 __all__ = ["HEAD", "PullSession"]
@@ -129,8 +129,20 @@ class PullSession(Session):
         """The wire form of a message's references."""
 
     @abc.abstractmethod
-    def _os_unpack_refs(self, nfds: int, data: bytes) -> list[Any]:
-        """Parse *nfds* references; raise `ProtocolError` if malformed."""
+    def _os_unpack_refs(self, nfds: int, data: bytes) -> tuple[Any, list[Any]]:
+        """Parse *nfds* references: return (proof for `_os_prove_peer`, references).
+
+        Raise `ProtocolError` if malformed.
+        """
+
+    def _os_prove_peer(self, proc: Any, pid: int, proof: Any) -> None:
+        """Raise `UnverifiedSender` unless *proc* is proven to hold the other end of this connection.
+
+        Called once per sender process and lease, after its lease checked
+        out and before anything is pulled for a message.  `OSError` from the
+        kernel is classified like a failed lease pull.  The default proves
+        nothing (a transport without a proof yet).
+        """
 
     @abc.abstractmethod
     def _os_open_peer(self, pid: int) -> Any:
@@ -266,14 +278,14 @@ class PullSession(Session):
         if len(aux) < HEAD.size:
             raise ProtocolError(f"{self.transport_name}: transport data too short ({len(aux)} bytes)")
         pid, lease_num, seq, token = HEAD.unpack_from(aux)
-        refs = self._os_unpack_refs(nfds, aux[HEAD.size :])
+        proof, refs = self._os_unpack_refs(nfds, aux[HEAD.size :])
         with self._lock:
             if self._closed:
                 raise ValueError("the session is closed")
             # Whatever happens below, this end is done with the message:
             # the sender may release its copies.
             self._ack = max(self._ack, seq)
-            return self._pull_all(self._attach(pid, lease_num, token), refs)
+            return self._pull_all(self._attach(pid, lease_num, token, proof), refs)
 
     def _pull_all(self, peer: _Peer, refs: list[Any]) -> list[int]:
         """Pull every referenced fd out of *peer*; all of them, or none and an error."""
@@ -295,8 +307,8 @@ class PullSession(Session):
             raise
         return pulled
 
-    def _attach(self, pid: int, lease_num: int, token: bytes) -> _Peer:
-        """Return the sender *pid*, opening it and pulling its lease if new."""
+    def _attach(self, pid: int, lease_num: int, token: bytes, proof: Any) -> _Peer:
+        """Return the sender *pid*, opening it, pulling its lease and proving it the peer if new."""
         peer = self._peer
         if peer is not None and peer.pid == pid and peer.lease_num == lease_num and peer.token == token:
             return peer
@@ -313,15 +325,7 @@ class PullSession(Session):
         lease: Any = None
         try:
             lease = self._os_pull_lease(proc, lease_num)
-            found = self._os_lease_token(lease)
-            if found != token:
-                # The number names another object: the sender closed its
-                # lease (and so its channel), or *pid* is not the sender.
-                raise FdsWithdrawn(
-                    errno.ECONNRESET,
-                    f"process {pid} no longer holds the lease this message names: the sender closed "
-                    "its channel or exited before the fds were taken (or the pid is not the sender's)",
-                )
+            self._check_candidate(_Peer(pid, proc, lease_num, lease, token), proof)
         except BaseException as exc:
             if lease is not None:
                 self._os_close_lease(lease)
@@ -334,6 +338,26 @@ class PullSession(Session):
         self._drop_peer()
         self._peer = peer = _Peer(pid, proc, lease_num, lease, token)
         return peer
+
+    def _check_candidate(self, candidate: _Peer, proof: Any) -> None:
+        """Raise unless *candidate* holds the lease its message names and is proven the peer."""
+        if self._os_lease_token(candidate.lease) != candidate.token:
+            # The number names another object: the sender closed its
+            # lease (and so its channel), or the pid is not the sender's.
+            raise FdsWithdrawn(
+                errno.ECONNRESET,
+                f"process {candidate.pid} no longer holds the lease this message names: the sender closed "
+                "its channel or exited before the fds were taken (or the pid is not the sender's)",
+            )
+        try:
+            self._os_prove_peer(candidate.proc, candidate.pid, proof)
+        except UnverifiedSender as exc:
+            # A sender that closes its channel drops its lease before its
+            # socket: with the lease gone the proof may have failed for that
+            # reason alone.
+            if self._os_exited(candidate.proc) or not self._os_same_lease(candidate):
+                raise self._withdrawn(candidate, "closed its channel") from exc
+            raise
 
     def _lease_error(self, pid: int, exc: OSError, exited: bool) -> OSError:
         """What to raise when pulling *pid*'s lease failed with *exc* (itself if nothing better)."""
