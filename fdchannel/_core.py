@@ -577,9 +577,17 @@ class ChannelCore:
     _recv_ok: ClassVar[tuple[type[BaseException], ...]] = (OSError, FdChannelError, ValueError)
 
     def _recv_stopped(self, exc: BaseException) -> None:
-        """A recv() ends with *exc*: anything but the expected errors breaks the channel."""
+        """A recv() ends with *exc*: anything but the expected errors breaks the channel.
+
+        If another thread closed the channel during the call, the socket's
+        EBADF (or the session's refusal) becomes the closed-channel error.
+        """
         if not isinstance(exc, self._recv_ok):
             self._recv_interrupted(exc)
+        elif self._closed and not isinstance(exc, FdChannelError):
+            closed = f"I/O operation on a closed {self._kind}"
+            if not (isinstance(exc, ValueError) and exc.args == (closed,)):
+                raise ValueError(closed) from exc
 
     def _recv_interrupted(self, exc: BaseException) -> None:
         """*exc* (KeyboardInterrupt, a signal handler's error) cut into a recv().

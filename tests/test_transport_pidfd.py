@@ -579,3 +579,57 @@ def test_acknowledgements_behind_an_unread_message_still_arrive() -> None:
         # Acknowledged batch by batch (at most two batches held), not all 2000.
         assert peak <= 200
         assert a.recv().payload == b"not asked for yet"
+
+
+# -- close() from another thread while recv() pulls ------------------------------------
+
+
+@pytest.mark.parametrize("make", [_unix, _tcp], ids=["unix", "tcp"])
+def test_close_from_another_thread_during_recv_leaks_nothing_and_says_closed(make: Pair) -> None:
+    # The receiving thread may be anywhere in recv() (reading, pulling,
+    # acknowledging) when close() lands: every fd pulled is either delivered
+    # or closed (the autouse leak check), and recv() says the channel is
+    # closed, never a bare EBADF from the socket close() just released.
+    import random
+    import time
+
+    r, w = os.pipe()
+    outcomes: dict[str, int] = {}
+    deadline = time.monotonic() + 20.0
+    try:
+        for _ in range(300):
+            if time.monotonic() > deadline:
+                break
+            a, b = make()
+            with a:
+                b.settimeout(TIMEOUT)
+                for _ in range(2):
+                    a.send(b"x", fds=[w] * 20)
+                started = threading.Event()
+
+                def receive(b: Channel = b, started: threading.Event = started) -> None:
+                    started.set()
+                    try:
+                        for _ in range(2):
+                            b.recv().close()
+                        outcome = "delivered"
+                    except ValueError as exc:
+                        outcome = f"ValueError: {exc}"
+                    except BaseException as exc:
+                        outcome = f"{type(exc).__name__}: {exc}"
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+                thread = threading.Thread(target=receive)
+                thread.start()
+                assert started.wait(TIMEOUT)
+                spin = time.perf_counter() + random.random() * 0.002  # land anywhere in recv()
+                while time.perf_counter() < spin:
+                    pass
+                b.close()
+                thread.join(TIMEOUT)
+                assert not thread.is_alive()
+    finally:
+        os.close(r)
+        os.close(w)
+    allowed = {"delivered", "ValueError: I/O operation on a closed Channel"}
+    assert set(outcomes) <= allowed, outcomes

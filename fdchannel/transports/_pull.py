@@ -281,7 +281,7 @@ class PullSession(Session):
         proof, refs = self._os_unpack_refs(nfds, aux[HEAD.size :])
         with self._lock:
             if self._closed:
-                raise ValueError("the session is closed")
+                raise ValueError("I/O operation on a closed channel")
             # Whatever happens below, this end is done with the message:
             # the sender may release its copies.
             self._ack = max(self._ack, seq)
