@@ -350,8 +350,10 @@ class ChannelCore:
     def _peer_needed(self, nums: list[int]) -> bool:
         """True while the session needs to hear from the peer before it can send *nums*.
 
-        Reads what already arrived (the peer's greeting may be there); raises
-        `BrokenPipeError` if the peer closed without greeting.
+        Reads what already arrived (the peer's greeting or acknowledgements
+        may be there); raises `BrokenPipeError` if the peer closed without
+        greeting, `BlockingIOError` (``ENOBUFS``) if what it waits for is
+        queued behind `PUMP_BUDGET` of unreceived data.
         """
         session = self._session
         if not session.waits_for_peer(nums):
@@ -361,6 +363,16 @@ class ChannelCore:
             return False
         if self._eof:
             raise BrokenPipeError(errno.EPIPE, "the peer closed before its channel announced itself")
+        if self._decoder.unread_bytes >= PUMP_BUDGET:
+            # What the session waits for is behind data nobody has received:
+            # waiting for readability would spin, and reading on would
+            # buffer the peer's stream without bound.
+            raise BlockingIOError(
+                errno.ENOBUFS,
+                f"{self._transport.name}: this send waits for the peer's acknowledgements, which are "
+                f"queued behind {PUMP_BUDGET} bytes of messages not yet received: "
+                "recv() them, then send again",
+            )
         return True
 
     def _start_message(self, payload: Buffer, nums: list[int], size: int) -> tuple[Outgoing, int | None]:

@@ -31,9 +31,10 @@ from typing import Any
 
 from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError
 from fdchannel.transports import PidfdGetfd, UnixRights, _pidfd_linux
+from fdchannel.transports._pidfd import DEFAULT_WINDOW
 
 from ._aio import loop_kind, run  # noqa: F401 - fixtures
-from ._proc import TIMEOUT, fork_child, run_child, wait_child
+from ._proc import TIMEOUT, fork_child, limit_fds_to_free_slots, run_child, wait_child
 from ._transports import PIDFD_UNAVAILABLE, tcp_socketpair
 
 Run = Callable[..., Any]
@@ -633,3 +634,149 @@ def test_close_from_another_thread_during_recv_leaks_nothing_and_says_closed(mak
         os.close(w)
     allowed = {"delivered", "ValueError: I/O operation on a closed Channel"}
     assert set(outcomes) <= allowed, outcomes
+
+
+# -- the window: a peer that never acknowledges ------------------------------------------
+
+
+def _silent_reader(sock: socket.socket, other: socket.socket) -> int:
+    """Fork a peer that reads on *sock* every frame *other* sends, and never acknowledges."""
+
+    def body() -> None:
+        other.close()
+        sock.settimeout(TIMEOUT)
+        while sock.recv(1 << 16):
+            pass
+
+    return fork_child(body)
+
+
+@pytest.mark.parametrize("sockets", [socket.socketpair, tcp_socketpair], ids=["unix", "tcp"])
+def test_a_peer_that_never_acknowledges_leaves_the_sender_room(sockets: Callable[[], Any]) -> None:
+    # The review's receiver read every frame and never acknowledged: the
+    # sender held 4,087 duplicates, then even open() failed (EMFILE).
+    def body() -> None:
+        x, y = sockets()
+        peer = _silent_reader(y, x)
+        y.close()
+        r, w = os.pipe()
+        # The usual soft limit: what the default window must stay well below.
+        limit_fds_to_free_slots(1024 - len(os.listdir("/proc/self/fd")))
+        with Channel(x, transport=PidfdGetfd()) as a:
+            # Long enough for the reader to drain a full socket, short
+            # enough to end the test soon once the window is full.
+            a.settimeout(0.5)
+            sent = 0
+            with pytest.raises(TimeoutError) as info:
+                for _ in range(2000):
+                    a.send(b"m", fds=[w])
+                    sent += 1
+            assert info.value.characters_written == 0  # not taken: send it again later
+            assert sent == DEFAULT_WINDOW
+            session: Any = a._session
+            assert session.held == DEFAULT_WINDOW
+            # The rest of the process still has room.
+            files = [open(os.devnull, "rb") for _ in range(500)]  # noqa: SIM115 - closed below
+            for f in files:
+                f.close()
+            a.setblocking(False)
+            with pytest.raises(BlockingIOError) as refused:
+                a.send(b"m", fds=[w])
+            assert refused.value.characters_written == 0
+            assert session.held == DEFAULT_WINDOW
+            a.settimeout(TIMEOUT)
+            a.send(b"messages without fds never wait")
+        os.close(r)
+        os.close(w)
+        assert wait_child(peer) == 0
+
+    run_child(body)
+
+
+def test_the_window_is_configurable_and_reopens_on_acknowledgement() -> None:
+    a, b = Channel.pair(transport=PidfdGetfd(window=3))
+    r, w = os.pipe()
+    with a, b, open(r, "rb"), open(w, "wb"):
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        a.send(b"1", fds=[w, w])
+        a.send(b"2", fds=[w])
+        a.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            a.send(b"3", fds=[w])  # 4 > 3
+        assert info.value.characters_written == 0
+        for payload in (b"1", b"2"):
+            with b.recv() as msg:
+                assert msg.payload == payload
+        a.send(b"3", fds=[w])  # the acknowledgements arrived: room again
+        with pytest.raises(BlockingIOError):
+            a.send(b"4", fds=[w] * 10)  # waits for 3's acknowledgement
+        with b.recv() as msg:
+            assert msg.payload == b"3"
+        a.send(b"4", fds=[w] * 10)  # more than the window goes once nothing else is held
+        with b.recv() as msg:
+            assert len(msg.fds) == 10
+    with pytest.raises(ValueError, match="window"):
+        PidfdGetfd(window=0)
+    assert repr(PidfdGetfd(window=3)) == "PidfdGetfd(window=3)"
+
+
+def test_acknowledgements_behind_too_much_unread_data_fail_the_send_instead_of_spinning() -> None:
+    # The sender reads ahead of recv() for acknowledgements only up to a
+    # bound; an acknowledgement queued behind more unread data than that
+    # cannot be seen, so a send waiting for it says so instead of polling a
+    # readable socket until its timeout.
+    a, b = Channel.pair(transport=PidfdGetfd(window=1))
+    r, w = os.pipe()
+    big = b"x" * (3 << 20)
+    with a, b, open(r, "rb"), open(w, "wb"):
+        a.settimeout(TIMEOUT)
+        a.send(b"held", fds=[w])
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            b.send(big)
+        assert info.value.characters_written > 0  # taken, its rest pending
+        b.settimeout(TIMEOUT)
+        b.recv().close()  # acknowledged, but the acknowledgement queues behind big's rest
+        flusher = threading.Thread(target=b.flush)
+        flusher.start()
+        try:
+            with pytest.raises(BlockingIOError, match="recv\\(\\) them") as refused:
+                a.send(b"more", fds=[w])
+            assert refused.value.errno == errno.ENOBUFS
+            assert refused.value.characters_written == 0
+            assert a.recv().payload == big
+        finally:
+            flusher.join(TIMEOUT)
+        assert not flusher.is_alive()
+        a.send(b"more", fds=[w])  # the acknowledgement was behind big: now seen
+        with b.recv() as msg:
+            assert msg.payload == b"more"
+
+
+def test_async_send_waits_for_the_window(run: Run) -> None:
+    import asyncio
+
+    from fdchannel.aio import AsyncChannel
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair(transport=PidfdGetfd(window=1))
+        r, w = os.pipe()
+        async with a, b:
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    await a.send(b"held", fds=[w])
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.05):  # the window is full: it waits
+                            await a.send(b"next", fds=[w])
+                    waiting = asyncio.create_task(a.send(b"next", fds=[w]))
+                    with await b.recv() as msg:  # acknowledges, and so opens the window
+                        assert msg.payload == b"held"
+                    await waiting
+                    with await b.recv() as msg:
+                        assert msg.payload == b"next"
+            finally:
+                os.close(r)
+                os.close(w)
+
+    run(main())

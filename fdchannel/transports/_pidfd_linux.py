@@ -109,7 +109,8 @@ class PidfdSession(PullSession):
 
     transport_name = "PidfdGetfd"
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, window: int | None) -> None:
+        self.window = window
         self._sock = sock
         # The number this process knows its end by (a forked child shares it).
         self._sock_fd = sock.fileno()

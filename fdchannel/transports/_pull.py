@@ -84,6 +84,11 @@ class PullSession(Session):
     greet: ClassVar[bool] = False
     #: The transport's name, for error messages.
     transport_name: ClassVar[str] = "pull transport"
+    #: The most fds the sending side holds for its peer unacknowledged
+    #: (None: unbounded).  A message that would go over it waits for
+    #: acknowledgements (`waits_for_peer`), unless nothing is held: a single
+    #: message may carry more.
+    window: int | None = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -97,6 +102,7 @@ class PullSession(Session):
         # seq -> what outgoing() kept for that message; insertion-ordered,
         # so acknowledgements release from the front.
         self._unacked: dict[int, list[Any]] = {}
+        self._held = 0  # how many duplicates _unacked holds
         # -- receiving side
         self._peer: _Peer | None = None
         self._ack = 0  # highest sequence number to acknowledge, 0 = none
@@ -207,7 +213,25 @@ class PullSession(Session):
                 raise
             self._seq += 1
             self._unacked[self._seq] = kept
+            self._held += len(kept)
             return Outgoing(aux=aux, token=self._seq)
+
+    def waits_for_peer(self, fds: Sequence[int]) -> bool:
+        # The window: the sender holds a duplicate of every fd in flight
+        # until the peer acknowledges it, so a peer that never does would
+        # fill this process's fd table.  Messages without fds never wait.
+        window = self.window
+        if window is None or not fds:
+            return False
+        with self._lock:
+            if self._owner != self._os_pid():
+                return False  # a forked child starts afresh (`_adopt`), holding nothing
+            return self._held > 0 and self._held + len(fds) > window
+
+    @property
+    def held(self) -> int:
+        """How many fd duplicates the sending side holds for its peer, unacknowledged."""
+        return self._held
 
     def _adopt(self, pid: int) -> None:
         """Start the sending state afresh in process *pid*.
@@ -227,7 +251,9 @@ class PullSession(Session):
         if not isinstance(out.token, int):
             return
         with self._lock:
-            for keep in self._unacked.pop(out.token, ()):
+            kept = self._unacked.pop(out.token, ())
+            self._held -= len(kept)
+            for keep in kept:
                 self._os_release(keep)
 
     def _release_unacked(self, upto: int | None) -> None:
@@ -236,7 +262,9 @@ class PullSession(Session):
             seq = next(iter(unacked))
             if upto is not None and seq > upto:
                 break
-            for keep in unacked.pop(seq):
+            kept = unacked.pop(seq)
+            self._held -= len(kept)
+            for keep in kept:
                 self._os_release(keep)
 
     def control(self, payload: bytes) -> None:
