@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError
+from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError, UnverifiedSender
 from fdchannel.transports import PidfdGetfd, UnixRights, _pidfd_linux
 from fdchannel.transports._pidfd import DEFAULT_WINDOW
 
@@ -390,7 +390,10 @@ def test_peer_naming_an_fd_it_lacks_is_a_protocol_error() -> None:
         os.close(w)
 
 
-_NR = {"x86_64": {"pidfd_getfd": 438, "kcmp": 312}, "aarch64": {"pidfd_getfd": 438, "kcmp": 272}}
+_NR = {
+    "x86_64": {"pidfd_getfd": 438, "kcmp": 312, "socket": 41},
+    "aarch64": {"pidfd_getfd": 438, "kcmp": 272, "socket": 198},
+}
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
 
@@ -474,6 +477,38 @@ def test_without_kcmp_the_lease_is_compared_by_pulling_it_again() -> None:
             b.close()
             os.close(r)
             os.close(w)
+
+    run_child(body)
+
+
+@pytest.mark.skipif(platform.machine() not in _NR, reason="seccomp numbers known for x86_64/aarch64")
+def test_a_sender_that_cannot_be_proven_the_peer_is_refused_clearly() -> None:
+    # A socketpair this process made, its other end in a child: the child is
+    # proven the peer through its socket, which for AF_UNIX asks the
+    # kernel's socket diagnostics (a netlink socket).  Where that is
+    # unavailable the receiver must refuse, saying why, and pull nothing.
+    def body() -> None:
+        a, b = Channel.pair(transport=PidfdGetfd())
+        r, w = os.pipe()
+
+        def sender() -> None:
+            b.close()
+            a.send(b"unprovable", fds=[w])
+            a.settimeout(TIMEOUT)
+            with pytest.raises((ChannelClosed, ConnectionResetError)):
+                a.recv()  # until the receiver is done
+
+        pid = fork_child(sender)
+        a.close()
+        deny_syscall("socket", errno.EPERM)
+        b.settimeout(TIMEOUT)
+        with pytest.raises(UnverifiedSender, match="cannot prove that process") as info:
+            b.recv()
+        assert isinstance(info.value, ProtocolError)
+        b.close()
+        assert wait_child(pid) == 0
+        os.close(r)
+        os.close(w)
 
     run_child(body)
 

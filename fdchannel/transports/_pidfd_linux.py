@@ -2,7 +2,8 @@
 
 Python has ``os.pidfd_open`` but no ``pidfd_getfd`` or ``kcmp`` wrapper, so
 both are called through ``syscall(2)`` with ctypes.  Imported only on Linux
-(`fdchannel.transports._pidfd` holds the platform-neutral transport class).
+(`fdchannel.transports._pidfd` holds the platform-neutral transport class;
+`._peerproof_linux` the proof that a sender is the connection's peer).
 """
 
 from __future__ import annotations
