@@ -674,11 +674,12 @@ def test_close_from_another_thread_during_recv_leaks_nothing_and_says_closed(mak
 # -- the window: a peer that never acknowledges ------------------------------------------
 
 
-def _silent_reader(sock: socket.socket, other: socket.socket) -> int:
-    """Fork a peer that reads on *sock* every frame *other* sends, and never acknowledges."""
+def _silent_reader(sock: socket.socket, *others: socket.socket) -> int:
+    """Fork a peer that reads every frame on *sock* and never acknowledges (*others*: sockets it drops)."""
 
     def body() -> None:
-        other.close()
+        for other in others:
+            other.close()
         sock.settimeout(TIMEOUT)
         while sock.recv(1 << 16):
             pass
@@ -724,6 +725,48 @@ def test_a_peer_that_never_acknowledges_leaves_the_sender_room(sockets: Callable
         os.close(r)
         os.close(w)
         assert wait_child(peer) == 0
+
+    run_child(body)
+
+
+def test_peers_that_never_acknowledge_hold_at_most_half_the_fd_table_together() -> None:
+    # One window per channel is not enough: a server sending fds to a few
+    # clients that never acknowledge would still fill its fd table.
+    import resource
+
+    def body() -> None:
+        r, w = os.pipe()
+        ends = [socket.socketpair() for _ in range(4)]
+        every = [s for pair in ends for s in pair]
+        peers = [_silent_reader(y, *(s for s in every if s is not y)) for _, y in ends]
+        for _, y in ends:
+            y.close()
+        limit = 600
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        channels = [Channel(x, transport=PidfdGetfd()) for x, _ in ends]
+        held: list[int] = []
+        for ch in channels:
+            ch.settimeout(0.5)
+            with pytest.raises(TimeoutError) as info:
+                for _ in range(DEFAULT_WINDOW + 1):
+                    ch.send(b"m", fds=[w])
+            assert info.value.characters_written == 0
+            session: Any = ch._session
+            held.append(session.held)
+        # The first channel filled its window; the rest shared what was left
+        # of half the table, one message each beyond it at most.
+        assert held[0] == DEFAULT_WINDOW
+        assert sum(held) <= limit // 2 + len(channels)
+        assert all(h >= 1 for h in held)  # every channel still made progress
+        files = [open(os.devnull, "rb") for _ in range(200)]  # noqa: SIM115 - closed below
+        for f in files:
+            f.close()
+        for ch in channels:
+            ch.close()
+        os.close(r)
+        os.close(w)
+        for pid in peers:
+            assert wait_child(pid) == 0
 
     run_child(body)
 

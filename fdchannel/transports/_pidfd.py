@@ -68,7 +68,9 @@ class PidfdGetfd(Transport):
     a full socket: within the channel's timeout, then `TimeoutError`
     (`BlockingIOError` when non-blocking) with ``characters_written`` 0, the
     message not taken and nothing held for it.  Messages without fds never
-    wait.  `ValueError` if *window* is not positive.
+    wait.  All channels of the process together likewise hold at most half
+    the soft ``RLIMIT_NOFILE`` (a channel holding nothing may always send
+    one message).  `ValueError` if *window* is not positive.
 
     Construction of a channel raises `OSError` (``ENOSYS``) where the kernel
     or Python lacks the system calls.

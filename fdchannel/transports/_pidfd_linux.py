@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import platform
+import resource
 import select
 import socket
 import struct
@@ -120,6 +121,12 @@ class PidfdSession(PullSession):
         super().__init__()
 
     # -- sending side
+    def _os_fd_budget(self) -> int:
+        # Half the fd table, whatever the number of channels: the rest of
+        # the process keeps the other half.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return sys.maxsize if soft == resource.RLIM_INFINITY else soft // 2
+
     def _os_export(self, fd: int) -> tuple[int, int]:
         # A private close-on-exec duplicate: the caller may close its fd as
         # soon as send() returns, and the receiver pulls this number.

@@ -57,6 +57,32 @@ _ACK: Final = 1
 _HELLO: Final = 2
 
 
+class _ProcessHeld:
+    """How many duplicates all pull sessions of this process hold for their peers.
+
+    Each session's window bounds one channel; this count lets a session
+    also respect a bound for the whole process (`PullSession._os_fd_budget`),
+    so many peers that never acknowledge cannot together fill the fd table.
+    """
+
+    count = 0
+    lock = threading.Lock()
+
+    @classmethod
+    def add(cls, n: int) -> None:
+        with cls.lock:
+            cls.count += n
+
+    @classmethod
+    def _after_fork(cls) -> None:
+        # A thread that held the lock does not exist in the child.
+        cls.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ProcessHeld._after_fork)
+
+
 class _Peer:
     """What the receiving side holds of one sender process."""
 
@@ -117,6 +143,10 @@ class PullSession(Session):
     def _os_pid(self) -> int:
         """This process's id (asked each time: a forked child has its own)."""
         return os.getpid()
+
+    def _os_fd_budget(self) -> int | None:
+        """The most duplicates all sessions of this process may hold for their peers (None: no bound)."""
+        return None
 
     @abc.abstractmethod
     def _os_export(self, fd: int) -> tuple[Any, Any]:
@@ -214,6 +244,7 @@ class PullSession(Session):
             self._seq += 1
             self._unacked[self._seq] = kept
             self._held += len(kept)
+            _ProcessHeld.add(len(kept))
             return Outgoing(aux=aux, token=self._seq)
 
     def waits_for_peer(self, fds: Sequence[int]) -> bool:
@@ -224,9 +255,15 @@ class PullSession(Session):
         if window is None or not fds:
             return False
         with self._lock:
-            if self._owner != self._os_pid():
-                return False  # a forked child starts afresh (`_adopt`), holding nothing
-            return self._held > 0 and self._held + len(fds) > window
+            if self._owner != self._os_pid() or not self._held:
+                # Nothing held (a forked child starts afresh, `_adopt`):
+                # this channel's next message always goes, so every
+                # channel makes progress whatever the others hold.
+                return False
+            if self._held + len(fds) > window:
+                return True
+            budget = self._os_fd_budget()
+            return budget is not None and _ProcessHeld.count + len(fds) > budget
 
     @property
     def held(self) -> int:
@@ -253,6 +290,7 @@ class PullSession(Session):
         with self._lock:
             kept = self._unacked.pop(out.token, ())
             self._held -= len(kept)
+            _ProcessHeld.add(-len(kept))
             for keep in kept:
                 self._os_release(keep)
 
@@ -264,6 +302,7 @@ class PullSession(Session):
                 break
             kept = unacked.pop(seq)
             self._held -= len(kept)
+            _ProcessHeld.add(-len(kept))
             for keep in kept:
                 self._os_release(keep)
 
