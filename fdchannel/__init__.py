@@ -17,6 +17,7 @@ from ._errors import (
     LimitExceeded,
     ProtocolError,
     TruncatedControlData,
+    UnverifiedSender,
 )
 from ._listener import Listener
 from ._message import Message
@@ -39,6 +40,7 @@ __all__ = [
     "PeerCredentials",
     "ProtocolError",
     "TruncatedControlData",
+    "UnverifiedSender",
     "fdpass",
     "spawn",
 ]

@@ -203,6 +203,11 @@ class Decoder:
         #: Complete frames in stream order; take them with `next_frame` (or
         #: ``popleft()``: a channel's hot path reads the queue directly).
         self.frames: deque[Frame] = deque()
+        # The stream offset of the earliest control frame queued since the
+        # last `take_control_frames`, or None: that call then looks only at
+        # the frames from there on, so a peer streaming data frames that
+        # nobody receives yet does not make every call scan the whole queue.
+        self._control_from: int | None = None
         #: The protocol error met, if any (a plain attribute: recv() checks
         #: it on every call).
         self.error: ProtocolError | None = None
@@ -369,12 +374,22 @@ class Decoder:
         self.frames.append(Frame(False, len(fds), b"", payload, list(fds), start))
 
     def take_control_frames(self) -> list[Frame]:
-        """Remove and return the queued control frames, leaving data frames queued."""
-        control = [f for f in self.frames if f.control]
-        if control:
-            data = [f for f in self.frames if not f.control]
-            self.frames.clear()
-            self.frames.extend(data)
+        """Remove and return the queued control frames, leaving data frames queued.
+
+        Costs the frames queued since the first control frame that arrived
+        after the previous call, not the whole queue.
+        """
+        since = self._control_from
+        if since is None:
+            return []
+        self._control_from = None
+        frames = self.frames
+        tail: list[Frame] = []
+        while frames and frames[-1].start >= since:
+            tail.append(frames.pop())
+        tail.reverse()
+        control = [f for f in tail if f.control]
+        frames.extend(f for f in tail if not f.control)
         return control
 
     def take_fds(self) -> list[int]:
@@ -385,6 +400,7 @@ class Decoder:
             out.extend(frame.fds)
             frame.fds = []
         self.frames.clear()
+        self._control_from = None
         return out
 
     # -- parsing ----------------------------------------------------------
@@ -423,6 +439,8 @@ class Decoder:
                 payload = self._mv[body + aux_len : start + total].tobytes()
                 fds = self._take_inband(nfds, frame_start, frame_start + total) if nfds or self._fds else []
                 self.frames.append(Frame(flags != 0, nfds, aux, payload, fds, frame_start))
+                if flags and self._control_from is None:
+                    self._control_from = frame_start
                 start += total
         finally:
             if start == end:
@@ -433,6 +451,8 @@ class Decoder:
         self._big = None
         fds = self._take_inband(big.nfds, big.start, big.end)
         self.frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds, big.start))
+        if big.control and self._control_from is None:
+            self._control_from = big.start
 
     def _check_header(
         self, magic: bytes, version: int, wire_id: int, flags: int, nfds: int, aux_len: int, payload_len: int

@@ -424,8 +424,10 @@ class ChannelCore:
     def _peer_needed(self, nums: list[int]) -> bool:
         """True while the session needs to hear from the peer before it can send *nums*.
 
-        Reads what already arrived (the peer's greeting may be there); raises
-        `BrokenPipeError` if the peer closed without greeting.
+        Reads what already arrived (the peer's greeting or acknowledgements
+        may be there); raises `BrokenPipeError` if the peer closed without
+        greeting, `BlockingIOError` (``ENOBUFS``) if what it waits for is
+        queued behind `PUMP_BUDGET` of unreceived data.
         """
         session = self._session
         if not session.waits_for_peer(nums):
@@ -435,6 +437,16 @@ class ChannelCore:
             return False
         if self._eof:
             raise BrokenPipeError(errno.EPIPE, "the peer closed before its channel announced itself")
+        if self._decoder.unread_bytes >= PUMP_BUDGET:
+            # What the session waits for is behind data nobody has received:
+            # waiting for readability would spin, and reading on would
+            # buffer the peer's stream without bound.
+            raise BlockingIOError(
+                errno.ENOBUFS,
+                f"{self._transport.name}: this send waits for the peer's acknowledgements, which are "
+                f"queued behind {PUMP_BUDGET} bytes of messages not yet received: "
+                "recv() them, then send again",
+            )
         return True
 
     def _start_message(self, payload: Buffer, nums: list[int], size: int) -> tuple[Outgoing, int | None]:
@@ -652,9 +664,17 @@ class ChannelCore:
     _recv_ok: ClassVar[tuple[type[BaseException], ...]] = (OSError, FdChannelError, ValueError)
 
     def _recv_stopped(self, exc: BaseException) -> None:
-        """A recv() ends with *exc*: anything but the expected errors breaks the channel."""
+        """A recv() ends with *exc*: anything but the expected errors breaks the channel.
+
+        If another thread closed the channel during the call, the socket's
+        EBADF (or the session's refusal) becomes the closed-channel error.
+        """
         if not isinstance(exc, self._recv_ok):
             self._recv_interrupted(exc)
+        elif self._closed and not isinstance(exc, FdChannelError):
+            closed = f"I/O operation on a closed {self._kind}"
+            if not (isinstance(exc, ValueError) and exc.args == (closed,)):
+                raise ValueError(closed) from exc
 
     def _recv_interrupted(self, exc: BaseException) -> None:
         """*exc* (KeyboardInterrupt, a signal handler's error) cut into a recv().

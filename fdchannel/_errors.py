@@ -15,6 +15,7 @@ __all__ = [
     "LimitExceeded",
     "ProtocolError",
     "TruncatedControlData",
+    "UnverifiedSender",
 ]
 
 
@@ -67,6 +68,18 @@ class TruncatedControlData(ProtocolError):
 
     Usually the receiving process is at its ``RLIMIT_NOFILE`` and the kernel
     could not install every fd; the fds that did arrive were closed.
+    """
+
+
+class UnverifiedSender(ProtocolError):
+    """A duplication frame names a process not proven to be this connection's peer.
+
+    Raised by ``recv()`` on `PidfdGetfd` when a frame asks this end to copy
+    fds out of a process that does not hold the other end of this very
+    connection (a forged pid, this process itself, a third process), or
+    when the kernel offers no way to prove that it does.  Nothing was
+    delivered and no fd was kept; like any `ProtocolError` it leaves the
+    channel unusable.
     """
 
 

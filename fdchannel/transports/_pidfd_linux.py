@@ -2,7 +2,8 @@
 
 Python has ``os.pidfd_open`` but no ``pidfd_getfd`` or ``kcmp`` wrapper, so
 both are called through ``syscall(2)`` with ctypes.  Imported only on Linux
-(`fdchannel.transports._pidfd` holds the platform-neutral transport class).
+(`fdchannel.transports._pidfd` holds the platform-neutral transport class;
+`._peerproof_linux` the proof that a sender is the connection's peer).
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import errno
 import fcntl
 import os
 import platform
+import resource
 import select
+import socket
 import struct
 import sys
 from typing import Any, Final
 
-from .._errors import ProtocolError
+from .._errors import ProtocolError, UnverifiedSender
+from . import _peerproof_linux as proof
 from ._pull import TOKEN_SIZE, PullSession
 
 assert sys.platform == "linux"  # the rest is Linux only; mypy skips it elsewhere too
 
-__all__ = ["PidfdSession", "pidfd_getfd", "unavailable_reason"]
+__all__ = ["PidfdSession", "pack_refs", "pidfd_getfd", "unavailable_reason"]
 
 #: syscall numbers: (pidfd_getfd, kcmp).  pidfd_getfd is 438 on every
 #: architecture using the generic table; kcmp is not.
@@ -91,10 +95,38 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def pack_refs(sock_fd: int, refs: list[int]) -> bytes:
+    """The wire form of a message's references: the sender's socket fd, then each fd number."""
+    return struct.pack(f"<{len(refs) + 1}I", sock_fd, *refs)
+
+
 class PidfdSession(PullSession):
+    """One channel's `PidfdGetfd` state over *sock* (borrowed: the channel owns it).
+
+    Every frame with fds names, besides the sender's pid, the fd number of
+    the sender's own socket: the receiver pulls it once per sender process
+    to prove that process holds the other end of this connection (unless
+    the kernel's ``SO_PEERPIDFD`` already names it).
+    """
+
     transport_name = "PidfdGetfd"
 
+    def __init__(self, sock: socket.socket, window: int | None) -> None:
+        self.window = window
+        self._sock = sock
+        # The number this process knows its end by (a forked child shares it).
+        self._sock_fd = sock.fileno()
+        #: The pidfd `_os_open_peer` last got from SO_PEERPIDFD, if any.
+        self._kernel_peer: int | None = None
+        super().__init__()
+
     # -- sending side
+    def _os_fd_budget(self) -> int:
+        # Half the fd table, whatever the number of channels: the rest of
+        # the process keeps the other half.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return sys.maxsize if soft == resource.RLIM_INFINITY else soft // 2
+
     def _os_export(self, fd: int) -> tuple[int, int]:
         # A private close-on-exec duplicate: the caller may close its fd as
         # soon as send() returns, and the receiver pulls this number.
@@ -118,18 +150,59 @@ class PidfdSession(PullSession):
         return lease, token, lease
 
     def _os_pack_refs(self, refs: list[int]) -> bytes:
-        return struct.pack(f"<{len(refs)}I", *refs)
+        return pack_refs(self._sock_fd, refs)
 
-    def _os_unpack_refs(self, nfds: int, data: bytes) -> list[int]:
-        if len(data) != nfds * _REF.size:
+    def _os_unpack_refs(self, nfds: int, data: bytes) -> tuple[int, list[int]]:
+        expected = (nfds + 1) * _REF.size
+        if len(data) != expected:
             raise ProtocolError(
-                f"PidfdGetfd: {len(data)} bytes of fd numbers for {nfds} fds (expected {nfds * _REF.size})"
+                f"PidfdGetfd: {len(data)} bytes of fd numbers for {nfds} fds (expected {expected})"
             )
-        return list(struct.unpack(f"<{nfds}I", data))
+        sock_fd, *refs = struct.unpack(f"<{nfds + 1}I", data)
+        return sock_fd, refs
 
     # -- receiving side
     def _os_open_peer(self, pid: int) -> int:
+        self._kernel_peer = None
+        sock = self._sock
+        if sock.family == socket.AF_UNIX and pid != os.getpid() and pid == proof.peer_cred_pid(sock):
+            # The kernel's own record of who connected: a pidfd that keeps
+            # naming that process (a pid could be reused once it exits).
+            pidfd = proof.kernel_peer_pidfd(sock)
+            if pidfd is not None:
+                self._kernel_peer = pidfd
+                return pidfd
         return os.pidfd_open(pid)  # always close-on-exec
+
+    def _os_prove_peer(self, proc: int, pid: int, proof_ref: int) -> None:
+        if proc == self._kernel_peer:
+            return  # SO_PEERPIDFD named this very process
+        try:
+            theirs = pidfd_getfd(proc, proof_ref)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise  # EPERM, ESRCH: classified as for the lease
+            raise UnverifiedSender(self._not_peer(pid, proof_ref, "it has no such fd")) from exc
+        try:
+            if not proof.is_other_end(theirs, self._sock):
+                raise UnverifiedSender(
+                    self._not_peer(pid, proof_ref, "that fd is not the other end of this connection")
+                )
+        except OSError as exc:
+            raise UnverifiedSender(
+                f"PidfdGetfd: cannot prove that process {pid} holds the other end of this connection "
+                f"({exc.strerror or exc}); refusing to copy fds out of it, nothing was taken"
+            ) from exc
+        finally:
+            os.close(theirs)
+
+    def _not_peer(self, pid: int, ref: int, why: str) -> str:
+        me = " (this process itself)" if pid == os.getpid() else ""
+        return (
+            f"PidfdGetfd: the frame names process {pid}{me} and its fd {ref} as the sender's socket, "
+            f"but {why}: only the process at the other end of this connection may be copied from; "
+            "nothing was taken"
+        )
 
     def _os_close_peer(self, proc: int) -> None:
         os.close(proc)

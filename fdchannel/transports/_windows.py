@@ -106,10 +106,10 @@ class _WinSession(PullSession):
         parts.extend(_LEN.pack(len(b)) + b for b in blobs)
         return b"".join(parts)
 
-    def _os_unpack_refs(self, nfds: int, data: bytes) -> list[Any]:
+    def _os_unpack_refs(self, nfds: int, data: bytes) -> tuple[None, list[Any]]:
         refs = _parse_refs(nfds, data)
         blobs = _parse_blobs(data, nfds * _REF.size, sum(kind == KIND_SOCKET for kind, _ in refs))
-        return [(kind, blobs[value] if kind == KIND_SOCKET else value) for kind, value in refs]
+        return None, [(kind, blobs[value] if kind == KIND_SOCKET else value) for kind, value in refs]
 
     # -- receiving side
     def _os_open_peer(self, pid: int) -> int:
