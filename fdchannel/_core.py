@@ -39,7 +39,9 @@ from .transports import Outgoing, Session, Transport, default_transport
 __all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "PUMP_BUDGET", "ChannelCore"]
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
+"""The default ``max_payload`` of a channel: 64 MiB, the largest payload of one message."""
 DEFAULT_MAX_FDS: Final = 1024
+"""The default ``max_fds`` of a channel: the most fds one message may carry."""
 
 #: How much unread data a send() on a duplication transport may read ahead
 #: of recv() while it looks for the peer's acknowledgements: enough that
@@ -166,11 +168,22 @@ class ChannelCore:
     def from_fd(cls, fd: int, **kwargs: Any) -> Self:
         """Wrap an inherited socket fd; the channel owns it from now on.
 
-        Keyword arguments go to the constructor.  The fd is made
-        non-inheritable.  Raises `OSError` if *fd* is not a socket
-        (``ENOTSOCK``) or not connected (``ENOTCONN``), `ValueError` if it is
-        not a stream socket or the transport cannot use it; the fd is then
-        left open and still the caller's.
+        The fd is made non-inheritable.
+
+        Args:
+            fd: A connected stream socket's fd.
+            **kwargs: Go to the constructor (``transport``, ``max_payload``,
+                ``max_fds``).
+
+        Returns:
+            The new channel, owned by the caller.
+
+        Raises:
+            OSError: *fd* is not a socket (``ENOTSOCK``) or not connected
+                (``ENOTCONN``); the fd is then left open and still the
+                caller's.
+            ValueError: *fd* is not a stream socket or the transport cannot
+                use it (the fd likewise stays the caller's).
         """
         sock = socket.socket(fileno=fd)
         try:

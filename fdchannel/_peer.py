@@ -40,8 +40,13 @@ class PeerCredentials:
     The values are those of the process when it called ``connect()`` (or
     created the socketpair), not of whoever holds the socket now: the ends
     of `Channel.pair` both report the process that created the pair, even
-    after one end was handed to a child.  ``pid`` is ``None`` where the OS
-    does not report it.  ``gid`` is the primary (effective) group only.
+    after one end was handed to a child.
+
+    Attributes:
+        pid: The peer's process id, or ``None`` where the OS does not report
+            it.
+        uid: The peer's effective user id.
+        gid: The peer's primary (effective) group only.
     """
 
     pid: int | None

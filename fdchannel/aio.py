@@ -138,10 +138,23 @@ class AsyncChannel(ChannelCore):
     ) -> None:
         """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
 
-        The socket is made non-blocking.  *max_payload* and *max_fds* bound one
-        message both ways, as on `fdchannel.Channel` (a message exactly at a
-        limit is allowed).  Raises `ValueError` for a socket the transport
-        cannot use (the socket then stays the caller's).
+        The socket is made non-blocking.  The limits bound one message both
+        ways, as on `fdchannel.Channel` (a message exactly at a limit is
+        allowed).
+
+        Args:
+            sock: A connected stream socket; the channel owns it from now on.
+            transport: How fds travel; ``None`` means
+                `default_transport()`.  Both ends must use the same one.
+            max_payload: The largest payload of one message, in bytes
+                (default `DEFAULT_MAX_PAYLOAD`, 64 MiB).
+            max_fds: The most fds one message may carry (default
+                `DEFAULT_MAX_FDS`, 1024).
+
+        Raises:
+            ValueError: *sock* is not a stream socket, a limit is negative,
+                or the transport cannot use *sock* (the socket then stays
+                the caller's).
         """
         transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
         self._setup(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
@@ -181,7 +194,18 @@ class AsyncChannel(ChannelCore):
     def pair(cls, *, transport: Transport | None = None, **kwargs: Any) -> tuple[AsyncChannel, AsyncChannel]:
         """Return two connected channels over a new AF_UNIX socketpair.
 
-        Both sockets are non-inheritable.  Keyword arguments go to both ends.
+        Both sockets are non-inheritable.
+
+        Args:
+            transport: The transport of both ends (default:
+                `default_transport()`).
+            **kwargs: Go to both constructors (``max_payload``, ``max_fds``).
+
+        Returns:
+            The two ends, each owned by the caller.
+
+        Raises:
+            OSError: The socketpair could not be created.
         """
         return cls._pair(transport, kwargs)
 
@@ -194,9 +218,18 @@ class AsyncChannel(ChannelCore):
         timed-out or non-blocking ``send()`` left pending (it is finished
         first).  Transport and limits carry over.  *channel* is closed
         afterwards without closing anything (its ``closed`` is true and its
-        methods raise `ValueError`).  Raises `ValueError` if *channel* is
-        closed and `RuntimeError` if another thread is inside its ``send()``
-        or ``recv()``; nothing moves then.
+        methods raise `ValueError`).
+
+        Args:
+            channel: The blocking channel to take over.
+
+        Returns:
+            The new channel, owned by the caller.
+
+        Raises:
+            ValueError: *channel* is closed (nothing moves).
+            RuntimeError: Another thread is inside *channel*'s ``send()`` or
+                ``recv()`` (nothing moves).
         """
         ch: Any = channel  # its private state, by design: same package
         if ch._closed:
@@ -407,23 +440,31 @@ class AsyncChannel(ChannelCore):
     async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
         """Send one message: *payload* and *fds*, delivered together.
 
-        *fds* are ints or objects with ``fileno()``; they stay the caller's.
         Waits while the socket is full (backpressure): memory held by the
         channel stays at most one message however slowly the peer reads.
-        *payload* is borrowed until ``send()`` returns: do not change it.
-
-        Raises `ValueError` before writing anything when the message exceeds
-        ``max_payload``/``max_fds``, names an impossible fd number (negative,
-        a closed file object) or the channel's own socket, or the channel is
-        closed; `BufferError` for a payload that is not contiguous; `OSError`
-        (``EBADF``) for a number that is not an open fd, also before writing
-        anything; `ProtocolError` if an earlier error left the channel
-        unusable (`ChannelBroken` when this end broke it); `OSError` (such
-        as `BrokenPipeError`) from the kernel; `RuntimeError` when called
-        from another event loop than the one the channel was first used on.
         Cancelled: not sent if ``characters_written`` on the
         ``CancelledError`` is ``0``; otherwise taken and finished before any
         later message (see `flush`).
+
+        Args:
+            payload: The message's bytes, borrowed until ``send()`` returns:
+                do not change it meanwhile.
+            fds: Ints or objects with ``fileno()``; they stay the caller's,
+                who may close them as soon as the call returns or raises.
+
+        Raises:
+            ValueError: Before writing anything: the message exceeds
+                ``max_payload``/``max_fds``, names an impossible fd number
+                (negative, a closed file object) or the channel's own
+                socket, or the channel is closed.
+            BufferError: The payload is not contiguous.
+            OSError: ``EBADF`` before writing anything for a number that is
+                not an open fd; otherwise from the kernel (such as
+                `BrokenPipeError`).
+            ProtocolError: An earlier error left the channel unusable
+                (`ChannelBroken` when this end broke it).
+            RuntimeError: Called from another event loop than the one the
+                channel was first used on.
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
@@ -485,7 +526,13 @@ class AsyncChannel(ChannelCore):
     async def flush(self) -> None:
         """Write what a cancelled ``send()`` left pending; return when none is.
 
-        Raises as `send` does.  Cancelling it leaves the rest pending.
+        Cancelling it leaves the rest pending.
+
+        Raises:
+            OSError: From the kernel.
+            ProtocolError: An earlier error left the channel unusable.
+            ValueError: The channel is closed.
+            RuntimeError: Called from another event loop.
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()
@@ -526,13 +573,20 @@ class AsyncChannel(ChannelCore):
     async def recv(self) -> Message:  # noqa: C901 - the recv fast path: one loop, no call per step
         """Receive one whole message; its fds are now the caller's.
 
-        Raises `ChannelClosed` when the peer closed between messages (or the
-        channel was closed while this call waited), `ProtocolError` for
-        anything malformed (the channel is unusable after it), `ValueError`
-        on a closed channel, `OSError` from the kernel.  Cancelled: nothing
-        is lost; what arrived stays buffered for the next ``recv()``.
-        `RuntimeError` when called from another event loop than the one the
-        channel was first used on (the channel stays as it was).
+        Cancelled: nothing is lost; what arrived stays buffered for the next
+        ``recv()``.
+
+        Returns:
+            The message; each of its fds is an `OwnedFd` the caller owns.
+
+        Raises:
+            ChannelClosed: The peer closed between messages, or the channel
+                was closed while this call waited.
+            ProtocolError: Anything malformed; the channel is unusable after.
+            ValueError: The channel is closed.
+            OSError: From the kernel, with its errno.
+            RuntimeError: Called from another event loop than the one the
+                channel was first used on (the channel stays as it was).
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
@@ -569,7 +623,12 @@ class AsyncChannel(ChannelCore):
             gate.leave()
 
     def __aiter__(self) -> AsyncIterator[Message]:
-        """Yield messages until the peer closes the channel."""
+        """Iterate with ``async for``: messages until the peer closes the channel.
+
+        Returns:
+            The channel itself; each step awaits `recv`, `ChannelClosed`
+            ends the loop and any other error propagates.
+        """
         return self
 
     async def __anext__(self) -> Message:
@@ -614,10 +673,20 @@ class AsyncChannel(ChannelCore):
 async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncChannel:
     """Connect to the `start_server` (or `fdchannel.Listener`) at *path*.
 
-    *path* is a filesystem path or, on Linux, an abstract name starting with
-    ``"\\0"``.  Keyword arguments go to `AsyncChannel`.  Raises `OSError`
-    (``FileNotFoundError``, ``ConnectionRefusedError``, ...) as
-    ``socket.connect`` does.  Cancelled: the socket is closed, nothing leaks.
+    Cancelled: the socket is closed, nothing leaks.
+
+    Args:
+        path: A filesystem path or, on Linux, an abstract name starting with
+            ``"\\0"``.
+        **kwargs: Go to `AsyncChannel` (``transport``, ``max_payload``,
+            ``max_fds``).
+
+    Returns:
+        The new channel, owned by the caller.
+
+    Raises:
+        OSError: As ``socket.connect`` raises it (`FileNotFoundError`,
+            `ConnectionRefusedError`, ...).
     """
     address = os.fspath(path)
     sock = unix_socket()
@@ -688,7 +757,7 @@ class Server:
 
     @property
     def listener(self) -> Listener:
-        """The underlying `fdchannel.Listener` (owned by the server); see ``refused``."""
+        """The underlying `fdchannel.Listener` (owned by the server); its ``refused`` counts refused peers."""
         return self._listener
 
     def is_serving(self) -> bool:
@@ -696,7 +765,11 @@ class Server:
         return self._serving
 
     async def start_serving(self) -> None:
-        """Start accepting connections (a no-op if already serving)."""
+        """Start accepting connections (a no-op if already serving).
+
+        Raises:
+            RuntimeError: The server is closed.
+        """
         if self._listener.closed:
             raise RuntimeError(f"server {self.path!r} is closed")
         if not self._serving:
@@ -788,8 +861,11 @@ class Server:
     async def serve_forever(self) -> None:
         """Accept connections until `close` is called; cancelling it closes the server.
 
-        As `asyncio.Server.serve_forever`; raises `RuntimeError` if another
-        task is already in it.
+        As `asyncio.Server.serve_forever`.
+
+        Raises:
+            RuntimeError: Another task is already in it, or the server is
+                closed.
         """
         if self._serving_forever is not None:
             raise RuntimeError(f"server {self.path!r} is already in serve_forever()")
@@ -829,12 +905,41 @@ async def start_server(
     and no looser ones at any moment; a stale file left by a dead listener
     is replaced, a live one raises `OSError` (``EADDRINUSE``), a path holding
     anything but a socket raises `FileExistsError` and is left alone; a name
-    starting with ``"\\0"`` is a Linux abstract socket.  *options* go to the
-    `Listener` (``allow_uids``, ``allow_gids``, ``authorize``: refused peers
-    are closed before anything is read, counted in ``server.listener.refused``
-    and logged) and to each channel (``max_payload``, ``max_fds``,
-    ``transport``).  Exceptions raised by a handler are logged on the
-    ``fdchannel.aio`` logger and the server keeps serving.
+    starting with ``"\\0"`` is a Linux abstract socket.  Exceptions raised by
+    a handler are logged on the ``fdchannel.aio`` logger and the server keeps
+    serving.
+
+    Args:
+        path: The socket's filesystem path, or ``"\\0name"`` for a Linux
+            abstract name.
+        handler: ``async def handler(channel)``, run as a task per
+            connection with an `AsyncChannel` the server owns.
+        backlog: The listen queue's length.
+        mode: The socket file's permission bits (``0o600``: the owner only).
+        start_serving: Accept at once; ``False`` waits for
+            `Server.start_serving` or `Server.serve_forever`.
+        **options: Keyword arguments for the `fdchannel.Listener` and for
+            each channel:
+
+            * ``allow_uids``, ``allow_gids`` (collections of ints) and
+              ``authorize`` (a callable given the `PeerCredentials`, true to
+              accept): refused peers are closed before anything is read,
+              counted in ``server.listener.refused`` and logged;
+            * ``max_payload``, ``max_fds`` and ``transport``: as for
+              `AsyncChannel`.
+
+    Returns:
+        The serving `Server`, owned by the caller (``async with`` closes it
+        and waits for its handlers).
+
+    Raises:
+        OSError: ``EADDRINUSE`` when a live listener holds *path*,
+            ``ENAMETOOLONG`` for a path clients could not connect to, or
+            from the kernel (``EACCES``, ...).
+        FileExistsError: *path* holds something that is not a socket (left
+            alone).
+        ValueError: *mode* is not permission bits (0o000-0o777).
+        TypeError: An option neither the listener nor a channel takes.
     """
     listener = Listener(path, backlog=backlog, mode=mode, **options)
     try:
