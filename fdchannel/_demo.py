@@ -48,26 +48,29 @@ def _identity(fd: int) -> list[int] | None:
 def parent() -> int:
     """Run the parent side; return the exit code."""
     proc, channel = spawn([sys.executable, "-m", "fdchannel", "demo-child"])
-    r = w = -1
-    listener = None
-    try:
-        with channel, tempfile.TemporaryFile() as f:
-            channel.settimeout(TIMEOUT)
-            r, w = os.pipe()
-            listener = socket.create_server(("127.0.0.1", 0))
-            port = listener.getsockname()[1]
-            f.write(b"a line written by the parent before the fd left\n")
-            f.flush()  # the child gets the fd, not this process's buffer
-            f.seek(0)  # the offset is shared: the child reads from here
-            fds = [f.fileno(), w, listener.fileno()]
-            _say(
-                "parent",
-                f"sending 3 fds: a temporary file (fd {fds[0]}), a pipe's write end "
-                f"(fd {fds[1]}) and a listening TCP socket on port {port} (fd {fds[2]}); "
-                "it closes its own pipe end and socket right after",
-            )
-            payload = {"fds": fds, "files": [_identity(fd) for fd in fds], "port": port}
-            channel.send(json.dumps(payload).encode(), fds=[f, w, listener])
+    with channel:
+        channel.settimeout(TIMEOUT)
+        # Opened in this order and sent pipe first, the three get other
+        # numbers in the child than here (a fresh child numbers them from 3,
+        # skipping its channel's fd): the transcript shows numbers do not travel.
+        r, w = os.pipe()
+        listener = None
+        try:
+            with tempfile.TemporaryFile() as f:
+                listener = socket.create_server(("127.0.0.1", 0))
+                port = listener.getsockname()[1]
+                f.write(b"a line written by the parent before the fd left\n")
+                f.flush()  # the child gets the fd, not this process's buffer
+                f.seek(0)  # the offset is shared: the child reads from here
+                fds = [w, f.fileno(), listener.fileno()]
+                _say(
+                    "parent",
+                    f"sending 3 fds: a pipe's write end (fd {fds[0]}), a temporary file "
+                    f"(fd {fds[1]}) and a listening TCP socket on port {port} (fd {fds[2]}); "
+                    "it closes its own pipe end and socket right after",
+                )
+                payload = {"fds": fds, "files": [_identity(fd) for fd in fds], "port": port}
+                channel.send(json.dumps(payload).encode(), fds=[w, f, listener])
             # The child has its own copies now; closing ours proves it.
             os.close(w)
             w = -1
@@ -83,13 +86,12 @@ def parent() -> int:
                 _say("parent", f"connected to port {port}, the child answered {conn.recv(200).decode()!r}")
             with channel.recv() as done:
                 _say("parent", f"child reports: {done.payload.decode()}")
-    finally:
-        if w >= 0:
-            os.close(w)
-        if r >= 0:
+        finally:
+            if w >= 0:
+                os.close(w)
             os.close(r)
-        if listener is not None:
-            listener.close()
+            if listener is not None:
+                listener.close()
     code = proc.wait(TIMEOUT)
     _say("parent", f"child exited with status {code}")
     return code
@@ -101,7 +103,7 @@ def child() -> int:
         channel.settimeout(TIMEOUT)
         with channel.recv() as msg:
             info = json.loads(msg.payload)
-            ours = [fd.fileno() for fd in msg.fds]
+            ours = [int(fd.fileno()) for fd in msg.fds]
             same = all(
                 mine is None or theirs is None or mine == theirs
                 for mine, theirs in zip((_identity(fd) for fd in ours), info["files"], strict=True)
@@ -111,7 +113,7 @@ def child() -> int:
                 f"received 3 fds: here they are fds {ours}, in the parent fds {info['fds']}: "
                 f"other numbers, {'the same' if same else 'NOT the same'} open files",
             )
-            file_fd, pipe_fd, sock_fd = msg.fds
+            pipe_fd, file_fd, sock_fd = msg.fds
             with file_fd.open("rb") as f:
                 _say("child", f"read from the file: {f.read().decode().strip()!r}")
             with pipe_fd.open("wb", buffering=0) as pipe:
