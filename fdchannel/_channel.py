@@ -221,7 +221,7 @@ class Channel(ChannelCore):
 
         Returns:
             ``None`` when blocking, ``0.0`` when non-blocking, else the
-            timeout in seconds.
+                timeout in seconds.
         """
         return self._timeout
 
@@ -399,7 +399,7 @@ class Channel(ChannelCore):
 
         Returns:
             The message; each of its fds is an `OwnedFd` (non-inheritable)
-            that the caller owns.  ``with msg:`` closes those not taken.
+                that the caller owns.  ``with msg:`` closes those not taken.
 
         Raises:
             ChannelClosed: The peer closed the channel between messages.
@@ -449,7 +449,7 @@ class Channel(ChannelCore):
 
         Yields:
             Each message, as `recv` returns it; `ChannelClosed` ends the
-            loop, and any other error of `recv` propagates.
+                loop, and any other error of `recv` propagates.
         """
         while True:
             try:

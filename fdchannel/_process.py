@@ -35,7 +35,7 @@ def spawn(
 
     Returns:
         ``(process, channel)``: the caller must wait for the process and
-        close the channel.
+            close the channel.
 
     Raises:
         ValueError: ``close_fds=False`` (every inheritable fd would leak

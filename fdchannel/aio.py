@@ -627,7 +627,7 @@ class AsyncChannel(ChannelCore):
 
         Returns:
             The channel itself; each step awaits `recv`, `ChannelClosed`
-            ends the loop and any other error propagates.
+                ends the loop and any other error propagates.
         """
         return self
 
@@ -930,7 +930,7 @@ async def start_server(
 
     Returns:
         The serving `Server`, owned by the caller (``async with`` closes it
-        and waits for its handlers).
+            and waits for its handlers).
 
     Raises:
         OSError: ``EADDRINUSE`` when a live listener holds *path*,

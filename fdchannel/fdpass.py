@@ -103,7 +103,7 @@ else:
 
         Returns:
             The received fd, non-inheritable (close-on-exec), owned by the
-            caller.
+                caller.
 
         Raises:
             EOFError: The peer closed the connection.

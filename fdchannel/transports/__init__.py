@@ -31,7 +31,7 @@ def default_transport() -> Transport:
 
     Returns:
         `WinDuplicate` on Windows (which has no SCM_RIGHTS), `UnixRights`
-        everywhere else.
+            everywhere else.
     """
     if sys.platform == "win32":
         return WinDuplicate()

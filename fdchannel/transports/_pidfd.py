@@ -64,7 +64,7 @@ class PidfdGetfd(Transport):
 
         Returns:
             A sentence naming what is missing (the OS, the kernel version,
-            the system call), or ``None``.
+                the system call), or ``None``.
         """
         return unavailable_reason()
 
