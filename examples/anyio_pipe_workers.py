@@ -1,4 +1,6 @@
-"""Worker processes that answer through pipes they were handed, on anyio (asyncio or trio).
+"""Workers answering through pipes they were handed, on anyio.
+
+Runs on anyio's asyncio or trio backend.
 
 The parent starts N workers with `fdchannel.spawn` and drives each over an
 `AnyioChannel` (`from_channel` takes the blocking end over).  For every job
@@ -23,16 +25,15 @@ import os
 import sys
 
 import anyio
-
 import fdchannel
 from fdchannel import Channel
 from fdchannel.anyio import AnyioChannel
 
-# -- worker process ------------------------------------------------------------------
+# -- worker process -----------------------------------------------------------
 
 
 async def worker() -> None:
-    """Answer each job by writing its result into the pipe that came with it."""
+    """Answer each job by writing its result into the pipe sent with it."""
     async with AnyioChannel.from_channel(Channel.from_environ()) as parent:
         async for job in parent:
             with job:
@@ -42,7 +43,7 @@ async def worker() -> None:
             # parent sees end-of-file once the answer is read.
 
 
-# -- parent ----------------------------------------------------------------------------
+# -- parent -------------------------------------------------------------------
 
 
 async def read_all(fd: int) -> bytes:
@@ -60,7 +61,9 @@ async def read_all(fd: int) -> bytes:
         data += chunk
 
 
-async def run_job(channel: AnyioChannel, job: bytes, results: dict[bytes, bytes]) -> None:
+async def run_job(
+    channel: AnyioChannel, job: bytes, results: dict[bytes, bytes]
+) -> None:
     r, w = os.pipe()
     try:
         try:
@@ -78,13 +81,17 @@ async def parent(workers: int, jobs: int, backend: str) -> int:
     channels = []
     try:
         for _ in range(workers):
-            proc, end = fdchannel.spawn([sys.executable, __file__, "worker", "--backend", backend])
+            proc, end = fdchannel.spawn(
+                [sys.executable, __file__, "worker", "--backend", backend]
+            )
             procs.append(proc)
             channels.append(AnyioChannel.from_channel(end))
         results: dict[bytes, bytes] = {}
         async with anyio.create_task_group() as group:
             for i in range(jobs):
-                group.start_soon(run_job, channels[i % workers], b"job %d" % i, results)
+                group.start_soon(
+                    run_job, channels[i % workers], b"job %d" % i, results
+                )
 
         # A send under a deadline that has already passed: cancelled before
         # anything was written, so characters_written says "not taken".
@@ -92,11 +99,15 @@ async def parent(workers: int, jobs: int, backend: str) -> int:
             try:
                 await channels[0].send(b"never sent")
             except anyio.get_cancelled_exc_class() as exc:
-                print(f"cancelled send: characters_written={exc.characters_written} (not taken)")
+                print(
+                    "cancelled send: characters_written="
+                    f"{exc.characters_written} (not taken)"
+                )
                 raise
     finally:
         for channel in channels:
-            channel.close()  # the workers see the end of their channel and exit
+            # The workers see the end of their channel and exit.
+            channel.close()
         codes = [await anyio.to_thread.run_sync(proc.wait) for proc in procs]
     ok = 0
     for i in range(jobs):
@@ -104,23 +115,35 @@ async def parent(workers: int, jobs: int, backend: str) -> int:
         pid, _, text = results.get(job, b"").partition(b": ")
         ok += text == job.upper()
         print(f"{job.decode()} -> worker {pid.decode()}: {text.decode()}")
-    print(f"demo: {ok}/{jobs} jobs answered by {workers} workers on anyio's {backend} backend")
+    print(
+        f"demo: {ok}/{jobs} jobs answered by {workers} workers "
+        f"on anyio's {backend} backend"
+    )
     return 0 if ok == jobs and codes == [0] * workers else 1
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("role", nargs="?", default="parent", choices=["parent", "worker"])
+    parser.add_argument(
+        "role", nargs="?", default="parent", choices=["parent", "worker"]
+    )
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=12)
-    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    parser.add_argument(
+        "--backend", default="asyncio", choices=["asyncio", "trio"]
+    )
     args = parser.parse_args()
     if args.role == "worker":
         anyio.run(worker, backend=args.backend)
         return
-    raise SystemExit(anyio.run(parent, args.workers, args.jobs, args.backend, backend=args.backend))
+    raise SystemExit(
+        anyio.run(
+            parent, args.workers, args.jobs, args.backend, backend=args.backend
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A file broker on trio: one server opens files, clients in other processes get the fds.
+"""A file broker on trio: a server opens files, clients get the fds.
 
 The broker serves a Unix socket with `fdchannel.trio.serve` (handlers in a
 nursery).  Each request is a file name; the broker checks it against the
@@ -23,31 +23,35 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 
-import trio
-
 import fdchannel.trio
+import trio
 from fdchannel.trio import TrioChannel
 
 
 def broker_handler(root: str) -> Callable[[TrioChannel], Awaitable[None]]:
-    """A handler answering each request on its channel with an open fd (or an error)."""
+    """A handler answering each request with an open fd (or an error)."""
 
     async def handle(channel: TrioChannel) -> None:
         async for request in channel:
             with request:
                 name = os.fsdecode(request.payload)
             if os.sep in name or name.startswith("."):
-                await channel.send(b"error: only plain names in the shared directory")
+                await channel.send(
+                    b"error: only plain names in the shared directory"
+                )
                 continue
             try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(
+                    os.path.join(root, name), os.O_RDONLY | os.O_CLOEXEC
+                )
             except OSError as exc:
                 await channel.send(b"error: " + str(exc).encode())
                 continue
             try:
                 await channel.send(b"ok", fds=[fd])
             finally:
-                os.close(fd)  # ours to close as soon as send() returns or raises
+                # Ours to close as soon as send() returns or raises.
+                os.close(fd)
 
     return handle
 
@@ -61,10 +65,15 @@ async def client(path: str, name: str) -> None:
             reply = await channel.recv()
         with reply:
             if reply.payload != b"ok":
-                print(f"client {os.getpid()}: {name}: {reply.payload.decode()}")
+                print(
+                    f"client {os.getpid()}: {name}: {reply.payload.decode()}"
+                )
                 return
             data = os.read(reply.fds[0].fileno(), 1000)
-        print(f"client {os.getpid()}: {name} from broker pid {creds.pid}: {data.decode()!r}")
+        print(
+            f"client {os.getpid()}: {name} from broker pid {creds.pid}: "
+            f"{data.decode()!r}"
+        )
 
 
 async def demo(clients: int) -> None:
@@ -77,13 +86,16 @@ async def demo(clients: int) -> None:
                 f.write(f"contents of {name}")
         path = os.path.join(tmp, "broker.sock")
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(fdchannel.trio.serve, broker_handler(root), path)
+            server = await nursery.start(
+                fdchannel.trio.serve, broker_handler(root), path
+            )
             print(f"broker: serving {server.path}")
             outputs: list[str] = []
 
             async def run_client(name: str) -> None:
                 done = await trio.run_process(
-                    [sys.executable, __file__, "client", path, name], capture_stdout=True
+                    [sys.executable, __file__, "client", path, name],
+                    capture_stdout=True,
                 )
                 outputs.append(done.stdout.decode())
 
@@ -91,10 +103,17 @@ async def demo(clients: int) -> None:
                 for name in [*names, "../escape", "missing.txt"]:
                     group.start_soon(run_client, name)
             server.close()  # serve() returns once its handlers are done
-        ok = sum(f"{n} from broker" in out and f"contents of {n}" in out for out in outputs for n in names)
+        ok = sum(
+            f"{n} from broker" in out and f"contents of {n}" in out
+            for out in outputs
+            for n in names
+        )
         refused = sum("error:" in out for out in outputs)
         print("".join(sorted(outputs)), end="")
-        print(f"demo: {ok}/{clients} clients read their file through the broker, {refused} refused")
+        print(
+            f"demo: {ok}/{clients} clients read their file through the "
+            f"broker, {refused} refused"
+        )
         if ok != clients or refused != 2:
             raise SystemExit(1)
 
@@ -104,7 +123,8 @@ def main() -> None:
         trio.run(client, sys.argv[2], sys.argv[3])
         return
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()

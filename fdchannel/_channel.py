@@ -60,10 +60,25 @@ class Channel(ChannelCore):
     ) -> None:
         """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
 
-        *max_payload* (bytes) and *max_fds* bound what one message may carry,
-        both ways: `send` refuses more with `ValueError` and a peer that
-        declares more gets `LimitExceeded`.  A message exactly at a limit is
-        allowed.  Raises `ValueError` for a socket the transport cannot use.
+        The limits bound what one message may carry, both ways: `send`
+        refuses more with `ValueError` and a peer that declares more gets
+        `LimitExceeded`.  A message exactly at a limit is allowed.
+
+        Args:
+            sock: A connected stream socket (AF_UNIX for `UnixRights`, the
+                default on POSIX).  The channel owns it from now on and
+                keeps its timeout as the channel's.
+            transport: How fds travel; ``None`` means
+                `default_transport()`.  Both ends must use the same one.
+            max_payload: The largest payload of one message, in bytes
+                (default `DEFAULT_MAX_PAYLOAD`, 64 MiB).
+            max_fds: The most fds one message may carry (default
+                `DEFAULT_MAX_FDS`, 1024).
+
+        Raises:
+            ValueError: *sock* is not a stream socket, a limit is negative,
+                or the transport cannot use *sock* (the socket then stays
+                the caller's).
         """
         transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
@@ -83,7 +98,19 @@ class Channel(ChannelCore):
     def pair(cls, *, transport: Transport | None = None, **kwargs: Any) -> tuple[Channel, Channel]:
         """Return two connected channels over a new AF_UNIX socketpair.
 
-        Both sockets are non-inheritable.  Keyword arguments go to both ends.
+        Both sockets are non-inheritable.  After `os.fork`, each process
+        keeps one end and calls `close_other` on it.
+
+        Args:
+            transport: The transport of both ends (default:
+                `default_transport()`).
+            **kwargs: Go to both constructors (``max_payload``, ``max_fds``).
+
+        Returns:
+            The two ends, each owned by the caller.
+
+        Raises:
+            OSError: The socketpair could not be created (``EMFILE``, ...).
         """
         ends = cls._pair(transport, kwargs)
         # Each end can close its partner after a fork (close_other); weak, so
@@ -95,11 +122,19 @@ class Channel(ChannelCore):
     def from_environ(cls, **kwargs: Any) -> Channel:
         """Return the channel end `fdchannel.spawn` gave this process.
 
-        Wraps the fd named by ``FDCHANNEL_FD`` (keyword arguments go to the
-        constructor); the channel owns it and the variable is removed from
-        `os.environ`.  Raises `FdChannelError` naming the variable when it is
-        missing, not a number, or not a connected AF_UNIX stream socket (the
-        fd is then left open and the variable set).
+        Wraps the fd named by ``FDCHANNEL_FD``; the channel owns it and the
+        variable is removed from `os.environ`.
+
+        Args:
+            **kwargs: Go to the constructor.
+
+        Returns:
+            The channel to the parent, owned by the caller.
+
+        Raises:
+            FdChannelError: ``FDCHANNEL_FD`` is missing, not a number, or
+                not a connected AF_UNIX stream socket (the message names the
+                variable; the fd is then left open and the variable set).
         """
         return _handoff.channel_from_environ(cls, True, kwargs)
 
@@ -112,17 +147,29 @@ class Channel(ChannelCore):
         expect_uid: int | Collection[int] | None = None,
         **kwargs: Any,
     ) -> Channel:
-        """Connect to a `Listener` at *path* (``"\\0name"`` for an abstract name).
+        """Connect to a `Listener` at *path*.
 
-        *timeout* bounds the connect and stays the channel's timeout, as with
-        `socket.create_connection`; other keyword arguments go to the
-        constructor.  *expect_uid* (a uid or several) requires the server to
-        run as that user, checked from the kernel's peer credentials before
-        anything is sent: anyone may bind an abstract name first, so a
-        client that sends fds to one should say whom it expects.  The new
-        channel is the caller's.  Raises `OSError` (`FileNotFoundError`,
-        `ConnectionRefusedError`, `TimeoutError`, `PermissionError` for an
-        unexpected server, ...) with nothing left open.
+        Args:
+            path: The listener's filesystem path, or ``"\\0name"`` for a
+                Linux abstract name.
+            timeout: Bounds the connect and stays the channel's timeout, as
+                with `socket.create_connection` (``None``: block).
+            expect_uid: A uid (or several) the server must run as, checked
+                from the kernel's peer credentials before anything is sent:
+                anyone may bind an abstract name first, so a client that
+                sends fds to one should say whom it expects.  ``None``
+                checks nothing.
+            **kwargs: Go to the constructor.
+
+        Returns:
+            The new channel, owned by the caller.
+
+        Raises:
+            OSError: From the connect (`FileNotFoundError` naming the path,
+                `ConnectionRefusedError`, `TimeoutError`, ...), with
+                nothing left open.
+            PermissionError: The server is not one of *expect_uid*; nothing
+                was sent.
         """
         sock = _peer.connect_unix(path, timeout, expect_uid)
         try:
@@ -143,11 +190,25 @@ class Channel(ChannelCore):
     # -- socket-like surface ----------------------------------------------
 
     def gettimeout(self) -> float | None:
-        """``None`` when blocking, ``0.0`` when non-blocking, else the timeout."""
+        """The channel's timeout, as `socket.socket.gettimeout`.
+
+        Returns:
+            ``None`` when blocking, ``0.0`` when non-blocking, else the
+                timeout in seconds.
+        """
         return self._timeout
 
     def settimeout(self, timeout: float | None) -> None:
-        """Set the timeout of each `send`, `recv` and `flush` call, as `socket.settimeout`."""
+        """Set the timeout of each `send`, `recv` and `flush` call, as `socket.socket.settimeout`.
+
+        Args:
+            timeout: ``None`` blocks, ``0.0`` never waits (the calls raise
+                `BlockingIOError`), a positive number of seconds bounds each
+                whole call (`TimeoutError`).
+
+        Raises:
+            ValueError: *timeout* is negative.
+        """
         if timeout is not None:
             timeout = float(timeout)
             if timeout < 0:
@@ -160,7 +221,12 @@ class Channel(ChannelCore):
         self._sock.setblocking(timeout is None and bool(self._dontwait))
 
     def setblocking(self, flag: bool) -> None:
-        """``setblocking(True)`` is ``settimeout(None)``, ``False`` is ``settimeout(0.0)``."""
+        """Make the channel blocking or non-blocking, as `socket.socket.setblocking`.
+
+        Args:
+            flag: ``True`` is ``settimeout(None)``, ``False`` is
+                ``settimeout(0.0)``.
+        """
         self.settimeout(None if flag else 0.0)
 
     # -- sending ------------------------------------------------------------
@@ -168,17 +234,32 @@ class Channel(ChannelCore):
     def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
         """Send one message: *payload* and *fds*, delivered together.
 
-        *fds* are ints or objects with ``fileno()`` (files, sockets,
-        `OwnedFd`); they stay the caller's.  Raises `ValueError` before
-        writing anything when the message exceeds ``max_payload``/``max_fds``
-        or names an impossible fd number (negative, a closed file object) or
-        the channel's own socket, `BufferError` for a payload that is not
-        contiguous, `OSError` (``EBADF``) for a number that is not an open
-        fd, also before writing anything; `BlockingIOError`/`TimeoutError`
-        with ``characters_written`` as described on the class; other
-        `OSError` (such as `BrokenPipeError`) from the kernel;
-        `ProtocolError` if an earlier error left the channel unusable
-        (`ChannelBroken` when this end broke it).
+        The receiver gets duplicates of the same open files: they share the
+        file offset and status flags with the caller's (see
+        [what a sent fd shares][what-a-sent-fd-shares]).
+
+        Args:
+            payload: The message's bytes (any contiguous bytes-like object).
+            fds: Ints or objects with ``fileno()`` (files, sockets,
+                `OwnedFd`); they stay the caller's, who may close them as
+                soon as the call returns or raises.
+
+        Raises:
+            ValueError: Before writing anything: the message exceeds
+                ``max_payload``/``max_fds``, or names an impossible fd
+                number (negative, a closed file object) or the channel's own
+                socket; also for a call on a closed channel.
+            BufferError: The payload is not contiguous.
+            OSError: ``EBADF`` before writing anything for a number that is
+                not an open fd; otherwise from the kernel (such as
+                `BrokenPipeError`).
+            BlockingIOError: Non-blocking and the socket is full;
+                ``characters_written`` says what happened to the message (as
+                described on the class).
+            TimeoutError: The timeout expired; ``characters_written`` as for
+                `BlockingIOError`.
+            ProtocolError: An earlier error left the channel unusable
+                (`ChannelBroken` when this end broke it).
         """
         nums, size = self._message(payload, fds)
         try:
@@ -234,9 +315,15 @@ class Channel(ChannelCore):
     def flush(self) -> None:
         """Send what a non-blocking or timed-out `send` left pending.
 
-        Returns when nothing is pending; raises `BlockingIOError` or
-        `TimeoutError` (``characters_written`` = bytes written by this call)
-        if the socket fills up first.
+        Returns when nothing is pending (at once if nothing was).
+
+        Raises:
+            BlockingIOError: Non-blocking and the socket filled up first
+                (``characters_written`` is the bytes written by this call).
+            TimeoutError: The timeout expired first (``characters_written``
+                as for `BlockingIOError`).
+            OSError: From the kernel.
+            ProtocolError: An earlier error left the channel unusable.
         """
         with self._send_lock:
             self._check_usable()
@@ -286,10 +373,20 @@ class Channel(ChannelCore):
     def recv(self) -> Message:
         """Receive one whole message; its fds are now the caller's.
 
-        Raises `ChannelClosed` when the peer closed between messages,
-        `ProtocolError` for anything malformed (after which the channel is
-        unusable), `BlockingIOError`/`TimeoutError` when no whole message
-        arrived in time (what did arrive stays buffered for the next call).
+        Returns:
+            The message; each of its fds is an `OwnedFd` (non-inheritable)
+                that the caller owns.  ``with msg:`` closes those not taken.
+
+        Raises:
+            ChannelClosed: The peer closed the channel between messages.
+            ProtocolError: Anything malformed (`LimitExceeded`,
+                `TruncatedControlData`, ...); the channel is unusable after.
+            BlockingIOError: Non-blocking and no whole message has arrived
+                (what did arrive stays buffered for the next call).
+            TimeoutError: No whole message arrived within the timeout
+                (likewise nothing is lost).
+            OSError: From the kernel, with its errno.
+            ValueError: The channel is closed.
         """
         try:
             with self._recv_lock:
@@ -324,7 +421,12 @@ class Channel(ChannelCore):
                 self._drop_held()
 
     def __iter__(self) -> Iterator[Message]:
-        """Yield messages until the peer closes the channel."""
+        """Yield messages until the peer closes the channel.
+
+        Yields:
+            Each message, as `recv` returns it; `ChannelClosed` ends the
+                loop, and any other error of `recv` propagates.
+        """
         while True:
             try:
                 yield self.recv()

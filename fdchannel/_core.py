@@ -40,7 +40,9 @@ from .transports import Outgoing, Session, Transport, default_transport
 __all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "PUMP_BUDGET", "ChannelCore"]
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
+"""The default ``max_payload`` of a channel: 64 MiB, the largest payload of one message."""
 DEFAULT_MAX_FDS: Final = 1024
+"""The default ``max_fds`` of a channel: the most fds one message may carry."""
 
 #: How much unread data a send() on a duplication transport may read ahead
 #: of recv() while it looks for the peer's acknowledgements: enough that
@@ -184,11 +186,22 @@ class ChannelCore:
     def from_fd(cls, fd: int, **kwargs: Any) -> Self:
         """Wrap an inherited socket fd; the channel owns it from now on.
 
-        Keyword arguments go to the constructor.  The fd is made
-        non-inheritable.  Raises `OSError` if *fd* is not a socket
-        (``ENOTSOCK``) or not connected (``ENOTCONN``), `ValueError` if it is
-        not a stream socket or the transport cannot use it; the fd is then
-        left open and still the caller's.
+        The fd is made non-inheritable.
+
+        Args:
+            fd: A connected stream socket's fd.
+            **kwargs: Go to the constructor (``transport``, ``max_payload``,
+                ``max_fds``).
+
+        Returns:
+            The new channel, owned by the caller.
+
+        Raises:
+            OSError: *fd* is not a socket (``ENOTSOCK``) or not connected
+                (``ENOTCONN``); the fd is then left open and still the
+                caller's.
+            ValueError: *fd* is not a stream socket or the transport cannot
+                use it (the fd likewise stays the caller's).
         """
         sock = socket.socket(fileno=fd)
         try:
@@ -214,9 +227,19 @@ class ChannelCore:
         """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
 
         For the ends of `pair` this is the process that created the pair.
-        With *pidfd* (Linux 6.5+), also a pidfd of that process, which the
-        caller owns (see `PeerCredentials`).  Raises `OSError` from the
-        kernel (and `NotImplementedError` on an OS with no way to ask).
+
+        Args:
+            pidfd: Also carry a pidfd of the peer process (Linux 6.5+,
+                ``SO_PEERPIDFD``), owned by the caller: see `PeerCredentials`.
+
+        Returns:
+            The peer's credentials.
+
+        Raises:
+            OSError: From the kernel (for instance on a non-AF_UNIX socket);
+                ``ENOPROTOOPT`` when *pidfd* was asked for and the kernel
+                has no ``SO_PEERPIDFD``.
+            NotImplementedError: The OS has no way to tell.
         """
         return peer_credentials(self._sock, pidfd=pidfd)
 
@@ -228,8 +251,10 @@ class ChannelCore:
         end).  A no-op if the other end is already closed, and in a
         `multiprocessing` child that got this end through ``spawn`` or
         ``forkserver`` (the other end never reached it), so a target can
-        call it under any start method; `ValueError` for a channel that does
-        not come from `pair`.
+        call it under any start method.
+
+        Raises:
+            ValueError: This channel does not come from `pair`.
         """
         ref = self._other_end
         if ref is None:

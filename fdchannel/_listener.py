@@ -84,7 +84,32 @@ class Listener:
         authorize: Callable[[PeerCredentials], object] | None = None,
         **channel_options: Any,
     ) -> None:
-        """Bind and listen; raises `OSError` (see the class) or `ValueError` for bad arguments."""
+        """Bind and listen.
+
+        Args:
+            path: A filesystem path, or ``"\\0name"`` for a Linux abstract
+                name.
+            backlog: The listen queue's length.
+            mode: The socket file's permission bits, set exactly whatever
+                the umask (``0o600``: the owner only); ignored for abstract
+                names.
+            allow_uids: Accept only peers with one of these uids.
+            allow_gids: Accept only peers whose primary or a supplementary
+                group is one of these.
+            authorize: Called with each peer's `PeerCredentials`; a false
+                result (or an exception) refuses the peer.
+            **channel_options: ``max_payload``, ``max_fds`` and
+                ``transport``, given to every accepted `Channel`.
+
+        Raises:
+            OSError: ``EADDRINUSE`` when a live listener holds *path*,
+                ``ENAMETOOLONG`` for a path too long to connect to, or from
+                the kernel (``EACCES``, ...).
+            FileExistsError: *path* holds something that is not a socket
+                (it is left alone).
+            ValueError: *mode* is not permission bits (0o000-0o777).
+            TypeError: An unknown keyword argument.
+        """
         unknown = set(channel_options) - {"max_payload", "max_fds", "transport"}
         if unknown:
             raise TypeError(f"Listener() got unexpected keyword arguments {sorted(unknown)}")
@@ -222,7 +247,14 @@ class Listener:
         return self._timeout
 
     def settimeout(self, timeout: float | None) -> None:
-        """Bound each `accept` call: ``None`` blocks, ``0.0`` never waits, else seconds."""
+        """Bound each `accept` call, as `socket.socket.settimeout`.
+
+        Args:
+            timeout: ``None`` blocks, ``0.0`` never waits, else seconds.
+
+        Raises:
+            ValueError: *timeout* is negative.
+        """
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be non-negative or None")
         self._timeout = timeout
@@ -231,10 +263,16 @@ class Listener:
         """Wait for a peer that passes the checks and return its channel (caller-owned).
 
         Refused peers are closed, counted and logged, and waiting goes on.
-        Raises `TimeoutError` (or `BlockingIOError` with a ``0.0`` timeout)
-        when no accepted peer arrived in time, `ValueError` if the listener
-        is or gets closed (from any thread), and `OSError` from the kernel
-        (such as ``EMFILE``).
+
+        Returns:
+            The new channel to the peer, owned by the caller.
+
+        Raises:
+            TimeoutError: No accepted peer arrived within the timeout.
+            BlockingIOError: With a ``0.0`` timeout, no accepted peer was
+                waiting.
+            ValueError: The listener is or gets closed (from any thread).
+            OSError: From the kernel (such as ``EMFILE``).
         """
         with self._lock:
             if self._closed:

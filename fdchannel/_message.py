@@ -19,8 +19,11 @@ class Message:
     Leaving ``with msg:`` (or calling `close`) closes every fd that was not
     taken (detached, converted or closed) by then.
 
-    `payload` is `bytes`; a payload too large for the channel's read buffer
-    is received in place into a `bytearray` (no copy) and handed over as is.
+    Attributes:
+        payload: The bytes sent; a payload too large for the channel's read
+            buffer is received in place into a `bytearray` (no copy) and
+            handed over as is.
+        fds: The fds sent with it, in the order sent, each an `OwnedFd`.
     """
 
     payload: bytes | bytearray

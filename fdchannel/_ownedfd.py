@@ -62,8 +62,13 @@ class OwnedFd:
     __slots__ = ("__weakref__", "_fd")
 
     def __init__(self, fd: int) -> None:
-        """Take ownership of *fd* (an int the caller will no longer close; a SOCKET on
-        Windows must come as a `fdchannel._fdutil.SocketHandle`)."""
+        """Take ownership of *fd*.
+
+        Args:
+            fd: An open fd the caller will no longer close.  (On Windows the
+                channel itself wraps each received SOCKET, which is not a
+                CRT fd.)
+        """
         self._fd = fd
 
     def __repr__(self) -> str:
@@ -90,7 +95,8 @@ class OwnedFd:
     def fileno(self) -> int:
         """Return the fd number (a SOCKET value on Windows if `is_socket`); ownership stays here.
 
-        `ValueError` if closed.
+        Raises:
+            ValueError: Closed, detached or converted.
         """
         return self._check()
 
@@ -104,13 +110,24 @@ class OwnedFd:
                 close_fd(fd)
 
     def detach(self) -> int:
-        """Give up ownership and return the fd number; the caller must close it."""
+        """Give up ownership and return the fd number; the caller must close it.
+
+        Raises:
+            ValueError: Closed, detached or converted already.
+        """
         fd = self._check()
         self._fd = -1
         return fd
 
     def dup(self) -> OwnedFd:
-        """Return a new, independently owned, non-inheritable duplicate."""
+        """Return a new, independently owned, non-inheritable duplicate.
+
+        The duplicate names the same open file (same offset, same flags).
+
+        Raises:
+            ValueError: Closed, detached or converted.
+            OSError: From ``dup`` (``EMFILE``, ...).
+        """
         fd = self._check()
         if fd.__class__ is SocketHandle:
             s = socket.socket(fileno=fd)
@@ -123,10 +140,23 @@ class OwnedFd:
     def open(self, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
         """Wrap the fd in a file object; ownership moves to the file object.
 
-        Takes the arguments of the builtin `open` after *file*.  ``closefd=False``
-        is refused (`ValueError`): the fd must have exactly one owner.  If the
-        arguments are invalid the error propagates and this object still owns
-        the fd.
+        The file shares its offset with every other fd of the same open
+        file, the sender's included.
+
+        Args:
+            mode: As for the builtin `open` (``"rb"``, ``"w"``, ...).
+            *args: The builtin `open`'s other arguments after *file*
+                (``buffering``, ``encoding``, ...).
+            **kwargs: Likewise, by name.
+
+        Returns:
+            The file object, which owns the fd from now on.
+
+        Raises:
+            ValueError: ``closefd=False`` (the fd must have exactly one
+                owner), or this object is closed, detached or converted.
+            Exception: Whatever `open` raises for invalid arguments; this
+                object then still owns the fd.
         """
         fd = self._check()
         if fd.__class__ is SocketHandle:
@@ -145,15 +175,23 @@ class OwnedFd:
     def socket(self) -> socket.socket:
         """Wrap the fd in a `socket.socket`; ownership moves to the socket.
 
-        Family, type and protocol are read from the kernel.  The blocking
-        mode lives in the open file, which the sender shares: a socket sent
-        while non-blocking (a timeout or ``setblocking(False)`` on the
-        sender's side) arrives non-blocking, and the returned object says
-        so (``gettimeout()`` is ``0.0``; call ``settimeout``/``setblocking``
-        to choose, which changes the mode for the sender's copy too).  On
-        Windows the mode cannot be read back and the object reports
-        blocking.  Raises `OSError` (``ENOTSOCK``) if the fd is not a
-        socket; this object then still owns it.
+        Family, type and protocol are read from the kernel.  Whether the
+        socket blocks lives in the open file, so it travels with the fd: a
+        socket the sender had made non-blocking (or given a timeout) arrives
+        non-blocking, and the returned object reports that flag
+        (``gettimeout()`` is ``0.0``; ``settimeout``/``setblocking`` change it
+        for the sender's copy too; see
+        [a received socket's blocking mode][a-received-sockets-blocking-mode]).
+        On Windows the mode cannot be read back and the object reports
+        blocking.
+
+        Returns:
+            The socket object, which owns the fd from now on.
+
+        Raises:
+            OSError: ``ENOTSOCK`` if the fd is not a socket; this object then
+                still owns it.
+            ValueError: Closed, detached or converted.
         """
         fd = self._check()
         if sys.platform == "win32" and fd.__class__ is not SocketHandle:

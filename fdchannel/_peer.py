@@ -49,17 +49,22 @@ class PeerCredentials:
     The values are those of the process when it called ``connect()`` (or
     created the socketpair), not of whoever holds the socket now: the ends
     of `Channel.pair` both report the process that created the pair, even
-    after one end was handed to a child.  ``pid`` is ``None`` where the OS
-    does not report it; on macOS it comes from ``LOCAL_PEERPID``, which
-    names the process that last used the peer's socket rather than the one
-    that connected.  ``gid`` is the primary (effective) group only.
+    after one end was handed to a child.
 
-    ``pidfd`` is an `OwnedFd` of the peer process when it was asked for
-    (``peer_credentials(pidfd=True)``, Linux 6.5+ ``SO_PEERPIDFD``): it
-    names that very process even after it exited and its pid was reused,
-    so signalling it (``signal.pidfd_send_signal``) or waiting for it never
-    reaches another process.  The caller owns it: close it, or use the
-    credentials as a context manager.  It takes no part in ``==``.
+    Attributes:
+        pid: The peer's process id, or ``None`` where the OS does not report
+            it.  On macOS it comes from ``LOCAL_PEERPID``, which names the
+            process that last used the peer's socket rather than the one that
+            connected.
+        uid: The peer's effective user id.
+        gid: The peer's primary (effective) group only.
+        pidfd: An `OwnedFd` of the peer process when it was asked for
+            (``peer_credentials(pidfd=True)``, Linux 6.5+ ``SO_PEERPIDFD``):
+            it names that very process even after it exited and its pid was
+            reused, so signalling it (``signal.pidfd_send_signal``) or
+            waiting for it never reaches another process.  The caller owns
+            it: close it, or use the credentials as a context manager.  It
+            takes no part in ``==``.
     """
 
     pid: int | None

@@ -140,10 +140,23 @@ class AsyncChannel(ChannelCore):
     ) -> None:
         """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
 
-        The socket is made non-blocking.  *max_payload* and *max_fds* bound one
-        message both ways, as on `fdchannel.Channel` (a message exactly at a
-        limit is allowed).  Raises `ValueError` for a socket the transport
-        cannot use (the socket then stays the caller's).
+        The socket is made non-blocking.  The limits bound one message both
+        ways, as on `fdchannel.Channel` (a message exactly at a limit is
+        allowed).
+
+        Args:
+            sock: A connected stream socket; the channel owns it from now on.
+            transport: How fds travel; ``None`` means
+                `default_transport()`.  Both ends must use the same one.
+            max_payload: The largest payload of one message, in bytes
+                (default `DEFAULT_MAX_PAYLOAD`, 64 MiB).
+            max_fds: The most fds one message may carry (default
+                `DEFAULT_MAX_FDS`, 1024).
+
+        Raises:
+            ValueError: *sock* is not a stream socket, a limit is negative,
+                or the transport cannot use *sock* (the socket then stays
+                the caller's).
         """
         transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
         self._setup(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
@@ -183,7 +196,18 @@ class AsyncChannel(ChannelCore):
     def pair(cls, *, transport: Transport | None = None, **kwargs: Any) -> tuple[AsyncChannel, AsyncChannel]:
         """Return two connected channels over a new AF_UNIX socketpair.
 
-        Both sockets are non-inheritable.  Keyword arguments go to both ends.
+        Both sockets are non-inheritable.
+
+        Args:
+            transport: The transport of both ends (default:
+                `default_transport()`).
+            **kwargs: Go to both constructors (``max_payload``, ``max_fds``).
+
+        Returns:
+            The two ends, each owned by the caller.
+
+        Raises:
+            OSError: The socketpair could not be created.
         """
         ends = cls._pair(transport, kwargs)
         # Each end can close its partner after a fork (close_other).
@@ -204,9 +228,18 @@ class AsyncChannel(ChannelCore):
         timed-out or non-blocking ``send()`` left pending (it is finished
         first).  Transport and limits carry over.  *channel* is closed
         afterwards without closing anything (its ``closed`` is true and its
-        methods raise `ValueError`).  Raises `ValueError` if *channel* is
-        closed and `RuntimeError` if another thread is inside its ``send()``
-        or ``recv()``; nothing moves then.
+        methods raise `ValueError`).
+
+        Args:
+            channel: The blocking channel to take over.
+
+        Returns:
+            The new channel, owned by the caller.
+
+        Raises:
+            ValueError: *channel* is closed (nothing moves).
+            RuntimeError: Another thread is inside *channel*'s ``send()`` or
+                ``recv()`` (nothing moves).
         """
         ch: Any = channel  # its private state, by design: same package
         if ch._closed:
@@ -417,23 +450,31 @@ class AsyncChannel(ChannelCore):
     async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
         """Send one message: *payload* and *fds*, delivered together.
 
-        *fds* are ints or objects with ``fileno()``; they stay the caller's.
         Waits while the socket is full (backpressure): memory held by the
         channel stays at most one message however slowly the peer reads.
-        *payload* is borrowed until ``send()`` returns: do not change it.
-
-        Raises `ValueError` before writing anything when the message exceeds
-        ``max_payload``/``max_fds``, names an impossible fd number (negative,
-        a closed file object) or the channel's own socket, or the channel is
-        closed; `BufferError` for a payload that is not contiguous; `OSError`
-        (``EBADF``) for a number that is not an open fd, also before writing
-        anything; `ProtocolError` if an earlier error left the channel
-        unusable (`ChannelBroken` when this end broke it); `OSError` (such
-        as `BrokenPipeError`) from the kernel; `RuntimeError` when called
-        from another event loop than the one the channel was first used on.
         Cancelled: not sent if ``characters_written`` on the
         ``CancelledError`` is ``0``; otherwise taken and finished before any
         later message (see `flush`).
+
+        Args:
+            payload: The message's bytes, borrowed until ``send()`` returns:
+                do not change it meanwhile.
+            fds: Ints or objects with ``fileno()``; they stay the caller's,
+                who may close them as soon as the call returns or raises.
+
+        Raises:
+            ValueError: Before writing anything: the message exceeds
+                ``max_payload``/``max_fds``, names an impossible fd number
+                (negative, a closed file object) or the channel's own
+                socket, or the channel is closed.
+            BufferError: The payload is not contiguous.
+            OSError: ``EBADF`` before writing anything for a number that is
+                not an open fd; otherwise from the kernel (such as
+                `BrokenPipeError`).
+            ProtocolError: An earlier error left the channel unusable
+                (`ChannelBroken` when this end broke it).
+            RuntimeError: Called from another event loop than the one the
+                channel was first used on.
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
@@ -495,7 +536,13 @@ class AsyncChannel(ChannelCore):
     async def flush(self) -> None:
         """Write what a cancelled ``send()`` left pending; return when none is.
 
-        Raises as `send` does.  Cancelling it leaves the rest pending.
+        Cancelling it leaves the rest pending.
+
+        Raises:
+            OSError: From the kernel.
+            ProtocolError: An earlier error left the channel unusable.
+            ValueError: The channel is closed.
+            RuntimeError: Called from another event loop.
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()
@@ -536,13 +583,20 @@ class AsyncChannel(ChannelCore):
     async def recv(self) -> Message:  # noqa: C901 - the recv fast path: one loop, no call per step
         """Receive one whole message; its fds are now the caller's.
 
-        Raises `ChannelClosed` when the peer closed between messages (or the
-        channel was closed while this call waited), `ProtocolError` for
-        anything malformed (the channel is unusable after it), `ValueError`
-        on a closed channel, `OSError` from the kernel.  Cancelled: nothing
-        is lost; what arrived stays buffered for the next ``recv()``.
-        `RuntimeError` when called from another event loop than the one the
-        channel was first used on (the channel stays as it was).
+        Cancelled: nothing is lost; what arrived stays buffered for the next
+        ``recv()``.
+
+        Returns:
+            The message; each of its fds is an `OwnedFd` the caller owns.
+
+        Raises:
+            ChannelClosed: The peer closed between messages, or the channel
+                was closed while this call waited.
+            ProtocolError: Anything malformed; the channel is unusable after.
+            ValueError: The channel is closed.
+            OSError: From the kernel, with its errno.
+            RuntimeError: Called from another event loop than the one the
+                channel was first used on (the channel stays as it was).
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
@@ -579,7 +633,12 @@ class AsyncChannel(ChannelCore):
             gate.leave()
 
     def __aiter__(self) -> AsyncIterator[Message]:
-        """Yield messages until the peer closes the channel."""
+        """Iterate with ``async for``: messages until the peer closes the channel.
+
+        Returns:
+            The channel itself; each step awaits `recv`, `ChannelClosed`
+                ends the loop and any other error propagates.
+        """
         return self
 
     async def __anext__(self) -> Message:
@@ -626,13 +685,24 @@ async def connect(
 ) -> AsyncChannel:
     """Connect to the `start_server` (or `fdchannel.Listener`) at *path*.
 
-    *path* is a filesystem path or, on Linux, an abstract name starting with
-    ``"\\0"``.  *expect_uid* requires the server to run as that user (or
-    one of those), as on `fdchannel.Channel.connect`.  Keyword arguments go
-    to `AsyncChannel`.  Raises `OSError` (``FileNotFoundError``,
-    ``ConnectionRefusedError``, ``PermissionError`` for an unexpected
-    server, ...) as ``socket.connect`` does.  Cancelled: the socket is
-    closed, nothing leaks.
+    Cancelled: the socket is closed, nothing leaks.
+
+    Args:
+        path: A filesystem path or, on Linux, an abstract name starting with
+            ``"\\0"``.
+        expect_uid: A uid (or several) the server must run as, checked
+            before anything is sent, as on `fdchannel.Channel.connect`.
+        **kwargs: Go to `AsyncChannel` (``transport``, ``max_payload``,
+            ``max_fds``).
+
+    Returns:
+        The new channel, owned by the caller.
+
+    Raises:
+        OSError: As ``socket.connect`` raises it (`FileNotFoundError`,
+            `ConnectionRefusedError`, ...).
+        PermissionError: The server is not one of *expect_uid*; nothing
+            was sent.
     """
     address = unix_address(path)
     sock = unix_socket()
@@ -665,6 +735,8 @@ def _swallow(fut: asyncio.Future[Any]) -> None:
 
 
 Handler = Callable[[AsyncChannel], Awaitable[object]]
+#: A peer check: called with the peer's credentials, true accepts.
+Authorize = Callable[[PeerCredentials], object]
 
 
 def _closer(channel: AsyncChannel) -> Callable[[asyncio.Task[None]], None]:
@@ -704,7 +776,7 @@ class Server:
 
     @property
     def listener(self) -> Listener:
-        """The underlying `fdchannel.Listener` (owned by the server); see ``refused``."""
+        """The underlying `fdchannel.Listener` (owned by the server); its ``refused`` counts refused peers."""
         return self._listener
 
     @property
@@ -725,7 +797,11 @@ class Server:
         return self._serving
 
     async def start_serving(self) -> None:
-        """Start accepting connections (a no-op if already serving)."""
+        """Start accepting connections (a no-op if already serving).
+
+        Raises:
+            RuntimeError: The server is closed.
+        """
         if self._listener.closed:
             raise RuntimeError(f"server {self.path!r} is closed")
         if not self._serving:
@@ -824,8 +900,11 @@ class Server:
     async def serve_forever(self) -> None:
         """Accept connections until `close` is called; cancelling it closes the server.
 
-        As `asyncio.Server.serve_forever`; raises `RuntimeError` if another
-        task is already in it.
+        As `asyncio.Server.serve_forever`.
+
+        Raises:
+            RuntimeError: Another task is already in it, or the server is
+                closed.
         """
         if self._serving_forever is not None:
             raise RuntimeError(f"server {self.path!r} is already in serve_forever()")
@@ -856,32 +935,58 @@ async def start_server(
     start_serving: bool = True,
     allow_uids: Collection[int] | None = None,
     allow_gids: Collection[int] | None = None,
-    authorize: Callable[[PeerCredentials], object] | None = None,
+    authorize: Authorize | None = None,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     max_fds: int = DEFAULT_MAX_FDS,
     transport: Transport | None = None,
 ) -> Server:
     """Listen on the Unix socket *path* and run ``await client_connected_cb(channel)`` per connection.
 
-    Shaped like `asyncio.start_unix_server` (callback first, then the path;
-    the old order ``start_server(path, handler)`` still works with a
+    Shaped like `asyncio.start_unix_server`, callback first, then the path
+    (the old order ``start_server(path, handler)`` still works, with a
     `DeprecationWarning`), but the callback receives one `AsyncChannel`
     (owned by the server, closed when the callback returns) instead of a
     reader/writer pair.  The listening side is a `fdchannel.Listener`: the
-    socket file gets the permission bits *mode* (``0o600``: owner only) and
-    no looser ones at any moment; a stale file left by a dead listener is
-    replaced, a live one raises `OSError` (``EADDRINUSE``), a path holding
-    anything but a socket raises `FileExistsError` and is left alone; a
-    name starting with ``"\\0"`` is a Linux abstract socket.
+    socket file gets the permission bits *mode* and no looser ones at any
+    moment; a stale file left by a dead listener is replaced, a live one
+    raises `OSError` (``EADDRINUSE``), a path holding anything but a socket
+    raises `FileExistsError` and is left alone; a name starting with
+    ``"\\0"`` is a Linux abstract socket.  Exceptions raised by the
+    callback are logged on the ``fdchannel.aio`` logger and the server keeps
+    serving.
 
-    *allow_uids*, *allow_gids* and *authorize* check each peer as
-    `fdchannel.Listener` does (refused peers are closed before anything is
-    read, counted in ``server.listener.refused`` and logged).
-    *max_payload* (64 MiB), *max_fds* (1024) and *transport* go to each
-    channel.  Exceptions raised by the callback are logged on the
-    ``fdchannel.aio`` logger and the server keeps serving.  Raises
-    `OSError` as `fdchannel.Listener` does, `TypeError` for a callback that
-    is not callable.
+    Args:
+        client_connected_cb: ``async def handler(channel)``, run as a task
+            per connection with an `AsyncChannel` the server owns.
+        path: The socket's filesystem path, or ``"\\0name"`` for a Linux
+            abstract name.
+        backlog: The listen queue's length.
+        mode: The socket file's permission bits (``0o600``: the owner only).
+        start_serving: Accept at once; ``False`` waits for
+            `Server.start_serving` or `Server.serve_forever`.
+        allow_uids: Peers must run as one of these uids.
+        allow_gids: Peers' primary or supplementary group must be one of
+            these.
+        authorize: Called with each peer's `PeerCredentials`; true accepts.
+            Refused peers are closed before anything is read, counted in
+            ``server.listener.refused`` and logged.
+        max_payload: As for `AsyncChannel` (64 MiB).
+        max_fds: As for `AsyncChannel` (1024).
+        transport: As for `AsyncChannel` (`default_transport()`).
+
+    Returns:
+        The serving `Server`, owned by the caller (``async with`` closes it
+            and waits for its handlers).
+
+    Raises:
+        OSError: ``EADDRINUSE`` when a live listener holds *path*,
+            ``ENAMETOOLONG`` for a path clients could not connect to, or
+            from the kernel (``EACCES``, ...).
+        FileExistsError: *path* holds something that is not a socket (left
+            alone).
+        ValueError: *mode* is not permission bits (0o000-0o777).
+        TypeError: The callback is not callable, or an unknown keyword
+            argument.
     """
     if not callable(client_connected_cb) and callable(path):
         warnings.warn(

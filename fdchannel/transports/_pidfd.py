@@ -86,7 +86,12 @@ class PidfdGetfd(Transport):
 
     @staticmethod
     def unavailable_reason() -> str | None:
-        """Why this transport cannot work here, or None if it can."""
+        """Why this transport cannot work here, or None if it can.
+
+        Returns:
+            A sentence naming what is missing (the OS, the kernel version,
+                the system call), or ``None``.
+        """
         return unavailable_reason()
 
     def check_socket(self, sock: socket.socket) -> None:

@@ -190,6 +190,12 @@ class WinDuplicate(Transport):
     name = "WinDuplicate"
 
     def __init__(self, api: WinApi | None = None) -> None:
+        """Use the real Win32 adapter on Windows, or *api*.
+
+        Args:
+            api: The Win32 adapter; ``None`` means the real one on Windows
+                (and none elsewhere).  Only tests pass another.
+        """
         if sys.platform == "win32":  # mypy narrows on a bare platform check
             if api is None:
                 from ._win32 import Win32Api
