@@ -205,33 +205,13 @@ def _notify_address(value: str) -> str | bytes:
 def _send_datagram(address: str | bytes, data: bytes, fds: list[int]) -> None:
     if sys.platform == "win32":
         raise OSError(errno.EAFNOSUPPORT, "sd_notify needs AF_UNIX datagram sockets, which Windows lacks")
-    ancillary: list[tuple[int, int, bytes]] = []
-    if fds:
-        ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack_ints(fds)))
-    credentials = _credentials()
+    from . import _posixio
+
+    # Connected, then one send with the fds: the datagram libsystemd's
+    # sendmsg(msg_name=...) makes, through the one module that does sendmsg.
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        flags = getattr(socket, "MSG_NOSIGNAL", 0)
-        try:
-            sock.sendmsg([data], ancillary + credentials, flags, address)
-        except PermissionError:
-            if not credentials:
-                raise
-            # libsystemd retries without the credentials the kernel refused.
-            sock.sendmsg([data], ancillary, flags, address)
-
-
-def _credentials() -> list[tuple[int, int, bytes]]:
-    """As libsystemd: a set-id process says who it really is (``SCM_CREDENTIALS``)."""
-    if sys.platform != "linux" or (os.getuid() == os.geteuid() and os.getgid() == os.getegid()):
-        return []
-    ucred = _pack_ints([os.getpid(), os.getuid(), os.getgid()])
-    return [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, ucred)]
-
-
-def _pack_ints(values: list[int]) -> bytes:
-    import array
-
-    return array.array("i", values).tobytes()
+        sock.connect(address)
+        _posixio.write(sock, [data], fds)
 
 
 # -- the usual notifications ----------------------------------------------------------
