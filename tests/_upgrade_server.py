@@ -121,25 +121,53 @@ class Commands:
         self.send({"event": "upgrade", **result})
 
 
+def state_report(up: Upgrader, systemd: bool) -> dict[str, Any]:
+    """What was inherited; with *systemd* a memfd of state goes on too ("state")."""
+    state = up.take("state")
+    report = inherited_report(up)
+    if state is not None:
+        report["state"] = os.pread(state.fileno(), 100, 0).decode()
+    if systemd:
+        if state is None:
+            state = fdchannel.OwnedFd(os.memfd_create("state"))
+            os.write(state.fileno(), b"state of generation 1")
+        up.register("state", state)
+        _keep.append(state)
+    return report
+
+
+_keep: list[Any] = []
+
+
+def register_extra(up: Upgrader, count: int, report: dict[str, Any]) -> None:
+    """The first generation registers *count* more fds (one memfd, many times) under "extra"."""
+    if count and "extra" not in report["inherited"]:
+        memfd = os.memfd_create("extra")
+        up.register("extra", *[memfd] * count)
+
+
 def run_blocking(args: argparse.Namespace) -> int:
     boss = fdchannel.Channel.connect(os.environ["TEST_BOSS"], timeout=TIMEOUT)
     boss.settimeout(TIMEOUT)
     try:
-        up = Upgrader(control_path=args.control, pid_file=args.pid_file, ready_timeout=args.ready_timeout)
+        up = Upgrader(
+            control_path=args.control,
+            pid_file=args.pid_file,
+            ready_timeout=args.ready_timeout,
+            systemd=args.systemd,
+        )
     except UpgradeError as exc:
         boss.send(
             json.dumps({"event": "no-upgrade", "error": type(exc).__name__, "message": str(exc)}).encode()
         )
         return 5
-    report = inherited_report(up)
+    report = state_report(up, args.systemd)
     boss.send(json.dumps({"event": "started", **report}).encode())
     code = misbehave(up, boss, os.environ.get("TEST_BEHAVIOUR", "ok"))
     if code is not None:
         return code
     sock = up.socket("service", lambda: service_socket(args.service))
-    if args.extra and "extra" not in report["inherited"]:
-        memfd = os.memfd_create("state")
-        up.register("extra", *[memfd] * args.extra)
+    register_extra(up, args.extra, report)
     up.ready()
     boss.send(json.dumps({"event": "ready", "pid": os.getpid()}).encode())
     commands = Commands(up, boss)
@@ -154,6 +182,10 @@ def run_blocking(args: argparse.Namespace) -> int:
             workers[-1].start()
         if boss in readable:
             with boss.recv() as msg:
+                if msg.payload == b"store":
+                    # A restart through the service manager: it keeps the fds.
+                    commands.send({"event": "stored", "ok": up.store_fds()})
+                    return 0
                 commands.start(msg.payload.decode())
     # Stop accepting: the successor has the socket (no close of its file, no shutdown()).
     for t in commands.threads:
@@ -235,6 +267,7 @@ def main() -> int:
     parser.add_argument("--ready-timeout", type=float, default=TIMEOUT)
     parser.add_argument("--extra", type=int, default=0)
     parser.add_argument("--async", dest="use_async", action="store_true")
+    parser.add_argument("--systemd", action="store_true")
     args = parser.parse_args()
     if args.control and args.control.startswith("@"):
         args.control = "\0" + args.control[1:]  # an abstract name (argv cannot hold a NUL)
