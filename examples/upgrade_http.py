@@ -5,8 +5,8 @@ listening socket from `Upgrader.socket`: the first generation creates it,
 each later one inherits it.  On SIGHUP it starts its successor
 (`Upgrader.upgrade`, the child model); once the successor says it is ready
 the old process stops accepting, answers the requests in flight (the next
-response on a keep-alive connection says ``Connection: close``, idle ones
-are closed), and exits.  The pid file always names the serving process.
+response on a keep-alive connection says ``Connection: close``; one idle
+for ``EXIT_GRACE`` is closed), and exits.  The pid file always names the serving process.
 
 Run it: ``python examples/upgrade_http.py``.  It starts a server, client
 threads that keep sending requests over keep-alive and over new
@@ -43,6 +43,7 @@ from fdchannel.upgrade import UpgradeError, Upgrader
 
 TIMEOUT = 30.0
 KEEPALIVE_IDLE = 10.0  # seconds an idle keep-alive connection is kept
+EXIT_GRACE = 0.5  # ... and once the process is told to exit
 
 
 # -- the server ------------------------------------------------------------------------
@@ -56,11 +57,18 @@ def make_handler(up: Upgrader) -> type[http.server.BaseHTTPRequestHandler]:
             self.close_connection = True
             self.handle_one_request()
             while not self.close_connection:
-                # Wait for the next request, or for the order to exit:
-                # an idle keep-alive connection is then closed.
-                ready = select.select([self.connection, up], [], [], KEEPALIVE_IDLE)[0]
+                if up.exiting:
+                    # Once told to exit, a keep-alive connection gets one more
+                    # response (with Connection: close) if its client comes
+                    # back soon; closing it at once would race with a request
+                    # the client is sending.
+                    ready = select.select([self.connection], [], [], EXIT_GRACE)[0]
+                else:
+                    ready = select.select([self.connection, up], [], [], KEEPALIVE_IDLE)[0]
+                    if up in ready and self.connection not in ready:
+                        continue
                 if self.connection not in ready:
-                    return
+                    return  # idle: closed (by the client's next request, it is a new connection)
                 self.handle_one_request()
 
         def do_GET(self) -> None:
