@@ -246,7 +246,8 @@ class Upgrader(Base):
         that fail the uid or *authorize* check are refused by the endpoint
         and waiting goes on.  Returns the successor's pid once it is ready
         (`exiting` is then true).  Raises `TimeoutError` when no successor
-        came within *timeout* (None: wait forever), `UpgradeInProgress` when
+        came within *timeout* (None: wait forever; ``0.0`` polls and raises
+        `BlockingIOError`, as `Listener.accept`), `UpgradeInProgress` when
         an upgrade runs, and the `UpgradeFailed` family as `upgrade` (the
         successor was killed); `ValueError` if the upgrader was closed.
         """

@@ -252,11 +252,3 @@ def test_malformed_variables(env: dict[str, str], words: str) -> None:
         assert "LISTEN_FDS" not in os.environ
 
     in_child_with_fds(2, env, body)
-
-
-@pytest.mark.skipif(sys.platform != "win32", reason="the Windows refusal")
-def test_windows_refuses() -> None:  # pragma: no cover - Windows
-    from fdchannel.systemd import listen_fds
-
-    with pytest.raises(OSError, match="POSIX"):
-        listen_fds()
