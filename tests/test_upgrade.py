@@ -221,8 +221,11 @@ def test_async_child_and_sibling(harness: Harness) -> None:
     assert harness.ask() == third.pid
 
 
-@pytest.mark.parametrize(("behaviour", "error"), [("crash", "UpgradeFailed"), ("refuse", "UpgradeRefused")])
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [("crash", "UpgradeFailed"), ("refuse", "UpgradeRefused"), ("hang", "UpgradeTimeout")],
+)
 def test_async_failures(harness: Harness, behaviour: str, error: str) -> None:
-    old, result = failed_upgrade(harness, behaviour, "--async")
+    old, result = failed_upgrade(harness, behaviour, "--async", "--ready-timeout", "2")
     assert result["error"] == error
     successful_upgrade(harness, old)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ._proc import TIMEOUT, needs_fork, run_child
+from ._proc import TIMEOUT, fork_child, needs_fork, run_child, wait_child
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="upgrades need POSIX fd inheritance and AF_UNIX endpoints"
@@ -189,3 +189,36 @@ def test_malformed_handover_closes_what_came(payload: bytes, words: str) -> None
             run_child(child)
         finally:
             child_end.close()
+
+
+@needs_fork
+def test_successor_refuses_a_predecessor_of_another_uid() -> None:
+    from fdchannel.upgrade import UpgradeError, Upgrader
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the running process as uid 65534")
+    name = f"\0fdchannel-upgrade-api-{os.getpid()}"
+    listening_r, listening_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def old() -> None:
+        os.close(listening_r)
+        os.close(done_w)
+        os.setgid(65534)
+        os.setuid(65534)
+        with Upgrader(control_path=name) as running:
+            running.ready()  # listens at the control endpoint, as uid 65534
+            os.write(listening_w, b"x")
+            os.read(done_r, 1)  # until the would-be successor has given up
+
+    pid = fork_child(old)
+    os.close(listening_w)
+    os.close(done_r)
+    try:
+        assert os.read(listening_r, 1) == b"x"
+        with pytest.raises(UpgradeError, match="runs as uid 65534"):
+            Upgrader(control_path=name, ready_timeout=TIMEOUT)
+    finally:
+        os.close(done_w)
+        os.close(listening_r)
+        assert wait_child(pid) == 0
