@@ -16,6 +16,7 @@ from ._errors import ChannelClosed, FdChannelError, UpgradeError, UpgradeFailed,
 from ._peer import PeerCredentials
 from ._process import spawn
 from ._upgrade_base import CONNECT_ERRORS, DEFAULT_MAX_FDS, Base, log
+from ._upgrade_base import say_busy as _say_busy
 from .aio import AsyncChannel
 
 __all__ = ["AsyncUpgrader"]
@@ -182,22 +183,28 @@ class AsyncUpgrader(Base):
         listener = self._listener
         if listener is None:
             raise ValueError("no control endpoint: give control_path and call ready() first")
-        with self._one_upgrade():
-            async with asyncio.timeout(timeout):
-                blocking = await _accept(listener)
-            try:
+        if self._exiting:
+            raise UpgradeInProgress(f"this process was upgraded already (to pid {self.successor_pid})")
+        # Waiting for a successor is no upgrade yet: upgrade() may run meanwhile.
+        async with asyncio.timeout(timeout):
+            blocking = await _accept(listener)
+        try:
+            with self._one_upgrade():
                 creds = blocking.peer_credentials()
                 channel = _to_async(blocking)
-            except BaseException:
-                blocking.close()
-                raise
-            handle = wire.ProcessHandle(pid=creds.pid)
-            try:
-                await self._hand_over(channel, handle, self.ready_timeout)
-            finally:
-                channel.close()
-                handle.close()
-            return creds.pid or 0
+                handle = wire.ProcessHandle(pid=creds.pid)
+                try:
+                    await self._hand_over(channel, handle, self.ready_timeout)
+                finally:
+                    channel.close()
+                    handle.close()
+        except UpgradeInProgress as exc:
+            if not blocking.closed:
+                _say_busy(blocking, str(exc))
+            raise
+        finally:
+            blocking.close()
+        return creds.pid or 0
 
     async def _hand_over(self, channel: AsyncChannel, handle: wire.ProcessHandle, timeout: float) -> None:
         reply: dict[str, Any] | None = None
@@ -231,13 +238,8 @@ class AsyncUpgrader(Base):
             return
         while True:
             other = await _accept(listener)
-            try:
-                other.settimeout(1.0)
-                other.send(wire.encode("busy", reason="an upgrade is already running"))
-            except (FdChannelError, OSError):
-                pass
-            finally:
-                other.close()
+            with other:
+                _say_busy(other, "an upgrade is already running")
 
     # -- the old process's exit ------------------------------------------------------
 

@@ -20,6 +20,7 @@ from . import systemd as _systemd
 from ._channel import Channel
 from ._errors import (
     ChannelClosed,
+    FdChannelError,
     UpgradeError,
     UpgradeFailed,
     UpgradeInProgress,
@@ -30,7 +31,7 @@ from ._listener import Listener
 from ._ownedfd import OwnedFd, fileno_of
 from ._peer import PeerCredentials
 
-__all__ = ["CONNECT_ERRORS", "DEFAULT_MAX_FDS", "Base", "log"]
+__all__ = ["CONNECT_ERRORS", "DEFAULT_MAX_FDS", "Base", "log", "say_busy"]
 
 log: Final = logging.getLogger("fdchannel.upgrade")
 
@@ -328,3 +329,12 @@ class Base:
         self.inherited.clear()
         for fd in {self._exit_r, self._exit_w}:
             os.close(fd)
+
+
+def say_busy(channel: Channel, reason: str) -> None:
+    """Tell a would-be successor why it cannot take over now (best effort: it may be gone)."""
+    try:
+        channel.settimeout(1.0)
+        channel.send(wire.encode("busy", reason=reason))
+    except (FdChannelError, OSError):
+        pass

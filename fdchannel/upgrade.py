@@ -53,6 +53,7 @@ from ._peer import PeerCredentials
 from ._process import spawn
 from ._upgrade_aio import AsyncUpgrader
 from ._upgrade_base import CONNECT_ERRORS, DEFAULT_MAX_FDS, Base, log
+from ._upgrade_base import say_busy as _say_busy
 
 __all__ = [
     "AsyncUpgrader",
@@ -251,13 +252,27 @@ class Upgrader(Base):
         an upgrade runs, and the `UpgradeFailed` family as `upgrade` (the
         successor was killed); `ValueError` if the upgrader was closed.
         """
-        if self._listener is None:
+        listener = self._listener
+        if listener is None:
             raise ValueError("no control endpoint: give control_path and call ready() first")
-        with self._one_upgrade():
-            listener = self._listener
-            listener.settimeout(timeout)
+        if self._exiting:
+            raise UpgradeInProgress(f"this process was upgraded already (to pid {self.successor_pid})")
+        # Waiting for a successor is no upgrade yet: upgrade() may run meanwhile.
+        listener.settimeout(timeout)
+        try:
             channel = listener.accept()
-            with channel:
+        except ValueError:
+            if self._exiting:  # another upgrade succeeded and closed the endpoint
+                raise UpgradeInProgress(f"this process was upgraded (to pid {self.successor_pid})") from None
+            raise
+        with channel:
+            try:
+                one = self._one_upgrade()
+                one.__enter__()
+            except UpgradeInProgress as exc:
+                _say_busy(channel, str(exc))
+                raise
+            try:
                 try:
                     creds = channel.peer_credentials()
                 except OSError as exc:
@@ -267,7 +282,9 @@ class Upgrader(Base):
                     self._hand_over(channel, handle, self.ready_timeout)
                 finally:
                     handle.close()
-            return creds.pid or 0
+            finally:
+                one.__exit__(None, None, None)
+        return creds.pid or 0
 
     def _hand_over(self, channel: Channel, handle: wire.ProcessHandle, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -315,11 +332,7 @@ class Upgrader(Base):
         except (BlockingIOError, TimeoutError):
             return
         with other:
-            try:
-                other.settimeout(1.0)
-                other.send(wire.encode("busy", reason="an upgrade is already running"))
-            except (FdChannelError, OSError):
-                pass
+            _say_busy(other, "an upgrade is already running")
 
     # -- the old process's exit ------------------------------------------------------
 

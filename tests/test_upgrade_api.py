@@ -222,3 +222,52 @@ def test_successor_refuses_a_predecessor_of_another_uid() -> None:
         os.close(done_w)
         os.close(listening_r)
         assert wait_child(pid) == 0
+
+
+def test_waiting_for_a_sibling_is_no_upgrade_in_progress(tmp_path: Path) -> None:
+    from fdchannel.upgrade import Upgrader
+
+    up = Upgrader(control_path=str(tmp_path / "control"))
+    up.ready()
+    errors: list[BaseException] = []
+
+    def wait_for_sibling() -> None:
+        try:
+            up.accept_upgrade(timeout=TIMEOUT)
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_for_sibling)
+    waiter.start()
+    try:
+        # The child model still works while a thread waits for a sibling.
+        with pytest.raises(FileNotFoundError):
+            up.upgrade([str(tmp_path / "missing")])
+    finally:
+        up.close()  # wakes the waiter
+        waiter.join(TIMEOUT)
+    assert not waiter.is_alive()
+    assert len(errors) == 1
+    assert isinstance(errors[0], ValueError)  # the endpoint was closed
+
+
+def test_async_waiting_for_a_sibling_is_no_upgrade_in_progress(tmp_path: Path) -> None:
+    import asyncio
+
+    from fdchannel.upgrade import AsyncUpgrader
+
+    async def main() -> None:
+        up = await AsyncUpgrader.create(control_path=str(tmp_path / "control"))
+        try:
+            await up.ready()
+            waiting = asyncio.ensure_future(up.accept_upgrade(timeout=TIMEOUT))
+            await asyncio.sleep(0)  # let it start waiting (one loop turn, not a timed wait)
+            with pytest.raises(FileNotFoundError):
+                await up.upgrade([str(tmp_path / "missing")])
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        finally:
+            up.close()
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
