@@ -8,6 +8,7 @@ intact, so callers can use the same ``except`` clauses as with sockets.
 from __future__ import annotations
 
 __all__ = [
+    "ActivationError",
     "ChannelBroken",
     "ChannelClosed",
     "FdChannelError",
@@ -16,6 +17,11 @@ __all__ = [
     "ProtocolError",
     "TruncatedControlData",
     "UnverifiedSender",
+    "UpgradeError",
+    "UpgradeFailed",
+    "UpgradeInProgress",
+    "UpgradeRefused",
+    "UpgradeTimeout",
 ]
 
 
@@ -93,3 +99,50 @@ class FdsWithdrawn(FdChannelError, ConnectionResetError):
     stays usable: later messages (typically none, or an EOF) follow.  Also a
     `ConnectionResetError`, since it means the peer went away.
     """
+
+
+class ActivationError(FdChannelError, ValueError):
+    """The socket-activation or notification variables are malformed.
+
+    Raised by `fdchannel.systemd` when ``LISTEN_PID``, ``LISTEN_FDS``,
+    ``LISTEN_FDNAMES`` or ``NOTIFY_SOCKET`` hold something systemd never
+    sets (the message quotes the value), or name fds that are not open.  No
+    fd was taken or closed.  Also a `ValueError`.
+    """
+
+
+class UpgradeError(FdChannelError):
+    """An upgrade (`fdchannel.upgrade`) could not be started or did not complete.
+
+    The process that asked for the upgrade keeps serving: nothing it
+    registered was closed.
+    """
+
+
+class UpgradeInProgress(UpgradeError):
+    """Another upgrade is running (or this process already handed over and is stopping)."""
+
+
+class UpgradeFailed(UpgradeError):
+    """The successor exited, crashed or broke the protocol before it said it was ready.
+
+    The successor was killed (if still alive) and reaped where this process
+    started it.  `exit_code` is its exit status when known (negative: killed
+    by that signal), else ``None``.
+    """
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UpgradeRefused(UpgradeFailed):
+    """The successor reported an error (`Upgrader.refuse`) instead of being ready; `reason` is its text."""
+
+    def __init__(self, message: str, reason: str, exit_code: int | None = None) -> None:
+        super().__init__(message, exit_code)
+        self.reason = reason
+
+
+class UpgradeTimeout(UpgradeFailed, TimeoutError):
+    """The successor was not ready within the timeout; it was killed.  Also a `TimeoutError`."""

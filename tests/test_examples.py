@@ -55,3 +55,14 @@ def test_handoff_refuses_no_connection() -> None:
     assert "old server: handed off" in out
     assert "refused=0 failed=0" in out
     assert "zero refused connections across the handoff" in out
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32", reason="the example upgrades with fdchannel.upgrade and SIGHUP (POSIX)"
+)
+def test_upgrade_http_under_load() -> None:
+    out = run_example("upgrade_http.py", "--upgrades", "4")
+    assert "refused: 0" in out
+    assert "failed_requests: 0" in out
+    assert "generations_seen: 5" in out
+    assert "zero refused connections and zero failed requests" in out
