@@ -76,7 +76,9 @@ def _child_with_pid(wanted: int) -> tuple[int, int]:
 
 @needs_fork
 @needs_peerpidfd
-@pytest.mark.skipif(os.geteuid() != 0, reason="reusing a pid on purpose needs root (ns_last_pid)")
+@pytest.mark.skipif(
+    getattr(os, "geteuid", lambda: -1)() != 0, reason="reusing a pid on purpose needs root (ns_last_pid)"
+)
 def test_pidfd_of_a_peer_whose_pid_was_reused_never_reaches_the_new_process(tmp_path: Path) -> None:
     path = tmp_path / "s"
     with Listener(path) as lst:
