@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -374,12 +375,183 @@ def test_the_peer_and_a_child_holding_its_socket_may_send(kind: str, sender: str
             with chan.recv() as msg:
                 assert msg.payload == b"honest"
                 assert os.fstat(msg.fds[0].fileno()).st_mode & 0o170000 == 0o010000  # a pipe
-            session: Any = chan._session
-            # The connector itself is named by the kernel (AF_UNIX); anyone
-            # else proved itself through the socket it holds.
-            kernel_named = session._peer.proc == session._kernel_peer
-            assert kernel_named == (kind == "unix" and sender == "connector")
+            # Whoever sends proves itself through the socket it holds (the
+            # kernel's SO_PEERPIDFD names only who connected).
             chan.send(b"got it")
     finally:
         lst.close()
         assert wait_child(child) == 0
+
+
+# -- found by the independent review: a handed-on connection, a self-pull ---------------
+
+_HANDED_ON = r"""
+import json, os, socket, sys, traceback
+from fdchannel import Channel
+from fdchannel.transports import PidfdGetfd
+from fdchannel.transports._pidfd_linux import pack_refs
+from fdchannel.transports._pull import HEAD
+from fdchannel._codec import pack_header
+
+secret_path, addr = sys.argv[1], "\0" + sys.argv[2]
+lst = socket.socket(socket.AF_UNIX)
+lst.bind(addr)
+lst.listen(4)
+
+
+def service():
+    conn, _ = lst.accept()
+    ch = Channel(conn, transport=PidfdGetfd())
+    ch.settimeout(10)
+    try:
+        with ch.recv() as msg:
+            out = b"".join(os.pread(fd.fileno(), 100, 0) for fd in msg.fds)
+        ch.send(b"S read: " + out)
+    except Exception as e:
+        # The channel is unusable after a refused frame: answer on the raw socket.
+        os.write(ch.fileno(), f"S refused: {type(e).__name__}".encode())
+
+
+def client(c_sock, ctl_c, secret_fd):
+    os.close(secret_fd)
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    ch = Channel(c_sock, transport=PidfdGetfd())
+    ch.settimeout(10)
+    r, w = os.pipe()
+    ch.send(b"honest", [r])  # T now holds a copy of C's lease
+    token = ch._session._token
+    info = json.loads(ctl_c.recv(4096).decode())
+    _, fds, _, _ = socket.recv_fds(ctl_c, 16, 1)
+    conn = socket.socket(fileno=fds[0])
+    conn.settimeout(10)
+    aux = HEAD.pack(info["t_pid"], info["lease_copy"], 1, token) + pack_refs(0, [info["secret_fd"]])
+    conn.sendall(pack_header(PidfdGetfd.wire_id, 1, len(aux), 6) + aux + b"forged")
+    data = b""
+    while b"S read" not in data and b"S refused" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    print("C got:", data[data.find(b"S "):].decode(errors="replace"))
+
+
+def fork(fn, *a):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn(*a)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(0)
+    return pid
+
+
+s_pid = fork(service)
+lst.close()
+secret_fd = os.open(secret_path, os.O_RDONLY)  # T, a root broker, holds a root-only file
+t_sock, c_sock = socket.socketpair()
+ctl_t, ctl_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+c_pid = fork(client, c_sock, ctl_c, secret_fd)
+c_sock.close()
+ctl_c.close()
+ch = Channel(t_sock, transport=PidfdGetfd())
+ch.settimeout(10)
+msg = ch.recv()  # T keeps C's message (and its copy of C's lease)
+lease_copy = ch._session._peer.lease
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(addr)  # T connects to S on C's behalf...
+ctl_t.send(json.dumps({"t_pid": os.getpid(), "lease_copy": lease_copy, "secret_fd": secret_fd}).encode())
+socket.send_fds(ctl_t, [b"x"], [conn.fileno()])
+conn.close()  # ...and no longer holds the connection
+os.waitpid(c_pid, 0)
+os.waitpid(s_pid, 0)
+"""
+
+
+def test_a_connection_handed_on_by_the_process_that_made_it_is_proven_by_who_holds_it(secret: Path) -> None:
+    """SO_PEERPIDFD names who *connected*: a root broker that connected for an
+    unprivileged client and handed it the socket no longer holds it, so frames
+    naming the broker must not make the service copy the broker's fds."""
+    done = subprocess.run(
+        [sys.executable, "-c", _HANDED_ON, str(secret), f"fdc-handed-on-{os.getpid()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "C got: S refused: UnverifiedSender" in done.stdout, done.stdout + done.stderr
+    assert SECRET.decode() not in done.stdout
+
+
+_SELF_PULL = r"""
+import fcntl, os, socket, sys
+from fdchannel import Channel
+from fdchannel.transports import PidfdGetfd
+from fdchannel.transports._pidfd_linux import pack_refs
+from fdchannel.transports._pull import HEAD
+from fdchannel._codec import pack_header
+
+db = sys.argv[1]
+a, b = socket.socketpair()
+rp, wp = os.pipe()
+rq, wq = os.pipe()
+
+
+def locked_by_other():
+    fd = os.open(db, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+pid = os.fork()
+if pid == 0:  # the service, holding a POSIX lock (as sqlite does)
+    try:
+        b.close()
+        dbfd = os.open(db, os.O_RDWR)
+        fcntl.lockf(dbfd, fcntl.LOCK_EX)
+        os.write(wp, f"{os.getpid()} {dbfd}\n".encode())
+        ch = Channel(a, transport=PidfdGetfd())
+        ch.settimeout(10)
+        try:
+            ch.recv()
+        except Exception as e:
+            print("service recv raised", type(e).__name__)
+        os.write(wp, b"r")
+        os.read(rq, 1)
+    finally:
+        sys.stdout.flush()
+        os._exit(0)
+a.close()
+s_pid, dbfd = map(int, os.read(rp, 100).split())
+print("locked before:", locked_by_other())
+# The service's own pid, its locked file's fd as "lease", its fd 0 as "socket".
+aux = HEAD.pack(s_pid, dbfd, 1, b"\0" * 16) + pack_refs(0, [dbfd])
+b.sendall(pack_header(PidfdGetfd.wire_id, 1, len(aux), 6) + aux + b"forged")
+os.read(rp, 1)
+print("locked after:", locked_by_other())
+os.write(wq, b"x")
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_frame_naming_the_receiver_itself_copies_nothing_out_of_it(tmp_path: Path) -> None:
+    """Naming the receiver's own pid must not make it pull (and close) a copy of
+    its own fds: closing any fd of a file drops the process's POSIX locks on it."""
+    db = tmp_path / "db"
+    db.write_bytes(b"x" * 10)
+    done = subprocess.run(
+        [sys.executable, "-c", _SELF_PULL, str(db)], capture_output=True, text=True, timeout=60, check=False
+    )
+    out = done.stdout + done.stderr
+    assert "locked before: True" in out, out
+    assert "service recv raised UnverifiedSender" in out, out
+    assert "locked after: True" in out, out  # the service's lock survived

@@ -126,6 +126,30 @@ def _netns_cookie(sock: socket.socket) -> bytes | None:
         return None
 
 
+def fd_link(pid: int, fd: int) -> str | None:
+    """What fd *fd* of process *pid* names (``/proc/PID/fd/FD``), looked at without copying it.
+
+    ``""`` when the process has no such fd (or is gone); None where /proc
+    cannot tell (not mounted, or not allowed to look).
+    """
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except FileNotFoundError:
+        return ""  # no such fd (or no such process): not a socket, not a lease
+    except OSError:
+        return None  # no /proc, or not allowed to look: pull and check instead
+
+
+def socket_inode(link: str) -> int | None:
+    """The inode of a ``socket:[N]`` fd link, or None for anything else."""
+    if link.startswith("socket:[") and link.endswith("]"):
+        try:
+            return int(link[8:-1])
+        except ValueError:
+            return None
+    return None
+
+
 def is_other_end(fd: int, sock: socket.socket) -> bool:
     """True if *fd* is the socket at the other end of *sock*'s connection (and not *sock* itself).
 

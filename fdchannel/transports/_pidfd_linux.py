@@ -117,7 +117,6 @@ class PidfdSession(PullSession):
         # The number this process knows its end by (a forked child shares it).
         self._sock_fd = sock.fileno()
         #: The pidfd `_os_open_peer` last got from SO_PEERPIDFD, if any.
-        self._kernel_peer: int | None = None
         super().__init__()
 
     # -- sending side
@@ -163,20 +162,38 @@ class PidfdSession(PullSession):
 
     # -- receiving side
     def _os_open_peer(self, pid: int) -> int:
-        self._kernel_peer = None
         sock = self._sock
         if sock.family == socket.AF_UNIX and pid != os.getpid() and pid == proof.peer_cred_pid(sock):
             # The kernel's own record of who connected: a pidfd that keeps
             # naming that process (a pid could be reused once it exits).
             pidfd = proof.kernel_peer_pidfd(sock)
             if pidfd is not None:
-                self._kernel_peer = pidfd
                 return pidfd
         return os.pidfd_open(pid)  # always close-on-exec
 
     def _os_prove_peer(self, proc: int, pid: int, proof_ref: int) -> None:
-        if proc == self._kernel_peer:
-            return  # SO_PEERPIDFD named this very process
+        # Always proven, also when SO_PEERPIDFD named the process: that is
+        # who connected, which may since have handed the socket on.
+        if pid == os.getpid():
+            # The frame names this very process: look at the fd in place,
+            # never pull a copy of our own fds.
+            self._require(pid, proof_ref, self._is_other_end(pid, proof_ref))
+            return
+        # Look before pulling: only a socket is copied for the proof (a copy
+        # of a file, closed again, would drop this process's POSIX locks on
+        # it), and an AF_UNIX socket is proven by its inode without a copy.
+        link = proof.fd_link(pid, proof_ref)
+        if link is not None:
+            inode = proof.socket_inode(link)
+            if inode is None:
+                raise UnverifiedSender(self._not_peer(pid, proof_ref, f"that fd is not a socket ({link!r})"))
+            if self._sock.family == socket.AF_UNIX:
+                try:
+                    peer_inode = proof.unix_peer_inode(self._sock)
+                except OSError as exc:
+                    raise UnverifiedSender(self._cannot_prove(pid, exc)) from exc
+                self._require(pid, proof_ref, inode == peer_inode)
+                return
         try:
             theirs = pidfd_getfd(proc, proof_ref)
         except OSError as exc:
@@ -184,17 +201,46 @@ class PidfdSession(PullSession):
                 raise  # EPERM, ESRCH: classified as for the lease
             raise UnverifiedSender(self._not_peer(pid, proof_ref, "it has no such fd")) from exc
         try:
-            if not proof.is_other_end(theirs, self._sock):
-                raise UnverifiedSender(
-                    self._not_peer(pid, proof_ref, "that fd is not the other end of this connection")
-                )
-        except OSError as exc:
-            raise UnverifiedSender(
-                f"PidfdGetfd: cannot prove that process {pid} holds the other end of this connection "
-                f"({exc.strerror or exc}); refusing to copy fds out of it, nothing was taken"
-            ) from exc
+            self._require(pid, proof_ref, self._is_other_end(pid, theirs))
         finally:
             os.close(theirs)
+
+    def _is_other_end(self, pid: int, fd: int) -> bool:
+        try:
+            return proof.is_other_end(fd, self._sock)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                return False
+            raise UnverifiedSender(self._cannot_prove(pid, exc)) from exc
+
+    def _require(self, pid: int, ref: int, proven: bool) -> None:
+        if not proven:
+            raise UnverifiedSender(
+                self._not_peer(pid, ref, "that fd is not the other end of this connection")
+            )
+
+    def _os_lease_gone(self, proc: int, pid: int, lease_num: int, token: bytes) -> bool:
+        if pid == os.getpid():
+            return False  # never pulled from ourselves
+        link = proof.fd_link(pid, lease_num)
+        if link is None:
+            return False  # cannot look: unsure
+        if not link.startswith(f"/memfd:{_LEASE_NAME}"):
+            return True  # the number names something else now: the lease was closed
+        try:
+            lease = pidfd_getfd(proc, lease_num)  # a memfd: copying it has no side effect
+        except OSError:
+            return True
+        try:
+            return self._os_lease_token(lease) != token
+        finally:
+            os.close(lease)
+
+    def _cannot_prove(self, pid: int, exc: OSError) -> str:
+        return (
+            f"PidfdGetfd: cannot prove that process {pid} holds the other end of this connection "
+            f"({exc.strerror or exc}); refusing to copy fds out of it, nothing was taken"
+        )
 
     def _not_peer(self, pid: int, ref: int, why: str) -> str:
         me = " (this process itself)" if pid == os.getpid() else ""

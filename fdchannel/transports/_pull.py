@@ -391,8 +391,13 @@ class PullSession(Session):
             raise self._denied(pid, exc) from exc
         lease: Any = None
         try:
+            # Proven first: nothing is copied out of a process, this one
+            # included, before it is shown to hold the other end of this
+            # connection (a pulled and closed copy has side effects: closing
+            # any fd of a file drops the process's POSIX locks on it).
+            self._prove(pid, proc, lease_num, token, proof)
             lease = self._os_pull_lease(proc, lease_num)
-            self._check_candidate(_Peer(pid, proc, lease_num, lease, token), proof)
+            self._check_lease(_Peer(pid, proc, lease_num, lease, token))
         except BaseException as exc:
             if lease is not None:
                 self._os_close_lease(lease)
@@ -406,8 +411,27 @@ class PullSession(Session):
         self._peer = peer = _Peer(pid, proc, lease_num, lease, token)
         return peer
 
-    def _check_candidate(self, candidate: _Peer, proof: Any) -> None:
-        """Raise unless *candidate* holds the lease its message names and is proven the peer."""
+    def _prove(self, pid: int, proc: Any, lease_num: int, token: bytes, proof: Any) -> None:
+        """Raise unless the process *proc* (pid *pid*) is proven to hold the other end of this connection."""
+        try:
+            self._os_prove_peer(proc, pid, proof)
+        except UnverifiedSender as exc:
+            # A sender that closes its channel drops its lease before its
+            # socket: the proof may have failed for that reason alone.
+            if self._os_exited(proc) or self._os_lease_gone(proc, pid, lease_num, token):
+                raise FdsWithdrawn(
+                    errno.ECONNRESET,
+                    f"the sending process {pid} closed its channel or exited before this message's fds "
+                    "were taken; nothing was taken",
+                ) from exc
+            raise
+
+    def _os_lease_gone(self, proc: Any, pid: int, lease_num: int, token: bytes) -> bool:
+        """True if the sender's lease is provably gone (it closed its channel); False if unsure."""
+        return False
+
+    def _check_lease(self, candidate: _Peer) -> None:
+        """Raise unless *candidate* (a proven peer) holds the lease its message names."""
         if self._os_lease_token(candidate.lease) != candidate.token:
             # The number names another object: the sender closed its
             # lease (and so its channel), or the pid is not the sender's.
@@ -416,15 +440,6 @@ class PullSession(Session):
                 f"process {candidate.pid} no longer holds the lease this message names: the sender closed "
                 "its channel or exited before the fds were taken (or the pid is not the sender's)",
             )
-        try:
-            self._os_prove_peer(candidate.proc, candidate.pid, proof)
-        except UnverifiedSender as exc:
-            # A sender that closes its channel drops its lease before its
-            # socket: with the lease gone the proof may have failed for that
-            # reason alone.
-            if self._os_exited(candidate.proc) or not self._os_same_lease(candidate):
-                raise self._withdrawn(candidate, "closed its channel") from exc
-            raise
 
     def _lease_error(self, pid: int, exc: OSError, exited: bool) -> OSError:
         """What to raise when pulling *pid*'s lease failed with *exc* (itself if nothing better)."""
