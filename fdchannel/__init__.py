@@ -7,7 +7,7 @@ close themselves when nobody takes them.
 
 from __future__ import annotations
 
-from . import fdpass
+from . import fdpass, shm
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
 from ._errors import (
     ChannelBroken,
@@ -16,6 +16,7 @@ from ._errors import (
     FdsWithdrawn,
     LimitExceeded,
     ProtocolError,
+    SharedMemoryRefused,
     TruncatedControlData,
     UnverifiedSender,
 )
@@ -39,9 +40,11 @@ __all__ = [
     "OwnedFd",
     "PeerCredentials",
     "ProtocolError",
+    "SharedMemoryRefused",
     "TruncatedControlData",
     "UnverifiedSender",
     "fdpass",
+    "shm",
     "spawn",
 ]
 
