@@ -22,6 +22,14 @@ from ._errors import (
 )
 from ._listener import Listener
 from ._message import Message
+from ._nested import (
+    ReceivedChannel,
+    asend_channel,
+    asend_new_channel,
+    recv_channel,
+    send_channel,
+    send_new_channel,
+)
 from ._ownedfd import OwnedFd
 from ._peer import PeerCredentials
 from ._process import spawn
@@ -40,10 +48,16 @@ __all__ = [
     "OwnedFd",
     "PeerCredentials",
     "ProtocolError",
+    "ReceivedChannel",
     "SharedMemoryRefused",
     "TruncatedControlData",
     "UnverifiedSender",
+    "asend_channel",
+    "asend_new_channel",
     "fdpass",
+    "recv_channel",
+    "send_channel",
+    "send_new_channel",
     "shm",
     "spawn",
 ]
