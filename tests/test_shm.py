@@ -403,6 +403,15 @@ def test_a_large_payload_maps_under_an_address_space_limit_in_band_bytes_exceed(
         a.close()
 
 
+def assert_mapping_fails(msg: fdchannel.Message) -> None:
+    try:
+        msg.payload  # noqa: B018 - the access maps
+    except OSError as exc:
+        assert exc.errno == errno.ENOMEM
+    else:
+        raise AssertionError("the mapping fit under the address-space limit")
+
+
 def test_a_forwarder_under_a_tight_limit_relays_a_payload_without_mapping_it() -> None:
     """A → forwarder → C: the forwarder's address space stays 32 MiB above what it had."""
     size = 128 * MiB
@@ -422,6 +431,8 @@ def test_a_forwarder_under_a_tight_limit_relays_a_payload_without_mapping_it() -
                 assert msg.shared is not None
                 fwd_out.send(msg.shared)  # the fd, unmapped
                 grew = status("VmHWM") - start
+                # Mapping it here would exceed the limit: a clear error, nothing lost.
+                assert_mapping_fails(msg)
             # The same payload in band cannot even be received here.
             try:
                 fwd_in.recv()
