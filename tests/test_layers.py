@@ -130,6 +130,7 @@ def test_the_cycle_check_sees_a_cycle() -> None:
         # ... and what creates channels sits above it.
         ("fdchannel._channel", "fdchannel._listener"),
         ("fdchannel._channel", "fdchannel._process"),
+        ("fdchannel._channel", "fdchannel._nested"),
         ("fdchannel._listener", "fdchannel.aio"),
         ("fdchannel._listener", "fdchannel._structured"),
         ("fdchannel._structured", "fdchannel.trio"),

@@ -19,7 +19,7 @@ from fdchannel.transports import PidfdGetfd, UnixRights
 from ._portable import more_than_a_socket_holds
 from ._proc import fork_child, wait_child
 from ._structured import channel_class, run_kind, sc_kind  # noqa: F401 - sc_kind is a fixture
-from ._transports import PIDFD_UNAVAILABLE
+from ._transports import PIDFD_UNAVAILABLE, PairFactory
 
 if sys.platform == "win32":
     pytest.skip(
@@ -32,12 +32,18 @@ TIMEOUT = 30.0
 
 END_TRANSPORTS = [
     pytest.param(UnixRights, id="UnixRights"),
+    pytest.param(lambda: UnixRights(acknowledge=True, window=5), id="UnixRights-acked"),
     pytest.param(
         PidfdGetfd,
         id="PidfdGetfd",
         marks=pytest.mark.skipif(PIDFD_UNAVAILABLE is not None, reason=PIDFD_UNAVAILABLE or ""),
     ),
 ]
+
+
+def same_transport(got: object, want: object) -> bool:
+    """The same class, and for UnixRights the same mode and window (repr shows both)."""
+    return (type(got), repr(got)) == (type(want), repr(want))
 
 
 def pair(**kwargs: object) -> tuple[Channel, Channel]:
@@ -53,7 +59,8 @@ def pair(**kwargs: object) -> tuple[Channel, Channel]:
 @pytest.mark.parametrize("transport", END_TRANSPORTS)
 def test_a_child_gets_a_ready_channel_of_the_same_transport_and_limits(transport: type) -> None:
     via, via_child = pair()
-    kept, moving = Channel.pair(transport=transport(), max_payload=1000, max_fds=7)
+    sent_transport = transport()
+    kept, moving = Channel.pair(transport=sent_transport, max_payload=1000, max_fds=7)
     kept.settimeout(TIMEOUT)
     shm.share_above(moving, 500)
     r, w = os.pipe()
@@ -70,7 +77,8 @@ def test_a_child_gets_a_ready_channel_of_the_same_transport_and_limits(transport
             with got.channel as ch, got.fds[0].open("rb") as pipe:
                 assert pipe.read() == b"through the pipe"
                 assert type(ch) is Channel
-                assert type(ch.transport) is transport
+                # The same class, mode and window.
+                assert same_transport(ch.transport, sent_transport)
                 assert (ch.max_payload, ch.max_fds, ch._share_above) == (1000, 7, 500)
                 ch.settimeout(TIMEOUT)
                 with ch.recv() as hello:
@@ -105,8 +113,8 @@ def test_a_child_gets_a_ready_channel_of_the_same_transport_and_limits(transport
         via.close()
 
 
-def test_data_the_end_never_read_goes_with_it() -> None:
-    via, via_peer = pair()
+def test_data_the_end_never_read_goes_with_it(make_pair: PairFactory) -> None:
+    via, via_peer = make_pair()  # every transport carries the end: SCM_RIGHTS, pidfd_getfd, over TCP too
     kept, moving = pair()
     with via, via_peer, kept:
         kept.send(b"sent before the move")
@@ -293,6 +301,17 @@ def test_a_send_not_taken_leaves_the_end_usable() -> None:
         # Older data must go first and cannot: the message is not taken.
         with pytest.raises(BlockingIOError) as info:
             send_channel(via, end)
+        assert info.value.characters_written == 0  # type: ignore[attr-defined]
+        assert_usable(end, peer)
+
+
+def test_a_send_that_fails_leaves_the_end_usable() -> None:
+    via, via_peer = pair()
+    end, peer = pair()
+    via_peer.close()
+    with via, end, peer:
+        with pytest.raises((BrokenPipeError, ConnectionResetError)) as info:
+            send_channel(via, end, b"to nobody")
         assert info.value.characters_written == 0  # type: ignore[attr-defined]
         assert_usable(end, peer)
 
