@@ -19,6 +19,7 @@ from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed
 from ._message import Message
 from ._outbox import set_written
+from ._shared import SealedMemory, share_large
 from ._sockio import write_pending
 from ._wait import wait_ready
 from .transports import Transport
@@ -231,7 +232,7 @@ class Channel(ChannelCore):
 
     # -- sending ------------------------------------------------------------
 
-    def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
+    def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:
         """Send one message: *payload* and *fds*, delivered together.
 
         The receiver gets duplicates of the same open files: they share the
@@ -261,6 +262,8 @@ class Channel(ChannelCore):
             ProtocolError: An earlier error left the channel unusable
                 (`ChannelBroken` when this end broke it).
         """
+        if self._share_above is not None:
+            payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
         try:
             with self._send_lock:
@@ -282,7 +285,7 @@ class Channel(ChannelCore):
             if self._closed:
                 self._drop_held()
 
-    def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
+    def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
         deadline = self._deadline()
         try:

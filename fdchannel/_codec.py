@@ -13,7 +13,8 @@ Wire format (all integers little-endian; docs/wire-format.md has the rest)::
          0    4  magic  b"FDCH"
          4    1  version (1)
          5    1  transport id (0 = UnixRights, 1 = PidfdGetfd, 2 = WinDuplicate)
-         6    2  flags (bit 0: transport control frame; others must be 0)
+         6    2  flags (bit 0: transport control frame; bit 1: sealed shared-memory
+                     payload; others must be 0)
          8    4  fd count
         12    4  aux length   (transport data: fd references, padding)
         16    8  payload length
@@ -33,9 +34,11 @@ from ._errors import LimitExceeded, ProtocolError
 
 __all__ = [
     "FLAG_CONTROL",
+    "FLAG_SHARED",
     "HEADER_SIZE",
     "MAGIC",
     "SCM_MAX_FD",
+    "SHARED_DESCRIPTOR",
     "VERSION",
     "Decoder",
     "Frame",
@@ -47,6 +50,10 @@ __all__ = [
 MAGIC: Final = b"FDCH"
 VERSION: Final = 1
 FLAG_CONTROL: Final = 1
+#: A data frame whose payload is in its last fd, a sealed memfd: the frame's
+#: own payload is only `SHARED_DESCRIPTOR` (the memfd's size).
+FLAG_SHARED: Final = 2
+SHARED_DESCRIPTOR: Final = struct.Struct("<Q")
 _HEADER = struct.Struct("<4sBBHIIQ")
 HEADER_SIZE: Final = _HEADER.size
 _pack = _HEADER.pack
@@ -70,14 +77,17 @@ INLINE_LIMIT: Final = 64 * 1024
 MAX_CONTROL_PAYLOAD: Final = 64 * 1024
 
 
-def pack_header(wire_id: int, nfds: int, aux_len: int, payload_len: int, *, control: bool = False) -> bytes:
+def pack_header(
+    wire_id: int, nfds: int, aux_len: int, payload_len: int, *, control: bool = False, flags: int = 0
+) -> bytes:
     """Return the 24-byte header of one frame."""
-    return _pack(MAGIC, VERSION, wire_id, FLAG_CONTROL if control else 0, nfds, aux_len, payload_len)
+    flags |= FLAG_CONTROL if control else 0
+    return _pack(MAGIC, VERSION, wire_id, flags, nfds, aux_len, payload_len)
 
 
-def header_tag(wire_id: int) -> int:
-    """The header's first 8 bytes (magic, version, transport, no flags) as one number."""
-    tag: int = _FAST.unpack(_pack(MAGIC, VERSION, wire_id, 0, 0, 0, 0))[0]
+def header_tag(wire_id: int, flags: int = 0) -> int:
+    """The header's first 8 bytes (magic, version, transport, *flags*) as one number."""
+    tag: int = _FAST.unpack(_pack(MAGIC, VERSION, wire_id, flags, 0, 0, 0))[0]
     return tag
 
 
@@ -88,7 +98,7 @@ class Frame:
     whoever takes the frame from `Decoder.next_frame` owns them.
     """
 
-    __slots__ = ("aux", "control", "fds", "nfds", "payload", "start")
+    __slots__ = ("aux", "control", "fds", "nfds", "payload", "shared", "start")
 
     def __init__(
         self,
@@ -98,8 +108,11 @@ class Frame:
         payload: bytes | bytearray,
         fds: list[int],
         start: int = 0,
+        shared: bool = False,
     ) -> None:
         self.control = control
+        #: `FLAG_SHARED`: the payload is the last fd's sealed memfd.
+        self.shared = shared
         self.nfds = nfds
         self.aux = aux
         self.payload = payload
@@ -117,10 +130,11 @@ class Frame:
 class _Big:
     """A frame too large for the shared buffer, being read into its own buffers."""
 
-    __slots__ = ("aux", "aux_fill", "control", "end", "nfds", "payload", "payload_fill", "start")
+    __slots__ = ("aux", "aux_fill", "control", "end", "flags", "nfds", "payload", "payload_fill", "start")
 
-    def __init__(self, control: bool, nfds: int, aux_len: int, payload_len: int, start: int) -> None:
-        self.control = control
+    def __init__(self, flags: int, nfds: int, aux_len: int, payload_len: int, start: int) -> None:
+        self.flags = flags
+        self.control = bool(flags & FLAG_CONTROL)
         self.nfds = nfds
         self.aux = bytearray(aux_len)
         self.payload = bytearray(payload_len)
@@ -424,7 +438,7 @@ class Decoder:
                 total = HEADER_SIZE + aux_len + payload_len
                 frame_start = self._received - (end - start)
                 if total > INLINE_LIMIT:
-                    big = _Big(bool(flags), nfds, aux_len, payload_len, frame_start)
+                    big = _Big(flags, nfds, aux_len, payload_len, frame_start)
                     stop = min(end, start + total)
                     big.feed(self._mv[start + HEADER_SIZE : stop])
                     start = stop
@@ -438,8 +452,18 @@ class Decoder:
                 aux = bytes(buf[body : body + aux_len]) if aux_len else b""
                 payload = self._mv[body + aux_len : start + total].tobytes()
                 fds = self._take_inband(nfds, frame_start, frame_start + total) if nfds or self._fds else []
-                self.frames.append(Frame(flags != 0, nfds, aux, payload, fds, frame_start))
-                if flags and self._control_from is None:
+                self.frames.append(
+                    Frame(
+                        flags & FLAG_CONTROL != 0,
+                        nfds,
+                        aux,
+                        payload,
+                        fds,
+                        frame_start,
+                        flags & FLAG_SHARED != 0,
+                    )
+                )
+                if flags & FLAG_CONTROL and self._control_from is None:
                     self._control_from = frame_start
                 start += total
         finally:
@@ -450,7 +474,17 @@ class Decoder:
     def _finish_big(self, big: _Big) -> None:
         self._big = None
         fds = self._take_inband(big.nfds, big.start, big.end)
-        self.frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds, big.start))
+        self.frames.append(
+            Frame(
+                big.control,
+                big.nfds,
+                bytes(big.aux),
+                big.payload,
+                fds,
+                big.start,
+                bool(big.flags & FLAG_SHARED),
+            )
+        )
         if big.control and self._control_from is None:
             self._control_from = big.start
 
@@ -466,12 +500,10 @@ class Decoder:
                 f"peer uses transport id {wire_id}, this channel uses {self._transport_name} "
                 f"(id {self._wire_id}): both ends must use the same transport"
             )
-        if flags & ~FLAG_CONTROL:
-            raise ProtocolError(f"unknown frame flags {flags:#x}")
-        if flags & FLAG_CONTROL:
-            if nfds or payload_len > MAX_CONTROL_PAYLOAD:
-                raise ProtocolError("malformed control frame")
-            return
+        if flags:
+            _check_flags(flags, nfds, payload_len)
+            if flags & FLAG_CONTROL:
+                return
         if payload_len > self._max_payload:
             raise LimitExceeded(
                 f"peer declared a {payload_len}-byte payload; max_payload is {self._max_payload}"
@@ -532,3 +564,23 @@ class Decoder:
                 queue.appendleft([taken, start, start + 1])
             raise
         return taken
+
+
+def _check_flags(flags: int, nfds: int, payload_len: int) -> None:
+    """Refuse unknown flags and frames whose flags do not fit their contents.
+
+    A control frame carries no fds and at most `MAX_CONTROL_PAYLOAD`; a
+    `FLAG_SHARED` frame carries the memfd as its last fd and its size as
+    the payload.
+    """
+    if flags & ~(FLAG_CONTROL | FLAG_SHARED):
+        raise ProtocolError(f"unknown frame flags {flags:#x}")
+    if flags & FLAG_CONTROL:
+        if nfds or payload_len > MAX_CONTROL_PAYLOAD or flags & FLAG_SHARED:
+            raise ProtocolError("malformed control frame")
+        return
+    if not nfds or payload_len != SHARED_DESCRIPTOR.size:
+        raise ProtocolError(
+            f"malformed shared-memory frame ({nfds} fds, {payload_len}-byte descriptor): it must "
+            f"carry the memfd as an fd and a {SHARED_DESCRIPTOR.size}-byte size"
+        )

@@ -27,13 +27,23 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from typing_extensions import Buffer
 
-from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder, Frame, header_tag, pack_tagged
+from ._codec import (
+    FLAG_SHARED,
+    HEADER_SIZE,
+    SCM_MAX_FD,
+    SHARED_DESCRIPTOR,
+    Decoder,
+    Frame,
+    header_tag,
+    pack_tagged,
+)
 from ._errors import ChannelBroken, ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import SocketHandle, close_all
 from ._message import Message
 from ._outbox import Outbox, set_written
 from ._ownedfd import OwnedFd, fileno_of
 from ._peer import PeerCredentials, peer_credentials, refuse_fds
+from ._shared import SealedMemory, shared_message
 from ._sockio import SocketIO, io_for, write_pending
 from .transports import Outgoing, Session, Transport, default_transport
 
@@ -88,6 +98,9 @@ class ChannelCore:
     _eof: bool
     _closed: bool
     _pid: int
+    #: Payloads above this many bytes go as sealed shared memory
+    #: (`fdchannel.shm.share_above`); None: never on their own.
+    _share_above: int | None = None
 
     # -- construction ---------------------------------------------------
 
@@ -365,7 +378,7 @@ class ChannelCore:
 
     # -- sending: the non-waiting steps --------------------------------------
 
-    def _message(self, payload: Buffer, fds: Iterable[int | Any]) -> tuple[list[int], int]:
+    def _message(self, payload: Buffer | SealedMemory, fds: Iterable[int | Any]) -> tuple[list[int], int]:
         """The fd numbers and payload size of a message; raises before anything is written."""
         try:
             nums = list(fds)
@@ -381,6 +394,11 @@ class ChannelCore:
                 break
         if payload.__class__ is bytes:
             size = len(payload)
+        elif isinstance(payload, SealedMemory):
+            # The payload travels as the message's last fd; the frame's own
+            # payload is its size (`Frame.shared` on the other side).
+            nums.append(payload.fileno())
+            size = SHARED_DESCRIPTOR.size
         else:
             try:
                 view = memoryview(payload)
@@ -415,7 +433,7 @@ class ChannelCore:
         ):
             raise ValueError("refusing to send a channel's own socket over itself")
 
-    def _send_whole(self, payload: Buffer, nums: list[int], size: int) -> int | None:
+    def _send_whole(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> int | None:
         """The send fast path: one write of the whole frame, fds passed through.
 
         For a simple session (fds in band as given), up to `SCM_MAX_FD` fds
@@ -425,7 +443,10 @@ class ChannelCore:
         is queued: push it with ``before`` set to that).  Raises `OSError`
         with ``characters_written`` 0 when nothing left.
         """
-        bufs: list[Buffer] = [pack_tagged(self._data_tag, len(nums), 0, size), payload]
+        tag = self._data_tag
+        if isinstance(payload, SealedMemory):
+            payload, tag = payload.wire, header_tag(self._transport.wire_id, FLAG_SHARED)
+        bufs: list[Buffer] = [pack_tagged(tag, len(nums), 0, size), payload]
         try:
             sent = self._write(self._sock, bufs, nums, self._send_flags)
         except OSError as exc:
@@ -474,7 +495,9 @@ class ChannelCore:
             )
         return True
 
-    def _start_message(self, payload: Buffer, nums: list[int], size: int) -> tuple[Outgoing, int | None]:
+    def _start_message(
+        self, payload: Buffer | SealedMemory, nums: list[int], size: int
+    ) -> tuple[Outgoing, int | None]:
         """Frame a message through the session and write what the socket takes now.
 
         Returns the session's `Outgoing` (for `_not_taken`) and None when the
@@ -484,7 +507,10 @@ class ChannelCore:
         out = self._session.outgoing(nums)
         in_band = list(out.in_band)
         outbox = self._outbox
-        bufs = outbox.frame(out.aux, len(nums), payload, size)
+        flags = 0
+        if isinstance(payload, SealedMemory):
+            payload, flags = payload.wire, FLAG_SHARED
+        bufs = outbox.frame(out.aux, len(nums), payload, size, flags)
         try:
             if len(in_band) <= SCM_MAX_FD:
                 sent: int = self._io.write(self._sock, bufs, in_band, self._send_flags)
@@ -652,6 +678,8 @@ class ChannelCore:
                 self._control(frame)
                 continue
             fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
+            if frame.shared:
+                return shared_message(frame.payload, fds)
             return message_of(frame.payload, fds) if fds else Message(frame.payload, ())
         error = decoder.error
         if error is not None:

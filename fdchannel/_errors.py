@@ -15,6 +15,7 @@ __all__ = [
     "FdsWithdrawn",
     "LimitExceeded",
     "ProtocolError",
+    "SharedMemoryRefused",
     "TruncatedControlData",
     "UnverifiedSender",
     "UpgradeError",
@@ -146,3 +147,15 @@ class UpgradeRefused(UpgradeFailed):
 
 class UpgradeTimeout(UpgradeFailed, TimeoutError):
     """The successor was not ready within the timeout; it was killed.  Also a `TimeoutError`."""
+
+
+class SharedMemoryRefused(FdChannelError):
+    """A message's shared-memory payload failed the receiver's checks.
+
+    Raised by ``recv()`` when the peer marked a payload as a sealed memfd
+    (`fdchannel.shm`) but the fd is not a memfd, lacks one of the seals
+    ``F_SEAL_SHRINK``, ``F_SEAL_GROW``, ``F_SEAL_WRITE``, ``F_SEAL_SEAL``,
+    has another size than declared, or this platform cannot check seals.
+    Nothing was mapped; the message was dropped and every fd of it closed.
+    The channel stays usable: the stream itself was well formed.
+    """

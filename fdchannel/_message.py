@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
 from ._ownedfd import OwnedFd
+
+if TYPE_CHECKING:
+    from ._shared import SealedMemory
 
 __all__ = ["Message"]
 
@@ -22,12 +25,19 @@ class Message:
     Attributes:
         payload: The bytes sent; a payload too large for the channel's read
             buffer is received in place into a `bytearray` (no copy) and
-            handed over as is.
+            handed over as is.  A payload the peer sent as sealed shared
+            memory (`fdchannel.shm`) is a read-only `memoryview` of it,
+            mapped on first access; `shared` then holds the memory itself.
         fds: The fds sent with it, in the order sent, each an `OwnedFd`.
     """
 
     payload: bytes | bytearray
     fds: tuple[OwnedFd, ...] = ()
+
+    @property
+    def shared(self) -> SealedMemory | None:
+        """The `fdchannel.shm.SealedMemory` the payload came in, or None for in-band bytes."""
+        return None
 
     def close(self) -> None:
         """Close every fd of this message still owned here.  Idempotent."""

@@ -36,6 +36,7 @@ from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
 from ._peer import check_server, unix_address, unix_socket
+from ._shared import SealedMemory, share_large
 from ._sockio import write_pending
 from .transports import Session, Transport
 
@@ -303,7 +304,7 @@ class StructuredChannel(ChannelCore):
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
+    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:
         """Send one message: *payload* and *fds*, delivered together.
 
         *fds* are ints or objects with ``fileno()``; they stay the caller's
@@ -327,6 +328,8 @@ class StructuredChannel(ChannelCore):
         written before anything else, by the next ``send()`` or by `flush`;
         never send it again.
         """
+        if self._share_above is not None:
+            payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
         gate = self._send_gate
         try:
@@ -349,7 +352,7 @@ class StructuredChannel(ChannelCore):
         finally:
             gate.leave()
 
-    async def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
+    async def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
         try:
             self._prepare_send()

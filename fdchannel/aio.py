@@ -43,6 +43,7 @@ from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
 from ._peer import PeerCredentials, check_server, unix_address, unix_socket
+from ._shared import SealedMemory, share_large
 from ._sockio import write_pending
 from .transports import Session, Transport
 
@@ -266,6 +267,7 @@ class AsyncChannel(ChannelCore):
                 self._outbox, ch._outbox = ch._outbox, self._outbox
                 self._broken = ch._broken
                 self._eof = ch._eof
+                self._share_above = ch._share_above
                 ch._closed = True
                 if self._has_control:
                     self._flush_control_nowait()
@@ -447,7 +449,7 @@ class AsyncChannel(ChannelCore):
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
+    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:
         """Send one message: *payload* and *fds*, delivered together.
 
         Waits while the socket is full (backpressure): memory held by the
@@ -478,6 +480,8 @@ class AsyncChannel(ChannelCore):
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
+        if self._share_above is not None:
+            payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
         gate = self._send_gate
         if not gate.try_enter():
@@ -506,7 +510,7 @@ class AsyncChannel(ChannelCore):
         finally:
             gate.leave()
 
-    async def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
+    async def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
         try:
             await self._fair()

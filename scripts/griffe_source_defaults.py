@@ -82,6 +82,8 @@ class ConstructorSignatures(griffe.Extension):
                         continue
                     if member.annotation is None or str(member.annotation).startswith("ClassVar"):
                         continue
+                    if "property" in member.labels:  # computed, not a field
+                        continue
                     parameters.append(
                         griffe.Parameter(
                             name,

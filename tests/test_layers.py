@@ -124,11 +124,13 @@ def test_the_cycle_check_sees_a_cycle() -> None:
         ("fdchannel._outbox", "fdchannel._core"),
         ("fdchannel._codec", "fdchannel._outbox"),
         ("fdchannel._peer", "fdchannel._channel"),
+        ("fdchannel._shared", "fdchannel._core"),
         ("fdchannel._handoff", "fdchannel._channel"),
         ("fdchannel._wait", "fdchannel._channel"),
         # ... and what creates channels sits above it.
         ("fdchannel._channel", "fdchannel._listener"),
         ("fdchannel._channel", "fdchannel._process"),
+        ("fdchannel._channel", "fdchannel._nested"),
         ("fdchannel._listener", "fdchannel.aio"),
         ("fdchannel._listener", "fdchannel._structured"),
         ("fdchannel._structured", "fdchannel.trio"),
