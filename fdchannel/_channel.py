@@ -14,9 +14,10 @@ from typing import Any, Self
 from typing_extensions import Buffer
 
 from . import _handoff, _peer
-from ._codec import SCM_MAX_FD
+from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed
+from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import set_written
 from ._sockio import write_pending
@@ -204,16 +205,30 @@ class Channel(ChannelCore):
         (`ChannelBroken` when this end broke it).
         """
         nums, size = self._message(payload, fds)
+        done = False
         try:
             with self._send_lock:
-                if self._closed or self._broken is not None:
-                    self._check_usable()
-                if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
-                    sent = self._send_whole(payload, nums, size)
-                    if sent is not None:
-                        self._push(self._deadline(), sent)
-                    return
-                self._send_queued(payload, nums, size)
+                if self._closed or self._broken is not None or self._suspect:
+                    self._check_leftovers(False)
+                self._suspect = True
+                try:
+                    if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
+                        sent = self._send_whole(payload, nums, size)
+                        if sent is not None:
+                            self._push(self._deadline(), sent)
+                    else:
+                        self._send_queued(payload, nums, size)
+                except BaseException as exc:
+                    self._send_interrupted(exc)
+                    raise
+                self._suspect = False
+                done = True
+        except BaseException as exc:
+            if done:
+                # A signal handler's error as the lock was released: the
+                # message had left whole.
+                set_written(exc, HEADER_SIZE + size)
+            raise
         finally:
             # close() in another thread skips what a busy lock guards, and it
             # sets the flag before trying the locks: one of the two always
@@ -281,6 +296,9 @@ class Channel(ChannelCore):
                     return
                 self._wait(True, deadline)
         except (BlockingIOError, TimeoutError) as exc:
+            if raised_in_signal_handler(exc):
+                self._push_failed(exc, before, written)
+                raise
             self._push_paused(exc, before, written)
             raise
         except BaseException as exc:
@@ -303,7 +321,7 @@ class Channel(ChannelCore):
 
     # -- receiving ------------------------------------------------------------
 
-    def recv(self) -> Message:
+    def recv(self) -> Message:  # noqa: C901, PLR0912 - the recv fast path: one loop, no call per step
         """Receive one whole message; its fds are now the caller's.
 
         Raises `ChannelClosed` when the peer closed between messages,
@@ -311,10 +329,11 @@ class Channel(ChannelCore):
         unusable), `BlockingIOError`/`TimeoutError` when no whole message
         arrived in time (what did arrive stays buffered for the next call).
         """
+        msg: Message | None = None
         try:
             with self._recv_lock:
-                if self._closed or self._broken is not None:
-                    self._check_usable()
+                if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
+                    self._check_leftovers(True)
                 decoder = self._decoder
                 deadline = None
                 try:
@@ -322,20 +341,28 @@ class Channel(ChannelCore):
                         if decoder.frames or decoder.error is not None or decoder.eof:
                             msg = self._next_message()
                             if msg is not None:
+                                self._delivering = False
                                 return msg
                         try:
                             # Blocking (no timeout): the read itself waits.
                             msg = self._read(0)
-                        except BlockingIOError:
+                        except BlockingIOError as exc:
+                            if raised_in_signal_handler(exc):
+                                raise
                             if deadline is None and self._timeout:
                                 deadline = time.monotonic() + self._timeout
                             self._wait(False, deadline)
                             continue
                         if msg is not None:
+                            self._delivering = False
                             return msg
                 except BaseException as exc:
                     self._recv_stopped(exc)
                     raise
+        except BaseException as exc:
+            if msg is not None:
+                self._recv_lost(exc, msg)
+            raise
         finally:
             # close() in another thread skips what a busy lock guards, and it
             # sets the flag before trying the locks: one of the two always

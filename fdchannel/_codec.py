@@ -208,6 +208,11 @@ class Decoder:
         self.error: ProtocolError | None = None
         #: True once `receive_eof` was called.
         self.eof = False
+        #: What the I/O layer's reads left between the system call and this
+        #: decoder (raw results, then lists of fd numbers): fds listed here
+        #: are owned here until the channel clears the list.  A signal
+        #: handler's error raised right after a read returned finds them.
+        self.landed: list[Any] = []
 
     # -- reading side ---------------------------------------------------
 
@@ -376,6 +381,13 @@ class Decoder:
             self.frames.clear()
             self.frames.extend(data)
         return control
+
+    def fd_lists(self) -> list[list[int]]:
+        """The lists that hold this decoder's fds (buffered and in queued frames), left in place.
+
+        For a caller that must move them out one by one (`fdchannel._ownedfd.adopt_all`).
+        """
+        return [batch[0] for batch in self._fds] + [frame.fds for frame in self.frames]
 
     def take_fds(self) -> list[int]:
         """Give up and return every fd still held (buffered and in queued frames)."""

@@ -32,11 +32,11 @@ from typing import Any, Final, Self
 from typing_extensions import Buffer
 
 from ._channel import Channel
-from ._codec import SCM_MAX_FD, Decoder
+from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed, FdChannelError
-from ._fdutil import close_all
 from ._handoff import reduce_channel
+from ._interrupt import raised_in_signal_handler
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
@@ -400,11 +400,11 @@ class AsyncChannel(ChannelCore):
         # One thread: a task suspended in send() or recv() touches nothing
         # until it runs again, and then it finds the channel closed.
         self._outbox.discard()
-        close_all(self._decoder.take_fds())
+        self._close_held()
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
+    async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912 - the send fast path, inline
         """Send one message: *payload* and *fds*, delivered together.
 
         *fds* are ints or objects with ``fileno()``; they stay the caller's.
@@ -436,24 +436,41 @@ class AsyncChannel(ChannelCore):
             except BaseException as exc:
                 set_written(exc, 0)
                 raise
+        done = False
         try:
-            if self._closed or self._broken is not None:
-                self._check_usable()
-            if (
-                self._streak < _FAIRNESS - 1
-                and self._simple
-                and len(nums) <= SCM_MAX_FD
-                and not self._outbox.pending
-            ):
-                # The common case: no await unless the socket is full.
-                self._streak += 1
-                sent = self._send_whole(payload, nums, size)
-                if sent is not None:
-                    await self._push(sent)
-                return
-            await self._send_queued(payload, nums, size)
+            try:
+                if self._closed or self._broken is not None or self._suspect:
+                    self._check_leftovers(False)
+                self._suspect = True
+                if (
+                    self._streak < _FAIRNESS - 1
+                    and self._simple
+                    and len(nums) <= SCM_MAX_FD
+                    and not self._outbox.pending
+                ):
+                    # The common case: no await unless the socket is full.
+                    self._streak += 1
+                    sent = self._send_whole(payload, nums, size)
+                    if sent is not None:
+                        await self._push(sent)
+                else:
+                    await self._send_queued(payload, nums, size)
+            except BaseException as exc:
+                self._send_interrupted(exc)
+                raise
+            self._suspect = False
+            done = True
+        except BaseException as exc:
+            if done:
+                # A signal handler's error as the gate was left: the
+                # message had left whole.
+                set_written(exc, HEADER_SIZE + size)
+            raise
         finally:
-            gate.leave()
+            if gate._waiters:
+                gate.leave()
+            else:
+                gate._busy = False  # as in recv(): no call, no interrupt point
 
     async def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
@@ -523,7 +540,7 @@ class AsyncChannel(ChannelCore):
 
     # -- receiving ------------------------------------------------------------
 
-    async def recv(self) -> Message:  # noqa: C901 - the recv fast path: one loop, no call per step
+    async def recv(self) -> Message:  # noqa: C901, PLR0912 - the recv fast path: one loop, no call per step
         """Receive one whole message; its fds are now the caller's.
 
         Raises `ChannelClosed` when the peer closed between messages (or the
@@ -539,9 +556,10 @@ class AsyncChannel(ChannelCore):
         gate = self._recv_gate
         if not gate.try_enter():
             await gate.enter()
+        msg: Message | None = None
         try:
-            if self._closed or self._broken is not None:
-                self._check_usable()
+            if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
+                self._check_leftovers(True)
             self._streak += 1
             if self._streak >= _FAIRNESS:  # inline: no coroutine per message
                 self._streak = 0
@@ -553,20 +571,34 @@ class AsyncChannel(ChannelCore):
                 if decoder.frames or decoder.error is not None or decoder.eof:
                     msg = self._next_message()
                     if msg is not None:
+                        self._delivering = False
                         return msg
                 try:
                     msg = self._read(0)
-                except BlockingIOError:
+                except BlockingIOError as exc:
+                    if raised_in_signal_handler(exc):
+                        raise
                     self._streak = 0
                     await self._wait_readable()
                     continue
                 if msg is not None:
+                    self._delivering = False
                     return msg
         except BaseException as exc:
             self._recv_stopped(exc)
             raise
         finally:
-            gate.leave()
+            if gate._waiters:
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    if msg is not None:
+                        self._recv_lost(exc, msg)
+                    raise
+            else:
+                # No call, so no point where a signal handler could run
+                # and leave the gate taken for good.
+                gate._busy = False
 
     def __aiter__(self) -> AsyncIterator[Message]:
         """Yield messages until the peer closes the channel."""
