@@ -114,20 +114,54 @@ class Frame:
         )
 
 
-class _Big:
-    """A frame too large for the shared buffer, being read into its own buffers."""
+#: What a large frame's payload buffer may hold beyond the bytes that
+#: arrived: it starts at this size and grows as the bytes come (to twice
+#: what arrived, at least by this much), so a peer that declares a large
+#: payload and then drips costs this, not the size it declared.
+GROW_AHEAD: Final = 256 * 1024
 
-    __slots__ = ("aux", "aux_fill", "control", "end", "nfds", "payload", "payload_fill", "start")
+
+class _Big:
+    """A frame too large for the shared buffer, being read into its own buffers.
+
+    The payload buffer grows as its bytes arrive (see `GROW_AHEAD`).
+    """
+
+    __slots__ = (
+        "aux",
+        "aux_fill",
+        "control",
+        "end",
+        "nfds",
+        "payload",
+        "payload_fill",
+        "payload_len",
+        "start",
+    )
 
     def __init__(self, control: bool, nfds: int, aux_len: int, payload_len: int, start: int) -> None:
         self.control = control
         self.nfds = nfds
         self.aux = bytearray(aux_len)
-        self.payload = bytearray(payload_len)
+        self.payload_len = payload_len
+        self.payload = bytearray(min(payload_len, GROW_AHEAD))
         self.aux_fill = 0
         self.payload_fill = 0
         self.start = start
         self.end = start + HEADER_SIZE + aux_len + payload_len
+
+    def _grow(self, fill: int) -> None:
+        """Make room past *fill* bytes: twice *fill*, `GROW_AHEAD` more at least, at most as declared."""
+        have = len(self.payload)
+        want = min(self.payload_len, max(2 * fill, fill + GROW_AHEAD))
+        if want <= have:
+            return
+        try:
+            self.payload.extend(bytes(want - have))
+        except BufferError:  # a view of it is still alive somewhere: grow a copy
+            grown = bytearray(want)
+            grown[:have] = self.payload
+            self.payload = grown
 
     def feed(self, data: memoryview) -> None:
         """Copy already-buffered bytes of this frame in (only on entering this state)."""
@@ -135,12 +169,17 @@ class _Big:
         self.aux[self.aux_fill : self.aux_fill + take] = data[:take]
         self.aux_fill += take
         rest = data[take:]
-        self.payload[self.payload_fill : self.payload_fill + len(rest)] = rest
+        fill = self.payload_fill
+        if fill + len(rest) > len(self.payload):
+            self._grow(fill + len(rest))
+        self.payload[fill : fill + len(rest)] = rest
         self.payload_fill += len(rest)
 
     def space(self) -> memoryview:
         if self.aux_fill < len(self.aux):
             return memoryview(self.aux)[self.aux_fill :]
+        if self.payload_fill == len(self.payload):
+            self._grow(self.payload_fill)
         return memoryview(self.payload)[self.payload_fill :]
 
     def advance(self, n: int) -> None:
@@ -151,7 +190,7 @@ class _Big:
 
     @property
     def complete(self) -> bool:
-        return self.payload_fill == len(self.payload) and self.aux_fill == len(self.aux)
+        return self.payload_fill == self.payload_len and self.aux_fill == len(self.aux)
 
 
 class Decoder:
