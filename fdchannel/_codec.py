@@ -337,6 +337,7 @@ class Decoder:
                 self._check_held()
         except ProtocolError as exc:
             self.error = exc
+            self._big = None  # a frame that will never complete: its buffer goes now
 
     def _check_held(self) -> None:
         """Refuse more buffered fds than the frame in progress may carry.
@@ -374,6 +375,7 @@ class Decoder:
             return
         if self._big is not None or self._end > self._start:
             self.error = ProtocolError("peer closed the stream in the middle of a message")
+            self._big = None  # it will never complete: its buffer goes now
         elif self._fds:
             self.error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
 
@@ -420,6 +422,15 @@ class Decoder:
             self.frames.clear()
             self.frames.extend(data)
         return control
+
+    def release(self) -> None:
+        """Drop every buffer (a closed channel reads no more); the fds must have been taken first."""
+        self._big = None
+        self.frames.clear()
+        self.error = None  # its traceback's frames may hold the channel that owns this decoder
+        self._buf = bytearray()
+        self._mv = memoryview(self._buf)
+        self._start = self._end = 0
 
     def fd_lists(self) -> list[list[int]]:
         """The lists that hold this decoder's fds (buffered and in queued frames), left in place.

@@ -229,6 +229,7 @@ class ChannelCore:
         if self._claim_recv():
             try:
                 self._close_held()
+                self._decoder.release()
             finally:
                 self._release_recv()
 
@@ -638,10 +639,12 @@ class ChannelCore:
             frames.popleft()
             fds = self._incoming(frame)
             return message_of(frame.payload, fds) if fds else Message(frame.payload, ())
-        error = decoder.error
-        if error is not None:
-            self._fail(error)
-            raise error
+        if decoder.error is not None:
+            # Not through a local: the frame of this call would hold the
+            # error whose traceback holds the frame, a cycle (with the
+            # channel in it) that only the cyclic GC collects.
+            self._fail(decoder.error)
+            raise decoder.error
         if decoder.eof:
             if not self._eof:
                 self._at_eof()
@@ -737,6 +740,11 @@ class ChannelCore:
             except FdChannelError:
                 pass
         self._closed = True
+        # The error that broke the channel holds, through its traceback, the
+        # frames of the call that met it, and they hold the channel: a
+        # cycle that only the cyclic GC would collect, with every buffer in
+        # it.  A closed channel reports that it is closed, not why it broke.
+        self._broken = None
         self._wake_waiters()
         self._drop_held()
         try:

@@ -221,6 +221,9 @@ class AsyncChannel(ChannelCore):
                 # own their bytes and fds, so the whole outbox changes hands
                 # (before any control frame: it may hold a frame's rest).
                 self._outbox, ch._outbox = ch._outbox, self._outbox
+                # The decoder is this channel's now: the old one's clean-up
+                # (a call on it after this, its close) must not release it.
+                ch._decoder = Decoder(wire_id=0, in_band=False, max_payload=0, max_fds=0, max_aux=0)
                 self._broken = ch._broken
                 self._eof = ch._eof
                 ch._closed = True
@@ -401,6 +404,7 @@ class AsyncChannel(ChannelCore):
         # until it runs again, and then it finds the channel closed.
         self._outbox.discard()
         self._close_held()
+        self._decoder.release()
 
     # -- sending ------------------------------------------------------------
 
