@@ -36,6 +36,10 @@ Run = Callable[..., Any]
 
 #: Bytes of a large message that arrive before the peer breaks the stream.
 PART = 8 * 1024 * 1024
+#: What may stay allocated after a channel is freed: CPython's free lists
+#: keep up to 2,000 small tuples each (tracemalloc counts them), nothing
+#: near the megabytes of a message.
+SLACK = 512 * 1024
 
 
 @pytest.fixture
@@ -91,7 +95,7 @@ def test_a_channel_broken_by_a_protocol_error_is_freed_without_gc(no_gc: None) -
             after, _ = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert after - before < 64 * 1024, f"{after - before} bytes still held after close() and del"
+    assert after - before < SLACK, f"{after - before} bytes still held after close() and del"
 
 
 def test_a_closed_channel_holding_a_partial_message_is_freed_without_gc(no_gc: None) -> None:
@@ -114,7 +118,7 @@ def test_a_closed_channel_holding_a_partial_message_is_freed_without_gc(no_gc: N
             after, _ = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert after - before < 64 * 1024, f"{after - before} bytes still held after close() and del"
+    assert after - before < SLACK, f"{after - before} bytes still held after close() and del"
 
 
 def test_an_async_channel_broken_by_a_protocol_error_is_freed_without_gc(no_gc: None, run: Run) -> None:
@@ -142,4 +146,4 @@ def test_an_async_channel_broken_by_a_protocol_error_is_freed_without_gc(no_gc: 
     alive, failed, after = run(body())
     assert failed < PART // 4, f"{failed >> 20} MiB still held after the failure"
     assert not alive
-    assert after < 256 * 1024, f"{after} bytes still held after close() and del"
+    assert after < SLACK, f"{after} bytes still held after close() and del"
