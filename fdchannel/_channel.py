@@ -16,7 +16,7 @@ from typing_extensions import Buffer
 from . import _handoff, _peer
 from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
-from ._errors import ChannelClosed
+from ._errors import ChannelBroken, ChannelClosed
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import set_written
@@ -75,6 +75,7 @@ class Channel(ChannelCore):
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        _live.add(self)
         timeout = sock.gettimeout()
         self._timeout: float | None = None
         self.settimeout(timeout)
@@ -307,6 +308,29 @@ class Channel(ChannelCore):
 
     # -- the locks, for the core ----------------------------------------------
 
+    def _after_fork(self) -> None:
+        """In a child just forked: free the locks that threads of the parent held.
+
+        Those threads do not exist here, so nothing would ever release them.
+        Their call was in the middle of the stream (a frame half written, a
+        message half read) that the parent goes on with: in the child the
+        channel is then unusable and says so, and `close` works at once.
+        """
+        busy = []
+        if self._send_lock.locked():
+            self._send_lock = threading.Lock()
+            busy.append("send()")
+        if self._recv_lock.locked():
+            self._recv_lock = threading.Lock()
+            busy.append("recv()")
+        if busy and not self._closed:
+            self._break(
+                ChannelBroken(
+                    f"this process was forked while another thread was inside {' and '.join(busy)}: "
+                    "the stream is the parent's mid-call, so this copy can only be closed"
+                )
+            )
+
     def _claim_send(self) -> bool:
         return self._send_lock.acquire(blocking=False)
 
@@ -417,3 +441,16 @@ class Channel(ChannelCore):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+#: Every open Channel of this process, for `_after_fork_in_child`.
+_live: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for channel in list(_live):
+        channel._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
