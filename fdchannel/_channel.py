@@ -51,6 +51,10 @@ class Channel(ChannelCore):
 
     _kind = "Channel"
 
+    #: True in a forked child until this process claimed the inherited end
+    #: (`_handoff.claim_forked_end`) at its first send() or recv().
+    _unclaimed = False
+
     #: The partner end, for close_other(); set by pair() only (and, for a
     #: pair end rebuilt in a multiprocessing child, to something that
     #: returns None: no partner in that process).
@@ -209,8 +213,9 @@ class Channel(ChannelCore):
         done = False
         try:
             with self._send_lock:
-                if self._closed or self._broken is not None or self._suspect:
+                if self._closed or self._broken is not None or self._suspect or self._unclaimed:
                     self._check_leftovers(False)
+                    self._claim()
                 self._suspect = True
                 try:
                     if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
@@ -308,6 +313,12 @@ class Channel(ChannelCore):
 
     # -- the locks, for the core ----------------------------------------------
 
+    def _claim(self) -> None:
+        """First use in a forked child: refuse an end another child already uses (`ValueError`)."""
+        if self._unclaimed:
+            _handoff.claim_forked_end(self)
+            self._unclaimed = False
+
     def _after_fork(self) -> None:
         """In a child just forked: free the locks that threads of the parent held.
 
@@ -316,6 +327,7 @@ class Channel(ChannelCore):
         message half read) that the parent goes on with: in the child the
         channel is then unusable and says so, and `close` works at once.
         """
+        self._unclaimed = not self._closed
         busy = []
         if self._send_lock.locked():
             self._send_lock = threading.Lock()
@@ -356,8 +368,15 @@ class Channel(ChannelCore):
         msg: Message | None = None
         try:
             with self._recv_lock:
-                if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
+                if (
+                    self._closed
+                    or self._broken is not None
+                    or self._delivering
+                    or self._decoder.landed
+                    or self._unclaimed
+                ):
                     self._check_leftovers(True)
+                    self._claim()
                 decoder = self._decoder
                 deadline = None
                 try:
