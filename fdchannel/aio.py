@@ -40,7 +40,14 @@ from ._interrupt import raised_in_signal_handler
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
-from ._peer import unix_socket
+from ._peer import (
+    CONNECT_RETRY_FIRST,
+    CONNECT_RETRY_MAX,
+    backlog_full,
+    connect_step,
+    unix_address,
+    unix_socket,
+)
 from ._sockio import write_pending
 from .transports import Session, Transport
 
@@ -647,19 +654,38 @@ class AsyncChannel(ChannelCore):
 # -- named endpoints -------------------------------------------------------------
 
 
-async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncChannel:
+async def connect(
+    path: str | bytes | os.PathLike[Any], *, timeout: float | None = None, **kwargs: Any
+) -> AsyncChannel:
     """Connect to the `start_server` (or `fdchannel.Listener`) at *path*.
 
     *path* is a filesystem path or, on Linux, an abstract name starting with
-    ``"\\0"``.  Keyword arguments go to `AsyncChannel`.  Raises `OSError`
+    ``"\\0"``.  While the listener's backlog is full the connect is
+    retried until it is accepted or *timeout* seconds passed
+    (`TimeoutError`; ``None``, the default, waits as long as it takes).
+    Other keyword arguments go to `AsyncChannel`.  Raises `OSError`
     (``FileNotFoundError``, ``ConnectionRefusedError``, ...) as
     ``socket.connect`` does.  Cancelled: the socket is closed, nothing leaks.
     """
-    address = os.fspath(path)
+    address = unix_address(path)
     sock = unix_socket()
     try:
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, address)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = CONNECT_RETRY_FIRST
+        # Not loop.sock_connect(): on a full backlog the connect fails with
+        # EAGAIN and the socket stays unconnected, yet writable, so a loop
+        # that waits for writability reports a connection that does not
+        # exist (both the default loop and uvloop did).
+        while not connect_step(sock, address):
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise backlog_full(address, timeout or 0.0)
+                delay = min(delay, left)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
         return AsyncChannel(sock, **kwargs)
     except BaseException:
         sock.close()
