@@ -351,6 +351,10 @@ class ChannelCore:
         Returns only on Windows, for a CRT fd that merely has the number of
         the channel's SOCKET (the two are numbered apart there).
         """
+        if self._closed:
+            # The closed socket's number may already name another file (the
+            # very one being sent): the error is that the channel is closed.
+            self._check_usable()
         if size > self.max_payload:
             raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
         nfds = len(nums)
