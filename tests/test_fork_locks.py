@@ -8,6 +8,7 @@ that lock.  Real threads, a real fork, a real socket kept full.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from ._proc import fork_child, needs_fork, wait_child
 
 pytestmark = needs_fork
 
-_SENDMSG = {"x86_64": 46, "aarch64": 211}.get(os.uname().machine) if sys.platform != "win32" else None
+_SENDMSG = {"x86_64": 46, "aarch64": 211}.get(platform.machine()) if sys.platform != "win32" else None
 
 
 def _blocked_in_send(thread: threading.Thread, timeout: float = 10.0) -> None:

@@ -20,6 +20,7 @@ real ``setitimer`` storm.
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import socket
 import sys
@@ -139,7 +140,7 @@ def test_send_interrupted_after_the_kernel_took_the_frame_is_never_sent_twice(
 
 
 #: recvmsg's system call number, as /proc/<pid>/task/<tid>/syscall shows it.
-_RECVMSG = {"x86_64": 47, "aarch64": 212}.get(os.uname().machine)
+_RECVMSG = {"x86_64": 47, "aarch64": 212}.get(platform.machine())
 
 
 def _blocked_in(tid: int, nr: int, timeout: float = 10.0) -> None:
