@@ -25,6 +25,7 @@ import logging
 import os
 import select
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Final, Self
@@ -671,8 +672,8 @@ async def connect(
     sock = unix_socket()
     try:
         sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        # time.monotonic(), not loop.time(): uvloop's is cached per iteration.
+        deadline = None if timeout is None else time.monotonic() + timeout
         delay = CONNECT_RETRY_FIRST
         # Not loop.sock_connect(): on a full backlog the connect fails with
         # EAGAIN and the socket stays unconnected, yet writable, so a loop
@@ -680,7 +681,7 @@ async def connect(
         # exist (both the default loop and uvloop did).
         while not connect_step(sock, address):
             if deadline is not None:
-                left = deadline - loop.time()
+                left = deadline - time.monotonic()
                 if left <= 0:
                     raise backlog_full(address, timeout or 0.0)
                 delay = min(delay, left)

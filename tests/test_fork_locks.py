@@ -7,7 +7,6 @@ that lock.  Real threads, a real fork, a real socket kept full.
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import threading
