@@ -14,9 +14,10 @@ from typing import Any, Self
 from typing_extensions import Buffer
 
 from . import _handoff, _peer
-from ._codec import SCM_MAX_FD
+from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
-from ._errors import ChannelClosed
+from ._errors import ChannelBroken, ChannelClosed
+from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import set_written
 from ._shared import SealedMemory, share_large
@@ -50,6 +51,10 @@ class Channel(ChannelCore):
     """
 
     _kind = "Channel"
+
+    #: True in a forked child until this process claimed the inherited end
+    #: (`_handoff.claim_forked_end`) at its first send() or recv().
+    _unclaimed = False
 
     def __init__(
         self,
@@ -85,6 +90,7 @@ class Channel(ChannelCore):
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        _live.add(self)
         timeout = sock.gettimeout()
         self._timeout: float | None = None
         self.settimeout(timeout)
@@ -265,18 +271,32 @@ class Channel(ChannelCore):
         if self._share_above is not None:
             payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
+        done = False
         try:
             with self._send_lock:
-                if self._closed or self._broken is not None:
-                    self._check_usable()
-                if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
-                    sent = self._send_whole(payload, nums, size)
-                    if sent is not None:
-                        self._push(self._deadline(), sent)
-                    return
-                self._send_queued(payload, nums, size)
-        except (OSError, ChannelClosed) as exc:
-            self._closed_meanwhile(exc)
+                if self._closed or self._broken is not None or self._suspect or self._unclaimed:
+                    self._check_leftovers(False)
+                    self._claim()
+                self._suspect = True
+                try:
+                    if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
+                        sent = self._send_whole(payload, nums, size)
+                        if sent is not None:
+                            self._push(self._deadline(), sent)
+                    else:
+                        self._send_queued(payload, nums, size)
+                except BaseException as exc:
+                    self._send_interrupted(exc)
+                    raise
+                self._suspect = False
+                done = True
+        except BaseException as exc:
+            if done:
+                # A signal handler's error as the lock was released: the
+                # message had left whole.
+                set_written(exc, HEADER_SIZE + size)
+            elif isinstance(exc, OSError | ChannelClosed):
+                self._closed_meanwhile(exc)
             raise
         finally:
             # close() in another thread skips what a busy lock guards, and it
@@ -351,6 +371,9 @@ class Channel(ChannelCore):
                     return
                 self._wait(True, deadline)
         except (BlockingIOError, TimeoutError) as exc:
+            if raised_in_signal_handler(exc):
+                self._push_failed(exc, before, written)
+                raise
             self._push_paused(exc, before, written)
             raise
         except BaseException as exc:
@@ -358,6 +381,36 @@ class Channel(ChannelCore):
             raise
 
     # -- the locks, for the core ----------------------------------------------
+
+    def _claim(self) -> None:
+        """First use in a forked child: refuse an end another child already uses (`ValueError`)."""
+        if self._unclaimed:
+            _handoff.claim_forked_end(self)
+            self._unclaimed = False
+
+    def _after_fork(self) -> None:
+        """In a child just forked: free the locks that threads of the parent held.
+
+        Those threads do not exist here, so nothing would ever release them.
+        Their call was in the middle of the stream (a frame half written, a
+        message half read) that the parent goes on with: in the child the
+        channel is then unusable and says so, and `close` works at once.
+        """
+        self._unclaimed = not self._closed
+        busy = []
+        if self._send_lock.locked():
+            self._send_lock = threading.Lock()
+            busy.append("send()")
+        if self._recv_lock.locked():
+            self._recv_lock = threading.Lock()
+            busy.append("recv()")
+        if busy and not self._closed:
+            self._break(
+                ChannelBroken(
+                    f"this process was forked while another thread was inside {' and '.join(busy)}: "
+                    "the stream is the parent's mid-call, so this copy can only be closed"
+                )
+            )
 
     def _claim_send(self) -> bool:
         return self._send_lock.acquire(blocking=False)
@@ -373,7 +426,7 @@ class Channel(ChannelCore):
 
     # -- receiving ------------------------------------------------------------
 
-    def recv(self) -> Message:
+    def recv(self) -> Message:  # noqa: C901, PLR0912 - the recv fast path: one loop, no call per step
         """Receive one whole message; its fds are now the caller's.
 
         Returns:
@@ -391,10 +444,18 @@ class Channel(ChannelCore):
             OSError: From the kernel, with its errno.
             ValueError: The channel is closed.
         """
+        msg: Message | None = None
         try:
             with self._recv_lock:
-                if self._closed or self._broken is not None:
-                    self._check_usable()
+                if (
+                    self._closed
+                    or self._broken is not None
+                    or self._delivering
+                    or self._decoder.landed
+                    or self._unclaimed
+                ):
+                    self._check_leftovers(True)
+                    self._claim()
                 decoder = self._decoder
                 deadline = None
                 try:
@@ -402,20 +463,28 @@ class Channel(ChannelCore):
                         if decoder.frames or decoder.error is not None or decoder.eof:
                             msg = self._next_message()
                             if msg is not None:
+                                self._delivering = False
                                 return msg
                         try:
                             # Blocking (no timeout): the read itself waits.
                             msg = self._read(0)
-                        except BlockingIOError:
+                        except BlockingIOError as exc:
+                            if raised_in_signal_handler(exc):
+                                raise
                             if deadline is None and self._timeout:
                                 deadline = time.monotonic() + self._timeout
                             self._wait(False, deadline)
                             continue
                         if msg is not None:
+                            self._delivering = False
                             return msg
                 except BaseException as exc:
                     self._recv_stopped(exc)
                     raise
+        except BaseException as exc:
+            if msg is not None:
+                self._recv_lost(exc, msg)
+            raise
         finally:
             # close() in another thread skips what a busy lock guards, and it
             # sets the flag before trying the locks: one of the two always
@@ -498,3 +567,16 @@ class Channel(ChannelCore):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+#: Every open Channel of this process, for `_after_fork_in_child`.
+_live: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for channel in list(_live):
+        channel._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -127,21 +127,56 @@ class Frame:
         )
 
 
-class _Big:
-    """A frame too large for the shared buffer, being read into its own buffers."""
+#: What a large frame's payload buffer may hold beyond the bytes that
+#: arrived: it starts at this size and grows as the bytes come (to twice
+#: what arrived, at least by this much), so a peer that declares a large
+#: payload and then drips costs this, not the size it declared.
+GROW_AHEAD: Final = 256 * 1024
 
-    __slots__ = ("aux", "aux_fill", "control", "end", "flags", "nfds", "payload", "payload_fill", "start")
+
+class _Big:
+    """A frame too large for the shared buffer, being read into its own buffers.
+
+    The payload buffer grows as its bytes arrive (see `GROW_AHEAD`).
+    """
+
+    __slots__ = (
+        "aux",
+        "aux_fill",
+        "control",
+        "end",
+        "flags",
+        "nfds",
+        "payload",
+        "payload_fill",
+        "payload_len",
+        "start",
+    )
 
     def __init__(self, flags: int, nfds: int, aux_len: int, payload_len: int, start: int) -> None:
         self.flags = flags
         self.control = bool(flags & FLAG_CONTROL)
         self.nfds = nfds
         self.aux = bytearray(aux_len)
-        self.payload = bytearray(payload_len)
+        self.payload_len = payload_len
+        self.payload = bytearray(min(payload_len, GROW_AHEAD))
         self.aux_fill = 0
         self.payload_fill = 0
         self.start = start
         self.end = start + HEADER_SIZE + aux_len + payload_len
+
+    def _grow(self, fill: int) -> None:
+        """Make room past *fill* bytes: twice *fill*, `GROW_AHEAD` more at least, at most as declared."""
+        have = len(self.payload)
+        want = min(self.payload_len, max(2 * fill, fill + GROW_AHEAD))
+        if want <= have:
+            return
+        try:
+            self.payload.extend(bytes(want - have))
+        except BufferError:  # a view of it is still alive somewhere: grow a copy
+            grown = bytearray(want)
+            grown[:have] = self.payload
+            self.payload = grown
 
     def feed(self, data: memoryview) -> None:
         """Copy already-buffered bytes of this frame in (only on entering this state)."""
@@ -149,12 +184,17 @@ class _Big:
         self.aux[self.aux_fill : self.aux_fill + take] = data[:take]
         self.aux_fill += take
         rest = data[take:]
-        self.payload[self.payload_fill : self.payload_fill + len(rest)] = rest
+        fill = self.payload_fill
+        if fill + len(rest) > len(self.payload):
+            self._grow(fill + len(rest))
+        self.payload[fill : fill + len(rest)] = rest
         self.payload_fill += len(rest)
 
     def space(self) -> memoryview:
         if self.aux_fill < len(self.aux):
             return memoryview(self.aux)[self.aux_fill :]
+        if self.payload_fill == len(self.payload):
+            self._grow(self.payload_fill)
         return memoryview(self.payload)[self.payload_fill :]
 
     def advance(self, n: int) -> None:
@@ -165,7 +205,7 @@ class _Big:
 
     @property
     def complete(self) -> bool:
-        return self.payload_fill == len(self.payload) and self.aux_fill == len(self.aux)
+        return self.payload_fill == self.payload_len and self.aux_fill == len(self.aux)
 
 
 class Decoder:
@@ -227,6 +267,11 @@ class Decoder:
         self.error: ProtocolError | None = None
         #: True once `receive_eof` was called.
         self.eof = False
+        #: What the I/O layer's reads left between the system call and this
+        #: decoder (raw results, then lists of fd numbers): fds listed here
+        #: are owned here until the channel clears the list.  A signal
+        #: handler's error raised right after a read returned finds them.
+        self.landed: list[Any] = []
 
     # -- reading side ---------------------------------------------------
 
@@ -312,6 +357,7 @@ class Decoder:
                 self._check_held()
         except ProtocolError as exc:
             self.error = exc
+            self._big = None  # a frame that will never complete: its buffer goes now
 
     def _check_held(self) -> None:
         """Refuse more buffered fds than the frame in progress may carry.
@@ -349,6 +395,7 @@ class Decoder:
             return
         if self._big is not None or self._end > self._start:
             self.error = ProtocolError("peer closed the stream in the middle of a message")
+            self._big = None  # it will never complete: its buffer goes now
         elif self._fds:
             self.error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
 
@@ -405,6 +452,22 @@ class Decoder:
         control = [f for f in tail if f.control]
         frames.extend(f for f in tail if not f.control)
         return control
+
+    def release(self) -> None:
+        """Drop every buffer (a closed channel reads no more); the fds must have been taken first."""
+        self._big = None
+        self.frames.clear()
+        self.error = None  # its traceback's frames may hold the channel that owns this decoder
+        self._buf = bytearray()
+        self._mv = memoryview(self._buf)
+        self._start = self._end = 0
+
+    def fd_lists(self) -> list[list[int]]:
+        """The lists that hold this decoder's fds (buffered and in queued frames), left in place.
+
+        For a caller that must move them out one by one (`fdchannel._ownedfd.adopt_all`).
+        """
+        return [batch[0] for batch in self._fds] + [frame.fds for frame in self.frames]
 
     def take_fds(self) -> list[int]:
         """Give up and return every fd still held (buffered and in queued frames)."""

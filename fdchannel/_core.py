@@ -39,9 +39,10 @@ from ._codec import (
 )
 from ._errors import ChannelBroken, ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import SocketHandle, close_all
+from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import Outbox, set_written
-from ._ownedfd import OwnedFd, fileno_of
+from ._ownedfd import OwnedFd, adopt, adopt_all, fileno_of
 from ._peer import PeerCredentials, peer_credentials, refuse_fds
 from ._shared import SealedMemory, shared_message
 from ._sockio import SocketIO, io_for, write_pending
@@ -101,6 +102,15 @@ class ChannelCore:
     #: Payloads above this many bytes go as sealed shared memory
     #: (`fdchannel.shm.share_above`); None: never on their own.
     _share_above: int | None = None
+    #: True from the moment a recv() has a message in hand (or is taking a
+    #: frame off the decoder's queue) until it returns: an interrupt then
+    #: loses that message.
+    _delivering: bool
+    #: True while a send() is between its first step and the point where the
+    #: message's fate is recorded: left True by an interrupt that struck
+    #: again while the first one was being handled, and then the next call
+    #: finds the channel unusable (the safe side).
+    _suspect: bool
 
     # -- construction ---------------------------------------------------
 
@@ -173,6 +183,8 @@ class ChannelCore:
         self._broken = None
         self._eof = False
         self._closed = False
+        self._delivering = False
+        self._suspect = False
         self._pid = os.getpid()
         if max_fds == 0:
             # A data-only channel: where the kernel can, no fd even reaches
@@ -311,7 +323,8 @@ class ChannelCore:
                 self._release_send()
         if self._claim_recv():
             try:
-                close_all(self._decoder.take_fds())
+                self._close_held()
+                self._decoder.release()
             finally:
                 self._release_recv()
 
@@ -360,6 +373,22 @@ class ChannelCore:
         if broken is not None:
             raise type(broken)(f"the channel is unusable after an earlier error: {broken}") from broken
 
+    def _check_leftovers(self, recv: bool) -> None:
+        """`_check_usable`, after failing the channel if an earlier call on this side left it mid-step.
+
+        That happens when a second signal handler's error struck while the
+        first was being handled: the first call's outcome was never recorded.
+        The caller holds the side's lock.
+        """
+        if self._suspect if not recv else (self._delivering or self._decoder.landed):
+            self._fail(
+                ChannelBroken(
+                    f"an earlier {'recv' if recv else 'send'}() was interrupted again while its first "
+                    "interrupt was being handled; what it had in hand is unknown, so the stream is unusable"
+                )
+            )
+        self._check_usable()
+
     def _break(self, exc: FdChannelError) -> None:
         """Mark the channel unusable after *exc* (the first failure is the one named)."""
         if self._broken is None:
@@ -368,7 +397,22 @@ class ChannelCore:
     def _fail(self, exc: FdChannelError) -> None:
         """`_break`, and close every fd the decoder holds (the caller holds the receive lock)."""
         self._break(exc)
-        close_all(self._decoder.take_fds())
+        self._close_held()
+
+    def _close_held(self) -> None:
+        """Close every fd the decoder holds and those a read left landed, each once."""
+        decoder = self._decoder
+        landed = decoder.landed
+        for i in range(len(landed)):
+            if landed[i].__class__ is not list:  # a raw result: its fds as one list, in one store
+                landed[i] = self._io.landed_fds([landed[i]])
+        # Each fd moves into an OwnedFd before any list lets go of it, so a
+        # second interrupt here leaves each either listed or owned.
+        owners = adopt_all(decoder.fd_lists() + landed)
+        decoder.take_fds()
+        landed.clear()
+        for owner in owners:
+            owner.close()
 
     def _at_eof(self) -> None:
         self._eof = True
@@ -423,6 +467,10 @@ class ChannelCore:
         Returns only on Windows, for a CRT fd that merely has the number of
         the channel's SOCKET (the two are numbered apart there).
         """
+        if self._closed:
+            # The closed socket's number may already name another file (the
+            # very one being sent): the error is that the channel is closed.
+            self._check_usable()
         if size > self.max_payload:
             raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
         nfds = len(nums)
@@ -449,12 +497,9 @@ class ChannelCore:
         bufs: list[Buffer] = [pack_tagged(tag, len(nums), 0, size), payload]
         try:
             sent = self._write(self._sock, bufs, nums, self._send_flags)
-        except OSError as exc:
-            set_written(exc, 0)
-            _name_bad_fd(exc, nums)
-            raise
         except BaseException as exc:
-            self._break(self._outbox.interrupted(exc))
+            if self._write_raised(exc) and isinstance(exc, OSError):
+                _name_bad_fd(exc, nums)
             raise
         if sent == HEADER_SIZE + size:
             return None
@@ -526,14 +571,35 @@ class ChannelCore:
                 os.get_inheritable(fd)
             outbox.add_frame(bufs, in_band, payload, size)
             return out, 0
-        except OSError as exc:
-            set_written(exc, 0)
-            self._session.discard(out)
-            _name_bad_fd(exc, in_band)
-            raise
         except BaseException as exc:
-            self._break(outbox.interrupted(exc))
+            if self._write_raised(exc):
+                self._session.discard(out)
+                if isinstance(exc, OSError):
+                    _name_bad_fd(exc, in_band)
             raise
+
+    def _write_raised(self, exc: BaseException) -> bool:
+        """The first write of a message raised *exc*; True if the message was not taken.
+
+        The kernel's own error means nothing left (``characters_written`` 0).
+        Anything else (a signal handler's error, ``KeyboardInterrupt``) may
+        have struck after the kernel took bytes: the channel is unusable and
+        ``characters_written`` is left unset, the count being unknown.
+        """
+        if isinstance(exc, OSError) and not raised_in_signal_handler(exc):
+            set_written(exc, 0)
+            return True
+        self._break(self._outbox.interrupted(exc))
+        return False
+
+    def _send_interrupted(self, exc: BaseException) -> None:
+        """*exc* escaped a send() between its steps: a signal handler's error makes the channel unusable.
+
+        Errors the steps raise themselves were already accounted for.
+        """
+        if raised_in_signal_handler(exc):
+            self._break(self._outbox.interrupted(exc))
+        self._suspect = False
 
     def _not_taken(self, exc: BaseException, out: Outgoing) -> None:
         """A push of a message's rest raised *exc*: if nothing of it left, the session lets go."""
@@ -551,12 +617,16 @@ class ChannelCore:
     def _push_failed(self, exc: BaseException, before: int | None, written: int) -> None:
         """A push failed with *exc* (the caller re-raises it)."""
         written += getattr(exc, "fdchannel_written", 0)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not raised_in_signal_handler(exc):
             broken = self._outbox.failed(exc, before, written)
         else:
             # KeyboardInterrupt, a signal handler's error, a close from
-            # another thread: it may have struck inside a write.
-            set_written(exc, written if before is None else before + written)
+            # another thread: it may have struck inside a write, after the
+            # kernel took bytes we did not count, so a count of 0 is not
+            # claimed for a handler's OSError.
+            taken = written if before is None else before + written
+            if taken or not isinstance(exc, OSError):
+                set_written(exc, taken)
             broken = self._outbox.interrupted(exc)
         if broken is not None:
             self._break(broken)
@@ -581,6 +651,9 @@ class ChannelCore:
             try:
                 self._write_now()
             except OSError as exc:
+                if raised_in_signal_handler(exc):
+                    self._break(outbox.interrupted(exc))
+                    raise
                 # A vanished peer needs no acknowledgements, and recv() still
                 # delivers what it sent before; anything else mid-frame breaks.
                 broken = outbox.failed(exc, None, 0)
@@ -616,21 +689,35 @@ class ChannelCore:
                     one = read(self._sock, decoder, self._dontwait)
                     if one is not None:  # pragma: no cover - sessions with control frames queue all
                         decoder.push_back(*one)
-                    elif decoder.eof and not self._eof:
+                    decoder.landed.clear()  # what arrived is the decoder's now
+                    if decoder.eof and not self._eof:
                         self._at_eof()
-            except BlockingIOError:
-                pass  # drained
             except TruncatedControlData as exc:
                 self._fail(exc)
                 raise
-            except OSError:
-                pass  # recv() reports stream errors
-            # Acknowledgements do not depend on the data frames around them,
-            # so they are handled now and the data waits for recv().
-            for frame in decoder.take_control_frames():
-                self._control(frame)
+            except BaseException as exc:
+                if isinstance(exc, OSError) and not raised_in_signal_handler(exc):
+                    pass  # drained (BlockingIOError), or a stream error recv() reports
+                else:
+                    self._recv_interrupted(exc)
+                    raise
+            self._take_control()
         finally:
             self._release_recv()
+
+    def _take_control(self) -> None:
+        """Hand the queued control frames to the session, leaving the data frames for recv().
+
+        Acknowledgements do not depend on the data frames around them, so
+        they are handled as soon as they are read.
+        """
+        try:
+            for frame in self._decoder.take_control_frames():
+                self._control(frame)
+        except BaseException as exc:
+            if not isinstance(exc, ProtocolError):
+                self._recv_interrupted(exc)  # the frames taken out are lost
+            raise
 
     def _control(self, frame: Frame) -> None:
         """Hand a control frame to the session; a malformed one fails the channel."""
@@ -648,21 +735,27 @@ class ChannelCore:
         Raises `BlockingIOError` when nothing is ready, `TruncatedControlData`
         (the channel failed) and `OSError` from the kernel.
         """
+        decoder = self._decoder
         try:
-            one = self._read_into(self._sock, self._decoder, flags)
+            one = self._read_into(self._sock, decoder, flags)
         except TruncatedControlData as exc:
             self._fail(exc)
             raise
         if one is None:
-            if self._decoder.eof and not self._eof:
+            decoder.landed.clear()  # what arrived is the decoder's now
+            if decoder.eof and not self._eof:
                 self._at_eof()
             return None
         payload, fds = one
+        # The message is in hand from here: set before the list that
+        # holds its fds is cleared, so an interrupt always finds one of them.
+        self._delivering = True
         if not fds:
+            decoder.landed.clear()
             return Message(payload, ())
-        if len(fds) == 1:
-            return Message(payload, (OwnedFd(fds[0]),))
-        return message_of(payload, fds)
+        owners = adopt(fds) if fds.__class__ is list else tuple(map(OwnedFd, fds))
+        decoder.landed.clear()
+        return Message(payload, owners)
 
     def _next_message(self) -> Message | None:
         """The next message the decoder holds, or None when it needs more data.
@@ -673,18 +766,30 @@ class ChannelCore:
         decoder = self._decoder
         frames = decoder.frames
         while frames:
-            frame = frames.popleft()
+            # Taking a frame off the queue loses it if an interrupt strikes.
+            self._delivering = True
+            frame = frames[0]
             if frame.control:
+                frames.popleft()
                 self._control(frame)
                 continue
-            fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
+            if self._simple and not frame.aux and not frame.shared:
+                # The fds move out of the queued frame one by one, so an
+                # interrupt leaves each either there or in its OwnedFd.
+                owners = adopt(frame.fds) if frame.fds else ()
+                frames.popleft()
+                return Message(frame.payload, owners)
+            frames.popleft()
+            fds = self._incoming(frame)
             if frame.shared:
                 return shared_message(frame.payload, fds)
             return message_of(frame.payload, fds) if fds else Message(frame.payload, ())
-        error = decoder.error
-        if error is not None:
-            self._fail(error)
-            raise error
+        if decoder.error is not None:
+            # Not through a local: the frame of this call would hold the
+            # error whose traceback holds the frame, a cycle (with the
+            # channel in it) that only the cyclic GC collects.
+            self._fail(decoder.error)
+            raise decoder.error
         if decoder.eof:
             if not self._eof:
                 self._at_eof()
@@ -719,15 +824,36 @@ class ChannelCore:
     def _recv_stopped(self, exc: BaseException) -> None:
         """A recv() ends with *exc*: anything but the expected errors breaks the channel.
 
+        A signal handler's error is one of the expected ones by type (such as
+        ``TimeoutError``) but was not raised by the step it interrupted; it
+        breaks the channel unless it struck where nothing was in hand (in a
+        wait, or inside a system call that then read nothing).
+
         If another thread closed the channel during the call, the socket's
         EBADF (or the session's refusal) becomes the closed-channel error.
         """
-        if not isinstance(exc, self._recv_ok):
-            self._recv_interrupted(exc)
-        elif self._closed and not isinstance(exc, FdChannelError):
-            closed = f"I/O operation on a closed {self._kind}"
-            if not (isinstance(exc, ValueError) and exc.args == (closed,)):
-                raise ValueError(closed) from exc
+        if isinstance(exc, self._recv_ok) and not raised_in_signal_handler(exc):
+            self._delivering = False  # a message refused for this end alone (PermissionError, ...)
+            if self._closed and not isinstance(exc, FdChannelError):
+                closed = f"I/O operation on a closed {self._kind}"
+                if not (isinstance(exc, ValueError) and exc.args == (closed,)):
+                    raise ValueError(closed) from exc
+            return
+        if raised_in_signal_handler(exc) and not self._decoder.landed and not self._delivering:
+            return
+        self._recv_interrupted(exc)
+
+    def _recv_lost(self, exc: BaseException, msg: Message) -> None:
+        """*exc* struck after recv() had *msg* and before it returned: say it is lost.
+
+        The receive lock is already released, so the decoder is not touched:
+        the channel is marked unusable and the message's fds are closed.
+        """
+        msg.close()
+        if self._broken is None:
+            broken = ChannelBroken(f"recv() was interrupted by {exc!r} as it returned; a message was lost")
+            broken.__cause__ = exc
+            self._break(broken)
 
     def _recv_interrupted(self, exc: BaseException) -> None:
         """*exc* (KeyboardInterrupt, a signal handler's error) cut into a recv().
@@ -766,6 +892,11 @@ class ChannelCore:
             except FdChannelError:
                 pass
         self._closed = True
+        # The error that broke the channel holds, through its traceback, the
+        # frames of the call that met it, and they hold the channel: a
+        # cycle that only the cyclic GC would collect, with every buffer in
+        # it.  A closed channel reports that it is closed, not why it broke.
+        self._broken = None
         self._wake_waiters()
         self._drop_held()
         try:

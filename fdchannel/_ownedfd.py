@@ -7,11 +7,12 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Iterable
 from typing import IO, Any, Self
 
 from ._fdutil import SocketHandle, close_fd
 
-__all__ = ["OwnedFd", "fileno_of"]
+__all__ = ["OwnedFd", "adopt", "adopt_all", "fileno_of"]
 
 
 def fileno_of(obj: int | Any) -> int:
@@ -224,11 +225,12 @@ class OwnedFd:
         except AttributeError:  # __init__ never ran
             return
         if fd >= 0:
-            self._fd = -1
-            # Close first: with -W error::ResourceWarning the warning raises.
+            # Close first: with -W error::ResourceWarning the warning raises,
+            # and a signal handler's error here must not leave the fd open.
             try:
                 close_fd(fd)
             finally:
+                self._fd = -1
                 warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
 
 
@@ -242,3 +244,47 @@ def _discard(probe: IO[Any]) -> None:
         except ValueError:  # unbuffered layer already reached
             break
     raw.close()  # FileIO with closefd=False: closes nothing
+
+
+_new = object.__new__
+
+
+def adopt(fds: list[int]) -> tuple[OwnedFd, ...]:
+    """Move every fd of *fds* into an `OwnedFd` of its own; each slot of *fds* becomes -1.
+
+    Each fd moves in two stores with no point between them where CPython
+    runs a signal handler, so an error a handler raises anywhere in here
+    leaves every fd listed exactly once: still in *fds* (its holder closes
+    it) or in an `OwnedFd` (which closes it when dropped), never both.
+    """
+    owners: list[OwnedFd] = []
+    for i in range(len(fds)):
+        owner = _new(OwnedFd)
+        owner._fd = fds[i]
+        fds[i] = -1
+        owners.append(owner)
+    return tuple(owners)
+
+
+def adopt_all(lists: Iterable[list[int]]) -> list[OwnedFd]:
+    """`adopt` for several lists at once, each distinct fd number once; negative slots are skipped.
+
+    A number listed again (the same fd in two lists, or twice in one) is
+    struck from the later slot, so no two owners ever close it.
+    """
+    owners: list[OwnedFd] = []
+    seen: set[int] = set()
+    for fds in lists:
+        for i in range(len(fds)):
+            fd = fds[i]
+            if fd < 0:
+                continue
+            if fd in seen:
+                fds[i] = -1
+                continue
+            owner = _new(OwnedFd)
+            owner._fd = fd
+            fds[i] = -1
+            seen.add(fd)
+            owners.append(owner)
+    return owners

@@ -14,6 +14,7 @@ import platform
 import socket
 import struct
 import sys
+import time
 from collections.abc import Collection
 from typing import Any, Final, Self
 
@@ -23,9 +24,13 @@ from ._ownedfd import OwnedFd
 from ._platform import FACTS, Facts
 
 __all__ = [
+    "CONNECT_RETRY_FIRST",
+    "CONNECT_RETRY_MAX",
     "SUN_PATH_MAX",
     "PeerCredentials",
+    "backlog_full",
     "check_server",
+    "connect_step",
     "connect_unix",
     "is_abstract",
     "parse_credentials",
@@ -283,6 +288,49 @@ def unix_socket() -> socket.socket:
     return socket.socket(family, socket.SOCK_STREAM)
 
 
+#: A listener whose backlog is full gives no readiness to wait for: the
+#: connect is tried again after this long, doubling up to `CONNECT_RETRY_MAX`.
+CONNECT_RETRY_FIRST: Final = 0.001
+CONNECT_RETRY_MAX: Final = 0.05
+
+
+def connect_step(sock: socket.socket, address: str | bytes) -> bool:
+    """One non-blocking connect of *sock*: True once connected, False while the listener's backlog is full.
+
+    On Linux a full backlog makes a non-blocking AF_UNIX connect fail with
+    ``EAGAIN`` and leaves the socket unconnected (it is no connect in
+    progress, so waiting for writability would report a connection that
+    does not exist).  ``EINPROGRESS`` (other systems) is waited for by the
+    caller like ``EAGAIN``; a connection that then failed raises its error.
+    Other `OSError` propagates.
+    """
+    try:
+        sock.connect(address)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EALREADY:  # an earlier EINPROGRESS attempt is still going
+            return False
+        if exc.errno != errno.EISCONN:  # (EISCONN: that attempt completed)
+            raise
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return False
+        raise
+    return True
+
+
+def backlog_full(address: str | bytes, timeout: float) -> TimeoutError:
+    """The error a connect that waited *timeout* seconds for a full listener raises."""
+    return TimeoutError(
+        errno.ETIMEDOUT,
+        f"timed out after {timeout:g} s waiting for the listener at {address!r} to accept "
+        "the connection (its backlog is full)",
+    )
+
+
 def connect_unix(
     path: str | bytes | os.PathLike[Any],
     timeout: float | None,
@@ -290,16 +338,34 @@ def connect_unix(
 ) -> socket.socket:
     """A stream socket connected to the AF_UNIX *path*, owned by the caller.
 
-    *timeout* bounds the connect and stays the socket's timeout.  Raises
-    `OSError` as ``socket.connect`` does, and `PermissionError` when the
-    server is not one of *expect_uid* (`check_server`), with nothing left
-    open.
+    *timeout* bounds the connect and stays the socket's timeout: while the
+    listener's backlog is full the connect is retried until it is accepted
+    or *timeout* passes (`TimeoutError`; `BlockingIOError` for ``0.0``).
+    ``None`` waits as long as it takes.  Raises `OSError` as
+    ``socket.connect`` does (`FileNotFoundError` and
+    `ConnectionRefusedError` naming the path), and `PermissionError` when
+    the server is not one of *expect_uid* (`check_server`), with nothing
+    left open.
     """
     address = unix_address(path)
     sock = unix_socket()
     try:
+        sock.setblocking(False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = CONNECT_RETRY_FIRST
+        while not connect_step(sock, address):
+            if timeout == 0.0:
+                raise BlockingIOError(
+                    errno.EAGAIN, f"the listener at {address!r} cannot take the connection now (backlog full)"
+                )
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise backlog_full(address, timeout or 0.0)
+                delay = min(delay, left)
+            time.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
         sock.settimeout(timeout)
-        sock.connect(address)
         check_server(sock, expect_uid, address)
     except FileNotFoundError as exc:
         sock.close()

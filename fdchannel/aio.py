@@ -25,6 +25,7 @@ import logging
 import os
 import select
 import socket
+import time
 import warnings
 import weakref
 from collections import deque
@@ -34,15 +35,24 @@ from typing import Any, Final, Self
 from typing_extensions import Buffer
 
 from ._channel import Channel
-from ._codec import SCM_MAX_FD, Decoder
+from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed, FdChannelError
-from ._fdutil import close_all
 from ._handoff import reduce_channel
+from ._interrupt import raised_in_signal_handler
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
-from ._peer import PeerCredentials, check_server, unix_address, unix_socket
+from ._peer import (
+    CONNECT_RETRY_FIRST,
+    CONNECT_RETRY_MAX,
+    PeerCredentials,
+    backlog_full,
+    check_server,
+    connect_step,
+    unix_address,
+    unix_socket,
+)
 from ._shared import SealedMemory, share_large
 from ._sockio import write_pending
 from .transports import Session, Transport
@@ -265,6 +275,9 @@ class AsyncChannel(ChannelCore):
                 # own their bytes and fds, so the whole outbox changes hands
                 # (before any control frame: it may hold a frame's rest).
                 self._outbox, ch._outbox = ch._outbox, self._outbox
+                # The decoder is this channel's now: the old one's clean-up
+                # (a call on it after this, its close) must not release it.
+                ch._decoder = Decoder(wire_id=0, in_band=False, max_payload=0, max_fds=0, max_aux=0)
                 self._broken = ch._broken
                 self._eof = ch._eof
                 self._share_above = ch._share_above
@@ -445,11 +458,12 @@ class AsyncChannel(ChannelCore):
         # One thread: a task suspended in send() or recv() touches nothing
         # until it runs again, and then it finds the channel closed.
         self._outbox.discard()
-        close_all(self._decoder.take_fds())
+        self._close_held()
+        self._decoder.release()
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:
+    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912 - the send fast path, inline
         """Send one message: *payload* and *fds*, delivered together.
 
         Waits while the socket is full (backpressure): memory held by the
@@ -491,24 +505,41 @@ class AsyncChannel(ChannelCore):
             except BaseException as exc:
                 set_written(exc, 0)
                 raise
+        done = False
         try:
-            if self._closed or self._broken is not None:
-                self._check_usable()
-            if (
-                self._streak < _FAIRNESS - 1
-                and self._simple
-                and len(nums) <= SCM_MAX_FD
-                and not self._outbox.pending
-            ):
-                # The common case: no await unless the socket is full.
-                self._streak += 1
-                sent = self._send_whole(payload, nums, size)
-                if sent is not None:
-                    await self._push(sent)
-                return
-            await self._send_queued(payload, nums, size)
+            try:
+                if self._closed or self._broken is not None or self._suspect:
+                    self._check_leftovers(False)
+                self._suspect = True
+                if (
+                    self._streak < _FAIRNESS - 1
+                    and self._simple
+                    and len(nums) <= SCM_MAX_FD
+                    and not self._outbox.pending
+                ):
+                    # The common case: no await unless the socket is full.
+                    self._streak += 1
+                    sent = self._send_whole(payload, nums, size)
+                    if sent is not None:
+                        await self._push(sent)
+                else:
+                    await self._send_queued(payload, nums, size)
+            except BaseException as exc:
+                self._send_interrupted(exc)
+                raise
+            self._suspect = False
+            done = True
+        except BaseException as exc:
+            if done:
+                # A signal handler's error as the gate was left: the
+                # message had left whole.
+                set_written(exc, HEADER_SIZE + size)
+            raise
         finally:
-            gate.leave()
+            if gate._waiters:
+                gate.leave()
+            else:
+                gate._busy = False  # as in recv(): no call, no interrupt point
 
     async def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
@@ -584,7 +615,7 @@ class AsyncChannel(ChannelCore):
 
     # -- receiving ------------------------------------------------------------
 
-    async def recv(self) -> Message:  # noqa: C901 - the recv fast path: one loop, no call per step
+    async def recv(self) -> Message:  # noqa: C901, PLR0912 - the recv fast path: one loop, no call per step
         """Receive one whole message; its fds are now the caller's.
 
         Cancelled: nothing is lost; what arrived stays buffered for the next
@@ -607,9 +638,10 @@ class AsyncChannel(ChannelCore):
         gate = self._recv_gate
         if not gate.try_enter():
             await gate.enter()
+        msg: Message | None = None
         try:
-            if self._closed or self._broken is not None:
-                self._check_usable()
+            if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
+                self._check_leftovers(True)
             self._streak += 1
             if self._streak >= _FAIRNESS:  # inline: no coroutine per message
                 self._streak = 0
@@ -621,20 +653,34 @@ class AsyncChannel(ChannelCore):
                 if decoder.frames or decoder.error is not None or decoder.eof:
                     msg = self._next_message()
                     if msg is not None:
+                        self._delivering = False
                         return msg
                 try:
                     msg = self._read(0)
-                except BlockingIOError:
+                except BlockingIOError as exc:
+                    if raised_in_signal_handler(exc):
+                        raise
                     self._streak = 0
                     await self._wait_readable()
                     continue
                 if msg is not None:
+                    self._delivering = False
                     return msg
         except BaseException as exc:
             self._recv_stopped(exc)
             raise
         finally:
-            gate.leave()
+            if gate._waiters:
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    if msg is not None:
+                        self._recv_lost(exc, msg)
+                    raise
+            else:
+                # No call, so no point where a signal handler could run
+                # and leave the gate taken for good.
+                gate._busy = False
 
     def __aiter__(self) -> AsyncIterator[Message]:
         """Iterate with ``async for``: messages until the peer closes the channel.
@@ -685,15 +731,23 @@ class AsyncChannel(ChannelCore):
 
 
 async def connect(
-    path: str | bytes | os.PathLike[Any], *, expect_uid: int | Collection[int] | None = None, **kwargs: Any
+    path: str | bytes | os.PathLike[Any],
+    *,
+    timeout: float | None = None,
+    expect_uid: int | Collection[int] | None = None,
+    **kwargs: Any,
 ) -> AsyncChannel:
     """Connect to the `start_server` (or `fdchannel.Listener`) at *path*.
 
-    Cancelled: the socket is closed, nothing leaks.
+    While the listener's backlog is full the connect is retried until it is
+    accepted or *timeout* seconds passed.  Cancelled: the socket is closed,
+    nothing leaks.
 
     Args:
         path: A filesystem path or, on Linux, an abstract name starting with
             ``"\\0"``.
+        timeout: How long to wait for a listener whose backlog is full
+            (``None``, the default: as long as it takes).
         expect_uid: A uid (or several) the server must run as, checked
             before anything is sent, as on `fdchannel.Channel.connect`.
         **kwargs: Go to `AsyncChannel` (``transport``, ``max_payload``,
@@ -705,6 +759,7 @@ async def connect(
     Raises:
         OSError: As ``socket.connect`` raises it (`FileNotFoundError`,
             `ConnectionRefusedError`, ...).
+        TimeoutError: The listener did not accept within *timeout*.
         PermissionError: The server is not one of *expect_uid*; nothing
             was sent.
     """
@@ -712,7 +767,21 @@ async def connect(
     sock = unix_socket()
     try:
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, address)
+        # time.monotonic(), not loop.time(): uvloop's is cached per iteration.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = CONNECT_RETRY_FIRST
+        # Not loop.sock_connect(): on a full backlog the connect fails with
+        # EAGAIN and the socket stays unconnected, yet writable, so a loop
+        # that waits for writability reports a connection that does not
+        # exist (both the default loop and uvloop did).
+        while not connect_step(sock, address):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise backlog_full(address, timeout or 0.0)
+                delay = min(delay, left)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
         check_server(sock, expect_uid, address)
         return AsyncChannel(sock, **kwargs)
     except BaseException:
