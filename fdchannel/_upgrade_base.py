@@ -225,7 +225,12 @@ class Base:
             wire.write_pid_file(self.pid_file, os.getpid())
         if self._systemd:
             # A successor is a new main pid; the unit needs NotifyAccess=all for it.
-            _systemd.notify({"MAINPID": os.getpid(), "READY": 1})
+            try:
+                _systemd.notify({"MAINPID": os.getpid(), "READY": 1}, timeout=self.ready_timeout)
+            except TimeoutError:
+                # A stuck manager must not stop the handover: this process
+                # has the fds and serves; the predecessor waits for our word.
+                log.warning("upgrade: the service manager's notify queue stayed full; READY=1 not sent")
 
     def store_fds(self) -> bool:
         """Push every registered fd into systemd's fd store (``FDSTORE=1``, ``FDNAME=`` its name).

@@ -166,8 +166,9 @@ class Upgrader(Base):
     def ready(self) -> None:
         """Say this process is set up and serving: the predecessor may now exit.
 
-        Writes the pid file, tells systemd (``systemd=True``), tells the
-        predecessor, and (sibling model) waits for it to release the control
+        Writes the pid file, tells systemd (``systemd=True``; waiting at
+        most *ready_timeout* for room in its queue, then logging a warning
+        and going on without), tells the predecessor, and (sibling model) waits for it to release the control
         endpoint, then opens it here; in the first generation it just opens
         it.  A predecessor that died meanwhile is logged, not raised: this
         process has the fds and serves.  Raises `ValueError` if called twice
