@@ -266,7 +266,9 @@ class Upgrader(Base):
         `BlockingIOError`, as `Listener.accept`), `UpgradeInProgress` when
         an upgrade runs or, at once, when another upgrade succeeded while
         this one waited, and the `UpgradeFailed` family as `upgrade` (the
-        successor was killed; also when its credentials could not be read);
+        successor was killed; also when its credentials could not be read;
+        their ``exit_code`` is None here: a sibling is not this process's
+        child, so its exit status goes to its own parent);
         `ValueError` if the upgrader was or gets closed.
         """
         if timeout is not None and timeout < 0:
