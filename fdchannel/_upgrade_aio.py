@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -180,31 +181,71 @@ class AsyncUpgrader(Base):
 
     async def accept_upgrade(self, timeout: float | None = None) -> int:
         """As `Upgrader.accept_upgrade`."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be non-negative or None")
+        if self._exiting:
+            raise UpgradeInProgress(f"this process was upgraded already (to pid {self.successor_pid})")
         listener = self._listener
         if listener is None:
             raise ValueError("no control endpoint: give control_path and call ready() first")
-        if self._exiting:
-            raise UpgradeInProgress(f"this process was upgraded already (to pid {self.successor_pid})")
         # Waiting for a successor is no upgrade yet: upgrade() may run meanwhile.
-        async with asyncio.timeout(timeout):
-            blocking = await _accept(listener)
+        blocking = self._try_accept(listener)
+        if blocking is None:
+            if timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "no successor is waiting on the control endpoint")
+            async with asyncio.timeout(timeout):
+                blocking = await self._accept()
         try:
-            with self._one_upgrade():
-                creds = blocking.peer_credentials()
-                channel = _to_async(blocking)
-                handle = wire.ProcessHandle(pid=creds.pid)
-                try:
-                    await self._hand_over(channel, handle, self.ready_timeout)
-                finally:
-                    channel.close()
-                    handle.close()
+            try:
+                handle = wire.sibling_handle(blocking)  # at once: see Upgrader.accept_upgrade
+            except OSError as exc:
+                raise UpgradeFailed(f"the successor's credentials could not be read ({exc})") from exc
+            try:
+                with self._one_upgrade():
+                    channel = _to_async(blocking)
+                    try:
+                        await self._hand_over(channel, handle, self.ready_timeout)
+                    finally:
+                        channel.close()
+            finally:
+                handle.close()
         except UpgradeInProgress as exc:
             if not blocking.closed:
                 _say_busy(blocking, str(exc))
             raise
         finally:
             blocking.close()
-        return creds.pid or 0
+        return handle.pid or 0
+
+    async def _accept(self) -> Channel:
+        """The next would-be successor on the endpoint, waiting on the loop (refused peers are skipped).
+
+        Waits on a dup of the endpoint's fd (removed from the loop before it
+        is closed) and wakes at once when the endpoint closes (another
+        upgrade succeeded: `UpgradeInProgress`; `close`: `ValueError`).
+        """
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, closed)
+
+        with self._watch_control(wake) as (listener, fd):
+            while True:
+                channel = self._try_accept(listener)
+                if channel is not None:
+                    channel.settimeout(None)
+                    return channel
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, _resolve, readable)
+                try:
+                    await asyncio.wait([readable, closed], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    loop.remove_reader(fd)
+                    readable.cancel()
+                if closed.done() or self._listener is not listener:
+                    raise self._endpoint_gone()
 
     async def _hand_over(self, channel: AsyncChannel, handle: wire.ProcessHandle, timeout: float) -> None:
         reply: dict[str, Any] | None = None
@@ -233,11 +274,13 @@ class AsyncUpgrader(Base):
 
     async def _turn_away_all(self) -> None:
         """While a handover runs, answer would-be successors on the endpoint that we are busy."""
-        listener = self._listener
-        if listener is None:
+        if self._listener is None:
             return
         while True:
-            other = await _accept(listener)
+            try:
+                other = await self._accept()
+            except (ValueError, UpgradeInProgress):
+                return  # the endpoint was closed: nobody to turn away
             with other:
                 _say_busy(other, "an upgrade is already running")
 
@@ -305,23 +348,3 @@ def _to_async(channel: Channel) -> AsyncChannel:
     except BaseException:
         channel.close()
         raise
-
-
-async def _accept(listener: Any) -> Channel:
-    """The next accepted channel of a `Listener`, waiting on the loop (refused peers are skipped)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        listener.settimeout(0.0)
-        try:
-            channel: Channel = listener.accept()
-            channel.settimeout(None)
-            return channel
-        except BlockingIOError:
-            pass
-        ready: asyncio.Future[None] = loop.create_future()
-        fd = listener.fileno()
-        loop.add_reader(fd, _resolve, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fd)

@@ -31,7 +31,7 @@ from ._listener import Listener
 from ._ownedfd import OwnedFd, fileno_of
 from ._peer import PeerCredentials
 
-__all__ = ["CONNECT_ERRORS", "DEFAULT_MAX_FDS", "Base", "log", "say_busy"]
+__all__ = ["CONNECT_ERRORS", "DEFAULT_MAX_FDS", "Base", "log", "say_busy", "wake_pipe"]
 
 log: Final = logging.getLogger("fdchannel.upgrade")
 
@@ -52,8 +52,8 @@ def _euid() -> int:
     return os.geteuid()
 
 
-def _exit_pipe() -> tuple[int, int]:
-    """The pipe `fileno` reads: a byte in it means "exit"; its write end never blocks."""
+def wake_pipe() -> tuple[int, int]:
+    """A pipe whose write end never blocks (`fileno` reads one: a byte in it means "exit")."""
     r, w = os.pipe()
     if sys.platform != "win32":
         os.set_blocking(w, False)
@@ -94,11 +94,16 @@ class Base:
         self.successor_pid: int | None = None
         self._predecessor: Channel | None = None
         self._listener: Listener | None = None
+        #: Guards `_listener` and `_wakers`: a waiter's dup of the endpoint and
+        #: its wake-up are set up and torn down under it.
+        self._control_lock = threading.Lock()
+        #: One per wait on the endpoint; called (under the lock) when it closes.
+        self._wakers: list[Callable[[], None]] = []
         self._busy = threading.Lock()
         self._exiting = False
         self._ready = False
         self._closed = False
-        self._exit_r, self._exit_w = _exit_pipe()
+        self._exit_r, self._exit_w = wake_pipe()
         self._work = 0
         self._work_done = threading.Condition()
         self._idle_callbacks: list[Callable[[], object]] = []
@@ -220,7 +225,12 @@ class Base:
             wire.write_pid_file(self.pid_file, os.getpid())
         if self._systemd:
             # A successor is a new main pid; the unit needs NotifyAccess=all for it.
-            _systemd.notify({"MAINPID": os.getpid(), "READY": 1})
+            try:
+                _systemd.notify({"MAINPID": os.getpid(), "READY": 1}, timeout=self.ready_timeout)
+            except TimeoutError:
+                # A stuck manager must not stop the handover: this process
+                # has the fds and serves; the predecessor waits for our word.
+                log.warning("upgrade: the service manager's notify queue stayed full; READY=1 not sent")
 
     def store_fds(self) -> bool:
         """Push every registered fd into systemd's fd store (``FDSTORE=1``, ``FDNAME=`` its name).
@@ -244,9 +254,15 @@ class Base:
     def _open_control(self) -> None:
         if self.control_path is None or self._listener is not None or self._exiting:
             return
-        self._listener = Listener(
+        listener = Listener(
             self.control_path, mode=0o600, authorize=self._authorize_peer, max_fds=self._max_fds
         )
+        # Every accept here is non-blocking, for good: waiting is done on a
+        # dup of its fd (`_watch_control`), so no thread changes a timeout
+        # that another thread's accept reads.
+        listener.settimeout(0.0)
+        with self._control_lock:
+            self._listener = listener
 
     def _authorize_peer(self, creds: PeerCredentials) -> bool:
         if creds.uid not in self._allow_uids:
@@ -262,9 +278,51 @@ class Base:
             )
 
     def _close_control(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        with self._control_lock:
+            listener, self._listener = self._listener, None
+            if listener is None:
+                return
+            listener.close()
+            # Under the lock: a waker is never called once its waiter left
+            # (and closed the fds the waker writes to).
+            for wake in self._wakers:
+                wake()
+
+    def _endpoint_gone(self) -> Exception:
+        """What a wait on the control endpoint raises once it was closed."""
+        if self._exiting:
+            return UpgradeInProgress(f"this process was upgraded (to pid {self.successor_pid})")
+        return ValueError("the control endpoint was closed (the upgrader was closed)")
+
+    def _try_accept(self, listener: Listener) -> Channel | None:
+        """A would-be successor from the endpoint, or None if none is waiting (never blocks)."""
+        try:
+            return listener.accept()
+        except BlockingIOError:
+            return None  # nobody waiting, or only peers the checks refused
+        except ValueError:
+            raise self._endpoint_gone() from None
+
+    @contextlib.contextmanager
+    def _watch_control(self, wake: Callable[[], None]) -> Iterator[tuple[Listener, int]]:
+        """The endpoint and a dup of its fd to wait on; *wake* is called if it closes meanwhile.
+
+        The dup is this wait's own: closing the endpoint (another thread, a
+        successful upgrade) never closes an fd a poll or an event loop is
+        watching, so its number cannot be reused under the wait.
+        """
+        with self._control_lock:
+            listener = self._listener
+            if listener is None:
+                raise self._endpoint_gone()
+            fd = os.dup(listener.fileno())
+            self._wakers.append(wake)
+        try:
+            yield listener, fd
+        finally:
+            with self._control_lock:
+                self._wakers.remove(wake)
+            os.close(fd)
 
     # -- handover ---------------------------------------------------------------------
 
@@ -311,8 +369,9 @@ class Base:
             # Kept, never waited for: the successor outlives us.  Dropping
             # the Popen would warn that it is still running.
             _successors.append(handle.popen)
-        self._close_control()
+        # Exiting first: a wait woken by the endpoint's closing must see it.
         self._signal_exit()
+        self._close_control()
         log.info("upgrade: pid %s took over from pid %s", handle.pid, os.getpid())
 
     def _release_all(self) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "ProcessHandle",
     "decode",
     "encode",
+    "sibling_handle",
     "split_fds",
     "write_pid_file",
 ]
@@ -116,22 +117,38 @@ def write_pid_file(path: str | os.PathLike[str], pid: int) -> None:
 class ProcessHandle:
     """A successor process to kill and wait for: our child (a Popen) or a sibling (a pid).
 
-    A sibling is held by a pidfd where Linux has them, so a signal can never
-    reach another process that reused the number.  Siblings cannot be
-    reaped here: waiting means watching the pidfd (elsewhere, polling with
-    signal 0).
+    A sibling is held by a pidfd where Linux has them, so a signal never
+    reaches another process that reused the number: given *pidfd* (the
+    kernel's pidfd of the process that connected, ``SO_PEERPIDFD``, Linux
+    6.5+; the handle takes it over) it names that process whatever happened
+    since.  Without one (*pid* only: older kernels) it is opened here with
+    ``pidfd_open``, which can name a process that reused the pid if the
+    successor exited between its connect and this call; elsewhere signals
+    go by pid, with the same window.  Siblings cannot be reaped here:
+    waiting means watching the pidfd (elsewhere, polling with signal 0).
+    *gone* says the sibling is known to have exited already.
     """
 
-    def __init__(self, *, popen: Any = None, pid: int | None = None) -> None:
+    def __init__(
+        self, *, popen: Any = None, pid: int | None = None, pidfd: OwnedFd | None = None, gone: bool = False
+    ) -> None:
         self.popen = popen
         self.pid: int | None = popen.pid if popen is not None else pid
         self._pidfd = -1
-        if popen is None and pid is not None and sys.platform == "linux" and hasattr(os, "pidfd_open"):
+        self._gone = gone
+        if pidfd is not None:
+            self._pidfd = pidfd.detach()
+        elif (
+            popen is None
+            and pid is not None
+            and not gone
+            and sys.platform == "linux"
+            and hasattr(os, "pidfd_open")
+        ):
             try:
                 self._pidfd = os.pidfd_open(pid)
-            except OSError:  # already gone (ESRCH)
-                self._pidfd = -1
-                self.pid = None
+            except ProcessLookupError:
+                self._gone = True
 
     def exit_code(self, timeout: float) -> int | None:
         """Wait at most *timeout* for the process to end; its exit code (None if unknown or alive)."""
@@ -150,7 +167,7 @@ class ProcessHandle:
         return not self._wait_gone(0.0)
 
     def _wait_gone(self, timeout: float) -> bool:
-        if self.pid is None:
+        if self.pid is None or self._gone:
             return True
         if self._pidfd >= 0:
             import select
@@ -175,7 +192,7 @@ class ProcessHandle:
                 self.popen.kill()
             code: int = self.popen.wait()
             return code
-        if self.pid is not None:
+        if self.pid is not None and not self._gone:
             try:
                 if sys.platform == "linux" and self._pidfd >= 0:
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
@@ -193,3 +210,25 @@ class ProcessHandle:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+
+
+def sibling_handle(channel: Any) -> ProcessHandle:
+    """A `ProcessHandle` of the peer of accepted *channel*, by the kernel's pidfd where there is one.
+
+    ``SO_PEERPIDFD`` (Linux 6.5+) names the process that connected even if
+    it exited and its pid was reused; where the kernel lacks it
+    (``ENOPROTOOPT``) the pid is opened instead (see `ProcessHandle`).  A
+    kernel that has it but cannot make a pidfd of a peer that exited
+    already (``EINVAL`` before Linux 6.16 or so) means the peer is gone: the
+    handle then signals nobody.  Raises `OSError` when the credentials
+    cannot be read (``EMFILE`` for the pidfd, ...).
+    """
+    try:
+        creds = channel.peer_credentials(pidfd=True)
+    except OSError as exc:
+        if exc.errno == errno.ENOPROTOOPT or sys.platform != "linux":
+            return ProcessHandle(pid=channel.peer_credentials().pid)
+        if exc.errno == errno.EINVAL:
+            return ProcessHandle(pid=channel.peer_credentials().pid, gone=True)
+        raise
+    return ProcessHandle(pid=creds.pid, pidfd=creds.pidfd)

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ from ._errors import ActivationError
 from ._ownedfd import OwnedFd, fileno_of
 
 __all__ = [
+    "DEFAULT_NOTIFY_TIMEOUT",
     "FDNAME_MAX",
     "LISTEN_FDS_START",
     "ActivationError",
@@ -44,6 +46,8 @@ __all__ = [
 LISTEN_FDS_START: Final = 3
 #: The longest fd name systemd accepts (``FDNAME_MAX``).
 FDNAME_MAX: Final = 255
+#: How long `notify` waits for room in the manager's queue, in seconds.
+DEFAULT_NOTIFY_TIMEOUT: Final = 5.0
 #: The name of every fd when ``LISTEN_FDNAMES`` is not set, as in libsystemd.
 UNKNOWN_NAME: Final = "unknown"
 
@@ -136,6 +140,7 @@ def notify(
     *,
     fds: Iterable[int | Any] = (),
     unset_environment: bool = False,
+    timeout: float | None = DEFAULT_NOTIFY_TIMEOUT,
 ) -> bool:
     """Send *state* to the service manager, as ``sd_pid_notify_with_fds(0, ...)``.
 
@@ -150,12 +155,21 @@ def notify(
     With *unset_environment* the variable is removed from `os.environ`
     afterwards (whatever the outcome), so children do not inherit it.
 
+    The manager's socket may have a full queue (a manager that is busy or
+    stuck): libsystemd then blocks until there is room, for ever.  This
+    waits at most *timeout* seconds (default `DEFAULT_NOTIFY_TIMEOUT`, 5;
+    ``None`` blocks as libsystemd does; ``0.0`` does not wait) and then
+    raises `TimeoutError` (``0.0``: `BlockingIOError`), nothing sent.
+
     Raises `ActivationError` when ``NOTIFY_SOCKET`` is neither an absolute
     path nor ``@abstract`` or is too long, `ValueError` for a mapping value
-    holding a newline or more than 253 fds, and `OSError` from the kernel
-    (``ECONNREFUSED`` when nobody listens there, ``EAGAIN`` when its queue
-    is full).  `OSError` (``EAFNOSUPPORT``) on Windows.
+    holding a newline, more than 253 fds or a negative *timeout*,
+    `TimeoutError`/`BlockingIOError` as above, and `OSError` from the
+    kernel (``ECONNREFUSED`` when nobody listens there).  `OSError`
+    (``EAFNOSUPPORT``) on Windows.
     """
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be non-negative or None")
     text = _format_state(state)
     nums = [fileno_of(fd) for fd in fds]
     if len(nums) > SCM_MAX_FD:
@@ -164,7 +178,7 @@ def notify(
     try:
         if address is None:
             return False
-        _send_datagram(_notify_address(address), text.encode(), nums)
+        _send_datagram(_notify_address(address), text.encode(), nums, timeout)
         return True
     finally:
         if unset_environment:
@@ -202,16 +216,25 @@ def _notify_address(value: str) -> str | bytes:
     return value
 
 
-def _send_datagram(address: str | bytes, data: bytes, fds: list[int]) -> None:
+def _send_datagram(address: str | bytes, data: bytes, fds: list[int], timeout: float | None) -> None:
     if sys.platform == "win32":
         raise OSError(errno.EAFNOSUPPORT, "sd_notify needs AF_UNIX datagram sockets, which Windows lacks")
     from . import _posixio
+    from ._wait import wait_ready
 
+    deadline = None if timeout is None else time.monotonic() + timeout
     # Connected, then one send with the fds: the datagram libsystemd's
     # sendmsg(msg_name=...) makes, through the one module that does sendmsg.
+    # Non-blocking: a connected datagram socket polls writable once the
+    # peer's queue has room, so the wait has a deadline.
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
         sock.connect(address)
-        _posixio.write(sock, [data], fds)
+        while not _posixio.write(sock, [data], fds):  # a datagram goes whole or not at all
+            if timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "the service manager's notify queue is full")
+            if not wait_ready([sock.fileno()], write=True, deadline=deadline):
+                raise TimeoutError(f"the service manager's notify queue stayed full for {timeout}s")
 
 
 # -- the usual notifications ----------------------------------------------------------

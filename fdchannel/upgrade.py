@@ -30,6 +30,7 @@ constructor raises `OSError`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import sys
@@ -52,8 +53,9 @@ from ._listener import Listener
 from ._peer import PeerCredentials
 from ._process import spawn
 from ._upgrade_aio import AsyncUpgrader
-from ._upgrade_base import CONNECT_ERRORS, DEFAULT_MAX_FDS, Base, log
+from ._upgrade_base import CONNECT_ERRORS, DEFAULT_MAX_FDS, Base, log, wake_pipe
 from ._upgrade_base import say_busy as _say_busy
+from ._wait import wait_ready
 
 __all__ = [
     "AsyncUpgrader",
@@ -64,6 +66,15 @@ __all__ = [
     "UpgradeTimeout",
     "Upgrader",
 ]
+
+
+def _poke(fd: int) -> None:
+    with contextlib.suppress(OSError):  # full: a byte is there already
+        os.write(fd, b"x")
+
+
+def _nothing() -> None:
+    pass
 
 
 class Upgrader(Base):
@@ -155,8 +166,9 @@ class Upgrader(Base):
     def ready(self) -> None:
         """Say this process is set up and serving: the predecessor may now exit.
 
-        Writes the pid file, tells systemd (``systemd=True``), tells the
-        predecessor, and (sibling model) waits for it to release the control
+        Writes the pid file, tells systemd (``systemd=True``; waiting at
+        most *ready_timeout* for room in its queue, then logging a warning
+        and going on without), tells the predecessor, and (sibling model) waits for it to release the control
         endpoint, then opens it here; in the first generation it just opens
         it.  A predecessor that died meanwhile is logged, not raised: this
         process has the fds and serves.  Raises `ValueError` if called twice
@@ -245,46 +257,71 @@ class Upgrader(Base):
 
         Needs *control_path*; the endpoint is open once `ready` ran.  Peers
         that fail the uid or *authorize* check are refused by the endpoint
-        and waiting goes on.  Returns the successor's pid once it is ready
-        (`exiting` is then true).  Raises `TimeoutError` when no successor
-        came within *timeout* (None: wait forever; ``0.0`` polls and raises
+        and waiting goes on.  Waiting is no upgrade in progress: `upgrade`
+        may run meanwhile (a successor connecting then is told busy, and
+        this call raises `UpgradeInProgress`); several threads may wait.
+        Returns the successor's pid once it is ready (`exiting` is then
+        true).  Raises `TimeoutError` when no successor came within
+        *timeout* (None: wait forever; ``0.0`` polls and raises
         `BlockingIOError`, as `Listener.accept`), `UpgradeInProgress` when
-        an upgrade runs, and the `UpgradeFailed` family as `upgrade` (the
-        successor was killed); `ValueError` if the upgrader was closed.
+        an upgrade runs or, at once, when another upgrade succeeded while
+        this one waited, and the `UpgradeFailed` family as `upgrade` (the
+        successor was killed; also when its credentials could not be read;
+        their ``exit_code`` is None here: a sibling is not this process's
+        child, so its exit status goes to its own parent);
+        `ValueError` if the upgrader was or gets closed.
         """
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be non-negative or None")
+        if self._exiting:
+            raise UpgradeInProgress(f"this process was upgraded already (to pid {self.successor_pid})")
         listener = self._listener
         if listener is None:
             raise ValueError("no control endpoint: give control_path and call ready() first")
-        if self._exiting:
-            raise UpgradeInProgress(f"this process was upgraded already (to pid {self.successor_pid})")
-        # Waiting for a successor is no upgrade yet: upgrade() may run meanwhile.
-        listener.settimeout(timeout)
-        try:
-            channel = listener.accept()
-        except ValueError:
-            if self._exiting:  # another upgrade succeeded and closed the endpoint
-                raise UpgradeInProgress(f"this process was upgraded (to pid {self.successor_pid})") from None
-            raise
+        channel = self._wait_successor(listener, timeout)
         with channel:
             try:
-                one = self._one_upgrade()
-                one.__enter__()
-            except UpgradeInProgress as exc:
-                _say_busy(channel, str(exc))
-                raise
+                # At once, before anything can let the peer go: its pidfd
+                # names the very process that connected.
+                handle = wire.sibling_handle(channel)
+            except OSError as exc:
+                raise UpgradeFailed(f"the successor's credentials could not be read ({exc})") from exc
             try:
                 try:
-                    creds = channel.peer_credentials()
-                except OSError as exc:
-                    raise UpgradeFailed(f"the successor's credentials could not be read ({exc})") from exc
-                handle = wire.ProcessHandle(pid=creds.pid)
+                    one = self._one_upgrade()
+                    one.__enter__()
+                except UpgradeInProgress as exc:
+                    _say_busy(channel, str(exc))
+                    raise
                 try:
                     self._hand_over(channel, handle, self.ready_timeout)
                 finally:
-                    handle.close()
+                    one.__exit__(None, None, None)
             finally:
-                one.__exit__(None, None, None)
-        return creds.pid or 0
+                handle.close()
+        return handle.pid or 0
+
+    def _wait_successor(self, listener: Listener, timeout: float | None) -> Channel:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = self._try_accept(listener)  # before any fd is made: one may be waiting
+        if channel is not None:
+            return channel
+        if timeout == 0.0:
+            raise BlockingIOError(errno.EAGAIN, "no successor is waiting on the control endpoint")
+        wake_r, wake_w = wake_pipe()  # its write end never blocks
+        try:
+            with self._watch_control(lambda: _poke(wake_w)) as (watched, fd):
+                while True:
+                    channel = self._try_accept(watched)
+                    if channel is not None:
+                        return channel
+                    if not wait_ready((fd, wake_r), deadline=deadline):
+                        raise TimeoutError(f"no successor connected within {timeout}s")
+                    if self._listener is not watched:
+                        raise self._endpoint_gone()
+        finally:
+            os.close(wake_r)
+            os.close(wake_w)
 
     def _hand_over(self, channel: Channel, handle: wire.ProcessHandle, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -309,30 +346,38 @@ class Upgrader(Base):
 
     def _await_reply(self, channel: Channel, deadline: float) -> dict[str, Any]:
         """The successor's answer, while telling would-be successors on the endpoint that we are busy."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the successor did not answer in time")
+        with contextlib.ExitStack() as stack:
             watch = [channel.fileno()]
+            listener = None
             if self._listener is not None:
-                watch.append(self._listener.fileno())
-            readable = select.select(watch, [], [], left)[0]
-            if channel.fileno() in readable:
-                channel.settimeout(max(deadline - time.monotonic(), 0.001))
-                with channel.recv() as msg:
-                    return wire.decode(msg.payload)
-            if self._listener is not None and self._listener.fileno() in readable:
-                self._turn_away(self._listener)
+                with contextlib.suppress(
+                    ValueError, UpgradeInProgress
+                ):  # closed meanwhile: no one to turn away
+                    listener, fd = stack.enter_context(self._watch_control(_nothing))
+                    watch.append(fd)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the successor did not answer in time")
+                readable = select.select(watch, [], [], left)[0]
+                if channel.fileno() in readable:
+                    channel.settimeout(max(deadline - time.monotonic(), 0.001))
+                    with channel.recv() as msg:
+                        return wire.decode(msg.payload)
+                if listener is not None and watch[-1] in readable and not self._turn_away(listener):
+                    watch.pop()  # the endpoint was closed
+                    listener = None
 
-    @staticmethod
-    def _turn_away(listener: Listener) -> None:
-        listener.settimeout(0.0)
+    def _turn_away(self, listener: Listener) -> bool:
+        """Tell a would-be successor on the endpoint that we are busy; False once it is closed."""
         try:
-            other = listener.accept()
-        except (BlockingIOError, TimeoutError):
-            return
-        with other:
-            _say_busy(other, "an upgrade is already running")
+            other = self._try_accept(listener)
+        except (ValueError, UpgradeInProgress):
+            return False
+        if other is not None:
+            with other:
+                _say_busy(other, "an upgrade is already running")
+        return True
 
     # -- the old process's exit ------------------------------------------------------
 

@@ -81,7 +81,10 @@ class Harness:
         gen = Generation(self.boss.accept())
         self.generations.append(gen)
         if gen.pid:
-            self.pidfds.append(os.pidfd_open(gen.pid))
+            try:
+                self.pidfds.append(os.pidfd_open(gen.pid))
+            except ProcessLookupError:  # a successor that crashes at once: gone already
+                self.pidfds.append(-1)
         return gen
 
     def ask(self) -> int:
@@ -109,6 +112,8 @@ class Harness:
 
     def close(self) -> None:
         for fd in self.pidfds:
+            if fd < 0:
+                continue
             try:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             except ProcessLookupError:

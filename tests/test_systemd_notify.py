@@ -10,11 +10,13 @@ credentials, and the fds by what they are (st_dev, st_ino).
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import errno
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -230,3 +232,69 @@ def test_nobody_listening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_bad_input_sends_nothing(notify_socket: NotifySocket, call: Callable[[], object]) -> None:
     with pytest.raises(ValueError):
         call()
+
+
+# -- a manager whose queue is full ------------------------------------------------------
+
+
+def full_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> socket.socket:
+    """A bound notify socket nobody reads, its queue filled to the brim (NOTIFY_SOCKET names it)."""
+    path = str(tmp_path / "notify")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        filler.setblocking(False)
+        filler.connect(path)
+        for _ in range(100_000):
+            try:
+                filler.send(b"STATUS=filling")
+            except BlockingIOError:
+                return manager
+    manager.close()
+    raise AssertionError("the notify queue never filled")
+
+
+def test_notify_to_a_full_queue_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with full_notify_socket(tmp_path, monkeypatch) as manager:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="stayed full"):
+            systemd.notify("STATUS=stuck", timeout=0.2)
+        assert 0.2 <= time.monotonic() - started < TIMEOUT
+        with pytest.raises(BlockingIOError):
+            systemd.notify("STATUS=stuck", timeout=0.0)
+        with pytest.raises(ValueError, match="non-negative"):
+            systemd.notify("STATUS=x", timeout=-1)
+        # Room for one more: the default waits for it and sends.
+        assert manager.recv(100) == b"STATUS=filling"
+        assert systemd.notify("STATUS=after") is True
+        manager.setblocking(False)
+        last = b""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                last = manager.recv(100)
+        assert last == b"STATUS=after"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="upgrades need POSIX")
+def test_upgrader_ready_does_not_hang_on_a_full_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from fdchannel.upgrade import Upgrader
+
+    with (
+        full_notify_socket(tmp_path, monkeypatch) as _manager,
+        Upgrader(systemd=True, ready_timeout=0.3) as up,
+    ):
+        done = threading.Event()
+
+        def ready() -> None:
+            up.ready()
+            done.set()
+
+        worker = threading.Thread(target=ready, daemon=True)
+        worker.start()
+        worker.join(TIMEOUT)
+        assert done.is_set(), "ready() blocked on the full notify queue"

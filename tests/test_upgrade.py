@@ -229,3 +229,75 @@ def test_async_failures(harness: Harness, behaviour: str, error: str) -> None:
     old, result = failed_upgrade(harness, behaviour, "--async", "--ready-timeout", "2")
     assert result["error"] == error
     successful_upgrade(harness, old)
+
+
+# -- failures in the sibling model ---------------------------------------------------
+
+
+def failed_sibling(h: Harness, behaviour: str, *extra: str) -> tuple[Generation, Generation, dict[str, Any]]:
+    old = h.start(*extra, sibling=True)
+    old.event("ready")
+    old.send("accept")
+    new = h.start(*extra, behaviour=behaviour, sibling=True)  # not our child: the old one's sibling
+    assert new.started["predecessor"] == old.pid
+    result = old.event("upgrade")
+    assert result["ok"] is False
+    assert h.ask() == old.pid  # still serving, socket intact
+    assert h.pid_file.read_text() == f"{old.pid}\n"
+    return old, new, result
+
+
+def exit_code_of(h: Harness, pid: int) -> int:
+    (proc,) = [p for p in h.procs if p.pid == pid]
+    return proc.wait(TIMEOUT)
+
+
+def sibling_upgrade_works(h: Harness, old: Generation) -> None:
+    old.send("accept")
+    new = h.start(sibling=True)
+    new.event("ready")
+    assert old.event("upgrade") == {"event": "upgrade", "ok": True, "pid": new.pid}
+    old.event("exiting")
+    h.wait_gone(old.pid)
+    assert h.ask() == new.pid
+
+
+def test_sibling_crashes(harness: Harness) -> None:
+    old, new, result = failed_sibling(harness, "crash")
+    assert result["error"] == "UpgradeFailed"
+    assert "exited" in result["message"]
+    assert "before it was ready" in result["message"]
+    assert result["exit_code"] is None  # not its child: the status is its parent's (ours)
+    assert exit_code_of(harness, new.pid) == 3
+    sibling_upgrade_works(harness, old)
+
+
+def test_sibling_hangs(harness: Harness) -> None:
+    old, new, result = failed_sibling(harness, "hang", "--ready-timeout", "2")
+    assert result["error"] == "UpgradeTimeout"
+    assert "not ready within 2.0s" in result["message"]
+    assert exit_code_of(harness, new.pid) == -signal.SIGKILL  # killed by the old process, by pidfd
+    sibling_upgrade_works(harness, old)
+
+
+def test_sibling_refuses(harness: Harness) -> None:
+    old, new, result = failed_sibling(harness, "refuse")
+    assert result["error"] == "UpgradeRefused"
+    assert result["reason"] == "bad config"
+    assert result["exit_code"] is None
+    assert exit_code_of(harness, new.pid) == 4
+    sibling_upgrade_works(harness, old)
+
+
+def test_old_process_killed_during_a_sibling_handoff(harness: Harness) -> None:
+    old = harness.start(sibling=True)
+    old.event("ready")
+    old.send("accept")
+    new = harness.start(behaviour="wait", sibling=True)  # has the fds, not ready yet
+    os.kill(old.pid, signal.SIGKILL)
+    harness.wait_gone_killed(old.pid)
+    new.send("ready")
+    new.event("ready")  # it serves anyway, and took over the control endpoint
+    assert harness.ask() == new.pid
+    assert harness.pid_file.read_text() == f"{new.pid}\n"
+    sibling_upgrade_works(harness, new)

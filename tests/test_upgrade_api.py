@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -10,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from ._proc import TIMEOUT, fork_child, needs_fork, run_child, wait_child
+from ._proc import (
+    TIMEOUT,
+    fork_child,
+    limit_fds_to_free_slots,
+    needs_fork,
+    needs_rlimit,
+    run_child,
+    wait_child,
+)
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="upgrades need POSIX fd inheritance and AF_UNIX endpoints"
@@ -271,3 +280,268 @@ def test_async_waiting_for_a_sibling_is_no_upgrade_in_progress(tmp_path: Path) -
             up.close()
 
     asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+# -- waiting for a sibling while another upgrade runs or succeeds -----------------------
+
+#: A successor for the child model: ready at once (after reading a byte from the
+#: FIFO argv[2], if given), then gone.
+SUCCESSOR = (
+    "import sys\n"
+    "from fdchannel.upgrade import Upgrader\n"
+    "u = Upgrader(control_path=sys.argv[1], ready_timeout=30)\n"
+    "if len(sys.argv) > 2:\n"
+    "    with open(sys.argv[2], 'rb') as gate:\n"
+    "        gate.read(1)\n"
+    "u.ready()\n"
+    "u.close()\n"
+)
+
+
+def reap(pid: int) -> None:
+    """Wait for a successor started by upgrade() (the upgrader never waits for it)."""
+    fd = os.pidfd_open(pid)
+    try:
+        import select
+
+        assert select.select([fd], [], [], TIMEOUT)[0], f"the successor {pid} did not exit"
+    finally:
+        os.close(fd)
+    os.waitpid(pid, 0)
+
+
+def test_blocking_wait_for_a_sibling_ends_when_an_upgrade_succeeds(tmp_path: Path) -> None:
+    from fdchannel.upgrade import UpgradeInProgress, Upgrader
+
+    control = str(tmp_path / "control")
+    with Upgrader(control_path=control) as up:
+        up.ready()
+        errors: list[BaseException] = []
+
+        def wait_for_sibling() -> None:
+            try:
+                up.accept_upgrade(timeout=None)
+            except BaseException as exc:
+                errors.append(exc)
+
+        waiter = threading.Thread(target=wait_for_sibling, daemon=True)
+        waiter.start()
+        pid = up.upgrade([sys.executable, "-c", SUCCESSOR, control])
+        waiter.join(TIMEOUT)
+        assert not waiter.is_alive(), "accept_upgrade(timeout=None) never noticed the upgrade"
+        reap(pid)
+    assert len(errors) == 1
+    assert isinstance(errors[0], UpgradeInProgress), repr(errors[0])
+    assert f"pid {pid}" in str(errors[0])
+
+
+def test_async_wait_for_a_sibling_ends_when_an_upgrade_succeeds(tmp_path: Path) -> None:
+    import asyncio
+
+    from fdchannel.upgrade import AsyncUpgrader, UpgradeInProgress
+
+    control = str(tmp_path / "control")
+
+    async def main() -> int:
+        up = await AsyncUpgrader.create(control_path=control)
+        try:
+            await up.ready()
+            waiting = asyncio.ensure_future(up.accept_upgrade(timeout=None))
+            await asyncio.sleep(0)  # one loop turn: it is waiting on the endpoint
+            pid = await up.upgrade([sys.executable, "-c", SUCCESSOR, control])
+            assert up.exiting
+            with pytest.raises(UpgradeInProgress, match=f"pid {pid}"):
+                # Old code: never woken, so this timed out.
+                await asyncio.wait_for(waiting, TIMEOUT)
+            return pid
+        finally:
+            up.close()
+
+    reap(asyncio.run(main()))
+
+
+def test_waiting_for_a_sibling_is_not_upset_by_peers_turned_away(tmp_path: Path) -> None:  # noqa: PLR0915
+    """A peer turned away during a child-model handover never makes a waiter's accept non-blocking.
+
+    The waiter is held inside `authorize` for peer A while the handover turns
+    away peer B; A is then refused and the waiter waits on: it must neither
+    raise `BlockingIOError` (the old code made the shared Listener
+    non-blocking) nor end before the upgrade succeeded.
+    """
+    from fdchannel.upgrade import UpgradeInProgress, Upgrader
+
+    control = str(tmp_path / "control")
+    gate = str(tmp_path / "gate")
+    os.mkfifo(gate)
+    gate_fd = os.open(gate, os.O_RDWR)  # never blocks, keeps the FIFO open
+    holding, release = threading.Event(), threading.Event()
+    waiter_thread: list[threading.Thread] = []
+    held: list[bool] = []
+
+    def authorize(creds: object) -> bool:
+        if threading.current_thread() in waiter_thread and not held:
+            held.append(True)
+            holding.set()
+            release.wait(TIMEOUT)
+            return False  # peer A is refused: the waiter must wait on
+        return True
+
+    outcomes: list[BaseException] = []
+    try:
+        with Upgrader(control_path=control, authorize=authorize) as up, socket.socket(socket.AF_UNIX) as a:
+            up.ready()
+
+            def wait_for_sibling() -> None:
+                try:
+                    up.accept_upgrade(timeout=None)
+                except BaseException as exc:
+                    outcomes.append(exc)
+
+            waiter = threading.Thread(target=wait_for_sibling, daemon=True)
+            waiter_thread.append(waiter)
+            waiter.start()
+            a.settimeout(TIMEOUT)
+            a.connect(control)
+            assert holding.wait(TIMEOUT)  # the waiter holds A, inside authorize
+            result: list[object] = []
+            upgrading = threading.Thread(
+                target=lambda: result.append(up.upgrade([sys.executable, "-c", SUCCESSOR, control, gate])),
+                daemon=True,
+            )
+            upgrading.start()
+            try:
+                with socket.socket(socket.AF_UNIX) as b:
+                    b.settimeout(TIMEOUT)
+                    b.connect(control)
+                    assert b.recv(4096)  # B was told "busy" by the handover
+                release.set()
+                assert a.recv(1) == b""  # A was refused
+                assert not outcomes, outcomes  # and the waiter waits on
+            finally:
+                release.set()
+                os.write(gate_fd, b"x")
+                upgrading.join(TIMEOUT)
+                waiter.join(TIMEOUT)
+            assert not waiter.is_alive()
+            assert len(result) == 1
+            assert isinstance(result[0], int), result
+            reap(result[0])
+    finally:
+        os.close(gate_fd)
+    assert len(outcomes) == 1
+    assert isinstance(outcomes[0], UpgradeInProgress), repr(outcomes[0])
+
+
+# -- the sibling's process: by the kernel's pidfd, never by a pid read later ------------
+
+
+def _has_peer_pidfd() -> bool:
+    from fdchannel._peer import peer_pidfd
+
+    a, b = socket.socketpair()
+    with a, b:
+        try:
+            os.close(peer_pidfd(a))
+        except OSError:
+            return False
+    return True
+
+
+@needs_fork
+def test_a_sibling_gone_before_the_handover_is_never_confused_with_who_reused_its_pid(tmp_path: Path) -> None:
+    """A successor connects and exits; its pid goes to another process; the handover must not kill that one.
+
+    In a pid namespace of its own (so the pid is reused for sure, by
+    ``ns_last_pid``): the old code opened a pidfd of the pid only after the
+    accept, got the newcomer's and SIGKILLed it when the handover failed.
+    """
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("needs Linux and root (a pid namespace, ns_last_pid)")
+    if not _has_peer_pidfd():
+        pytest.skip("needs SO_PEERPIDFD (Linux 6.5+): without it the pid is opened late, as documented")
+    import ctypes
+
+    control = str(tmp_path / "control")
+
+    def in_namespace() -> None:
+        from fdchannel.upgrade import UpgradeFailed, Upgrader
+
+        with Upgrader(control_path=control, ready_timeout=2.0) as up:
+            up.ready()
+            sibling = os.fork()
+            if sibling == 0:  # pragma: no cover - the successor: connects and is gone
+                probe = socket.socket(socket.AF_UNIX)
+                probe.connect(control)
+                os._exit(0)
+            os.waitpid(sibling, 0)  # reaped: its pid is free
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(sibling - 1))
+            hold_r, hold_w = os.pipe()
+            victim = os.fork()
+            if victim == 0:  # pragma: no cover - an unrelated process that got the pid
+                os.close(hold_w)
+                os.read(hold_r, 1)
+                os._exit(0)
+            os.close(hold_r)
+            try:
+                assert victim == sibling, "the pid was not reused"
+                with pytest.raises(UpgradeFailed):
+                    up.accept_upgrade(timeout=TIMEOUT)
+                assert os.waitpid(victim, os.WNOHANG) == (0, 0), "the process that reused the pid was killed"
+            finally:
+                os.close(hold_w)  # the victim exits by itself
+                with contextlib.suppress(ChildProcessError):  # reaped above when it was killed
+                    os.waitpid(victim, 0)
+
+    def outside() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x20000000) != 0:  # CLONE_NEWPID: our next child is pid 1 there
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID)")
+        assert wait_child(fork_child(in_namespace)) == 0
+
+    run_child(outside)
+
+
+# -- credentials that cannot be read: UpgradeFailed in both forms -----------------------
+
+
+@needs_fork
+@needs_rlimit
+@pytest.mark.parametrize("form", ["blocking", "async"])
+def test_credentials_that_cannot_be_read_are_an_upgrade_failure(tmp_path: Path, form: str) -> None:
+    """The fd table is full when a successor connects: its pidfd cannot be made (EMFILE)."""
+    if sys.platform != "linux" or not _has_peer_pidfd():
+        pytest.skip("needs SO_PEERPIDFD (Linux 6.5+), the one credential read that needs an fd")
+    control = str(tmp_path / "control")
+
+    def child() -> None:
+        import asyncio
+
+        from fdchannel.upgrade import AsyncUpgrader, UpgradeFailed, Upgrader
+
+        async def run_async(peer: socket.socket) -> None:
+            up = await AsyncUpgrader.create(control_path=control)
+            try:
+                await up.ready()
+                peer.connect(control)
+                limit_fds_to_free_slots(1)  # the accepted socket; not its pidfd
+                with pytest.raises(UpgradeFailed, match="credentials could not be read") as info:
+                    await up.accept_upgrade(timeout=TIMEOUT)
+                assert isinstance(info.value.__cause__, OSError)
+            finally:
+                up.close()
+
+        peer = socket.socket(socket.AF_UNIX)
+        peer.settimeout(TIMEOUT)
+        if form == "async":
+            asyncio.run(run_async(peer))
+            return
+        with Upgrader(control_path=control) as up:
+            up.ready()
+            peer.connect(control)
+            limit_fds_to_free_slots(1)
+            with pytest.raises(UpgradeFailed, match="credentials could not be read") as info:
+                up.accept_upgrade(timeout=TIMEOUT)
+            assert isinstance(info.value.__cause__, OSError)
+
+    run_child(child)
