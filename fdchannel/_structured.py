@@ -21,17 +21,17 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Final, Protocol, Self
 
 from typing_extensions import Buffer
 
+from ._async_surface import AsyncSurface
 from ._channel import Channel
 from ._codec import SCM_MAX_FD, Decoder
-from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
 from ._errors import ChannelClosed, FdChannelError
 from ._fdutil import close_all
-from ._handoff import reduce_channel
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
@@ -130,7 +130,7 @@ class Gate:
             self._busy = False
 
 
-class StructuredChannel(ChannelCore):
+class StructuredChannel(AsyncSurface):
     """The channel of `fdchannel.trio.TrioChannel` and `fdchannel.anyio.AnyioChannel`."""
 
     _backend: ClassVar[Backend]
@@ -452,44 +452,6 @@ class StructuredChannel(ChannelCore):
             raise
         finally:
             gate.leave()
-
-    def __aiter__(self) -> AsyncIterator[Message]:
-        """Yield messages until the peer closes the channel."""
-        return self
-
-    async def __anext__(self) -> Message:
-        try:
-            return await self.recv()
-        except ChannelClosed:
-            raise StopAsyncIteration from None
-
-    # -- state ---------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the socket and every fd the channel holds.  Idempotent.
-
-        The remainder of a cancelled send is written if the socket takes it
-        without waiting, otherwise dropped (the peer then sees a message cut
-        short).  Messages received but not yet returned are closed with their
-        fds.  Tasks waiting in `recv` get `ChannelClosed`, tasks waiting in
-        `send` get `ValueError`.
-        """
-        super().close()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # As Channel: multiprocessing.Process(args=(channel,)) hands the
-        # socket to the child; anything else is a TypeError.
-        return reduce_channel(self)
-
-    async def aclose(self) -> None:
-        """Close the channel as `close` does (an ``await`` for ``async with`` symmetry)."""
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 # -- named endpoints -------------------------------------------------------------

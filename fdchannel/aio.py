@@ -29,16 +29,16 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, Final, Self
 
 from typing_extensions import Buffer
 
+from ._async_surface import AsyncSurface
 from ._channel import Channel
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
-from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
 from ._errors import ChannelClosed, FdChannelError
-from ._handoff import reduce_channel
 from ._interrupt import raised_in_signal_handler
 from ._listener import Listener
 from ._message import Message
@@ -118,7 +118,7 @@ class _Gate:
         self._busy = False
 
 
-class AsyncChannel(ChannelCore):
+class AsyncChannel(AsyncSurface):
     """A message channel over a connected stream socket, for asyncio.
 
     Each message is a payload of bytes and any number of fds; the receiver
@@ -681,50 +681,6 @@ class AsyncChannel(ChannelCore):
                 # No call, so no point where a signal handler could run
                 # and leave the gate taken for good.
                 gate._busy = False
-
-    def __aiter__(self) -> AsyncIterator[Message]:
-        """Iterate with ``async for``: messages until the peer closes the channel.
-
-        Returns:
-            The channel itself; each step awaits `recv`, `ChannelClosed`
-                ends the loop and any other error propagates.
-        """
-        return self
-
-    async def __anext__(self) -> Message:
-        try:
-            return await self.recv()
-        except ChannelClosed:
-            raise StopAsyncIteration from None
-
-    # -- state ---------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the socket and every fd the channel holds.  Idempotent.
-
-        The remainder of a cancelled send is written if the socket takes it
-        without waiting, otherwise dropped (the peer then sees a message cut
-        short).  Messages received but not yet returned are closed with their
-        fds.  Tasks waiting in `recv` get `ChannelClosed`, tasks waiting in
-        `send` get `ValueError`.
-        """
-        super().close()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # As Channel: multiprocessing.Process(args=(channel,)) hands the
-        # socket to the child (which rebuilds an AsyncChannel); anything
-        # else is a TypeError.
-        return reduce_channel(self)
-
-    async def aclose(self) -> None:
-        """Close the channel as `close` does; an ``await`` for ``async with`` symmetry."""
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 # -- named endpoints -------------------------------------------------------------
