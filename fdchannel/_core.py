@@ -32,7 +32,7 @@ from ._errors import ChannelBroken, ChannelClosed, FdChannelError, ProtocolError
 from ._fdutil import SocketHandle, close_all
 from ._message import Message
 from ._outbox import Outbox, set_written
-from ._ownedfd import OwnedFd, fileno_of
+from ._ownedfd import fileno_of
 from ._sockio import SocketIO, io_for, write_pending
 from .transports import Outgoing, Session, Transport, default_transport
 
@@ -48,11 +48,6 @@ DEFAULT_MAX_FDS: Final = 1024
 PUMP_BUDGET: Final = 1 << 20
 #: The largest fd number a C int holds: SCM_RIGHTS carries ints.
 FD_MAX: Final = 2**31 - 1
-
-
-def message_of(payload: bytes | bytearray, fds: Iterable[int]) -> Message:
-    """A `Message` owning *fds* (the caller gives them up)."""
-    return Message(payload, tuple(map(OwnedFd, fds)))
 
 
 class ChannelCore:
@@ -519,12 +514,8 @@ class ChannelCore:
             if self._decoder.eof and not self._eof:
                 self._at_eof()
             return None
-        payload, fds = one
-        if not fds:
-            return Message(payload, ())
-        if len(fds) == 1:
-            return Message(payload, (OwnedFd(fds[0]),))
-        return message_of(payload, fds)
+        # The fds stay numbers until the caller reads msg.fds.
+        return Message._owning(*one)
 
     def _next_message(self) -> Message | None:
         """The next message the decoder holds, or None when it needs more data.
@@ -540,7 +531,7 @@ class ChannelCore:
                 self._control(frame)
                 continue
             fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
-            return message_of(frame.payload, fds) if fds else Message(frame.payload, ())
+            return Message._owning(frame.payload, fds)
         error = decoder.error
         if error is not None:
             self._fail(error)
