@@ -258,9 +258,10 @@ def _fdc_send_big(compiled: bool, sock: socket.socket, n: int) -> None:
 
 
 def _fdc_recv_big(compiled: bool, sock: socket.socket, n: int) -> None:
+    buf = bytearray(BIG)  # preallocated once, as the stdlib row's
     with _fdc_channel(compiled, sock) as ch:
         for _ in range(n):
-            ch.recv()
+            ch.recv_into(buf)
 
 
 def _fdc_runners(null: int, compiled: bool) -> dict[str, Runner]:

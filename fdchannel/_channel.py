@@ -13,12 +13,13 @@ from typing import Any, Self
 
 from typing_extensions import Buffer
 
-from . import _handoff, _peer
+from . import _handoff, _into, _peer
 from ._codec import SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed
 from ._message import Message
 from ._outbox import set_written
+from ._ownedfd import OwnedFd
 from ._sockio import write_pending
 from ._wait import wait_ready
 from .transports import Transport
@@ -311,12 +312,35 @@ class Channel(ChannelCore):
         unusable), `BlockingIOError`/`TimeoutError` when no whole message
         arrived in time (what did arrive stays buffered for the next call).
         """
+        return self._recv(None)
+
+    def recv_into(self, buffer: Buffer) -> tuple[int, tuple[OwnedFd, ...]]:
+        """Receive one whole message with its payload written into *buffer*.
+
+        Returns ``(nbytes, fds)``: the payload is ``buffer[:nbytes]`` and
+        *fds* are the message's `OwnedFd` objects, now the caller's.  A large
+        payload is read by the kernel straight into *buffer*: no buffer is
+        allocated and nothing is copied per message.  *buffer* is free for
+        reuse as soon as the call returns or raises.
+
+        Raises `TypeError` for a read-only buffer, `BufferError` for one that
+        is not contiguous, `BufferTooShort` (a `ValueError`) when the payload
+        does not fit (the whole message is on the exception, nothing is
+        lost), and whatever `recv` raises, with the same meaning.
+        """
+        view = _into.writable_bytes(buffer)
+        msg = self._recv(view)
+        return _into.place(msg, view)
+
+    def _recv(self, into: memoryview | None) -> Message:  # noqa: C901 - one loop for recv and recv_into
+        """`recv`, and `recv_into` when *into* is its buffer."""
         try:
             with self._recv_lock:
                 if self._closed or self._broken is not None:
                     self._check_usable()
                 decoder = self._decoder
                 deadline = None
+                _into.offer(decoder, into)
                 try:
                     while True:
                         if decoder.frames or decoder.error is not None or decoder.eof:
@@ -336,6 +360,9 @@ class Channel(ChannelCore):
                 except BaseException as exc:
                     self._recv_stopped(exc)
                     raise
+                finally:
+                    if into is not None:
+                        decoder.set_into(None)
         finally:
             # close() in another thread skips what a busy lock guards, and it
             # sets the flag before trying the locks: one of the two always

@@ -95,7 +95,7 @@ class Frame:
         control: bool,
         nfds: int,
         aux: bytes,
-        payload: bytes | bytearray,
+        payload: bytes | bytearray | memoryview,
         fds: list[int],
         start: int = 0,
     ) -> None:
@@ -119,11 +119,20 @@ class _Big:
 
     __slots__ = ("aux", "aux_fill", "control", "end", "nfds", "payload", "payload_fill", "start")
 
-    def __init__(self, control: bool, nfds: int, aux_len: int, payload_len: int, start: int) -> None:
+    def __init__(
+        self,
+        control: bool,
+        nfds: int,
+        aux_len: int,
+        payload_len: int,
+        start: int,
+        into: memoryview | None = None,
+    ) -> None:
         self.control = control
         self.nfds = nfds
         self.aux = bytearray(aux_len)
-        self.payload = bytearray(payload_len)
+        # The payload's final buffer: a caller's (recv_into), or its own.
+        self.payload: bytearray | memoryview = bytearray(payload_len) if into is None else into[:payload_len]
         self.aux_fill = 0
         self.payload_fill = 0
         self.start = start
@@ -197,6 +206,9 @@ class Decoder:
         self._end = 0  # end of valid data in _buf
         self._received = 0  # stream offset just past everything received
         self._big: _Big | None = None
+        # recv_into(): the caller's buffer for the next data frame's payload.
+        self._into: memoryview | None = None
+        self._lone_saved = lone_frames
         # One entry per read that brought fds: [fds, stream offset where the
         # read began, where it ended].
         self._fds: deque[list[Any]] = deque()
@@ -352,6 +364,29 @@ class Decoder:
         """True when no partial frame and no stray fd is buffered."""
         return self._big is None and self._start == self._end and not self._fds
 
+    def set_into(self, into: memoryview | None) -> None:
+        """Put the payload of the next data frame parsed into *into* (a writable byte view).
+
+        Only a payload that fits goes there (`Frame.payload` is then a view
+        of it); call ``set_into(None)`` once the frame was taken or the
+        receive ended: whatever still points into the caller's buffer (a
+        frame half read, a frame queued but not returned) moves to buffers
+        of its own, so the caller may reuse theirs at once.
+        """
+        if into is not None:
+            self._into = into
+            # The lone-frame shortcut hands out bytes: off while a buffer waits.
+            self._lone = False
+            return
+        self._into = None
+        self._lone = self._lone_saved
+        big = self._big
+        if big is not None and big.payload.__class__ is memoryview:
+            big.payload = bytearray(big.payload)
+        for frame in self.frames:
+            if frame.payload.__class__ is memoryview:
+                frame.payload = bytes(frame.payload)
+
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or None if more data is needed.
 
@@ -407,8 +442,13 @@ class Decoder:
                     flags = header[3]
                 total = HEADER_SIZE + aux_len + payload_len
                 frame_start = self._received - (end - start)
+                into = self._into
+                if into is not None and not flags and payload_len <= len(into):
+                    self._into = None  # one frame only: the next one recv_into returns
+                else:
+                    into = None
                 if total > INLINE_LIMIT:
-                    big = _Big(bool(flags), nfds, aux_len, payload_len, frame_start)
+                    big = _Big(bool(flags), nfds, aux_len, payload_len, frame_start, into)
                     stop = min(end, start + total)
                     big.feed(self._mv[start + HEADER_SIZE : stop])
                     start = stop
@@ -420,7 +460,12 @@ class Decoder:
                     break
                 body = start + HEADER_SIZE
                 aux = bytes(buf[body : body + aux_len]) if aux_len else b""
-                payload = self._mv[body + aux_len : start + total].tobytes()
+                payload: bytes | memoryview
+                if into is None:
+                    payload = self._mv[body + aux_len : start + total].tobytes()
+                else:
+                    payload = into[:payload_len]
+                    payload[:] = self._mv[body + aux_len : start + total]
                 fds = self._take_inband(nfds, frame_start, frame_start + total) if nfds or self._fds else []
                 self.frames.append(Frame(flags != 0, nfds, aux, payload, fds, frame_start))
                 start += total

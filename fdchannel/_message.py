@@ -49,10 +49,11 @@ class Message:
         self._raw = ()
 
     @classmethod
-    def _owning(cls, payload: bytes | bytearray, raw: Sequence[int]) -> Message:
+    def _owning(cls, payload: bytes | bytearray | memoryview, raw: Sequence[int]) -> Message:
         """A message that owns the fd numbers *raw* (the caller gives them up)."""
         msg = cls.__new__(cls)
-        msg.payload = payload
+        # A memoryview only for recv_into(), which hands out the count instead.
+        msg.payload = payload  # type: ignore[assignment]
         msg._fds = ()
         msg._raw = raw
         return msg
