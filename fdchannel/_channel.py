@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from typing_extensions import Buffer
 
-from . import _handoff, _into, _peer
+from . import _fastpath, _handoff, _into, _peer
 from ._codec import SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed
@@ -55,6 +55,8 @@ class Channel(ChannelCore):
     #: pair end rebuilt in a multiprocessing child, to something that
     #: returns None: no partner in that process).
     _other_end: Callable[[], Channel | None] | None = None
+    #: The compiled send/recv (`fdchannel._fastpath`), None for the Python path.
+    _fast: Any = None
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class Channel(ChannelCore):
             # A session may greet its peer (WinDuplicate announces its pid);
             # a fresh socket takes that without blocking.
             self._flush_control_nowait()
+        self._fast = _fastpath.attach(self)
 
     # -- construction ---------------------------------------------------
 
@@ -204,6 +207,9 @@ class Channel(ChannelCore):
         `ProtocolError` if an earlier error left the channel unusable
         (`ChannelBroken` when this end broke it).
         """
+        fast = self._fast
+        if fast is not None and fast.send(self, payload, fds):
+            return  # the compiled path sent it all (fdchannel._fastpath)
         nums, size = self._message(payload, fds)
         try:
             with self._send_lock:
@@ -312,6 +318,11 @@ class Channel(ChannelCore):
         unusable), `BlockingIOError`/`TimeoutError` when no whole message
         arrived in time (what did arrive stays buffered for the next call).
         """
+        fast = self._fast
+        if fast is not None:
+            msg: Message | None = fast.recv(self)
+            if msg is not None:
+                return msg  # one read, one message, in C (fdchannel._fastpath)
         return self._recv(None)
 
     def recv_into(self, buffer: Buffer) -> tuple[int, tuple[OwnedFd, ...]]:

@@ -42,6 +42,7 @@ __all__ = [
     "recv_failure",
     "rights",
     "truncated",
+    "truncation_error",
     "write",
 ]
 
@@ -176,11 +177,16 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> lis
     fds = ancillary_fds(ancdata)
     if truncated(flags):
         close_all(fds)
-        raise TruncatedControlData(
-            "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
-            "process at its RLIMIT_NOFILE?  The fds that arrived were closed"
-        )
+        raise truncation_error()
     return fds
+
+
+def truncation_error() -> TruncatedControlData:
+    """The error of a read whose fds the kernel cut (``MSG_CTRUNC``), once they are closed."""
+    return TruncatedControlData(
+        "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
+        "process at its RLIMIT_NOFILE?  The fds that arrived were closed"
+    )
 
 
 def ancillary_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

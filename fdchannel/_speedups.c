@@ -1,0 +1,842 @@
+/* fdchannel._speedups: the compiled fast path of Channel.send and Channel.recv.
+ *
+ * It covers the common case of the default transport (UnixRights without
+ * acknowledgements, on Linux): one sendmsg of a whole frame with at most
+ * SCM_MAX_FD fds and nothing queued, and one recvmsg that is exactly one
+ * plain data frame.  Every check the Python path makes is made here first;
+ * anything unusual returns "not handled" (False or None) *before* any state
+ * changed, or hands what was already read or written to the Python helpers
+ * of fdchannel._fastpath, which leave the channel as the Python path would.
+ * The channel's own locks (threading.Lock objects) guard both paths alike.
+ * The GIL is released around each system call.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define HEADER_SIZE 24
+#define SCM_MAX_FD 253
+#define FD_MAX 0x7fffffffL
+
+/* Set by setup(): the Message class and the offsets of its slots, and the
+ * Python helpers that finish what this module hands over. */
+static PyTypeObject *message_type;
+static Py_ssize_t off_payload, off_fds, off_raw;
+static PyObject *send_rest, *send_interrupted, *recv_rest;
+static PyObject *empty_tuple;
+
+static PyObject *s_closed, *s_broken, *s_outbox, *s_pending, *s_send_lock, *s_recv_lock, *s_acquire,
+    *s_release, *s_max_payload, *s_max_fds, *s_decoder, *s_frames, *s_error, *s_eof, *s_lone, *s_end,
+    *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_recv_stopped, *s_push_back, *s_fileno,
+    *s_characters_written;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;                       /* the channel's socket */
+    unsigned long long tag;       /* the header's first 8 bytes of a data frame */
+    int send_flags;               /* MSG_NOSIGNAL */
+    Py_ssize_t fast_max_fds;      /* what a lone frame may carry (the decoder's bounds) */
+    Py_ssize_t fast_max_payload;
+} FastPath;
+
+/* -- small helpers ------------------------------------------------------------ */
+
+/* 1 if getattr(obj, name) is true, 0 if false, -1 on error. */
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* 1 if getattr(obj, name) is None, 0 if not, -1 on error. */
+static int attr_none(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = v == Py_None;
+    Py_DECREF(v);
+    return r;
+}
+
+/* len(getattr(obj, name)), -1 on error. */
+static Py_ssize_t attr_len(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    Py_ssize_t n = PyObject_Length(v);
+    Py_DECREF(v);
+    return n;
+}
+
+/* getattr(obj, name) as a long long; -1 with an exception on error. */
+static long long attr_ll(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    long long n = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return n;
+}
+
+/* Take channel.<name> (a threading.Lock) if it is free at once: 1 taken
+ * (*out holds a reference), 0 busy, -1 error. */
+static int try_lock(PyObject *channel, PyObject *name, PyObject **out) {
+    PyObject *lock = PyObject_GetAttr(channel, name);
+    if (lock == NULL)
+        return -1;
+    PyObject *r = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
+    if (r == NULL) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    int got = r == Py_True;
+    Py_DECREF(r);
+    if (!got) {
+        Py_DECREF(lock);
+        return 0;
+    }
+    *out = lock;
+    return 1;
+}
+
+/* Release *lock* and drop our reference; an exception already set stays
+ * the one raised.  Then, as the Python path's `finally`, drop what the
+ * channel holds if another thread closed it meanwhile.  Returns -1 when a
+ * new error was raised here and none was set before. */
+static int leave(PyObject *channel, PyObject *lock) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int failed = 0;
+    PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
+    Py_DECREF(lock);
+    if (r == NULL)
+        failed = 1;
+    else
+        Py_DECREF(r);
+    if (!failed) {
+        int closed = attr_true(channel, s_closed);
+        if (closed < 0)
+            failed = 1;
+        else if (closed) {
+            r = PyObject_CallMethodNoArgs(channel, s_drop_held);
+            if (r == NULL)
+                failed = 1;
+            else
+                Py_DECREF(r);
+        }
+    }
+    if (type != NULL) {
+        if (failed)
+            PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        return 0;
+    }
+    return failed ? -1 : 0;
+}
+
+/* An exception that means "let the Python path do it" (it raises the clear
+ * error itself): anything but BaseException-only ones such as
+ * KeyboardInterrupt, which must not be swallowed. */
+static int clear_if_ordinary(void) {
+    if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear();
+        return 1;
+    }
+    return 0;
+}
+
+static void put_le(unsigned char *p, unsigned long long v, int n) {
+    for (int i = 0; i < n; i++) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+static unsigned long long get_le(const unsigned char *p, int n) {
+    unsigned long long v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static void close_fds(const int *fds, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+static PyObject *int_tuple(const int *fds, Py_ssize_t n) {
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLong(fds[i]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+static PyObject *int_list(const int *fds, Py_ssize_t n) {
+    PyObject *t = PyList_New(n);
+    if (t == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLong(fds[i]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyList_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* A Message owning the numbers in *raw* (as Message._owning makes it). */
+static PyObject *make_message(PyObject *payload, PyObject *raw) {
+    PyObject *m = message_type->tp_alloc(message_type, 0);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(payload);
+    SLOT(m, off_payload) = payload;
+    Py_INCREF(empty_tuple);
+    SLOT(m, off_fds) = empty_tuple;
+    Py_INCREF(raw);
+    SLOT(m, off_raw) = raw;
+    return m;
+}
+
+/* -- send ------------------------------------------------------------------------ */
+
+/* The fd numbers of *fdsobj* (a list or tuple of ints or objects with
+ * fileno()) into fds: the count, -2 for "let Python do it", -1 on error. */
+static Py_ssize_t collect_fds(PyObject *fdsobj, int *fds) {
+    int is_list = PyList_CheckExact(fdsobj);
+    if (!is_list && !PyTuple_CheckExact(fdsobj))
+        return -2;
+    Py_ssize_t n = Py_SIZE(fdsobj);
+    if (n > SCM_MAX_FD)
+        return -2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* fileno() may change a list: read it afresh each time. */
+        if (i >= Py_SIZE(fdsobj))
+            return -2;
+        PyObject *item = is_list ? PyList_GET_ITEM(fdsobj, i) : PyTuple_GET_ITEM(fdsobj, i);
+        long v;
+        if (PyLong_CheckExact(item)) {
+            v = PyLong_AsLong(item);
+            if (v == -1 && PyErr_Occurred())
+                return clear_if_ordinary() ? -2 : -1;
+        } else if (PyLong_Check(item)) {
+            return -2; /* bool (refused) or an int subclass: fileno_of decides */
+        } else {
+            Py_INCREF(item);
+            PyObject *r = PyObject_CallMethodNoArgs(item, s_fileno);
+            Py_DECREF(item);
+            if (r == NULL)
+                return clear_if_ordinary() ? -2 : -1;
+            if (!PyLong_CheckExact(r)) {
+                Py_DECREF(r);
+                return -2;
+            }
+            v = PyLong_AsLong(r);
+            Py_DECREF(r);
+            if (v == -1 && PyErr_Occurred())
+                return clear_if_ordinary() ? -2 : -1;
+        }
+        if (v < 0 || v > FD_MAX)
+            return -2;
+        fds[i] = (int)v;
+    }
+    if (Py_SIZE(fdsobj) != n)
+        return -2;
+    return n;
+}
+
+/* The frame's rest after a write that took *sent* bytes (maybe 0): the
+ * Python path queues and pushes it (the send lock is held). */
+static PyObject *hand_over_send(PyObject *channel, const unsigned char *hdr, PyObject *payload,
+                                const int *fds, Py_ssize_t nfds, Py_ssize_t sent) {
+    PyObject *header = PyBytes_FromStringAndSize((const char *)hdr, HEADER_SIZE);
+    PyObject *nums = int_list(fds, nfds);
+    PyObject *bufs = NULL, *r = NULL;
+    if (header != NULL && nums != NULL)
+        bufs = PyList_New(2);
+    if (bufs != NULL) {
+        Py_INCREF(header);
+        PyList_SET_ITEM(bufs, 0, header);
+        Py_INCREF(payload);
+        PyList_SET_ITEM(bufs, 1, payload);
+        PyObject *n = PyLong_FromSsize_t(sent);
+        if (n != NULL) {
+            r = PyObject_CallFunctionObjArgs(send_rest, channel, bufs, nums, n, NULL);
+            Py_DECREF(n);
+        }
+    }
+    if (r == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    if (r == NULL && bufs == NULL) {
+        /* Could not even hand it over: how much left is known, but
+         * not kept; the stream is unusable, as after an interruption. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject *b = PyObject_CallFunctionObjArgs(send_interrupted, channel, value, NULL);
+        Py_XDECREF(b);
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+    Py_XDECREF(header);
+    Py_XDECREF(nums);
+    Py_XDECREF(bufs);
+    return r;
+}
+
+/* A signal handler raised inside the write: the Python path's rule (the
+ * stream is unusable) for the exception now set. */
+static void send_was_interrupted(PyObject *channel) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *r = PyObject_CallFunctionObjArgs(send_interrupted, channel, value, NULL);
+    if (r == NULL)
+        PyErr_Clear();
+    else
+        Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+static PyObject *raise_errno_unsent(int err) {
+    errno = err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL) {
+        PyObject *zero = PyLong_FromLong(0);
+        if (zero == NULL || PyObject_SetAttr(value, s_characters_written, zero) < 0)
+            PyErr_Clear();
+        Py_XDECREF(zero);
+    }
+    PyErr_Restore(type, value, tb);
+    return NULL;
+}
+
+/* send(channel, payload, fds) -> True when the whole message left, False
+ * when nothing was done (the Python path takes it from the start). */
+static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "send(channel, payload, fds)");
+        return NULL;
+    }
+    PyObject *channel = args[0], *payload = args[1], *fdsobj = args[2];
+    int fds[SCM_MAX_FD];
+    Py_ssize_t nfds = collect_fds(fdsobj, fds);
+    if (nfds == -1)
+        return NULL;
+    if (nfds == -2)
+        Py_RETURN_FALSE;
+
+    Py_buffer view;
+    int have_view = 0;
+    const char *data;
+    Py_ssize_t size;
+    if (PyBytes_CheckExact(payload)) {
+        data = PyBytes_AS_STRING(payload);
+        size = PyBytes_GET_SIZE(payload);
+    } else {
+        if (PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE) < 0) {
+            if (clear_if_ordinary())
+                Py_RETURN_FALSE;
+            return NULL;
+        }
+        have_view = 1;
+        data = view.buf;
+        size = view.len;
+    }
+
+    PyObject *result = NULL, *lock = NULL;
+    long long max_payload = attr_ll(channel, s_max_payload);
+    if (max_payload == -1 && PyErr_Occurred())
+        goto done;
+    long long max_fds = attr_ll(channel, s_max_fds);
+    if (max_fds == -1 && PyErr_Occurred())
+        goto done;
+    if (size > max_payload || nfds > max_fds)
+        goto not_handled;
+    for (Py_ssize_t i = 0; i < nfds; i++)
+        if (fds[i] == self->fd)
+            goto not_handled;
+
+    int got = try_lock(channel, s_send_lock, &lock);
+    if (got < 0)
+        goto done;
+    if (got == 0)
+        goto not_handled;
+    int closed = attr_true(channel, s_closed);
+    int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
+    PyObject *outbox = healthy == 1 ? PyObject_GetAttr(channel, s_outbox) : NULL;
+    Py_ssize_t pending = -1;
+    if (outbox != NULL) {
+        pending = attr_len(outbox, s_pending);
+        Py_DECREF(outbox);
+    }
+    if (PyErr_Occurred()) {
+        leave(channel, lock);
+        goto done;
+    }
+    if (pending != 0) {
+        if (leave(channel, lock) < 0)
+            goto done;
+        goto not_handled;
+    }
+
+    unsigned char hdr[HEADER_SIZE];
+    put_le(hdr, self->tag, 8);
+    put_le(hdr + 8, (unsigned long long)nfds, 4);
+    put_le(hdr + 12, 0, 4);
+    put_le(hdr + 16, (unsigned long long)size, 8);
+    struct iovec iov[2] = {{hdr, HEADER_SIZE}, {(void *)data, (size_t)size}};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * SCM_MAX_FD)];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = size ? 2 : 1;
+    if (nfds) {
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    ssize_t sent;
+    int err = 0;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        sent = sendmsg(self->fd, &msg, self->send_flags);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (sent >= 0 || err != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            send_was_interrupted(channel);
+            leave(channel, lock);
+            goto done;
+        }
+    }
+    if (sent == HEADER_SIZE + size) {
+        result = Py_True;
+        Py_INCREF(result);
+    } else if (sent >= 0 || err == EAGAIN || err == EWOULDBLOCK) {
+        /* A partial write, or a full socket: the Python path queues the
+         * rest and waits as the timeout says. */
+        if (PyErr_CheckSignals() < 0)
+            send_was_interrupted(channel);
+        else {
+            PyObject *r = hand_over_send(channel, hdr, payload, fds, nfds, sent < 0 ? 0 : sent);
+            if (r != NULL) {
+                /* The rest went too (or is pending, as its exception says). */
+                Py_DECREF(r);
+                result = Py_True;
+                Py_INCREF(result);
+            }
+        }
+    } else {
+        raise_errno_unsent(err);
+    }
+    if (leave(channel, lock) < 0)
+        Py_CLEAR(result);
+    goto done;
+
+not_handled:
+    result = Py_False;
+    Py_INCREF(result);
+done:
+    if (have_view)
+        PyBuffer_Release(&view);
+    return result;
+}
+
+/* -- recv ------------------------------------------------------------------------ */
+
+/* 1 when the decoder holds nothing and would take a lone frame, 0 when
+ * the Python path must look, -1 on error. */
+static int decoder_idle(PyObject *decoder) {
+    Py_ssize_t n = attr_len(decoder, s_frames);
+    if (n != 0)
+        return n < 0 ? -1 : 0;
+    int r = attr_none(decoder, s_error);
+    if (r != 1)
+        return r;
+    r = attr_true(decoder, s_eof);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
+    r = attr_true(decoder, s_lone);
+    if (r != 1)
+        return r;
+    r = attr_true(decoder, s_end);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
+    r = attr_none(decoder, s_big);
+    if (r != 1)
+        return r;
+    n = attr_len(decoder, s_fds);
+    if (n != 0)
+        return n < 0 ? -1 : 0;
+    return 1;
+}
+
+static int add_received(PyObject *decoder, Py_ssize_t n) {
+    PyObject *old = PyObject_GetAttr(decoder, s_received);
+    if (old == NULL)
+        return -1;
+    PyObject *delta = PyLong_FromSsize_t(n);
+    PyObject *sum = delta ? PyNumber_Add(old, delta) : NULL;
+    Py_DECREF(old);
+    Py_XDECREF(delta);
+    if (sum == NULL)
+        return -1;
+    int r = PyObject_SetAttr(decoder, s_received, sum);
+    Py_DECREF(sum);
+    return r;
+}
+
+/* The Python path's rule for an exception that cut into a receive. */
+static void recv_stopped(PyObject *channel) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodOneArg(channel, s_recv_stopped, value ? value : Py_None);
+    if (r == NULL)
+        PyErr_Clear();
+    else
+        Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+/* recv(channel) -> the Message when one read was exactly one plain frame,
+ * None when the Python path must go on (what was read is in the decoder). */
+static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
+    PyObject *lock = NULL, *decoder = NULL, *bufobj = NULL, *result = NULL;
+    int got = try_lock(channel, s_recv_lock, &lock);
+    if (got <= 0) {
+        if (got < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    int closed = attr_true(channel, s_closed);
+    int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
+    if (healthy == 1)
+        decoder = PyObject_GetAttr(channel, s_decoder);
+    int idle = decoder != NULL ? decoder_idle(decoder) : 0;
+    if (idle == 1)
+        bufobj = PyObject_GetAttr(decoder, s_buf);
+    if (PyErr_Occurred())
+        goto fail;
+    if (bufobj == NULL)
+        goto not_handled;
+
+    Py_buffer view;
+    if (PyObject_GetBuffer(bufobj, &view, PyBUF_WRITABLE) < 0)
+        goto fail;
+    struct iovec iov = {view.buf, (size_t)view.len};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * SCM_MAX_FD)];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr msg;
+    ssize_t n;
+    int err = 0;
+    for (;;) {
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = sizeof ctl.buf;
+        Py_BEGIN_ALLOW_THREADS
+        n = recvmsg(self->fd, &msg, MSG_CMSG_CLOEXEC);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n >= 0 || err != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&view);
+            recv_stopped(channel);
+            goto fail;
+        }
+    }
+    if (n < 0) {
+        PyBuffer_Release(&view);
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            goto not_handled; /* the Python path waits */
+        if (err != ECONNRESET) {
+            /* As the Python path: the kernel's error, the channel intact. */
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        n = 0; /* a reset after the peer's data: its end of stream */
+        msg.msg_controllen = 0;
+        msg.msg_flags = 0;
+    }
+
+    int fds[SCM_MAX_FD + 1];
+    Py_ssize_t nfds = 0;
+    int odd = 0; /* ancillary data the lone path does not take */
+    for (struct cmsghdr *c = msg.msg_controllen ? CMSG_FIRSTHDR(&msg) : NULL; c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) {
+            odd = 1;
+            continue;
+        }
+        Py_ssize_t k = (Py_ssize_t)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (Py_ssize_t i = 0; i < k; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            if (nfds <= SCM_MAX_FD) {
+                fds[nfds++] = fd;
+            } else {
+                close(fd); /* more than any frame of one write carries: never kept */
+                odd = 1;
+            }
+        }
+    }
+    int ctrunc = (msg.msg_flags & MSG_CTRUNC) != 0;
+    const unsigned char *b = view.buf;
+    if (n > 0 && !ctrunc && !odd && n >= HEADER_SIZE && nfds <= SCM_MAX_FD) {
+        unsigned long long tag = get_le(b, 8), dnfds = get_le(b + 8, 4), aux = get_le(b + 12, 4),
+                           plen = get_le(b + 16, 8);
+        if (tag == self->tag && dnfds == (unsigned long long)nfds && (Py_ssize_t)dnfds <= self->fast_max_fds &&
+            plen <= (unsigned long long)self->fast_max_payload && aux == 0 &&
+            (unsigned long long)n == HEADER_SIZE + plen) {
+            PyObject *payload = PyBytes_FromStringAndSize((const char *)b + HEADER_SIZE, (Py_ssize_t)plen);
+            PyBuffer_Release(&view);
+            PyObject *raw = payload ? int_tuple(fds, nfds) : NULL;
+            PyObject *m = raw ? make_message(payload, raw) : NULL;
+            if (m == NULL || add_received(decoder, n) < 0) {
+                /* Read but not delivered: lost, as the Python path would lose it. */
+                if (m == NULL)
+                    close_fds(fds, nfds);
+                Py_XDECREF(m);
+                Py_XDECREF(payload);
+                Py_XDECREF(raw);
+                recv_stopped(channel);
+                goto fail;
+            }
+            if (PyErr_CheckSignals() < 0) {
+                /* A handler raised: the message goes back to the decoder
+                 * (nothing is lost) and the exception is raised. */
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyObject *list = int_list(fds, nfds);
+                PyObject *r = list ? PyObject_CallMethodObjArgs(decoder, s_push_back, payload, list, NULL) : NULL;
+                if (r != NULL) {
+                    /* The decoder owns the fds now: the message must not close them. */
+                    Py_INCREF(empty_tuple);
+                    Py_SETREF(SLOT(m, off_raw), empty_tuple);
+                    Py_DECREF(r);
+                } else {
+                    PyErr_Clear();
+                }
+                Py_XDECREF(list);
+                Py_DECREF(m);
+                Py_DECREF(payload);
+                Py_DECREF(raw);
+                PyErr_Restore(type, value, tb);
+                goto fail;
+            }
+            Py_DECREF(payload);
+            Py_DECREF(raw);
+            result = m;
+            goto out;
+        }
+    }
+    PyBuffer_Release(&view);
+    {
+        /* Not one lone frame: the decoder takes it all, as the Python path's read does. */
+        PyObject *type = NULL, *value = NULL, *tb = NULL;
+        if (PyErr_CheckSignals() < 0)
+            PyErr_Fetch(&type, &value, &tb); /* raised once what was read is recorded */
+        PyObject *list = int_list(fds, nfds);
+        PyObject *r = NULL;
+        if (list == NULL) {
+            close_fds(fds, nfds);
+        } else {
+            PyObject *pn = PyLong_FromSsize_t(n);
+            if (pn != NULL)
+                r = PyObject_CallFunctionObjArgs(recv_rest, channel, pn, list, ctrunc ? Py_True : Py_False, NULL);
+            else
+                close_fds(fds, nfds);
+            Py_XDECREF(pn);
+            Py_DECREF(list);
+        }
+        if (type != NULL) {
+            Py_XDECREF(r);
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+            goto fail;
+        }
+        if (r == NULL)
+            goto fail;
+        Py_DECREF(r);
+    }
+
+not_handled:
+    result = Py_None;
+    Py_INCREF(result);
+    goto out;
+fail:
+    result = NULL;
+out:
+    Py_XDECREF(bufobj);
+    Py_XDECREF(decoder);
+    if (leave(channel, lock) < 0)
+        Py_CLEAR(result);
+    return result;
+}
+
+/* -- the type and the module ---------------------------------------------------------- */
+
+static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", "tag", "send_flags", "fast_max_fds", "fast_max_payload", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKinn", kwlist, &self->fd, &self->tag, &self->send_flags,
+                                     &self->fast_max_fds, &self->fast_max_payload))
+        return -1;
+    return 0;
+}
+
+static PyMethodDef FastPath_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))FastPath_send, METH_FASTCALL,
+     "send(channel, payload, fds) -> True if the whole message left, False if not handled"},
+    {"recv", (PyCFunction)FastPath_recv, METH_O,
+     "recv(channel) -> Message, or None when the Python path must go on"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FastPath_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fdchannel._speedups.FastPath",
+    .tp_basicsize = sizeof(FastPath),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The compiled send/recv of one Channel (fdchannel._fastpath makes it).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FastPath_init,
+    .tp_methods = FastPath_methods,
+};
+
+static Py_ssize_t slot_offset(PyObject *cls, const char *name) {
+    PyObject *d = PyObject_GetAttrString(cls, name);
+    if (d == NULL)
+        return -1;
+    if (!PyObject_TypeCheck(d, &PyMemberDescr_Type)) {
+        Py_DECREF(d);
+        PyErr_Format(PyExc_TypeError, "%s is not a slot", name);
+        return -1;
+    }
+    PyMemberDef *def = ((PyMemberDescrObject *)d)->d_member;
+    Py_ssize_t off = def->type == T_OBJECT_EX ? def->offset : -1;
+    Py_DECREF(d);
+    if (off < 0)
+        PyErr_Format(PyExc_TypeError, "%s is not an object slot", name);
+    return off;
+}
+
+/* setup(Message, send_rest, send_interrupted, recv_rest) */
+static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *cls, *a, *b, *c;
+    if (!PyArg_ParseTuple(args, "O!OOO", &PyType_Type, &cls, &a, &b, &c))
+        return NULL;
+    Py_ssize_t p = slot_offset(cls, "payload"), f = slot_offset(cls, "_fds"), r = slot_offset(cls, "_raw");
+    if (p < 0 || f < 0 || r < 0)
+        return NULL;
+    Py_INCREF(cls);
+    Py_XSETREF(message_type, (PyTypeObject *)cls);
+    off_payload = p;
+    off_fds = f;
+    off_raw = r;
+    Py_INCREF(a);
+    Py_XSETREF(send_rest, a);
+    Py_INCREF(b);
+    Py_XSETREF(send_interrupted, b);
+    Py_INCREF(c);
+    Py_XSETREF(recv_rest, c);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"setup", setup, METH_VARARGS, "setup(Message, send_rest, send_interrupted, recv_rest)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "fdchannel._speedups", "The compiled fast path of fdchannel.Channel.", -1,
+    module_methods,
+};
+
+#define INTERN(var, text)                                                                                    \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                                \
+        return NULL;
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    INTERN(s_closed, "_closed");
+    INTERN(s_broken, "_broken");
+    INTERN(s_outbox, "_outbox");
+    INTERN(s_pending, "pending");
+    INTERN(s_send_lock, "_send_lock");
+    INTERN(s_recv_lock, "_recv_lock");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+    INTERN(s_max_payload, "max_payload");
+    INTERN(s_max_fds, "max_fds");
+    INTERN(s_decoder, "_decoder");
+    INTERN(s_frames, "frames");
+    INTERN(s_error, "error");
+    INTERN(s_eof, "eof");
+    INTERN(s_lone, "_lone");
+    INTERN(s_end, "_end");
+    INTERN(s_big, "_big");
+    INTERN(s_fds, "_fds");
+    INTERN(s_buf, "_buf");
+    INTERN(s_received, "_received");
+    INTERN(s_drop_held, "_drop_held");
+    INTERN(s_recv_stopped, "_recv_stopped");
+    INTERN(s_push_back, "push_back");
+    INTERN(s_fileno, "fileno");
+    INTERN(s_characters_written, "characters_written");
+    if ((empty_tuple = PyTuple_New(0)) == NULL)
+        return NULL;
+    if (PyType_Ready(&FastPath_Type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL)
+        return NULL;
+    /* fdchannel._fastpath compares them with the codec's before using this module. */
+    if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "SCM_MAX_FD", SCM_MAX_FD) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&FastPath_Type);
+    if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPath_Type) < 0) {
+        Py_DECREF(&FastPath_Type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
