@@ -28,7 +28,7 @@ from typing_extensions import Buffer
 
 from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._fdutil import close_all
-from ._message import Message
+from ._message import CLOSED_FD, Message
 
 if TYPE_CHECKING:
     from ._core import ChannelCore
@@ -51,7 +51,8 @@ def _load() -> tuple[ModuleType | None, str]:
     module: ModuleType = _speedups
     if (module.HEADER_SIZE, module.SCM_MAX_FD) != (HEADER_SIZE, SCM_MAX_FD):
         return None, "fdchannel._speedups was built for another wire format"
-    module.setup(Message, _send_rest, _send_interrupted, _recv_rest)
+    # Also puts C versions of Message.close and Message.__del__ on the class.
+    module.setup(Message, CLOSED_FD, _send_rest, _send_interrupted, _recv_rest)
     return module, ""
 
 

@@ -16,7 +16,7 @@ __all__ = ["Message"]
 #: What `Message.fds` shows for a number closed before anyone read it: an
 #: OwnedFd that owns nothing (every method but close raises, close does
 #: nothing), so one object serves them all.
-_CLOSED: Final = OwnedFd(-1)
+CLOSED_FD: Final = OwnedFd(-1)
 
 
 class Message:
@@ -82,7 +82,7 @@ class Message:
         if raw:
             self._raw = ()
             # Read afterwards, fds shows closed OwnedFd objects, as if they had been there all along.
-            self._fds = (_CLOSED,) * len(raw)
+            self._fds = (CLOSED_FD,) * len(raw)
             for n in raw:
                 try:
                     if n.__class__ is int:

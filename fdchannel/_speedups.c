@@ -47,9 +47,66 @@ typedef struct {
 
 /* -- small helpers ------------------------------------------------------------ */
 
+/* The instance dicts of the (at most two) objects one call reads, so each
+ * is fetched once per call.  Keyed by the object, which the call holds;
+ * emptied when the call ends and whenever the GIL is released (another
+ * thread's call uses the same cache meanwhile). */
+static struct {
+    PyObject *obj; /* borrowed: the caller holds it */
+    PyObject *dict;
+} dicts[2];
+
+static void forget_dicts(void) {
+    for (int i = 0; i < 2; i++) {
+        dicts[i].obj = NULL;
+        Py_CLEAR(dicts[i].dict);
+    }
+}
+
+/* obj's instance dict (borrowed from the cache), NULL without error if none. */
+static PyObject *dict_of(PyObject *obj) {
+    for (int i = 0; i < 2; i++)
+        if (dicts[i].obj == obj)
+            return dicts[i].dict;
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    int slot = dicts[0].obj == NULL ? 0 : 1;
+    Py_XSETREF(dicts[slot].dict, dict);
+    dicts[slot].obj = obj;
+    return dict;
+}
+
+/* getattr(obj, name), new reference: the instance's own dict first (the
+ * channel's and decoder's state are plain instance attributes), so the
+ * common case is one dict lookup; anything else the generic way. */
+static PyObject *lookup(PyObject *obj, PyObject *name) {
+    PyObject *dict = dict_of(obj);
+    if (dict == NULL)
+        return PyObject_GetAttr(obj, name);
+    PyObject *v = PyDict_GetItemWithError(dict, name);
+    if (v != NULL) {
+        Py_INCREF(v);
+        return v;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    return PyObject_GetAttr(obj, name);
+}
+
+/* setattr(obj, name, value) into the instance's dict, as plain assignment does. */
+static int store(PyObject *obj, PyObject *name, PyObject *value) {
+    PyObject *dict = dict_of(obj);
+    if (dict == NULL)
+        return PyObject_SetAttr(obj, name, value);
+    return PyDict_SetItem(dict, name, value);
+}
+
 /* 1 if getattr(obj, name) is true, 0 if false, -1 on error. */
 static int attr_true(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = lookup(obj, name);
     if (v == NULL)
         return -1;
     int r = PyObject_IsTrue(v);
@@ -59,7 +116,7 @@ static int attr_true(PyObject *obj, PyObject *name) {
 
 /* 1 if getattr(obj, name) is None, 0 if not, -1 on error. */
 static int attr_none(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = lookup(obj, name);
     if (v == NULL)
         return -1;
     int r = v == Py_None;
@@ -69,7 +126,7 @@ static int attr_none(PyObject *obj, PyObject *name) {
 
 /* len(getattr(obj, name)), -1 on error. */
 static Py_ssize_t attr_len(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = lookup(obj, name);
     if (v == NULL)
         return -1;
     Py_ssize_t n = PyObject_Length(v);
@@ -79,7 +136,7 @@ static Py_ssize_t attr_len(PyObject *obj, PyObject *name) {
 
 /* getattr(obj, name) as a long long; -1 with an exception on error. */
 static long long attr_ll(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = lookup(obj, name);
     if (v == NULL)
         return -1;
     long long n = PyLong_AsLongLong(v);
@@ -87,12 +144,40 @@ static long long attr_ll(PyObject *obj, PyObject *name) {
     return n;
 }
 
+/* threading.Lock's object in CPython 3.11 and 3.12 (Modules/_threadmodule.c).
+ * Its acquire() parses keyword arguments on every call, which costs more
+ * than the rest of a send: where the type is the one this layout
+ * describes (checked in setup(): name and size), the lock is taken as its
+ * own methods take it, with the GIL held.  Elsewhere, the methods. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define DIRECT_LOCKS 1
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lock_lock;
+    PyObject *in_weakreflist;
+    char locked;
+} lockobject;
+#endif
+static PyTypeObject *lock_type; /* set when the layout matches */
+
 /* Take channel.<name> (a threading.Lock) if it is free at once: 1 taken
  * (*out holds a reference), 0 busy, -1 error. */
 static int try_lock(PyObject *channel, PyObject *name, PyObject **out) {
-    PyObject *lock = PyObject_GetAttr(channel, name);
+    PyObject *lock = lookup(channel, name);
     if (lock == NULL)
         return -1;
+#ifdef DIRECT_LOCKS
+    if (Py_TYPE(lock) == lock_type) {
+        lockobject *l = (lockobject *)lock;
+        if (PyThread_acquire_lock_timed(l->lock_lock, 0, 0) != PY_LOCK_ACQUIRED) {
+            Py_DECREF(lock);
+            return 0;
+        }
+        l->locked = 1;
+        *out = lock;
+        return 1;
+    }
+#endif
     PyObject *r = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
     if (r == NULL) {
         Py_DECREF(lock);
@@ -116,12 +201,23 @@ static int leave(PyObject *channel, PyObject *lock) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     int failed = 0;
-    PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
-    Py_DECREF(lock);
-    if (r == NULL)
-        failed = 1;
-    else
-        Py_DECREF(r);
+    PyObject *r = NULL;
+#ifdef DIRECT_LOCKS
+    if (Py_TYPE(lock) == lock_type) {
+        lockobject *l = (lockobject *)lock;
+        l->locked = 0;
+        PyThread_release_lock(l->lock_lock);
+        Py_DECREF(lock);
+    } else
+#endif
+    {
+        r = PyObject_CallMethodNoArgs(lock, s_release);
+        Py_DECREF(lock);
+        if (r == NULL)
+            failed = 1;
+        else
+            Py_DECREF(r);
+    }
     if (!failed) {
         int closed = attr_true(channel, s_closed);
         if (closed < 0)
@@ -337,7 +433,7 @@ static PyObject *raise_errno_unsent(int err) {
 
 /* send(channel, payload, fds) -> True when the whole message left, False
  * when nothing was done (the Python path takes it from the start). */
-static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "send(channel, payload, fds)");
         return NULL;
@@ -388,7 +484,7 @@ static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t
         goto not_handled;
     int closed = attr_true(channel, s_closed);
     int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
-    PyObject *outbox = healthy == 1 ? PyObject_GetAttr(channel, s_outbox) : NULL;
+    PyObject *outbox = healthy == 1 ? lookup(channel, s_outbox) : NULL;
     Py_ssize_t pending = -1;
     if (outbox != NULL) {
         pending = attr_len(outbox, s_pending);
@@ -430,6 +526,7 @@ static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t
     ssize_t sent;
     int err = 0;
     for (;;) {
+        forget_dicts();
         Py_BEGIN_ALLOW_THREADS
         sent = sendmsg(self->fd, &msg, self->send_flags);
         err = errno;
@@ -505,7 +602,7 @@ static int decoder_idle(PyObject *decoder) {
 }
 
 static int add_received(PyObject *decoder, Py_ssize_t n) {
-    PyObject *old = PyObject_GetAttr(decoder, s_received);
+    PyObject *old = lookup(decoder, s_received);
     if (old == NULL)
         return -1;
     PyObject *delta = PyLong_FromSsize_t(n);
@@ -514,7 +611,7 @@ static int add_received(PyObject *decoder, Py_ssize_t n) {
     Py_XDECREF(delta);
     if (sum == NULL)
         return -1;
-    int r = PyObject_SetAttr(decoder, s_received, sum);
+    int r = store(decoder, s_received, sum);
     Py_DECREF(sum);
     return r;
 }
@@ -534,7 +631,7 @@ static void recv_stopped(PyObject *channel) {
 
 /* recv(channel) -> the Message when one read was exactly one plain frame,
  * None when the Python path must go on (what was read is in the decoder). */
-static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
+static PyObject *recv_impl(FastPath *self, PyObject *channel) {
     PyObject *lock = NULL, *decoder = NULL, *bufobj = NULL, *result = NULL;
     int got = try_lock(channel, s_recv_lock, &lock);
     if (got <= 0) {
@@ -545,10 +642,10 @@ static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
     int closed = attr_true(channel, s_closed);
     int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
     if (healthy == 1)
-        decoder = PyObject_GetAttr(channel, s_decoder);
+        decoder = lookup(channel, s_decoder);
     int idle = decoder != NULL ? decoder_idle(decoder) : 0;
     if (idle == 1)
-        bufobj = PyObject_GetAttr(decoder, s_buf);
+        bufobj = lookup(decoder, s_buf);
     if (PyErr_Occurred())
         goto fail;
     if (bufobj == NULL)
@@ -571,6 +668,7 @@ static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
         msg.msg_iovlen = 1;
         msg.msg_control = ctl.buf;
         msg.msg_controllen = sizeof ctl.buf;
+        forget_dicts();
         Py_BEGIN_ALLOW_THREADS
         n = recvmsg(self->fd, &msg, MSG_CMSG_CLOEXEC);
         err = errno;
@@ -712,6 +810,149 @@ out:
     return result;
 }
 
+static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *r = send_impl(self, args, nargs);
+    forget_dicts();
+    return r;
+}
+
+static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
+    Py_INCREF(channel);
+    PyObject *r = recv_impl(self, channel);
+    forget_dicts();
+    Py_DECREF(channel);
+    return r;
+}
+
+/* -- Message.close and Message.__del__ ------------------------------------------------
+ *
+ * setup() puts these on the Message class in place of its Python methods
+ * (same behaviour, no Python frame per message): a message closed without
+ * reading .fds closes its numbers here. */
+
+static PyObject *closed_fd; /* the OwnedFd that owns nothing, shown for numbers closed unread */
+
+/* The raw numbers out of the message (it owns none afterwards); NULL if none. */
+static PyObject *take_raw(PyObject *self) {
+    PyObject *raw = SLOT(self, off_raw);
+    if (raw == NULL || !(PyTuple_CheckExact(raw) || PyList_CheckExact(raw)) || Py_SIZE(raw) == 0)
+        return NULL;
+    Py_INCREF(empty_tuple);
+    SLOT(self, off_raw) = empty_tuple;
+    return raw; /* the slot's reference, now ours */
+}
+
+static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *first = NULL; /* the first OSError: (type, value, tb) as fetched */
+    PyObject *ft = NULL, *fv = NULL, *ftb = NULL;
+    PyObject *raw = SLOT(self, off_raw);
+    if (raw != NULL && !(PyTuple_CheckExact(raw) || PyList_CheckExact(raw)) && PyObject_IsTrue(raw)) {
+        /* Not what this module or Message._owning makes. */
+        PyErr_SetString(PyExc_TypeError, "Message._raw must be a tuple or a list");
+        return NULL;
+    }
+    raw = take_raw(self);
+    if (raw != NULL) {
+        Py_ssize_t n = Py_SIZE(raw);
+        PyObject **items = PySequence_Fast_ITEMS(raw);
+        /* Read afterwards, fds shows closed OwnedFds, as the Python close leaves it. */
+        PyObject *shown = PyTuple_New(n);
+        if (shown == NULL) {
+            SLOT(self, off_raw) = raw; /* give them back: nothing was closed */
+            Py_DECREF(empty_tuple);
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_INCREF(closed_fd);
+            PyTuple_SET_ITEM(shown, i, closed_fd);
+        }
+        Py_XSETREF(SLOT(self, off_fds), shown);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            long fd = PyLong_AsLong(items[i]);
+            if (fd == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                continue;
+            }
+            if (close((int)fd) < 0 && first == NULL) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                PyErr_Fetch(&ft, &fv, &ftb);
+                first = ft;
+            }
+        }
+        Py_DECREF(raw);
+        if (first != NULL) {
+            PyErr_Restore(ft, fv, ftb);
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    /* fds that were read (or given): each OwnedFd closes its own; keep going on OSError. */
+    PyObject *fds = SLOT(self, off_fds);
+    if (fds == NULL)
+        Py_RETURN_NONE;
+    PyObject *seq = PySequence_Fast(fds, "Message.fds must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *r = PyObject_CallMethod(PySequence_Fast_GET_ITEM(seq, i), "close", NULL);
+        if (r != NULL) {
+            Py_DECREF(r);
+            continue;
+        }
+        if (!PyErr_ExceptionMatches(PyExc_OSError)) {
+            Py_XDECREF(ft);
+            Py_XDECREF(fv);
+            Py_XDECREF(ftb);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (first == NULL) {
+            PyErr_Fetch(&ft, &fv, &ftb);
+            first = ft;
+        } else {
+            PyErr_Clear();
+        }
+    }
+    Py_DECREF(seq);
+    if (first != NULL) {
+        PyErr_Restore(ft, fv, ftb);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Message_del(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *raw = take_raw(self);
+    if (raw == NULL)
+        Py_RETURN_NONE;
+    Py_ssize_t n = Py_SIZE(raw);
+    PyObject **items = PySequence_Fast_ITEMS(raw);
+    /* Close them all first: with -W error::ResourceWarning the warning raises. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(items[i]);
+        if (fd == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        else
+            close((int)fd);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(items[i]);
+        if (PyErr_ResourceWarning(self, 1, "unclosed <OwnedFd fd=%ld>", fd) < 0) {
+            Py_DECREF(raw);
+            return NULL;
+        }
+    }
+    Py_DECREF(raw);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef message_close_def = {
+    "close", Message_close, METH_NOARGS,
+    "Close every fd of this message still owned here.  Idempotent.\n\n"
+    "Closes them all even when one fails, then raises the first `OSError`."};
+static PyMethodDef message_del_def = {"__del__", Message_del, METH_NOARGS, NULL};
+
 /* -- the type and the module ---------------------------------------------------------- */
 
 static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds) {
@@ -757,10 +998,10 @@ static Py_ssize_t slot_offset(PyObject *cls, const char *name) {
     return off;
 }
 
-/* setup(Message, send_rest, send_interrupted, recv_rest) */
+/* setup(Message, closed_fd, send_rest, send_interrupted, recv_rest) */
 static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
-    PyObject *cls, *a, *b, *c;
-    if (!PyArg_ParseTuple(args, "O!OOO", &PyType_Type, &cls, &a, &b, &c))
+    PyObject *cls, *closed, *a, *b, *c;
+    if (!PyArg_ParseTuple(args, "O!OOOO", &PyType_Type, &cls, &closed, &a, &b, &c))
         return NULL;
     Py_ssize_t p = slot_offset(cls, "payload"), f = slot_offset(cls, "_fds"), r = slot_offset(cls, "_raw");
     if (p < 0 || f < 0 || r < 0)
@@ -776,11 +1017,33 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_XSETREF(send_interrupted, b);
     Py_INCREF(c);
     Py_XSETREF(recv_rest, c);
+    Py_INCREF(closed);
+    Py_XSETREF(closed_fd, closed);
+    PyObject *close_m = PyDescr_NewMethod((PyTypeObject *)cls, &message_close_def);
+    PyObject *del_m = PyDescr_NewMethod((PyTypeObject *)cls, &message_del_def);
+    int bad = close_m == NULL || del_m == NULL || PyObject_SetAttrString(cls, "close", close_m) < 0 ||
+              PyObject_SetAttrString(cls, "__del__", del_m) < 0;
+    Py_XDECREF(close_m);
+    Py_XDECREF(del_m);
+    if (bad)
+        return NULL;
+#ifdef DIRECT_LOCKS
+    PyObject *threading = PyImport_ImportModule("_thread");
+    PyObject *lt = threading ? PyObject_GetAttrString(threading, "LockType") : NULL;
+    Py_XDECREF(threading);
+    if (lt == NULL)
+        return NULL;
+    if (PyType_Check(lt) && !strcmp(((PyTypeObject *)lt)->tp_name, "_thread.lock") &&
+        ((PyTypeObject *)lt)->tp_basicsize == sizeof(lockobject))
+        Py_XSETREF(lock_type, (PyTypeObject *)lt);
+    else
+        Py_DECREF(lt);
+#endif
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
-    {"setup", setup, METH_VARARGS, "setup(Message, send_rest, send_interrupted, recv_rest)"},
+    {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, send_rest, send_interrupted, recv_rest)"},
     {NULL, NULL, 0, NULL},
 };
 
