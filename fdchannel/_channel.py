@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from typing_extensions import Buffer
 
-from . import _fastpath, _handoff, _into, _peer
+from . import _batch, _fastpath, _handoff, _into, _peer
 from ._codec import SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed
@@ -225,6 +225,45 @@ class Channel(ChannelCore):
             # close() in another thread skips what a busy lock guards, and it
             # sets the flag before trying the locks: one of the two always
             # finds the lock free and drops what the channel holds.
+            if self._closed:
+                self._drop_held()
+
+    def send_many(self, messages: Iterable[tuple[Buffer, Iterable[int | Any]]]) -> None:
+        """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
+
+        Each message arrives as if sent by `send` (the receiver calls
+        `recv` once per message); on the default transport consecutive
+        messages share one ``sendmsg`` while their fds total at most 253.
+        Every message is checked first: a bad one raises as `send` would
+        (`ValueError`, `TypeError`, `BufferError`) before anything is
+        written.  Messages from other threads never come between these.
+        The fds stay the caller's.
+
+        When the call stops part way (`BlockingIOError`, `TimeoutError`, a
+        kernel error), the exception's ``messages_taken`` counts the
+        messages taken, in order (sent, or pending for `flush` when
+        ``characters_written`` is more than 0); send the rest again.
+        Needs a peer of this version or later when fds are batched (an
+        older one refuses the frames with `ProtocolError`).
+        """
+        prepared: list[_batch.Prepared] = []
+        for payload, fds in messages:
+            nums, size = self._message(payload, fds)
+            prepared.append((payload, nums, size))
+        try:
+            with self._send_lock:
+                if self._closed or self._broken is not None:
+                    self._check_usable()
+                if self._simple and not self._outbox.pending:
+                    _batch.send_groups(self, prepared, self._deadline())
+                    return
+                for i, (payload, nums, size) in enumerate(prepared):
+                    try:
+                        self._send_queued(payload, nums, size)
+                    except BaseException as exc:
+                        exc.messages_taken = i + bool(getattr(exc, "characters_written", 0))  # type: ignore[attr-defined]
+                        raise
+        finally:
             if self._closed:
                 self._drop_held()
 

@@ -13,13 +13,18 @@ Wire format (all integers little-endian; docs/wire-format.md has the rest)::
          0    4  magic  b"FDCH"
          4    1  version (1)
          5    1  transport id (0 = UnixRights, 1 = PidfdGetfd, 2 = WinDuplicate)
-         6    2  flags (bit 0: transport control frame; others must be 0)
+         6    2  flags (bit 0: transport control frame; bit 1: group, see below;
+                       others must be 0)
          8    4  fd count
         12    4  aux length   (transport data: fd references, padding)
         16    8  payload length
         24       aux, then payload
 
-In-band fds (SCM_RIGHTS) ride on bytes of the frame they belong to.
+In-band fds (SCM_RIGHTS) ride on bytes of the frame they belong to, except
+in a group (`FLAG_GROUP`): one write of several frames whose fds all ride
+on its first byte; each frame of it but the last carries the flag, saying
+that fds which arrived with its bytes beyond its own belong to the frames
+after it, in order.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from ._errors import LimitExceeded, ProtocolError
 
 __all__ = [
     "FLAG_CONTROL",
+    "FLAG_GROUP",
     "HEADER_SIZE",
     "MAGIC",
     "SCM_MAX_FD",
@@ -47,6 +53,10 @@ __all__ = [
 MAGIC: Final = b"FDCH"
 VERSION: Final = 1
 FLAG_CONTROL: Final = 1
+#: Set on each frame of a group but the last: the fds that arrived with this
+#: frame's bytes beyond its own are the next frames', in order (`send_many`).
+#: An older receiver refuses it ("unknown frame flags"): it cannot misread it.
+FLAG_GROUP: Final = 2
 _HEADER = struct.Struct("<4sBBHIIQ")
 HEADER_SIZE: Final = _HEADER.size
 _pack = _HEADER.pack
@@ -117,7 +127,7 @@ class Frame:
 class _Big:
     """A frame too large for the shared buffer, being read into its own buffers."""
 
-    __slots__ = ("aux", "aux_fill", "control", "end", "nfds", "payload", "payload_fill", "start")
+    __slots__ = ("aux", "aux_fill", "control", "end", "group", "nfds", "payload", "payload_fill", "start")
 
     def __init__(
         self,
@@ -127,8 +137,10 @@ class _Big:
         payload_len: int,
         start: int,
         into: memoryview | None = None,
+        group: bool = False,
     ) -> None:
         self.control = control
+        self.group = group
         self.nfds = nfds
         self.aux = bytearray(aux_len)
         # The payload's final buffer: a caller's (recv_into), or its own.
@@ -206,6 +218,9 @@ class Decoder:
         self._end = 0  # end of valid data in _buf
         self._received = 0  # stream offset just past everything received
         self._big: _Big | None = None
+        # True after a data frame of a group (FLAG_GROUP): the next frame's
+        # fds may have arrived ahead of its bytes.
+        self._ahead = False
         # recv_into(): the caller's buffer for the next data frame's payload.
         self._into: memoryview | None = None
         self._lone_saved = lone_frames
@@ -314,14 +329,18 @@ class Decoder:
         before the frame completes and its count is compared.
         """
         held = sum(len(batch[0]) for batch in self._fds)
+        # In a group, fds for the frames after this one ride ahead: at most
+        # one write's worth (SCM_MAX_FD) more than the frame itself declares.
+        ahead = SCM_MAX_FD if self._ahead else 0
         if not self._in_band:
             allowed = 0
         elif self._big is not None:
-            allowed = self._big.nfds
+            allowed = self._big.nfds + (SCM_MAX_FD if self._big.group else ahead)
         elif self._end - self._start >= HEADER_SIZE:
-            allowed = _fast_unpack_from(self._buf, self._start)[1]  # validated by _parse
+            tag, nfds = _fast_unpack_from(self._buf, self._start)[:2]  # validated by _parse
+            allowed = nfds + (SCM_MAX_FD if (tag >> 48) & FLAG_GROUP else ahead)
         else:  # the header is not in yet: no frame may carry more than max_fds
-            if held > self._max_fds:
+            if held > self._max_fds + ahead:
                 raise LimitExceeded(f"peer sent {held} fds for one frame; max_fds is {self._max_fds}")
             return
         if held > allowed:
@@ -443,12 +462,20 @@ class Decoder:
                 total = HEADER_SIZE + aux_len + payload_len
                 frame_start = self._received - (end - start)
                 into = self._into
-                if into is not None and not flags and payload_len <= len(into):
+                if into is not None and not flags & FLAG_CONTROL and payload_len <= len(into):
                     self._into = None  # one frame only: the next one recv_into returns
                 else:
                     into = None
                 if total > INLINE_LIMIT:
-                    big = _Big(bool(flags), nfds, aux_len, payload_len, frame_start, into)
+                    big = _Big(
+                        bool(flags & FLAG_CONTROL),
+                        nfds,
+                        aux_len,
+                        payload_len,
+                        frame_start,
+                        into,
+                        bool(flags & FLAG_GROUP),
+                    )
                     stop = min(end, start + total)
                     big.feed(self._mv[start + HEADER_SIZE : stop])
                     start = stop
@@ -466,8 +493,12 @@ class Decoder:
                 else:
                     payload = into[:payload_len]
                     payload[:] = self._mv[body + aux_len : start + total]
-                fds = self._take_inband(nfds, frame_start, frame_start + total) if nfds or self._fds else []
-                self.frames.append(Frame(flags != 0, nfds, aux, payload, fds, frame_start))
+                fds = (
+                    self._take_inband(nfds, frame_start, frame_start + total, flags & FLAG_GROUP)
+                    if nfds or self._fds
+                    else []
+                )
+                self.frames.append(Frame(bool(flags & FLAG_CONTROL), nfds, aux, payload, fds, frame_start))
                 start += total
         finally:
             if start == end:
@@ -476,7 +507,7 @@ class Decoder:
 
     def _finish_big(self, big: _Big) -> None:
         self._big = None
-        fds = self._take_inband(big.nfds, big.start, big.end)
+        fds = self._take_inband(big.nfds, big.start, big.end, big.group)
         self.frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds, big.start))
 
     def _check_header(
@@ -491,10 +522,10 @@ class Decoder:
                 f"peer uses transport id {wire_id}, this channel uses {self._transport_name} "
                 f"(id {self._wire_id}): both ends must use the same transport"
             )
-        if flags & ~FLAG_CONTROL:
+        if flags & ~(FLAG_CONTROL | FLAG_GROUP):
             raise ProtocolError(f"unknown frame flags {flags:#x}")
         if flags & FLAG_CONTROL:
-            if nfds or payload_len > MAX_CONTROL_PAYLOAD:
+            if nfds or payload_len > MAX_CONTROL_PAYLOAD or flags & FLAG_GROUP:
                 raise ProtocolError("malformed control frame")
             return
         if payload_len > self._max_payload:
@@ -508,10 +539,12 @@ class Decoder:
                 f"peer declared {aux_len} bytes of transport data; the limit is {self._max_aux}"
             )
 
-    def _take_inband(self, nfds: int, start: int, end: int) -> list[int]:
-        """Take the in-band fds of the frame at stream offsets [start, end)."""
+    def _take_inband(self, nfds: int, start: int, end: int, group: int | bool = False) -> list[int]:
+        """Take the in-band fds of the frame at stream offsets [start, end) (*group*: its FLAG_GROUP)."""
         want = nfds if self._in_band else 0
         queue = self._fds
+        ahead = self._ahead
+        self._ahead = bool(group)
         if want and len(queue) == 1:
             # The common case: one read brought exactly this frame's fds.
             batch = queue[0]
@@ -519,10 +552,17 @@ class Decoder:
                 queue.popleft()
                 fds: list[int] = batch[0]
                 return fds
-        return self._take_batches(want, nfds, start, end)
+        return self._take_batches(want, nfds, start, end, ahead, bool(group))
 
-    def _take_batches(self, want: int, nfds: int, start: int, end: int) -> list[int]:
-        """`_take_inband` in general: *want* fds from one or more reads' batches."""
+    def _take_batches(
+        self, want: int, nfds: int, start: int, end: int, ahead: bool = False, group: bool = False
+    ) -> list[int]:
+        """`_take_inband` in general: *want* fds from one or more reads' batches.
+
+        *ahead*: the frame before was a group's, so this frame's fds may have
+        arrived with its bytes; *group*: this frame is one, so fds beyond its
+        own that arrived with its bytes are the next frames'.
+        """
         queue = self._fds
         taken: list[int] = []
         try:
@@ -531,7 +571,7 @@ class Decoder:
                     raise ProtocolError(f"frame declared {want} fds but {len(taken)} arrived with it")
                 batch = queue[0]
                 fds, _begin, read_end = batch
-                if read_end <= start:
+                if read_end <= start and not ahead:
                     raise ProtocolError("fds arrived with bytes before the frame they were counted for")
                 need = want - len(taken)
                 if len(fds) <= need:
@@ -545,8 +585,8 @@ class Decoder:
                     batch[0] = fds[need:]
             # fds read together with bytes of the next frame may be that
             # frame's; fds that arrived no later than this frame's last byte
-            # are surplus.
-            if queue and queue[0][2] <= end:
+            # are surplus, unless this frame leads more of its group.
+            if queue and queue[0][2] <= end and not group:
                 raise ProtocolError(
                     f"more fds arrived than the frame declared ({nfds})"
                     if self._in_band
