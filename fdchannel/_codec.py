@@ -205,6 +205,7 @@ class Decoder:
         self._max_aux = max_aux
         self._transport_name = transport_name or f"transport {wire_id}"
         self._data_tag = header_tag(wire_id)
+        self._group_tag = self._data_tag | FLAG_GROUP << 48
         # What the one-frame fast path accepts, folded into two bounds: an
         # inline frame within max_payload, and in-band fds within max_fds.
         self._fast_max_payload = min(max_payload, INLINE_LIMIT - HEADER_SIZE)
@@ -450,6 +451,8 @@ class Decoder:
             while end - start >= HEADER_SIZE:
                 tag, nfds, aux_len, payload_len = _fast_unpack_from(buf, start)
                 flags = 0
+                if tag == self._group_tag:  # a group's frame: as plain as a plain one
+                    tag, flags = self._data_tag, FLAG_GROUP
                 if (
                     tag != self._data_tag
                     or payload_len > self._max_payload

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Buffer
 
-from ._codec import HEADER_SIZE, SCM_MAX_FD
+from ._codec import HEADER_SIZE, SCM_MAX_FD, Frame
 from ._fdutil import close_all
 from ._message import CLOSED_FD, Message
 
@@ -52,7 +52,7 @@ def _load() -> tuple[ModuleType | None, str]:
     if (module.HEADER_SIZE, module.SCM_MAX_FD) != (HEADER_SIZE, SCM_MAX_FD):
         return None, "fdchannel._speedups was built for another wire format"
     # Also puts C versions of Message.close and Message.__del__ on the class.
-    module.setup(Message, CLOSED_FD, _send_rest, _send_interrupted, _recv_rest)
+    module.setup(Message, CLOSED_FD, Frame, _send_rest, _send_interrupted, _recv_rest)
     return module, ""
 
 

@@ -27,6 +27,8 @@
 /* Set by setup(): the Message class and the offsets of its slots, and the
  * Python helpers that finish what this module hands over. */
 static PyTypeObject *message_type;
+static PyTypeObject *frame_type; /* fdchannel._codec.Frame, and its slots' offsets */
+static Py_ssize_t off_f_control, off_f_aux, off_f_payload, off_f_fds;
 static Py_ssize_t off_payload, off_fds, off_raw;
 static PyObject *send_rest, *send_interrupted, *recv_rest;
 static PyObject *empty_tuple;
@@ -34,7 +36,7 @@ static PyObject *empty_tuple;
 static PyObject *s_closed, *s_broken, *s_outbox, *s_pending, *s_send_lock, *s_recv_lock, *s_acquire,
     *s_release, *s_max_payload, *s_max_fds, *s_decoder, *s_frames, *s_error, *s_eof, *s_lone, *s_end,
     *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_recv_stopped, *s_push_back, *s_fileno,
-    *s_characters_written;
+    *s_characters_written, *s_popleft, *s_appendleft;
 
 typedef struct {
     PyObject_HEAD
@@ -629,6 +631,48 @@ static void recv_stopped(PyObject *channel) {
     PyErr_Restore(type, value, tb);
 }
 
+/* The decoder's next queued frame as a Message, if it is a plain data frame
+ * (no transport data): NULL without an exception when there is none. */
+static PyObject *next_queued(PyObject *decoder) {
+    PyObject *frames = lookup(decoder, s_frames);
+    if (frames == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = PyObject_Length(frames);
+    PyObject *f = n > 0 ? PySequence_GetItem(frames, 0) : NULL;
+    if (f != NULL && Py_TYPE(f) == frame_type) {
+        PyObject *control = SLOT(f, off_f_control), *aux = SLOT(f, off_f_aux);
+        PyObject *payload = SLOT(f, off_f_payload), *fds = SLOT(f, off_f_fds);
+        if (control == Py_False && aux != NULL && PyBytes_CheckExact(aux) && PyBytes_GET_SIZE(aux) == 0 &&
+            payload != NULL && fds != NULL && PyList_CheckExact(fds)) {
+            PyObject *popped = PyObject_CallMethodNoArgs(frames, s_popleft);
+            if (popped != NULL) {
+                Py_DECREF(popped);
+                result = make_message(payload, fds);
+                if (result == NULL) {
+                    /* Back where it was: its fds stay the decoder's. */
+                    PyObject *type, *value, *tb;
+                    PyErr_Fetch(&type, &value, &tb);
+                    PyObject *r = PyObject_CallMethodOneArg(frames, s_appendleft, f);
+                    Py_XDECREF(r);
+                    PyErr_Clear();
+                    PyErr_Restore(type, value, tb);
+                } else {
+                    /* The message owns them now; the frame keeps nothing. */
+                    PyObject *empty = PyList_New(0);
+                    if (empty != NULL)
+                        Py_SETREF(SLOT(f, off_f_fds), empty);
+                    else
+                        PyErr_Clear();
+                }
+            }
+        }
+    }
+    Py_XDECREF(f);
+    Py_DECREF(frames);
+    return result;
+}
+
 /* recv(channel) -> the Message when one read was exactly one plain frame,
  * None when the Python path must go on (what was read is in the decoder). */
 static PyObject *recv_impl(FastPath *self, PyObject *channel) {
@@ -643,6 +687,17 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
     int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
     if (healthy == 1)
         decoder = lookup(channel, s_decoder);
+    if (decoder != NULL && frame_type != NULL) {
+        /* A frame the decoder already holds (a read brought several): hand
+         * out the next, as ChannelCore._next_message does for a plain one. */
+        PyObject *m = next_queued(decoder);
+        if (m != NULL) {
+            result = m;
+            goto out;
+        }
+        if (PyErr_Occurred())
+            goto fail;
+    }
     int idle = decoder != NULL ? decoder_idle(decoder) : 0;
     if (idle == 1)
         bufobj = lookup(decoder, s_buf);
@@ -998,11 +1053,21 @@ static Py_ssize_t slot_offset(PyObject *cls, const char *name) {
     return off;
 }
 
-/* setup(Message, closed_fd, send_rest, send_interrupted, recv_rest) */
+/* setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest) */
 static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
-    PyObject *cls, *closed, *a, *b, *c;
-    if (!PyArg_ParseTuple(args, "O!OOOO", &PyType_Type, &cls, &closed, &a, &b, &c))
+    PyObject *cls, *closed, *fcls, *a, *b, *c;
+    if (!PyArg_ParseTuple(args, "O!OO!OOO", &PyType_Type, &cls, &closed, &PyType_Type, &fcls, &a, &b, &c))
         return NULL;
+    Py_ssize_t fc = slot_offset(fcls, "control"), fa = slot_offset(fcls, "aux"),
+               fp = slot_offset(fcls, "payload"), ff = slot_offset(fcls, "fds");
+    if (fc < 0 || fa < 0 || fp < 0 || ff < 0)
+        return NULL;
+    off_f_control = fc;
+    off_f_aux = fa;
+    off_f_payload = fp;
+    off_f_fds = ff;
+    Py_INCREF(fcls);
+    Py_XSETREF(frame_type, (PyTypeObject *)fcls);
     Py_ssize_t p = slot_offset(cls, "payload"), f = slot_offset(cls, "_fds"), r = slot_offset(cls, "_raw");
     if (p < 0 || f < 0 || r < 0)
         return NULL;
@@ -1043,7 +1108,7 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
 }
 
 static PyMethodDef module_methods[] = {
-    {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, send_rest, send_interrupted, recv_rest)"},
+    {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1082,6 +1147,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_push_back, "push_back");
     INTERN(s_fileno, "fileno");
     INTERN(s_characters_written, "characters_written");
+    INTERN(s_popleft, "popleft");
+    INTERN(s_appendleft, "appendleft");
     if ((empty_tuple = PyTuple_New(0)) == NULL)
         return NULL;
     if (PyType_Ready(&FastPath_Type) < 0)

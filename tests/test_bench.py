@@ -19,7 +19,7 @@ def test_bench_runs_every_workload_and_prints_the_tables() -> None:
         timeout=120,
         check=True,
     )
-    titles = ("one process send+recv+close", "two processes streaming", "fds per message", "sent at once")
+    titles = ("one process send+recv+close", "two processes streaming", "fds per message", "messages at once")
     for title in titles:
         assert title in out.stdout
     assert "64 MiB payload" in out.stdout
