@@ -10,8 +10,8 @@ on its own, as ``send()`` sends it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Buffer
 
@@ -20,8 +20,10 @@ from ._outbox import set_written
 
 if TYPE_CHECKING:
     from ._channel import Channel
+    from ._core import ChannelCore
+    from .aio import AsyncChannel
 
-__all__ = ["Prepared", "send_groups"]
+__all__ = ["Prepared", "prepare", "send_each", "send_each_async", "send_groups", "send_groups_async"]
 
 #: (payload, fd numbers, payload size), checked by `ChannelCore._message`.
 Prepared = tuple[Buffer, list[int], int]
@@ -85,6 +87,22 @@ def _groups(tag: int, prepared: Sequence[Prepared]) -> Iterator[_Group | Prepare
         yield close()
 
 
+def prepare(channel: ChannelCore, messages: Iterable[tuple[Buffer, Iterable[int | Any]]]) -> list[Prepared]:
+    """Check every message as ``send()`` would, before anything is written."""
+    prepared: list[Prepared] = []
+    for payload, fds in messages:
+        nums, size = channel._message(payload, fds)
+        prepared.append((payload, nums, size))
+    return prepared
+
+
+def _taken(exc: BaseException, taken: int, count: int) -> None:
+    """Record on *exc* the messages taken: *taken*, and the *count* being written if it was taken."""
+    if getattr(exc, "characters_written", 0):
+        taken += count  # taken: its rest is pending
+    exc.messages_taken = taken  # type: ignore[attr-defined]
+
+
 def send_groups(channel: Channel, prepared: Sequence[Prepared], deadline: float | None) -> None:
     """Write *prepared* through *channel* (its send lock held, nothing queued, a simple session).
 
@@ -92,26 +110,61 @@ def send_groups(channel: Channel, prepared: Sequence[Prepared], deadline: float 
     (sent, or queued for `flush`): the caller sends the others again.
     """
     taken = 0
-    try:
-        for item in _groups(channel._data_tag, prepared):
-            count = 1 if isinstance(item, tuple) else item.count
-            try:
-                if isinstance(item, tuple):
-                    channel._send_queued(*item)
-                else:
-                    _write_group(channel, item, deadline)
-            except BaseException as exc:
-                if getattr(exc, "characters_written", 0):
-                    taken += count  # taken: its rest is pending
-                raise
-            taken += count
-    except BaseException as exc:
-        exc.messages_taken = taken  # type: ignore[attr-defined]
-        raise
+    for item in _groups(channel._data_tag, prepared):
+        count = 1 if isinstance(item, tuple) else item.count
+        try:
+            if isinstance(item, tuple):
+                channel._send_queued(*item)
+            else:
+                sent = _first_write(channel, item)
+                if sent is not None:
+                    channel._push(deadline, sent)
+        except BaseException as exc:
+            _taken(exc, taken, count)
+            raise
+        taken += count
 
 
-def _write_group(ch: Channel, group: _Group, deadline: float | None) -> None:
-    """One write of a group, then its rest as `Channel.send` pushes a frame's rest."""
+def send_each(channel: Channel, prepared: Sequence[Prepared]) -> None:
+    """`send_groups` for a channel whose session must see each message (one write each)."""
+    for i, item in enumerate(prepared):
+        try:
+            channel._send_queued(*item)
+        except BaseException as exc:
+            _taken(exc, i, 1)
+            raise
+
+
+async def send_groups_async(channel: AsyncChannel, prepared: Sequence[Prepared]) -> None:
+    """`send_groups` for `AsyncChannel` (its send gate held): waits on the loop."""
+    taken = 0
+    for item in _groups(channel._data_tag, prepared):
+        count = 1 if isinstance(item, tuple) else item.count
+        try:
+            if isinstance(item, tuple):
+                await channel._send_queued(*item)
+            else:
+                sent = _first_write(channel, item)
+                if sent is not None:
+                    await channel._push(sent)
+        except BaseException as exc:
+            _taken(exc, taken, count)
+            raise
+        taken += count
+
+
+async def send_each_async(channel: AsyncChannel, prepared: Sequence[Prepared]) -> None:
+    """`send_each` for `AsyncChannel`."""
+    for i, item in enumerate(prepared):
+        try:
+            await channel._send_queued(*item)
+        except BaseException as exc:
+            _taken(exc, i, 1)
+            raise
+
+
+def _first_write(ch: ChannelCore, group: _Group) -> int | None:
+    """One write of a group; None when all of it left, else the bytes that did (the rest queued)."""
     try:
         sent = ch._write(ch._sock, group.bufs, group.fds, ch._send_flags)
     except OSError as exc:
@@ -120,6 +173,7 @@ def _write_group(ch: Channel, group: _Group, deadline: float | None) -> None:
     except BaseException as exc:
         ch._break(ch._outbox.interrupted(exc))
         raise
-    if sent != group.size:
-        ch._outbox.add_unsent(group.bufs, group.fds, sent)
-        ch._push(deadline, sent)
+    if sent == group.size:
+        return None
+    ch._outbox.add_unsent(group.bufs, group.fds, sent)
+    return sent

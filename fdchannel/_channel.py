@@ -246,23 +246,15 @@ class Channel(ChannelCore):
         Needs a peer of this version or later when fds are batched (an
         older one refuses the frames with `ProtocolError`).
         """
-        prepared: list[_batch.Prepared] = []
-        for payload, fds in messages:
-            nums, size = self._message(payload, fds)
-            prepared.append((payload, nums, size))
+        prepared = _batch.prepare(self, messages)
         try:
             with self._send_lock:
                 if self._closed or self._broken is not None:
                     self._check_usable()
                 if self._simple and not self._outbox.pending:
                     _batch.send_groups(self, prepared, self._deadline())
-                    return
-                for i, (payload, nums, size) in enumerate(prepared):
-                    try:
-                        self._send_queued(payload, nums, size)
-                    except BaseException as exc:
-                        exc.messages_taken = i + bool(getattr(exc, "characters_written", 0))  # type: ignore[attr-defined]
-                        raise
+                else:
+                    _batch.send_each(self, prepared)
         finally:
             if self._closed:
                 self._drop_held()

@@ -31,6 +31,7 @@ from typing import Any, Final, Self
 
 from typing_extensions import Buffer
 
+from . import _batch
 from ._channel import Channel
 from ._codec import SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
@@ -454,6 +455,33 @@ class AsyncChannel(ChannelCore):
             await self._send_queued(payload, nums, size)
         finally:
             gate.leave()
+
+    async def send_many(self, messages: Iterable[tuple[Buffer, Iterable[int | Any]]]) -> None:
+        """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
+
+        As `fdchannel.Channel.send_many`: every message is checked first,
+        consecutive ones share a ``sendmsg`` on the default transport, and
+        when the call stops part way (cancelled, a kernel error) the
+        exception's ``messages_taken`` counts the messages taken (sent, or
+        pending for `flush`); send the rest again.  Waits while the socket
+        is full.
+        """
+        if self._loop is not asyncio.get_running_loop():
+            self._enter_loop()
+        prepared = _batch.prepare(self, messages)
+        try:
+            await self._send_gate.enter()
+        except BaseException as exc:
+            exc.messages_taken = 0  # type: ignore[attr-defined]
+            raise
+        try:
+            self._check_usable()
+            if self._simple and not self._outbox.pending:
+                await _batch.send_groups_async(self, prepared)
+            else:
+                await _batch.send_each_async(self, prepared)
+        finally:
+            self._send_gate.leave()
 
     async def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""

@@ -1,19 +1,28 @@
 """`Channel.send_many` and the decoder's groups: many messages in one write, fds in order."""
 
+# The `run` fixture is imported, and each asyncio test takes it as a parameter.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from fdchannel import Channel, ProtocolError
 from fdchannel._codec import FLAG_GROUP, HEADER_SIZE, Decoder, header_tag, pack_header, pack_tagged
+from fdchannel.aio import AsyncChannel
 
+from ._aio import loop_kind, run  # noqa: F401 - fixtures
 from ._transports import PairFactory, needs_unix_rights
 
 TIMEOUT = 10.0
+Runner = Callable[..., Any]  # the `run` fixture
 
 
 def _pair(make_pair: PairFactory) -> tuple[Channel, Channel]:
@@ -26,13 +35,13 @@ def _pair(make_pair: PairFactory) -> tuple[Channel, Channel]:
 def _in_thread(fn: object, *args: object) -> threading.Thread:
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def target() -> None:
         try:
             fn(*args)  # type: ignore[operator]
         except BaseException as exc:
             errors.append(exc)
 
-    t = threading.Thread(target=run, daemon=True)
+    t = threading.Thread(target=target, daemon=True)
     t.errors = errors  # type: ignore[attr-defined]
     t.start()
     return t
@@ -123,7 +132,7 @@ def test_a_bad_message_is_refused_before_anything_is_written(make_pair: PairFact
 
 def test_a_full_socket_says_how_many_messages_were_taken(make_pair: PairFactory) -> None:
     a, b = _pair(make_pair)
-    messages = [(bytes([i % 256]) * 50_000, []) for i in range(200)]
+    messages: list[tuple[bytes, list[int]]] = [(bytes([i % 256]) * 50_000, []) for i in range(200)]
     with a, b:
         a.settimeout(0.0)
         with pytest.raises(BlockingIOError) as info:
@@ -218,3 +227,70 @@ def test_a_control_frame_may_not_be_grouped() -> None:
     _feed(dec, bad, [])
     with pytest.raises(ProtocolError, match="malformed control frame"):
         dec.next_frame()
+
+
+# -- AsyncChannel.send_many ------------------------------------------------------------
+
+
+def test_async_send_many_arrives_in_order_with_its_fds(run: Runner) -> None:
+    async def body() -> None:
+        a, b = AsyncChannel.pair()
+        r, w = os.pipe()
+        async with a, b:
+            sender = asyncio.create_task(a.send_many([(b"m%d" % i, [r, w][: i % 3]) for i in range(100)]))
+            for i in range(100):
+                with await b.recv() as msg:
+                    assert msg.payload == b"m%d" % i
+                    assert len(msg.fds) == i % 3
+            await sender
+        os.close(r)
+        os.close(w)
+
+    run(body())
+
+
+@needs_unix_rights
+def test_async_send_many_is_one_write(run: Runner) -> None:
+    async def body() -> None:
+        raw, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        r, w = os.pipe()
+        with raw:
+            async with AsyncChannel(theirs) as a:
+                await a.send_many([(b"x", [r])] * 64)
+                data, fds, _flags, _ = socket.recv_fds(raw, 1 << 16, 253)
+                assert len(data) == 64 * (HEADER_SIZE + 1)
+                assert len(fds) == 64
+                for fd in fds:
+                    os.close(fd)
+        os.close(r)
+        os.close(w)
+
+    run(body())
+
+
+def test_a_cancelled_async_send_many_says_how_many_were_taken(run: Runner) -> None:
+    async def body() -> None:
+        a, b = AsyncChannel.pair()
+        messages: list[tuple[bytes, list[int]]] = [(bytes([i % 256]) * 50_000, []) for i in range(200)]
+        async with a, b:
+            task = asyncio.create_task(a.send_many(messages))
+            while not a.pending:  # until the socket is full and the rest waits
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as info:
+                await task
+            taken: int = info.value.messages_taken  # type: ignore[attr-defined]
+            assert 0 < taken < len(messages)
+            got: list[bytes] = []
+
+            async def drain() -> None:
+                while len(got) < len(messages):
+                    got.append(bytes((await b.recv()).payload))
+
+            reader = asyncio.create_task(drain())
+            await a.flush()
+            await a.send_many(messages[taken:])
+            await reader
+            assert got == [p for p, _ in messages]
+
+    run(body())
