@@ -555,6 +555,14 @@ class Decoder:
                 queue.popleft()
                 fds: list[int] = batch[0]
                 return fds
+        if want and queue and (group or ahead):
+            # A group's frame: its fds at the front of one read's batch, the
+            # rest of that batch the next frames'.
+            batch = queue[0]
+            held: list[int] = batch[0]
+            if len(held) > want and (ahead or start < batch[2]) and (group or batch[2] > end):
+                batch[0] = held[want:]
+                return held[:want]
         return self._take_batches(want, nfds, start, end, ahead, bool(group))
 
     def _take_batches(
