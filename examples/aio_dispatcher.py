@@ -8,8 +8,10 @@ tells the parent (``b"done"``) so the parent's load counts stay right.
 
 Run:
 
-    python examples/aio_dispatcher.py --workers 4 --port 8000    # serve until Ctrl-C
-    python examples/aio_dispatcher.py --workers 2 --demo 20      # self-test, then exit
+    # serve until Ctrl-C
+    python examples/aio_dispatcher.py --workers 4 --port 8000
+    # self-test, then exit
+    python examples/aio_dispatcher.py --workers 2 --demo 20
 
 ``--demo N`` starts N clients against the dispatcher on 127.0.0.1, checks
 every echo, shuts down and exits 0.  ``--loop uvloop`` runs parent and
@@ -40,12 +42,14 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-# -- worker process ---------------------------------------------------------------------
+# -- worker process ----------------------------------------------------------
 
 
 async def serve_connection(conn: socket.socket, parent: AsyncChannel) -> None:
-    """Echo lines on *conn* (owned here) until the client closes, then report."""
-    reader, writer = await asyncio.open_connection(sock=conn)  # the streams own conn now
+    """Echo lines on *conn* (owned here) until the client closes; report."""
+    reader, writer = await asyncio.open_connection(
+        sock=conn
+    )  # the streams own conn now
     try:
         while line := await reader.readline():
             writer.write(b"worker %d: %s" % (os.getpid(), line))
@@ -66,7 +70,8 @@ async def worker(parent: AsyncChannel) -> None:
             if msg.payload == b"stop":
                 break
             with msg:
-                # The socket object takes over the fd; msg has nothing left to close.
+                # The socket object takes over the fd: msg has nothing left
+                # to close.
                 conn = msg.fds[0].socket()
             task = asyncio.create_task(serve_connection(conn, parent))
             tasks.add(task)
@@ -84,13 +89,15 @@ def worker_main(loop: str) -> None:
         runner.run(worker(parent))
 
 
-# -- dispatcher (parent) -------------------------------------------------------------------
+# -- dispatcher (parent) -----------------------------------------------------
 
 
 class Worker:
     """One worker process, its channel (owned here) and its current load."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], channel: AsyncChannel) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], channel: AsyncChannel
+    ) -> None:
         self.proc = proc
         self.channel = channel
         self.load = 0
@@ -103,7 +110,7 @@ class Worker:
             self.load -= 1
 
     async def stop(self) -> None:
-        """Ask the worker to finish, read its last reports, and close the channel.
+        """Ask the worker to finish, read its last reports, close the channel.
 
         Closing first would leave its reports unread in our socket, and a
         Unix socket closed with unread data resets the connection: the
@@ -116,13 +123,17 @@ class Worker:
 def start_workers(count: int, loop: str) -> list[Worker]:
     workers = []
     for _ in range(count):
-        proc, channel = fdchannel.spawn([sys.executable, __file__, "--worker", "--loop", loop])
+        proc, channel = fdchannel.spawn(
+            [sys.executable, __file__, "--worker", "--loop", loop]
+        )
         workers.append(Worker(proc, AsyncChannel.from_channel(channel)))
     return workers
 
 
-async def dispatch(listener: socket.socket, workers: list[Worker], accepts: int | None) -> None:
-    """Accept connections (*accepts* of them, or forever) and hand each to a worker."""
+async def dispatch(
+    listener: socket.socket, workers: list[Worker], accepts: int | None
+) -> None:
+    """Accept connections (*accepts* of them, or forever) for the workers."""
     loop = asyncio.get_running_loop()
     handed = 0
     while accepts is None or handed < accepts:
@@ -165,14 +176,25 @@ async def main_async(args: argparse.Namespace) -> None:
         listener.listen(128)
         listener.setblocking(False)
         port = listener.getsockname()[1]
-        print(f"dispatcher: {len(workers)} workers, listening on 127.0.0.1:{port}", flush=True)
+        print(
+            f"dispatcher: {len(workers)} workers, "
+            f"listening on 127.0.0.1:{port}",
+            flush=True,
+        )
         if args.demo:
-            dispatcher = asyncio.create_task(dispatch(listener, workers, args.demo))
+            dispatcher = asyncio.create_task(
+                dispatch(listener, workers, args.demo)
+            )
             tags = await demo_clients(port, args.demo)
             await dispatcher
             for w in workers:
-                print(f"worker {w.proc.pid}: {w.served} connections", flush=True)
-            print(f"demo: {args.demo} clients echoed by {len(tags)} workers", flush=True)
+                print(
+                    f"worker {w.proc.pid}: {w.served} connections", flush=True
+                )
+            print(
+                f"demo: {args.demo} clients echoed by {len(tags)} workers",
+                flush=True,
+            )
         else:
             await dispatch(listener, workers, None)
     finally:
@@ -181,31 +203,49 @@ async def main_async(args: argparse.Namespace) -> None:
             await w.stop()
         try:
             async with asyncio.timeout(30):
-                await collectors_done  # each ends when its worker closed its end
+                await (
+                    collectors_done
+                )  # each ends when its worker closed its end
         finally:
             for w in workers:
                 await w.channel.aclose()
             for w in workers:
                 returncode = await asyncio.to_thread(w.proc.wait, 30)
                 if returncode != 0:
-                    raise SystemExit(f"worker {w.proc.pid} exited with {returncode}")
+                    raise SystemExit(
+                        f"worker {w.proc.pid} exited with {returncode}"
+                    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--demo", type=int, default=0, metavar="N", help="run N clients, then exit")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--demo",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N clients, then exit",
+    )
+    parser.add_argument(
+        "--loop", choices=["asyncio", "uvloop"], default="asyncio"
+    )
+    parser.add_argument(
+        "--worker", action="store_true", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         worker_main(args.loop)
         return
     factory = loop_factory(args.loop)
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as runner:
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        asyncio.Runner(loop_factory=factory) as runner,
+    ):
         runner.run(main_async(args))
 
 

@@ -1,4 +1,4 @@
-"""Restart without dropping connections: hand a listening socket to a successor.
+"""Restart without dropping connections: hand a listening socket on.
 
 An "old" server process listens on 127.0.0.1 and answers each connection
 with its name.  A "new" server process starts, connects to the old one's
@@ -37,13 +37,17 @@ def answer(listening: socket.socket, name: bytes) -> None:
 
 
 def server(name: str, control: str, takeover: bool) -> int:
-    """One server generation; the orchestrator's channel (FDCHANNEL_FD) says when to stop."""
+    """One server generation.
+
+    The orchestrator's channel (FDCHANNEL_FD) says when to stop.
+    """
     boss = fdchannel.Channel.from_environ()
     if takeover:
         with fdchannel.Channel.connect(control, timeout=TIMEOUT) as old:
             with old.recv() as msg:
                 listening = msg.fds[0].socket()
-            old.send(b"ready")  # after this the old process lets go of its copy
+            # After this the old process lets go of its copy.
+            old.send(b"ready")
         handoff = None
     else:
         listening = socket.create_server(("127.0.0.1", 0), backlog=128)
@@ -92,7 +96,9 @@ class Client(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+                with socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=TIMEOUT
+                ) as sock:
                     reply = b"".join(iter(lambda: sock.recv(64), b"")).strip()
             except ConnectionRefusedError:
                 self.refused += 1
@@ -128,8 +134,11 @@ def orchestrate() -> int:
                 if not client.saw_old.wait(TIMEOUT):
                     print("the old server never answered")
                     return 1
-                # The client keeps connecting while the new generation takes over.
-                new, new_ch = fdchannel.spawn([*here, control, "--name", "new", "--takeover"])
+                # The client keeps connecting while the new generation
+                # takes over.
+                new, new_ch = fdchannel.spawn(
+                    [*here, control, "--name", "new", "--takeover"]
+                )
                 procs.append((new, new_ch))
                 print(f"old server: {old_ch.recv().payload.decode()}")
                 if old.wait(TIMEOUT) != 0:
@@ -153,7 +162,12 @@ def orchestrate() -> int:
     )
     for failure in client.failed:
         print(f"  {failure}")
-    ok = client.refused == 0 and not client.failed and client.saw_old.is_set() and client.saw_new.is_set()
+    ok = (
+        client.refused == 0
+        and not client.failed
+        and client.saw_old.is_set()
+        and client.saw_new.is_set()
+    )
     print("zero refused connections across the handoff" if ok else "FAILED")
     return 0 if ok else 1
 
@@ -161,7 +175,9 @@ def orchestrate() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="role")
-    srv = sub.add_parser("server", help="run one server generation (used by the orchestrator)")
+    srv = sub.add_parser(
+        "server", help="run one server generation (used by the orchestrator)"
+    )
     srv.add_argument("--control", required=True)
     srv.add_argument("--name", required=True)
     srv.add_argument("--takeover", action="store_true")

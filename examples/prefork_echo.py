@@ -22,7 +22,7 @@ TIMEOUT = 30.0
 
 
 def worker() -> None:
-    """A worker: serve each connection the parent sends, until it closes the channel."""
+    """A worker: serve each connection the parent sends, until it stops."""
     with fdchannel.Channel.from_environ() as parent:
         for msg in parent:  # ends when the parent closes its end
             with msg, msg.fds[0].socket() as conn:
@@ -35,7 +35,9 @@ def worker() -> None:
 
 
 def client(port: int, n: int, results: list[str]) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=TIMEOUT
+    ) as sock:
         with sock.makefile("rwb") as stream:
             for i in range(3):
                 line = f"client {n} line {i}\n".encode()
@@ -46,18 +48,26 @@ def client(port: int, n: int, results: list[str]) -> None:
 
 
 def serve(workers: int, clients: int) -> int:
-    procs = [fdchannel.spawn([sys.executable, __file__, "--worker"]) for _ in range(workers)]
+    procs = [
+        fdchannel.spawn([sys.executable, __file__, "--worker"])
+        for _ in range(workers)
+    ]
     try:
         with socket.create_server(("127.0.0.1", 0)) as server:
             server.settimeout(TIMEOUT)
             port = server.getsockname()[1]
             results: list[str] = []
-            threads = [threading.Thread(target=client, args=(port, n, results)) for n in range(clients)]
+            threads = [
+                threading.Thread(target=client, args=(port, n, results))
+                for n in range(clients)
+            ]
             for t in threads:
                 t.start()
             for n in range(clients):
                 conn, _ = server.accept()
-                with conn:  # the worker gets its own copy; ours is closed at once
+                with (
+                    conn
+                ):  # the worker gets its own copy; ours is closed at once
                     proc, channel = procs[n % workers]
                     channel.send(str(n).encode(), fds=[conn])
                     print(f"connection {n} -> worker pid {proc.pid}")
@@ -65,10 +75,16 @@ def serve(workers: int, clients: int) -> int:
                 t.join(TIMEOUT)
         for w, (proc, channel) in enumerate(procs):
             channel.settimeout(TIMEOUT)
-            for _ in range(w, clients, workers):  # the connections it was given
+            for _ in range(
+                w, clients, workers
+            ):  # the connections it was given
                 print(f"worker {proc.pid}: {channel.recv().payload.decode()}")
         ok = len(results) == clients
-        print(f"{len(results)}/{clients} clients got their echoes" if ok else "some clients failed")
+        print(
+            f"{len(results)}/{clients} clients got their echoes"
+            if ok
+            else "some clients failed"
+        )
         return 0 if ok else 1
     finally:
         for _, channel in procs:
@@ -86,7 +102,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--clients", type=int, default=12)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", action="store_true", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         worker()

@@ -23,7 +23,7 @@ TIMEOUT = 30.0
 
 
 def child() -> int:
-    """The unprivileged side: drop privileges first, then work only with passed fds."""
+    """The unprivileged side: drop privileges, then use only passed fds."""
     os.setgroups([])
     os.setgid(NOBODY)
     os.setuid(NOBODY)
@@ -35,14 +35,19 @@ def child() -> int:
             print("child: unexpectedly opened the file itself")
             return 1
         except PermissionError as exc:
-            print(f"child (uid {os.getuid()}): open() itself fails: {exc.strerror}")
+            print(
+                f"child (uid {os.getuid()}): "
+                f"open() itself fails: {exc.strerror}"
+            )
         parent.send(b"open " + path.encode())
         with parent.recv() as reply:
             if not reply.fds:
                 print(f"child: parent refused: {reply.payload.decode()}")
                 return 1
             with reply.fds[0].open("r") as f:
-                print(f"child: read through the passed fd: {f.read().strip()!r}")
+                print(
+                    f"child: read through the passed fd: {f.read().strip()!r}"
+                )
         parent.send(b"open /etc/shadow")  # not in the policy
         with parent.recv() as reply:
             print(f"child: asked for /etc/shadow: {reply.payload.decode()}")
@@ -51,7 +56,10 @@ def child() -> int:
 
 def parent() -> int:
     if os.geteuid() != 0:
-        print("run this example as root: it drops the child to uid 65534", file=sys.stderr)
+        print(
+            "run this example as root: it drops the child to uid 65534",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory() as private:  # 0o700, owned by root
         secret = os.path.join(private, "secret.txt")
@@ -59,7 +67,9 @@ def parent() -> int:
             f.write("the parent's secret\n")
         os.chmod(secret, 0o600)
         allowed = {secret}
-        proc, channel = fdchannel.spawn([sys.executable, __file__, "--child", secret])
+        proc, channel = fdchannel.spawn(
+            [sys.executable, __file__, "--child", secret]
+        )
         with channel:
             channel.settimeout(TIMEOUT)
             try:

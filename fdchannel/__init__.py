@@ -7,7 +7,7 @@ close themselves when nobody takes them.
 
 from __future__ import annotations
 
-from . import fdpass
+from . import fdpass, shm
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
 from ._errors import (
     BufferTooShort,
@@ -17,10 +17,20 @@ from ._errors import (
     FdsWithdrawn,
     LimitExceeded,
     ProtocolError,
+    SharedMemoryRefused,
     TruncatedControlData,
+    UnverifiedSender,
 )
 from ._listener import Listener
 from ._message import Message
+from ._nested import (
+    ReceivedChannel,
+    asend_channel,
+    asend_new_channel,
+    recv_channel,
+    send_channel,
+    send_new_channel,
+)
 from ._ownedfd import OwnedFd
 from ._peer import PeerCredentials
 from ._process import spawn
@@ -40,8 +50,17 @@ __all__ = [
     "OwnedFd",
     "PeerCredentials",
     "ProtocolError",
+    "ReceivedChannel",
+    "SharedMemoryRefused",
     "TruncatedControlData",
+    "UnverifiedSender",
+    "asend_channel",
+    "asend_new_channel",
     "fdpass",
+    "recv_channel",
+    "send_channel",
+    "send_new_channel",
+    "shm",
     "spawn",
 ]
 

@@ -4,8 +4,9 @@ Consecutive messages go out as groups: one write carries the frames of a
 group and all their fds (at most `SCM_MAX_FD`), on its first byte, and
 each frame of a group but the last is flagged `FLAG_GROUP`, so the receiver
 knows that fds beyond a frame's own belong to the frames after it
-(docs/wire-format.md).  A message with more fds than one write carries goes
-on its own, as ``send()`` sends it.
+(docs/wire-format.md).  A message with more fds than one write carries, or
+whose payload goes as sealed shared memory, goes on its own, as ``send()``
+sends it.
 """
 
 from __future__ import annotations
@@ -16,17 +17,25 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import Buffer
 
 from ._codec import FLAG_GROUP, HEADER_SIZE, SCM_MAX_FD, pack_tagged
-from ._outbox import set_written
+from ._shared import SealedMemory, share_large
 
 if TYPE_CHECKING:
     from ._channel import Channel
     from ._core import ChannelCore
     from .aio import AsyncChannel
 
-__all__ = ["Prepared", "prepare", "send_each", "send_each_async", "send_groups", "send_groups_async"]
+__all__ = [
+    "Prepared",
+    "closed_meanwhile",
+    "prepare",
+    "send_each",
+    "send_each_async",
+    "send_groups",
+    "send_groups_async",
+]
 
 #: (payload, fd numbers, payload size), checked by `ChannelCore._message`.
-Prepared = tuple[Buffer, list[int], int]
+Prepared = tuple[Buffer | SealedMemory, list[int], int]
 
 #: Buffers per write: Linux's IOV_MAX is 1024, two per frame.
 _MAX_FRAMES = 500
@@ -57,7 +66,7 @@ def _groups(tag: int, prepared: Sequence[Prepared]) -> Iterator[_Group | Prepare
         fds_after = False
         bufs: list[Buffer] = []
         for nfds, (payload, _nums, size) in reversed(members):
-            bufs.append(payload)
+            bufs.append(payload)  # type: ignore[arg-type]  # never SealedMemory: that goes alone
             bufs.append(pack_tagged(tag | _GROUP_BIT if fds_after else tag, nfds, 0, size))
             fds_after = fds_after or nfds > 0
         bufs.reverse()
@@ -66,7 +75,7 @@ def _groups(tag: int, prepared: Sequence[Prepared]) -> Iterator[_Group | Prepare
 
     for message in prepared:
         nums = message[1]
-        if len(nums) > SCM_MAX_FD:
+        if len(nums) > SCM_MAX_FD or message[0].__class__ is SealedMemory:
             if members:
                 yield close()
                 group, members = _Group(), []
@@ -87,10 +96,14 @@ def _groups(tag: int, prepared: Sequence[Prepared]) -> Iterator[_Group | Prepare
         yield close()
 
 
-def prepare(channel: ChannelCore, messages: Iterable[tuple[Buffer, Iterable[int | Any]]]) -> list[Prepared]:
+def prepare(
+    channel: ChannelCore, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]
+) -> list[Prepared]:
     """Check every message as ``send()`` would, before anything is written."""
     prepared: list[Prepared] = []
-    for payload, fds in messages:
+    share = channel._share_above is not None
+    for given, fds in messages:
+        payload = share_large(channel, given) if share else given
         nums, size = channel._message(payload, fds)
         prepared.append((payload, nums, size))
     return prepared
@@ -167,13 +180,21 @@ def _first_write(ch: ChannelCore, group: _Group) -> int | None:
     """One write of a group; None when all of it left, else the bytes that did (the rest queued)."""
     try:
         sent = ch._write(ch._sock, group.bufs, group.fds, ch._send_flags)
-    except OSError as exc:
-        set_written(exc, 0)
-        raise
     except BaseException as exc:
-        ch._break(ch._outbox.interrupted(exc))
+        # As send()'s first write: the kernel's error left nothing sent (a
+        # closed fd is named), anything else breaks the stream.
+        ch._first_write_raised(exc, group.fds)
         raise
     if sent == group.size:
         return None
     ch._outbox.add_unsent(group.bufs, group.fds, sent)
     return sent
+
+
+def closed_meanwhile(channel: Channel, exc: BaseException) -> None:
+    """`Channel._closed_meanwhile` for ``send_many``: the `ValueError` keeps ``messages_taken``."""
+    try:
+        channel._closed_meanwhile(exc)
+    except ValueError as closed:
+        closed.messages_taken = getattr(exc, "messages_taken", 0)  # type: ignore[attr-defined]
+        raise

@@ -445,7 +445,8 @@ def chart(results: Results, workloads: list[Workload], path: str) -> str:
     except ImportError:
         return "no chart: matplotlib is not installed (pip install 'fdchannel[plots]')"
     impls = sorted({impl for impl, _ in results.times})
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    # 7.5 in = 720 px: the docs' text column shows it at (nearly) its drawn size.
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
     width = 0.8 / max(1, len(impls))
     for i, impl in enumerate(impls):
         xs: list[float] = []

@@ -8,18 +8,20 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any, Self
 
 from typing_extensions import Buffer
 
 from . import _batch, _fastpath, _handoff, _into, _peer
-from ._codec import SCM_MAX_FD
+from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
-from ._errors import ChannelClosed
+from ._errors import ChannelBroken, ChannelClosed
+from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import set_written
 from ._ownedfd import OwnedFd
+from ._shared import SealedMemory, share_large
 from ._sockio import write_pending
 from ._wait import wait_ready
 from .transports import Transport
@@ -51,10 +53,9 @@ class Channel(ChannelCore):
 
     _kind = "Channel"
 
-    #: The partner end, for close_other(); set by pair() only (and, for a
-    #: pair end rebuilt in a multiprocessing child, to something that
-    #: returns None: no partner in that process).
-    _other_end: Callable[[], Channel | None] | None = None
+    #: True in a forked child until this process claimed the inherited end
+    #: (`_handoff.claim_forked_end`) at its first send() or recv().
+    _unclaimed = False
     #: The compiled send/recv (`fdchannel._fastpath`), None for the Python path.
     _fast: Any = None
 
@@ -68,15 +69,31 @@ class Channel(ChannelCore):
     ) -> None:
         """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
 
-        *max_payload* (bytes) and *max_fds* bound what one message may carry,
-        both ways: `send` refuses more with `ValueError` and a peer that
-        declares more gets `LimitExceeded`.  A message exactly at a limit is
-        allowed.  Raises `ValueError` for a socket the transport cannot use.
+        The limits bound what one message may carry, both ways: `send`
+        refuses more with `ValueError` and a peer that declares more gets
+        `LimitExceeded`.  A message exactly at a limit is allowed.
+
+        Args:
+            sock: A connected stream socket (AF_UNIX for `UnixRights`, the
+                default on POSIX).  The channel owns it from now on and
+                keeps its timeout as the channel's.
+            transport: How fds travel; ``None`` means
+                `default_transport()`.  Both ends must use the same one.
+            max_payload: The largest payload of one message, in bytes
+                (default `DEFAULT_MAX_PAYLOAD`, 64 MiB).
+            max_fds: The most fds one message may carry (default
+                `DEFAULT_MAX_FDS`, 1024).
+
+        Raises:
+            ValueError: *sock* is not a stream socket, a limit is negative,
+                or the transport cannot use *sock* (the socket then stays
+                the caller's).
         """
         transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        _live.add(self)
         timeout = sock.gettimeout()
         self._timeout: float | None = None
         self.settimeout(timeout)
@@ -92,7 +109,19 @@ class Channel(ChannelCore):
     def pair(cls, *, transport: Transport | None = None, **kwargs: Any) -> tuple[Channel, Channel]:
         """Return two connected channels over a new AF_UNIX socketpair.
 
-        Both sockets are non-inheritable.  Keyword arguments go to both ends.
+        Both sockets are non-inheritable.  After `os.fork`, each process
+        keeps one end and calls `close_other` on it.
+
+        Args:
+            transport: The transport of both ends (default:
+                `default_transport()`).
+            **kwargs: Go to both constructors (``max_payload``, ``max_fds``).
+
+        Returns:
+            The two ends, each owned by the caller.
+
+        Raises:
+            OSError: The socketpair could not be created (``EMFILE``, ...).
         """
         ends = cls._pair(transport, kwargs)
         # Each end can close its partner after a fork (close_other); weak, so
@@ -104,63 +133,65 @@ class Channel(ChannelCore):
     def from_environ(cls, **kwargs: Any) -> Channel:
         """Return the channel end `fdchannel.spawn` gave this process.
 
-        Wraps the fd named by ``FDCHANNEL_FD`` (keyword arguments go to the
-        constructor); the channel owns it and the variable is removed from
-        `os.environ`.  Raises `FdChannelError` naming the variable when it is
-        missing, not a number, or not a connected AF_UNIX stream socket (the
-        fd is then left open and the variable set).
+        Wraps the fd named by ``FDCHANNEL_FD``; the channel owns it and the
+        variable is removed from `os.environ`.
+
+        Args:
+            **kwargs: Go to the constructor.
+
+        Returns:
+            The channel to the parent, owned by the caller.
+
+        Raises:
+            FdChannelError: ``FDCHANNEL_FD`` is missing, not a number, or
+                not a connected AF_UNIX stream socket (the message names the
+                variable; the fd is then left open and the variable set).
         """
         return _handoff.channel_from_environ(cls, True, kwargs)
 
     @classmethod
     def connect(
-        cls, path: str | bytes | os.PathLike[Any], *, timeout: float | None = None, **kwargs: Any
+        cls,
+        path: str | bytes | os.PathLike[Any],
+        *,
+        timeout: float | None = None,
+        expect_uid: int | Collection[int] | None = None,
+        **kwargs: Any,
     ) -> Channel:
-        """Connect to a `Listener` at *path* (``"\\0name"`` for an abstract name).
+        """Connect to a `Listener` at *path*.
 
-        *timeout* bounds the connect and stays the channel's timeout, as with
-        `socket.create_connection`; other keyword arguments go to the
-        constructor.  The new channel is the caller's.  Raises `OSError`
-        (`FileNotFoundError`, `ConnectionRefusedError`, `TimeoutError`, ...)
-        with nothing left open.
+        Args:
+            path: The listener's filesystem path, or ``"\\0name"`` for a
+                Linux abstract name.
+            timeout: Bounds the connect and stays the channel's timeout, as
+                with `socket.create_connection` (``None``: block).
+            expect_uid: A uid (or several) the server must run as, checked
+                from the kernel's peer credentials before anything is sent:
+                anyone may bind an abstract name first, so a client that
+                sends fds to one should say whom it expects.  ``None``
+                checks nothing.
+            **kwargs: Go to the constructor.
+
+        Returns:
+            The new channel, owned by the caller.
+
+        Raises:
+            OSError: From the connect (`FileNotFoundError` naming the path,
+                `ConnectionRefusedError`, `TimeoutError`, ...), with
+                nothing left open.
+            PermissionError: The server is not one of *expect_uid*; nothing
+                was sent.
         """
-        sock = _peer.connect_unix(path, timeout)
+        sock = _peer.connect_unix(path, timeout, expect_uid)
         try:
             return cls(sock, **kwargs)
         except BaseException:
             sock.close()
             raise
 
-    def peer_credentials(self) -> _peer.PeerCredentials:
-        """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
-
-        For the ends of `pair` this is the process that created the pair.
-        Raises `OSError` from the kernel.
-        """
-        return _peer.peer_credentials(self._sock)
-
-    def close_other(self) -> None:
-        """After `os.fork`, close the other end of this `pair` in this process.
-
-        Call it on the end each process keeps.  The other end's pending
-        output is dropped unsent (it belongs to the process that keeps that
-        end).  A no-op if the other end is already closed, and in a
-        `multiprocessing` child that got this end through ``spawn`` or
-        ``forkserver`` (the other end never reached it), so a target can
-        call it under any start method; `ValueError` for a channel that does
-        not come from `pair`.
-        """
-        ref = self._other_end
-        if ref is None:
-            raise ValueError("close_other() works on the ends returned by Channel.pair() only")
-        other = ref()
-        if other is None or other.closed:
-            return
-        # Whatever the other end had queued belongs to the process that keeps
-        # it: this copy drops it unsent, or the peer would receive it twice.
-        with other._send_lock:
-            other._outbox.discard()
-        other.close()
+    def _discard_output(self) -> None:
+        with self._send_lock:
+            self._outbox.discard()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # multiprocessing.Process(args=(channel,)) under spawn/forkserver
@@ -170,11 +201,25 @@ class Channel(ChannelCore):
     # -- socket-like surface ----------------------------------------------
 
     def gettimeout(self) -> float | None:
-        """``None`` when blocking, ``0.0`` when non-blocking, else the timeout."""
+        """The channel's timeout, as `socket.socket.gettimeout`.
+
+        Returns:
+            ``None`` when blocking, ``0.0`` when non-blocking, else the
+                timeout in seconds.
+        """
         return self._timeout
 
     def settimeout(self, timeout: float | None) -> None:
-        """Set the timeout of each `send`, `recv` and `flush` call, as `socket.settimeout`."""
+        """Set the timeout of each `send`, `recv` and `flush` call, as `socket.socket.settimeout`.
+
+        Args:
+            timeout: ``None`` blocks, ``0.0`` never waits (the calls raise
+                `BlockingIOError`), a positive number of seconds bounds each
+                whole call (`TimeoutError`).
+
+        Raises:
+            ValueError: *timeout* is negative.
+        """
         if timeout is not None:
             timeout = float(timeout)
             if timeout < 0:
@@ -187,40 +232,79 @@ class Channel(ChannelCore):
         self._sock.setblocking(timeout is None and bool(self._dontwait))
 
     def setblocking(self, flag: bool) -> None:
-        """``setblocking(True)`` is ``settimeout(None)``, ``False`` is ``settimeout(0.0)``."""
+        """Make the channel blocking or non-blocking, as `socket.socket.setblocking`.
+
+        Args:
+            flag: ``True`` is ``settimeout(None)``, ``False`` is
+                ``settimeout(0.0)``.
+        """
         self.settimeout(None if flag else 0.0)
 
     # -- sending ------------------------------------------------------------
 
-    def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
+    def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901 - compiled path first, then the Python one inline
         """Send one message: *payload* and *fds*, delivered together.
 
-        *fds* are ints or objects with ``fileno()`` (files, sockets,
-        `OwnedFd`); they stay the caller's.  Raises `ValueError` before
-        writing anything when the message exceeds ``max_payload``/``max_fds``
-        or names an impossible fd number (negative, a closed file object) or
-        the channel's own socket, `BufferError` for a payload that is not
-        contiguous, `OSError` (``EBADF``) for a number that is not an open
-        fd, also before writing anything; `BlockingIOError`/`TimeoutError`
-        with ``characters_written`` as described on the class; other
-        `OSError` (such as `BrokenPipeError`) from the kernel;
-        `ProtocolError` if an earlier error left the channel unusable
-        (`ChannelBroken` when this end broke it).
+        The receiver gets duplicates of the same open files: they share the
+        file offset and status flags with the caller's (see
+        [what a sent fd shares][what-a-sent-fd-shares]).
+
+        Args:
+            payload: The message's bytes (any contiguous bytes-like object).
+            fds: Ints or objects with ``fileno()`` (files, sockets,
+                `OwnedFd`); they stay the caller's, who may close them as
+                soon as the call returns or raises.
+
+        Raises:
+            ValueError: Before writing anything: the message exceeds
+                ``max_payload``/``max_fds``, or names an impossible fd
+                number (negative, a closed file object) or the channel's own
+                socket; also for a call on a closed channel.
+            BufferError: The payload is not contiguous.
+            OSError: ``EBADF`` before writing anything for a number that is
+                not an open fd; otherwise from the kernel (such as
+                `BrokenPipeError`).
+            BlockingIOError: Non-blocking and the socket is full;
+                ``characters_written`` says what happened to the message (as
+                described on the class).
+            TimeoutError: The timeout expired; ``characters_written`` as for
+                `BlockingIOError`.
+            ProtocolError: An earlier error left the channel unusable
+                (`ChannelBroken` when this end broke it).
         """
         fast = self._fast
-        if fast is not None and fast.send(self, payload, fds):
+        if fast is not None and self._send_fast(fast, payload, fds):
             return  # the compiled path sent it all (fdchannel._fastpath)
+        if self._share_above is not None:
+            payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
+        done = False
         try:
             with self._send_lock:
-                if self._closed or self._broken is not None:
-                    self._check_usable()
-                if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
-                    sent = self._send_whole(payload, nums, size)
-                    if sent is not None:
-                        self._push(self._deadline(), sent)
-                    return
-                self._send_queued(payload, nums, size)
+                if self._closed or self._broken is not None or self._suspect or self._unclaimed:
+                    self._check_leftovers(False)
+                    self._claim()
+                self._suspect = True
+                try:
+                    if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
+                        sent = self._send_whole(payload, nums, size)
+                        if sent is not None:
+                            self._push(self._deadline(), sent)
+                    else:
+                        self._send_queued(payload, nums, size)
+                except BaseException as exc:
+                    self._send_interrupted(exc)
+                    raise
+                self._suspect = False
+                done = True
+        except BaseException as exc:
+            if done:
+                # A signal handler's error as the lock was released: the
+                # message had left whole.
+                set_written(exc, HEADER_SIZE + size)
+            elif isinstance(exc, OSError | ChannelClosed):
+                self._closed_meanwhile(exc)
+            raise
         finally:
             # close() in another thread skips what a busy lock guards, and it
             # sets the flag before trying the locks: one of the two always
@@ -228,38 +312,77 @@ class Channel(ChannelCore):
             if self._closed:
                 self._drop_held()
 
-    def send_many(self, messages: Iterable[tuple[Buffer, Iterable[int | Any]]]) -> None:
+    def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:
         """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
 
         Each message arrives as if sent by `send` (the receiver calls
         `recv` once per message); on the default transport consecutive
         messages share one ``sendmsg`` while their fds total at most 253.
-        Every message is checked first: a bad one raises as `send` would
-        (`ValueError`, `TypeError`, `BufferError`) before anything is
-        written.  Messages from other threads never come between these.
-        The fds stay the caller's.
+        Messages from other threads never come between these.  A payload
+        sent as sealed shared memory (a `SealedMemory`, or one above
+        `fdchannel.shm.share_above`'s threshold) goes in a write of its own,
+        in order.  Needs a peer of this version or later when fds are
+        batched (an older one refuses the frames with `ProtocolError`).
 
-        When the call stops part way (`BlockingIOError`, `TimeoutError`, a
-        kernel error), the exception's ``messages_taken`` counts the
-        messages taken, in order (sent, or pending for `flush` when
-        ``characters_written`` is more than 0); send the rest again.
-        Needs a peer of this version or later when fds are batched (an
-        older one refuses the frames with `ProtocolError`).
+        Args:
+            messages: ``(payload, fds)`` pairs, each as `send` takes them;
+                the fds stay the caller's.
+
+        Raises:
+            ValueError: Before writing anything, for a message `send` would
+                refuse (every message is checked first); also for a call on
+                a closed channel.
+            TypeError: A payload or fds of the wrong type, before writing
+                anything.
+            BufferError: A payload that is not contiguous, likewise.
+            BlockingIOError: The call stopped part way (also `TimeoutError`
+                and the kernel's `OSError`): the exception's
+                ``messages_taken`` counts the messages taken, in order
+                (sent, or pending for `flush` when ``characters_written``
+                is more than 0); send the rest again.
         """
         prepared = _batch.prepare(self, messages)
+        done = False
         try:
             with self._send_lock:
-                if self._closed or self._broken is not None:
-                    self._check_usable()
-                if self._simple and not self._outbox.pending:
-                    _batch.send_groups(self, prepared, self._deadline())
-                else:
-                    _batch.send_each(self, prepared)
+                if self._closed or self._broken is not None or self._suspect or self._unclaimed:
+                    self._check_leftovers(False)
+                    self._claim()
+                self._suspect = True
+                try:
+                    if self._simple and not self._outbox.pending:
+                        _batch.send_groups(self, prepared, self._deadline())
+                    else:
+                        _batch.send_each(self, prepared)
+                except BaseException as exc:
+                    self._send_interrupted(exc)
+                    raise
+                self._suspect = False
+                done = True
+        except BaseException as exc:
+            if done:
+                # A signal handler's error as the lock was released: all had left.
+                exc.messages_taken = len(prepared)  # type: ignore[attr-defined]
+            elif isinstance(exc, OSError | ChannelClosed):
+                _batch.closed_meanwhile(self, exc)
+            raise
         finally:
             if self._closed:
                 self._drop_held()
 
-    def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
+    def _send_fast(self, fast: Any, payload: Buffer | SealedMemory, fds: Iterable[int | Any]) -> bool:
+        """The compiled send (`fdchannel._fastpath`): True if it sent the message, False if not."""
+        try:
+            sent: bool = fast.send(self, payload, fds)
+        except BaseException as exc:
+            if fast.sent_whole >= 0:
+                # A signal handler's error as the call returned: the message
+                # had left whole.
+                set_written(exc, fast.sent_whole)
+            raise
+        return sent
+
+    def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
         deadline = self._deadline()
         try:
@@ -292,9 +415,15 @@ class Channel(ChannelCore):
     def flush(self) -> None:
         """Send what a non-blocking or timed-out `send` left pending.
 
-        Returns when nothing is pending; raises `BlockingIOError` or
-        `TimeoutError` (``characters_written`` = bytes written by this call)
-        if the socket fills up first.
+        Returns when nothing is pending (at once if nothing was).
+
+        Raises:
+            BlockingIOError: Non-blocking and the socket filled up first
+                (``characters_written`` is the bytes written by this call).
+            TimeoutError: The timeout expired first (``characters_written``
+                as for `BlockingIOError`).
+            OSError: From the kernel.
+            ProtocolError: An earlier error left the channel unusable.
         """
         with self._send_lock:
             self._check_usable()
@@ -319,6 +448,9 @@ class Channel(ChannelCore):
                     return
                 self._wait(True, deadline)
         except (BlockingIOError, TimeoutError) as exc:
+            if raised_in_signal_handler(exc):
+                self._push_failed(exc, before, written)
+                raise
             self._push_paused(exc, before, written)
             raise
         except BaseException as exc:
@@ -326,6 +458,36 @@ class Channel(ChannelCore):
             raise
 
     # -- the locks, for the core ----------------------------------------------
+
+    def _claim(self) -> None:
+        """First use in a forked child: refuse an end another child already uses (`ValueError`)."""
+        if self._unclaimed:
+            _handoff.claim_forked_end(self)
+            self._unclaimed = False
+
+    def _after_fork(self) -> None:
+        """In a child just forked: free the locks that threads of the parent held.
+
+        Those threads do not exist here, so nothing would ever release them.
+        Their call was in the middle of the stream (a frame half written, a
+        message half read) that the parent goes on with: in the child the
+        channel is then unusable and says so, and `close` works at once.
+        """
+        self._unclaimed = not self._closed
+        busy = []
+        if self._send_lock.locked():
+            self._send_lock = threading.Lock()
+            busy.append("send()")
+        if self._recv_lock.locked():
+            self._recv_lock = threading.Lock()
+            busy.append("recv()")
+        if busy and not self._closed:
+            self._break(
+                ChannelBroken(
+                    f"this process was forked while another thread was inside {' and '.join(busy)}: "
+                    "the stream is the parent's mid-call, so this copy can only be closed"
+                )
+            )
 
     def _claim_send(self) -> bool:
         return self._send_lock.acquire(blocking=False)
@@ -344,42 +506,78 @@ class Channel(ChannelCore):
     def recv(self) -> Message:
         """Receive one whole message; its fds are now the caller's.
 
-        Raises `ChannelClosed` when the peer closed between messages,
-        `ProtocolError` for anything malformed (after which the channel is
-        unusable), `BlockingIOError`/`TimeoutError` when no whole message
-        arrived in time (what did arrive stays buffered for the next call).
+        Returns:
+            The message; each of its fds is an `OwnedFd` (non-inheritable)
+                that the caller owns.  ``with msg:`` closes those not taken.
+
+        Raises:
+            ChannelClosed: The peer closed the channel between messages.
+            ProtocolError: Anything malformed (`LimitExceeded`,
+                `TruncatedControlData`, ...); the channel is unusable after.
+            BlockingIOError: Non-blocking and no whole message has arrived
+                (what did arrive stays buffered for the next call).
+            TimeoutError: No whole message arrived within the timeout
+                (likewise nothing is lost).
+            OSError: From the kernel, with its errno.
+            ValueError: The channel is closed.
         """
         fast = self._fast
         if fast is not None:
-            msg: Message | None = fast.recv(self)
+            try:
+                msg: Message | None = fast.recv(self)
+            except BaseException as exc:
+                lost = fast.delivered
+                if lost is not None:
+                    # A signal handler's error as the call returned the message.
+                    fast.delivered = None
+                    self._recv_lost(exc, lost)
+                raise
             if msg is not None:
+                fast.delivered = None
                 return msg  # one read, one message, in C (fdchannel._fastpath)
         return self._recv(None)
 
     def recv_into(self, buffer: Buffer) -> tuple[int, tuple[OwnedFd, ...]]:
         """Receive one whole message with its payload written into *buffer*.
 
-        Returns ``(nbytes, fds)``: the payload is ``buffer[:nbytes]`` and
-        *fds* are the message's `OwnedFd` objects, now the caller's.  A large
-        payload is read by the kernel straight into *buffer*: no buffer is
-        allocated and nothing is copied per message.  *buffer* is free for
-        reuse as soon as the call returns or raises.
+        A large payload is read by the kernel straight into *buffer*: no
+        buffer is allocated and nothing is copied per message.  *buffer* is
+        free for reuse as soon as the call returns or raises.  A payload that
+        came as sealed shared memory is copied in, and the memory let go.
 
-        Raises `TypeError` for a read-only buffer, `BufferError` for one that
-        is not contiguous, `BufferTooShort` (a `ValueError`) when the payload
-        does not fit (the whole message is on the exception, nothing is
-        lost), and whatever `recv` raises, with the same meaning.
+        Args:
+            buffer: A writable, contiguous buffer.
+
+        Returns:
+            ``(nbytes, fds)``: the payload is ``buffer[:nbytes]`` and *fds*
+                are the message's `OwnedFd` objects, now the caller's.
+
+        Raises:
+            TypeError: A read-only buffer.
+            BufferError: A buffer that is not contiguous.
+            BufferTooShort: The payload does not fit (a `ValueError`): the
+                whole message is on the exception, nothing is lost.
+            ChannelClosed: As for `recv`, and every other error of `recv`,
+                with the same meaning.
         """
         view = _into.writable_bytes(buffer)
         msg = self._recv(view)
         return _into.place(msg, view)
 
-    def _recv(self, into: memoryview | None) -> Message:  # noqa: C901 - one loop for recv and recv_into
+    def _recv(self, into: memoryview | None) -> Message:  # noqa: C901, PLR0912 - one loop for recv and recv_into
         """`recv`, and `recv_into` when *into* is its buffer."""
+        msg: Message | None = None
         try:
             with self._recv_lock:
-                if self._closed or self._broken is not None:
-                    self._check_usable()
+                if (
+                    self._closed
+                    or self._broken is not None
+                    or self._delivering
+                    or self._decoder.landed
+                    or self._unclaimed
+                ):
+                    self._check_leftovers(True)
+                    self._claim()
                 decoder = self._decoder
                 deadline = None
                 _into.offer(decoder, into)
@@ -388,16 +586,20 @@ class Channel(ChannelCore):
                         if decoder.frames or decoder.error is not None or decoder.eof:
                             msg = self._next_message()
                             if msg is not None:
+                                self._delivering = False
                                 return msg
                         try:
                             # Blocking (no timeout): the read itself waits.
                             msg = self._read(0)
-                        except BlockingIOError:
+                        except BlockingIOError as exc:
+                            if raised_in_signal_handler(exc):
+                                raise
                             if deadline is None and self._timeout:
                                 deadline = time.monotonic() + self._timeout
                             self._wait(False, deadline)
                             continue
                         if msg is not None:
+                            self._delivering = False
                             return msg
                 except BaseException as exc:
                     self._recv_stopped(exc)
@@ -405,6 +607,10 @@ class Channel(ChannelCore):
                 finally:
                     if into is not None:
                         decoder.set_into(None)
+        except BaseException as exc:
+            if msg is not None:
+                self._recv_lost(exc, msg)
+            raise
         finally:
             # close() in another thread skips what a busy lock guards, and it
             # sets the flag before trying the locks: one of the two always
@@ -413,12 +619,39 @@ class Channel(ChannelCore):
                 self._drop_held()
 
     def __iter__(self) -> Iterator[Message]:
-        """Yield messages until the peer closes the channel."""
+        """Yield messages until the peer closes the channel.
+
+        Yields:
+            Each message, as `recv` returns it; `ChannelClosed` ends the
+                loop, and any other error of `recv` propagates.
+        """
         while True:
             try:
                 yield self.recv()
             except ChannelClosed:
                 return
+
+    def _recv_stopped(self, exc: BaseException) -> None:
+        super()._recv_stopped(exc)
+        if isinstance(exc, OSError | ChannelClosed):
+            self._closed_meanwhile(exc)
+
+    def _closed_meanwhile(self, exc: BaseException) -> None:
+        """Raise `ValueError` instead of *exc* if `close` in another thread cut the call short."""
+        if self._closed:
+            raise ValueError(f"{self._kind} closed by another thread during the call") from exc
+
+    def _wake_waiters(self) -> None:
+        # A thread blocked in poll() or in the kernel's recvmsg/sendmsg on
+        # this socket is not woken by close(): shutting the socket down wakes
+        # it (the call then raises ValueError).  Only when a call is in
+        # progress here, since shutdown() also ends the socket for any other
+        # process holding a copy.
+        if self._recv_lock.locked() or self._send_lock.locked():
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # -- waiting -------------------------------------------------------------
 
@@ -448,9 +681,10 @@ class Channel(ChannelCore):
 
         Pending outgoing data is sent if the socket takes it without waiting,
         otherwise dropped.  Messages received but not yet returned by `recv`
-        are closed with their fds.  A thread blocked in `send` or `recv`
-        keeps what its call holds and drops it when the call returns (the
-        kernel does not wake it when the socket is closed).
+        are closed with their fds.  A thread blocked in `send` or `recv` is
+        woken (the socket is shut down first when a call is in progress:
+        closing an fd wakes no thread blocked on it) and its call raises
+        `ValueError`; what the call held is dropped.
         """
         super().close()
 
@@ -459,3 +693,16 @@ class Channel(ChannelCore):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+#: Every open Channel of this process, for `_after_fork_in_child`.
+_live: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for channel in list(_live):
+        channel._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

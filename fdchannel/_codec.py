@@ -13,8 +13,8 @@ Wire format (all integers little-endian; docs/wire-format.md has the rest)::
          0    4  magic  b"FDCH"
          4    1  version (1)
          5    1  transport id (0 = UnixRights, 1 = PidfdGetfd, 2 = WinDuplicate)
-         6    2  flags (bit 0: transport control frame; bit 1: group, see below;
-                       others must be 0)
+         6    2  flags (bit 0: transport control frame; bit 1: sealed shared-memory
+                     payload; bit 2: group, see below; others must be 0)
          8    4  fd count
         12    4  aux length   (transport data: fd references, padding)
         16    8  payload length
@@ -39,9 +39,11 @@ from ._errors import LimitExceeded, ProtocolError
 __all__ = [
     "FLAG_CONTROL",
     "FLAG_GROUP",
+    "FLAG_SHARED",
     "HEADER_SIZE",
     "MAGIC",
     "SCM_MAX_FD",
+    "SHARED_DESCRIPTOR",
     "VERSION",
     "Decoder",
     "Frame",
@@ -53,10 +55,14 @@ __all__ = [
 MAGIC: Final = b"FDCH"
 VERSION: Final = 1
 FLAG_CONTROL: Final = 1
+#: A data frame whose payload is in its last fd, a sealed memfd: the frame's
+#: own payload is only `SHARED_DESCRIPTOR` (the memfd's size).
+FLAG_SHARED: Final = 2
+SHARED_DESCRIPTOR: Final = struct.Struct("<Q")
 #: Set on each frame of a group but the last: the fds that arrived with this
 #: frame's bytes beyond its own are the next frames', in order (`send_many`).
 #: An older receiver refuses it ("unknown frame flags"): it cannot misread it.
-FLAG_GROUP: Final = 2
+FLAG_GROUP: Final = 4
 _HEADER = struct.Struct("<4sBBHIIQ")
 HEADER_SIZE: Final = _HEADER.size
 _pack = _HEADER.pack
@@ -80,14 +86,17 @@ INLINE_LIMIT: Final = 64 * 1024
 MAX_CONTROL_PAYLOAD: Final = 64 * 1024
 
 
-def pack_header(wire_id: int, nfds: int, aux_len: int, payload_len: int, *, control: bool = False) -> bytes:
+def pack_header(
+    wire_id: int, nfds: int, aux_len: int, payload_len: int, *, control: bool = False, flags: int = 0
+) -> bytes:
     """Return the 24-byte header of one frame."""
-    return _pack(MAGIC, VERSION, wire_id, FLAG_CONTROL if control else 0, nfds, aux_len, payload_len)
+    flags |= FLAG_CONTROL if control else 0
+    return _pack(MAGIC, VERSION, wire_id, flags, nfds, aux_len, payload_len)
 
 
-def header_tag(wire_id: int) -> int:
-    """The header's first 8 bytes (magic, version, transport, no flags) as one number."""
-    tag: int = _FAST.unpack(_pack(MAGIC, VERSION, wire_id, 0, 0, 0, 0))[0]
+def header_tag(wire_id: int, flags: int = 0) -> int:
+    """The header's first 8 bytes (magic, version, transport, *flags*) as one number."""
+    tag: int = _FAST.unpack(_pack(MAGIC, VERSION, wire_id, flags, 0, 0, 0))[0]
     return tag
 
 
@@ -98,7 +107,7 @@ class Frame:
     whoever takes the frame from `Decoder.next_frame` owns them.
     """
 
-    __slots__ = ("aux", "control", "fds", "nfds", "payload", "start")
+    __slots__ = ("aux", "control", "fds", "nfds", "payload", "shared", "start")
 
     def __init__(
         self,
@@ -108,8 +117,11 @@ class Frame:
         payload: bytes | bytearray | memoryview,
         fds: list[int],
         start: int = 0,
+        shared: bool = False,
     ) -> None:
         self.control = control
+        #: `FLAG_SHARED`: the payload is the last fd's sealed memfd.
+        self.shared = shared
         self.nfds = nfds
         self.aux = aux
         self.payload = payload
@@ -124,31 +136,68 @@ class Frame:
         )
 
 
-class _Big:
-    """A frame too large for the shared buffer, being read into its own buffers."""
+#: What a large frame's payload buffer may hold beyond the bytes that
+#: arrived: it starts at this size and grows as the bytes come (to twice
+#: what arrived, at least by this much), so a peer that declares a large
+#: payload and then drips costs this, not the size it declared.
+GROW_AHEAD: Final = 256 * 1024
 
-    __slots__ = ("aux", "aux_fill", "control", "end", "group", "nfds", "payload", "payload_fill", "start")
+
+class _Big:
+    """A frame too large for the shared buffer, being read into its own buffers.
+
+    The payload buffer grows as its bytes arrive (see `GROW_AHEAD`), unless
+    it is a caller's (``recv_into``), which has room for all of it.
+    """
+
+    __slots__ = (
+        "aux",
+        "aux_fill",
+        "control",
+        "end",
+        "flags",
+        "nfds",
+        "payload",
+        "payload_fill",
+        "payload_len",
+        "start",
+    )
 
     def __init__(
         self,
-        control: bool,
+        flags: int,
         nfds: int,
         aux_len: int,
         payload_len: int,
         start: int,
         into: memoryview | None = None,
-        group: bool = False,
     ) -> None:
-        self.control = control
-        self.group = group
+        self.flags = flags
+        self.control = bool(flags & FLAG_CONTROL)
         self.nfds = nfds
         self.aux = bytearray(aux_len)
-        # The payload's final buffer: a caller's (recv_into), or its own.
-        self.payload: bytearray | memoryview = bytearray(payload_len) if into is None else into[:payload_len]
+        self.payload_len = payload_len
+        # The payload's buffer: a caller's (recv_into), or its own.
+        self.payload: bytearray | memoryview = (
+            bytearray(min(payload_len, GROW_AHEAD)) if into is None else into[:payload_len]
+        )
         self.aux_fill = 0
         self.payload_fill = 0
         self.start = start
         self.end = start + HEADER_SIZE + aux_len + payload_len
+
+    def _grow(self, fill: int) -> None:
+        """Make room past *fill* bytes: twice *fill*, `GROW_AHEAD` more at least, at most as declared."""
+        have = len(self.payload)
+        want = min(self.payload_len, max(2 * fill, fill + GROW_AHEAD))
+        if want <= have or isinstance(self.payload, memoryview):  # a caller's (recv_into) fits it all
+            return
+        try:
+            self.payload.extend(bytes(want - have))
+        except BufferError:  # a view of it is still alive somewhere: grow a copy
+            grown = bytearray(want)
+            grown[:have] = self.payload
+            self.payload = grown
 
     def feed(self, data: memoryview) -> None:
         """Copy already-buffered bytes of this frame in (only on entering this state)."""
@@ -156,12 +205,17 @@ class _Big:
         self.aux[self.aux_fill : self.aux_fill + take] = data[:take]
         self.aux_fill += take
         rest = data[take:]
-        self.payload[self.payload_fill : self.payload_fill + len(rest)] = rest
+        fill = self.payload_fill
+        if fill + len(rest) > len(self.payload):
+            self._grow(fill + len(rest))
+        self.payload[fill : fill + len(rest)] = rest
         self.payload_fill += len(rest)
 
     def space(self) -> memoryview:
         if self.aux_fill < len(self.aux):
             return memoryview(self.aux)[self.aux_fill :]
+        if self.payload_fill == len(self.payload):
+            self._grow(self.payload_fill)
         return memoryview(self.payload)[self.payload_fill :]
 
     def advance(self, n: int) -> None:
@@ -172,7 +226,7 @@ class _Big:
 
     @property
     def complete(self) -> bool:
-        return self.payload_fill == len(self.payload) and self.aux_fill == len(self.aux)
+        return self.payload_fill == self.payload_len and self.aux_fill == len(self.aux)
 
 
 class Decoder:
@@ -231,11 +285,21 @@ class Decoder:
         #: Complete frames in stream order; take them with `next_frame` (or
         #: ``popleft()``: a channel's hot path reads the queue directly).
         self.frames: deque[Frame] = deque()
+        # The stream offset of the earliest control frame queued since the
+        # last `take_control_frames`, or None: that call then looks only at
+        # the frames from there on, so a peer streaming data frames that
+        # nobody receives yet does not make every call scan the whole queue.
+        self._control_from: int | None = None
         #: The protocol error met, if any (a plain attribute: recv() checks
         #: it on every call).
         self.error: ProtocolError | None = None
         #: True once `receive_eof` was called.
         self.eof = False
+        #: What the I/O layer's reads left between the system call and this
+        #: decoder (raw results, then lists of fd numbers): fds listed here
+        #: are owned here until the channel clears the list.  A signal
+        #: handler's error raised right after a read returned finds them.
+        self.landed: list[Any] = []
 
     # -- reading side ---------------------------------------------------
 
@@ -321,6 +385,7 @@ class Decoder:
                 self._check_held()
         except ProtocolError as exc:
             self.error = exc
+            self._big = None  # a frame that will never complete: its buffer goes now
 
     def _check_held(self) -> None:
         """Refuse more buffered fds than the frame in progress may carry.
@@ -336,7 +401,7 @@ class Decoder:
         if not self._in_band:
             allowed = 0
         elif self._big is not None:
-            allowed = self._big.nfds + (SCM_MAX_FD if self._big.group else ahead)
+            allowed = self._big.nfds + (SCM_MAX_FD if self._big.flags & FLAG_GROUP else ahead)
         elif self._end - self._start >= HEADER_SIZE:
             tag, nfds = _fast_unpack_from(self._buf, self._start)[:2]  # validated by _parse
             allowed = nfds + (SCM_MAX_FD if (tag >> 48) & FLAG_GROUP else ahead)
@@ -362,6 +427,7 @@ class Decoder:
             return
         if self._big is not None or self._end > self._start:
             self.error = ProtocolError("peer closed the stream in the middle of a message")
+            self._big = None  # it will never complete: its buffer goes now
         elif self._fds:
             self.error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
 
@@ -424,13 +490,39 @@ class Decoder:
         self.frames.append(Frame(False, len(fds), b"", payload, list(fds), start))
 
     def take_control_frames(self) -> list[Frame]:
-        """Remove and return the queued control frames, leaving data frames queued."""
-        control = [f for f in self.frames if f.control]
-        if control:
-            data = [f for f in self.frames if not f.control]
-            self.frames.clear()
-            self.frames.extend(data)
+        """Remove and return the queued control frames, leaving data frames queued.
+
+        Costs the frames queued since the first control frame that arrived
+        after the previous call, not the whole queue.
+        """
+        since = self._control_from
+        if since is None:
+            return []
+        self._control_from = None
+        frames = self.frames
+        tail: list[Frame] = []
+        while frames and frames[-1].start >= since:
+            tail.append(frames.pop())
+        tail.reverse()
+        control = [f for f in tail if f.control]
+        frames.extend(f for f in tail if not f.control)
         return control
+
+    def release(self) -> None:
+        """Drop every buffer (a closed channel reads no more); the fds must have been taken first."""
+        self._big = None
+        self.frames.clear()
+        self.error = None  # its traceback's frames may hold the channel that owns this decoder
+        self._buf = bytearray()
+        self._mv = memoryview(self._buf)
+        self._start = self._end = 0
+
+    def fd_lists(self) -> list[list[int]]:
+        """The lists that hold this decoder's fds (buffered and in queued frames), left in place.
+
+        For a caller that must move them out one by one (`fdchannel._ownedfd.adopt_all`).
+        """
+        return [batch[0] for batch in self._fds] + [frame.fds for frame in self.frames]
 
     def take_fds(self) -> list[int]:
         """Give up and return every fd still held (buffered and in queued frames)."""
@@ -440,11 +532,12 @@ class Decoder:
             out.extend(frame.fds)
             frame.fds = []
         self.frames.clear()
+        self._control_from = None
         return out
 
     # -- parsing ----------------------------------------------------------
 
-    def _parse(self) -> None:
+    def _parse(self) -> None:  # noqa: C901, PLR0912 - the hot path, inline
         buf = self._buf
         start, end = self._start, self._end
         try:
@@ -465,20 +558,12 @@ class Decoder:
                 total = HEADER_SIZE + aux_len + payload_len
                 frame_start = self._received - (end - start)
                 into = self._into
-                if into is not None and not flags & FLAG_CONTROL and payload_len <= len(into):
+                if into is not None and not flags & (FLAG_CONTROL | FLAG_SHARED) and payload_len <= len(into):
                     self._into = None  # one frame only: the next one recv_into returns
                 else:
                     into = None
                 if total > INLINE_LIMIT:
-                    big = _Big(
-                        bool(flags & FLAG_CONTROL),
-                        nfds,
-                        aux_len,
-                        payload_len,
-                        frame_start,
-                        into,
-                        bool(flags & FLAG_GROUP),
-                    )
+                    big = _Big(flags, nfds, aux_len, payload_len, frame_start, into)
                     stop = min(end, start + total)
                     big.feed(self._mv[start + HEADER_SIZE : stop])
                     start = stop
@@ -501,7 +586,19 @@ class Decoder:
                     if nfds or self._fds
                     else []
                 )
-                self.frames.append(Frame(bool(flags & FLAG_CONTROL), nfds, aux, payload, fds, frame_start))
+                self.frames.append(
+                    Frame(
+                        flags & FLAG_CONTROL != 0,
+                        nfds,
+                        aux,
+                        payload,
+                        fds,
+                        frame_start,
+                        flags & FLAG_SHARED != 0,
+                    )
+                )
+                if flags & FLAG_CONTROL and self._control_from is None:
+                    self._control_from = frame_start
                 start += total
         finally:
             if start == end:
@@ -510,8 +607,20 @@ class Decoder:
 
     def _finish_big(self, big: _Big) -> None:
         self._big = None
-        fds = self._take_inband(big.nfds, big.start, big.end, big.group)
-        self.frames.append(Frame(big.control, big.nfds, bytes(big.aux), big.payload, fds, big.start))
+        fds = self._take_inband(big.nfds, big.start, big.end, big.flags & FLAG_GROUP)
+        self.frames.append(
+            Frame(
+                big.control,
+                big.nfds,
+                bytes(big.aux),
+                big.payload,
+                fds,
+                big.start,
+                bool(big.flags & FLAG_SHARED),
+            )
+        )
+        if big.control and self._control_from is None:
+            self._control_from = big.start
 
     def _check_header(
         self, magic: bytes, version: int, wire_id: int, flags: int, nfds: int, aux_len: int, payload_len: int
@@ -525,12 +634,10 @@ class Decoder:
                 f"peer uses transport id {wire_id}, this channel uses {self._transport_name} "
                 f"(id {self._wire_id}): both ends must use the same transport"
             )
-        if flags & ~(FLAG_CONTROL | FLAG_GROUP):
-            raise ProtocolError(f"unknown frame flags {flags:#x}")
-        if flags & FLAG_CONTROL:
-            if nfds or payload_len > MAX_CONTROL_PAYLOAD or flags & FLAG_GROUP:
-                raise ProtocolError("malformed control frame")
-            return
+        if flags:
+            _check_flags(flags, nfds, payload_len)
+            if flags & FLAG_CONTROL:
+                return
         if payload_len > self._max_payload:
             raise LimitExceeded(
                 f"peer declared a {payload_len}-byte payload; max_payload is {self._max_payload}"
@@ -608,3 +715,27 @@ class Decoder:
                 queue.appendleft([taken, start, start + 1])
             raise
         return taken
+
+
+def _check_flags(flags: int, nfds: int, payload_len: int) -> None:
+    """Refuse unknown flags and frames whose flags do not fit their contents.
+
+    A control frame carries no fds and at most `MAX_CONTROL_PAYLOAD`, and
+    is never part of a group (`FLAG_GROUP`); a `FLAG_SHARED` frame carries
+    the memfd as its last fd and its size as the payload, and is not part
+    of a group either.
+    """
+    if flags & ~(FLAG_CONTROL | FLAG_SHARED | FLAG_GROUP):
+        raise ProtocolError(f"unknown frame flags {flags:#x}")
+    if flags & FLAG_CONTROL:
+        if nfds or payload_len > MAX_CONTROL_PAYLOAD or flags & (FLAG_SHARED | FLAG_GROUP):
+            raise ProtocolError("malformed control frame")
+        return
+    if flags & FLAG_SHARED and flags & FLAG_GROUP:
+        # send_many() sends a SealedMemory payload as a message of its own.
+        raise ProtocolError("malformed frame: a shared-memory frame is never part of a group")
+    if flags & FLAG_SHARED and (not nfds or payload_len != SHARED_DESCRIPTOR.size):
+        raise ProtocolError(
+            f"malformed shared-memory frame ({nfds} fds, {payload_len}-byte descriptor): it must "
+            f"carry the memfd as an fd and a {SHARED_DESCRIPTOR.size}-byte size"
+        )

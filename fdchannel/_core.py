@@ -27,19 +27,33 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from typing_extensions import Buffer
 
-from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder, Frame, header_tag, pack_tagged
+from ._codec import (
+    FLAG_SHARED,
+    HEADER_SIZE,
+    SCM_MAX_FD,
+    SHARED_DESCRIPTOR,
+    Decoder,
+    Frame,
+    header_tag,
+    pack_tagged,
+)
 from ._errors import ChannelBroken, ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
 from ._fdutil import SocketHandle, close_all
+from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import Outbox, set_written
-from ._ownedfd import fileno_of
+from ._ownedfd import adopt_all, fileno_of
+from ._peer import PeerCredentials, peer_credentials, refuse_fds
+from ._shared import SealedMemory, shared_message
 from ._sockio import SocketIO, io_for, write_pending
 from .transports import Outgoing, Session, Transport, default_transport
 
 __all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "PUMP_BUDGET", "ChannelCore"]
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
+"""The default ``max_payload`` of a channel: 64 MiB, the largest payload of one message."""
 DEFAULT_MAX_FDS: Final = 1024
+"""The default ``max_fds`` of a channel: the most fds one message may carry."""
 
 #: How much unread data a send() on a duplication transport may read ahead
 #: of recv() while it looks for the peer's acknowledgements: enough that
@@ -80,6 +94,18 @@ class ChannelCore:
     _eof: bool
     _closed: bool
     _pid: int
+    #: Payloads above this many bytes go as sealed shared memory
+    #: (`fdchannel.shm.share_above`); None: never on their own.
+    _share_above: int | None = None
+    #: True from the moment a recv() has a message in hand (or is taking a
+    #: frame off the decoder's queue) until it returns: an interrupt then
+    #: loses that message.
+    _delivering: bool
+    #: True while a send() is between its first step and the point where the
+    #: message's fate is recorded: left True by an interrupt that struck
+    #: again while the first one was being handled, and then the next call
+    #: finds the channel unusable (the safe side).
+    _suspect: bool
 
     # -- construction ---------------------------------------------------
 
@@ -88,6 +114,9 @@ class ChannelCore:
         cls, sock: socket.socket, transport: Transport | None, max_payload: int, max_fds: int
     ) -> tuple[Transport, Session, Decoder]:
         """Check the constructor's arguments; return the transport, session and decoder for *sock*."""
+        if not isinstance(sock, socket.socket):
+            hint = f"; for an fd number use {cls._kind}.from_fd({sock!r})" if isinstance(sock, int) else ""
+            raise TypeError(f"{cls._kind}() takes a connected socket.socket, not {type(sock).__name__}{hint}")
         if sock.type != socket.SOCK_STREAM:
             article = "an" if cls._kind[0] in "AEIOU" else "a"
             raise ValueError(f"{article} {cls._kind} needs a SOCK_STREAM socket, got {sock.type!r}")
@@ -95,6 +124,15 @@ class ChannelCore:
             raise ValueError("max_payload and max_fds must not be negative")
         transport = default_transport() if transport is None else transport
         transport.check_socket(sock)
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            # Caught now rather than as ENOTCONN/EINVAL on the first send.
+            raise OSError(
+                exc.errno,
+                f"{cls._kind}() needs a connected socket ({exc.strerror}): connect it first, or use "
+                f"{cls._kind}.connect(path) or {cls._kind}.pair()",
+            ) from exc
         session = transport.session(sock)
         decoder = Decoder(
             wire_id=transport.wire_id,
@@ -140,7 +178,14 @@ class ChannelCore:
         self._broken = None
         self._eof = False
         self._closed = False
+        self._delivering = False
+        self._suspect = False
         self._pid = os.getpid()
+        if max_fds == 0:
+            # A data-only channel: where the kernel can, no fd even reaches
+            # this process (the sender gets EPERM); elsewhere the decoder
+            # closes what arrives.
+            refuse_fds(sock)
 
     @classmethod
     def _pair(cls, transport: Transport | None, kwargs: dict[str, Any]) -> tuple[Self, Self]:
@@ -161,15 +206,25 @@ class ChannelCore:
     def from_fd(cls, fd: int, **kwargs: Any) -> Self:
         """Wrap an inherited socket fd; the channel owns it from now on.
 
-        Keyword arguments go to the constructor.  The fd is made
-        non-inheritable.  Raises `OSError` if *fd* is not a socket
-        (``ENOTSOCK``) or not connected (``ENOTCONN``), `ValueError` if it is
-        not a stream socket or the transport cannot use it; the fd is then
-        left open and still the caller's.
+        The fd is made non-inheritable.
+
+        Args:
+            fd: A connected stream socket's fd.
+            **kwargs: Go to the constructor (``transport``, ``max_payload``,
+                ``max_fds``).
+
+        Returns:
+            The new channel, owned by the caller.
+
+        Raises:
+            OSError: *fd* is not a socket (``ENOTSOCK``) or not connected
+                (``ENOTCONN``); the fd is then left open and still the
+                caller's.
+            ValueError: *fd* is not a stream socket or the transport cannot
+                use it (the fd likewise stays the caller's).
         """
         sock = socket.socket(fileno=fd)
         try:
-            sock.getpeername()
             channel = cls(sock, **kwargs)
         except BaseException:
             # The fd stays the caller's: the socket object must not close it.
@@ -182,6 +237,58 @@ class ChannelCore:
     if TYPE_CHECKING:
         # Each channel defines these its own way.
         def __init__(self, sock: socket.socket, **kwargs: Any) -> None: ...
+
+    #: The partner end, for close_other(); set by pair() only (and, for a
+    #: pair end rebuilt in a multiprocessing child, to something that
+    #: returns None: no partner in that process).
+    _other_end: Callable[[], ChannelCore | None] | None = None
+
+    def peer_credentials(self, *, pidfd: bool = False) -> PeerCredentials:
+        """The pid, uid and gid of the peer as recorded at connect time (SO_PEERCRED).
+
+        For the ends of `pair` this is the process that created the pair.
+
+        Args:
+            pidfd: Also carry a pidfd of the peer process (Linux 6.5+,
+                ``SO_PEERPIDFD``), owned by the caller: see `PeerCredentials`.
+
+        Returns:
+            The peer's credentials.
+
+        Raises:
+            OSError: From the kernel (for instance on a non-AF_UNIX socket);
+                ``ENOPROTOOPT`` when *pidfd* was asked for and the kernel
+                has no ``SO_PEERPIDFD``.
+            NotImplementedError: The OS has no way to tell.
+        """
+        return peer_credentials(self._sock, pidfd=pidfd)
+
+    def close_other(self) -> None:
+        """After `os.fork`, close the other end of this `pair` in this process.
+
+        Call it on the end each process keeps.  The other end's pending
+        output is dropped unsent (it belongs to the process that keeps that
+        end).  A no-op if the other end is already closed, and in a
+        `multiprocessing` child that got this end through ``spawn`` or
+        ``forkserver`` (the other end never reached it), so a target can
+        call it under any start method.
+
+        Raises:
+            ValueError: This channel does not come from `pair`.
+        """
+        ref = self._other_end
+        if ref is None:
+            raise ValueError(f"close_other() works on the ends returned by {self._kind}.pair() only")
+        other = ref()
+        if other is None or other.closed:
+            return
+        # Whatever the other end had queued belongs to the process that keeps
+        # it: this copy drops it unsent, or the peer would receive it twice.
+        other._discard_output()
+        other.close()
+
+    def _discard_output(self) -> None:
+        self._outbox.discard()
 
     # -- the subclass's locks, never waiting ---------------------------------
 
@@ -211,7 +318,8 @@ class ChannelCore:
                 self._release_send()
         if self._claim_recv():
             try:
-                close_all(self._decoder.take_fds())
+                self._close_held()
+                self._decoder.release()
             finally:
                 self._release_recv()
 
@@ -260,6 +368,22 @@ class ChannelCore:
         if broken is not None:
             raise type(broken)(f"the channel is unusable after an earlier error: {broken}") from broken
 
+    def _check_leftovers(self, recv: bool) -> None:
+        """`_check_usable`, after failing the channel if an earlier call on this side left it mid-step.
+
+        That happens when a second signal handler's error struck while the
+        first was being handled: the first call's outcome was never recorded.
+        The caller holds the side's lock.
+        """
+        if self._suspect if not recv else (self._delivering or self._decoder.landed):
+            self._fail(
+                ChannelBroken(
+                    f"an earlier {'recv' if recv else 'send'}() was interrupted again while its first "
+                    "interrupt was being handled; what it had in hand is unknown, so the stream is unusable"
+                )
+            )
+        self._check_usable()
+
     def _break(self, exc: FdChannelError) -> None:
         """Mark the channel unusable after *exc* (the first failure is the one named)."""
         if self._broken is None:
@@ -268,7 +392,22 @@ class ChannelCore:
     def _fail(self, exc: FdChannelError) -> None:
         """`_break`, and close every fd the decoder holds (the caller holds the receive lock)."""
         self._break(exc)
-        close_all(self._decoder.take_fds())
+        self._close_held()
+
+    def _close_held(self) -> None:
+        """Close every fd the decoder holds and those a read left landed, each once."""
+        decoder = self._decoder
+        landed = decoder.landed
+        for i in range(len(landed)):
+            if landed[i].__class__ is not list:  # a raw result: its fds as one list, in one store
+                landed[i] = self._io.landed_fds([landed[i]])
+        # Each fd moves into an OwnedFd before any list lets go of it, so a
+        # second interrupt here leaves each either listed or owned.
+        owners = adopt_all(decoder.fd_lists() + landed)
+        decoder.take_fds()
+        landed.clear()
+        for owner in owners:
+            owner.close()
 
     def _at_eof(self) -> None:
         self._eof = True
@@ -278,17 +417,38 @@ class ChannelCore:
 
     # -- sending: the non-waiting steps --------------------------------------
 
-    def _message(self, payload: Buffer, fds: Iterable[int | Any]) -> tuple[list[int], int]:
+    def _message(self, payload: Buffer | SealedMemory, fds: Iterable[int | Any]) -> tuple[list[int], int]:
         """The fd numbers and payload size of a message; raises before anything is written."""
-        nums = list(fds)
+        try:
+            nums = list(fds)
+        except TypeError:
+            one = f"; for one fd write fds=[{fds!r}]" if isinstance(fds, int) else ""
+            raise TypeError(
+                f"fds must be an iterable of fds (ints or objects with fileno()), not "
+                f"{type(fds).__name__}{one}"
+            ) from None
         for f in nums:
             if f.__class__ is not int or not 0 <= f <= FD_MAX:
                 nums = [fileno_of(f) for f in nums]  # objects, or a clear error
                 break
         if payload.__class__ is bytes:
             size = len(payload)
+        elif isinstance(payload, SealedMemory):
+            # The payload travels as the message's last fd; the frame's own
+            # payload is its size (`Frame.shared` on the other side).
+            nums.append(payload.fileno())
+            size = SHARED_DESCRIPTOR.size
         else:
-            view = memoryview(payload)
+            try:
+                view = memoryview(payload)
+            except TypeError:
+                fix = ""
+                if isinstance(payload, str):
+                    fix = f"; encode text first, e.g. {payload[:20]!r}.encode()"
+                raise TypeError(
+                    f"the payload must be a bytes-like object (bytes, bytearray, memoryview), "
+                    f"not {type(payload).__name__}{fix}"
+                ) from None
             if not view.contiguous:
                 raise BufferError("the payload must be a contiguous buffer")
             size = view.nbytes
@@ -302,6 +462,10 @@ class ChannelCore:
         Returns only on Windows, for a CRT fd that merely has the number of
         the channel's SOCKET (the two are numbered apart there).
         """
+        if self._closed:
+            # The closed socket's number may already name another file (the
+            # very one being sent): the error is that the channel is closed.
+            self._check_usable()
         if size > self.max_payload:
             raise ValueError(f"payload of {size} bytes exceeds max_payload={self.max_payload}")
         nfds = len(nums)
@@ -312,7 +476,7 @@ class ChannelCore:
         ):
             raise ValueError("refusing to send a channel's own socket over itself")
 
-    def _send_whole(self, payload: Buffer, nums: list[int], size: int) -> int | None:
+    def _send_whole(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> int | None:
         """The send fast path: one write of the whole frame, fds passed through.
 
         For a simple session (fds in band as given), up to `SCM_MAX_FD` fds
@@ -322,14 +486,15 @@ class ChannelCore:
         is queued: push it with ``before`` set to that).  Raises `OSError`
         with ``characters_written`` 0 when nothing left.
         """
-        bufs: list[Buffer] = [pack_tagged(self._data_tag, len(nums), 0, size), payload]
+        tag = self._data_tag
+        if isinstance(payload, SealedMemory):
+            payload, tag = payload.wire, header_tag(self._transport.wire_id, FLAG_SHARED)
+        bufs: list[Buffer] = [pack_tagged(tag, len(nums), 0, size), payload]
         try:
             sent = self._write(self._sock, bufs, nums, self._send_flags)
-        except OSError as exc:
-            set_written(exc, 0)
-            raise
         except BaseException as exc:
-            self._break(self._outbox.interrupted(exc))
+            if self._write_raised(exc) and isinstance(exc, OSError):
+                _name_bad_fd(exc, nums)
             raise
         if sent == HEADER_SIZE + size:
             return None
@@ -345,8 +510,10 @@ class ChannelCore:
     def _peer_needed(self, nums: list[int]) -> bool:
         """True while the session needs to hear from the peer before it can send *nums*.
 
-        Reads what already arrived (the peer's greeting may be there); raises
-        `BrokenPipeError` if the peer closed without greeting.
+        Reads what already arrived (the peer's greeting or acknowledgements
+        may be there); raises `BrokenPipeError` if the peer closed without
+        greeting, `BlockingIOError` (``ENOBUFS``) if what it waits for is
+        queued behind `PUMP_BUDGET` of unreceived data.
         """
         session = self._session
         if not session.waits_for_peer(nums):
@@ -356,9 +523,21 @@ class ChannelCore:
             return False
         if self._eof:
             raise BrokenPipeError(errno.EPIPE, "the peer closed before its channel announced itself")
+        if self._decoder.unread_bytes >= PUMP_BUDGET:
+            # What the session waits for is behind data nobody has received:
+            # waiting for readability would spin, and reading on would
+            # buffer the peer's stream without bound.
+            raise BlockingIOError(
+                errno.ENOBUFS,
+                f"{self._transport.name}: this send waits for the peer's acknowledgements, which are "
+                f"queued behind {PUMP_BUDGET} bytes of messages not yet received: "
+                "recv() them, then send again",
+            )
         return True
 
-    def _start_message(self, payload: Buffer, nums: list[int], size: int) -> tuple[Outgoing, int | None]:
+    def _start_message(
+        self, payload: Buffer | SealedMemory, nums: list[int], size: int
+    ) -> tuple[Outgoing, int | None]:
         """Frame a message through the session and write what the socket takes now.
 
         Returns the session's `Outgoing` (for `_not_taken`) and None when the
@@ -368,7 +547,10 @@ class ChannelCore:
         out = self._session.outgoing(nums)
         in_band = list(out.in_band)
         outbox = self._outbox
-        bufs = outbox.frame(out.aux, len(nums), payload, size)
+        flags = 0
+        if isinstance(payload, SealedMemory):
+            payload, flags = payload.wire, FLAG_SHARED
+        bufs = outbox.frame(out.aux, len(nums), payload, size, flags)
         try:
             if len(in_band) <= SCM_MAX_FD:
                 sent: int = self._io.write(self._sock, bufs, in_band, self._send_flags)
@@ -384,13 +566,40 @@ class ChannelCore:
                 os.get_inheritable(fd)
             outbox.add_frame(bufs, in_band, payload, size)
             return out, 0
-        except OSError as exc:
-            set_written(exc, 0)
-            self._session.discard(out)
-            raise
         except BaseException as exc:
-            self._break(outbox.interrupted(exc))
+            if self._write_raised(exc):
+                self._session.discard(out)
+                if isinstance(exc, OSError):
+                    _name_bad_fd(exc, in_band)
             raise
+
+    def _first_write_raised(self, exc: BaseException, nums: list[int]) -> None:
+        """`_write_raised` for a write that carried *nums*, naming a closed fd as `_send_whole` does."""
+        if self._write_raised(exc) and isinstance(exc, OSError):
+            _name_bad_fd(exc, nums)
+
+    def _write_raised(self, exc: BaseException) -> bool:
+        """The first write of a message raised *exc*; True if the message was not taken.
+
+        The kernel's own error means nothing left (``characters_written`` 0).
+        Anything else (a signal handler's error, ``KeyboardInterrupt``) may
+        have struck after the kernel took bytes: the channel is unusable and
+        ``characters_written`` is left unset, the count being unknown.
+        """
+        if isinstance(exc, OSError) and not raised_in_signal_handler(exc):
+            set_written(exc, 0)
+            return True
+        self._break(self._outbox.interrupted(exc))
+        return False
+
+    def _send_interrupted(self, exc: BaseException) -> None:
+        """*exc* escaped a send() between its steps: a signal handler's error makes the channel unusable.
+
+        Errors the steps raise themselves were already accounted for.
+        """
+        if raised_in_signal_handler(exc):
+            self._break(self._outbox.interrupted(exc))
+        self._suspect = False
 
     def _not_taken(self, exc: BaseException, out: Outgoing) -> None:
         """A push of a message's rest raised *exc*: if nothing of it left, the session lets go."""
@@ -408,12 +617,16 @@ class ChannelCore:
     def _push_failed(self, exc: BaseException, before: int | None, written: int) -> None:
         """A push failed with *exc* (the caller re-raises it)."""
         written += getattr(exc, "fdchannel_written", 0)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not raised_in_signal_handler(exc):
             broken = self._outbox.failed(exc, before, written)
         else:
             # KeyboardInterrupt, a signal handler's error, a close from
-            # another thread: it may have struck inside a write.
-            set_written(exc, written if before is None else before + written)
+            # another thread: it may have struck inside a write, after the
+            # kernel took bytes we did not count, so a count of 0 is not
+            # claimed for a handler's OSError.
+            taken = written if before is None else before + written
+            if taken or not isinstance(exc, OSError):
+                set_written(exc, taken)
             broken = self._outbox.interrupted(exc)
         if broken is not None:
             self._break(broken)
@@ -438,6 +651,9 @@ class ChannelCore:
             try:
                 self._write_now()
             except OSError as exc:
+                if raised_in_signal_handler(exc):
+                    self._break(outbox.interrupted(exc))
+                    raise
                 # A vanished peer needs no acknowledgements, and recv() still
                 # delivers what it sent before; anything else mid-frame breaks.
                 broken = outbox.failed(exc, None, 0)
@@ -473,21 +689,35 @@ class ChannelCore:
                     one = read(self._sock, decoder, self._dontwait)
                     if one is not None:  # pragma: no cover - sessions with control frames queue all
                         decoder.push_back(*one)
-                    elif decoder.eof and not self._eof:
+                    decoder.landed.clear()  # what arrived is the decoder's now
+                    if decoder.eof and not self._eof:
                         self._at_eof()
-            except BlockingIOError:
-                pass  # drained
             except TruncatedControlData as exc:
                 self._fail(exc)
                 raise
-            except OSError:
-                pass  # recv() reports stream errors
-            # Acknowledgements do not depend on the data frames around them,
-            # so they are handled now and the data waits for recv().
-            for frame in decoder.take_control_frames():
-                self._control(frame)
+            except BaseException as exc:
+                if isinstance(exc, OSError) and not raised_in_signal_handler(exc):
+                    pass  # drained (BlockingIOError), or a stream error recv() reports
+                else:
+                    self._recv_interrupted(exc)
+                    raise
+            self._take_control()
         finally:
             self._release_recv()
+
+    def _take_control(self) -> None:
+        """Hand the queued control frames to the session, leaving the data frames for recv().
+
+        Acknowledgements do not depend on the data frames around them, so
+        they are handled as soon as they are read.
+        """
+        try:
+            for frame in self._decoder.take_control_frames():
+                self._control(frame)
+        except BaseException as exc:
+            if not isinstance(exc, ProtocolError):
+                self._recv_interrupted(exc)  # the frames taken out are lost
+            raise
 
     def _control(self, frame: Frame) -> None:
         """Hand a control frame to the session; a malformed one fails the channel."""
@@ -505,17 +735,27 @@ class ChannelCore:
         Raises `BlockingIOError` when nothing is ready, `TruncatedControlData`
         (the channel failed) and `OSError` from the kernel.
         """
+        decoder = self._decoder
         try:
-            one = self._read_into(self._sock, self._decoder, flags)
+            one = self._read_into(self._sock, decoder, flags)
         except TruncatedControlData as exc:
             self._fail(exc)
             raise
         if one is None:
-            if self._decoder.eof and not self._eof:
+            decoder.landed.clear()  # what arrived is the decoder's now
+            if decoder.eof and not self._eof:
                 self._at_eof()
             return None
-        # The fds stay numbers until the caller reads msg.fds.
-        return Message._owning(*one)
+        payload, fds = one
+        # The message is in hand from here: set before the list that holds
+        # its fds is cleared, so an interrupt always finds them.  The message
+        # shares that list (its fds stay numbers until the caller reads
+        # msg.fds): an interrupt before the clear makes `_close_held` take
+        # each fd out of it, and the lost message then owns none.
+        self._delivering = True
+        msg = Message._owning(payload, fds)
+        decoder.landed.clear()
+        return msg
 
     def _next_message(self) -> Message | None:
         """The next message the decoder holds, or None when it needs more data.
@@ -526,16 +766,31 @@ class ChannelCore:
         decoder = self._decoder
         frames = decoder.frames
         while frames:
-            frame = frames.popleft()
+            # Taking a frame off the queue loses it if an interrupt strikes.
+            self._delivering = True
+            frame = frames[0]
             if frame.control:
+                frames.popleft()
                 self._control(frame)
                 continue
-            fds = frame.fds if self._simple and not frame.aux else self._incoming(frame)
+            if self._simple and not frame.aux and not frame.shared:
+                # The message shares the frame's list of fds until the frame
+                # is off the queue: an interrupt in between leaves them to
+                # `_close_held`, which takes each out of the list.
+                msg = Message._owning(frame.payload, frame.fds)
+                frames.popleft()
+                return msg
+            frames.popleft()
+            fds = self._incoming(frame)
+            if frame.shared:
+                return shared_message(frame.payload, fds)
             return Message._owning(frame.payload, fds)
-        error = decoder.error
-        if error is not None:
-            self._fail(error)
-            raise error
+        if decoder.error is not None:
+            # Not through a local: the frame of this call would hold the
+            # error whose traceback holds the frame, a cycle (with the
+            # channel in it) that only the cyclic GC collects.
+            self._fail(decoder.error)
+            raise decoder.error
         if decoder.eof:
             if not self._eof:
                 self._at_eof()
@@ -568,9 +823,38 @@ class ChannelCore:
     _recv_ok: ClassVar[tuple[type[BaseException], ...]] = (OSError, FdChannelError, ValueError)
 
     def _recv_stopped(self, exc: BaseException) -> None:
-        """A recv() ends with *exc*: anything but the expected errors breaks the channel."""
-        if not isinstance(exc, self._recv_ok):
-            self._recv_interrupted(exc)
+        """A recv() ends with *exc*: anything but the expected errors breaks the channel.
+
+        A signal handler's error is one of the expected ones by type (such as
+        ``TimeoutError``) but was not raised by the step it interrupted; it
+        breaks the channel unless it struck where nothing was in hand (in a
+        wait, or inside a system call that then read nothing).
+
+        If another thread closed the channel during the call, the socket's
+        EBADF (or the session's refusal) becomes the closed-channel error.
+        """
+        if isinstance(exc, self._recv_ok) and not raised_in_signal_handler(exc):
+            self._delivering = False  # a message refused for this end alone (PermissionError, ...)
+            if self._closed and not isinstance(exc, FdChannelError):
+                closed = f"I/O operation on a closed {self._kind}"
+                if not (isinstance(exc, ValueError) and exc.args == (closed,)):
+                    raise ValueError(closed) from exc
+            return
+        if raised_in_signal_handler(exc) and not self._decoder.landed and not self._delivering:
+            return
+        self._recv_interrupted(exc)
+
+    def _recv_lost(self, exc: BaseException, msg: Message) -> None:
+        """*exc* struck after recv() had *msg* and before it returned: say it is lost.
+
+        The receive lock is already released, so the decoder is not touched:
+        the channel is marked unusable and the message's fds are closed.
+        """
+        msg.close()
+        if self._broken is None:
+            broken = ChannelBroken(f"recv() was interrupted by {exc!r} as it returned; a message was lost")
+            broken.__cause__ = exc
+            self._break(broken)
 
     def _recv_interrupted(self, exc: BaseException) -> None:
         """*exc* (KeyboardInterrupt, a signal handler's error) cut into a recv().
@@ -609,6 +893,11 @@ class ChannelCore:
             except FdChannelError:
                 pass
         self._closed = True
+        # The error that broke the channel holds, through its traceback, the
+        # frames of the call that met it, and they hold the channel: a
+        # cycle that only the cyclic GC would collect, with every buffer in
+        # it.  A closed channel reports that it is closed, not why it broke.
+        self._broken = None
         self._wake_waiters()
         self._drop_held()
         try:
@@ -628,6 +917,22 @@ def _is_crt_fd(n: int) -> bool:
             return False
         return True
     return False  # pragma: no cover - called on Windows only
+
+
+def _name_bad_fd(exc: OSError, nums: list[int]) -> None:
+    """Raise an EBADF that names the closed fd instead of *exc* (nothing was sent)."""
+    if exc.errno != errno.EBADF or sys.platform == "win32":
+        return
+    for n in nums:
+        try:
+            os.fstat(n)
+        except OSError:
+            bad = OSError(
+                errno.EBADF,
+                f"fd {n} is not open (Bad file descriptor: closed, or never opened); nothing was sent",
+            )
+            set_written(bad, 0)
+            raise bad from exc
 
 
 def _is_simple(session: Session) -> bool:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ._message import Message
 
 __all__ = [
+    "ActivationError",
     "BufferTooShort",
     "ChannelBroken",
     "ChannelClosed",
@@ -20,7 +21,14 @@ __all__ = [
     "FdsWithdrawn",
     "LimitExceeded",
     "ProtocolError",
+    "SharedMemoryRefused",
     "TruncatedControlData",
+    "UnverifiedSender",
+    "UpgradeError",
+    "UpgradeFailed",
+    "UpgradeInProgress",
+    "UpgradeRefused",
+    "UpgradeTimeout",
 ]
 
 
@@ -76,6 +84,18 @@ class TruncatedControlData(ProtocolError):
     """
 
 
+class UnverifiedSender(ProtocolError):
+    """A duplication frame names a process not proven to be this connection's peer.
+
+    Raised by ``recv()`` on `PidfdGetfd` when a frame asks this end to copy
+    fds out of a process that does not hold the other end of this very
+    connection (a forged pid, this process itself, a third process), or
+    when the kernel offers no way to prove that it does.  Nothing was
+    delivered and no fd was kept; like any `ProtocolError` it leaves the
+    channel unusable.
+    """
+
+
 class FdsWithdrawn(FdChannelError, ConnectionResetError):
     """The sender released a message's fds before this end could take them.
 
@@ -102,3 +122,62 @@ class BufferTooShort(FdChannelError, ValueError):
         """The message that did not fit; its fds are the caller's to close."""
         msg: Message = self.args[0]
         return msg
+
+
+class ActivationError(FdChannelError, ValueError):
+    """The socket-activation or notification variables are malformed.
+
+    Raised by `fdchannel.systemd` when ``LISTEN_PID``, ``LISTEN_FDS``,
+    ``LISTEN_FDNAMES`` or ``NOTIFY_SOCKET`` hold something systemd never
+    sets (the message quotes the value), or name fds that are not open.  No
+    fd was taken or closed.  Also a `ValueError`.
+    """
+
+
+class UpgradeError(FdChannelError):
+    """An upgrade (`fdchannel.upgrade`) could not be started or did not complete.
+
+    The process that asked for the upgrade keeps serving: nothing it
+    registered was closed.
+    """
+
+
+class UpgradeInProgress(UpgradeError):
+    """Another upgrade is running (or this process already handed over and is stopping)."""
+
+
+class UpgradeFailed(UpgradeError):
+    """The successor exited, crashed or broke the protocol before it said it was ready.
+
+    The successor was killed (if still alive) and reaped where this process
+    started it.  `exit_code` is its exit status when known (negative: killed
+    by that signal), else ``None``.
+    """
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UpgradeRefused(UpgradeFailed):
+    """The successor reported an error (`Upgrader.refuse`) instead of being ready; `reason` is its text."""
+
+    def __init__(self, message: str, reason: str, exit_code: int | None = None) -> None:
+        super().__init__(message, exit_code)
+        self.reason = reason
+
+
+class UpgradeTimeout(UpgradeFailed, TimeoutError):
+    """The successor was not ready within the timeout; it was killed.  Also a `TimeoutError`."""
+
+
+class SharedMemoryRefused(FdChannelError):
+    """A message's shared-memory payload failed the receiver's checks.
+
+    Raised by ``recv()`` when the peer marked a payload as a sealed memfd
+    (`fdchannel.shm`) but the fd is not a memfd, lacks one of the seals
+    ``F_SEAL_SHRINK``, ``F_SEAL_GROW``, ``F_SEAL_WRITE``, ``F_SEAL_SEAL``,
+    has another size than declared, or this platform cannot check seals.
+    Nothing was mapped; the message was dropped and every fd of it closed.
+    The channel stays usable: the stream itself was well formed.
+    """

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import Buffer
 
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Frame
+from ._errors import ChannelClosed
 from ._fdutil import close_all
 from ._message import CLOSED_FD, Message
 
@@ -62,7 +63,15 @@ def _load() -> tuple[ModuleType | None, str]:
 def _send_rest(channel: Any, bufs: list[Buffer], nums: list[int], sent: int) -> None:
     """A write took *sent* bytes of the frame (maybe 0): queue the rest and push it, as `Channel.send`."""
     channel._outbox.add_unsent(bufs, nums, sent)
-    channel._push(channel._deadline(), sent)
+    channel._suspect = True
+    try:
+        channel._push(channel._deadline(), sent)
+    except BaseException as exc:
+        channel._send_interrupted(exc)
+        if isinstance(exc, OSError | ChannelClosed):
+            channel._closed_meanwhile(exc)
+        raise
+    channel._suspect = False
 
 
 def _send_interrupted(channel: ChannelCore, exc: BaseException) -> None:
@@ -71,18 +80,24 @@ def _send_interrupted(channel: ChannelCore, exc: BaseException) -> None:
 
 
 def _recv_rest(channel: ChannelCore, n: int, fds: list[int], truncated: bool) -> None:
-    """A read that is not one lone frame: the decoder takes it, as `ChannelCore._read` does."""
+    """A read that is not one lone frame: the decoder takes it, as `ChannelCore._read` does.
+
+    *fds* is listed in the decoder's ``landed`` (the C put it there before
+    any bytecode ran): a signal handler's error in here leaves it there for
+    `ChannelCore._close_held`.
+    """
+    decoder = channel._decoder
     if truncated and sys.platform != "win32":  # (the compiled path exists on Linux only)
         from ._posixio import truncation_error
 
-        close_all(fds)
         exc = truncation_error()
-        channel._fail(exc)
+        channel._fail(exc)  # closes the landed fds
         raise exc
-    decoder = channel._decoder
     if n:
         decoder.buffer_updated(n, fds)
+        decoder.landed.clear()  # what arrived is the decoder's now
         return
+    decoder.landed.clear()
     close_all(fds)
     decoder.receive_eof()
     if not channel._eof:

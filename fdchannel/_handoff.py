@@ -14,7 +14,7 @@ from typing import Any, Final, TypeVar
 from ._core import ChannelCore
 from ._errors import FdChannelError
 
-__all__ = ["ENV_VAR", "channel_from_environ", "reduce_channel"]
+__all__ = ["ENV_VAR", "channel_from_environ", "claim_forked_end", "reduce_channel"]
 
 #: The environment variable that tells a child which fd is its channel end.
 ENV_VAR: Final = "FDCHANNEL_FD"
@@ -83,6 +83,38 @@ def channel_from_environ(cls: type[_C], unset: bool, kwargs: dict[str, Any]) -> 
     return channel
 
 
+# -- fork ---------------------------------------------------------------------------
+
+
+def claim_forked_end(channel: ChannelCore) -> None:
+    """In a forked process, before the first use of an inherited end: make it this process's alone.
+
+    Every child of a fork holds the same socket (a `multiprocessing.Pool`
+    or `ProcessPoolExecutor` under the ``fork`` start method forks one child
+    per worker with the initializer's channel in each), and frames written
+    by two of them interleave.  The first child to use the end takes a POSIX
+    record lock on its socket, which belongs to that process (not to the
+    shared file description) and goes with it; a second child gets
+    `ValueError`.  Where the platform has no record locks on sockets
+    nothing is enforced.
+    """
+    if sys.platform == "win32":  # pragma: no cover - no fork there
+        return
+    import errno
+    import fcntl
+
+    try:
+        fcntl.lockf(channel._fileno, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise ValueError(
+                f"this {channel._kind} end is already in use by another process forked from the same "
+                "parent (a multiprocessing Pool or ProcessPoolExecutor worker?): one end may serve one "
+                "process; give each worker a channel of its own"
+            ) from None
+        # No record locks on sockets here: nothing to enforce.
+
+
 # -- pickling ---------------------------------------------------------------------
 
 
@@ -105,6 +137,15 @@ def reduce_channel(channel: ChannelCore) -> tuple[Any, ...]:
     if channel.pending or not channel._decoder.at_boundary or channel._decoder.frames:
         # The copy would start mid-stream: buffered bytes and fds stay here.
         raise ValueError("cannot hand a Channel with buffered or pending data to a new process")
+    if getattr(channel, "_handed_over", False):
+        # Pool(initargs=...) and ProcessPoolExecutor(initargs=...) pickle
+        # the same arguments once per worker: several processes would
+        # share one end and their frames interleave.
+        raise ValueError(
+            f"this {channel._kind} end was already handed to another process: one end may serve "
+            "one process; give each worker a channel of its own"
+        )
+    channel._handed_over = True  # type: ignore[attr-defined]
     options = {"max_payload": channel.max_payload, "max_fds": channel.max_fds, "transport": channel.transport}
     paired = getattr(channel, "_other_end", None) is not None
     if sys.platform == "win32":
@@ -131,7 +172,7 @@ def _rebuild_from_socket(cls: type[_C], dup: Any, options: dict[str, Any], paire
         sock.close()
         raise
     if paired:
-        channel._other_end = _no_other_end  # type: ignore[attr-defined]
+        channel._other_end = _no_other_end
     return channel
 
 
@@ -145,5 +186,5 @@ def _rebuild_channel(cls: type[_C], dupfd: Any, options: dict[str, Any], paired:
     if paired:
         # A pair end: close_other() stays valid and has nothing to close
         # here, so one target body serves every start method.
-        channel._other_end = _no_other_end  # type: ignore[attr-defined]
+        channel._other_end = _no_other_end
     return channel

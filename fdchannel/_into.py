@@ -36,11 +36,16 @@ def offer(decoder: Decoder, view: memoryview | None) -> None:
 
 def place(msg: Message, view: memoryview) -> tuple[int, tuple[OwnedFd, ...]]:
     """The result of ``recv_into()`` for *msg*, its payload now in *view*."""
+    shared = msg.shared
     payload: bytes | bytearray | memoryview = msg.payload
-    if payload.__class__ is memoryview:  # the decoder read it into view
+    if payload.__class__ is memoryview and shared is None:  # the decoder read it into view
         return len(payload), msg.fds
     n = len(payload)
     if n > len(view):
         raise BufferTooShort(msg, f"a payload of {n} bytes does not fit a buffer of {len(view)}")
     view[:n] = payload
+    if shared is not None:
+        # Copied out of the sealed memory (mapped read-only): the caller gets
+        # the bytes and the other fds; the memory itself is let go here.
+        shared.close()
     return n, msg.fds

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["Listener", "PeerCredentials"]
 
 log: Final = logging.getLogger("fdchannel.listener")
+#: Refusals logged at most once per this many seconds (the rest are counted).
+_LOG_INTERVAL: Final = 1.0
+#: With a 0.0 timeout, accept() gives up after refusing this many peers.
+_REFUSALS_PER_CALL: Final = 16
 
 
 class Listener:
@@ -57,9 +61,12 @@ class Listener:
     supplementary groups in *allow_gids* (if given; supplementary groups
     are known on Linux 4.13+) and *authorize* (if given) returns true for its
     `PeerCredentials`.  A refused connection is closed, counted in `refused`
-    and logged on the ``fdchannel.listener`` logger; `accept` then waits for
-    the next one.  An exception inside *authorize* refuses the peer too (and
-    is logged with its traceback).
+    and logged on the ``fdchannel.listener`` logger (at most one line per
+    second; it says how many were not logged); `accept` then waits for the
+    next one, within its timeout (a flood of refused peers never holds it
+    longer; with a ``0.0`` timeout it raises `BlockingIOError` after 16
+    refusals, so an event loop gets control back).  An exception inside
+    *authorize* refuses the peer too (and is logged with its traceback).
 
     The listener owns its socket; each accepted `Channel` is owned by the
     caller.  *max_payload*, *max_fds* and *transport* go to every accepted
@@ -77,7 +84,32 @@ class Listener:
         authorize: Callable[[PeerCredentials], object] | None = None,
         **channel_options: Any,
     ) -> None:
-        """Bind and listen; raises `OSError` (see the class) or `ValueError` for bad arguments."""
+        """Bind and listen.
+
+        Args:
+            path: A filesystem path, or ``"\\0name"`` for a Linux abstract
+                name.
+            backlog: The listen queue's length.
+            mode: The socket file's permission bits, set exactly whatever
+                the umask (``0o600``: the owner only); ignored for abstract
+                names.
+            allow_uids: Accept only peers with one of these uids.
+            allow_gids: Accept only peers whose primary or a supplementary
+                group is one of these.
+            authorize: Called with each peer's `PeerCredentials`; a false
+                result (or an exception) refuses the peer.
+            **channel_options: ``max_payload``, ``max_fds`` and
+                ``transport``, given to every accepted `Channel`.
+
+        Raises:
+            OSError: ``EADDRINUSE`` when a live listener holds *path*,
+                ``ENAMETOOLONG`` for a path too long to connect to, or from
+                the kernel (``EACCES``, ...).
+            FileExistsError: *path* holds something that is not a socket
+                (it is left alone).
+            ValueError: *mode* is not permission bits (0o000-0o777).
+            TypeError: An unknown keyword argument.
+        """
         unknown = set(channel_options) - {"max_payload", "max_fds", "transport"}
         if unknown:
             raise TypeError(f"Listener() got unexpected keyword arguments {sorted(unknown)}")
@@ -99,6 +131,8 @@ class Listener:
         self._liveness = -1  # the flock()ed lock file of a filesystem socket
         #: Connections refused by the peer checks since the listener was created.
         self.refused = 0
+        self._logged_at = -_LOG_INTERVAL
+        self._unlogged = 0
         address = unix_address(path)
         self._address = address
         if is_abstract(address):
@@ -213,7 +247,14 @@ class Listener:
         return self._timeout
 
     def settimeout(self, timeout: float | None) -> None:
-        """Bound each `accept` call: ``None`` blocks, ``0.0`` never waits, else seconds."""
+        """Bound each `accept` call, as `socket.socket.settimeout`.
+
+        Args:
+            timeout: ``None`` blocks, ``0.0`` never waits, else seconds.
+
+        Raises:
+            ValueError: *timeout* is negative.
+        """
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be non-negative or None")
         self._timeout = timeout
@@ -222,10 +263,16 @@ class Listener:
         """Wait for a peer that passes the checks and return its channel (caller-owned).
 
         Refused peers are closed, counted and logged, and waiting goes on.
-        Raises `TimeoutError` (or `BlockingIOError` with a ``0.0`` timeout)
-        when no accepted peer arrived in time, `ValueError` if the listener
-        is or gets closed (from any thread), and `OSError` from the kernel
-        (such as ``EMFILE``).
+
+        Returns:
+            The new channel to the peer, owned by the caller.
+
+        Raises:
+            TimeoutError: No accepted peer arrived within the timeout.
+            BlockingIOError: With a ``0.0`` timeout, no accepted peer was
+                waiting.
+            ValueError: The listener is or gets closed (from any thread).
+            OSError: From the kernel (such as ``EMFILE``).
         """
         with self._lock:
             if self._closed:
@@ -233,27 +280,21 @@ class Listener:
             self._waiters += 1
         try:
             timeout = self._timeout
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = None if not timeout else time.monotonic() + timeout
+            refused = 0
             while True:
+                if refused:
+                    # A flood of refused peers must not hold accept() past
+                    # its timeout, nor keep a 0.0-timeout caller (an event
+                    # loop) for more than a few of them.
+                    if self._timeout == 0.0 and refused >= _REFUSALS_PER_CALL:
+                        raise BlockingIOError(errno.EAGAIN, "only refused peers were waiting")
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError("timed out (only refused peers arrived)")
                 sock = self._accept_one(deadline)
-                if self._checks:
-                    try:
-                        creds = peer_credentials(sock)
-                    except OSError as exc:
-                        self._refuse(sock, None, f"its credentials could not be read ({exc})")
-                        continue
-                    except BaseException as exc:
-                        sock.close()
-                        if isinstance(exc, NotImplementedError):
-                            raise NotImplementedError(
-                                f"{exc}: this Listener checks peers (allow_uids, allow_gids or "
-                                "authorize) and cannot; the connection was closed"
-                            ) from exc
-                        raise
-                    reason = self._check(creds, sock)
-                    if reason is not None:
-                        self._refuse(sock, creds, reason)
-                        continue
+                if self._checks and not self._passes(sock):
+                    refused += 1
+                    continue
                 try:
                     sock.setblocking(True)
                     return self._channel_cls(sock, **self._options)
@@ -281,6 +322,27 @@ class Listener:
             if not wait_ready((listener.fileno(), self._wake_r), deadline=deadline):
                 raise TimeoutError("timed out")
 
+    def _passes(self, sock: socket.socket) -> bool:
+        """Check the peer of accepted *sock*; a refused one is closed, counted and logged."""
+        try:
+            creds = peer_credentials(sock)
+        except OSError as exc:
+            self._refuse(sock, None, f"its credentials could not be read ({exc})")
+            return False
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, NotImplementedError):
+                raise NotImplementedError(
+                    f"{exc}: this Listener checks peers (allow_uids, allow_gids or "
+                    "authorize) and cannot; the connection was closed"
+                ) from exc
+            raise
+        reason = self._check(creds, sock)
+        if reason is not None:
+            self._refuse(sock, creds, reason)
+            return False
+        return True
+
     def _check(self, creds: PeerCredentials, sock: socket.socket) -> str | None:
         if self._allow_uids is not None and creds.uid not in self._allow_uids:
             return "its uid is not allowed"
@@ -301,10 +363,26 @@ class Listener:
 
     def _refuse(self, sock: socket.socket, creds: PeerCredentials | None, reason: str) -> None:
         sock.close()
+        now = time.monotonic()
         with self._lock:
             self.refused += 1
+            # At most one log line per second: a flood of refused peers
+            # would otherwise cost more in logging than in refusing.
+            quiet, self._unlogged = self._unlogged, self._unlogged + 1
+            if now - self._logged_at < _LOG_INTERVAL:
+                return
+            self._logged_at, self._unlogged = now, 0
         who = "a peer" if creds is None else f"pid={creds.pid} uid={creds.uid} gid={creds.gid}"
-        log.warning("refused a connection on %r from %s: %s", self._address, who, reason)
+        if quiet:
+            log.warning(
+                "refused a connection on %r from %s: %s (and %d more since the last such line)",
+                self._address,
+                who,
+                reason,
+                quiet,
+            )
+        else:
+            log.warning("refused a connection on %r from %s: %s", self._address, who, reason)
 
     def __iter__(self) -> Iterator[Channel]:
         """Yield accepted channels until the listener is closed."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from ._fdutil import close_all, close_fd
 from ._ownedfd import OwnedFd
+
+if TYPE_CHECKING:
+    from ._shared import SealedMemory
 
 __all__ = ["Message"]
 
@@ -31,8 +34,13 @@ class Message:
     A message garbage-collected with fds nobody took closes them and emits
     `ResourceWarning`, as an `OwnedFd` does.
 
-    `payload` is `bytes`; a payload too large for the channel's read buffer
-    is received in place into a `bytearray` (no copy) and handed over as is.
+    Attributes:
+        payload: The bytes sent; a payload too large for the channel's read
+            buffer is received in place into a `bytearray` (no copy) and
+            handed over as is.  A payload the peer sent as sealed shared
+            memory (`fdchannel.shm`) is a read-only `memoryview` of it,
+            mapped on first access; `shared` then holds the memory itself.
+        fds: The fds sent with it, in the order sent, each an `OwnedFd`.
     """
 
     __slots__ = ("__weakref__", "_fds", "_raw", "payload")
@@ -72,6 +80,11 @@ class Message:
         self.fds  # noqa: B018 - the numbers held so far become objects, as if read before
         self._fds = fds
 
+    @property
+    def shared(self) -> SealedMemory | None:
+        """The `fdchannel.shm.SealedMemory` the payload came in, or None for in-band bytes."""
+        return None
+
     def close(self) -> None:
         """Close every fd of this message still owned here.  Idempotent.
 
@@ -86,7 +99,8 @@ class Message:
             for n in raw:
                 try:
                     if n.__class__ is int:
-                        os.close(n)
+                        if n >= 0:  # -1: taken out by the channel after an interrupt (`adopt_all`)
+                            os.close(n)
                     else:  # a Windows SOCKET
                         close_fd(n)
                 except OSError as exc:
@@ -123,6 +137,8 @@ class Message:
             return
         if raw:
             self._raw = ()
+            # -1: taken out by the channel after an interrupt (`adopt_all`), no fd.
+            raw = [n for n in raw if n.__class__ is not int or n >= 0]
             # Close them all first: with -W error::ResourceWarning the warning raises.
             try:
                 close_all(raw)

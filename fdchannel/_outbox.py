@@ -166,9 +166,9 @@ class Outbox:
 
     # -- what goes in ----------------------------------------------------------
 
-    def frame(self, aux: bytes, nfds: int, payload: Buffer, size: int) -> list[Buffer]:
+    def frame(self, aux: bytes, nfds: int, payload: Buffer, size: int, flags: int = 0) -> list[Buffer]:
         """The buffers of a data frame declaring *nfds* fds, ready for one write."""
-        header = pack_header(self.wire_id, nfds, len(aux), size)
+        header = pack_header(self.wire_id, nfds, len(aux), size, flags=flags)
         return frame_bufs(header, aux, payload, size)
 
     def add_frame(self, bufs: list[Buffer], in_band: Sequence[int], payload: Buffer, size: int) -> None:

@@ -7,11 +7,12 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Iterable
 from typing import IO, Any, Self
 
 from ._fdutil import SocketHandle, close_fd
 
-__all__ = ["OwnedFd", "fileno_of"]
+__all__ = ["OwnedFd", "adopt", "adopt_all", "fileno_of"]
 
 
 def fileno_of(obj: int | Any) -> int:
@@ -62,8 +63,13 @@ class OwnedFd:
     __slots__ = ("__weakref__", "_fd")
 
     def __init__(self, fd: int) -> None:
-        """Take ownership of *fd* (an int the caller will no longer close; a SOCKET on
-        Windows must come as a `fdchannel._fdutil.SocketHandle`)."""
+        """Take ownership of *fd*.
+
+        Args:
+            fd: An open fd the caller will no longer close.  (On Windows the
+                channel itself wraps each received SOCKET, which is not a
+                CRT fd.)
+        """
         self._fd = fd
 
     def __repr__(self) -> str:
@@ -90,7 +96,8 @@ class OwnedFd:
     def fileno(self) -> int:
         """Return the fd number (a SOCKET value on Windows if `is_socket`); ownership stays here.
 
-        `ValueError` if closed.
+        Raises:
+            ValueError: Closed, detached or converted.
         """
         return self._check()
 
@@ -104,13 +111,24 @@ class OwnedFd:
                 close_fd(fd)
 
     def detach(self) -> int:
-        """Give up ownership and return the fd number; the caller must close it."""
+        """Give up ownership and return the fd number; the caller must close it.
+
+        Raises:
+            ValueError: Closed, detached or converted already.
+        """
         fd = self._check()
         self._fd = -1
         return fd
 
     def dup(self) -> OwnedFd:
-        """Return a new, independently owned, non-inheritable duplicate."""
+        """Return a new, independently owned, non-inheritable duplicate.
+
+        The duplicate names the same open file (same offset, same flags).
+
+        Raises:
+            ValueError: Closed, detached or converted.
+            OSError: From ``dup`` (``EMFILE``, ...).
+        """
         fd = self._check()
         if fd.__class__ is SocketHandle:
             s = socket.socket(fileno=fd)
@@ -123,10 +141,23 @@ class OwnedFd:
     def open(self, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
         """Wrap the fd in a file object; ownership moves to the file object.
 
-        Takes the arguments of the builtin `open` after *file*.  ``closefd=False``
-        is refused (`ValueError`): the fd must have exactly one owner.  If the
-        arguments are invalid the error propagates and this object still owns
-        the fd.
+        The file shares its offset with every other fd of the same open
+        file, the sender's included.
+
+        Args:
+            mode: As for the builtin `open` (``"rb"``, ``"w"``, ...).
+            *args: The builtin `open`'s other arguments after *file*
+                (``buffering``, ``encoding``, ...).
+            **kwargs: Likewise, by name.
+
+        Returns:
+            The file object, which owns the fd from now on.
+
+        Raises:
+            ValueError: ``closefd=False`` (the fd must have exactly one
+                owner), or this object is closed, detached or converted.
+            Exception: Whatever `open` raises for invalid arguments; this
+                object then still owns the fd.
         """
         fd = self._check()
         if fd.__class__ is SocketHandle:
@@ -145,8 +176,23 @@ class OwnedFd:
     def socket(self) -> socket.socket:
         """Wrap the fd in a `socket.socket`; ownership moves to the socket.
 
-        Family, type and protocol are read from the kernel.  Raises `OSError`
-        (``ENOTSOCK``) if the fd is not a socket; this object then still owns it.
+        Family, type and protocol are read from the kernel.  Whether the
+        socket blocks lives in the open file, so it travels with the fd: a
+        socket the sender had made non-blocking (or given a timeout) arrives
+        non-blocking, and the returned object reports that flag
+        (``gettimeout()`` is ``0.0``; ``settimeout``/``setblocking`` change it
+        for the sender's copy too; see
+        [a received socket's blocking mode][a-received-sockets-blocking-mode]).
+        On Windows the mode cannot be read back and the object reports
+        blocking.
+
+        Returns:
+            The socket object, which owns the fd from now on.
+
+        Raises:
+            OSError: ``ENOTSOCK`` if the fd is not a socket; this object then
+                still owns it.
+            ValueError: Closed, detached or converted.
         """
         fd = self._check()
         if sys.platform == "win32" and fd.__class__ is not SocketHandle:
@@ -154,6 +200,10 @@ class OwnedFd:
             raise OSError(errno.ENOTSOCK, f"OwnedFd {fd} holds a CRT fd, not a socket")
         s = socket.socket(fileno=int(fd))
         self._fd = -1
+        if sys.platform != "win32" and not os.get_blocking(s.fileno()):
+            # socket.socket(fileno=) assumes blocking whatever the file says;
+            # a wrong None makes accept()/recv() raise BlockingIOError at once.
+            s.settimeout(0.0)
         return s
 
     def __enter__(self) -> Self:
@@ -175,11 +225,12 @@ class OwnedFd:
         except AttributeError:  # __init__ never ran
             return
         if fd >= 0:
-            self._fd = -1
-            # Close first: with -W error::ResourceWarning the warning raises.
+            # Close first: with -W error::ResourceWarning the warning raises,
+            # and a signal handler's error here must not leave the fd open.
             try:
                 close_fd(fd)
             finally:
+                self._fd = -1
                 warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
 
 
@@ -193,3 +244,47 @@ def _discard(probe: IO[Any]) -> None:
         except ValueError:  # unbuffered layer already reached
             break
     raw.close()  # FileIO with closefd=False: closes nothing
+
+
+_new = object.__new__
+
+
+def adopt(fds: list[int]) -> tuple[OwnedFd, ...]:
+    """Move every fd of *fds* into an `OwnedFd` of its own; each slot of *fds* becomes -1.
+
+    Each fd moves in two stores with no point between them where CPython
+    runs a signal handler, so an error a handler raises anywhere in here
+    leaves every fd listed exactly once: still in *fds* (its holder closes
+    it) or in an `OwnedFd` (which closes it when dropped), never both.
+    """
+    owners: list[OwnedFd] = []
+    for i in range(len(fds)):
+        owner = _new(OwnedFd)
+        owner._fd = fds[i]
+        fds[i] = -1
+        owners.append(owner)
+    return tuple(owners)
+
+
+def adopt_all(lists: Iterable[list[int]]) -> list[OwnedFd]:
+    """`adopt` for several lists at once, each distinct fd number once; negative slots are skipped.
+
+    A number listed again (the same fd in two lists, or twice in one) is
+    struck from the later slot, so no two owners ever close it.
+    """
+    owners: list[OwnedFd] = []
+    seen: set[int] = set()
+    for fds in lists:
+        for i in range(len(fds)):
+            fd = fds[i]
+            if fd < 0:
+                continue
+            if fd in seen:
+                fds[i] = -1
+                continue
+            owner = _new(OwnedFd)
+            owner._fd = fd
+            fds[i] = -1
+            seen.add(fd)
+            owners.append(owner)
+    return owners

@@ -14,20 +14,30 @@ import platform
 import socket
 import struct
 import sys
-from typing import Any, Final
+import time
+from collections.abc import Collection
+from typing import Any, Final, Self
 
 import attrs
 
+from ._ownedfd import OwnedFd
 from ._platform import FACTS, Facts
 
 __all__ = [
+    "CONNECT_RETRY_FIRST",
+    "CONNECT_RETRY_MAX",
     "SUN_PATH_MAX",
     "PeerCredentials",
+    "backlog_full",
+    "check_server",
+    "connect_step",
     "connect_unix",
     "is_abstract",
     "parse_credentials",
     "peer_credentials",
     "peer_groups",
+    "peer_pidfd",
+    "refuse_fds",
     "unix_address",
     "unix_socket",
 ]
@@ -44,15 +54,39 @@ class PeerCredentials:
     The values are those of the process when it called ``connect()`` (or
     created the socketpair), not of whoever holds the socket now: the ends
     of `Channel.pair` both report the process that created the pair, even
-    after one end was handed to a child.  ``pid`` is ``None`` where the OS
-    does not report it; on macOS it comes from ``LOCAL_PEERPID``, which
-    names the process that last used the peer's socket rather than the one
-    that connected.  ``gid`` is the primary (effective) group only.
+    after one end was handed to a child.
+
+    Attributes:
+        pid: The peer's process id, or ``None`` where the OS does not report
+            it.  On macOS it comes from ``LOCAL_PEERPID``, which names the
+            process that last used the peer's socket rather than the one that
+            connected.
+        uid: The peer's effective user id.
+        gid: The peer's primary (effective) group only.
+        pidfd: An `OwnedFd` of the peer process when it was asked for
+            (``peer_credentials(pidfd=True)``, Linux 6.5+ ``SO_PEERPIDFD``):
+            it names that very process even after it exited and its pid was
+            reused, so signalling it (``signal.pidfd_send_signal``) or
+            waiting for it never reaches another process.  The caller owns
+            it: close it, or use the credentials as a context manager.  It
+            takes no part in ``==``.
     """
 
     pid: int | None
     uid: int
     gid: int
+    pidfd: OwnedFd | None = attrs.field(default=None, eq=False, kw_only=True)
+
+    def close(self) -> None:
+        """Close ``pidfd`` if there is one.  Idempotent."""
+        if self.pidfd is not None:
+            self.pidfd.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _so_peergroups() -> int | None:
@@ -102,13 +136,19 @@ def _getsockopt_large(fd: int, option: int, size: int) -> bytes:
     return buf.raw[: length.value]
 
 
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
+def peer_credentials(sock: socket.socket, *, pidfd: bool = False) -> PeerCredentials:
     """Read the peer's credentials of connected AF_UNIX *sock* from the kernel.
 
-    Raises `OSError` from the kernel (``ENOTCONN``, ``EOPNOTSUPP`` for a
-    socket of another family) and `NotImplementedError` on an OS with no
-    known way to ask.
+    With *pidfd*, the result also carries a pidfd of the peer process
+    (caller-owned; see `PeerCredentials`).  Raises `OSError` from the kernel
+    (``ENOTCONN``, ``EOPNOTSUPP`` for a socket of another family;
+    ``ENOPROTOOPT`` naming the need for Linux 6.5+ when *pidfd* was asked
+    for and the kernel has no ``SO_PEERPIDFD``) and `NotImplementedError`
+    on an OS with no known way to ask.
     """
+    if pidfd:
+        creds = peer_credentials(sock)
+        return attrs.evolve(creds, pidfd=OwnedFd(peer_pidfd(sock)))
     kind = FACTS.credentials
     if kind is None:
         raise NotImplementedError(f"fdchannel knows no way to read a peer's credentials on {sys.platform}")
@@ -186,6 +226,52 @@ def parse_credentials(kind: str, raw: bytes, *, pid: int | None = None) -> PeerC
     return PeerCredentials(pid, uid, gid)
 
 
+#: Linux's SO_PEERPIDFD (6.5+) and SO_PASSRIGHTS (6.16+), numbered as on
+#: every architecture but sparc, parisc and alpha, where they do not apply.
+_SO_PEERPIDFD: Final = int(getattr(socket, "SO_PEERPIDFD", 77))
+_SO_PASSRIGHTS: Final = int(getattr(socket, "SO_PASSRIGHTS", 83))
+_LINUX_SOCKOPTS: Final = sys.platform == "linux" and not platform.machine().startswith(
+    ("sparc", "parisc", "alpha")
+)
+
+
+def peer_pidfd(sock: socket.socket) -> int:
+    """A close-on-exec pidfd of the peer of connected AF_UNIX *sock*, owned by the caller.
+
+    Raises `OSError` ``ENOPROTOOPT`` where the kernel has no
+    ``SO_PEERPIDFD`` (before Linux 6.5, and off Linux).
+    """
+    if not _LINUX_SOCKOPTS:
+        raise OSError(
+            errno.ENOPROTOOPT, f"a peer's pidfd needs Linux 6.5+ (SO_PEERPIDFD), not {sys.platform}"
+        )
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise OSError(exc.errno, "a peer's pidfd needs Linux 6.5+ (SO_PEERPIDFD)") from exc
+        raise
+    os.set_inheritable(fd, False)  # the kernel makes it O_CLOEXEC; say so anyway
+    return fd
+
+
+def refuse_fds(sock: socket.socket) -> bool:
+    """Make the kernel refuse fds sent to AF_UNIX *sock* (``SO_PASSRIGHTS`` off, Linux 6.16+).
+
+    A sender's ``sendmsg`` with SCM_RIGHTS then fails with ``EPERM`` and no
+    fd ever enters this process.  Returns False where the kernel cannot
+    (older kernels, other systems): fds then arrive and the channel closes
+    them (a frame declaring fds is over ``max_fds=0``).
+    """
+    if not _LINUX_SOCKOPTS or sock.family != getattr(socket, "AF_UNIX", None):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSRIGHTS, 0)
+    except OSError:
+        return False
+    return True
+
+
 def unix_socket() -> socket.socket:
     """A new AF_UNIX stream socket, owned by the caller.
 
@@ -202,20 +288,119 @@ def unix_socket() -> socket.socket:
     return socket.socket(family, socket.SOCK_STREAM)
 
 
-def connect_unix(path: str | bytes | os.PathLike[Any], timeout: float | None) -> socket.socket:
+#: A listener whose backlog is full gives no readiness to wait for: the
+#: connect is tried again after this long, doubling up to `CONNECT_RETRY_MAX`.
+CONNECT_RETRY_FIRST: Final = 0.001
+CONNECT_RETRY_MAX: Final = 0.05
+
+
+def connect_step(sock: socket.socket, address: str | bytes) -> bool:
+    """One non-blocking connect of *sock*: True once connected, False while the listener's backlog is full.
+
+    On Linux a full backlog makes a non-blocking AF_UNIX connect fail with
+    ``EAGAIN`` and leaves the socket unconnected (it is no connect in
+    progress, so waiting for writability would report a connection that
+    does not exist).  ``EINPROGRESS`` (other systems) is waited for by the
+    caller like ``EAGAIN``; a connection that then failed raises its error.
+    Other `OSError` propagates.
+    """
+    try:
+        sock.connect(address)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EALREADY:  # an earlier EINPROGRESS attempt is still going
+            return False
+        if exc.errno != errno.EISCONN:  # (EISCONN: that attempt completed)
+            raise
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return False
+        raise
+    return True
+
+
+def backlog_full(address: str | bytes, timeout: float) -> TimeoutError:
+    """The error a connect that waited *timeout* seconds for a full listener raises."""
+    return TimeoutError(
+        errno.ETIMEDOUT,
+        f"timed out after {timeout:g} s waiting for the listener at {address!r} to accept "
+        "the connection (its backlog is full)",
+    )
+
+
+def connect_unix(
+    path: str | bytes | os.PathLike[Any],
+    timeout: float | None,
+    expect_uid: int | Collection[int] | None = None,
+) -> socket.socket:
     """A stream socket connected to the AF_UNIX *path*, owned by the caller.
 
-    *timeout* bounds the connect and stays the socket's timeout.  Raises
-    `OSError` as ``socket.connect`` does, with nothing left open.
+    *timeout* bounds the connect and stays the socket's timeout: while the
+    listener's backlog is full the connect is retried until it is accepted
+    or *timeout* passes (`TimeoutError`; `BlockingIOError` for ``0.0``).
+    ``None`` waits as long as it takes.  Raises `OSError` as
+    ``socket.connect`` does (`FileNotFoundError` and
+    `ConnectionRefusedError` naming the path), and `PermissionError` when
+    the server is not one of *expect_uid* (`check_server`), with nothing
+    left open.
     """
+    address = unix_address(path)
     sock = unix_socket()
     try:
+        sock.setblocking(False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = CONNECT_RETRY_FIRST
+        while not connect_step(sock, address):
+            if timeout == 0.0:
+                raise BlockingIOError(
+                    errno.EAGAIN, f"the listener at {address!r} cannot take the connection now (backlog full)"
+                )
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise backlog_full(address, timeout or 0.0)
+                delay = min(delay, left)
+            time.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
         sock.settimeout(timeout)
-        sock.connect(unix_address(path))
+        check_server(sock, expect_uid, address)
+    except FileNotFoundError as exc:
+        sock.close()
+        raise FileNotFoundError(errno.ENOENT, "no socket there: is the Listener running?", address) from exc
+    except ConnectionRefusedError as exc:
+        sock.close()
+        raise ConnectionRefusedError(
+            errno.ECONNREFUSED, "nothing listens on that socket (a stale socket file?)", address
+        ) from exc
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def check_server(sock: socket.socket, expect_uid: int | Collection[int] | None, address: object) -> None:
+    """Raise `PermissionError` unless the peer of connected *sock* runs as one of *expect_uid*.
+
+    For clients: a filesystem socket is protected by its directory's and its
+    own permissions, but anyone may bind an abstract name (or a path in a
+    world-writable directory) first; checking who serves it before sending
+    anything keeps a client from handing its fds to a squatter.  None checks
+    nothing.  The socket is left to the caller.
+    """
+    if expect_uid is None:
+        return
+    allowed = {expect_uid} if isinstance(expect_uid, int) else set(expect_uid)
+    uid = peer_credentials(sock).uid
+    if uid not in allowed:
+        raise PermissionError(
+            errno.EPERM,
+            f"the server is uid {uid}, not {sorted(allowed)} as expect_uid requires: refusing to use it "
+            "(another user may have bound this name first); nothing was sent",
+            address,
+        )
 
 
 def unix_address(path: str | bytes | os.PathLike[Any], facts: Facts = FACTS) -> str | bytes:

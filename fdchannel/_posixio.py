@@ -38,6 +38,7 @@ __all__ = [
     "ancillary_fds",
     "fds_from_ancillary",
     "finish_read",
+    "landed_fds",
     "read",
     "recv_failure",
     "rights",
@@ -112,34 +113,47 @@ def write(sock: socket.socket, bufs: Sequence[Buffer], fds: Sequence[int], flags
     except OSError as exc:
         if fds and exc.errno == errno.EMSGSIZE and FACTS.emsgsize_is_backpressure:
             return 0
+        if fds and exc.errno == errno.EPERM:
+            raise PermissionError(
+                errno.EPERM,
+                "the kernel refused to pass fds to the peer: its socket accepts only data (SO_PASSRIGHTS "
+                "off, as a channel with max_fds=0 sets it) or a security policy forbids it; nothing was sent",
+            ) from exc
         raise
 
 
-def read(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> tuple[bytes, Sequence[int]] | None:
+def read(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> tuple[bytes, Sequence[int]] | None:  # noqa: C901 - the hot path, inline
     """Do one ``recvmsg_into`` straight into *decoder*.
 
     Returns ``(payload, fds)`` when the read was exactly one plain data
-    frame that may skip the queue (`Decoder.buffer_updated_one`); the fds
-    are then the caller's.  Otherwise what arrived (bytes and fds) is the
-    decoder's, and at end of stream the decoder is told (`Decoder.eof`) and
-    any fds that came with it are closed; returns None.  Raises
-    `BlockingIOError` when nothing is ready (nothing consumed),
-    `TruncatedControlData` on ``MSG_CTRUNC`` (the fds that arrived are
-    closed; the stream can no longer be trusted) and other `OSError` from
-    the kernel.  A connection reset counts as end of stream.
+    frame that may skip the queue (`Decoder.buffer_updated_one`); *fds* is
+    then the list in ``decoder.landed`` (see below) and becomes the
+    caller's.  Otherwise what arrived (bytes and fds) is the decoder's, and
+    at end of stream the decoder is told (`Decoder.eof`) and any fds that
+    came with it are closed; returns None.  Raises `BlockingIOError` when
+    nothing is ready (nothing consumed), `TruncatedControlData` on
+    ``MSG_CTRUNC`` (the fds that arrived are closed; the stream can no
+    longer be trusted) and other `OSError` from the kernel.  A connection
+    reset counts as end of stream.
+
+    The call's result lands in ``decoder.landed`` before any bytecode runs
+    after it (``list.extend`` over ``map`` stores it from C), so an error a
+    signal handler raises right after the call returned cannot take the
+    fds with it: they stay listed there (the raw result, then a list of fd
+    numbers) until the caller clears the list, and `landed_fds` finds them.
     """
+    landed = decoder.landed
     try:
-        n, anc, msg_flags, _ = sock.recvmsg_into([decoder.get_buffer()], ANCBUF, RECV_FLAGS | flags)
+        landed.extend(map(sock.recvmsg_into, ([decoder.get_buffer()],), (ANCBUF,), (RECV_FLAGS | flags,)))
     except ConnectionResetError:
         # A peer that closed without reading all we sent is reported as a
         # reset once its own data is drained: for us it is its EOF (clean
         # between messages, a ProtocolError inside one).
-        n, anc, msg_flags = 0, [], 0
+        if not landed:
+            landed.append((0, [], 0, None))
     except OSError as exc:
-        lost = recv_failure(exc)
-        if lost is None:
-            raise
-        raise lost from exc
+        raise _as_recv_failure(exc)  # noqa: B904 - chained inside when mapped
+    n, anc, msg_flags, _ = landed[-1]
     if n and not msg_flags & _MSG_CTRUNC and RECV_FLAGS:
         # The common case, first: one SCM_RIGHTS entry of whole fds, already
         # close-on-exec, or none.
@@ -153,9 +167,33 @@ def read(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> tuple[b
                 and not len(data) % 4
                 and len(data) <= _MAX_FD_BYTES
             ):
-                return decoder.buffer_updated_one(n, _FD_UNPACK[len(data) >> 2](data))
-    finish_read(decoder, n, anc, msg_flags)
+                fds = list(_FD_UNPACK[len(data) >> 2](data))
+                landed[-1] = fds  # one store: the fds are always listed once
+                return decoder.buffer_updated_one(n, fds)
+    fds = ancillary_fds(anc)
+    landed[-1] = fds
+    if truncated(msg_flags) or not n:
+        landed[-1] = []  # from here on closed, or the decoder's: never listed twice
+    if truncated(msg_flags):
+        close_all(fds)
+        raise truncation_error()
+    if n:
+        decoder.buffer_updated(n, fds)
+        return None
+    close_all(fds)
+    decoder.receive_eof()
     return None
+
+
+def landed_fds(landed: list[Any]) -> list[int]:
+    """The fds listed in a decoder's ``landed`` (see `read`) that nothing else owns yet."""
+    out: list[int] = []
+    for entry in landed:
+        if entry.__class__ is list:
+            out.extend(fd for fd in entry if fd >= 0)
+        else:
+            out.extend(ancillary_fds(entry[1]))
+    return out
 
 
 def finish_read(decoder: Decoder, n: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> None:
@@ -223,6 +261,15 @@ def recv_failure(exc: OSError) -> TruncatedControlData | None:
                 "The stream can no longer be trusted"
             )
     return None
+
+
+def _as_recv_failure(exc: OSError) -> Exception:
+    """*exc*, or the `TruncatedControlData` it means on this platform (chained to it)."""
+    lost = recv_failure(exc)
+    if lost is None:
+        return exc
+    lost.__cause__ = exc
+    return lost
 
 
 def truncated(flags: int) -> bool:

@@ -26,13 +26,22 @@ def spawn(
     it.  The other end is returned: it is owned by the caller and is
     non-inheritable, so children spawned later do not get it.
 
-    *popen_kwargs* go to `subprocess.Popen`; ``env`` (default: this
-    process's environment) and ``pass_fds`` are merged with what the channel
-    needs, and neither the caller's mapping nor ``os.environ`` is changed.
-    Returns ``(process, channel)``; the caller must wait for the process and
-    close the channel.  Raises `ValueError` for ``close_fds=False`` (every
-    inheritable fd would leak into the child) and whatever `subprocess.Popen`
-    raises (`FileNotFoundError`, ...), after closing both ends.
+    Args:
+        args: The program and its arguments, as for `subprocess.Popen`.
+        **popen_kwargs: Go to `subprocess.Popen`; ``env`` (default: this
+            process's environment) and ``pass_fds`` are merged with what the
+            channel needs, and neither the caller's mapping nor
+            ``os.environ`` is changed.
+
+    Returns:
+        ``(process, channel)``: the caller must wait for the process and
+            close the channel.
+
+    Raises:
+        ValueError: ``close_fds=False`` (every inheritable fd would leak
+            into the child), or ``pass_fds`` on Windows.
+        OSError: Whatever `subprocess.Popen` raises (`FileNotFoundError`,
+            ...), after closing both ends.
     """
     if not popen_kwargs.get("close_fds", True):
         raise ValueError("spawn() needs close_fds=True: the child must inherit only its channel end")

@@ -44,6 +44,9 @@ class SocketIO(Protocol):
     ) -> tuple[bytes, Sequence[int]] | None:
         """One read into *decoder*; a lone frame's ``(payload, fds)`` or None."""
 
+    def landed_fds(self, landed: list[Any], /) -> list[int]:
+        """The fds a read left in ``Decoder.landed`` that nothing else owns yet."""
+
 
 #: True where the platform passes fds in band (``sendmsg`` with SCM_RIGHTS).
 HAVE_ANCILLARY: Final = hasattr(socket.socket, "sendmsg") and hasattr(socket, "SCM_RIGHTS")

@@ -28,7 +28,7 @@
  * Python helpers that finish what this module hands over. */
 static PyTypeObject *message_type;
 static PyTypeObject *frame_type; /* fdchannel._codec.Frame, and its slots' offsets */
-static Py_ssize_t off_f_control, off_f_aux, off_f_payload, off_f_fds;
+static Py_ssize_t off_f_control, off_f_aux, off_f_payload, off_f_fds, off_f_shared;
 static Py_ssize_t off_payload, off_fds, off_raw;
 static PyObject *send_rest, *send_interrupted, *recv_rest;
 static PyObject *empty_tuple;
@@ -36,7 +36,8 @@ static PyObject *empty_tuple;
 static PyObject *s_closed, *s_broken, *s_outbox, *s_pending, *s_send_lock, *s_recv_lock, *s_acquire,
     *s_release, *s_max_payload, *s_max_fds, *s_decoder, *s_frames, *s_error, *s_eof, *s_lone, *s_end,
     *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_recv_stopped, *s_push_back, *s_fileno,
-    *s_characters_written, *s_popleft, *s_appendleft;
+    *s_characters_written, *s_popleft, *s_appendleft, *s_suspect, *s_unclaimed, *s_share_above,
+    *s_delivering, *s_landed, *s_recv_interrupted;
 
 typedef struct {
     PyObject_HEAD
@@ -45,6 +46,12 @@ typedef struct {
     int send_flags;               /* MSG_NOSIGNAL */
     Py_ssize_t fast_max_fds;      /* what a lone frame may carry (the decoder's bounds) */
     Py_ssize_t fast_max_payload;
+    /* What the last call handed out, for Channel.send/recv to account for
+     * when a signal handler raises as the call returns (CPython runs
+     * handlers right after a C call): the bytes of a message that left
+     * whole (else -1), the Message returned (Channel.recv clears it). */
+    Py_ssize_t sent_whole;
+    PyObject *delivered;
 } FastPath;
 
 /* -- small helpers ------------------------------------------------------------ */
@@ -417,22 +424,6 @@ static void send_was_interrupted(PyObject *channel) {
     PyErr_Restore(type, value, tb);
 }
 
-static PyObject *raise_errno_unsent(int err) {
-    errno = err;
-    PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (value != NULL) {
-        PyObject *zero = PyLong_FromLong(0);
-        if (zero == NULL || PyObject_SetAttr(value, s_characters_written, zero) < 0)
-            PyErr_Clear();
-        Py_XDECREF(zero);
-    }
-    PyErr_Restore(type, value, tb);
-    return NULL;
-}
-
 /* send(channel, payload, fds) -> True when the whole message left, False
  * when nothing was done (the Python path takes it from the start). */
 static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -486,6 +477,19 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
         goto not_handled;
     int closed = attr_true(channel, s_closed);
     int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
+    /* What the Python path checks or does first: an earlier send cut
+     * twice (_suspect), a forked child's end not yet claimed, payloads
+     * that may go as sealed shared memory. */
+    if (healthy == 1) {
+        int r = attr_true(channel, s_suspect);
+        if (r == 0)
+            r = attr_true(channel, s_unclaimed);
+        if (r == 0) {
+            r = attr_none(channel, s_share_above);
+            r = r < 0 ? -1 : !r;
+        }
+        healthy = r < 0 ? -1 : !r;
+    }
     PyObject *outbox = healthy == 1 ? lookup(channel, s_outbox) : NULL;
     Py_ssize_t pending = -1;
     if (outbox != NULL) {
@@ -559,10 +563,29 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
             }
         }
     } else {
-        raise_errno_unsent(err);
+        /* The kernel refused it and nothing left: the Python path writes it
+         * again and raises its own way (naming a closed fd, EPERM for a peer
+         * that takes only data, a close from another thread). */
+        if (leave(channel, lock) < 0)
+            goto done;
+        goto not_handled;
+    }
+    if (result == Py_True && PyErr_CheckSignals() < 0) {
+        /* A handler raised as the call ends: the message had left whole. */
+        Py_CLEAR(result);
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject *whole = PyLong_FromSsize_t(HEADER_SIZE + size);
+        if (value == NULL || whole == NULL || PyObject_SetAttr(value, s_characters_written, whole) < 0)
+            PyErr_Clear();
+        Py_XDECREF(whole);
+        PyErr_Restore(type, value, tb);
     }
     if (leave(channel, lock) < 0)
         Py_CLEAR(result);
+    if (result == Py_True)
+        self->sent_whole = HEADER_SIZE + size;
     goto done;
 
 not_handled:
@@ -643,7 +666,9 @@ static PyObject *next_queued(PyObject *decoder) {
     if (f != NULL && Py_TYPE(f) == frame_type) {
         PyObject *control = SLOT(f, off_f_control), *aux = SLOT(f, off_f_aux);
         PyObject *payload = SLOT(f, off_f_payload), *fds = SLOT(f, off_f_fds);
-        if (control == Py_False && aux != NULL && PyBytes_CheckExact(aux) && PyBytes_GET_SIZE(aux) == 0 &&
+        PyObject *shared = SLOT(f, off_f_shared);
+        /* A shared-memory frame's payload is a memfd to check: the Python path's. */
+        if (control == Py_False && shared == Py_False && aux != NULL && PyBytes_CheckExact(aux) && PyBytes_GET_SIZE(aux) == 0 &&
             payload != NULL && fds != NULL && PyList_CheckExact(fds)) {
             PyObject *popped = PyObject_CallMethodNoArgs(frames, s_popleft);
             if (popped != NULL) {
@@ -673,6 +698,8 @@ static PyObject *next_queued(PyObject *decoder) {
     return result;
 }
 
+static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored));
+
 /* recv(channel) -> the Message when one read was exactly one plain frame,
  * None when the Python path must go on (what was read is in the decoder). */
 static PyObject *recv_impl(FastPath *self, PyObject *channel) {
@@ -685,8 +712,22 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
     }
     int closed = attr_true(channel, s_closed);
     int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
+    /* What the Python path checks first: a message an earlier recv() had in
+     * hand when cut twice (_delivering, the decoder's landed list), a forked
+     * child's end not yet claimed. */
+    if (healthy == 1) {
+        int r = attr_true(channel, s_delivering);
+        if (r == 0)
+            r = attr_true(channel, s_unclaimed);
+        healthy = r < 0 ? -1 : !r;
+    }
     if (healthy == 1)
         decoder = lookup(channel, s_decoder);
+    if (decoder != NULL) {
+        Py_ssize_t landed = attr_len(decoder, s_landed);
+        if (landed != 0)
+            Py_CLEAR(decoder);
+    }
     if (decoder != NULL && frame_type != NULL) {
         /* A frame the decoder already holds (a read brought several): hand
          * out the next, as ChannelCore._next_message does for a plain one. */
@@ -731,8 +772,8 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         if (n >= 0 || err != EINTR)
             break;
         if (PyErr_CheckSignals() < 0) {
+            /* Nothing was read: the channel is intact, as on the Python path. */
             PyBuffer_Release(&view);
-            recv_stopped(channel);
             goto fail;
         }
     }
@@ -740,12 +781,8 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         PyBuffer_Release(&view);
         if (err == EAGAIN || err == EWOULDBLOCK)
             goto not_handled; /* the Python path waits */
-        if (err != ECONNRESET) {
-            /* As the Python path: the kernel's error, the channel intact. */
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto fail;
-        }
+        if (err != ECONNRESET)
+            goto not_handled; /* nothing was read: the Python path reads again and raises its way */
         n = 0; /* a reset after the peer's data: its end of stream */
         msg.msg_controllen = 0;
         msg.msg_flags = 0;
@@ -794,21 +831,17 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
                 goto fail;
             }
             if (PyErr_CheckSignals() < 0) {
-                /* A handler raised: the message goes back to the decoder
-                 * (nothing is lost) and the exception is raised. */
+                /* A handler raised with the message in hand: as on the Python
+                 * path it is lost (its fds closed) and the channel says so. */
                 PyObject *type, *value, *tb;
                 PyErr_Fetch(&type, &value, &tb);
-                PyObject *list = int_list(fds, nfds);
-                PyObject *r = list ? PyObject_CallMethodObjArgs(decoder, s_push_back, payload, list, NULL) : NULL;
-                if (r != NULL) {
-                    /* The decoder owns the fds now: the message must not close them. */
-                    Py_INCREF(empty_tuple);
-                    Py_SETREF(SLOT(m, off_raw), empty_tuple);
-                    Py_DECREF(r);
-                } else {
-                    PyErr_Clear();
-                }
-                Py_XDECREF(list);
+                PyErr_NormalizeException(&type, &value, &tb);
+                PyObject *r = Message_close(m, NULL);
+                Py_XDECREF(r);
+                PyErr_Clear();
+                r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
+                Py_XDECREF(r);
+                PyErr_Clear();
                 Py_DECREF(m);
                 Py_DECREF(payload);
                 Py_DECREF(raw);
@@ -829,6 +862,15 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             PyErr_Fetch(&type, &value, &tb); /* raised once what was read is recorded */
         PyObject *list = int_list(fds, nfds);
         PyObject *r = NULL;
+        PyObject *landed = list != NULL ? lookup(decoder, s_landed) : NULL;
+        /* Listed where a handler's error finds them (Decoder.landed), as the
+         * Python path's read leaves them; _recv_rest clears the list. */
+        if (landed == NULL || !PyList_CheckExact(landed) || PyList_Append(landed, list) < 0) {
+            Py_CLEAR(list);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "Decoder.landed must be a list");
+        }
+        Py_XDECREF(landed);
         if (list == NULL) {
             close_fds(fds, nfds);
         } else {
@@ -841,8 +883,16 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             Py_DECREF(list);
         }
         if (type != NULL) {
+            /* As on the Python path: a handler's error right after a read
+             * that brought something makes the stream unusable. */
             Py_XDECREF(r);
             PyErr_Clear();
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (n > 0 || nfds > 0) {
+                r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
+                Py_XDECREF(r);
+                PyErr_Clear();
+            }
             PyErr_Restore(type, value, tb);
             goto fail;
         }
@@ -866,6 +916,7 @@ out:
 }
 
 static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    self->sent_whole = -1;
     PyObject *r = send_impl(self, args, nargs);
     forget_dicts();
     return r;
@@ -875,6 +926,10 @@ static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
     Py_INCREF(channel);
     PyObject *r = recv_impl(self, channel);
     forget_dicts();
+    if (r != NULL && r != Py_None) {
+        Py_INCREF(r);
+        Py_XSETREF(self->delivered, r);
+    }
     Py_DECREF(channel);
     return r;
 }
@@ -928,6 +983,8 @@ static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
                 PyErr_Clear();
                 continue;
             }
+            if (fd < 0) /* taken out by the channel after an interrupt (adopt_all) */
+                continue;
             if (close((int)fd) < 0 && first == NULL) {
                 PyErr_SetFromErrno(PyExc_OSError);
                 PyErr_Fetch(&ft, &fv, &ftb);
@@ -988,11 +1045,15 @@ static PyObject *Message_del(PyObject *self, PyObject *Py_UNUSED(ignored)) {
         long fd = PyLong_AsLong(items[i]);
         if (fd == -1 && PyErr_Occurred())
             PyErr_Clear();
-        else
+        else if (fd >= 0) /* -1: taken out by the channel after an interrupt (adopt_all) */
             close((int)fd);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         long fd = PyLong_AsLong(items[i]);
+        if (fd < 0) {
+            PyErr_Clear();
+            continue;
+        }
         if (PyErr_ResourceWarning(self, 1, "unclosed <OwnedFd fd=%ld>", fd) < 0) {
             Py_DECREF(raw);
             return NULL;
@@ -1026,6 +1087,19 @@ static PyMethodDef FastPath_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef FastPath_members[] = {
+    {"sent_whole", T_PYSSIZET, offsetof(FastPath, sent_whole), READONLY,
+     "bytes of the message the last send() sent whole, else -1"},
+    {"delivered", T_OBJECT, offsetof(FastPath, delivered), 0,
+     "the Message the last recv() returned, until Channel.recv clears it"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static void FastPath_dealloc(FastPath *self) {
+    Py_CLEAR(self->delivered);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
 static PyTypeObject FastPath_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fdchannel._speedups.FastPath",
     .tp_basicsize = sizeof(FastPath),
@@ -1034,6 +1108,8 @@ static PyTypeObject FastPath_Type = {
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastPath_init,
     .tp_methods = FastPath_methods,
+    .tp_members = FastPath_members,
+    .tp_dealloc = (destructor)FastPath_dealloc,
 };
 
 static Py_ssize_t slot_offset(PyObject *cls, const char *name) {
@@ -1059,9 +1135,11 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!OO!OOO", &PyType_Type, &cls, &closed, &PyType_Type, &fcls, &a, &b, &c))
         return NULL;
     Py_ssize_t fc = slot_offset(fcls, "control"), fa = slot_offset(fcls, "aux"),
-               fp = slot_offset(fcls, "payload"), ff = slot_offset(fcls, "fds");
-    if (fc < 0 || fa < 0 || fp < 0 || ff < 0)
+               fp = slot_offset(fcls, "payload"), ff = slot_offset(fcls, "fds"),
+               fs = slot_offset(fcls, "shared");
+    if (fc < 0 || fa < 0 || fp < 0 || ff < 0 || fs < 0)
         return NULL;
+    off_f_shared = fs;
     off_f_control = fc;
     off_f_aux = fa;
     off_f_payload = fp;
@@ -1149,6 +1227,12 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_characters_written, "characters_written");
     INTERN(s_popleft, "popleft");
     INTERN(s_appendleft, "appendleft");
+    INTERN(s_suspect, "_suspect");
+    INTERN(s_unclaimed, "_unclaimed");
+    INTERN(s_share_above, "_share_above");
+    INTERN(s_delivering, "_delivering");
+    INTERN(s_landed, "landed");
+    INTERN(s_recv_interrupted, "_recv_interrupted");
     if ((empty_tuple = PyTuple_New(0)) == NULL)
         return NULL;
     if (PyType_Ready(&FastPath_Type) < 0)

@@ -17,7 +17,7 @@ from typing_extensions import Buffer
 
 from ._codec import Decoder
 
-__all__ = ["DONTWAIT", "SEND_FLAGS", "read", "write"]
+__all__ = ["DONTWAIT", "SEND_FLAGS", "landed_fds", "read", "write"]
 
 #: Makes one call non-blocking whatever the socket's mode; 0 where the
 #: platform has no such flag (Windows): channels then keep the socket
@@ -84,3 +84,8 @@ def read(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> tuple[b
         return decoder.buffer_updated_one(n, ())
     decoder.receive_eof()
     return None
+
+
+def landed_fds(landed: list[Any]) -> list[int]:
+    """No fds land on a plain byte stream (`fdchannel._posixio.landed_fds` has some)."""
+    return []

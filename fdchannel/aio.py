@@ -25,23 +25,36 @@ import logging
 import os
 import select
 import socket
+import time
+import warnings
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any, Final, Self
 
 from typing_extensions import Buffer
 
 from . import _batch
 from ._channel import Channel
-from ._codec import SCM_MAX_FD, Decoder
+from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelClosed, FdChannelError
-from ._fdutil import close_all
 from ._handoff import reduce_channel
+from ._interrupt import raised_in_signal_handler
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
-from ._peer import unix_socket
+from ._peer import (
+    CONNECT_RETRY_FIRST,
+    CONNECT_RETRY_MAX,
+    PeerCredentials,
+    backlog_full,
+    check_server,
+    connect_step,
+    unix_address,
+    unix_socket,
+)
+from ._shared import SealedMemory, share_large
 from ._sockio import write_pending
 from .transports import Session, Transport
 
@@ -139,10 +152,23 @@ class AsyncChannel(ChannelCore):
     ) -> None:
         """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
 
-        The socket is made non-blocking.  *max_payload* and *max_fds* bound one
-        message both ways, as on `fdchannel.Channel` (a message exactly at a
-        limit is allowed).  Raises `ValueError` for a socket the transport
-        cannot use (the socket then stays the caller's).
+        The socket is made non-blocking.  The limits bound one message both
+        ways, as on `fdchannel.Channel` (a message exactly at a limit is
+        allowed).
+
+        Args:
+            sock: A connected stream socket; the channel owns it from now on.
+            transport: How fds travel; ``None`` means
+                `default_transport()`.  Both ends must use the same one.
+            max_payload: The largest payload of one message, in bytes
+                (default `DEFAULT_MAX_PAYLOAD`, 64 MiB).
+            max_fds: The most fds one message may carry (default
+                `DEFAULT_MAX_FDS`, 1024).
+
+        Raises:
+            ValueError: *sock* is not a stream socket, a limit is negative,
+                or the transport cannot use *sock* (the socket then stays
+                the caller's).
         """
         transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
         self._setup(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
@@ -182,9 +208,28 @@ class AsyncChannel(ChannelCore):
     def pair(cls, *, transport: Transport | None = None, **kwargs: Any) -> tuple[AsyncChannel, AsyncChannel]:
         """Return two connected channels over a new AF_UNIX socketpair.
 
-        Both sockets are non-inheritable.  Keyword arguments go to both ends.
+        Both sockets are non-inheritable.
+
+        Args:
+            transport: The transport of both ends (default:
+                `default_transport()`).
+            **kwargs: Go to both constructors (``max_payload``, ``max_fds``).
+
+        Returns:
+            The two ends, each owned by the caller.
+
+        Raises:
+            OSError: The socketpair could not be created.
         """
-        return cls._pair(transport, kwargs)
+        ends = cls._pair(transport, kwargs)
+        # Each end can close its partner after a fork (close_other).
+        ends[0]._other_end, ends[1]._other_end = weakref.ref(ends[1]), weakref.ref(ends[0])
+        return ends
+
+    @classmethod
+    async def connect(cls, path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncChannel:
+        """Connect to the `start_server` (or `fdchannel.Listener`) at *path*: `fdchannel.aio.connect`."""
+        return await connect(path, **kwargs)
 
     @classmethod
     def from_channel(cls, channel: Channel) -> AsyncChannel:
@@ -195,9 +240,18 @@ class AsyncChannel(ChannelCore):
         timed-out or non-blocking ``send()`` left pending (it is finished
         first).  Transport and limits carry over.  *channel* is closed
         afterwards without closing anything (its ``closed`` is true and its
-        methods raise `ValueError`).  Raises `ValueError` if *channel* is
-        closed and `RuntimeError` if another thread is inside its ``send()``
-        or ``recv()``; nothing moves then.
+        methods raise `ValueError`).
+
+        Args:
+            channel: The blocking channel to take over.
+
+        Returns:
+            The new channel, owned by the caller.
+
+        Raises:
+            ValueError: *channel* is closed (nothing moves).
+            RuntimeError: Another thread is inside *channel*'s ``send()`` or
+                ``recv()`` (nothing moves).
         """
         ch: Any = channel  # its private state, by design: same package
         if ch._closed:
@@ -222,8 +276,12 @@ class AsyncChannel(ChannelCore):
                 # own their bytes and fds, so the whole outbox changes hands
                 # (before any control frame: it may hold a frame's rest).
                 self._outbox, ch._outbox = ch._outbox, self._outbox
+                # The decoder is this channel's now: the old one's clean-up
+                # (a call on it after this, its close) must not release it.
+                ch._decoder = Decoder(wire_id=0, in_band=False, max_payload=0, max_fds=0, max_aux=0)
                 self._broken = ch._broken
                 self._eof = ch._eof
+                self._share_above = ch._share_above
                 ch._closed = True
                 if self._has_control:
                     self._flush_control_nowait()
@@ -401,33 +459,44 @@ class AsyncChannel(ChannelCore):
         # One thread: a task suspended in send() or recv() touches nothing
         # until it runs again, and then it finds the channel closed.
         self._outbox.discard()
-        close_all(self._decoder.take_fds())
+        self._close_held()
+        self._decoder.release()
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, payload: Buffer = b"", fds: Iterable[int | Any] = ()) -> None:
+    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912 - the send fast path, inline
         """Send one message: *payload* and *fds*, delivered together.
 
-        *fds* are ints or objects with ``fileno()``; they stay the caller's.
         Waits while the socket is full (backpressure): memory held by the
         channel stays at most one message however slowly the peer reads.
-        *payload* is borrowed until ``send()`` returns: do not change it.
-
-        Raises `ValueError` before writing anything when the message exceeds
-        ``max_payload``/``max_fds``, names an impossible fd number (negative,
-        a closed file object) or the channel's own socket, or the channel is
-        closed; `BufferError` for a payload that is not contiguous; `OSError`
-        (``EBADF``) for a number that is not an open fd, also before writing
-        anything; `ProtocolError` if an earlier error left the channel
-        unusable (`ChannelBroken` when this end broke it); `OSError` (such
-        as `BrokenPipeError`) from the kernel; `RuntimeError` when called
-        from another event loop than the one the channel was first used on.
         Cancelled: not sent if ``characters_written`` on the
         ``CancelledError`` is ``0``; otherwise taken and finished before any
         later message (see `flush`).
+
+        Args:
+            payload: The message's bytes, borrowed until ``send()`` returns:
+                do not change it meanwhile.
+            fds: Ints or objects with ``fileno()``; they stay the caller's,
+                who may close them as soon as the call returns or raises.
+
+        Raises:
+            ValueError: Before writing anything: the message exceeds
+                ``max_payload``/``max_fds``, names an impossible fd number
+                (negative, a closed file object) or the channel's own
+                socket, or the channel is closed.
+            BufferError: The payload is not contiguous.
+            OSError: ``EBADF`` before writing anything for a number that is
+                not an open fd; otherwise from the kernel (such as
+                `BrokenPipeError`).
+            ProtocolError: An earlier error left the channel unusable
+                (`ChannelBroken` when this end broke it).
+            RuntimeError: Called from another event loop than the one the
+                channel was first used on.
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
+        if self._share_above is not None:
+            payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
         gate = self._send_gate
         if not gate.try_enter():
@@ -437,26 +506,43 @@ class AsyncChannel(ChannelCore):
             except BaseException as exc:
                 set_written(exc, 0)
                 raise
+        done = False
         try:
-            if self._closed or self._broken is not None:
-                self._check_usable()
-            if (
-                self._streak < _FAIRNESS - 1
-                and self._simple
-                and len(nums) <= SCM_MAX_FD
-                and not self._outbox.pending
-            ):
-                # The common case: no await unless the socket is full.
-                self._streak += 1
-                sent = self._send_whole(payload, nums, size)
-                if sent is not None:
-                    await self._push(sent)
-                return
-            await self._send_queued(payload, nums, size)
+            try:
+                if self._closed or self._broken is not None or self._suspect:
+                    self._check_leftovers(False)
+                self._suspect = True
+                if (
+                    self._streak < _FAIRNESS - 1
+                    and self._simple
+                    and len(nums) <= SCM_MAX_FD
+                    and not self._outbox.pending
+                ):
+                    # The common case: no await unless the socket is full.
+                    self._streak += 1
+                    sent = self._send_whole(payload, nums, size)
+                    if sent is not None:
+                        await self._push(sent)
+                else:
+                    await self._send_queued(payload, nums, size)
+            except BaseException as exc:
+                self._send_interrupted(exc)
+                raise
+            self._suspect = False
+            done = True
+        except BaseException as exc:
+            if done:
+                # A signal handler's error as the gate was left: the
+                # message had left whole.
+                set_written(exc, HEADER_SIZE + size)
+            raise
         finally:
-            gate.leave()
+            if gate._waiters:
+                gate.leave()
+            else:
+                gate._busy = False  # as in recv(): no call, no interrupt point
 
-    async def send_many(self, messages: Iterable[tuple[Buffer, Iterable[int | Any]]]) -> None:
+    async def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:
         """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
 
         As `fdchannel.Channel.send_many`: every message is checked first,
@@ -464,7 +550,8 @@ class AsyncChannel(ChannelCore):
         when the call stops part way (cancelled, a kernel error) the
         exception's ``messages_taken`` counts the messages taken (sent, or
         pending for `flush`); send the rest again.  Waits while the socket
-        is full.
+        is full.  A payload sent as sealed shared memory goes in a write of
+        its own, in order.
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()
@@ -475,15 +562,22 @@ class AsyncChannel(ChannelCore):
             exc.messages_taken = 0  # type: ignore[attr-defined]
             raise
         try:
-            self._check_usable()
-            if self._simple and not self._outbox.pending:
-                await _batch.send_groups_async(self, prepared)
-            else:
-                await _batch.send_each_async(self, prepared)
+            if self._closed or self._broken is not None or self._suspect:
+                self._check_leftovers(False)
+            self._suspect = True
+            try:
+                if self._simple and not self._outbox.pending:
+                    await _batch.send_groups_async(self, prepared)
+                else:
+                    await _batch.send_each_async(self, prepared)
+            except BaseException as exc:
+                self._send_interrupted(exc)
+                raise
+            self._suspect = False
         finally:
             self._send_gate.leave()
 
-    async def _send_queued(self, payload: Buffer, nums: list[int], size: int) -> None:
+    async def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
         try:
             await self._fair()
@@ -513,7 +607,13 @@ class AsyncChannel(ChannelCore):
     async def flush(self) -> None:
         """Write what a cancelled ``send()`` left pending; return when none is.
 
-        Raises as `send` does.  Cancelling it leaves the rest pending.
+        Cancelling it leaves the rest pending.
+
+        Raises:
+            OSError: From the kernel.
+            ProtocolError: An earlier error left the channel unusable.
+            ValueError: The channel is closed.
+            RuntimeError: Called from another event loop.
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()
@@ -551,25 +651,33 @@ class AsyncChannel(ChannelCore):
 
     # -- receiving ------------------------------------------------------------
 
-    async def recv(self) -> Message:  # noqa: C901 - the recv fast path: one loop, no call per step
+    async def recv(self) -> Message:  # noqa: C901, PLR0912 - the recv fast path: one loop, no call per step
         """Receive one whole message; its fds are now the caller's.
 
-        Raises `ChannelClosed` when the peer closed between messages (or the
-        channel was closed while this call waited), `ProtocolError` for
-        anything malformed (the channel is unusable after it), `ValueError`
-        on a closed channel, `OSError` from the kernel.  Cancelled: nothing
-        is lost; what arrived stays buffered for the next ``recv()``.
-        `RuntimeError` when called from another event loop than the one the
-        channel was first used on (the channel stays as it was).
+        Cancelled: nothing is lost; what arrived stays buffered for the next
+        ``recv()``.
+
+        Returns:
+            The message; each of its fds is an `OwnedFd` the caller owns.
+
+        Raises:
+            ChannelClosed: The peer closed between messages, or the channel
+                was closed while this call waited.
+            ProtocolError: Anything malformed; the channel is unusable after.
+            ValueError: The channel is closed.
+            OSError: From the kernel, with its errno.
+            RuntimeError: Called from another event loop than the one the
+                channel was first used on (the channel stays as it was).
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
         gate = self._recv_gate
         if not gate.try_enter():
             await gate.enter()
+        msg: Message | None = None
         try:
-            if self._closed or self._broken is not None:
-                self._check_usable()
+            if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
+                self._check_leftovers(True)
             self._streak += 1
             if self._streak >= _FAIRNESS:  # inline: no coroutine per message
                 self._streak = 0
@@ -581,23 +689,42 @@ class AsyncChannel(ChannelCore):
                 if decoder.frames or decoder.error is not None or decoder.eof:
                     msg = self._next_message()
                     if msg is not None:
+                        self._delivering = False
                         return msg
                 try:
                     msg = self._read(0)
-                except BlockingIOError:
+                except BlockingIOError as exc:
+                    if raised_in_signal_handler(exc):
+                        raise
                     self._streak = 0
                     await self._wait_readable()
                     continue
                 if msg is not None:
+                    self._delivering = False
                     return msg
         except BaseException as exc:
             self._recv_stopped(exc)
             raise
         finally:
-            gate.leave()
+            if gate._waiters:
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    if msg is not None:
+                        self._recv_lost(exc, msg)
+                    raise
+            else:
+                # No call, so no point where a signal handler could run
+                # and leave the gate taken for good.
+                gate._busy = False
 
     def __aiter__(self) -> AsyncIterator[Message]:
-        """Yield messages until the peer closes the channel."""
+        """Iterate with ``async for``: messages until the peer closes the channel.
+
+        Returns:
+            The channel itself; each step awaits `recv`, `ChannelClosed`
+                ends the loop and any other error propagates.
+        """
         return self
 
     async def __anext__(self) -> Message:
@@ -639,19 +766,59 @@ class AsyncChannel(ChannelCore):
 # -- named endpoints -------------------------------------------------------------
 
 
-async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> AsyncChannel:
+async def connect(
+    path: str | bytes | os.PathLike[Any],
+    *,
+    timeout: float | None = None,
+    expect_uid: int | Collection[int] | None = None,
+    **kwargs: Any,
+) -> AsyncChannel:
     """Connect to the `start_server` (or `fdchannel.Listener`) at *path*.
 
-    *path* is a filesystem path or, on Linux, an abstract name starting with
-    ``"\\0"``.  Keyword arguments go to `AsyncChannel`.  Raises `OSError`
-    (``FileNotFoundError``, ``ConnectionRefusedError``, ...) as
-    ``socket.connect`` does.  Cancelled: the socket is closed, nothing leaks.
+    While the listener's backlog is full the connect is retried until it is
+    accepted or *timeout* seconds passed.  Cancelled: the socket is closed,
+    nothing leaks.
+
+    Args:
+        path: A filesystem path or, on Linux, an abstract name starting with
+            ``"\\0"``.
+        timeout: How long to wait for a listener whose backlog is full
+            (``None``, the default: as long as it takes).
+        expect_uid: A uid (or several) the server must run as, checked
+            before anything is sent, as on `fdchannel.Channel.connect`.
+        **kwargs: Go to `AsyncChannel` (``transport``, ``max_payload``,
+            ``max_fds``).
+
+    Returns:
+        The new channel, owned by the caller.
+
+    Raises:
+        OSError: As ``socket.connect`` raises it (`FileNotFoundError`,
+            `ConnectionRefusedError`, ...).
+        TimeoutError: The listener did not accept within *timeout*.
+        PermissionError: The server is not one of *expect_uid*; nothing
+            was sent.
     """
-    address = os.fspath(path)
+    address = unix_address(path)
     sock = unix_socket()
     try:
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, address)
+        # time.monotonic(), not loop.time(): uvloop's is cached per iteration.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = CONNECT_RETRY_FIRST
+        # Not loop.sock_connect(): on a full backlog the connect fails with
+        # EAGAIN and the socket stays unconnected, yet writable, so a loop
+        # that waits for writability reports a connection that does not
+        # exist (both the default loop and uvloop did).
+        while not connect_step(sock, address):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise backlog_full(address, timeout or 0.0)
+                delay = min(delay, left)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
+        check_server(sock, expect_uid, address)
         return AsyncChannel(sock, **kwargs)
     except BaseException:
         sock.close()
@@ -677,6 +844,8 @@ def _swallow(fut: asyncio.Future[Any]) -> None:
 
 
 Handler = Callable[[AsyncChannel], Awaitable[object]]
+#: A peer check: called with the peer's credentials, true accepts.
+Authorize = Callable[[PeerCredentials], object]
 
 
 def _closer(channel: AsyncChannel) -> Callable[[asyncio.Task[None]], None]:
@@ -716,15 +885,32 @@ class Server:
 
     @property
     def listener(self) -> Listener:
-        """The underlying `fdchannel.Listener` (owned by the server); see ``refused``."""
+        """The underlying `fdchannel.Listener` (owned by the server); its ``refused`` counts refused peers."""
         return self._listener
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening socket, as `asyncio.Server.sockets` has them (empty once closed).
+
+        Owned by the server: use it for ``getsockname()`` and options, do
+        not close it.
+        """
+        return () if self._listener.closed else (self._listener._sock,)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on, as `asyncio.Server.get_loop`."""
+        return self._loop
 
     def is_serving(self) -> bool:
         """True while new connections are accepted."""
         return self._serving
 
     async def start_serving(self) -> None:
-        """Start accepting connections (a no-op if already serving)."""
+        """Start accepting connections (a no-op if already serving).
+
+        Raises:
+            RuntimeError: The server is closed.
+        """
         if self._listener.closed:
             raise RuntimeError(f"server {self.path!r} is closed")
         if not self._serving:
@@ -803,7 +989,14 @@ class Server:
             self._closed.set_result(None)
 
     def close_clients(self) -> None:
-        """Cancel every running handler task (their channels are then closed)."""
+        """Cancel every running handler task; each one's channel is then closed.
+
+        asyncio's `close_clients` (3.13) closes the connections and lets the
+        handlers notice; here the handler task is cancelled (its ``finally``
+        blocks run) and its channel closed, which is also what
+        `asyncio.Server.abort_clients` amounts to for a channel: queued
+        output is dropped, not flushed.
+        """
         for task in list(self._tasks):
             task.cancel()
 
@@ -816,8 +1009,11 @@ class Server:
     async def serve_forever(self) -> None:
         """Accept connections until `close` is called; cancelling it closes the server.
 
-        As `asyncio.Server.serve_forever`; raises `RuntimeError` if another
-        task is already in it.
+        As `asyncio.Server.serve_forever`.
+
+        Raises:
+            RuntimeError: Another task is already in it, or the server is
+                closed.
         """
         if self._serving_forever is not None:
             raise RuntimeError(f"server {self.path!r} is already in serve_forever()")
@@ -840,34 +1036,93 @@ class Server:
 
 
 async def start_server(
+    client_connected_cb: Handler,
     path: str | bytes | os.PathLike[Any],
-    handler: Handler,
     *,
     backlog: int = 128,
     mode: int = 0o600,
     start_serving: bool = True,
-    **options: Any,
+    allow_uids: Collection[int] | None = None,
+    allow_gids: Collection[int] | None = None,
+    authorize: Authorize | None = None,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_fds: int = DEFAULT_MAX_FDS,
+    transport: Transport | None = None,
 ) -> Server:
-    """Listen on the Unix socket *path* and run ``await handler(channel)`` per connection.
+    """Listen on the Unix socket *path* and run ``await client_connected_cb(channel)`` per connection.
 
-    Shaped like `asyncio.start_unix_server`, but the handler receives one
-    `AsyncChannel` (owned by the server, closed when the handler returns)
-    instead of a reader/writer pair.  The listening side is a
-    `fdchannel.Listener`: the socket file gets the permission bits *mode*
-    and no looser ones at any moment; a stale file left by a dead listener
-    is replaced, a live one raises `OSError` (``EADDRINUSE``), a path holding
-    anything but a socket raises `FileExistsError` and is left alone; a name
-    starting with ``"\\0"`` is a Linux abstract socket.  *options* go to the
-    `Listener` (``allow_uids``, ``allow_gids``, ``authorize``: refused peers
-    are closed before anything is read, counted in ``server.listener.refused``
-    and logged) and to each channel (``max_payload``, ``max_fds``,
-    ``transport``).  Exceptions raised by a handler are logged on the
-    ``fdchannel.aio`` logger and the server keeps serving.
+    Shaped like `asyncio.start_unix_server`, callback first, then the path
+    (the old order ``start_server(path, handler)`` still works, with a
+    `DeprecationWarning`), but the callback receives one `AsyncChannel`
+    (owned by the server, closed when the callback returns) instead of a
+    reader/writer pair.  The listening side is a `fdchannel.Listener`: the
+    socket file gets the permission bits *mode* and no looser ones at any
+    moment; a stale file left by a dead listener is replaced, a live one
+    raises `OSError` (``EADDRINUSE``), a path holding anything but a socket
+    raises `FileExistsError` and is left alone; a name starting with
+    ``"\\0"`` is a Linux abstract socket.  Exceptions raised by the
+    callback are logged on the ``fdchannel.aio`` logger and the server keeps
+    serving.
+
+    Args:
+        client_connected_cb: ``async def handler(channel)``, run as a task
+            per connection with an `AsyncChannel` the server owns.
+        path: The socket's filesystem path, or ``"\\0name"`` for a Linux
+            abstract name.
+        backlog: The listen queue's length.
+        mode: The socket file's permission bits (``0o600``: the owner only).
+        start_serving: Accept at once; ``False`` waits for
+            `Server.start_serving` or `Server.serve_forever`.
+        allow_uids: Peers must run as one of these uids.
+        allow_gids: Peers' primary or supplementary group must be one of
+            these.
+        authorize: Called with each peer's `PeerCredentials`; true accepts.
+            Refused peers are closed before anything is read, counted in
+            ``server.listener.refused`` and logged.
+        max_payload: As for `AsyncChannel` (64 MiB).
+        max_fds: As for `AsyncChannel` (1024).
+        transport: As for `AsyncChannel` (`default_transport()`).
+
+    Returns:
+        The serving `Server`, owned by the caller (``async with`` closes it
+            and waits for its handlers).
+
+    Raises:
+        OSError: ``EADDRINUSE`` when a live listener holds *path*,
+            ``ENAMETOOLONG`` for a path clients could not connect to, or
+            from the kernel (``EACCES``, ...).
+        FileExistsError: *path* holds something that is not a socket (left
+            alone).
+        ValueError: *mode* is not permission bits (0o000-0o777).
+        TypeError: The callback is not callable, or an unknown keyword
+            argument.
     """
-    listener = Listener(path, backlog=backlog, mode=mode, **options)
+    if not callable(client_connected_cb) and callable(path):
+        warnings.warn(
+            "start_server(path, handler) is deprecated: pass the handler first, as "
+            "asyncio.start_unix_server(client_connected_cb, path) does",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        client_connected_cb, path = path, client_connected_cb
+    if not callable(client_connected_cb):
+        raise TypeError(
+            f"start_server() takes the handler first, then the path; got {type(client_connected_cb).__name__}"
+        )
+    listener = Listener(
+        path,
+        backlog=backlog,
+        mode=mode,
+        allow_uids=allow_uids,
+        allow_gids=allow_gids,
+        authorize=authorize,
+        max_payload=max_payload,
+        max_fds=max_fds,
+        transport=transport,
+    )
     try:
         listener.settimeout(0.0)
-        server = Server(listener, handler)
+        server = Server(listener, client_connected_cb)
         if start_serving:
             await server.start_serving()
     except BaseException:

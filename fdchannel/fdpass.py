@@ -69,17 +69,22 @@ else:
     def send(sock: int | Any, fd: int | Any) -> None:
         """Send *fd* over *sock* as IO::FDPass does: one NUL byte with one fd.
 
-        *sock* is a connected ``AF_UNIX`` stream socket: an int fd, a
-        `socket.socket` (its timeout applies) or any object with ``fileno()``.
-        *fd* is an int or an object with ``fileno()``; it stays the caller's and
-        may be closed as soon as this returns (the kernel holds its own
-        reference while the fd is in flight).
+        Args:
+            sock: A connected ``AF_UNIX`` stream socket: an int fd, a
+                `socket.socket` (its timeout applies) or any object with
+                ``fileno()``.
+            fd: An int or an object with ``fileno()``; it stays the caller's
+                and may be closed as soon as this returns (the kernel holds
+                its own reference while the fd is in flight).
 
-        Raises `BlockingIOError` on a non-blocking socket that cannot take the
-        byte now (nothing was sent: call again when writable), `TimeoutError`
-        for a socket object whose timeout expired, `BrokenPipeError` if the peer
-        has gone, and other `OSError` from the kernel (``EBADF`` for a bad *fd*,
-        ``ENOTSOCK``, ``ETOOMANYREFS`` when too many fds are in flight).
+        Raises:
+            BlockingIOError: A non-blocking socket cannot take the byte now
+                (nothing was sent: call again when writable).
+            TimeoutError: A socket object's timeout expired.
+            BrokenPipeError: The peer has gone.
+            OSError: From the kernel: ``EBADF`` for a bad *fd*,
+                ``ENOTSOCK``, ``ETOOMANYREFS`` when too many fds are in
+                flight.
         """
         num = fileno_of(fd)
         with _as_socket(sock) as s:
@@ -89,19 +94,27 @@ else:
     def recv(sock: int | Any) -> int:
         """Receive one fd sent by IO::FDPass (or `send`); the caller owns it.
 
-        *sock* is as for `send`.  The returned fd is non-inheritable
-        (close-on-exec).  If the peer attached several fds to the byte, the
-        first is returned and the others are closed.
+        If the peer attached several fds to the byte, the first is returned
+        and the others are closed.  Nothing is returned or left open on any
+        error.
 
-        Raises `EOFError` when the peer closed the connection (or
-        `ConnectionResetError` where the kernel reports a reset),
-        `BlockingIOError` on a non-blocking socket with nothing to read,
-        `TimeoutError` for a socket object whose timeout expired, and `OSError`
-        with ``errno.EBADMSG`` when a byte arrived without an fd or the byte was
-        not NUL (any fd is closed), ``errno.EMSGSIZE`` when the kernel truncated
-        the control message (``MSG_CTRUNC``, usually this process is at its
-        ``RLIMIT_NOFILE``; every fd that did arrive is closed).  Nothing is
-        returned or left open on any error.
+        Args:
+            sock: As for `send`.
+
+        Returns:
+            The received fd, non-inheritable (close-on-exec), owned by the
+                caller.
+
+        Raises:
+            EOFError: The peer closed the connection.
+            ConnectionResetError: Where the kernel reports a reset instead.
+            BlockingIOError: A non-blocking socket has nothing to read.
+            TimeoutError: A socket object's timeout expired.
+            OSError: ``errno.EBADMSG`` when a byte arrived without an fd or
+                the byte was not NUL (any fd is closed); ``errno.EMSGSIZE``
+                when the kernel truncated the control message
+                (``MSG_CTRUNC``, usually this process is at its
+                ``RLIMIT_NOFILE``; every fd that did arrive is closed).
         """
         with _as_socket(sock) as s:
             data, ancdata, flags, _ = s.recvmsg(1, _posixio.ANCBUF, _posixio.RECV_FLAGS)

@@ -1,11 +1,14 @@
-"""Run the blocking Channel's behaviour tests against AsyncChannel.
+"""Run the blocking Channel's behaviour tests against AsyncChannel (and TrioChannel, AnyioChannel).
 
 `BlockingView` drives an `AsyncChannel` from ordinary threads: each pair
 gets an event loop running in a thread of its own, and every call is a
 coroutine submitted to it and waited for.  Calls from several threads
 become concurrent tasks on that loop, and a call that times out is
 cancelled, so the tests of concurrency and of a receive timeout exercise
-the async channel's locks and its cancellation.
+the async channel's locks and its cancellation.  The structured kinds of
+`tests/_structured.py` (``trio``, ``anyio-asyncio``, ``anyio-uvloop``,
+``anyio-trio``) run
+the same way, their run in a thread behind an anyio portal.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fdchannel.aio import AsyncChannel
 from fdchannel.transports import PidfdGetfd, Transport, UnixRights, WinDuplicate
 
 from ._aio import LOOP_FACTORIES
+from ._structured import STRUCTURED_KINDS, PortalThread, channel_class, kind_marks
 from ._transports import needs_pidfd
 
 T = TypeVar("T")
@@ -58,7 +62,7 @@ class _LoopThread:
 class BlockingView:
     """The blocking surface the shared tests use, over an `AsyncChannel`."""
 
-    def __init__(self, channel: AsyncChannel, loop: _LoopThread) -> None:
+    def __init__(self, channel: AsyncChannel, loop: _LoopThread | PortalThread) -> None:
         self.channel = channel
         self._loop = loop
         self._timeout: float | None = None
@@ -128,22 +132,27 @@ class AsyncPairFactory:
     def __init__(self, kind: str, transport: type[Transport]) -> None:
         self.kind = kind
         self.transport = transport
-        self._loop: _LoopThread | None = None
+        self._loop: _LoopThread | PortalThread | None = None
         self._views: list[BlockingView] = []
+        self._cls: Any = channel_class(kind) if kind in STRUCTURED_KINDS else AsyncChannel
+
+    def _start(self) -> _LoopThread | PortalThread:
+        if self._loop is None:
+            self._loop = PortalThread(self.kind) if self.kind in STRUCTURED_KINDS else _LoopThread(self.kind)
+        return self._loop
 
     def __call__(self, **kwargs: Any) -> tuple[BlockingView, BlockingView]:
-        if self._loop is None:
-            self._loop = _LoopThread(self.kind)
-        a, b = AsyncChannel.pair(transport=self.transport(), **kwargs)
+        self._start()
+        assert self._loop is not None
+        a, b = self._cls.pair(transport=self.transport(), **kwargs)
         views = BlockingView(a, self._loop), BlockingView(b, self._loop)
         self._views.extend(views)
         return views
 
     def adopt(self, sock: socket.socket, **kwargs: Any) -> BlockingView:
         """Wrap connected *sock* (now the channel's) in an `AsyncChannel` and a view."""
-        if self._loop is None:
-            self._loop = _LoopThread(self.kind)
-        view = BlockingView(AsyncChannel(sock, transport=self.transport(), **kwargs), self._loop)
+        loop = self._start()
+        view = BlockingView(self._cls(sock, transport=self.transport(), **kwargs), loop)
         self._views.append(view)
         return view
 
@@ -160,10 +169,12 @@ class AsyncPairFactory:
             loop.stop()
 
     def __repr__(self) -> str:
-        return f"AsyncChannel-{self.transport.__name__}-{self.kind}"
+        return f"{self._cls.__name__}-{self.transport.__name__}-{self.kind}"
 
 
 def _loop_marks(kind: str) -> list[Any]:
+    if kind in STRUCTURED_KINDS:
+        return kind_marks(kind)
     if LOOP_FACTORIES[kind] is None:
         return [pytest.mark.skipif(True, reason=f"{kind} cannot be imported")]
     return []
@@ -176,17 +187,24 @@ NATIVE: type[Transport] = WinDuplicate if sys.platform == "win32" else UnixRight
 def async_loop_params() -> list[Any]:
     """pytest params: ``(kind, NATIVE)`` for an `AsyncPairFactory`, per loop kind."""
     return [
-        pytest.param((kind, NATIVE), id=f"AsyncChannel-{kind}", marks=_loop_marks(kind))
-        for kind in LOOP_FACTORIES
+        pytest.param((kind, NATIVE), id=_name(kind), marks=_loop_marks(kind))
+        for kind in (*LOOP_FACTORIES, *STRUCTURED_KINDS)
     ]
+
+
+def _name(kind: str) -> str:
+    """The test id of a kind: its channel class and what runs it."""
+    if kind in STRUCTURED_KINDS:
+        return f"{STRUCTURED_KINDS[kind][0]}-{kind.removeprefix('anyio-')}"
+    return f"AsyncChannel-{kind}"
 
 
 def async_pair_params() -> list[Any]:
     """pytest params: ``(kind, transport)`` for an `AsyncPairFactory`, per loop kind and transport."""
     params = []
-    for kind in LOOP_FACTORIES:
+    for kind in (*LOOP_FACTORIES, *STRUCTURED_KINDS):
         marks = _loop_marks(kind)
-        name = f"AsyncChannel-{kind}"
+        name = _name(kind)
         if sys.platform == "win32":
             params.append(pytest.param((kind, WinDuplicate), id=f"{name}-WinDuplicate", marks=marks))
             continue

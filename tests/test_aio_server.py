@@ -53,7 +53,7 @@ def test_serve_connect_and_close(run: Run, tmp_path: Path) -> None:
 
     async def main() -> None:
         r, w = os.pipe()
-        server = await start_server(path, echo, mode=0o640)
+        server = await start_server(echo, path, mode=0o640)
         async with server:
             assert server.is_serving()
             st = os.stat(path)
@@ -72,7 +72,7 @@ def test_serve_forever_and_cancel(run: Run, tmp_path: Path) -> None:
     path = tmp_path / "srv.sock"
 
     async def main() -> None:
-        server = await start_server(path, echo, start_serving=False)
+        server = await start_server(echo, path, start_serving=False)
         assert not server.is_serving()
         forever = asyncio.create_task(server.serve_forever())
         async with await connect(path) as ch:
@@ -91,7 +91,7 @@ def test_close_ends_serve_forever(run: Run, tmp_path: Path) -> None:
     path = tmp_path / "srv.sock"
 
     async def main() -> None:
-        server = await start_server(path, echo)
+        server = await start_server(echo, path)
         forever = asyncio.create_task(server.serve_forever())
         await asyncio.sleep(0)
         server.close()
@@ -107,17 +107,17 @@ def test_stale_live_and_foreign_paths(run: Run, tmp_path: Path) -> None:
         stale = tmp_path / "stale.sock"
         with socket.socket(socket.AF_UNIX) as s:
             s.bind(str(stale))
-        async with await start_server(stale, echo) as server:
+        async with await start_server(echo, stale) as server:
             # A live one is not.
             with pytest.raises(OSError, match="live") as info:
-                await start_server(stale, echo)
+                await start_server(echo, stale)
             assert info.value.errno == errno.EADDRINUSE
             assert server.is_serving()
         # Anything but a socket is refused and left alone.
         foreign = tmp_path / "data.txt"
         foreign.write_text("keep me")
         with pytest.raises(FileExistsError):
-            await start_server(foreign, echo)
+            await start_server(echo, foreign)
         assert foreign.read_text() == "keep me"
 
     run(main())
@@ -127,7 +127,7 @@ def test_abstract_name(run: Run) -> None:
     name = f"\0fdchannel-test-{os.getpid()}-{id(run)}"
 
     async def main() -> None:
-        async with await start_server(name, echo), await connect(name) as ch:
+        async with await start_server(echo, name), await connect(name) as ch:
             await ch.send(b"xy")
             assert (await ch.recv()).payload == b"yx"
 
@@ -147,7 +147,7 @@ def test_handler_errors_are_logged_and_serving_goes_on(
             await ch.send(b"good")
 
     async def main() -> None:
-        async with await start_server(path, picky):
+        async with await start_server(picky, path):
             async with await connect(path) as ch:
                 await ch.send(b"bad")
                 # The server closed the handler's channel.
@@ -171,7 +171,7 @@ def test_close_clients_cancels_handlers(run: Run, tmp_path: Path) -> None:
         await ch.recv()  # the client never sends
 
     async def main() -> None:
-        server = await start_server(path, stuck)
+        server = await start_server(stuck, path)
         clients = [await connect(path) for _ in range(3)]
         while len(started) < 3:
             await asyncio.sleep(0)
@@ -195,7 +195,7 @@ def test_handlers_cancelled_before_they_start_still_close_their_channels(run: Ru
         started.append(ch)
 
     async def main() -> None:
-        server = await start_server(path, handler)
+        server = await start_server(handler, path)
         client = await connect(path)
         while not server._tasks:  # accepted; the handler's task has not run a step yet
             await asyncio.sleep(0)
@@ -214,7 +214,7 @@ def test_refused_peers_are_closed_and_counted(run: Run, tmp_path: Path) -> None:
     path = tmp_path / "srv.sock"
 
     async def main() -> None:
-        async with await start_server(path, echo, authorize=lambda creds: creds.pid != os.getpid()) as server:
+        async with await start_server(echo, path, authorize=lambda creds: creds.pid != os.getpid()) as server:
             async with await connect(path) as ch:
                 # Closed by the listener before anything was read.
                 with pytest.raises(ChannelClosed):
@@ -245,7 +245,7 @@ def test_channel_options_reach_accepted_channels(run: Run, tmp_path: Path) -> No
         seen.append(ch.max_payload)
 
     async def main() -> None:
-        async with await start_server(path, limits, max_payload=1234), await connect(path) as ch:
+        async with await start_server(limits, path, max_payload=1234), await connect(path) as ch:
             with pytest.raises(ChannelClosed):
                 await ch.recv()
         assert seen == [1234]

@@ -411,3 +411,22 @@ def test_interrupted_recv_makes_the_async_channel_say_so(run: Run) -> None:
                     await ch.recv()
 
     run(body())
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32", reason="SOCKETs and CRT fds are numbered apart: no reuse across them"
+)
+def test_send_on_a_closed_channel_whose_fd_number_was_reused_says_closed(tmp_path: Any) -> None:
+    """Issue #17 point 6: the fd being sent got the closed socket's old number."""
+    a, b = Channel.pair()
+    old = a.fileno()
+    a.close()
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        if fd != old:
+            pytest.skip("the kernel did not hand out the lowest free number (another thread opened one)")
+        with pytest.raises(ValueError, match="closed"):
+            a.send(b"x", [fd])
+    finally:
+        os.close(fd)
+        b.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 import struct
+from collections import deque
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -103,6 +105,43 @@ def test_control_frames_are_marked_and_can_be_taken_out_of_order() -> None:
     (ctl,) = dec.take_control_frames()
     assert (ctl.control, ctl.payload) == (True, b"ack")
     assert [f.payload for f in frames(dec)] == [b"data1", b"data2"]
+
+
+class _NoFullScan(deque[Frame]):
+    """A frame queue that fails when iterated as a whole (indexing and popping at the ends are fine)."""
+
+    def __iter__(self) -> Any:
+        raise AssertionError("take_control_frames() scanned the whole frame queue")
+
+
+def test_taking_control_frames_looks_only_at_frames_since_the_first_new_control_frame() -> None:
+    # A peer streaming data frames nobody receives yet (a send-only process
+    # reading ahead for acknowledgements) made every send() scan them all.
+    dec = decoder()
+    feed(dec, b"".join(frame_bytes(b"d%d" % i) for i in range(1000)))
+    dec.frames = _NoFullScan(dec.frames)
+    assert dec.take_control_frames() == []
+    feed(dec, frame_bytes(b"d1000") + frame_bytes(b"ack1", control=True) + frame_bytes(b"d1001"))
+    feed(dec, frame_bytes(b"ack2", control=True) + frame_bytes(b"d1002"))
+    assert [f.payload for f in dec.take_control_frames()] == [b"ack1", b"ack2"]
+    assert dec.take_control_frames() == []
+    assert len(dec.frames) == 1003
+    assert [dec.frames[i].payload for i in (0, 999, 1000, 1001, 1002)] == [
+        b"d0",
+        b"d999",
+        b"d1000",
+        b"d1001",
+        b"d1002",
+    ]
+    # A control frame the channel already took in stream order (recv) is
+    # simply gone; the data after it stays in order.
+    dec.frames = deque(deque.__iter__(dec.frames))
+    feed(dec, frame_bytes(b"ack3", control=True) + frame_bytes(b"d1003"))
+    for _ in range(1003):
+        dec.frames.popleft()
+    assert dec.frames.popleft().payload == b"ack3"
+    assert dec.take_control_frames() == []
+    assert [f.payload for f in dec.frames] == [b"d1003"]
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,18 @@ def python_blocks(path: Path) -> list[str]:
         ("README.md", 0, "b'write here'"),
         ("docs/index.md", 0, "b'hello'"),
         pytest.param(
+            "docs/shared-memory.md",
+            0,
+            "size=67108864>",
+            marks=pytest.mark.skipif(sys.platform != "linux", reason="sealed memfds exist on Linux only"),
+        ),
+        pytest.param(
+            "docs/channels-in-messages.md",
+            0,
+            "b'a channel for you' b'direct'",
+            marks=pytest.mark.skipif(sys.platform == "win32", reason="channel ends move as AF_UNIX sockets"),
+        ),
+        pytest.param(
             "docs/quickstart.md",
             0,
             "b'hello'",

@@ -55,3 +55,33 @@ def test_handoff_refuses_no_connection() -> None:
     assert "old server: handed off" in out
     assert "refused=0 failed=0" in out
     assert "zero refused connections across the handoff" in out
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32", reason="the example upgrades with fdchannel.upgrade and SIGHUP (POSIX)"
+)
+def test_upgrade_http_under_load() -> None:
+    out = run_example("upgrade_http.py", "--upgrades", "4")
+    assert "refused: 0" in out
+    assert "failed_requests: 0" in out
+    assert "generations_seen: 5" in out
+    assert "zero refused connections and zero failed requests" in out
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32",
+    reason="the broker hands out AF_UNIX channel ends; a WinDuplicate end cannot move",
+)
+def test_broker_introduces_two_clients_that_then_talk_without_it() -> None:
+    out = run_example("broker.py")
+    lines = out.splitlines()
+    assert "broker: introduced alice and bob (its own ends closed: True)" in lines
+    # Both clients saw the broker go before they talked.
+    assert "alice: the broker closed its channel; talking to bob directly" in lines
+    assert "bob: the broker closed its channel; talking to alice directly" in lines
+    assert "bob: alice says 'write your answer into this pipe'" in lines
+    assert "alice: read from the pipe bob got from her: 'hello alice, from bob'" in lines
+    assert lines.index("bob: the broker closed its channel; talking to alice directly") < lines.index(
+        "bob: alice says 'write your answer into this pipe'"
+    )
+    assert "broker: clients exited with [0, 0]" in lines

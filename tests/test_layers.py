@@ -124,12 +124,17 @@ def test_the_cycle_check_sees_a_cycle() -> None:
         ("fdchannel._outbox", "fdchannel._core"),
         ("fdchannel._codec", "fdchannel._outbox"),
         ("fdchannel._peer", "fdchannel._channel"),
+        ("fdchannel._shared", "fdchannel._core"),
         ("fdchannel._handoff", "fdchannel._channel"),
         ("fdchannel._wait", "fdchannel._channel"),
         # ... and what creates channels sits above it.
         ("fdchannel._channel", "fdchannel._listener"),
         ("fdchannel._channel", "fdchannel._process"),
+        ("fdchannel._channel", "fdchannel._nested"),
         ("fdchannel._listener", "fdchannel.aio"),
+        ("fdchannel._listener", "fdchannel._structured"),
+        ("fdchannel._structured", "fdchannel.trio"),
+        ("fdchannel._structured", "fdchannel.anyio"),
         # The Win32 interface sits below both the protocol and the adapter.
         ("fdchannel.transports._winapi", "fdchannel.transports._windows"),
         ("fdchannel.transports._winapi", "fdchannel.transports._win32"),

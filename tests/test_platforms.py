@@ -456,3 +456,21 @@ def test_ends_of_different_modes_fail_clearly(sender: bool, receiver: bool) -> N
         a.send(b"x", [0])
         with pytest.raises(ProtocolError, match="same mode"):
             b.recv()
+
+
+def test_acked_message_larger_than_the_window_goes_after_small_unacknowledged_ones() -> None:
+    # Three small messages stay below half the window, so nobody asked for
+    # an acknowledgement; a message of more fds than the window must still go.
+    a, b = Channel.pair(transport=UnixRights(acknowledge=True, window=8))
+    with a, b:
+        a.settimeout(2.0)
+        b.settimeout(TIMEOUT)
+        for _ in range(3):
+            a.send(b"small", [0])
+        a.send(b"big", [0] * 10)
+        for _ in range(4):
+            b.recv().close()
+        a.send(b"after", [0])  # the big one asked for an acknowledgement: room again
+        assert _held(a) == 1
+        with b.recv() as msg:
+            assert msg.payload == b"after"

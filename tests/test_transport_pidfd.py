@@ -29,11 +29,12 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError
+from fdchannel import Channel, ChannelClosed, FdsWithdrawn, ProtocolError, UnverifiedSender
 from fdchannel.transports import PidfdGetfd, UnixRights, _pidfd_linux
+from fdchannel.transports._pidfd import DEFAULT_WINDOW
 
 from ._aio import loop_kind, run  # noqa: F401 - fixtures
-from ._proc import TIMEOUT, fork_child, run_child, wait_child
+from ._proc import TIMEOUT, fork_child, limit_fds_to_free_slots, run_child, wait_child
 from ._transports import PIDFD_UNAVAILABLE, tcp_socketpair
 
 Run = Callable[..., Any]
@@ -389,7 +390,10 @@ def test_peer_naming_an_fd_it_lacks_is_a_protocol_error() -> None:
         os.close(w)
 
 
-_NR = {"x86_64": {"pidfd_getfd": 438, "kcmp": 312}, "aarch64": {"pidfd_getfd": 438, "kcmp": 272}}
+_NR = {
+    "x86_64": {"pidfd_getfd": 438, "kcmp": 312, "socket": 41},
+    "aarch64": {"pidfd_getfd": 438, "kcmp": 272, "socket": 198},
+}
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
 
@@ -473,6 +477,38 @@ def test_without_kcmp_the_lease_is_compared_by_pulling_it_again() -> None:
             b.close()
             os.close(r)
             os.close(w)
+
+    run_child(body)
+
+
+@pytest.mark.skipif(platform.machine() not in _NR, reason="seccomp numbers known for x86_64/aarch64")
+def test_a_sender_that_cannot_be_proven_the_peer_is_refused_clearly() -> None:
+    # A socketpair this process made, its other end in a child: the child is
+    # proven the peer through its socket, which for AF_UNIX asks the
+    # kernel's socket diagnostics (a netlink socket).  Where that is
+    # unavailable the receiver must refuse, saying why, and pull nothing.
+    def body() -> None:
+        a, b = Channel.pair(transport=PidfdGetfd())
+        r, w = os.pipe()
+
+        def sender() -> None:
+            b.close()
+            a.send(b"unprovable", fds=[w])
+            a.settimeout(TIMEOUT)
+            with pytest.raises((ChannelClosed, ConnectionResetError)):
+                a.recv()  # until the receiver is done
+
+        pid = fork_child(sender)
+        a.close()
+        deny_syscall("socket", errno.EPERM)
+        b.settimeout(TIMEOUT)
+        with pytest.raises(UnverifiedSender, match="cannot prove that process") as info:
+            b.recv()
+        assert isinstance(info.value, ProtocolError)
+        b.close()
+        assert wait_child(pid) == 0
+        os.close(r)
+        os.close(w)
 
     run_child(body)
 
@@ -579,3 +615,246 @@ def test_acknowledgements_behind_an_unread_message_still_arrive() -> None:
         # Acknowledged batch by batch (at most two batches held), not all 2000.
         assert peak <= 200
         assert a.recv().payload == b"not asked for yet"
+
+
+# -- close() from another thread while recv() pulls ------------------------------------
+
+
+@pytest.mark.parametrize("make", [_unix, _tcp], ids=["unix", "tcp"])
+def test_close_from_another_thread_during_recv_leaks_nothing_and_says_closed(make: Pair) -> None:
+    # The receiving thread may be anywhere in recv() (reading, pulling,
+    # acknowledging) when close() lands: every fd pulled is either delivered
+    # or closed (the autouse leak check), and recv() says the channel is
+    # closed, never a bare EBADF from the socket close() just released.
+    import random
+    import time
+
+    r, w = os.pipe()
+    outcomes: dict[str, int] = {}
+    deadline = time.monotonic() + 20.0
+    try:
+        for _ in range(300):
+            if time.monotonic() > deadline:
+                break
+            a, b = make()
+            with a:
+                b.settimeout(TIMEOUT)
+                for _ in range(2):
+                    a.send(b"x", fds=[w] * 20)
+                started = threading.Event()
+
+                def receive(b: Channel = b, started: threading.Event = started) -> None:
+                    started.set()
+                    try:
+                        for _ in range(2):
+                            b.recv().close()
+                        outcome = "delivered"
+                    except ValueError as exc:
+                        outcome = f"ValueError: {exc}"
+                    except BaseException as exc:
+                        outcome = f"{type(exc).__name__}: {exc}"
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+                thread = threading.Thread(target=receive)
+                thread.start()
+                assert started.wait(TIMEOUT)
+                spin = time.perf_counter() + random.random() * 0.002  # land anywhere in recv()
+                while time.perf_counter() < spin:
+                    pass
+                b.close()
+                thread.join(TIMEOUT)
+                assert not thread.is_alive()
+    finally:
+        os.close(r)
+        os.close(w)
+    allowed = {"delivered", "ValueError: I/O operation on a closed Channel"}
+    assert set(outcomes) <= allowed, outcomes
+
+
+# -- the window: a peer that never acknowledges ------------------------------------------
+
+
+def _silent_reader(sock: socket.socket, *others: socket.socket) -> int:
+    """Fork a peer that reads every frame on *sock* and never acknowledges (*others*: sockets it drops)."""
+
+    def body() -> None:
+        for other in others:
+            other.close()
+        sock.settimeout(TIMEOUT)
+        while sock.recv(1 << 16):
+            pass
+
+    return fork_child(body)
+
+
+@pytest.mark.parametrize("sockets", [socket.socketpair, tcp_socketpair], ids=["unix", "tcp"])
+def test_a_peer_that_never_acknowledges_leaves_the_sender_room(sockets: Callable[[], Any]) -> None:
+    # The review's receiver read every frame and never acknowledged: the
+    # sender held 4,087 duplicates, then even open() failed (EMFILE).
+    def body() -> None:
+        x, y = sockets()
+        peer = _silent_reader(y, x)
+        y.close()
+        r, w = os.pipe()
+        # The usual soft limit: what the default window must stay well below.
+        limit_fds_to_free_slots(1024 - len(os.listdir("/proc/self/fd")))
+        with Channel(x, transport=PidfdGetfd()) as a:
+            # Long enough for the reader to drain a full socket, short
+            # enough to end the test soon once the window is full.
+            a.settimeout(0.5)
+            sent = 0
+            with pytest.raises(TimeoutError) as info:
+                for _ in range(2000):
+                    a.send(b"m", fds=[w])
+                    sent += 1
+            assert info.value.characters_written == 0  # not taken: send it again later
+            assert sent == DEFAULT_WINDOW
+            session: Any = a._session
+            assert session.held == DEFAULT_WINDOW
+            # The rest of the process still has room.
+            files = [open(os.devnull, "rb") for _ in range(500)]  # noqa: SIM115 - closed below
+            for f in files:
+                f.close()
+            a.setblocking(False)
+            with pytest.raises(BlockingIOError) as refused:
+                a.send(b"m", fds=[w])
+            assert refused.value.characters_written == 0
+            assert session.held == DEFAULT_WINDOW
+            a.settimeout(TIMEOUT)
+            a.send(b"messages without fds never wait")
+        os.close(r)
+        os.close(w)
+        assert wait_child(peer) == 0
+
+    run_child(body)
+
+
+def test_peers_that_never_acknowledge_hold_at_most_half_the_fd_table_together() -> None:
+    # One window per channel is not enough: a server sending fds to a few
+    # clients that never acknowledge would still fill its fd table.
+    import resource
+
+    def body() -> None:
+        r, w = os.pipe()
+        ends = [socket.socketpair() for _ in range(4)]
+        every = [s for pair in ends for s in pair]
+        peers = [_silent_reader(y, *(s for s in every if s is not y)) for _, y in ends]
+        for _, y in ends:
+            y.close()
+        limit = 600
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        channels = [Channel(x, transport=PidfdGetfd()) for x, _ in ends]
+        held: list[int] = []
+        for ch in channels:
+            ch.settimeout(0.5)
+            with pytest.raises(TimeoutError) as info:
+                for _ in range(DEFAULT_WINDOW + 1):
+                    ch.send(b"m", fds=[w])
+            assert info.value.characters_written == 0
+            session: Any = ch._session
+            held.append(session.held)
+        # The first channel filled its window; the rest shared what was left
+        # of half the table, one message each beyond it at most.
+        assert held[0] == DEFAULT_WINDOW
+        assert sum(held) <= limit // 2 + len(channels)
+        assert all(h >= 1 for h in held)  # every channel still made progress
+        files = [open(os.devnull, "rb") for _ in range(200)]  # noqa: SIM115 - closed below
+        for f in files:
+            f.close()
+        for ch in channels:
+            ch.close()
+        os.close(r)
+        os.close(w)
+        for pid in peers:
+            assert wait_child(pid) == 0
+
+    run_child(body)
+
+
+def test_the_window_is_configurable_and_reopens_on_acknowledgement() -> None:
+    a, b = Channel.pair(transport=PidfdGetfd(window=3))
+    r, w = os.pipe()
+    with a, b, open(r, "rb"), open(w, "wb"):
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        a.send(b"1", fds=[w, w])
+        a.send(b"2", fds=[w])
+        a.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            a.send(b"3", fds=[w])  # 4 > 3
+        assert info.value.characters_written == 0
+        for payload in (b"1", b"2"):
+            with b.recv() as msg:
+                assert msg.payload == payload
+        a.send(b"3", fds=[w])  # the acknowledgements arrived: room again
+        with pytest.raises(BlockingIOError):
+            a.send(b"4", fds=[w] * 10)  # waits for 3's acknowledgement
+        with b.recv() as msg:
+            assert msg.payload == b"3"
+        a.send(b"4", fds=[w] * 10)  # more than the window goes once nothing else is held
+        with b.recv() as msg:
+            assert len(msg.fds) == 10
+    with pytest.raises(ValueError, match="window"):
+        PidfdGetfd(window=0)
+    assert repr(PidfdGetfd(window=3)) == "PidfdGetfd(window=3)"
+
+
+def test_acknowledgements_behind_too_much_unread_data_fail_the_send_instead_of_spinning() -> None:
+    # The sender reads ahead of recv() for acknowledgements only up to a
+    # bound; an acknowledgement queued behind more unread data than that
+    # cannot be seen, so a send waiting for it says so instead of polling a
+    # readable socket until its timeout.
+    a, b = Channel.pair(transport=PidfdGetfd(window=1))
+    r, w = os.pipe()
+    big = b"x" * (3 << 20)
+    with a, b, open(r, "rb"), open(w, "wb"):
+        a.settimeout(TIMEOUT)
+        a.send(b"held", fds=[w])
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            b.send(big)
+        assert info.value.characters_written > 0  # taken, its rest pending
+        b.settimeout(TIMEOUT)
+        b.recv().close()  # acknowledged, but the acknowledgement queues behind big's rest
+        flusher = threading.Thread(target=b.flush)
+        flusher.start()
+        try:
+            with pytest.raises(BlockingIOError, match="recv\\(\\) them") as refused:
+                a.send(b"more", fds=[w])
+            assert refused.value.errno == errno.ENOBUFS
+            assert refused.value.characters_written == 0
+            assert a.recv().payload == big
+        finally:
+            flusher.join(TIMEOUT)
+        assert not flusher.is_alive()
+        a.send(b"more", fds=[w])  # the acknowledgement was behind big: now seen
+        with b.recv() as msg:
+            assert msg.payload == b"more"
+
+
+def test_async_send_waits_for_the_window(run: Run) -> None:
+    import asyncio
+
+    from fdchannel.aio import AsyncChannel
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair(transport=PidfdGetfd(window=1))
+        r, w = os.pipe()
+        async with a, b:
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    await a.send(b"held", fds=[w])
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.05):  # the window is full: it waits
+                            await a.send(b"next", fds=[w])
+                    waiting = asyncio.create_task(a.send(b"next", fds=[w]))
+                    with await b.recv() as msg:  # acknowledges, and so opens the window
+                        assert msg.payload == b"held"
+                    await waiting
+                    with await b.recv() as msg:
+                        assert msg.payload == b"next"
+            finally:
+                os.close(r)
+                os.close(w)
+
+    run(main())

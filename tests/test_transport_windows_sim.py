@@ -173,7 +173,7 @@ class _NoLeaseCheck(_WinSession):
     def _os_same_lease(self, peer: Any) -> bool:
         return True
 
-    def _attach(self, pid: int, lease_num: int, token: bytes) -> Any:
+    def _attach(self, pid: int, lease_num: int, token: bytes, proof: Any) -> Any:
         proc = self._os_open_peer(pid)
         return type("P", (), {"proc": proc, "pid": pid})()
 

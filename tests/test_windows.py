@@ -122,7 +122,7 @@ def test_the_async_endpoints_say_they_need_af_unix() -> None:
                 await aio.connect(path)
             assert info.value.errno == errno.EAFNOSUPPORT
             with pytest.raises(OSError, match="AF_UNIX"):
-                await aio.start_server(path, lambda ch: asyncio.sleep(0))
+                await aio.start_server(lambda ch: asyncio.sleep(0), path)
 
     asyncio.run(main())
 

@@ -29,8 +29,9 @@ __all__ = [
 def default_transport() -> Transport:
     """Return the platform's default transport.
 
-    `WinDuplicate` on Windows (which has no SCM_RIGHTS), `UnixRights`
-    everywhere else.
+    Returns:
+        `WinDuplicate` on Windows (which has no SCM_RIGHTS), `UnixRights`
+            everywhere else.
     """
     if sys.platform == "win32":
         return WinDuplicate()

@@ -21,11 +21,12 @@ __all__ = ["Outgoing", "Session", "Transport"]
 class Outgoing:
     """What a session wants sent with one message.
 
-    ``aux`` goes into the frame's transport-data block.  ``in_band`` are fd
-    numbers to attach as SCM_RIGHTS to the frame's bytes (the channel splits
-    them into batches the kernel accepts).  ``token`` is the session's own
-    handle for this message, given back to `Session.discard` if the message
-    is never sent.
+    Attributes:
+        aux: Goes into the frame's transport-data block.
+        in_band: Fd numbers to attach as SCM_RIGHTS to the frame's bytes
+            (the channel splits them into batches the kernel accepts).
+        token: The session's own handle for this message, given back to
+            `Session.discard` if the message is never sent.
     """
 
     aux: bytes = b""
@@ -51,39 +52,74 @@ class Session(abc.ABC):
 
     @abc.abstractmethod
     def outgoing(self, fds: Sequence[int]) -> Outgoing:
-        """Prepare *fds* (borrowed: the caller keeps ownership) for sending.
+        """Prepare *fds* for sending.
 
         Anything the session must keep alive after ``send()`` returns (so the
         caller may close its fds at once) it duplicates and owns itself.
+
+        Args:
+            fds: The message's fd numbers, borrowed: the caller keeps
+                ownership.
+
+        Returns:
+            What to send with the message.
         """
 
     def waits_for_peer(self, fds: Sequence[int]) -> bool:
-        """True while *fds* cannot be prepared until the peer's session has spoken.
+        """Whether *fds* cannot be prepared until the peer's session has spoken.
 
         `WinDuplicate` shares a socket *for* the peer's process id, which the
         peer announces in a control frame: until it has arrived, the channel
         reads (and waits, within its timeout) before calling `outgoing`.
+
+        Args:
+            fds: The message's fd numbers (borrowed).
+
+        Returns:
+            ``True`` to make the channel wait; the default is ``False``.
         """
         return False
 
     def discard(self, out: Outgoing) -> None:  # noqa: B027 - optional hook
-        """*out* was never sent: release whatever `outgoing` kept for it."""
+        """*out* was never sent: release whatever `outgoing` kept for it.
+
+        Args:
+            out: What `outgoing` returned for the message.
+        """
 
     @abc.abstractmethod
     def incoming(self, nfds: int, aux: bytes, in_band: list[int]) -> list[int]:
         """Return the *nfds* fds of a received frame, owned by the caller.
 
-        *in_band* are the SCM_RIGHTS fds that came with the frame; the session
-        owns them on entry.  On failure it closes every fd it owns or opened
-        for this frame and raises (`ProtocolError` for malformed *aux*, an
-        `OSError` such as `PermissionError` for a refused duplication).
+        Args:
+            nfds: How many fds the frame declares.
+            aux: The frame's transport-data block.
+            in_band: The SCM_RIGHTS fds that came with the frame; the
+                session owns them on entry.
+
+        Returns:
+            The frame's fds, in the order sent, owned by the caller.
+
+        Raises:
+            ProtocolError: Malformed *aux*.
+            OSError: Such as `PermissionError` for a refused duplication.
+                On any failure the session first closes every fd it owns or
+                opened for this frame.
         """
 
     def control(self, payload: bytes) -> None:  # noqa: B027 - optional hook
-        """Handle a control payload sent by the peer's session."""
+        """Handle a control payload sent by the peer's session.
+
+        Args:
+            payload: The bytes the peer's session queued with `take_control`.
+        """
 
     def take_control(self) -> list[bytes]:
-        """Return and forget the control payloads waiting to be sent."""
+        """Return and forget the control payloads waiting to be sent.
+
+        Returns:
+            The payloads, in order; the default has none.
+        """
         return []
 
     def peer_closed(self) -> None:  # noqa: B027 - optional hook
@@ -115,12 +151,34 @@ class Transport(abc.ABC):
     name: ClassVar[str]
 
     def check_socket(self, sock: socket.socket) -> None:  # noqa: B027 - optional hook
-        """Raise `ValueError` if *sock* cannot carry this transport."""
+        """Refuse a socket this transport cannot work over.
+
+        Args:
+            sock: The channel's socket (borrowed).
+
+        Raises:
+            ValueError: *sock* cannot carry this transport (its family, say).
+            OSError: ``ENOSYS`` where the transport cannot work at all.
+        """
 
     def max_aux(self, max_fds: int) -> int:
-        """The largest transport-data block a frame with *max_fds* fds may declare."""
+        """The largest transport-data block a frame with *max_fds* fds may declare.
+
+        Args:
+            max_fds: The channel's ``max_fds``.
+
+        Returns:
+            A size in bytes; a larger declared block is a `ProtocolError`.
+        """
         return 0
 
     @abc.abstractmethod
     def session(self, sock: socket.socket) -> Session:
-        """Return a new session for a channel over *sock* (borrowed, not owned)."""
+        """Return a new session for a channel over *sock*.
+
+        Args:
+            sock: The channel's socket, borrowed, not owned.
+
+        Returns:
+            The channel's own session (a stateless transport may share one).
+        """

@@ -2,7 +2,8 @@
 
 Python has ``os.pidfd_open`` but no ``pidfd_getfd`` or ``kcmp`` wrapper, so
 both are called through ``syscall(2)`` with ctypes.  Imported only on Linux
-(`fdchannel.transports._pidfd` holds the platform-neutral transport class).
+(`fdchannel.transports._pidfd` holds the platform-neutral transport class;
+`._peerproof_linux` the proof that a sender is the connection's peer).
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import errno
 import fcntl
 import os
 import platform
+import resource
 import select
+import socket
 import struct
 import sys
 from typing import Any, Final
 
-from .._errors import ProtocolError
+from .._errors import ProtocolError, UnverifiedSender
+from . import _peerproof_linux as proof
 from ._pull import TOKEN_SIZE, PullSession
 
 assert sys.platform == "linux"  # the rest is Linux only; mypy skips it elsewhere too
 
-__all__ = ["PidfdSession", "pidfd_getfd", "unavailable_reason"]
+__all__ = ["PidfdSession", "pack_refs", "pidfd_getfd", "unavailable_reason"]
 
 #: syscall numbers: (pidfd_getfd, kcmp).  pidfd_getfd is 438 on every
 #: architecture using the generic table; kcmp is not.
@@ -91,10 +95,37 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def pack_refs(sock_fd: int, refs: list[int]) -> bytes:
+    """The wire form of a message's references: the sender's socket fd, then each fd number."""
+    return struct.pack(f"<{len(refs) + 1}I", sock_fd, *refs)
+
+
 class PidfdSession(PullSession):
+    """One channel's `PidfdGetfd` state over *sock* (borrowed: the channel owns it).
+
+    Every frame with fds names, besides the sender's pid, the fd number of
+    the sender's own socket: the receiver pulls it once per sender process
+    to prove that process holds the other end of this connection (unless
+    the kernel's ``SO_PEERPIDFD`` already names it).
+    """
+
     transport_name = "PidfdGetfd"
 
+    def __init__(self, sock: socket.socket, window: int | None) -> None:
+        self.window = window
+        self._sock = sock
+        # The number this process knows its end by (a forked child shares it).
+        self._sock_fd = sock.fileno()
+        #: The pidfd `_os_open_peer` last got from SO_PEERPIDFD, if any.
+        super().__init__()
+
     # -- sending side
+    def _os_fd_budget(self) -> int:
+        # Half the fd table, whatever the number of channels: the rest of
+        # the process keeps the other half.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return sys.maxsize if soft == resource.RLIM_INFINITY else soft // 2
+
     def _os_export(self, fd: int) -> tuple[int, int]:
         # A private close-on-exec duplicate: the caller may close its fd as
         # soon as send() returns, and the receiver pulls this number.
@@ -118,18 +149,106 @@ class PidfdSession(PullSession):
         return lease, token, lease
 
     def _os_pack_refs(self, refs: list[int]) -> bytes:
-        return struct.pack(f"<{len(refs)}I", *refs)
+        return pack_refs(self._sock_fd, refs)
 
-    def _os_unpack_refs(self, nfds: int, data: bytes) -> list[int]:
-        if len(data) != nfds * _REF.size:
+    def _os_unpack_refs(self, nfds: int, data: bytes) -> tuple[int, list[int]]:
+        expected = (nfds + 1) * _REF.size
+        if len(data) != expected:
             raise ProtocolError(
-                f"PidfdGetfd: {len(data)} bytes of fd numbers for {nfds} fds (expected {nfds * _REF.size})"
+                f"PidfdGetfd: {len(data)} bytes of fd numbers for {nfds} fds (expected {expected})"
             )
-        return list(struct.unpack(f"<{nfds}I", data))
+        sock_fd, *refs = struct.unpack(f"<{nfds + 1}I", data)
+        return sock_fd, refs
 
     # -- receiving side
     def _os_open_peer(self, pid: int) -> int:
+        sock = self._sock
+        if sock.family == socket.AF_UNIX and pid != os.getpid() and pid == proof.peer_cred_pid(sock):
+            # The kernel's own record of who connected: a pidfd that keeps
+            # naming that process (a pid could be reused once it exits).
+            pidfd = proof.kernel_peer_pidfd(sock)
+            if pidfd is not None:
+                return pidfd
         return os.pidfd_open(pid)  # always close-on-exec
+
+    def _os_prove_peer(self, proc: int, pid: int, proof_ref: int) -> None:
+        # Always proven, also when SO_PEERPIDFD named the process: that is
+        # who connected, which may since have handed the socket on.
+        if pid == os.getpid():
+            # The frame names this very process: look at the fd in place,
+            # never pull a copy of our own fds.
+            self._require(pid, proof_ref, self._is_other_end(pid, proof_ref))
+            return
+        # Look before pulling: only a socket is copied for the proof (a copy
+        # of a file, closed again, would drop this process's POSIX locks on
+        # it), and an AF_UNIX socket is proven by its inode without a copy.
+        link = proof.fd_link(pid, proof_ref)
+        if link is not None:
+            inode = proof.socket_inode(link)
+            if inode is None:
+                raise UnverifiedSender(self._not_peer(pid, proof_ref, f"that fd is not a socket ({link!r})"))
+            if self._sock.family == socket.AF_UNIX:
+                try:
+                    peer_inode = proof.unix_peer_inode(self._sock)
+                except OSError as exc:
+                    raise UnverifiedSender(self._cannot_prove(pid, exc)) from exc
+                self._require(pid, proof_ref, inode == peer_inode)
+                return
+        try:
+            theirs = pidfd_getfd(proc, proof_ref)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise  # EPERM, ESRCH: classified as for the lease
+            raise UnverifiedSender(self._not_peer(pid, proof_ref, "it has no such fd")) from exc
+        try:
+            self._require(pid, proof_ref, self._is_other_end(pid, theirs))
+        finally:
+            os.close(theirs)
+
+    def _is_other_end(self, pid: int, fd: int) -> bool:
+        try:
+            return proof.is_other_end(fd, self._sock)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                return False
+            raise UnverifiedSender(self._cannot_prove(pid, exc)) from exc
+
+    def _require(self, pid: int, ref: int, proven: bool) -> None:
+        if not proven:
+            raise UnverifiedSender(
+                self._not_peer(pid, ref, "that fd is not the other end of this connection")
+            )
+
+    def _os_lease_gone(self, proc: int, pid: int, lease_num: int, token: bytes) -> bool:
+        if pid == os.getpid():
+            return False  # never pulled from ourselves
+        link = proof.fd_link(pid, lease_num)
+        if link is None:
+            return False  # cannot look: unsure
+        if not link.startswith(f"/memfd:{_LEASE_NAME}"):
+            return True  # the number names something else now: the lease was closed
+        try:
+            lease = pidfd_getfd(proc, lease_num)  # a memfd: copying it has no side effect
+        except OSError:
+            return True
+        try:
+            return self._os_lease_token(lease) != token
+        finally:
+            os.close(lease)
+
+    def _cannot_prove(self, pid: int, exc: OSError) -> str:
+        return (
+            f"PidfdGetfd: cannot prove that process {pid} holds the other end of this connection "
+            f"({exc.strerror or exc}); refusing to copy fds out of it, nothing was taken"
+        )
+
+    def _not_peer(self, pid: int, ref: int, why: str) -> str:
+        me = " (this process itself)" if pid == os.getpid() else ""
+        return (
+            f"PidfdGetfd: the frame names process {pid}{me} and its fd {ref} as the sender's socket, "
+            f"but {why}: only the process at the other end of this connection may be copied from; "
+            "nothing was taken"
+        )
 
     def _os_close_peer(self, proc: int) -> None:
         os.close(proc)

@@ -44,7 +44,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar, Final
 
-from .._errors import FdsWithdrawn, ProtocolError
+from .._errors import FdsWithdrawn, ProtocolError, UnverifiedSender
 from ._base import Outgoing, Session
 
 __all__ = ["HEAD", "PullSession"]
@@ -55,6 +55,32 @@ TOKEN_SIZE: Final = 16
 _CONTROL: Final = struct.Struct("<BQ")
 _ACK: Final = 1
 _HELLO: Final = 2
+
+
+class _ProcessHeld:
+    """How many duplicates all pull sessions of this process hold for their peers.
+
+    Each session's window bounds one channel; this count lets a session
+    also respect a bound for the whole process (`PullSession._os_fd_budget`),
+    so many peers that never acknowledge cannot together fill the fd table.
+    """
+
+    count = 0
+    lock = threading.Lock()
+
+    @classmethod
+    def add(cls, n: int) -> None:
+        with cls.lock:
+            cls.count += n
+
+    @classmethod
+    def _after_fork(cls) -> None:
+        # A thread that held the lock does not exist in the child.
+        cls.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ProcessHeld._after_fork)
 
 
 class _Peer:
@@ -84,6 +110,11 @@ class PullSession(Session):
     greet: ClassVar[bool] = False
     #: The transport's name, for error messages.
     transport_name: ClassVar[str] = "pull transport"
+    #: The most fds the sending side holds for its peer unacknowledged
+    #: (None: unbounded).  A message that would go over it waits for
+    #: acknowledgements (`waits_for_peer`), unless nothing is held: a single
+    #: message may carry more.
+    window: int | None = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -97,6 +128,7 @@ class PullSession(Session):
         # seq -> what outgoing() kept for that message; insertion-ordered,
         # so acknowledgements release from the front.
         self._unacked: dict[int, list[Any]] = {}
+        self._held = 0  # how many duplicates _unacked holds
         # -- receiving side
         self._peer: _Peer | None = None
         self._ack = 0  # highest sequence number to acknowledge, 0 = none
@@ -111,6 +143,10 @@ class PullSession(Session):
     def _os_pid(self) -> int:
         """This process's id (asked each time: a forked child has its own)."""
         return os.getpid()
+
+    def _os_fd_budget(self) -> int | None:
+        """The most duplicates all sessions of this process may hold for their peers (None: no bound)."""
+        return None
 
     @abc.abstractmethod
     def _os_export(self, fd: int) -> tuple[Any, Any]:
@@ -129,8 +165,20 @@ class PullSession(Session):
         """The wire form of a message's references."""
 
     @abc.abstractmethod
-    def _os_unpack_refs(self, nfds: int, data: bytes) -> list[Any]:
-        """Parse *nfds* references; raise `ProtocolError` if malformed."""
+    def _os_unpack_refs(self, nfds: int, data: bytes) -> tuple[Any, list[Any]]:
+        """Parse *nfds* references: return (proof for `_os_prove_peer`, references).
+
+        Raise `ProtocolError` if malformed.
+        """
+
+    def _os_prove_peer(self, proc: Any, pid: int, proof: Any) -> None:
+        """Raise `UnverifiedSender` unless *proc* is proven to hold the other end of this connection.
+
+        Called once per sender process and lease, after its lease checked
+        out and before anything is pulled for a message.  `OSError` from the
+        kernel is classified like a failed lease pull.  The default proves
+        nothing (a transport without a proof yet).
+        """
 
     @abc.abstractmethod
     def _os_open_peer(self, pid: int) -> Any:
@@ -195,7 +243,32 @@ class PullSession(Session):
                 raise
             self._seq += 1
             self._unacked[self._seq] = kept
+            self._held += len(kept)
+            _ProcessHeld.add(len(kept))
             return Outgoing(aux=aux, token=self._seq)
+
+    def waits_for_peer(self, fds: Sequence[int]) -> bool:
+        # The window: the sender holds a duplicate of every fd in flight
+        # until the peer acknowledges it, so a peer that never does would
+        # fill this process's fd table.  Messages without fds never wait.
+        window = self.window
+        if window is None or not fds:
+            return False
+        with self._lock:
+            if self._owner != self._os_pid() or not self._held:
+                # Nothing held (a forked child starts afresh, `_adopt`):
+                # this channel's next message always goes, so every
+                # channel makes progress whatever the others hold.
+                return False
+            if self._held + len(fds) > window:
+                return True
+            budget = self._os_fd_budget()
+            return budget is not None and _ProcessHeld.count + len(fds) > budget
+
+    @property
+    def held(self) -> int:
+        """How many fd duplicates the sending side holds for its peer, unacknowledged."""
+        return self._held
 
     def _adopt(self, pid: int) -> None:
         """Start the sending state afresh in process *pid*.
@@ -215,7 +288,10 @@ class PullSession(Session):
         if not isinstance(out.token, int):
             return
         with self._lock:
-            for keep in self._unacked.pop(out.token, ()):
+            kept = self._unacked.pop(out.token, ())
+            self._held -= len(kept)
+            _ProcessHeld.add(-len(kept))
+            for keep in kept:
                 self._os_release(keep)
 
     def _release_unacked(self, upto: int | None) -> None:
@@ -224,7 +300,10 @@ class PullSession(Session):
             seq = next(iter(unacked))
             if upto is not None and seq > upto:
                 break
-            for keep in unacked.pop(seq):
+            kept = unacked.pop(seq)
+            self._held -= len(kept)
+            _ProcessHeld.add(-len(kept))
+            for keep in kept:
                 self._os_release(keep)
 
     def control(self, payload: bytes) -> None:
@@ -266,14 +345,14 @@ class PullSession(Session):
         if len(aux) < HEAD.size:
             raise ProtocolError(f"{self.transport_name}: transport data too short ({len(aux)} bytes)")
         pid, lease_num, seq, token = HEAD.unpack_from(aux)
-        refs = self._os_unpack_refs(nfds, aux[HEAD.size :])
+        proof, refs = self._os_unpack_refs(nfds, aux[HEAD.size :])
         with self._lock:
             if self._closed:
-                raise ValueError("the session is closed")
+                raise ValueError("I/O operation on a closed channel")
             # Whatever happens below, this end is done with the message:
             # the sender may release its copies.
             self._ack = max(self._ack, seq)
-            return self._pull_all(self._attach(pid, lease_num, token), refs)
+            return self._pull_all(self._attach(pid, lease_num, token, proof), refs)
 
     def _pull_all(self, peer: _Peer, refs: list[Any]) -> list[int]:
         """Pull every referenced fd out of *peer*; all of them, or none and an error."""
@@ -295,8 +374,8 @@ class PullSession(Session):
             raise
         return pulled
 
-    def _attach(self, pid: int, lease_num: int, token: bytes) -> _Peer:
-        """Return the sender *pid*, opening it and pulling its lease if new."""
+    def _attach(self, pid: int, lease_num: int, token: bytes, proof: Any) -> _Peer:
+        """Return the sender *pid*, opening it, pulling its lease and proving it the peer if new."""
         peer = self._peer
         if peer is not None and peer.pid == pid and peer.lease_num == lease_num and peer.token == token:
             return peer
@@ -312,16 +391,13 @@ class PullSession(Session):
             raise self._denied(pid, exc) from exc
         lease: Any = None
         try:
+            # Proven first: nothing is copied out of a process, this one
+            # included, before it is shown to hold the other end of this
+            # connection (a pulled and closed copy has side effects: closing
+            # any fd of a file drops the process's POSIX locks on it).
+            self._prove(pid, proc, lease_num, token, proof)
             lease = self._os_pull_lease(proc, lease_num)
-            found = self._os_lease_token(lease)
-            if found != token:
-                # The number names another object: the sender closed its
-                # lease (and so its channel), or *pid* is not the sender.
-                raise FdsWithdrawn(
-                    errno.ECONNRESET,
-                    f"process {pid} no longer holds the lease this message names: the sender closed "
-                    "its channel or exited before the fds were taken (or the pid is not the sender's)",
-                )
+            self._check_lease(_Peer(pid, proc, lease_num, lease, token))
         except BaseException as exc:
             if lease is not None:
                 self._os_close_lease(lease)
@@ -334,6 +410,36 @@ class PullSession(Session):
         self._drop_peer()
         self._peer = peer = _Peer(pid, proc, lease_num, lease, token)
         return peer
+
+    def _prove(self, pid: int, proc: Any, lease_num: int, token: bytes, proof: Any) -> None:
+        """Raise unless the process *proc* (pid *pid*) is proven to hold the other end of this connection."""
+        try:
+            self._os_prove_peer(proc, pid, proof)
+        except UnverifiedSender as exc:
+            # A sender that closes its channel drops its lease before its
+            # socket: the proof may have failed for that reason alone.
+            if self._os_exited(proc) or self._os_lease_gone(proc, pid, lease_num, token):
+                raise FdsWithdrawn(
+                    errno.ECONNRESET,
+                    f"the sending process {pid} closed its channel or exited before this message's fds "
+                    "were taken; nothing was taken",
+                ) from exc
+            raise
+
+    def _os_lease_gone(self, proc: Any, pid: int, lease_num: int, token: bytes) -> bool:
+        """True if the sender's lease is provably gone (it closed its channel); False if unsure."""
+        return False
+
+    def _check_lease(self, candidate: _Peer) -> None:
+        """Raise unless *candidate* (a proven peer) holds the lease its message names."""
+        if self._os_lease_token(candidate.lease) != candidate.token:
+            # The number names another object: the sender closed its
+            # lease (and so its channel), or the pid is not the sender's.
+            raise FdsWithdrawn(
+                errno.ECONNRESET,
+                f"process {candidate.pid} no longer holds the lease this message names: the sender closed "
+                "its channel or exited before the fds were taken (or the pid is not the sender's)",
+            )
 
     def _lease_error(self, pid: int, exc: OSError, exited: bool) -> OSError:
         """What to raise when pulling *pid*'s lease failed with *exc* (itself if nothing better)."""

@@ -115,8 +115,13 @@ class _AckedSession(Session):
         return Outgoing(aux=aux, in_band=fds, token=seq)
 
     def waits_for_peer(self, fds: Sequence[int]) -> bool:
-        # A full window waits for acknowledgements; one message always goes.
-        return bool(fds) and self._held_fds > 0 and self._held_fds + len(fds) > self._window
+        # A full window waits for acknowledgements, but only once half of it
+        # is held: the message that crossed half asked for one, and the
+        # acknowledgement is cumulative.  Below half nothing was asked for,
+        # so the message goes (it asks itself if it crosses half), and what
+        # is held stays below half the window plus one message.
+        held = self._held_fds
+        return bool(fds) and held >= max(1, self._window // 2) and held + len(fds) > self._window
 
     def discard(self, out: Outgoing) -> None:
         if not isinstance(out.token, int):
@@ -202,9 +207,10 @@ class UnixRights(Transport):
     *acknowledge* (default: true on macOS only) keeps a duplicate of each
     sent fd until the receiver acknowledges the message, so the caller may
     close its fds as soon as ``send()`` returns even where the kernel would
-    lose an in-flight fd its sender closed.  At most *window* such fds are
-    held per channel (one message may exceed it); a send that would hold
-    more first waits, within its timeout, for the peer's acknowledgements,
+    lose an in-flight fd its sender closed.  A channel holds at most
+    *window* such fds, or less than half of it plus one message when a
+    message is larger than the window; a send that would hold more first
+    waits, within its timeout, for the peer's acknowledgements,
     which the peer sends as it receives.  Both ends must use the same mode:
     a mismatch is a `ProtocolError` on the first message or acknowledgement.
     """
@@ -217,7 +223,10 @@ class UnixRights(Transport):
 
     def check_socket(self, sock: socket.socket) -> None:
         if sock.family != getattr(socket, "AF_UNIX", None):
-            raise ValueError(f"UnixRights needs an AF_UNIX socket, got {sock.family!r}")
+            raise ValueError(
+                f"UnixRights needs an AF_UNIX socket, got {sock.family!r}: over TCP or another stream "
+                "use transport=PidfdGetfd() (Linux 5.6+) or transport=WinDuplicate() (Windows)"
+            )
 
     def max_aux(self, max_fds: int) -> int:
         # One byte more in both modes: the acknowledged mode's flags, which a

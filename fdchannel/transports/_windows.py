@@ -106,10 +106,10 @@ class _WinSession(PullSession):
         parts.extend(_LEN.pack(len(b)) + b for b in blobs)
         return b"".join(parts)
 
-    def _os_unpack_refs(self, nfds: int, data: bytes) -> list[Any]:
+    def _os_unpack_refs(self, nfds: int, data: bytes) -> tuple[None, list[Any]]:
         refs = _parse_refs(nfds, data)
         blobs = _parse_blobs(data, nfds * _REF.size, sum(kind == KIND_SOCKET for kind, _ in refs))
-        return [(kind, blobs[value] if kind == KIND_SOCKET else value) for kind, value in refs]
+        return None, [(kind, blobs[value] if kind == KIND_SOCKET else value) for kind, value in refs]
 
     # -- receiving side
     def _os_open_peer(self, pid: int) -> int:
@@ -190,6 +190,12 @@ class WinDuplicate(Transport):
     name = "WinDuplicate"
 
     def __init__(self, api: WinApi | None = None) -> None:
+        """Use the real Win32 adapter on Windows, or *api*.
+
+        Args:
+            api: The Win32 adapter; ``None`` means the real one on Windows
+                (and none elsewhere).  Only tests pass another.
+        """
         if sys.platform == "win32":  # mypy narrows on a bare platform check
             if api is None:
                 from ._win32 import Win32Api

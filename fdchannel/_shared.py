@@ -1,0 +1,283 @@
+"""`SealedMemory`: a payload that travels as a sealed memfd instead of through the socket.
+
+Platform-neutral; the system calls are in `fdchannel._memfd` (Linux only).
+The core calls `shared_message` for a frame flagged `FLAG_SHARED` and
+`share_large` before a send on a channel configured with a threshold; the
+public surface is `fdchannel.shm`.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, Self, cast
+
+from typing_extensions import Buffer
+
+from ._codec import SHARED_DESCRIPTOR
+from ._errors import SharedMemoryRefused
+from ._fdutil import close_all
+from ._message import Message
+from ._ownedfd import OwnedFd
+
+if TYPE_CHECKING:
+    from ._core import ChannelCore
+
+__all__ = ["SealedMemory", "SharedMessage", "available", "share_large", "shared_message"]
+
+_NAME: Final = "fdchannel"
+_UNAVAILABLE: Final = (
+    "sealed shared memory needs Linux (memfd_create with MFD_ALLOW_SEALING and file seals); "
+    f"{sys.platform} has none: send the bytes in band, or use fdchannel.shm.share_above(), "
+    "which falls back to in-band bytes"
+)
+
+
+def available() -> bool:
+    """True where `SealedMemory` can be created and checked (Linux 3.17+ with memfd seals)."""
+    if sys.platform == "linux":
+        from . import _memfd
+
+        return _memfd.available()
+    return False
+
+
+class SealedMemory:
+    """An immutable payload in a sealed memfd, and the fd that holds it.
+
+    Sending: ``channel.send(mem, fds)`` sends the memfd as the message's
+    payload (it counts as one fd against ``max_fds``, not against
+    ``max_payload``); the object stays the caller's and can be sent again,
+    to any number of channels, since nobody can change it.
+
+    Receiving: ``msg.shared`` of a message whose payload came this way; the
+    channel checked the seals and the size before handing it out.  `view`
+    maps it read-only; `fileno`/`detach` give the fd to forward unmapped
+    (``other.send(msg.shared)``).
+
+    The object owns its fd until `close`, `detach` or leaving ``with``; one
+    garbage-collected while open closes it with a `ResourceWarning`.  A
+    view outlives `close`: the mapping goes when the last view of it is
+    released.
+    """
+
+    __slots__ = ("__weakref__", "_fd", "_quiet", "_size", "_view")
+
+    _fd: int
+    _size: int
+    _view: memoryview | None
+    _quiet: bool
+
+    def __init__(self) -> None:
+        raise TypeError("use SealedMemory.copy(data) or SealedMemory.build(size, fill)")
+
+    @classmethod
+    def _own(cls, fd: int, size: int, quiet: bool = False) -> SealedMemory:
+        self = object.__new__(cls)
+        self._fd = fd
+        self._size = size
+        self._view = None
+        self._quiet = quiet
+        return self
+
+    @classmethod
+    def copy(cls, data: Buffer) -> SealedMemory:
+        """A new sealed memfd holding a copy of *data*; the object is the caller's.
+
+        Raises `NotImplementedError` where memfds or seals do not exist
+        (macOS, Windows, the BSDs, Linux before 3.17), `OSError` (``EMFILE``,
+        ``ENOMEM``) from the kernel, `TypeError` for a non-buffer.
+        """
+        if sys.platform != "linux":
+            raise NotImplementedError(_UNAVAILABLE)
+        from . import _memfd
+
+        return cls._own(*_memfd.copy(data, _NAME))
+
+    @classmethod
+    def build(cls, size: int, fill: Callable[[memoryview], object]) -> SealedMemory:
+        """A new sealed memfd of *size* bytes written in place by ``fill(view)``.
+
+        *view* is a writable memoryview of the new memory, valid only during
+        the call: build large payloads there without a second copy.  The
+        memory is sealed after *fill* returns; a *fill* that keeps a view
+        gets `BufferError`.  Raises as `copy` does; nothing is left open on
+        any error (including one *fill* raises).
+        """
+        if size < 0:
+            raise ValueError("size must not be negative")
+        if sys.platform != "linux":
+            raise NotImplementedError(_UNAVAILABLE)
+        from . import _memfd
+
+        return cls._own(*_memfd.build(size, fill, _NAME))
+
+    @property
+    def size(self) -> int:
+        """The payload's size in bytes (fixed: the memfd is sealed)."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        """True once the fd was closed or detached."""
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """The memfd's fd number; ownership stays here.  `ValueError` if closed."""
+        if self._fd < 0:
+            raise ValueError("I/O operation on a closed or detached SealedMemory")
+        return self._fd
+
+    @property
+    def wire(self) -> bytes:
+        """The frame payload that stands for this memory on the wire: its size."""
+        return SHARED_DESCRIPTOR.pack(self._size)
+
+    def view(self) -> memoryview:
+        """A read-only memoryview of the whole payload, mapped on the first call.
+
+        The mapping needs address space for the file's size and no memory of
+        its own (the pages are the sender's page cache).  It stays valid
+        after `close`, until the view is released and collected.  Raises
+        `ValueError` if closed before the first call, `OSError`
+        (``ENOMEM`` under ``RLIMIT_AS``) from ``mmap``.
+        """
+        view = self._view
+        if view is None:
+            fd = self.fileno()
+            if sys.platform != "linux":  # pragma: no cover - never received elsewhere
+                raise NotImplementedError(_UNAVAILABLE)
+            from . import _memfd
+
+            view = self._view = _memfd.map_readonly(fd, self._size)
+        return view
+
+    def detach(self) -> int:
+        """Give up ownership and return the fd number; the caller must close it."""
+        fd = self.fileno()
+        self._fd = -1
+        return fd
+
+    def close(self) -> None:
+        """Close the fd.  Idempotent; a view already taken stays valid."""
+        fd, self._fd = self._fd, -1
+        self._view = None
+        if fd >= 0:
+            close_all([fd])
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else f"fd={self._fd}"
+        return f"<SealedMemory {state} size={self._size}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a SealedMemory cannot be pickled: send it over a Channel (channel.send(mem))")
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            close_all([fd])
+            if not self._quiet:
+                warnings.warn(f"unclosed <SealedMemory fd={fd}>", ResourceWarning, stacklevel=2, source=self)
+
+
+class SharedMessage(Message):
+    """A `Message` whose payload came as a `SealedMemory` (``msg.shared``).
+
+    ``payload`` maps it read-only on first access (a read-only memoryview);
+    a receiver that only forwards ``msg.shared`` never maps anything.
+    """
+
+    __slots__ = ("_memory",)
+
+    def __init__(self, fds: tuple[OwnedFd, ...], memory: SealedMemory) -> None:
+        self._fds = fds
+        self._raw = ()
+        self._memory = memory
+
+    # Typed as the base's bytes-like payload: a read-only memoryview is a
+    # buffer like them (``bytes(msg.payload)`` copies it when bytes are needed).
+    @property
+    def payload(self) -> bytes | bytearray:
+        """The payload as a read-only memoryview of the sealed memory (mapped now if not yet)."""
+        return cast("bytes", self._memory.view())
+
+    @payload.setter
+    def payload(self, value: object) -> None:
+        raise AttributeError("the payload of a shared-memory message is read-only")
+
+    @property
+    def shared(self) -> SealedMemory:
+        """The sealed memory holding the payload; owned by this message until taken."""
+        return self._memory
+
+    def close(self) -> None:
+        """Close the fds and the sealed memory still owned here (a view taken stays valid)."""
+        try:
+            super().close()
+        finally:
+            self._memory.close()
+
+    def __repr__(self) -> str:
+        return f"SharedMessage(shared={self._memory!r}, fds={self.fds!r})"
+
+
+def shared_message(descriptor: bytes | bytearray | memoryview, fds: list[int]) -> Message:
+    """The message of a `FLAG_SHARED` frame whose fds (owned on entry) end with the memfd.
+
+    Raises `SharedMemoryRefused` after closing every fd when the memfd fails
+    the checks.
+    """
+    (size,) = SHARED_DESCRIPTOR.unpack(descriptor)
+    try:
+        if sys.platform != "linux":
+            raise SharedMemoryRefused(
+                f"the peer sent a shared-memory payload, which {sys.platform} cannot check "
+                "(no memfd seals); the message was dropped"
+            )
+        from . import _memfd
+
+        _memfd.check(fds[-1], size)
+    except BaseException:
+        close_all(fds)
+        raise
+    memory = SealedMemory._own(fds[-1], size)
+    return SharedMessage(tuple(map(OwnedFd, fds[:-1])), memory)
+
+
+def share_large(channel: ChannelCore, payload: Any) -> Any:
+    """*payload*, or a quiet `SealedMemory` copy of it when above the channel's threshold.
+
+    Anything that is not a contiguous buffer goes back as it came, for the
+    send to refuse with its usual error; so does everything where sealed
+    memory does not exist (the in-band fallback).
+    """
+    threshold = channel._share_above
+    if threshold is None or payload.__class__ is SealedMemory:
+        return payload
+    if payload.__class__ is bytes:
+        size = len(payload)
+    else:
+        try:
+            view = memoryview(payload)
+        except TypeError:
+            return payload
+        if not view.contiguous:
+            return payload
+        size = view.nbytes
+    if size <= threshold or not available():
+        return payload
+    if sys.platform != "linux":  # pragma: no cover - available() is False there
+        return payload
+    from . import _memfd
+
+    # Quiet: the send's own reference is its only owner, and it closes the
+    # memfd when the call ends (the channel duplicates what it keeps).
+    return SealedMemory._own(*_memfd.copy(payload, _NAME), quiet=True)

@@ -1,0 +1,145 @@
+"""trio support: `TrioChannel`, `connect`, `serve` and `pair`.
+
+`TrioChannel` is the trio twin of `fdchannel.Channel` and
+`fdchannel.aio.AsyncChannel`: the same wire format, decoder, transports and
+ownership rules, over a non-blocking socket that waits with
+``trio.lowlevel.wait_readable``/``wait_writable``.  Install it with
+``pip install 'fdchannel[trio]'``.
+
+Every ``send``/``recv``/``flush`` starts with a cancellation point: in a
+cancelled scope it raises before touching anything.  It yields to the
+scheduler when it has to wait, and otherwise once every 64 calls (as
+`fdchannel.aio` does: a schedule point in every call would double what a
+message costs), so a peer that keeps the socket ready cannot starve other
+tasks.  Cancellation (so ``trio.move_on_after``/``fail_after``) is safe at
+every ``await``:
+
+* a cancelled `TrioChannel.recv` loses nothing: what was read stays
+  buffered and the next ``recv()`` returns it;
+* a cancelled `TrioChannel.send` never corrupts the stream.  The
+  ``trio.Cancelled`` it raises carries ``characters_written``: ``0`` means
+  the message was not taken (not sent); more means it was taken and its
+  remainder (payload copied, fds duplicated: close yours at once) is
+  finished before anything else, by the next ``send()`` or by
+  `TrioChannel.flush`.  Catch it to read it, and re-raise::
+
+      try:
+          await channel.send(payload, fds)
+      except trio.Cancelled as exc:
+          taken = exc.characters_written > 0
+          raise
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+try:
+    import trio
+except ImportError as _exc:  # pragma: no cover - trio is in the test extra
+    raise ImportError(
+        "fdchannel.trio needs trio, which is not installed: pip install 'fdchannel[trio]'"
+    ) from _exc
+
+from ._structured import Server, StructuredChannel, connect_with, serve_with
+
+__all__ = ["Server", "TrioChannel", "connect", "pair", "serve"]
+
+
+class _Trio:
+    """trio's waiting primitives, for `StructuredChannel`."""
+
+    name: Final = "trio"
+    closed_resource_error: Final = trio.ClosedResourceError
+    wait_readable = staticmethod(trio.lowlevel.wait_readable)
+    wait_writable = staticmethod(trio.lowlevel.wait_writable)
+    notify_closing = staticmethod(trio.lowlevel.notify_closing)
+    checkpoint = staticmethod(trio.lowlevel.checkpoint)
+    checkpoint_if_cancelled = staticmethod(trio.lowlevel.checkpoint_if_cancelled)
+    sleep = staticmethod(trio.sleep)
+    event = staticmethod(trio.Event)
+    cancel_scope = staticmethod(trio.CancelScope)
+    task_group = staticmethod(trio.open_nursery)
+
+    @staticmethod
+    def is_cancelled(exc: BaseException) -> bool:
+        return isinstance(exc, trio.Cancelled)
+
+
+class TrioChannel(StructuredChannel):
+    """A message channel over a connected stream socket, for trio.
+
+    Each message is a payload of bytes and any number of fds; the receiver
+    gets it back whole as one `Message` whose fds it owns.  The channel owns
+    its socket (made non-blocking) and every fd it received but has not yet
+    returned.  Sending never takes ownership of the caller's fds.
+
+    Several tasks may call `send` at once (frames never interleave) and
+    several may call `recv` at once (each gets whole messages).  Use a
+    channel from one thread (one ``trio.run``) at a time.
+
+    Errors: `ChannelClosed` when the peer closed between messages,
+    `ProtocolError` for anything malformed (the channel is unusable after
+    it), `OSError` subclasses from the kernel with errno intact, `ValueError`
+    for calls on a closed channel.  See the module docstring for what
+    cancellation does.
+    """
+
+    _kind = "TrioChannel"
+    _backend = _Trio()
+
+
+def pair(**kwargs: Any) -> tuple[TrioChannel, TrioChannel]:
+    """`TrioChannel.pair`: two connected channels over a new AF_UNIX socketpair (the caller's)."""
+    return TrioChannel.pair(**kwargs)
+
+
+async def connect(path: str | bytes | os.PathLike[Any], **kwargs: Any) -> TrioChannel:
+    """Connect to the `serve` (or `fdchannel.Listener`) at *path*; the channel is the caller's.
+
+    *path* is a filesystem path or, on Linux, an abstract name starting with
+    ``"\\0"``.  ``expect_uid=`` (a uid or several) requires the server to run
+    as that user, as on `fdchannel.Channel.connect`.  Other keyword arguments
+    go to `TrioChannel`.  Raises `OSError`
+    (``FileNotFoundError``, ``ConnectionRefusedError``, ...) as
+    ``socket.connect`` does.  Cancelled: the socket is closed, nothing leaks.
+    """
+    channel: TrioChannel = await connect_with(TrioChannel, path, kwargs)
+    return channel
+
+
+async def serve(
+    handler: Callable[[TrioChannel], Awaitable[object]],
+    path: str | bytes | os.PathLike[Any],
+    *,
+    backlog: int = 128,
+    mode: int = 0o600,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> None:
+    """Listen on the Unix socket *path* and run ``await handler(channel)`` per connection.
+
+    The handler comes first, as in ``trio.serve_tcp(handler, port)`` and
+    `asyncio.start_unix_server`.
+
+    Meant for ``server = await nursery.start(serve, handler, path)``: it
+    reports the `Server` once listening.  Handlers run in a nursery of
+    ``serve`` itself; each gets a `TrioChannel` owned by the server (closed
+    when the handler returns or raises).  An exception a handler raises is
+    logged on the ``fdchannel.structured`` logger and serving goes on
+    (cancellation is not caught).  ``serve`` returns after ``server.close()``
+    once every handler finished; cancelling it cancels the handlers and
+    closes the listener.
+
+    The listening side is a `fdchannel.Listener`: the socket file gets the
+    permission bits *mode* and no looser ones at any moment; a stale file is
+    replaced, a live one raises `OSError` (``EADDRINUSE``), a path holding
+    anything but a socket raises `FileExistsError`; ``"\\0name"`` is a Linux
+    abstract socket.  *options* go to the `Listener` (``allow_uids``,
+    ``allow_gids``, ``authorize``: refused peers are closed before anything
+    is read, counted in ``server.listener.refused`` and logged) and to each
+    channel (``max_payload``, ``max_fds``, ``transport``).
+    """
+    await serve_with(TrioChannel, path, handler, task_status, backlog=backlog, mode=mode, options=options)

@@ -1,0 +1,150 @@
+"""A peer that declares a large payload and then drips costs what it sent, not what it declared.
+
+Many real clients connect to a real `Listener` (threads) or `aio.start_server`,
+each sends a 26-byte header declaring a payload of ``max_payload`` and then
+only a few bytes.  The memory the server's channels hold is measured with
+tracemalloc against a stated bound: before the fix each channel allocated
+the whole declared payload at once.
+"""
+
+# The loop fixtures are imported from tests/_aio.py; test parameters naming
+# them are not redefinitions.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fdchannel import ChannelClosed, Listener, ProtocolError
+from fdchannel._codec import HEADER_SIZE, pack_header
+from fdchannel.aio import AsyncChannel, start_server
+from fdchannel.transports import UnixRights
+
+from ._aio import loop_kind, run  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="AF_UNIX servers")
+
+Run = Callable[..., Any]
+
+CLIENTS = 16
+DECLARED = 16 * 1024 * 1024
+DRIP = 1000
+#: What all the server's channels may hold together while the clients drip:
+#: 1 MiB each.  Before the fix it was CLIENTS x DECLARED (256 MiB).
+BOUND = CLIENTS * (1 << 20)
+
+
+def _drip_clients(path: str) -> list[socket.socket]:
+    """Connect CLIENTS raw sockets; each sends a header declaring DECLARED bytes, then DRIP of them."""
+    header = pack_header(UnixRights().wire_id, 0, 0, DECLARED)
+    assert len(header) == HEADER_SIZE
+    clients = []
+    try:
+        for _ in range(CLIENTS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(s)
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(header + bytes(DRIP))
+    except BaseException:
+        for s in clients:
+            s.close()
+        raise
+    return clients
+
+
+def test_dripping_clients_cost_a_threaded_listener_what_they_sent(tmp_path: Path) -> None:
+    path = str(tmp_path / "srv")
+    with Listener(path, max_payload=DECLARED) as listener:
+        listener.settimeout(10)
+        tracemalloc.start()
+        try:
+            clients = _drip_clients(path)
+            channels = []
+            try:
+                for _ in range(CLIENTS):
+                    ch = listener.accept()
+                    channels.append(ch)
+                    # One read each takes in everything the client sent
+                    # (AF_UNIX: sendall returned, so it is all queued).
+                    ch.settimeout(0.0)
+                    with pytest.raises(BlockingIOError):
+                        ch.recv()
+                    assert ch._decoder.received == HEADER_SIZE + DRIP
+                held, _peak = tracemalloc.get_traced_memory()
+            finally:
+                for ch in channels:
+                    ch.close()
+                for s in clients:
+                    s.close()
+        finally:
+            tracemalloc.stop()
+    assert held < BOUND, f"{CLIENTS} dripping clients made the server hold {held / 2**20:.1f} MiB"
+
+
+def test_dripping_clients_cost_an_async_server_what_they_sent(tmp_path: Path, run: Run) -> None:
+    path = str(tmp_path / "srv")
+
+    async def body() -> int:
+        channels: list[AsyncChannel] = []
+        all_in = asyncio.Event()
+
+        async def handler(ch: AsyncChannel) -> None:
+            channels.append(ch)
+            if len(channels) == CLIENTS:
+                all_in.set()
+            try:
+                await ch.recv()
+            except (ChannelClosed, ProtocolError):
+                pass  # the client went away mid-message
+
+        tracemalloc.start()
+        try:
+            async with await start_server(handler, path, max_payload=DECLARED):
+                clients = await asyncio.to_thread(_drip_clients, path)
+                try:
+                    await all_in.wait()
+                    # Yield to the loop until every handler's recv() took in
+                    # what its client sent (readiness callbacks, no timer).
+                    while not all(ch._decoder.received == HEADER_SIZE + DRIP for ch in channels):
+                        await asyncio.sleep(0)
+                    held, _peak = tracemalloc.get_traced_memory()
+                finally:
+                    for s in clients:
+                        s.close()
+        finally:
+            tracemalloc.stop()
+        return held
+
+    held = run(body())
+    assert held < BOUND, f"{CLIENTS} dripping clients made the server hold {held / 2**20:.1f} MiB"
+
+
+def test_a_large_payload_still_arrives_whole_as_it_grows() -> None:
+    from fdchannel import Channel
+
+    payload = bytes(range(256)) * (3 * 1024 * 1024 // 256 + 7)  # not a multiple of any growth step
+    a, b = Channel.pair(max_payload=len(payload))
+    with a, b:
+        done = threading.Event()
+
+        def send() -> None:
+            a.send(payload, [0])
+            done.set()
+
+        t = threading.Thread(target=send)
+        t.start()
+        with b.recv() as msg:
+            assert msg.payload == payload
+            assert len(msg.fds) == 1
+        t.join(30)
+        assert done.is_set()
