@@ -120,3 +120,38 @@ def test_what_the_compiled_path_does_not_take_goes_the_python_way() -> None:
             assert len(msg.fds) == 1
     os.close(r)
     os.close(w)
+
+
+@needs_unix_rights
+def test_the_compiled_path_leaves_channels_in_the_python_paths_states_to_it() -> None:
+    """A send cut twice (_suspect), a forked child's unclaimed end, share_above;
+    a recv cut twice (_delivering, fds left in Decoder.landed): the Python
+    path's rules apply, so the compiled one does nothing (False/None)."""
+    if not _fastpath.compiled_available():
+        pytest.skip(f"not built here: {_fastpath.why_pure()}")
+    a, b = Channel.pair()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        assert a._fast is not None
+        assert b._fast is not None
+        for name, value in (("_suspect", True), ("_unclaimed", True), ("_share_above", 1 << 20)):
+            saved = getattr(a, name)
+            setattr(a, name, value)
+            try:
+                assert a._fast.send(a, b"x", []) is False, name
+            finally:
+                setattr(a, name, saved)
+        a.send(b"waiting")
+        b._delivering = True
+        try:
+            assert b._fast.recv(b) is None
+        finally:
+            b._delivering = False
+        b._decoder.landed.append([])
+        try:
+            assert b._fast.recv(b) is None
+        finally:
+            b._decoder.landed.clear()
+        with b.recv() as msg:
+            assert msg.payload == b"waiting"
