@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import fdpass, shm
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
 from ._errors import (
+    BufferTooShort,
     ChannelBroken,
     ChannelClosed,
     FdChannelError,
@@ -37,6 +38,7 @@ from ._process import spawn
 __all__ = [
     "DEFAULT_MAX_FDS",
     "DEFAULT_MAX_PAYLOAD",
+    "BufferTooShort",
     "Channel",
     "ChannelBroken",
     "ChannelClosed",

@@ -13,13 +13,14 @@ from typing import Any, Self
 
 from typing_extensions import Buffer
 
-from . import _handoff, _peer
+from . import _batch, _fastpath, _handoff, _into, _peer
 from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelBroken, ChannelClosed
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import set_written
+from ._ownedfd import OwnedFd
 from ._shared import SealedMemory, share_large
 from ._sockio import write_pending
 from ._wait import wait_ready
@@ -55,6 +56,8 @@ class Channel(ChannelCore):
     #: True in a forked child until this process claimed the inherited end
     #: (`_handoff.claim_forked_end`) at its first send() or recv().
     _unclaimed = False
+    #: The compiled send/recv (`fdchannel._fastpath`), None for the Python path.
+    _fast: Any = None
 
     def __init__(
         self,
@@ -98,6 +101,7 @@ class Channel(ChannelCore):
             # A session may greet its peer (WinDuplicate announces its pid);
             # a fresh socket takes that without blocking.
             self._flush_control_nowait()
+        self._fast = _fastpath.attach(self)
 
     # -- construction ---------------------------------------------------
 
@@ -238,7 +242,7 @@ class Channel(ChannelCore):
 
     # -- sending ------------------------------------------------------------
 
-    def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:
+    def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901 - compiled path first, then the Python one inline
         """Send one message: *payload* and *fds*, delivered together.
 
         The receiver gets duplicates of the same open files: they share the
@@ -268,6 +272,9 @@ class Channel(ChannelCore):
             ProtocolError: An earlier error left the channel unusable
                 (`ChannelBroken` when this end broke it).
         """
+        fast = self._fast
+        if fast is not None and self._send_fast(fast, payload, fds):
+            return  # the compiled path sent it all (fdchannel._fastpath)
         if self._share_above is not None:
             payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
@@ -304,6 +311,76 @@ class Channel(ChannelCore):
             # finds the lock free and drops what the channel holds.
             if self._closed:
                 self._drop_held()
+
+    def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:
+        """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
+
+        Each message arrives as if sent by `send` (the receiver calls
+        `recv` once per message); on the default transport consecutive
+        messages share one ``sendmsg`` while their fds total at most 253.
+        Messages from other threads never come between these.  A payload
+        sent as sealed shared memory (a `SealedMemory`, or one above
+        `fdchannel.shm.share_above`'s threshold) goes in a write of its own,
+        in order.  Needs a peer of this version or later when fds are
+        batched (an older one refuses the frames with `ProtocolError`).
+
+        Args:
+            messages: ``(payload, fds)`` pairs, each as `send` takes them;
+                the fds stay the caller's.
+
+        Raises:
+            ValueError: Before writing anything, for a message `send` would
+                refuse (every message is checked first); also for a call on
+                a closed channel.
+            TypeError: A payload or fds of the wrong type, before writing
+                anything.
+            BufferError: A payload that is not contiguous, likewise.
+            BlockingIOError: The call stopped part way (also `TimeoutError`
+                and the kernel's `OSError`): the exception's
+                ``messages_taken`` counts the messages taken, in order
+                (sent, or pending for `flush` when ``characters_written``
+                is more than 0); send the rest again.
+        """
+        prepared = _batch.prepare(self, messages)
+        done = False
+        try:
+            with self._send_lock:
+                if self._closed or self._broken is not None or self._suspect or self._unclaimed:
+                    self._check_leftovers(False)
+                    self._claim()
+                self._suspect = True
+                try:
+                    if self._simple and not self._outbox.pending:
+                        _batch.send_groups(self, prepared, self._deadline())
+                    else:
+                        _batch.send_each(self, prepared)
+                except BaseException as exc:
+                    self._send_interrupted(exc)
+                    raise
+                self._suspect = False
+                done = True
+        except BaseException as exc:
+            if done:
+                # A signal handler's error as the lock was released: all had left.
+                exc.messages_taken = len(prepared)  # type: ignore[attr-defined]
+            elif isinstance(exc, OSError | ChannelClosed):
+                _batch.closed_meanwhile(self, exc)
+            raise
+        finally:
+            if self._closed:
+                self._drop_held()
+
+    def _send_fast(self, fast: Any, payload: Buffer | SealedMemory, fds: Iterable[int | Any]) -> bool:
+        """The compiled send (`fdchannel._fastpath`): True if it sent the message, False if not."""
+        try:
+            sent: bool = fast.send(self, payload, fds)
+        except BaseException as exc:
+            if fast.sent_whole >= 0:
+                # A signal handler's error as the call returned: the message
+                # had left whole.
+                set_written(exc, fast.sent_whole)
+            raise
+        return sent
 
     def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
@@ -426,7 +503,7 @@ class Channel(ChannelCore):
 
     # -- receiving ------------------------------------------------------------
 
-    def recv(self) -> Message:  # noqa: C901, PLR0912 - the recv fast path: one loop, no call per step
+    def recv(self) -> Message:
         """Receive one whole message; its fds are now the caller's.
 
         Returns:
@@ -444,6 +521,51 @@ class Channel(ChannelCore):
             OSError: From the kernel, with its errno.
             ValueError: The channel is closed.
         """
+        fast = self._fast
+        if fast is not None:
+            try:
+                msg: Message | None = fast.recv(self)
+            except BaseException as exc:
+                lost = fast.delivered
+                if lost is not None:
+                    # A signal handler's error as the call returned the message.
+                    fast.delivered = None
+                    self._recv_lost(exc, lost)
+                raise
+            if msg is not None:
+                fast.delivered = None
+                return msg  # one read, one message, in C (fdchannel._fastpath)
+        return self._recv(None)
+
+    def recv_into(self, buffer: Buffer) -> tuple[int, tuple[OwnedFd, ...]]:
+        """Receive one whole message with its payload written into *buffer*.
+
+        A large payload is read by the kernel straight into *buffer*: no
+        buffer is allocated and nothing is copied per message.  *buffer* is
+        free for reuse as soon as the call returns or raises.  A payload that
+        came as sealed shared memory is copied in, and the memory let go.
+
+        Args:
+            buffer: A writable, contiguous buffer.
+
+        Returns:
+            ``(nbytes, fds)``: the payload is ``buffer[:nbytes]`` and *fds*
+                are the message's `OwnedFd` objects, now the caller's.
+
+        Raises:
+            TypeError: A read-only buffer.
+            BufferError: A buffer that is not contiguous.
+            BufferTooShort: The payload does not fit (a `ValueError`): the
+                whole message is on the exception, nothing is lost.
+            ChannelClosed: As for `recv`, and every other error of `recv`,
+                with the same meaning.
+        """
+        view = _into.writable_bytes(buffer)
+        msg = self._recv(view)
+        return _into.place(msg, view)
+
+    def _recv(self, into: memoryview | None) -> Message:  # noqa: C901, PLR0912 - one loop for recv and recv_into
+        """`recv`, and `recv_into` when *into* is its buffer."""
         msg: Message | None = None
         try:
             with self._recv_lock:
@@ -458,6 +580,7 @@ class Channel(ChannelCore):
                     self._claim()
                 decoder = self._decoder
                 deadline = None
+                _into.offer(decoder, into)
                 try:
                     while True:
                         if decoder.frames or decoder.error is not None or decoder.eof:
@@ -481,6 +604,9 @@ class Channel(ChannelCore):
                 except BaseException as exc:
                     self._recv_stopped(exc)
                     raise
+                finally:
+                    if into is not None:
+                        decoder.set_into(None)
         except BaseException as exc:
             if msg is not None:
                 self._recv_lost(exc, msg)

@@ -14,13 +14,17 @@ Wire format (all integers little-endian; docs/wire-format.md has the rest)::
          4    1  version (1)
          5    1  transport id (0 = UnixRights, 1 = PidfdGetfd, 2 = WinDuplicate)
          6    2  flags (bit 0: transport control frame; bit 1: sealed shared-memory
-                     payload; others must be 0)
+                     payload; bit 2: group, see below; others must be 0)
          8    4  fd count
         12    4  aux length   (transport data: fd references, padding)
         16    8  payload length
         24       aux, then payload
 
-In-band fds (SCM_RIGHTS) ride on bytes of the frame they belong to.
+In-band fds (SCM_RIGHTS) ride on bytes of the frame they belong to, except
+in a group (`FLAG_GROUP`): one write of several frames whose fds all ride
+on its first byte; each frame of it but the last carries the flag, saying
+that fds which arrived with its bytes beyond its own belong to the frames
+after it, in order.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ._errors import LimitExceeded, ProtocolError
 
 __all__ = [
     "FLAG_CONTROL",
+    "FLAG_GROUP",
     "FLAG_SHARED",
     "HEADER_SIZE",
     "MAGIC",
@@ -54,6 +59,10 @@ FLAG_CONTROL: Final = 1
 #: own payload is only `SHARED_DESCRIPTOR` (the memfd's size).
 FLAG_SHARED: Final = 2
 SHARED_DESCRIPTOR: Final = struct.Struct("<Q")
+#: Set on each frame of a group but the last: the fds that arrived with this
+#: frame's bytes beyond its own are the next frames', in order (`send_many`).
+#: An older receiver refuses it ("unknown frame flags"): it cannot misread it.
+FLAG_GROUP: Final = 4
 _HEADER = struct.Struct("<4sBBHIIQ")
 HEADER_SIZE: Final = _HEADER.size
 _pack = _HEADER.pack
@@ -105,7 +114,7 @@ class Frame:
         control: bool,
         nfds: int,
         aux: bytes,
-        payload: bytes | bytearray,
+        payload: bytes | bytearray | memoryview,
         fds: list[int],
         start: int = 0,
         shared: bool = False,
@@ -137,7 +146,8 @@ GROW_AHEAD: Final = 256 * 1024
 class _Big:
     """A frame too large for the shared buffer, being read into its own buffers.
 
-    The payload buffer grows as its bytes arrive (see `GROW_AHEAD`).
+    The payload buffer grows as its bytes arrive (see `GROW_AHEAD`), unless
+    it is a caller's (``recv_into``), which has room for all of it.
     """
 
     __slots__ = (
@@ -153,13 +163,24 @@ class _Big:
         "start",
     )
 
-    def __init__(self, flags: int, nfds: int, aux_len: int, payload_len: int, start: int) -> None:
+    def __init__(
+        self,
+        flags: int,
+        nfds: int,
+        aux_len: int,
+        payload_len: int,
+        start: int,
+        into: memoryview | None = None,
+    ) -> None:
         self.flags = flags
         self.control = bool(flags & FLAG_CONTROL)
         self.nfds = nfds
         self.aux = bytearray(aux_len)
         self.payload_len = payload_len
-        self.payload = bytearray(min(payload_len, GROW_AHEAD))
+        # The payload's buffer: a caller's (recv_into), or its own.
+        self.payload: bytearray | memoryview = (
+            bytearray(min(payload_len, GROW_AHEAD)) if into is None else into[:payload_len]
+        )
         self.aux_fill = 0
         self.payload_fill = 0
         self.start = start
@@ -169,7 +190,7 @@ class _Big:
         """Make room past *fill* bytes: twice *fill*, `GROW_AHEAD` more at least, at most as declared."""
         have = len(self.payload)
         want = min(self.payload_len, max(2 * fill, fill + GROW_AHEAD))
-        if want <= have:
+        if want <= have or isinstance(self.payload, memoryview):  # a caller's (recv_into) fits it all
             return
         try:
             self.payload.extend(bytes(want - have))
@@ -238,6 +259,7 @@ class Decoder:
         self._max_aux = max_aux
         self._transport_name = transport_name or f"transport {wire_id}"
         self._data_tag = header_tag(wire_id)
+        self._group_tag = self._data_tag | FLAG_GROUP << 48
         # What the one-frame fast path accepts, folded into two bounds: an
         # inline frame within max_payload, and in-band fds within max_fds.
         self._fast_max_payload = min(max_payload, INLINE_LIMIT - HEADER_SIZE)
@@ -251,6 +273,12 @@ class Decoder:
         self._end = 0  # end of valid data in _buf
         self._received = 0  # stream offset just past everything received
         self._big: _Big | None = None
+        # True after a data frame of a group (FLAG_GROUP): the next frame's
+        # fds may have arrived ahead of its bytes.
+        self._ahead = False
+        # recv_into(): the caller's buffer for the next data frame's payload.
+        self._into: memoryview | None = None
+        self._lone_saved = lone_frames
         # One entry per read that brought fds: [fds, stream offset where the
         # read began, where it ended].
         self._fds: deque[list[Any]] = deque()
@@ -367,14 +395,18 @@ class Decoder:
         before the frame completes and its count is compared.
         """
         held = sum(len(batch[0]) for batch in self._fds)
+        # In a group, fds for the frames after this one ride ahead: at most
+        # one write's worth (SCM_MAX_FD) more than the frame itself declares.
+        ahead = SCM_MAX_FD if self._ahead else 0
         if not self._in_band:
             allowed = 0
         elif self._big is not None:
-            allowed = self._big.nfds
+            allowed = self._big.nfds + (SCM_MAX_FD if self._big.flags & FLAG_GROUP else ahead)
         elif self._end - self._start >= HEADER_SIZE:
-            allowed = _fast_unpack_from(self._buf, self._start)[1]  # validated by _parse
+            tag, nfds = _fast_unpack_from(self._buf, self._start)[:2]  # validated by _parse
+            allowed = nfds + (SCM_MAX_FD if (tag >> 48) & FLAG_GROUP else ahead)
         else:  # the header is not in yet: no frame may carry more than max_fds
-            if held > self._max_fds:
+            if held > self._max_fds + ahead:
                 raise LimitExceeded(f"peer sent {held} fds for one frame; max_fds is {self._max_fds}")
             return
         if held > allowed:
@@ -417,6 +449,29 @@ class Decoder:
     def at_boundary(self) -> bool:
         """True when no partial frame and no stray fd is buffered."""
         return self._big is None and self._start == self._end and not self._fds
+
+    def set_into(self, into: memoryview | None) -> None:
+        """Put the payload of the next data frame parsed into *into* (a writable byte view).
+
+        Only a payload that fits goes there (`Frame.payload` is then a view
+        of it); call ``set_into(None)`` once the frame was taken or the
+        receive ended: whatever still points into the caller's buffer (a
+        frame half read, a frame queued but not returned) moves to buffers
+        of its own, so the caller may reuse theirs at once.
+        """
+        if into is not None:
+            self._into = into
+            # The lone-frame shortcut hands out bytes: off while a buffer waits.
+            self._lone = False
+            return
+        self._into = None
+        self._lone = self._lone_saved
+        big = self._big
+        if big is not None and big.payload.__class__ is memoryview:
+            big.payload = bytearray(big.payload)
+        for frame in self.frames:
+            if frame.payload.__class__ is memoryview:
+                frame.payload = bytes(frame.payload)
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or None if more data is needed.
@@ -482,13 +537,15 @@ class Decoder:
 
     # -- parsing ----------------------------------------------------------
 
-    def _parse(self) -> None:
+    def _parse(self) -> None:  # noqa: C901, PLR0912 - the hot path, inline
         buf = self._buf
         start, end = self._start, self._end
         try:
             while end - start >= HEADER_SIZE:
                 tag, nfds, aux_len, payload_len = _fast_unpack_from(buf, start)
                 flags = 0
+                if tag == self._group_tag:  # a group's frame: as plain as a plain one
+                    tag, flags = self._data_tag, FLAG_GROUP
                 if (
                     tag != self._data_tag
                     or payload_len > self._max_payload
@@ -500,8 +557,13 @@ class Decoder:
                     flags = header[3]
                 total = HEADER_SIZE + aux_len + payload_len
                 frame_start = self._received - (end - start)
+                into = self._into
+                if into is not None and not flags & (FLAG_CONTROL | FLAG_SHARED) and payload_len <= len(into):
+                    self._into = None  # one frame only: the next one recv_into returns
+                else:
+                    into = None
                 if total > INLINE_LIMIT:
-                    big = _Big(flags, nfds, aux_len, payload_len, frame_start)
+                    big = _Big(flags, nfds, aux_len, payload_len, frame_start, into)
                     stop = min(end, start + total)
                     big.feed(self._mv[start + HEADER_SIZE : stop])
                     start = stop
@@ -513,8 +575,17 @@ class Decoder:
                     break
                 body = start + HEADER_SIZE
                 aux = bytes(buf[body : body + aux_len]) if aux_len else b""
-                payload = self._mv[body + aux_len : start + total].tobytes()
-                fds = self._take_inband(nfds, frame_start, frame_start + total) if nfds or self._fds else []
+                payload: bytes | memoryview
+                if into is None:
+                    payload = self._mv[body + aux_len : start + total].tobytes()
+                else:
+                    payload = into[:payload_len]
+                    payload[:] = self._mv[body + aux_len : start + total]
+                fds = (
+                    self._take_inband(nfds, frame_start, frame_start + total, flags & FLAG_GROUP)
+                    if nfds or self._fds
+                    else []
+                )
                 self.frames.append(
                     Frame(
                         flags & FLAG_CONTROL != 0,
@@ -536,7 +607,7 @@ class Decoder:
 
     def _finish_big(self, big: _Big) -> None:
         self._big = None
-        fds = self._take_inband(big.nfds, big.start, big.end)
+        fds = self._take_inband(big.nfds, big.start, big.end, big.flags & FLAG_GROUP)
         self.frames.append(
             Frame(
                 big.control,
@@ -578,10 +649,12 @@ class Decoder:
                 f"peer declared {aux_len} bytes of transport data; the limit is {self._max_aux}"
             )
 
-    def _take_inband(self, nfds: int, start: int, end: int) -> list[int]:
-        """Take the in-band fds of the frame at stream offsets [start, end)."""
+    def _take_inband(self, nfds: int, start: int, end: int, group: int | bool = False) -> list[int]:
+        """Take the in-band fds of the frame at stream offsets [start, end) (*group*: its FLAG_GROUP)."""
         want = nfds if self._in_band else 0
         queue = self._fds
+        ahead = self._ahead
+        self._ahead = bool(group)
         if want and len(queue) == 1:
             # The common case: one read brought exactly this frame's fds.
             batch = queue[0]
@@ -589,10 +662,25 @@ class Decoder:
                 queue.popleft()
                 fds: list[int] = batch[0]
                 return fds
-        return self._take_batches(want, nfds, start, end)
+        if want and queue and (group or ahead):
+            # A group's frame: its fds at the front of one read's batch, the
+            # rest of that batch the next frames'.
+            batch = queue[0]
+            held: list[int] = batch[0]
+            if len(held) > want and (ahead or start < batch[2]) and (group or batch[2] > end):
+                batch[0] = held[want:]
+                return held[:want]
+        return self._take_batches(want, nfds, start, end, ahead, bool(group))
 
-    def _take_batches(self, want: int, nfds: int, start: int, end: int) -> list[int]:
-        """`_take_inband` in general: *want* fds from one or more reads' batches."""
+    def _take_batches(
+        self, want: int, nfds: int, start: int, end: int, ahead: bool = False, group: bool = False
+    ) -> list[int]:
+        """`_take_inband` in general: *want* fds from one or more reads' batches.
+
+        *ahead*: the frame before was a group's, so this frame's fds may have
+        arrived with its bytes; *group*: this frame is one, so fds beyond its
+        own that arrived with its bytes are the next frames'.
+        """
         queue = self._fds
         taken: list[int] = []
         try:
@@ -601,7 +689,7 @@ class Decoder:
                     raise ProtocolError(f"frame declared {want} fds but {len(taken)} arrived with it")
                 batch = queue[0]
                 fds, _begin, read_end = batch
-                if read_end <= start:
+                if read_end <= start and not ahead:
                     raise ProtocolError("fds arrived with bytes before the frame they were counted for")
                 need = want - len(taken)
                 if len(fds) <= need:
@@ -615,8 +703,8 @@ class Decoder:
                     batch[0] = fds[need:]
             # fds read together with bytes of the next frame may be that
             # frame's; fds that arrived no later than this frame's last byte
-            # are surplus.
-            if queue and queue[0][2] <= end:
+            # are surplus, unless this frame leads more of its group.
+            if queue and queue[0][2] <= end and not group:
                 raise ProtocolError(
                     f"more fds arrived than the frame declared ({nfds})"
                     if self._in_band
@@ -632,17 +720,21 @@ class Decoder:
 def _check_flags(flags: int, nfds: int, payload_len: int) -> None:
     """Refuse unknown flags and frames whose flags do not fit their contents.
 
-    A control frame carries no fds and at most `MAX_CONTROL_PAYLOAD`; a
-    `FLAG_SHARED` frame carries the memfd as its last fd and its size as
-    the payload.
+    A control frame carries no fds and at most `MAX_CONTROL_PAYLOAD`, and
+    is never part of a group (`FLAG_GROUP`); a `FLAG_SHARED` frame carries
+    the memfd as its last fd and its size as the payload, and is not part
+    of a group either.
     """
-    if flags & ~(FLAG_CONTROL | FLAG_SHARED):
+    if flags & ~(FLAG_CONTROL | FLAG_SHARED | FLAG_GROUP):
         raise ProtocolError(f"unknown frame flags {flags:#x}")
     if flags & FLAG_CONTROL:
-        if nfds or payload_len > MAX_CONTROL_PAYLOAD or flags & FLAG_SHARED:
+        if nfds or payload_len > MAX_CONTROL_PAYLOAD or flags & (FLAG_SHARED | FLAG_GROUP):
             raise ProtocolError("malformed control frame")
         return
-    if not nfds or payload_len != SHARED_DESCRIPTOR.size:
+    if flags & FLAG_SHARED and flags & FLAG_GROUP:
+        # send_many() sends a SealedMemory payload as a message of its own.
+        raise ProtocolError("malformed frame: a shared-memory frame is never part of a group")
+    if flags & FLAG_SHARED and (not nfds or payload_len != SHARED_DESCRIPTOR.size):
         raise ProtocolError(
             f"malformed shared-memory frame ({nfds} fds, {payload_len}-byte descriptor): it must "
             f"carry the memfd as an fd and a {SHARED_DESCRIPTOR.size}-byte size"

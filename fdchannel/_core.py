@@ -42,7 +42,7 @@ from ._fdutil import SocketHandle, close_all
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import Outbox, set_written
-from ._ownedfd import OwnedFd, adopt, adopt_all, fileno_of
+from ._ownedfd import adopt_all, fileno_of
 from ._peer import PeerCredentials, peer_credentials, refuse_fds
 from ._shared import SealedMemory, shared_message
 from ._sockio import SocketIO, io_for, write_pending
@@ -62,11 +62,6 @@ DEFAULT_MAX_FDS: Final = 1024
 PUMP_BUDGET: Final = 1 << 20
 #: The largest fd number a C int holds: SCM_RIGHTS carries ints.
 FD_MAX: Final = 2**31 - 1
-
-
-def message_of(payload: bytes | bytearray, fds: Iterable[int]) -> Message:
-    """A `Message` owning *fds* (the caller gives them up)."""
-    return Message(payload, tuple(map(OwnedFd, fds)))
 
 
 class ChannelCore:
@@ -578,6 +573,11 @@ class ChannelCore:
                     _name_bad_fd(exc, in_band)
             raise
 
+    def _first_write_raised(self, exc: BaseException, nums: list[int]) -> None:
+        """`_write_raised` for a write that carried *nums*, naming a closed fd as `_send_whole` does."""
+        if self._write_raised(exc) and isinstance(exc, OSError):
+            _name_bad_fd(exc, nums)
+
     def _write_raised(self, exc: BaseException) -> bool:
         """The first write of a message raised *exc*; True if the message was not taken.
 
@@ -747,15 +747,15 @@ class ChannelCore:
                 self._at_eof()
             return None
         payload, fds = one
-        # The message is in hand from here: set before the list that
-        # holds its fds is cleared, so an interrupt always finds one of them.
+        # The message is in hand from here: set before the list that holds
+        # its fds is cleared, so an interrupt always finds them.  The message
+        # shares that list (its fds stay numbers until the caller reads
+        # msg.fds): an interrupt before the clear makes `_close_held` take
+        # each fd out of it, and the lost message then owns none.
         self._delivering = True
-        if not fds:
-            decoder.landed.clear()
-            return Message(payload, ())
-        owners = adopt(fds) if fds.__class__ is list else tuple(map(OwnedFd, fds))
+        msg = Message._owning(payload, fds)
         decoder.landed.clear()
-        return Message(payload, owners)
+        return msg
 
     def _next_message(self) -> Message | None:
         """The next message the decoder holds, or None when it needs more data.
@@ -774,16 +774,17 @@ class ChannelCore:
                 self._control(frame)
                 continue
             if self._simple and not frame.aux and not frame.shared:
-                # The fds move out of the queued frame one by one, so an
-                # interrupt leaves each either there or in its OwnedFd.
-                owners = adopt(frame.fds) if frame.fds else ()
+                # The message shares the frame's list of fds until the frame
+                # is off the queue: an interrupt in between leaves them to
+                # `_close_held`, which takes each out of the list.
+                msg = Message._owning(frame.payload, frame.fds)
                 frames.popleft()
-                return Message(frame.payload, owners)
+                return msg
             frames.popleft()
             fds = self._incoming(frame)
             if frame.shared:
                 return shared_message(frame.payload, fds)
-            return message_of(frame.payload, fds) if fds else Message(frame.payload, ())
+            return Message._owning(frame.payload, fds)
         if decoder.error is not None:
             # Not through a local: the frame of this call would hold the
             # error whose traceback holds the frame, a cycle (with the

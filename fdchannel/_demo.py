@@ -142,5 +142,12 @@ def main(argv: list[str]) -> int:
         return parent()
     if argv[:1] == ["demo-child"]:
         return child()
-    print("usage: python -m fdchannel demo", file=sys.stderr)
+    if argv[:1] == ["bench"]:
+        if sys.platform != "win32":
+            from ._bench import main as bench
+
+            return bench(argv[1:])
+        print("python -m fdchannel bench needs AF_UNIX socketpairs and fork", file=sys.stderr)
+        return 2
+    print("usage: python -m fdchannel demo | bench [--help]", file=sys.stderr)
     return 2

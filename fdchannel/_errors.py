@@ -7,8 +7,14 @@ intact, so callers can use the same ``except`` clauses as with sockets.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._message import Message
+
 __all__ = [
     "ActivationError",
+    "BufferTooShort",
     "ChannelBroken",
     "ChannelClosed",
     "FdChannelError",
@@ -100,6 +106,22 @@ class FdsWithdrawn(FdChannelError, ConnectionResetError):
     stays usable: later messages (typically none, or an EOF) follow.  Also a
     `ConnectionResetError`, since it means the peer went away.
     """
+
+
+class BufferTooShort(FdChannelError, ValueError):
+    """``recv_into()`` got a message whose payload does not fit the buffer.
+
+    Nothing is lost: the whole message is in `message` (also ``args[0]``),
+    its payload in a buffer of its own and its fds the caller's, as
+    ``recv()`` would have returned it (`multiprocessing.Connection`'s
+    ``recv_bytes_into`` does the same).  The channel stays usable.
+    """
+
+    @property
+    def message(self) -> Message:
+        """The message that did not fit; its fds are the caller's to close."""
+        msg: Message = self.args[0]
+        return msg
 
 
 class ActivationError(FdChannelError, ValueError):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Self
+import os
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final, Self
 
-import attrs
-
+from ._fdutil import close_all, close_fd
 from ._ownedfd import OwnedFd
 
 if TYPE_CHECKING:
@@ -14,13 +16,23 @@ if TYPE_CHECKING:
 __all__ = ["Message"]
 
 
-@attrs.define(eq=False, slots=True)
+#: What `Message.fds` shows for a number closed before anyone read it: an
+#: OwnedFd that owns nothing (every method but close raises, close does
+#: nothing), so one object serves them all.
+CLOSED_FD: Final = OwnedFd(-1)
+
+
 class Message:
     """A payload and the fds that were sent with it, in the order sent.
 
-    The message owns nothing itself: each `OwnedFd` in `fds` owns its fd.
-    Leaving ``with msg:`` (or calling `close`) closes every fd that was not
-    taken (detached, converted or closed) by then.
+    The fds are the message's until taken: `fds` hands them out as
+    `OwnedFd` objects (each then owns its fd), and leaving ``with msg:`` (or
+    calling `close`) closes every fd that was not taken (detached, converted
+    or closed) by then.  A received message keeps its fds as plain numbers
+    and makes the `OwnedFd` objects only when `fds` is first read, so a
+    message that is closed without looking at them costs no object per fd.
+    A message garbage-collected with fds nobody took closes them and emits
+    `ResourceWarning`, as an `OwnedFd` does.
 
     Attributes:
         payload: The bytes sent; a payload too large for the channel's read
@@ -31,8 +43,42 @@ class Message:
         fds: The fds sent with it, in the order sent, each an `OwnedFd`.
     """
 
+    __slots__ = ("__weakref__", "_fds", "_raw", "payload")
+
     payload: bytes | bytearray
-    fds: tuple[OwnedFd, ...] = ()
+    _fds: tuple[OwnedFd, ...]
+    #: fd numbers owned by the message and not yet wrapped (received messages only).
+    _raw: Sequence[int]
+
+    def __init__(self, payload: bytes | bytearray, fds: tuple[OwnedFd, ...] = ()) -> None:
+        """A message of *payload* and *fds* (`OwnedFd` objects, which keep owning their fds)."""
+        self.payload = payload
+        self._fds = fds
+        self._raw = ()
+
+    @classmethod
+    def _owning(cls, payload: bytes | bytearray | memoryview, raw: Sequence[int]) -> Message:
+        """A message that owns the fd numbers *raw* (the caller gives them up)."""
+        msg = cls.__new__(cls)
+        # A memoryview only for recv_into(), which hands out the count instead.
+        msg.payload = payload  # type: ignore[assignment]
+        msg._fds = ()
+        msg._raw = raw
+        return msg
+
+    @property
+    def fds(self) -> tuple[OwnedFd, ...]:
+        """The fds, in the order sent: a tuple of `OwnedFd` (each owns its fd until taken)."""
+        raw = self._raw
+        if raw:
+            self._fds = tuple(map(OwnedFd, raw))
+            self._raw = ()
+        return self._fds
+
+    @fds.setter
+    def fds(self, fds: tuple[OwnedFd, ...]) -> None:
+        self.fds  # noqa: B018 - the numbers held so far become objects, as if read before
+        self._fds = fds
 
     @property
     def shared(self) -> SealedMemory | None:
@@ -40,15 +86,37 @@ class Message:
         return None
 
     def close(self) -> None:
-        """Close every fd of this message still owned here.  Idempotent."""
+        """Close every fd of this message still owned here.  Idempotent.
+
+        Closes them all even when one fails, then raises the first `OSError`.
+        """
         errors: list[OSError] = []
-        for fd in self.fds:
+        raw = self._raw
+        if raw:
+            self._raw = ()
+            # Read afterwards, fds shows closed OwnedFd objects, as if they had been there all along.
+            self._fds = (CLOSED_FD,) * len(raw)
+            for n in raw:
+                try:
+                    if n.__class__ is int:
+                        if n >= 0:  # -1: taken out by the channel after an interrupt (`adopt_all`)
+                            os.close(n)
+                    else:  # a Windows SOCKET
+                        close_fd(n)
+                except OSError as exc:
+                    errors.append(exc)
+        for fd in self._fds:
             try:
                 fd.close()
             except OSError as exc:  # keep closing the rest
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+    def __repr__(self) -> str:
+        raw = self._raw
+        fds = tuple(f"<OwnedFd fd={n}>" for n in raw) if raw else tuple(map(repr, self._fds))
+        return f"Message(payload={self.payload!r}, fds=({', '.join(fds)}{',' if len(fds) == 1 else ''}))"
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -61,3 +129,19 @@ class Message:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        try:
+            raw = self._raw
+        except AttributeError:  # never initialised
+            return
+        if raw:
+            self._raw = ()
+            # -1: taken out by the channel after an interrupt (`adopt_all`), no fd.
+            raw = [n for n in raw if n.__class__ is not int or n >= 0]
+            # Close them all first: with -W error::ResourceWarning the warning raises.
+            try:
+                close_all(raw)
+            finally:
+                for n in raw:
+                    warnings.warn(f"unclosed <OwnedFd fd={n}>", ResourceWarning, stacklevel=2, source=self)

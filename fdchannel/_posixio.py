@@ -43,6 +43,7 @@ __all__ = [
     "recv_failure",
     "rights",
     "truncated",
+    "truncation_error",
     "write",
 ]
 
@@ -175,7 +176,7 @@ def read(sock: socket.socket | Any, decoder: Decoder, flags: int = 0) -> tuple[b
         landed[-1] = []  # from here on closed, or the decoder's: never listed twice
     if truncated(msg_flags):
         close_all(fds)
-        raise _truncated_error()
+        raise truncation_error()
     if n:
         decoder.buffer_updated(n, fds)
         return None
@@ -214,11 +215,12 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], flags: int) -> lis
     fds = ancillary_fds(ancdata)
     if truncated(flags):
         close_all(fds)
-        raise _truncated_error()
+        raise truncation_error()
     return fds
 
 
-def _truncated_error() -> TruncatedControlData:
+def truncation_error() -> TruncatedControlData:
+    """The error of a read whose fds the kernel cut (``MSG_CTRUNC``), once they are closed."""
     return TruncatedControlData(
         "the kernel truncated the fds of a message (MSG_CTRUNC); is this "
         "process at its RLIMIT_NOFILE?  The fds that arrived were closed"

@@ -198,7 +198,8 @@ class SharedMessage(Message):
     __slots__ = ("_memory",)
 
     def __init__(self, fds: tuple[OwnedFd, ...], memory: SealedMemory) -> None:
-        self.fds = fds
+        self._fds = fds
+        self._raw = ()
         self._memory = memory
 
     # Typed as the base's bytes-like payload: a read-only memoryview is a
@@ -228,7 +229,7 @@ class SharedMessage(Message):
         return f"SharedMessage(shared={self._memory!r}, fds={self.fds!r})"
 
 
-def shared_message(descriptor: bytes | bytearray, fds: list[int]) -> Message:
+def shared_message(descriptor: bytes | bytearray | memoryview, fds: list[int]) -> Message:
     """The message of a `FLAG_SHARED` frame whose fds (owned on entry) end with the memfd.
 
     Raises `SharedMemoryRefused` after closing every fd when the memfd fails

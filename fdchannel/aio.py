@@ -34,6 +34,7 @@ from typing import Any, Final, Self
 
 from typing_extensions import Buffer
 
+from . import _batch
 from ._async_surface import AsyncSurface
 from ._channel import Channel
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
@@ -540,6 +541,41 @@ class AsyncChannel(AsyncSurface):
                 gate.leave()
             else:
                 gate._busy = False  # as in recv(): no call, no interrupt point
+
+    async def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:
+        """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
+
+        As `fdchannel.Channel.send_many`: every message is checked first,
+        consecutive ones share a ``sendmsg`` on the default transport, and
+        when the call stops part way (cancelled, a kernel error) the
+        exception's ``messages_taken`` counts the messages taken (sent, or
+        pending for `flush`); send the rest again.  Waits while the socket
+        is full.  A payload sent as sealed shared memory goes in a write of
+        its own, in order.
+        """
+        if self._loop is not asyncio.get_running_loop():
+            self._enter_loop()
+        prepared = _batch.prepare(self, messages)
+        try:
+            await self._send_gate.enter()
+        except BaseException as exc:
+            exc.messages_taken = 0  # type: ignore[attr-defined]
+            raise
+        try:
+            if self._closed or self._broken is not None or self._suspect:
+                self._check_leftovers(False)
+            self._suspect = True
+            try:
+                if self._simple and not self._outbox.pending:
+                    await _batch.send_groups_async(self, prepared)
+                else:
+                    await _batch.send_each_async(self, prepared)
+            except BaseException as exc:
+                self._send_interrupted(exc)
+                raise
+            self._suspect = False
+        finally:
+            self._send_gate.leave()
 
     async def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""

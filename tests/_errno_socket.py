@@ -67,5 +67,11 @@ class ErrnoSocket:
 
 
 def install(channel: Any, double: ErrnoSocket) -> None:
-    """Make *channel* do its socket calls through *double* (same fd, same kernel socket)."""
+    """Make *channel* do its socket calls through *double* (same fd, same kernel socket).
+
+    The branches such errnos reach are the Python path's (the platforms that
+    produce them have no compiled path), and the compiled path calls the
+    kernel itself: the channel takes the Python path from now on.
+    """
     channel._sock = double
+    channel._fast = None

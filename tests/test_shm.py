@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import fdchannel
 from fdchannel import Channel, ProtocolError, shm
-from fdchannel._codec import FLAG_CONTROL, FLAG_SHARED, Decoder, pack_header
+from fdchannel._codec import FLAG_CONTROL, FLAG_GROUP, FLAG_SHARED, Decoder, pack_header
 from fdchannel.aio import AsyncChannel
 from fdchannel.shm import SealedMemory, SharedMemoryRefused
 
@@ -316,7 +316,9 @@ def test_a_memfd_a_hostile_peer_unseals_cannot_be_resealed_for_us() -> None:
         (FLAG_SHARED, 1, b"\0" * 7, "malformed shared-memory frame"),
         (FLAG_SHARED, 1, b"\0" * 16, "malformed shared-memory frame"),
         (FLAG_SHARED | FLAG_CONTROL, 0, b"\0" * 8, "malformed control frame"),
-        (4, 0, b"", "unknown frame flags 0x4"),
+        (8, 0, b"", "unknown frame flags 0x8"),
+        # send_many's group flag (bit 2) is never set on a shared frame.
+        (FLAG_SHARED | FLAG_GROUP, 1, b"\0" * 8, "never part of a group"),
     ],
 )
 def test_malformed_shared_frames_are_protocol_errors(
@@ -586,3 +588,76 @@ def test_trio_and_anyio_channels_send_and_receive_sealed_memory(sc_kind: str) ->
                 assert msg.payload == b"s" * 1000
 
     run_kind(sc_kind, main)
+
+
+# -- with send_many, recv_into and the compiled path (#13) ----------------------------
+
+
+def test_the_group_and_shared_flags_are_distinct_bits() -> None:
+    assert (FLAG_CONTROL, FLAG_SHARED, FLAG_GROUP) == (1, 2, 4)
+
+
+def test_send_many_sends_sealed_memory_on_its_own_between_groups() -> None:
+    a, b = Channel.pair()
+    data = os.urandom(100_000)
+    r, w = os.pipe()
+    try:
+        with SealedMemory.copy(data) as mem:
+            a.send_many([(b"one", [r]), (b"two", [w]), (mem, [r]), (b"four", [w, r])])
+        with b.recv() as one, b.recv() as two, b.recv() as three, b.recv() as four:
+            assert (one.payload, len(one.fds), one.shared) == (b"one", 1, None)
+            assert (two.payload, len(two.fds), two.shared) == (b"two", 1, None)
+            assert three.shared is not None
+            assert three.payload == data
+            assert len(three.fds) == 1
+            assert (four.payload, len(four.fds), four.shared) == (b"four", 2, None)
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
+
+
+def test_send_many_honours_share_above() -> None:
+    a, b = Channel.pair()
+    with a, b:
+        shm.share_above(a, 64 * 1024)
+        big = os.urandom(200_000)
+        a.send_many([(b"small", []), (big, []), (b"after", [])])
+        with b.recv() as small, b.recv() as large, b.recv() as after:
+            assert small.shared is None
+            assert large.shared is not None
+            assert large.payload == big
+            assert after.payload == b"after"
+
+
+def test_a_channel_with_share_above_sends_through_the_python_path() -> None:
+    """The compiled send would put the payload in band: it hands such a channel over."""
+    a, b = Channel.pair()
+    with a, b:
+        shm.share_above(a, 1024)
+        a.send(bytes(4096))
+        with b.recv() as msg:
+            assert msg.shared is not None
+            assert msg.payload == bytes(4096)
+
+
+def test_recv_into_copies_a_sealed_payload_out_and_lets_the_memory_go() -> None:
+    a, b = Channel.pair()
+    data = os.urandom(100_000)
+    r, w = os.pipe()
+    try:
+        with SealedMemory.copy(data) as mem:
+            a.send(mem, [r])
+        buf = bytearray(200_000)
+        n, fds = b.recv_into(buf)
+        assert n == len(data)
+        assert buf[:n] == data
+        assert len(fds) == 1  # the pipe: the memfd was closed (the leak check sees it)
+        for fd in fds:
+            fd.close()
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()

@@ -1,0 +1,1256 @@
+/* fdchannel._speedups: the compiled fast path of Channel.send and Channel.recv.
+ *
+ * It covers the common case of the default transport (UnixRights without
+ * acknowledgements, on Linux): one sendmsg of a whole frame with at most
+ * SCM_MAX_FD fds and nothing queued, and one recvmsg that is exactly one
+ * plain data frame.  Every check the Python path makes is made here first;
+ * anything unusual returns "not handled" (False or None) *before* any state
+ * changed, or hands what was already read or written to the Python helpers
+ * of fdchannel._fastpath, which leave the channel as the Python path would.
+ * The channel's own locks (threading.Lock objects) guard both paths alike.
+ * The GIL is released around each system call.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define HEADER_SIZE 24
+#define SCM_MAX_FD 253
+#define FD_MAX 0x7fffffffL
+
+/* Set by setup(): the Message class and the offsets of its slots, and the
+ * Python helpers that finish what this module hands over. */
+static PyTypeObject *message_type;
+static PyTypeObject *frame_type; /* fdchannel._codec.Frame, and its slots' offsets */
+static Py_ssize_t off_f_control, off_f_aux, off_f_payload, off_f_fds, off_f_shared;
+static Py_ssize_t off_payload, off_fds, off_raw;
+static PyObject *send_rest, *send_interrupted, *recv_rest;
+static PyObject *empty_tuple;
+
+static PyObject *s_closed, *s_broken, *s_outbox, *s_pending, *s_send_lock, *s_recv_lock, *s_acquire,
+    *s_release, *s_max_payload, *s_max_fds, *s_decoder, *s_frames, *s_error, *s_eof, *s_lone, *s_end,
+    *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_recv_stopped, *s_push_back, *s_fileno,
+    *s_characters_written, *s_popleft, *s_appendleft, *s_suspect, *s_unclaimed, *s_share_above,
+    *s_delivering, *s_landed, *s_recv_interrupted;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;                       /* the channel's socket */
+    unsigned long long tag;       /* the header's first 8 bytes of a data frame */
+    int send_flags;               /* MSG_NOSIGNAL */
+    Py_ssize_t fast_max_fds;      /* what a lone frame may carry (the decoder's bounds) */
+    Py_ssize_t fast_max_payload;
+    /* What the last call handed out, for Channel.send/recv to account for
+     * when a signal handler raises as the call returns (CPython runs
+     * handlers right after a C call): the bytes of a message that left
+     * whole (else -1), the Message returned (Channel.recv clears it). */
+    Py_ssize_t sent_whole;
+    PyObject *delivered;
+} FastPath;
+
+/* -- small helpers ------------------------------------------------------------ */
+
+/* The instance dicts of the (at most two) objects one call reads, so each
+ * is fetched once per call.  Keyed by the object, which the call holds;
+ * emptied when the call ends and whenever the GIL is released (another
+ * thread's call uses the same cache meanwhile). */
+static struct {
+    PyObject *obj; /* borrowed: the caller holds it */
+    PyObject *dict;
+} dicts[2];
+
+static void forget_dicts(void) {
+    for (int i = 0; i < 2; i++) {
+        dicts[i].obj = NULL;
+        Py_CLEAR(dicts[i].dict);
+    }
+}
+
+/* obj's instance dict (borrowed from the cache), NULL without error if none. */
+static PyObject *dict_of(PyObject *obj) {
+    for (int i = 0; i < 2; i++)
+        if (dicts[i].obj == obj)
+            return dicts[i].dict;
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    int slot = dicts[0].obj == NULL ? 0 : 1;
+    Py_XSETREF(dicts[slot].dict, dict);
+    dicts[slot].obj = obj;
+    return dict;
+}
+
+/* getattr(obj, name), new reference: the instance's own dict first (the
+ * channel's and decoder's state are plain instance attributes), so the
+ * common case is one dict lookup; anything else the generic way. */
+static PyObject *lookup(PyObject *obj, PyObject *name) {
+    PyObject *dict = dict_of(obj);
+    if (dict == NULL)
+        return PyObject_GetAttr(obj, name);
+    PyObject *v = PyDict_GetItemWithError(dict, name);
+    if (v != NULL) {
+        Py_INCREF(v);
+        return v;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    return PyObject_GetAttr(obj, name);
+}
+
+/* setattr(obj, name, value) into the instance's dict, as plain assignment does. */
+static int store(PyObject *obj, PyObject *name, PyObject *value) {
+    PyObject *dict = dict_of(obj);
+    if (dict == NULL)
+        return PyObject_SetAttr(obj, name, value);
+    return PyDict_SetItem(dict, name, value);
+}
+
+/* 1 if getattr(obj, name) is true, 0 if false, -1 on error. */
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *v = lookup(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* 1 if getattr(obj, name) is None, 0 if not, -1 on error. */
+static int attr_none(PyObject *obj, PyObject *name) {
+    PyObject *v = lookup(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = v == Py_None;
+    Py_DECREF(v);
+    return r;
+}
+
+/* len(getattr(obj, name)), -1 on error. */
+static Py_ssize_t attr_len(PyObject *obj, PyObject *name) {
+    PyObject *v = lookup(obj, name);
+    if (v == NULL)
+        return -1;
+    Py_ssize_t n = PyObject_Length(v);
+    Py_DECREF(v);
+    return n;
+}
+
+/* getattr(obj, name) as a long long; -1 with an exception on error. */
+static long long attr_ll(PyObject *obj, PyObject *name) {
+    PyObject *v = lookup(obj, name);
+    if (v == NULL)
+        return -1;
+    long long n = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return n;
+}
+
+/* threading.Lock's object in CPython 3.11 and 3.12 (Modules/_threadmodule.c).
+ * Its acquire() parses keyword arguments on every call, which costs more
+ * than the rest of a send: where the type is the one this layout
+ * describes (checked in setup(): name and size), the lock is taken as its
+ * own methods take it, with the GIL held.  Elsewhere, the methods. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define DIRECT_LOCKS 1
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lock_lock;
+    PyObject *in_weakreflist;
+    char locked;
+} lockobject;
+#endif
+static PyTypeObject *lock_type; /* set when the layout matches */
+
+/* Take channel.<name> (a threading.Lock) if it is free at once: 1 taken
+ * (*out holds a reference), 0 busy, -1 error. */
+static int try_lock(PyObject *channel, PyObject *name, PyObject **out) {
+    PyObject *lock = lookup(channel, name);
+    if (lock == NULL)
+        return -1;
+#ifdef DIRECT_LOCKS
+    if (Py_TYPE(lock) == lock_type) {
+        lockobject *l = (lockobject *)lock;
+        if (PyThread_acquire_lock_timed(l->lock_lock, 0, 0) != PY_LOCK_ACQUIRED) {
+            Py_DECREF(lock);
+            return 0;
+        }
+        l->locked = 1;
+        *out = lock;
+        return 1;
+    }
+#endif
+    PyObject *r = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
+    if (r == NULL) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    int got = r == Py_True;
+    Py_DECREF(r);
+    if (!got) {
+        Py_DECREF(lock);
+        return 0;
+    }
+    *out = lock;
+    return 1;
+}
+
+/* Release *lock* and drop our reference; an exception already set stays
+ * the one raised.  Then, as the Python path's `finally`, drop what the
+ * channel holds if another thread closed it meanwhile.  Returns -1 when a
+ * new error was raised here and none was set before. */
+static int leave(PyObject *channel, PyObject *lock) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int failed = 0;
+    PyObject *r = NULL;
+#ifdef DIRECT_LOCKS
+    if (Py_TYPE(lock) == lock_type) {
+        lockobject *l = (lockobject *)lock;
+        l->locked = 0;
+        PyThread_release_lock(l->lock_lock);
+        Py_DECREF(lock);
+    } else
+#endif
+    {
+        r = PyObject_CallMethodNoArgs(lock, s_release);
+        Py_DECREF(lock);
+        if (r == NULL)
+            failed = 1;
+        else
+            Py_DECREF(r);
+    }
+    if (!failed) {
+        int closed = attr_true(channel, s_closed);
+        if (closed < 0)
+            failed = 1;
+        else if (closed) {
+            r = PyObject_CallMethodNoArgs(channel, s_drop_held);
+            if (r == NULL)
+                failed = 1;
+            else
+                Py_DECREF(r);
+        }
+    }
+    if (type != NULL) {
+        if (failed)
+            PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        return 0;
+    }
+    return failed ? -1 : 0;
+}
+
+/* An exception that means "let the Python path do it" (it raises the clear
+ * error itself): anything but BaseException-only ones such as
+ * KeyboardInterrupt, which must not be swallowed. */
+static int clear_if_ordinary(void) {
+    if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear();
+        return 1;
+    }
+    return 0;
+}
+
+static void put_le(unsigned char *p, unsigned long long v, int n) {
+    for (int i = 0; i < n; i++) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+static unsigned long long get_le(const unsigned char *p, int n) {
+    unsigned long long v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static void close_fds(const int *fds, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+static PyObject *int_tuple(const int *fds, Py_ssize_t n) {
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLong(fds[i]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+static PyObject *int_list(const int *fds, Py_ssize_t n) {
+    PyObject *t = PyList_New(n);
+    if (t == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLong(fds[i]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyList_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* A Message owning the numbers in *raw* (as Message._owning makes it). */
+static PyObject *make_message(PyObject *payload, PyObject *raw) {
+    PyObject *m = message_type->tp_alloc(message_type, 0);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(payload);
+    SLOT(m, off_payload) = payload;
+    Py_INCREF(empty_tuple);
+    SLOT(m, off_fds) = empty_tuple;
+    Py_INCREF(raw);
+    SLOT(m, off_raw) = raw;
+    return m;
+}
+
+/* -- send ------------------------------------------------------------------------ */
+
+/* The fd numbers of *fdsobj* (a list or tuple of ints or objects with
+ * fileno()) into fds: the count, -2 for "let Python do it", -1 on error. */
+static Py_ssize_t collect_fds(PyObject *fdsobj, int *fds) {
+    int is_list = PyList_CheckExact(fdsobj);
+    if (!is_list && !PyTuple_CheckExact(fdsobj))
+        return -2;
+    Py_ssize_t n = Py_SIZE(fdsobj);
+    if (n > SCM_MAX_FD)
+        return -2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* fileno() may change a list: read it afresh each time. */
+        if (i >= Py_SIZE(fdsobj))
+            return -2;
+        PyObject *item = is_list ? PyList_GET_ITEM(fdsobj, i) : PyTuple_GET_ITEM(fdsobj, i);
+        long v;
+        if (PyLong_CheckExact(item)) {
+            v = PyLong_AsLong(item);
+            if (v == -1 && PyErr_Occurred())
+                return clear_if_ordinary() ? -2 : -1;
+        } else if (PyLong_Check(item)) {
+            return -2; /* bool (refused) or an int subclass: fileno_of decides */
+        } else {
+            Py_INCREF(item);
+            PyObject *r = PyObject_CallMethodNoArgs(item, s_fileno);
+            Py_DECREF(item);
+            if (r == NULL)
+                return clear_if_ordinary() ? -2 : -1;
+            if (!PyLong_CheckExact(r)) {
+                Py_DECREF(r);
+                return -2;
+            }
+            v = PyLong_AsLong(r);
+            Py_DECREF(r);
+            if (v == -1 && PyErr_Occurred())
+                return clear_if_ordinary() ? -2 : -1;
+        }
+        if (v < 0 || v > FD_MAX)
+            return -2;
+        fds[i] = (int)v;
+    }
+    if (Py_SIZE(fdsobj) != n)
+        return -2;
+    return n;
+}
+
+/* The frame's rest after a write that took *sent* bytes (maybe 0): the
+ * Python path queues and pushes it (the send lock is held). */
+static PyObject *hand_over_send(PyObject *channel, const unsigned char *hdr, PyObject *payload,
+                                const int *fds, Py_ssize_t nfds, Py_ssize_t sent) {
+    PyObject *header = PyBytes_FromStringAndSize((const char *)hdr, HEADER_SIZE);
+    PyObject *nums = int_list(fds, nfds);
+    PyObject *bufs = NULL, *r = NULL;
+    if (header != NULL && nums != NULL)
+        bufs = PyList_New(2);
+    if (bufs != NULL) {
+        Py_INCREF(header);
+        PyList_SET_ITEM(bufs, 0, header);
+        Py_INCREF(payload);
+        PyList_SET_ITEM(bufs, 1, payload);
+        PyObject *n = PyLong_FromSsize_t(sent);
+        if (n != NULL) {
+            r = PyObject_CallFunctionObjArgs(send_rest, channel, bufs, nums, n, NULL);
+            Py_DECREF(n);
+        }
+    }
+    if (r == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    if (r == NULL && bufs == NULL) {
+        /* Could not even hand it over: how much left is known, but
+         * not kept; the stream is unusable, as after an interruption. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject *b = PyObject_CallFunctionObjArgs(send_interrupted, channel, value, NULL);
+        Py_XDECREF(b);
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+    Py_XDECREF(header);
+    Py_XDECREF(nums);
+    Py_XDECREF(bufs);
+    return r;
+}
+
+/* A signal handler raised inside the write: the Python path's rule (the
+ * stream is unusable) for the exception now set. */
+static void send_was_interrupted(PyObject *channel) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *r = PyObject_CallFunctionObjArgs(send_interrupted, channel, value, NULL);
+    if (r == NULL)
+        PyErr_Clear();
+    else
+        Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+/* send(channel, payload, fds) -> True when the whole message left, False
+ * when nothing was done (the Python path takes it from the start). */
+static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "send(channel, payload, fds)");
+        return NULL;
+    }
+    PyObject *channel = args[0], *payload = args[1], *fdsobj = args[2];
+    int fds[SCM_MAX_FD];
+    Py_ssize_t nfds = collect_fds(fdsobj, fds);
+    if (nfds == -1)
+        return NULL;
+    if (nfds == -2)
+        Py_RETURN_FALSE;
+
+    Py_buffer view;
+    int have_view = 0;
+    const char *data;
+    Py_ssize_t size;
+    if (PyBytes_CheckExact(payload)) {
+        data = PyBytes_AS_STRING(payload);
+        size = PyBytes_GET_SIZE(payload);
+    } else {
+        if (PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE) < 0) {
+            if (clear_if_ordinary())
+                Py_RETURN_FALSE;
+            return NULL;
+        }
+        have_view = 1;
+        data = view.buf;
+        size = view.len;
+    }
+
+    PyObject *result = NULL, *lock = NULL;
+    long long max_payload = attr_ll(channel, s_max_payload);
+    if (max_payload == -1 && PyErr_Occurred())
+        goto done;
+    long long max_fds = attr_ll(channel, s_max_fds);
+    if (max_fds == -1 && PyErr_Occurred())
+        goto done;
+    if (size > max_payload || nfds > max_fds)
+        goto not_handled;
+    for (Py_ssize_t i = 0; i < nfds; i++)
+        if (fds[i] == self->fd)
+            goto not_handled;
+
+    int got = try_lock(channel, s_send_lock, &lock);
+    if (got < 0)
+        goto done;
+    if (got == 0)
+        goto not_handled;
+    int closed = attr_true(channel, s_closed);
+    int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
+    /* What the Python path checks or does first: an earlier send cut
+     * twice (_suspect), a forked child's end not yet claimed, payloads
+     * that may go as sealed shared memory. */
+    if (healthy == 1) {
+        int r = attr_true(channel, s_suspect);
+        if (r == 0)
+            r = attr_true(channel, s_unclaimed);
+        if (r == 0) {
+            r = attr_none(channel, s_share_above);
+            r = r < 0 ? -1 : !r;
+        }
+        healthy = r < 0 ? -1 : !r;
+    }
+    PyObject *outbox = healthy == 1 ? lookup(channel, s_outbox) : NULL;
+    Py_ssize_t pending = -1;
+    if (outbox != NULL) {
+        pending = attr_len(outbox, s_pending);
+        Py_DECREF(outbox);
+    }
+    if (PyErr_Occurred()) {
+        leave(channel, lock);
+        goto done;
+    }
+    if (pending != 0) {
+        if (leave(channel, lock) < 0)
+            goto done;
+        goto not_handled;
+    }
+
+    unsigned char hdr[HEADER_SIZE];
+    put_le(hdr, self->tag, 8);
+    put_le(hdr + 8, (unsigned long long)nfds, 4);
+    put_le(hdr + 12, 0, 4);
+    put_le(hdr + 16, (unsigned long long)size, 8);
+    struct iovec iov[2] = {{hdr, HEADER_SIZE}, {(void *)data, (size_t)size}};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * SCM_MAX_FD)];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = size ? 2 : 1;
+    if (nfds) {
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    ssize_t sent;
+    int err = 0;
+    for (;;) {
+        forget_dicts();
+        Py_BEGIN_ALLOW_THREADS
+        sent = sendmsg(self->fd, &msg, self->send_flags);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (sent >= 0 || err != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            send_was_interrupted(channel);
+            leave(channel, lock);
+            goto done;
+        }
+    }
+    if (sent == HEADER_SIZE + size) {
+        result = Py_True;
+        Py_INCREF(result);
+    } else if (sent >= 0 || err == EAGAIN || err == EWOULDBLOCK) {
+        /* A partial write, or a full socket: the Python path queues the
+         * rest and waits as the timeout says. */
+        if (PyErr_CheckSignals() < 0)
+            send_was_interrupted(channel);
+        else {
+            PyObject *r = hand_over_send(channel, hdr, payload, fds, nfds, sent < 0 ? 0 : sent);
+            if (r != NULL) {
+                /* The rest went too (or is pending, as its exception says). */
+                Py_DECREF(r);
+                result = Py_True;
+                Py_INCREF(result);
+            }
+        }
+    } else {
+        /* The kernel refused it and nothing left: the Python path writes it
+         * again and raises its own way (naming a closed fd, EPERM for a peer
+         * that takes only data, a close from another thread). */
+        if (leave(channel, lock) < 0)
+            goto done;
+        goto not_handled;
+    }
+    if (result == Py_True && PyErr_CheckSignals() < 0) {
+        /* A handler raised as the call ends: the message had left whole. */
+        Py_CLEAR(result);
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject *whole = PyLong_FromSsize_t(HEADER_SIZE + size);
+        if (value == NULL || whole == NULL || PyObject_SetAttr(value, s_characters_written, whole) < 0)
+            PyErr_Clear();
+        Py_XDECREF(whole);
+        PyErr_Restore(type, value, tb);
+    }
+    if (leave(channel, lock) < 0)
+        Py_CLEAR(result);
+    if (result == Py_True)
+        self->sent_whole = HEADER_SIZE + size;
+    goto done;
+
+not_handled:
+    result = Py_False;
+    Py_INCREF(result);
+done:
+    if (have_view)
+        PyBuffer_Release(&view);
+    return result;
+}
+
+/* -- recv ------------------------------------------------------------------------ */
+
+/* 1 when the decoder holds nothing and would take a lone frame, 0 when
+ * the Python path must look, -1 on error. */
+static int decoder_idle(PyObject *decoder) {
+    Py_ssize_t n = attr_len(decoder, s_frames);
+    if (n != 0)
+        return n < 0 ? -1 : 0;
+    int r = attr_none(decoder, s_error);
+    if (r != 1)
+        return r;
+    r = attr_true(decoder, s_eof);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
+    r = attr_true(decoder, s_lone);
+    if (r != 1)
+        return r;
+    r = attr_true(decoder, s_end);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
+    r = attr_none(decoder, s_big);
+    if (r != 1)
+        return r;
+    n = attr_len(decoder, s_fds);
+    if (n != 0)
+        return n < 0 ? -1 : 0;
+    return 1;
+}
+
+static int add_received(PyObject *decoder, Py_ssize_t n) {
+    PyObject *old = lookup(decoder, s_received);
+    if (old == NULL)
+        return -1;
+    PyObject *delta = PyLong_FromSsize_t(n);
+    PyObject *sum = delta ? PyNumber_Add(old, delta) : NULL;
+    Py_DECREF(old);
+    Py_XDECREF(delta);
+    if (sum == NULL)
+        return -1;
+    int r = store(decoder, s_received, sum);
+    Py_DECREF(sum);
+    return r;
+}
+
+/* The Python path's rule for an exception that cut into a receive. */
+static void recv_stopped(PyObject *channel) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodOneArg(channel, s_recv_stopped, value ? value : Py_None);
+    if (r == NULL)
+        PyErr_Clear();
+    else
+        Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+/* The decoder's next queued frame as a Message, if it is a plain data frame
+ * (no transport data): NULL without an exception when there is none. */
+static PyObject *next_queued(PyObject *decoder) {
+    PyObject *frames = lookup(decoder, s_frames);
+    if (frames == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = PyObject_Length(frames);
+    PyObject *f = n > 0 ? PySequence_GetItem(frames, 0) : NULL;
+    if (f != NULL && Py_TYPE(f) == frame_type) {
+        PyObject *control = SLOT(f, off_f_control), *aux = SLOT(f, off_f_aux);
+        PyObject *payload = SLOT(f, off_f_payload), *fds = SLOT(f, off_f_fds);
+        PyObject *shared = SLOT(f, off_f_shared);
+        /* A shared-memory frame's payload is a memfd to check: the Python path's. */
+        if (control == Py_False && shared == Py_False && aux != NULL && PyBytes_CheckExact(aux) && PyBytes_GET_SIZE(aux) == 0 &&
+            payload != NULL && fds != NULL && PyList_CheckExact(fds)) {
+            PyObject *popped = PyObject_CallMethodNoArgs(frames, s_popleft);
+            if (popped != NULL) {
+                Py_DECREF(popped);
+                result = make_message(payload, fds);
+                if (result == NULL) {
+                    /* Back where it was: its fds stay the decoder's. */
+                    PyObject *type, *value, *tb;
+                    PyErr_Fetch(&type, &value, &tb);
+                    PyObject *r = PyObject_CallMethodOneArg(frames, s_appendleft, f);
+                    Py_XDECREF(r);
+                    PyErr_Clear();
+                    PyErr_Restore(type, value, tb);
+                } else {
+                    /* The message owns them now; the frame keeps nothing. */
+                    PyObject *empty = PyList_New(0);
+                    if (empty != NULL)
+                        Py_SETREF(SLOT(f, off_f_fds), empty);
+                    else
+                        PyErr_Clear();
+                }
+            }
+        }
+    }
+    Py_XDECREF(f);
+    Py_DECREF(frames);
+    return result;
+}
+
+static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored));
+
+/* recv(channel) -> the Message when one read was exactly one plain frame,
+ * None when the Python path must go on (what was read is in the decoder). */
+static PyObject *recv_impl(FastPath *self, PyObject *channel) {
+    PyObject *lock = NULL, *decoder = NULL, *bufobj = NULL, *result = NULL;
+    int got = try_lock(channel, s_recv_lock, &lock);
+    if (got <= 0) {
+        if (got < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    int closed = attr_true(channel, s_closed);
+    int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
+    /* What the Python path checks first: a message an earlier recv() had in
+     * hand when cut twice (_delivering, the decoder's landed list), a forked
+     * child's end not yet claimed. */
+    if (healthy == 1) {
+        int r = attr_true(channel, s_delivering);
+        if (r == 0)
+            r = attr_true(channel, s_unclaimed);
+        healthy = r < 0 ? -1 : !r;
+    }
+    if (healthy == 1)
+        decoder = lookup(channel, s_decoder);
+    if (decoder != NULL) {
+        Py_ssize_t landed = attr_len(decoder, s_landed);
+        if (landed != 0)
+            Py_CLEAR(decoder);
+    }
+    if (decoder != NULL && frame_type != NULL) {
+        /* A frame the decoder already holds (a read brought several): hand
+         * out the next, as ChannelCore._next_message does for a plain one. */
+        PyObject *m = next_queued(decoder);
+        if (m != NULL) {
+            result = m;
+            goto out;
+        }
+        if (PyErr_Occurred())
+            goto fail;
+    }
+    int idle = decoder != NULL ? decoder_idle(decoder) : 0;
+    if (idle == 1)
+        bufobj = lookup(decoder, s_buf);
+    if (PyErr_Occurred())
+        goto fail;
+    if (bufobj == NULL)
+        goto not_handled;
+
+    Py_buffer view;
+    if (PyObject_GetBuffer(bufobj, &view, PyBUF_WRITABLE) < 0)
+        goto fail;
+    struct iovec iov = {view.buf, (size_t)view.len};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * SCM_MAX_FD)];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr msg;
+    ssize_t n;
+    int err = 0;
+    for (;;) {
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = sizeof ctl.buf;
+        forget_dicts();
+        Py_BEGIN_ALLOW_THREADS
+        n = recvmsg(self->fd, &msg, MSG_CMSG_CLOEXEC);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n >= 0 || err != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            /* Nothing was read: the channel is intact, as on the Python path. */
+            PyBuffer_Release(&view);
+            goto fail;
+        }
+    }
+    if (n < 0) {
+        PyBuffer_Release(&view);
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            goto not_handled; /* the Python path waits */
+        if (err != ECONNRESET)
+            goto not_handled; /* nothing was read: the Python path reads again and raises its way */
+        n = 0; /* a reset after the peer's data: its end of stream */
+        msg.msg_controllen = 0;
+        msg.msg_flags = 0;
+    }
+
+    int fds[SCM_MAX_FD + 1];
+    Py_ssize_t nfds = 0;
+    int odd = 0; /* ancillary data the lone path does not take */
+    for (struct cmsghdr *c = msg.msg_controllen ? CMSG_FIRSTHDR(&msg) : NULL; c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) {
+            odd = 1;
+            continue;
+        }
+        Py_ssize_t k = (Py_ssize_t)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (Py_ssize_t i = 0; i < k; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            if (nfds <= SCM_MAX_FD) {
+                fds[nfds++] = fd;
+            } else {
+                close(fd); /* more than any frame of one write carries: never kept */
+                odd = 1;
+            }
+        }
+    }
+    int ctrunc = (msg.msg_flags & MSG_CTRUNC) != 0;
+    const unsigned char *b = view.buf;
+    if (n > 0 && !ctrunc && !odd && n >= HEADER_SIZE && nfds <= SCM_MAX_FD) {
+        unsigned long long tag = get_le(b, 8), dnfds = get_le(b + 8, 4), aux = get_le(b + 12, 4),
+                           plen = get_le(b + 16, 8);
+        if (tag == self->tag && dnfds == (unsigned long long)nfds && (Py_ssize_t)dnfds <= self->fast_max_fds &&
+            plen <= (unsigned long long)self->fast_max_payload && aux == 0 &&
+            (unsigned long long)n == HEADER_SIZE + plen) {
+            PyObject *payload = PyBytes_FromStringAndSize((const char *)b + HEADER_SIZE, (Py_ssize_t)plen);
+            PyBuffer_Release(&view);
+            PyObject *raw = payload ? int_tuple(fds, nfds) : NULL;
+            PyObject *m = raw ? make_message(payload, raw) : NULL;
+            if (m == NULL || add_received(decoder, n) < 0) {
+                /* Read but not delivered: lost, as the Python path would lose it. */
+                if (m == NULL)
+                    close_fds(fds, nfds);
+                Py_XDECREF(m);
+                Py_XDECREF(payload);
+                Py_XDECREF(raw);
+                recv_stopped(channel);
+                goto fail;
+            }
+            if (PyErr_CheckSignals() < 0) {
+                /* A handler raised with the message in hand: as on the Python
+                 * path it is lost (its fds closed) and the channel says so. */
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                PyObject *r = Message_close(m, NULL);
+                Py_XDECREF(r);
+                PyErr_Clear();
+                r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
+                Py_XDECREF(r);
+                PyErr_Clear();
+                Py_DECREF(m);
+                Py_DECREF(payload);
+                Py_DECREF(raw);
+                PyErr_Restore(type, value, tb);
+                goto fail;
+            }
+            Py_DECREF(payload);
+            Py_DECREF(raw);
+            result = m;
+            goto out;
+        }
+    }
+    PyBuffer_Release(&view);
+    {
+        /* Not one lone frame: the decoder takes it all, as the Python path's read does. */
+        PyObject *type = NULL, *value = NULL, *tb = NULL;
+        if (PyErr_CheckSignals() < 0)
+            PyErr_Fetch(&type, &value, &tb); /* raised once what was read is recorded */
+        PyObject *list = int_list(fds, nfds);
+        PyObject *r = NULL;
+        PyObject *landed = list != NULL ? lookup(decoder, s_landed) : NULL;
+        /* Listed where a handler's error finds them (Decoder.landed), as the
+         * Python path's read leaves them; _recv_rest clears the list. */
+        if (landed == NULL || !PyList_CheckExact(landed) || PyList_Append(landed, list) < 0) {
+            Py_CLEAR(list);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "Decoder.landed must be a list");
+        }
+        Py_XDECREF(landed);
+        if (list == NULL) {
+            close_fds(fds, nfds);
+        } else {
+            PyObject *pn = PyLong_FromSsize_t(n);
+            if (pn != NULL)
+                r = PyObject_CallFunctionObjArgs(recv_rest, channel, pn, list, ctrunc ? Py_True : Py_False, NULL);
+            else
+                close_fds(fds, nfds);
+            Py_XDECREF(pn);
+            Py_DECREF(list);
+        }
+        if (type != NULL) {
+            /* As on the Python path: a handler's error right after a read
+             * that brought something makes the stream unusable. */
+            Py_XDECREF(r);
+            PyErr_Clear();
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (n > 0 || nfds > 0) {
+                r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
+                Py_XDECREF(r);
+                PyErr_Clear();
+            }
+            PyErr_Restore(type, value, tb);
+            goto fail;
+        }
+        if (r == NULL)
+            goto fail;
+        Py_DECREF(r);
+    }
+
+not_handled:
+    result = Py_None;
+    Py_INCREF(result);
+    goto out;
+fail:
+    result = NULL;
+out:
+    Py_XDECREF(bufobj);
+    Py_XDECREF(decoder);
+    if (leave(channel, lock) < 0)
+        Py_CLEAR(result);
+    return result;
+}
+
+static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    self->sent_whole = -1;
+    PyObject *r = send_impl(self, args, nargs);
+    forget_dicts();
+    return r;
+}
+
+static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
+    Py_INCREF(channel);
+    PyObject *r = recv_impl(self, channel);
+    forget_dicts();
+    if (r != NULL && r != Py_None) {
+        Py_INCREF(r);
+        Py_XSETREF(self->delivered, r);
+    }
+    Py_DECREF(channel);
+    return r;
+}
+
+/* -- Message.close and Message.__del__ ------------------------------------------------
+ *
+ * setup() puts these on the Message class in place of its Python methods
+ * (same behaviour, no Python frame per message): a message closed without
+ * reading .fds closes its numbers here. */
+
+static PyObject *closed_fd; /* the OwnedFd that owns nothing, shown for numbers closed unread */
+
+/* The raw numbers out of the message (it owns none afterwards); NULL if none. */
+static PyObject *take_raw(PyObject *self) {
+    PyObject *raw = SLOT(self, off_raw);
+    if (raw == NULL || !(PyTuple_CheckExact(raw) || PyList_CheckExact(raw)) || Py_SIZE(raw) == 0)
+        return NULL;
+    Py_INCREF(empty_tuple);
+    SLOT(self, off_raw) = empty_tuple;
+    return raw; /* the slot's reference, now ours */
+}
+
+static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *first = NULL; /* the first OSError: (type, value, tb) as fetched */
+    PyObject *ft = NULL, *fv = NULL, *ftb = NULL;
+    PyObject *raw = SLOT(self, off_raw);
+    if (raw != NULL && !(PyTuple_CheckExact(raw) || PyList_CheckExact(raw)) && PyObject_IsTrue(raw)) {
+        /* Not what this module or Message._owning makes. */
+        PyErr_SetString(PyExc_TypeError, "Message._raw must be a tuple or a list");
+        return NULL;
+    }
+    raw = take_raw(self);
+    if (raw != NULL) {
+        Py_ssize_t n = Py_SIZE(raw);
+        PyObject **items = PySequence_Fast_ITEMS(raw);
+        /* Read afterwards, fds shows closed OwnedFds, as the Python close leaves it. */
+        PyObject *shown = PyTuple_New(n);
+        if (shown == NULL) {
+            SLOT(self, off_raw) = raw; /* give them back: nothing was closed */
+            Py_DECREF(empty_tuple);
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_INCREF(closed_fd);
+            PyTuple_SET_ITEM(shown, i, closed_fd);
+        }
+        Py_XSETREF(SLOT(self, off_fds), shown);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            long fd = PyLong_AsLong(items[i]);
+            if (fd == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                continue;
+            }
+            if (fd < 0) /* taken out by the channel after an interrupt (adopt_all) */
+                continue;
+            if (close((int)fd) < 0 && first == NULL) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                PyErr_Fetch(&ft, &fv, &ftb);
+                first = ft;
+            }
+        }
+        Py_DECREF(raw);
+        if (first != NULL) {
+            PyErr_Restore(ft, fv, ftb);
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    /* fds that were read (or given): each OwnedFd closes its own; keep going on OSError. */
+    PyObject *fds = SLOT(self, off_fds);
+    if (fds == NULL)
+        Py_RETURN_NONE;
+    PyObject *seq = PySequence_Fast(fds, "Message.fds must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *r = PyObject_CallMethod(PySequence_Fast_GET_ITEM(seq, i), "close", NULL);
+        if (r != NULL) {
+            Py_DECREF(r);
+            continue;
+        }
+        if (!PyErr_ExceptionMatches(PyExc_OSError)) {
+            Py_XDECREF(ft);
+            Py_XDECREF(fv);
+            Py_XDECREF(ftb);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (first == NULL) {
+            PyErr_Fetch(&ft, &fv, &ftb);
+            first = ft;
+        } else {
+            PyErr_Clear();
+        }
+    }
+    Py_DECREF(seq);
+    if (first != NULL) {
+        PyErr_Restore(ft, fv, ftb);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Message_del(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *raw = take_raw(self);
+    if (raw == NULL)
+        Py_RETURN_NONE;
+    Py_ssize_t n = Py_SIZE(raw);
+    PyObject **items = PySequence_Fast_ITEMS(raw);
+    /* Close them all first: with -W error::ResourceWarning the warning raises. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(items[i]);
+        if (fd == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        else if (fd >= 0) /* -1: taken out by the channel after an interrupt (adopt_all) */
+            close((int)fd);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(items[i]);
+        if (fd < 0) {
+            PyErr_Clear();
+            continue;
+        }
+        if (PyErr_ResourceWarning(self, 1, "unclosed <OwnedFd fd=%ld>", fd) < 0) {
+            Py_DECREF(raw);
+            return NULL;
+        }
+    }
+    Py_DECREF(raw);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef message_close_def = {
+    "close", Message_close, METH_NOARGS,
+    "Close every fd of this message still owned here.  Idempotent.\n\n"
+    "Closes them all even when one fails, then raises the first `OSError`."};
+static PyMethodDef message_del_def = {"__del__", Message_del, METH_NOARGS, NULL};
+
+/* -- the type and the module ---------------------------------------------------------- */
+
+static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", "tag", "send_flags", "fast_max_fds", "fast_max_payload", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKinn", kwlist, &self->fd, &self->tag, &self->send_flags,
+                                     &self->fast_max_fds, &self->fast_max_payload))
+        return -1;
+    return 0;
+}
+
+static PyMethodDef FastPath_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))FastPath_send, METH_FASTCALL,
+     "send(channel, payload, fds) -> True if the whole message left, False if not handled"},
+    {"recv", (PyCFunction)FastPath_recv, METH_O,
+     "recv(channel) -> Message, or None when the Python path must go on"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef FastPath_members[] = {
+    {"sent_whole", T_PYSSIZET, offsetof(FastPath, sent_whole), READONLY,
+     "bytes of the message the last send() sent whole, else -1"},
+    {"delivered", T_OBJECT, offsetof(FastPath, delivered), 0,
+     "the Message the last recv() returned, until Channel.recv clears it"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static void FastPath_dealloc(FastPath *self) {
+    Py_CLEAR(self->delivered);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject FastPath_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fdchannel._speedups.FastPath",
+    .tp_basicsize = sizeof(FastPath),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The compiled send/recv of one Channel (fdchannel._fastpath makes it).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FastPath_init,
+    .tp_methods = FastPath_methods,
+    .tp_members = FastPath_members,
+    .tp_dealloc = (destructor)FastPath_dealloc,
+};
+
+static Py_ssize_t slot_offset(PyObject *cls, const char *name) {
+    PyObject *d = PyObject_GetAttrString(cls, name);
+    if (d == NULL)
+        return -1;
+    if (!PyObject_TypeCheck(d, &PyMemberDescr_Type)) {
+        Py_DECREF(d);
+        PyErr_Format(PyExc_TypeError, "%s is not a slot", name);
+        return -1;
+    }
+    PyMemberDef *def = ((PyMemberDescrObject *)d)->d_member;
+    Py_ssize_t off = def->type == T_OBJECT_EX ? def->offset : -1;
+    Py_DECREF(d);
+    if (off < 0)
+        PyErr_Format(PyExc_TypeError, "%s is not an object slot", name);
+    return off;
+}
+
+/* setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest) */
+static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *cls, *closed, *fcls, *a, *b, *c;
+    if (!PyArg_ParseTuple(args, "O!OO!OOO", &PyType_Type, &cls, &closed, &PyType_Type, &fcls, &a, &b, &c))
+        return NULL;
+    Py_ssize_t fc = slot_offset(fcls, "control"), fa = slot_offset(fcls, "aux"),
+               fp = slot_offset(fcls, "payload"), ff = slot_offset(fcls, "fds"),
+               fs = slot_offset(fcls, "shared");
+    if (fc < 0 || fa < 0 || fp < 0 || ff < 0 || fs < 0)
+        return NULL;
+    off_f_shared = fs;
+    off_f_control = fc;
+    off_f_aux = fa;
+    off_f_payload = fp;
+    off_f_fds = ff;
+    Py_INCREF(fcls);
+    Py_XSETREF(frame_type, (PyTypeObject *)fcls);
+    Py_ssize_t p = slot_offset(cls, "payload"), f = slot_offset(cls, "_fds"), r = slot_offset(cls, "_raw");
+    if (p < 0 || f < 0 || r < 0)
+        return NULL;
+    Py_INCREF(cls);
+    Py_XSETREF(message_type, (PyTypeObject *)cls);
+    off_payload = p;
+    off_fds = f;
+    off_raw = r;
+    Py_INCREF(a);
+    Py_XSETREF(send_rest, a);
+    Py_INCREF(b);
+    Py_XSETREF(send_interrupted, b);
+    Py_INCREF(c);
+    Py_XSETREF(recv_rest, c);
+    Py_INCREF(closed);
+    Py_XSETREF(closed_fd, closed);
+    PyObject *close_m = PyDescr_NewMethod((PyTypeObject *)cls, &message_close_def);
+    PyObject *del_m = PyDescr_NewMethod((PyTypeObject *)cls, &message_del_def);
+    int bad = close_m == NULL || del_m == NULL || PyObject_SetAttrString(cls, "close", close_m) < 0 ||
+              PyObject_SetAttrString(cls, "__del__", del_m) < 0;
+    Py_XDECREF(close_m);
+    Py_XDECREF(del_m);
+    if (bad)
+        return NULL;
+#ifdef DIRECT_LOCKS
+    PyObject *threading = PyImport_ImportModule("_thread");
+    PyObject *lt = threading ? PyObject_GetAttrString(threading, "LockType") : NULL;
+    Py_XDECREF(threading);
+    if (lt == NULL)
+        return NULL;
+    if (PyType_Check(lt) && !strcmp(((PyTypeObject *)lt)->tp_name, "_thread.lock") &&
+        ((PyTypeObject *)lt)->tp_basicsize == sizeof(lockobject))
+        Py_XSETREF(lock_type, (PyTypeObject *)lt);
+    else
+        Py_DECREF(lt);
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "fdchannel._speedups", "The compiled fast path of fdchannel.Channel.", -1,
+    module_methods,
+};
+
+#define INTERN(var, text)                                                                                    \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                                \
+        return NULL;
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    INTERN(s_closed, "_closed");
+    INTERN(s_broken, "_broken");
+    INTERN(s_outbox, "_outbox");
+    INTERN(s_pending, "pending");
+    INTERN(s_send_lock, "_send_lock");
+    INTERN(s_recv_lock, "_recv_lock");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+    INTERN(s_max_payload, "max_payload");
+    INTERN(s_max_fds, "max_fds");
+    INTERN(s_decoder, "_decoder");
+    INTERN(s_frames, "frames");
+    INTERN(s_error, "error");
+    INTERN(s_eof, "eof");
+    INTERN(s_lone, "_lone");
+    INTERN(s_end, "_end");
+    INTERN(s_big, "_big");
+    INTERN(s_fds, "_fds");
+    INTERN(s_buf, "_buf");
+    INTERN(s_received, "_received");
+    INTERN(s_drop_held, "_drop_held");
+    INTERN(s_recv_stopped, "_recv_stopped");
+    INTERN(s_push_back, "push_back");
+    INTERN(s_fileno, "fileno");
+    INTERN(s_characters_written, "characters_written");
+    INTERN(s_popleft, "popleft");
+    INTERN(s_appendleft, "appendleft");
+    INTERN(s_suspect, "_suspect");
+    INTERN(s_unclaimed, "_unclaimed");
+    INTERN(s_share_above, "_share_above");
+    INTERN(s_delivering, "_delivering");
+    INTERN(s_landed, "landed");
+    INTERN(s_recv_interrupted, "_recv_interrupted");
+    if ((empty_tuple = PyTuple_New(0)) == NULL)
+        return NULL;
+    if (PyType_Ready(&FastPath_Type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL)
+        return NULL;
+    /* fdchannel._fastpath compares them with the codec's before using this module. */
+    if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "SCM_MAX_FD", SCM_MAX_FD) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&FastPath_Type);
+    if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPath_Type) < 0) {
+        Py_DECREF(&FastPath_Type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

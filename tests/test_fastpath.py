@@ -1,0 +1,157 @@
+"""The compiled fast path (`fdchannel._speedups`): in use when built, off when forced, same wire.
+
+The shared channel, codec, edge and property suites run on whichever path
+this process chose; .ci/run runs them a second time with ``FDCHANNEL_PURE=1``.
+With ``FDCHANNEL_REQUIRE_COMPILED=1`` (set by .ci/run on Linux) a missing
+build fails here instead of silently testing the pure path twice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fdchannel import Channel, _fastpath
+
+from ._transports import needs_unix_rights
+
+TIMEOUT = 10.0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the compiled path is built for Linux only")
+def test_the_compiled_path_is_in_use_when_built() -> None:
+    if os.environ.get("FDCHANNEL_REQUIRE_COMPILED") == "1":
+        assert _fastpath.compiled_available(), _fastpath.why_pure()
+    if not _fastpath.compiled_available():
+        pytest.skip(f"not built here: {_fastpath.why_pure()}")
+    a, b = Channel.pair()
+    with a, b:
+        assert type(a._fast).__module__ == "fdchannel._speedups"
+        assert type(b._fast).__name__ == "FastPath"
+        r, w = os.pipe()
+        # The compiled path takes this whole message itself (True: handled).
+        assert a._fast.send(a, b"direct", [r]) is True
+        msg = b._fast.recv(b)
+        assert msg is not None
+        with msg:
+            assert msg.payload == b"direct"
+            assert len(msg.fds) == 1
+        os.close(r)
+        os.close(w)
+
+
+def test_fdchannel_pure_forces_the_python_path() -> None:
+    code = (
+        "from fdchannel import Channel, _fastpath\n"
+        "a, b = Channel.pair()\n"
+        "print(_fastpath.enabled(), a._fast, _fastpath.why_pure())\n"
+        "a.close(); b.close()\n"
+    )
+    env = {**os.environ, "FDCHANNEL_PURE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.strip() == "False None FDCHANNEL_PURE is set"
+
+
+@needs_unix_rights
+@pytest.mark.parametrize(("sender_compiled", "receiver_compiled"), [(True, False), (False, True)])
+def test_the_two_paths_speak_the_same_wire(sender_compiled: bool, receiver_compiled: bool) -> None:
+    with _fastpath.forced(sender_compiled):
+        a, b0 = Channel.pair()
+    with _fastpath.forced(receiver_compiled):
+        b = Channel(b0._sock.dup())
+    b0.close()
+    r, w = os.pipe()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+
+        def sender() -> None:
+            for i in range(50):
+                a.send(bytes([i]) * i, [r] * (i % 5))
+            a.send(b"big" * 100_000, [w])
+            a.send(b"many", [r] * 300)  # more than one write carries: the Python path, either side
+
+        t = threading.Thread(target=sender, daemon=True)
+        t.start()
+        for i in range(50):
+            with b.recv() as msg:
+                assert msg.payload == bytes([i]) * i
+                assert len(msg.fds) == i % 5
+        with b.recv() as msg:
+            assert msg.payload == b"big" * 100_000
+        with b.recv() as msg:
+            assert len(msg.fds) == 300
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    os.close(r)
+    os.close(w)
+
+
+@needs_unix_rights
+def test_what_the_compiled_path_does_not_take_goes_the_python_way() -> None:
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    with a, b, open(os.devnull, "rb") as f:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        a.send(b"objects", [f, r])  # fileno() objects
+        a.send(bytearray(b"gen"), (fd for fd in [w]))  # a generator of fds
+        with pytest.raises(TypeError, match="bool"):
+            a.send(b"x", [True])
+        with pytest.raises(ValueError, match="invalid file descriptor"):
+            a.send(b"x", [-1])
+        with pytest.raises(ValueError, match="own socket"):
+            a.send(b"x", [a.fileno()])
+        with pytest.raises(ValueError, match="max_payload"):
+            a.max_payload = 3
+            a.send(b"four")
+        a.max_payload = 1 << 20
+        with b.recv() as msg:
+            assert msg.payload == b"objects"
+            assert len(msg.fds) == 2
+        with b.recv() as msg:
+            assert msg.payload == b"gen"
+            assert len(msg.fds) == 1
+    os.close(r)
+    os.close(w)
+
+
+@needs_unix_rights
+def test_the_compiled_path_leaves_channels_in_the_python_paths_states_to_it() -> None:
+    """A send cut twice (_suspect), a forked child's unclaimed end, share_above;
+    a recv cut twice (_delivering, fds left in Decoder.landed): the Python
+    path's rules apply, so the compiled one does nothing (False/None)."""
+    if not _fastpath.compiled_available():
+        pytest.skip(f"not built here: {_fastpath.why_pure()}")
+    a, b = Channel.pair()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        assert a._fast is not None
+        assert b._fast is not None
+        for name, value in (("_suspect", True), ("_unclaimed", True), ("_share_above", 1 << 20)):
+            saved = getattr(a, name)
+            setattr(a, name, value)
+            try:
+                assert a._fast.send(a, b"x", []) is False, name
+            finally:
+                setattr(a, name, saved)
+        a.send(b"waiting")
+        b._delivering = True
+        try:
+            assert b._fast.recv(b) is None
+        finally:
+            b._delivering = False
+        b._decoder.landed.append([])
+        try:
+            assert b._fast.recv(b) is None
+        finally:
+            b._decoder.landed.clear()
+        with b.recv() as msg:
+            assert msg.payload == b"waiting"

@@ -1,0 +1,137 @@
+"""Lazy fd ownership: a received message holds numbers until `fds` is read.
+
+Run against every transport (`make_pair`): each hands its fds to the
+message the same way, so laziness must hold on every path.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+
+import pytest
+
+from fdchannel import Message, OwnedFd
+
+from ._portable import read_fd
+from ._transports import PairFactory
+
+TIMEOUT = 10.0
+
+
+def _owned_fds_alive() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, OwnedFd))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_closing_an_untouched_message_makes_no_ownedfd_and_closes_every_fd(make_pair: PairFactory) -> None:
+    a, b = make_pair()
+    r, w = os.pipe()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        a.send(b"three", [r, w, r])
+        before = _owned_fds_alive()
+        msg = b.recv()
+        assert _owned_fds_alive() == before, "recv() made OwnedFd objects nobody asked for"
+        numbers = list(msg._raw)
+        assert len(numbers) == 3
+        assert all(_is_open(n) for n in numbers)
+        msg.close()
+        assert not any(_is_open(n) for n in numbers)
+        assert _owned_fds_alive() == before
+        # Read after close, the fds are there, closed, as they always were.
+        assert len(msg.fds) == 3
+        assert all(fd.closed for fd in msg.fds)
+        msg.close()  # idempotent
+    os.close(r)
+    os.close(w)
+
+
+def test_fds_become_owned_objects_once_and_what_was_taken_stays_open(make_pair: PairFactory) -> None:
+    a, b = make_pair()
+    r, w = os.pipe()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        a.send(b"x", [r, w])
+        with b.recv() as msg:
+            fds = msg.fds
+            assert msg.fds is fds  # made once, the same objects afterwards
+            assert all(isinstance(fd, OwnedFd) for fd in fds)
+            kept_w = fds[1].detach()
+            other = fds[0].fileno()
+        # Leaving `with` closed the read end nobody took, not the detached write end.
+        assert not _is_open(other)
+        assert _is_open(kept_w)
+        os.write(kept_w, b"k")
+        os.close(kept_w)
+        assert read_fd(r) == b"k"
+    os.close(r)
+    os.close(w)
+
+
+def test_repr_shows_the_fds_without_taking_them(make_pair: PairFactory) -> None:
+    a, b = make_pair()
+    r, w = os.pipe()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        a.send(b"p", [r])
+        with b.recv() as msg:
+            before = _owned_fds_alive()
+            text = repr(msg)
+            assert text.startswith("Message(payload=b'p', fds=(<OwnedFd fd=")
+            assert _owned_fds_alive() == before
+    os.close(r)
+    os.close(w)
+
+
+def test_a_dropped_message_closes_its_fds_and_warns(make_pair: PairFactory) -> None:
+    a, b = make_pair()
+    r, w = os.pipe()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        a.send(b"dropped", [w])
+        os.close(w)
+        msg = b.recv()
+        number = msg._raw[0]
+        with pytest.warns(ResourceWarning, match=f"unclosed <OwnedFd fd={number}>"):
+            del msg
+            gc.collect()
+        assert not _is_open(number)
+    os.close(r)
+
+
+def test_assigning_fds_replaces_them_as_before() -> None:
+    r, w = os.pipe()
+    msg = Message._owning(b"", [r])
+    replacement = (OwnedFd(w),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        old = msg.fds  # the number became an object: the caller holds it now
+    msg.fds = replacement
+    assert msg.fds is replacement
+    msg.close()
+    assert old[0].fileno() == r
+    assert not _is_open(w)
+    old[0].close()
+
+
+def test_a_constructed_message_keeps_the_objects_it_was_given() -> None:
+    r, w = os.pipe()
+    given = (OwnedFd(r), OwnedFd(w))
+    with Message(b"y", given) as msg:
+        assert msg.fds is given
+        assert msg.payload == b"y"
+    assert all(fd.closed for fd in given)
