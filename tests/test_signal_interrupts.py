@@ -232,6 +232,17 @@ _PERIOD = 0.0002
 _STORM_SECONDS = 1.5
 
 
+def _storm_going(stop_at: float, interrupts: int) -> bool:
+    """Run until *stop_at*, and on (up to three times as long) until the storm struck once.
+
+    Whether a 0.2 ms timer lands inside a call is timing: on a fast path or
+    a loaded machine a whole storm can miss, and a test that saw no
+    interrupt proved nothing.
+    """
+    now = time.monotonic()
+    return now < stop_at or (interrupts == 0 and now < stop_at + 2 * _STORM_SECONDS)
+
+
 def _storm() -> None:
     signal.signal(signal.SIGALRM, _raise_alarm_inside_fdchannel)
     signal.setitimer(signal.ITIMER_REAL, _PERIOD, _PERIOD)
@@ -256,7 +267,7 @@ def test_send_under_a_setitimer_storm_never_duplicates(handler: None, tmp_path: 
     stop_at = time.monotonic() + _STORM_SECONDS
     rounds = interrupts = retried = delivered = 0
     try:
-        while time.monotonic() < stop_at:
+        while _storm_going(stop_at, interrupts):
             rounds += 1
             a, b = Channel.pair()
             got: list[int] = []
@@ -336,7 +347,7 @@ def test_recv_under_a_setitimer_storm_never_loses_silently(handler: None, tmp_pa
     rounds = interrupts = received = broken = 0
     total = 300
     try:
-        while time.monotonic() < stop_at:
+        while _storm_going(stop_at, interrupts):
             rounds += 1
             a, b = Channel.pair()
 
@@ -390,7 +401,7 @@ def test_async_recv_under_a_setitimer_storm_never_loses_silently(handler: None, 
     async def body() -> tuple[int, int]:
         stop_at = time.monotonic() + _STORM_SECONDS
         interrupts = received = 0
-        while time.monotonic() < stop_at:
+        while _storm_going(stop_at, interrupts):
             sa, sb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             a = Channel(sa)
             b = AsyncChannel(sb)
