@@ -8,6 +8,7 @@ close themselves when nobody takes them.
 from __future__ import annotations
 
 from . import fdpass, shm
+from ._budget import Budget
 from ._channel import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, Channel
 from ._errors import (
     BufferTooShort,
@@ -38,6 +39,7 @@ from ._process import spawn
 __all__ = [
     "DEFAULT_MAX_FDS",
     "DEFAULT_MAX_PAYLOAD",
+    "Budget",
     "BufferTooShort",
     "Channel",
     "ChannelBroken",

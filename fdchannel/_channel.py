@@ -14,6 +14,7 @@ from typing import Any, Self
 from typing_extensions import Buffer
 
 from . import _batch, _fastpath, _handoff, _into, _peer
+from ._budget import Budget
 from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import ChannelBroken, ChannelClosed
@@ -66,12 +67,20 @@ class Channel(ChannelCore):
         transport: Transport | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_fds: int = DEFAULT_MAX_FDS,
+        max_held_fds: int | None = None,
+        frame_timeout: float | None = None,
+        budget: Budget | None = None,
     ) -> None:
         """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
 
         The limits bound what one message may carry, both ways: `send`
         refuses more with `ValueError` and a peer that declares more gets
-        `LimitExceeded`.  A message exactly at a limit is allowed.
+        `LimitExceeded`.  A message exactly at a limit is allowed.  The
+        holding limits (*max_held_fds*, *frame_timeout*, *budget*) bound
+        what the peer can make this end hold for messages it has not
+        finished or that `recv` has not returned; over one, `recv` raises
+        `LimitExceeded` and the channel is unusable
+        ([docs: holding limits][holding-limits]).
 
         Args:
             sock: A connected stream socket (AF_UNIX for `UnixRights`, the
@@ -83,13 +92,23 @@ class Channel(ChannelCore):
                 (default `DEFAULT_MAX_PAYLOAD`, 64 MiB).
             max_fds: The most fds one message may carry (default
                 `DEFAULT_MAX_FDS`, 1024).
+            max_held_fds: The most fds this end holds for messages not
+                returned by `recv` yet (default ``max_fds + 253``; at least
+                ``max_fds``).
+            frame_timeout: Seconds the peer has to finish a message it
+                began (default ``None``: no limit).
+            budget: A `Budget` shared with other channels, charged for
+                what this one holds for unfinished messages (default
+                ``None``).
 
         Raises:
-            ValueError: *sock* is not a stream socket, a limit is negative,
-                or the transport cannot use *sock* (the socket then stays
-                the caller's).
+            ValueError: *sock* is not a stream socket, a limit is negative
+                or *max_held_fds* is below *max_fds*, or the transport
+                cannot use *sock* (the socket then stays the caller's).
         """
-        transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
+        transport, session, decoder = self._open(
+            sock, transport, max_payload, max_fds, max_held_fds, frame_timeout, budget
+        )
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
@@ -588,15 +607,20 @@ class Channel(ChannelCore):
                             if msg is not None:
                                 self._delivering = False
                                 return msg
+                        unfinished = decoder.deadline  # a frame_timeout runs
                         try:
-                            # Blocking (no timeout): the read itself waits.
-                            msg = self._read(0)
+                            # Blocking (no timeout) and nothing unfinished: the read itself waits.
+                            msg = self._read(0) if unfinished is None else self._read_unfinished(unfinished)
                         except BlockingIOError as exc:
                             if raised_in_signal_handler(exc):
                                 raise
                             if deadline is None and self._timeout:
                                 deadline = time.monotonic() + self._timeout
-                            self._wait(False, deadline)
+                            unfinished = decoder.deadline
+                            if unfinished is not None and (deadline is None or unfinished < deadline):
+                                self._wait_unfinished(unfinished)
+                            else:
+                                self._wait(False, deadline)
                             continue
                         if msg is not None:
                             self._delivering = False
@@ -675,6 +699,24 @@ class Channel(ChannelCore):
             raise ValueError(f"I/O operation on a closed {self._kind}")
         if not wait_ready((self._fileno,), write=write, deadline=deadline):
             raise TimeoutError("timed out")
+
+    def _read_unfinished(self, unfinished: float) -> Message | None:
+        """`_read`, for a message begun and not finished: never blocks past its deadline (*unfinished*)."""
+        if self._dontwait:
+            return self._read(self._dontwait)
+        if self._timeout is None:
+            # A blocking socket and no MSG_DONTWAIT (Windows): wait first.
+            self._wait_unfinished(unfinished)
+        return self._read(0)
+
+    def _wait_unfinished(self, unfinished: float) -> None:
+        """Wait for more of the unfinished message, until its deadline (then fail the channel)."""
+        if self._timeout == 0.0:
+            raise BlockingIOError(errno.EAGAIN, "the channel is non-blocking and the socket is not ready")
+        if self._closed:
+            raise ValueError(f"I/O operation on a closed {self._kind}")
+        if not wait_ready((self._fileno,), deadline=unfinished):
+            self._expire_unfinished()
 
     def close(self) -> None:
         """Close the socket and every fd the channel still holds.  Idempotent.

@@ -30,11 +30,15 @@ after it, in order.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import LimitExceeded, ProtocolError
+
+if TYPE_CHECKING:
+    from ._budget import Budget
 
 __all__ = [
     "FLAG_CONTROL",
@@ -251,6 +255,9 @@ class Decoder:
         max_aux: int,
         transport_name: str = "",
         lone_frames: bool = True,
+        max_held_fds: int | None = None,
+        frame_timeout: float | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self._wire_id = wire_id
         self._in_band = in_band
@@ -300,6 +307,21 @@ class Decoder:
         #: are owned here until the channel clears the list.  A signal
         #: handler's error raised right after a read returned finds them.
         self.landed: list[Any] = []
+        #: The most fds held for frames not yet taken (`default_max_held_fds`).
+        self.max_held_fds = default_max_held_fds(max_fds) if max_held_fds is None else max_held_fds
+        #: Seconds an unfinished frame may take to complete, or None.
+        self.frame_timeout = frame_timeout
+        #: The `Budget` this decoder's holdings are charged to, or None.
+        self.budget = budget
+        # Whether every read must be looked at for what it leaves unfinished
+        # (a budget to charge, a deadline to set), not only reads with fds.
+        self._watch = budget is not None or frame_timeout is not None
+        self._charged = (0, 0)  # what the budget was last charged: (fds, bytes)
+        self._unfinished_at = -1  # stream offset of the frame the deadline is for
+        #: The `time.monotonic` time by which the unfinished frame must be
+        #: complete (``frame_timeout``), or None: nothing is unfinished, or no
+        #: frame timeout applies.
+        self.deadline: float | None = None
 
     # -- reading side ---------------------------------------------------
 
@@ -371,6 +393,8 @@ class Decoder:
         if fds:
             self._fds.append([fds if fds.__class__ is list else list(fds), begin, end])
         if self.error is not None:
+            if self._watch:
+                self._settle()
             return
         try:
             big = self._big
@@ -383,9 +407,80 @@ class Decoder:
                 self._parse()
             if fds and self._fds:
                 self._check_held()
+            if fds or self._watch:
+                self._account(bool(fds))
         except ProtocolError as exc:
-            self.error = exc
-            self._big = None  # a frame that will never complete: its buffer goes now
+            self._failed(exc)
+
+    def _failed(self, exc: ProtocolError) -> None:
+        self.error = exc
+        self._big = None  # a frame that will never complete: its buffer goes now
+        if isinstance(exc, LimitExceeded):
+            # Over a holding limit: what is held goes at once, the frames
+            # queued before it too (their fds are what is over).
+            self._unqueue()
+        if self._watch:
+            self._settle()
+
+    def _unqueue(self) -> None:
+        """Drop the queued frames, their fds left held for `take_fds`."""
+        for frame in self.frames:
+            if frame.fds:
+                self._fds.append([frame.fds, frame.start, frame.start + 1])
+                frame.fds = []
+        self.frames.clear()
+        self._control_from = None
+
+    def _account(self, new_fds: bool) -> None:
+        """Check what this read leaves held against the limits; charge the budget; set the deadline."""
+        parked = sum(len(batch[0]) for batch in self._fds) if self._fds else 0
+        if new_fds:
+            held = parked + (sum(len(frame.fds) for frame in self.frames) if self.frames else 0)
+            if held > self.max_held_fds:
+                raise LimitExceeded(
+                    f"the peer sent {held} fds for messages not received yet; max_held_fds is "
+                    f"{self.max_held_fds}"
+                )
+        big = self._big
+        if self.budget is not None:
+            memory = len(big.payload) if big is not None and big.payload.__class__ is bytearray else 0
+            if (parked, memory) != self._charged:
+                self._charged = (parked, memory)
+                self.budget.charge(self, parked, memory)
+        if self.frame_timeout is not None:
+            self._time_unfinished()
+
+    def _settle(self) -> None:
+        """Charge the budget what is held now, without refusing (fds were given up, or the decoder failed)."""
+        if self.budget is not None:
+            parked = sum(len(batch[0]) for batch in self._fds) if self._fds else 0
+            big = self._big
+            memory = len(big.payload) if big is not None and big.payload.__class__ is bytearray else 0
+            if (parked, memory) != self._charged:
+                self._charged = (parked, memory)
+                self.budget.charge(self, parked, memory, check=False)
+        if self.frame_timeout is not None:
+            self._time_unfinished()
+
+    def _time_unfinished(self) -> None:
+        """Start the frame timeout when a new frame is left unfinished; clear it at a boundary."""
+        big = self._big
+        if self.error is not None:
+            at = -1  # nothing more will complete: no deadline
+        elif big is not None:
+            at = big.start
+        elif self._start != self._end:
+            at = self._received - (self._end - self._start)
+        elif self._fds:
+            at = self._received  # fds parked ahead of a frame not begun
+        else:
+            at = -1
+        if at < 0:
+            self._unfinished_at = -1
+            self.deadline = None
+        elif at != self._unfinished_at:
+            self._unfinished_at = at
+            self.deadline = time.monotonic() + self.frame_timeout  # type: ignore[operator]
 
     def _check_held(self) -> None:
         """Refuse more buffered fds than the frame in progress may carry.
@@ -430,6 +525,13 @@ class Decoder:
             self._big = None  # it will never complete: its buffer goes now
         elif self._fds:
             self.error = ProtocolError("peer closed the stream after sending fds that belong to no frame")
+        if self._watch:
+            self._settle()
+
+    def held_fds(self) -> int:
+        """How many fds this decoder holds: for the frame in progress, read ahead, and in queued frames."""
+        held = sum(len(batch[0]) for batch in self._fds) if self._fds else 0
+        return held + (sum(len(frame.fds) for frame in self.frames) if self.frames else 0)
 
     @property
     def received(self) -> int:
@@ -469,9 +571,28 @@ class Decoder:
         big = self._big
         if big is not None and big.payload.__class__ is memoryview:
             big.payload = bytearray(big.payload)
+            if self._watch:
+                self._settle()  # a buffer of its own now: the budget pays for it
         for frame in self.frames:
             if frame.payload.__class__ is memoryview:
                 frame.payload = bytes(frame.payload)
+
+    def expire(self) -> LimitExceeded:
+        """Fail the unfinished frame: its deadline (``frame_timeout``) passed; return the error.
+
+        Like any protocol error it is raised once the frames before it are
+        out (`next_frame`); the frame's buffer goes now, and `take_fds`
+        hands back the fds it held.
+        """
+        exc = LimitExceeded(
+            f"the peer left a message unfinished for longer than frame_timeout={self.frame_timeout} s"
+        )
+        if self.error is None:
+            self.error = exc
+        self._big = None
+        if self._watch:
+            self._settle()
+        return exc
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or None if more data is needed.
@@ -516,6 +637,8 @@ class Decoder:
         self._buf = bytearray()
         self._mv = memoryview(self._buf)
         self._start = self._end = 0
+        if self._watch:
+            self._settle()
 
     def fd_lists(self) -> list[list[int]]:
         """The lists that hold this decoder's fds (buffered and in queued frames), left in place.
@@ -533,6 +656,8 @@ class Decoder:
             frame.fds = []
         self.frames.clear()
         self._control_from = None
+        if self._watch:
+            self._settle()
         return out
 
     # -- parsing ----------------------------------------------------------
@@ -715,6 +840,15 @@ class Decoder:
                 queue.appendleft([taken, start, start + 1])
             raise
         return taken
+
+
+def default_max_held_fds(max_fds: int) -> int:
+    """The default ``max_held_fds`` for *max_fds*: one whole message, plus one write's worth read ahead.
+
+    A group (`send_many`) brings up to `SCM_MAX_FD` fds in one write for
+    the messages after the one being read.
+    """
+    return max_fds + SCM_MAX_FD
 
 
 def _check_flags(flags: int, nfds: int, payload_len: int) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from typing_extensions import Buffer
 
+from ._budget import Budget
 from ._codec import (
     FLAG_SHARED,
     HEADER_SIZE,
@@ -111,7 +112,14 @@ class ChannelCore:
 
     @classmethod
     def _open(
-        cls, sock: socket.socket, transport: Transport | None, max_payload: int, max_fds: int
+        cls,
+        sock: socket.socket,
+        transport: Transport | None,
+        max_payload: int,
+        max_fds: int,
+        max_held_fds: int | None = None,
+        frame_timeout: float | None = None,
+        budget: Budget | None = None,
     ) -> tuple[Transport, Session, Decoder]:
         """Check the constructor's arguments; return the transport, session and decoder for *sock*."""
         if not isinstance(sock, socket.socket):
@@ -122,6 +130,7 @@ class ChannelCore:
             raise ValueError(f"{article} {cls._kind} needs a SOCK_STREAM socket, got {sock.type!r}")
         if max_payload < 0 or max_fds < 0:
             raise ValueError("max_payload and max_fds must not be negative")
+        check_holding_limits(max_fds, max_held_fds, frame_timeout, budget)
         transport = default_transport() if transport is None else transport
         transport.check_socket(sock)
         try:
@@ -142,6 +151,9 @@ class ChannelCore:
             max_aux=transport.max_aux(max_fds),
             transport_name=transport.name,
             lone_frames=_is_simple(session),
+            max_held_fds=max_held_fds,
+            frame_timeout=frame_timeout,
+            budget=budget,
         )
         return transport, session, decoder
 
@@ -329,6 +341,31 @@ class ChannelCore:
     def transport(self) -> Transport:
         """The transport this channel was built with."""
         return self._transport
+
+    @property
+    def max_held_fds(self) -> int:
+        """The most fds this end holds for messages that `recv` has not returned yet.
+
+        A read that leaves more held fails the channel with `LimitExceeded`
+        (every fd it held closed).  Default: ``max_fds`` plus 253, one
+        message and the fds one write of `send_many` may bring ahead.
+        """
+        return self._decoder.max_held_fds
+
+    @property
+    def frame_timeout(self) -> float | None:
+        """Seconds the peer has to complete a message it began, or None (no limit).
+
+        A `recv` that is still waiting for the rest when the time is up fails
+        the channel with `LimitExceeded`, closing the fds it held; so does
+        the first `recv` after it.  Servers default to 30 s.
+        """
+        return self._decoder.frame_timeout
+
+    @property
+    def budget(self) -> Budget | None:
+        """The `Budget` this end's unfinished messages are charged to, or None."""
+        return self._decoder.budget
 
     @property
     def closed(self) -> bool:
@@ -686,6 +723,13 @@ class ChannelCore:
                 for _ in range(16):
                     if decoder.eof or decoder.unread_bytes >= PUMP_BUDGET:
                         break
+                    # One more read could bring a write's worth of fds: not
+                    # past max_held_fds for messages nobody asked for yet (as
+                    # with PUMP_BUDGET, control frames behind them then wait
+                    # for recv()).
+                    held = decoder.held_fds()
+                    if held and held + SCM_MAX_FD > decoder.max_held_fds:
+                        break
                     one = read(self._sock, decoder, self._dontwait)
                     if one is not None:  # pragma: no cover - sessions with control frames queue all
                         decoder.push_back(*one)
@@ -797,6 +841,15 @@ class ChannelCore:
             raise ChannelClosed("the peer closed the channel")
         return None
 
+    def _expire_unfinished(self) -> None:
+        """The unfinished message's ``frame_timeout`` passed: fail the channel, its fds closed.
+
+        Raises `LimitExceeded`.
+        """
+        exc = self._decoder.expire()
+        self._fail(exc)
+        raise exc
+
     def _incoming(self, frame: Frame) -> list[int]:
         """The fds of a data frame as the session delivers them, owned by the caller."""
         try:
@@ -904,6 +957,21 @@ class ChannelCore:
             self._session.close()
         finally:
             self._sock.close()
+
+
+def check_holding_limits(
+    max_fds: int, max_held_fds: int | None, frame_timeout: float | None, budget: Budget | None
+) -> None:
+    """Refuse holding limits that could never hold, with the reason."""
+    if max_held_fds is not None and max_held_fds < max_fds:
+        raise ValueError(
+            f"max_held_fds={max_held_fds} is below max_fds={max_fds}: no message with max_fds fds "
+            "could ever be received; lower max_fds too"
+        )
+    if frame_timeout is not None and not frame_timeout > 0:
+        raise ValueError(f"frame_timeout must be positive or None, got {frame_timeout!r}")
+    if budget is not None and not isinstance(budget, Budget):
+        raise TypeError(f"budget must be an fdchannel.Budget, not {type(budget).__name__}")
 
 
 def _is_crt_fd(n: int) -> bool:

@@ -73,7 +73,13 @@ class ChannelBroken(ProtocolError):
 
 
 class LimitExceeded(ProtocolError):
-    """The peer declared a payload or fd count over this channel's limits."""
+    """The peer went over one of this channel's limits.
+
+    It declared a payload or fd count over ``max_payload``/``max_fds``, made
+    this end hold more than ``max_held_fds``, left a message unfinished past
+    ``frame_timeout``, or took more than its share of a full `Budget`.  The
+    fds the channel held are closed.
+    """
 
 
 class TruncatedControlData(ProtocolError):

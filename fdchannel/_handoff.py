@@ -146,7 +146,14 @@ def reduce_channel(channel: ChannelCore) -> tuple[Any, ...]:
             "one process; give each worker a channel of its own"
         )
     channel._handed_over = True  # type: ignore[attr-defined]
-    options = {"max_payload": channel.max_payload, "max_fds": channel.max_fds, "transport": channel.transport}
+    # A Budget belongs to this process: the other end's new owner has none.
+    options = {
+        "max_payload": channel.max_payload,
+        "max_fds": channel.max_fds,
+        "max_held_fds": channel.max_held_fds,
+        "frame_timeout": channel.frame_timeout,
+        "transport": channel.transport,
+    }
     paired = getattr(channel, "_other_end", None) is not None
     if sys.platform == "win32":
         # A SOCKET must not go through DuplicateHandle: multiprocessing's

@@ -16,7 +16,9 @@ import warnings
 from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any, Final, Self
 
+from ._budget import Budget
 from ._channel import Channel
+from ._core import DEFAULT_MAX_FDS, check_holding_limits
 from ._fdutil import close_all
 from ._peer import (
     SUN_PATH_MAX,
@@ -40,6 +42,29 @@ log: Final = logging.getLogger("fdchannel.listener")
 _LOG_INTERVAL: Final = 1.0
 #: With a 0.0 timeout, accept() gives up after refusing this many peers.
 _REFUSALS_PER_CALL: Final = 16
+#: The ``frame_timeout`` a server's channels get unless told otherwise: long
+#: enough for any message a live peer is writing, short enough that parked
+#: fds and buffers come back.
+SERVER_FRAME_TIMEOUT: Final = 30.0
+_CHANNEL_OPTIONS: Final = frozenset(
+    {"max_payload", "max_fds", "max_held_fds", "frame_timeout", "budget", "transport"}
+)
+
+
+def _with_server_limits(options: dict[str, Any]) -> Budget:
+    """Give a server's channel *options* its holding limits' defaults; check them; return the budget."""
+    options.setdefault("frame_timeout", SERVER_FRAME_TIMEOUT)
+    if options.get("budget") is None:
+        options["budget"] = Budget()
+    # Checked now, not at the first accept: a bad limit is the caller's error.
+    check_holding_limits(
+        options.get("max_fds", DEFAULT_MAX_FDS),
+        options.get("max_held_fds"),
+        options["frame_timeout"],
+        options["budget"],
+    )
+    budget: Budget = options["budget"]
+    return budget
 
 
 class Listener:
@@ -69,8 +94,12 @@ class Listener:
     *authorize* refuses the peer too (and is logged with its traceback).
 
     The listener owns its socket; each accepted `Channel` is owned by the
-    caller.  *max_payload*, *max_fds* and *transport* go to every accepted
-    channel.
+    caller.  *max_payload*, *max_fds*, *max_held_fds*, *frame_timeout*,
+    *budget* and *transport* go to every accepted channel.  Unlike a lone
+    channel's, a listener's channels get holding limits by default: a
+    ``frame_timeout`` of 30 s and one `Budget` (the listener's `budget`)
+    that they share, so that peers that begin messages and never finish
+    them cannot fill the server's fd table or memory.
     """
 
     def __init__(
@@ -98,8 +127,12 @@ class Listener:
                 group is one of these.
             authorize: Called with each peer's `PeerCredentials`; a false
                 result (or an exception) refuses the peer.
-            **channel_options: ``max_payload``, ``max_fds`` and
-                ``transport``, given to every accepted `Channel`.
+            **channel_options: ``max_payload``, ``max_fds``,
+                ``max_held_fds``, ``frame_timeout`` (default here: 30 s;
+                ``None``: no limit), ``budget`` (default here, and for
+                ``None``: a new `Budget()` that the accepted channels
+                share) and ``transport``, given to every accepted
+                `Channel`.
 
         Raises:
             OSError: ``EADDRINUSE`` when a live listener holds *path*,
@@ -110,11 +143,13 @@ class Listener:
             ValueError: *mode* is not permission bits (0o000-0o777).
             TypeError: An unknown keyword argument.
         """
-        unknown = set(channel_options) - {"max_payload", "max_fds", "transport"}
+        unknown = set(channel_options) - _CHANNEL_OPTIONS
         if unknown:
             raise TypeError(f"Listener() got unexpected keyword arguments {sorted(unknown)}")
         if mode & ~0o777:
             raise ValueError(f"mode must be permission bits (0o000-0o777), got {mode:#o}")
+        #: The `Budget` the accepted channels share.
+        self.budget: Budget = _with_server_limits(channel_options)
         self._channel_cls = Channel
         self._options = channel_options
         self._transport: Transport | None = channel_options.get("transport")

@@ -302,8 +302,9 @@ def recv_channel(msg: Message, cls: type[Any] | None = None, **overrides: Any) -
 
     The channel has the sender's kind (`Channel`, `AsyncChannel`,
     `TrioChannel` or `AnyioChannel`; *cls* chooses another), transport, limits and ``share_above`` setting;
-    *overrides* (``max_payload=``, ``max_fds=``) replace limits, e.g. to cap
-    what a peer may ask for.  Returns `ReceivedChannel` (the channel, the
+    *overrides* (``max_payload=``, ``max_fds=``, and the holding limits
+    ``max_held_fds=``, ``frame_timeout=``, ``budget=``, which do not
+    travel) replace limits, e.g. to cap what a peer may ask for.  Returns `ReceivedChannel` (the channel, the
     sender's payload after the descriptor, the message's other fds).  The
     channel's fd moves out of ``msg.fds[0]``; the other fds stay owned by
     *msg* (and are the ones returned).

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Final, Protocol, Self
@@ -27,6 +28,7 @@ from typing import Any, ClassVar, Final, Protocol, Self
 from typing_extensions import Buffer
 
 from ._async_surface import AsyncSurface
+from ._budget import Budget
 from ._channel import Channel
 from ._codec import SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
@@ -75,6 +77,9 @@ class Backend(Protocol):
     def checkpoint(self) -> Awaitable[None]: ...
     def checkpoint_if_cancelled(self) -> Awaitable[None]: ...
     def sleep(self, seconds: float) -> Awaitable[None]: ...
+    def move_on_after(self, seconds: float) -> Any:
+        """A cancel scope (``with``) that ends its body quietly after *seconds*."""
+
     def is_cancelled(self, exc: BaseException) -> bool: ...
     def event(self) -> Event: ...
     def cancel_scope(self) -> Any:
@@ -143,15 +148,22 @@ class StructuredChannel(AsyncSurface):
         transport: Transport | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_fds: int = DEFAULT_MAX_FDS,
+        max_held_fds: int | None = None,
+        frame_timeout: float | None = None,
+        budget: Budget | None = None,
     ) -> None:
         """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
 
         The socket is made non-blocking.  *max_payload* and *max_fds* bound one
         message both ways, as on `fdchannel.Channel` (a message exactly at a
-        limit is allowed).  Raises `ValueError` for a socket the transport
-        cannot use (the socket then stays the caller's).
+        limit is allowed); *max_held_fds*, *frame_timeout* and *budget*
+        bound what the peer can make this end hold, as there.  Raises
+        `ValueError` for a socket the transport cannot use (the socket then
+        stays the caller's).
         """
-        transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
+        transport, session, decoder = self._open(
+            sock, transport, max_payload, max_fds, max_held_fds, frame_timeout, budget
+        )
         self._setup(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
 
     def _setup(
@@ -246,6 +258,17 @@ class StructuredChannel(AsyncSurface):
             self._streak = 0  # a wait is a schedule point
         if self._closed:
             raise ChannelClosed("the channel was closed while waiting in recv()")
+
+    async def _wait_unfinished(self, unfinished: float) -> None:
+        """Wait for more of a message begun, until its deadline (then fail the channel)."""
+        remaining = unfinished - time.monotonic()
+        if remaining > 0:
+            with self._backend.move_on_after(remaining) as scope:
+                await self._wait_readable()
+            if not scope.cancelled_caught:
+                return  # readable in time
+        if time.monotonic() >= unfinished:
+            self._expire_unfinished()
 
     async def _wait_writable(self) -> None:
         """Wait until the socket is writable.  Closed meanwhile: `ValueError`."""
@@ -443,7 +466,11 @@ class StructuredChannel(AsyncSurface):
                 try:
                     msg = self._read(0)
                 except BlockingIOError:
-                    await self._wait_readable()
+                    unfinished = decoder.deadline  # a frame_timeout runs
+                    if unfinished is None:
+                        await self._wait_readable()
+                    else:
+                        await self._wait_unfinished(unfinished)
                     continue
                 if msg is not None:
                     return msg

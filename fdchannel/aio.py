@@ -36,12 +36,13 @@ from typing_extensions import Buffer
 
 from . import _batch
 from ._async_surface import AsyncSurface
+from ._budget import Budget
 from ._channel import Channel
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
 from ._errors import ChannelClosed, FdChannelError
 from ._interrupt import raised_in_signal_handler
-from ._listener import Listener
+from ._listener import SERVER_FRAME_TIMEOUT, Listener
 from ._message import Message
 from ._outbox import set_written
 from ._peer import (
@@ -149,6 +150,9 @@ class AsyncChannel(AsyncSurface):
         transport: Transport | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_fds: int = DEFAULT_MAX_FDS,
+        max_held_fds: int | None = None,
+        frame_timeout: float | None = None,
+        budget: Budget | None = None,
     ) -> None:
         """Wrap *sock*, a connected ``SOCK_STREAM`` socket; the channel owns it.
 
@@ -164,13 +168,21 @@ class AsyncChannel(AsyncSurface):
                 (default `DEFAULT_MAX_PAYLOAD`, 64 MiB).
             max_fds: The most fds one message may carry (default
                 `DEFAULT_MAX_FDS`, 1024).
+            max_held_fds: The most fds held for messages not returned by
+                `recv` yet, as on `fdchannel.Channel`.
+            frame_timeout: Seconds the peer has to finish a message it
+                began (default ``None``: no limit).
+            budget: A `fdchannel.Budget` shared with other channels
+                (default ``None``).
 
         Raises:
-            ValueError: *sock* is not a stream socket, a limit is negative,
-                or the transport cannot use *sock* (the socket then stays
-                the caller's).
+            ValueError: *sock* is not a stream socket, a limit is negative
+                or *max_held_fds* is below *max_fds*, or the transport
+                cannot use *sock* (the socket then stays the caller's).
         """
-        transport, session, decoder = self._open(sock, transport, max_payload, max_fds)
+        transport, session, decoder = self._open(
+            sock, transport, max_payload, max_fds, max_held_fds, frame_timeout, budget
+        )
         self._setup(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
 
     def _setup(
@@ -343,6 +355,19 @@ class AsyncChannel(AsyncSurface):
         self._read_waiter = None
         if self._closed:
             raise ChannelClosed("the channel was closed while waiting in recv()")
+
+    async def _wait_unfinished(self, unfinished: float) -> None:
+        """Wait for more of a message begun, until its deadline (then fail the channel)."""
+        remaining = unfinished - time.monotonic()
+        if remaining > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wait_readable()
+                return
+            except TimeoutError:
+                pass  # this wait's own timeout: an outer one stays a cancellation
+        if time.monotonic() >= unfinished:
+            self._expire_unfinished()
 
     def _on_readable(self) -> None:
         waiter = self._read_waiter
@@ -697,7 +722,11 @@ class AsyncChannel(AsyncSurface):
                     if raised_in_signal_handler(exc):
                         raise
                     self._streak = 0
-                    await self._wait_readable()
+                    unfinished = decoder.deadline  # a frame_timeout runs
+                    if unfinished is None:
+                        await self._wait_readable()
+                    else:
+                        await self._wait_unfinished(unfinished)
                     continue
                 if msg is not None:
                     self._delivering = False
@@ -1003,6 +1032,9 @@ async def start_server(
     authorize: Authorize | None = None,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     max_fds: int = DEFAULT_MAX_FDS,
+    max_held_fds: int | None = None,
+    frame_timeout: float | None = SERVER_FRAME_TIMEOUT,
+    budget: Budget | None = None,
     transport: Transport | None = None,
 ) -> Server:
     """Listen on the Unix socket *path* and run ``await client_connected_cb(channel)`` per connection.
@@ -1037,6 +1069,14 @@ async def start_server(
             ``server.listener.refused`` and logged.
         max_payload: As for `AsyncChannel` (64 MiB).
         max_fds: As for `AsyncChannel` (1024).
+        max_held_fds: As for `AsyncChannel` (``max_fds + 253``).
+        frame_timeout: Seconds a peer has to finish a message it began
+            (default 30 s; ``None``: no limit); then its channel fails
+            with `LimitExceeded`, the fds it held closed.
+        budget: The `fdchannel.Budget` every accepted channel shares
+            (``None``: a new ``Budget()``, a quarter of the soft
+            ``RLIMIT_NOFILE`` in fds and 512 MiB), in
+            ``server.listener.budget``.
         transport: As for `AsyncChannel` (`default_transport()`).
 
     Returns:
@@ -1074,6 +1114,9 @@ async def start_server(
         authorize=authorize,
         max_payload=max_payload,
         max_fds=max_fds,
+        max_held_fds=max_held_fds,
+        frame_timeout=frame_timeout,
+        budget=budget,
         transport=transport,
     )
     try:

@@ -63,6 +63,7 @@ class _Anyio:
     checkpoint = staticmethod(anyio.lowlevel.checkpoint)
     checkpoint_if_cancelled = staticmethod(anyio.lowlevel.checkpoint_if_cancelled)
     sleep = staticmethod(anyio.sleep)
+    move_on_after = staticmethod(anyio.move_on_after)
     event = staticmethod(anyio.Event)
     cancel_scope = staticmethod(anyio.CancelScope)
     task_group = staticmethod(anyio.create_task_group)
@@ -149,6 +150,9 @@ async def serve(
     abstract socket.  *options* go to the `Listener` (``allow_uids``,
     ``allow_gids``, ``authorize``: refused peers are closed before anything
     is read, counted in ``server.listener.refused`` and logged) and to each
-    channel (``max_payload``, ``max_fds``, ``transport``).
+    channel (``max_payload``, ``max_fds``, ``max_held_fds``, ``frame_timeout``,
+    ``budget``, ``transport``; as for a `fdchannel.Listener`, the channels
+    share one `fdchannel.Budget` and get a 30 s ``frame_timeout`` unless
+    told otherwise).
     """
     await serve_with(AnyioChannel, path, handler, task_status, backlog=backlog, mode=mode, options=options)

@@ -59,6 +59,7 @@ class _Trio:
     checkpoint = staticmethod(trio.lowlevel.checkpoint)
     checkpoint_if_cancelled = staticmethod(trio.lowlevel.checkpoint_if_cancelled)
     sleep = staticmethod(trio.sleep)
+    move_on_after = staticmethod(trio.move_on_after)
     event = staticmethod(trio.Event)
     cancel_scope = staticmethod(trio.CancelScope)
     task_group = staticmethod(trio.open_nursery)
@@ -140,6 +141,9 @@ async def serve(
     abstract socket.  *options* go to the `Listener` (``allow_uids``,
     ``allow_gids``, ``authorize``: refused peers are closed before anything
     is read, counted in ``server.listener.refused`` and logged) and to each
-    channel (``max_payload``, ``max_fds``, ``transport``).
+    channel (``max_payload``, ``max_fds``, ``max_held_fds``, ``frame_timeout``,
+    ``budget``, ``transport``; as for a `fdchannel.Listener`, the channels
+    share one `fdchannel.Budget` and get a 30 s ``frame_timeout`` unless
+    told otherwise).
     """
     await serve_with(TrioChannel, path, handler, task_status, backlog=backlog, mode=mode, options=options)

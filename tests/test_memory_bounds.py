@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from fdchannel import ChannelClosed, Listener, ProtocolError
+from fdchannel import Budget, ChannelClosed, LimitExceeded, Listener, ProtocolError
 from fdchannel._codec import HEADER_SIZE, pack_header
 from fdchannel.aio import AsyncChannel, start_server
 from fdchannel.transports import UnixRights
@@ -148,3 +148,59 @@ def test_a_large_payload_still_arrives_whole_as_it_grows() -> None:
             assert len(msg.fds) == 1
         t.join(30)
         assert done.is_set()
+
+
+#: The server-wide bound (issue #11): a `Budget` of 1 MiB for all channels
+#: together, where each dripping client's buffer starts at 256 KiB.
+SERVER_MEMORY = 1 << 20
+
+
+def test_a_memory_budget_bounds_what_dripping_clients_cost_a_server_together(
+    tmp_path: Path, run: Run
+) -> None:
+    path = str(tmp_path / "srv")
+    budget = Budget(fds=None, memory=SERVER_MEMORY)
+
+    async def body() -> tuple[int, int, list[str]]:
+        outcomes: list[str] = []
+        settled = asyncio.Event()
+
+        async def handler(ch: AsyncChannel) -> None:
+            try:
+                await ch.recv()
+            except LimitExceeded:
+                outcomes.append("refused")
+            except (ChannelClosed, ProtocolError):
+                outcomes.append("gone")  # the test closes the clients at the end
+            finally:
+                if len(outcomes) == CLIENTS:
+                    settled.set()
+
+        tracemalloc.start()
+        try:
+            async with await start_server(handler, path, max_payload=DECLARED, budget=budget) as server:
+                assert server.listener.budget is budget
+                clients = await asyncio.to_thread(_drip_clients, path)
+                try:
+                    # Every channel took in what its client sent, or was refused.
+                    async with asyncio.timeout(10):
+                        while budget.refused + budget.holders < CLIENTS:
+                            await asyncio.sleep(0)
+                    held, _peak = tracemalloc.get_traced_memory()
+                    charged = budget.held_memory
+                finally:
+                    for s in clients:
+                        s.close()
+                async with asyncio.timeout(10):
+                    await settled.wait()
+        finally:
+            tracemalloc.stop()
+        return held, charged, outcomes
+
+    held, charged, outcomes = run(body())
+    # Within the budget: the channels that got in before it was full; the
+    # others were refused at their first read, their buffers freed.
+    assert charged <= SERVER_MEMORY
+    assert outcomes.count("refused") == budget.refused == CLIENTS - SERVER_MEMORY // (256 * 1024)
+    assert held < 2 * SERVER_MEMORY + CLIENTS * 64 * 1024, f"the server held {held / 2**20:.1f} MiB"
+    assert (budget.held_memory, budget.holders) == (0, 0)

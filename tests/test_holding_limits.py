@@ -1,0 +1,630 @@
+"""What a peer can make a channel hold (issues #11, #15, #17): `max_held_fds`,
+`frame_timeout` and a shared `Budget`.
+
+Hostile peers write raw frames on real sockets with real fds; the server
+test runs a real asyncio server under a real RLIMIT_NOFILE against an
+attacker process (uid 65534 when the tests run as root).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fdchannel import Budget, Channel, LimitExceeded, ProtocolError, aio
+from fdchannel._budget import default_fd_budget
+from fdchannel._codec import FLAG_GROUP, pack_header
+from fdchannel.transports import UnixRights
+
+from ._proc import fork_child, wait_child
+from .conftest import open_fds
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="hostile SCM_RIGHTS writes need AF_UNIX")
+
+TIMEOUT = 10.0
+
+
+def rights(fd: int, n: int) -> list[tuple[int, int, bytes]]:
+    """Ancillary data carrying *n* copies of *fd* (each arrives as a new fd)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * n).tobytes())]
+
+
+@pytest.fixture
+def raw_peer() -> Iterator[tuple[socket.socket, socket.socket, int]]:
+    """A raw socket (the hostile peer), the socket for the channel under test, and an fd to send."""
+    a, b = socket.socketpair()
+    a.settimeout(TIMEOUT)
+    r, w = os.pipe()
+    try:
+        yield a, b, r
+    finally:
+        a.close()
+        os.close(r)
+        os.close(w)
+
+
+def count_fds() -> int:
+    return len(open_fds())
+
+
+# -- Budget, unit ------------------------------------------------------------------
+
+
+def test_budget_defaults_to_a_quarter_of_the_soft_fd_limit() -> None:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    budget = Budget()
+    assert budget.fds == default_fd_budget() == max(64, soft // 4)
+    assert budget.memory == 512 * 1024 * 1024
+    assert (budget.held_fds, budget.held_memory, budget.holders, budget.refused) == (0, 0, 0, 0)
+
+
+def test_budget_refuses_negative_limits() -> None:
+    with pytest.raises(ValueError, match="fds must not be negative"):
+        Budget(fds=-1)
+    with pytest.raises(ValueError, match="memory must not be negative"):
+        Budget(memory=-1)
+
+
+def test_budget_fails_only_a_holder_over_its_fair_share() -> None:
+    budget = Budget(fds=100, memory=None)
+    parker, small, big = object(), object(), object()
+    budget.charge(parker, 90, 0)  # within the limit: fine
+    budget.charge(small, 20, 0)  # total 110 > 100, but 20 <= 100 // 2
+    assert budget.held_fds == 110
+    assert budget.refused == 0
+    with pytest.raises(LimitExceeded, match=r"held 40, more than its share \(33 among 3\)"):
+        budget.charge(big, 40, 0)
+    assert budget.refused == 1
+    # The charge stands until the holder gives the fds up.
+    assert budget.held_fds == 150
+    for holder in (parker, small, big):
+        budget.charge(holder, 0, 0)
+    assert (budget.held_fds, budget.holders) == (0, 0)
+
+
+def test_budget_never_refuses_a_holder_that_shrinks() -> None:
+    budget = Budget(fds=10, memory=10)
+    h = object()
+    budget.charge(h, 5, 5)
+    with pytest.raises(LimitExceeded):
+        budget.charge(object(), 8, 8)  # 8 > 10 // 2
+    # h going down never raises, even with the total over the limit.
+    budget.charge(h, 4, 4)
+    assert budget.held_fds == 12
+
+
+def test_channel_refuses_holding_limits_that_cannot_hold() -> None:
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(ValueError, match="max_held_fds=10 is below max_fds=1024"):
+            Channel(a, max_held_fds=10)
+        with pytest.raises(ValueError, match="frame_timeout must be positive"):
+            Channel(a, frame_timeout=0)
+        with pytest.raises(TypeError, match=r"budget must be an fdchannel\.Budget"):
+            Channel(a, budget=100)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="max_held_fds=10 is below max_fds=1024"):
+            aio.AsyncChannel(a, max_held_fds=10)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_channel_reports_its_holding_limits() -> None:
+    budget = Budget()
+    a, b = Channel.pair(max_fds=8, max_held_fds=20, frame_timeout=1.5, budget=budget)
+    with a, b:
+        assert (b.max_held_fds, b.frame_timeout, b.budget) == (20, 1.5, budget)
+    c, d = Channel.pair()
+    with c, d:
+        assert (d.max_held_fds, d.frame_timeout, d.budget) == (1024 + 253, None, None)
+
+
+# -- max_held_fds ------------------------------------------------------------------
+
+
+def test_a_group_over_max_held_fds_fails_the_channel_and_closes_every_fd() -> None:
+    a, b = Channel.pair(max_fds=1, max_held_fds=50)
+    r, w = os.pipe()
+    try:
+        with a, b:
+            # One write: 100 one-fd messages, their 100 fds on its first byte.
+            a.send_many([(b"m%d" % i, [r]) for i in range(100)])
+            before = count_fds()
+            b.settimeout(TIMEOUT)
+            with pytest.raises(
+                LimitExceeded, match="100 fds for messages not received yet; max_held_fds is 50"
+            ):
+                b.recv()
+            assert count_fds() == before  # all 100 closed at once
+            with pytest.raises(ProtocolError):
+                b.recv()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_child_flooding_small_fd_messages_meets_the_budget() -> None:
+    """A real peer process floods one-fd messages (send_many: up to 253 fds a write)."""
+    a, b = Channel.pair(max_fds=1, max_held_fds=64)
+    r, w = os.pipe()
+    try:
+
+        def flood() -> None:
+            b.close()
+            a.settimeout(TIMEOUT)
+            try:
+                for _ in range(20):
+                    a.send_many([(b"spam", [r])] * 250)
+            except OSError:
+                pass  # the receiver gave up on us: expected
+            a.close()
+
+        pid = fork_child(flood)
+        a.close()
+        b.settimeout(TIMEOUT)
+        before = count_fds()
+        with pytest.raises(LimitExceeded, match="max_held_fds is 64"):
+            while True:
+                b.recv().close()
+        assert count_fds() == before  # what the flood left held is closed
+        b.close()
+        assert wait_child(pid) == 0
+    finally:
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_the_default_max_held_fds_takes_a_whole_group() -> None:
+    a, b = Channel.pair(max_fds=1)
+    r, w = os.pipe()
+    try:
+        with a, b:
+            a.send_many([(b"m%d" % i, [r]) for i in range(200)])
+            b.settimeout(TIMEOUT)
+            for i in range(200):
+                with b.recv() as msg:
+                    assert msg.payload == b"m%d" % i
+                    assert len(msg.fds) == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_sending_end_never_pumps_past_max_held_fds() -> None:
+    """An acknowledging end reads ahead while it sends (for acknowledgements), never past its budget."""
+    transport = UnixRights(acknowledge=True, window=1000)
+    a, b = Channel.pair(transport=transport, max_fds=4, max_held_fds=40)
+    r, w = os.pipe()
+    try:
+        with a, b:
+            a.settimeout(TIMEOUT)
+            b.settimeout(TIMEOUT)
+            # a floods b with fd messages that b does not read (one write
+            # each: as many as the socket buffer takes)...
+            for _ in range(150):
+                a.send(b"x", [r])
+            # ...while b sends (each send pumps what arrived, for a's acknowledgements).
+            for _ in range(20):
+                b.send(b"y", [r])
+                assert b._decoder.held_fds() <= b.max_held_fds
+            for _ in range(20):
+                with a.recv() as msg:
+                    assert msg.payload == b"y"
+            for _ in range(150):
+                with b.recv() as msg:
+                    assert msg.payload == b"x"
+                    assert len(msg.fds) == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# -- frame_timeout -------------------------------------------------------------------
+
+
+def _start_unfinished(peer: socket.socket, fd: int, nfds: int = 3) -> None:
+    """Write a frame declaring *nfds* fds and 10 payload bytes, with the fds and 5 of the bytes."""
+    peer.sendmsg([pack_header(0, nfds, 0, 10), b"12345"], rights(fd, nfds))
+
+
+def test_a_blocking_recv_waits_for_an_unfinished_message_only_until_its_frame_timeout(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    peer, sock, fd = raw_peer
+    with Channel(sock, frame_timeout=0.2) as ch:
+        before = count_fds()
+        _start_unfinished(peer, fd)
+        start = time.monotonic()
+        with pytest.raises(LimitExceeded, match=r"unfinished for longer than frame_timeout=0.2 s"):
+            ch.recv()  # blocking: no timeout of its own
+        assert 0.2 <= time.monotonic() - start < TIMEOUT
+        assert count_fds() == before  # the 3 fds that arrived are closed
+        with pytest.raises(LimitExceeded):
+            ch.recv()
+
+
+def test_the_frame_timeout_cuts_a_longer_channel_timeout(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    peer, sock, fd = raw_peer
+    with Channel(sock, frame_timeout=0.2) as ch:
+        ch.settimeout(0.0)
+        _start_unfinished(peer, fd)
+        with pytest.raises(BlockingIOError):
+            ch.recv()  # non-blocking: what arrived stays buffered
+        ch.settimeout(TIMEOUT)
+        start = time.monotonic()
+        with pytest.raises(LimitExceeded, match="frame_timeout"):
+            ch.recv()
+        assert time.monotonic() - start < TIMEOUT / 2
+
+
+def test_a_shorter_channel_timeout_leaves_the_message_to_finish(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    peer, sock, fd = raw_peer
+    with Channel(sock, frame_timeout=TIMEOUT) as ch:
+        ch.settimeout(0.05)
+        _start_unfinished(peer, fd)
+        with pytest.raises(TimeoutError):
+            ch.recv()
+        peer.sendall(b"67890")
+        ch.settimeout(TIMEOUT)
+        with ch.recv() as msg:
+            assert msg.payload == b"1234567890"
+            assert len(msg.fds) == 3
+        assert ch._decoder.deadline is None
+
+
+def test_each_message_gets_a_frame_timeout_of_its_own(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    peer, sock, fd = raw_peer
+    with Channel(sock, frame_timeout=TIMEOUT) as ch:
+        ch.settimeout(0.0)
+        _start_unfinished(peer, fd)
+        with pytest.raises(BlockingIOError):
+            ch.recv()
+        first = ch._decoder.deadline
+        assert first is not None
+        # The rest of message 1 and the start of message 2 in one write.
+        peer.sendall(b"67890" + pack_header(0, 0, 0, 10) + b"abc")
+        with ch.recv() as msg:
+            assert msg.payload == b"1234567890"
+        with pytest.raises(BlockingIOError):
+            ch.recv()
+        second = ch._decoder.deadline
+        assert second is not None
+        assert second > first
+        peer.sendall(b"defghij")
+        with ch.recv() as msg:
+            assert msg.payload == b"abcdefghij"
+        assert ch._decoder.deadline is None
+
+
+def test_the_asyncio_recv_waits_only_until_the_frame_timeout(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    peer, sock, fd = raw_peer
+
+    async def main() -> float:
+        async with aio.AsyncChannel(sock, frame_timeout=0.2) as ch:
+            _start_unfinished(peer, fd)
+            start = time.monotonic()
+            async with asyncio.timeout(TIMEOUT):
+                with pytest.raises(LimitExceeded, match="frame_timeout"):
+                    await ch.recv()
+            return time.monotonic() - start
+
+    assert 0.2 <= asyncio.run(main()) < TIMEOUT
+
+
+def test_an_outer_asyncio_timeout_stays_the_callers(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    peer, sock, fd = raw_peer
+
+    async def main() -> None:
+        async with aio.AsyncChannel(sock, frame_timeout=TIMEOUT) as ch:
+            _start_unfinished(peer, fd)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await ch.recv()
+            peer.sendall(b"67890")  # the channel is intact: the message completes
+            async with asyncio.timeout(TIMEOUT):
+                with await ch.recv() as msg:
+                    assert msg.payload == b"1234567890"
+                    assert len(msg.fds) == 3
+
+    asyncio.run(main())
+
+
+def test_the_trio_recv_waits_only_until_the_frame_timeout(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    trio = pytest.importorskip("trio")
+    from fdchannel.trio import TrioChannel
+
+    peer, sock, fd = raw_peer
+
+    async def main() -> None:
+        async with TrioChannel(sock, frame_timeout=0.2) as ch:
+            _start_unfinished(peer, fd)
+            with trio.fail_after(TIMEOUT), pytest.raises(LimitExceeded, match="frame_timeout"):
+                await ch.recv()
+
+    trio.run(main)
+
+
+# -- the memory budget ---------------------------------------------------------------
+
+
+def _declare_big(peer: socket.socket, size: int, send: int) -> None:
+    peer.sendall(pack_header(0, 0, 0, size) + bytes(send))
+
+
+def _read_what_arrived(ch: Channel) -> None:
+    with pytest.raises(BlockingIOError):
+        ch.recv()
+
+
+def test_a_memory_budget_fails_the_channel_over_its_share() -> None:
+    budget = Budget(fds=None, memory=1 << 20)
+    p1, s1 = socket.socketpair()
+    p2, s2 = socket.socketpair()
+    with p1, p2, Channel(s1, budget=budget) as c1, Channel(s2, budget=budget) as c2:
+        c1.settimeout(0.0)
+        _declare_big(p1, 700 * 1024, 100 * 1024)  # fits the socket buffer
+        _read_what_arrived(c1)
+        held = budget.held_memory
+        assert 100 * 1024 <= held <= 512 * 1024  # one buffer, grown only as bytes came
+        feeder = threading.Thread(target=_declare_big, args=(p2, 8 << 20, 3 << 20), daemon=True)
+        feeder.start()
+        c2.settimeout(TIMEOUT)
+        with pytest.raises(
+            LimitExceeded, match=r"bytes for unfinished messages, over their budget of 1048576"
+        ):
+            c2.recv()
+        assert budget.held_memory == held  # c2's buffer went with it
+        assert budget.refused == 1
+        p2.shutdown(socket.SHUT_RDWR)  # the feeder stops (EPIPE)
+        feeder.join(TIMEOUT)
+        # c1, within its share, finishes its message.
+        rest = threading.Thread(target=p1.sendall, args=(bytes(600 * 1024),), daemon=True)
+        rest.start()
+        c1.settimeout(TIMEOUT)
+        with c1.recv() as msg:
+            assert len(msg.payload) == 700 * 1024
+        rest.join(TIMEOUT)
+        assert (budget.held_memory, budget.holders) == (0, 0)
+
+
+def test_closing_a_channel_returns_its_charge() -> None:
+    budget = Budget(fds=100)
+    peer, sock = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        with peer:
+            ch = Channel(sock, budget=budget)
+            ch.settimeout(0.0)
+            _start_unfinished(peer, r, nfds=7)
+            with pytest.raises(BlockingIOError):
+                ch.recv()
+            assert (budget.held_fds, budget.holders) == (7, 1)
+            ch.close()
+            assert (budget.held_fds, budget.holders) == (0, 0)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_fds_read_ahead_of_a_group_are_charged_until_their_frames_arrive() -> None:
+    budget = Budget(fds=1000)
+    peer, sock = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        with peer, Channel(sock, budget=budget, max_fds=1) as ch:
+            ch.settimeout(0.0)
+            # A group frame with its own fd and 9 more for frames not yet sent.
+            peer.sendmsg([pack_header(0, 1, 0, 1, flags=FLAG_GROUP), b"a"], rights(r, 10))
+            with ch.recv() as msg:
+                assert msg.payload == b"a"
+            assert budget.held_fds == 9
+            peer.sendall(b"".join(pack_header(0, 1, 0, 1, flags=FLAG_GROUP) + b"b" for _ in range(8)))
+            peer.sendall(pack_header(0, 1, 0, 1) + b"c")
+            for _ in range(9):
+                ch.recv().close()
+            assert budget.held_fds == 0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# -- the server: fd parking (issue #17 point 2) --------------------------------------------
+
+_SERVER = textwrap.dedent(
+    """
+    import asyncio, json, os, resource, sys
+    from fdchannel import aio
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    path = chr(0) + sys.argv[1][1:]
+    stats = {"peak": 0, "served": 0, "failed": 0, "emfile": 0}
+
+    def sample():
+        stats["peak"] = max(stats["peak"], len(os.listdir("/proc/self/fd")))
+
+    async def handler(ch):
+        try:
+            async for msg in ch:
+                with msg:
+                    sample()
+                    await ch.send(b"ok%d" % len(msg.fds))
+                    stats["served"] += 1
+        except OSError as exc:
+            stats["emfile" if exc.errno == 24 else "failed"] += 1
+        except Exception:
+            stats["failed"] += 1
+
+    async def sampler():
+        while True:
+            sample()
+            await asyncio.sleep(0.002)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await aio.start_server(handler, path, mode=0o666)
+        task = asyncio.create_task(sampler())
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)  # until the test closes stdin
+        task.cancel()
+        server.close()
+        await server.wait_closed()
+        budget = getattr(server.listener, "budget", None)
+        stats["refused"] = budget.refused if budget is not None else None
+        print(json.dumps(stats), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def _park(path: str, stop: int, report: int) -> None:  # noqa: C901 - an attacker, one loop
+    """The attacker: on 2 connections, declare 1024 fds (max_fds) and a payload never
+    finished, send 1012 fds for it in 4 writes and hold; reconnect when cut; until *stop*."""
+    if os.geteuid() == 0:
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    writes = [pack_header(0, 1024, 0, 1 << 20), b"x", b"x", b"x"]
+    anc = rights(fd, 253)
+    conns: dict[socket.socket, int] = {}  # connection -> writes made
+    parked = cut = rounds = 0
+    while not select.select([stop], [], [], 0)[0]:
+        while len(conns) < 2:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            s.setblocking(False)
+            conns[s] = 0
+        for s, made in list(conns.items()):
+            if made == len(writes):
+                # Parked: wait for the server to cut it (or for the stop).
+                if s in select.select([stop, s], [], [], 0.01)[0]:
+                    try:
+                        gone = s.recv(1) == b""
+                    except OSError:  # ECONNRESET: cut with our fds unread
+                        gone = True
+                    if gone:
+                        del conns[s]
+                        s.close()
+                        cut += 1
+                continue
+            try:
+                s.sendmsg([writes[made]], anc)
+                conns[s] = made + 1
+                parked += 253
+            except BlockingIOError:
+                select.select([stop], [s], [], 0.01)
+            except OSError as exc:
+                if exc.errno == errno.ETOOMANYREFS:  # the kernel's cap on this user's fds in flight
+                    select.select([stop], [], [], 0.001)
+                    continue
+                del conns[s]
+                s.close()
+                cut += 1
+        if rounds == 0 and all(made == len(writes) for made in conns.values()):
+            rounds = 1
+            os.write(report, b"parked\n")
+    os.write(report, f"{parked} {cut}\n".encode())
+
+
+def _spawn(script: str, path: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [sys.executable, "-c", script, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None
+    return p
+
+
+def _legit_client(path: str, fd: int, results: list[object]) -> None:
+    try:
+        with Channel.connect("\0" + path[1:], timeout=TIMEOUT) as ch:
+            for _ in range(50):
+                ch.send(b"hello", [fd])
+                with ch.recv() as msg:
+                    assert msg.payload == b"ok1"
+        results.append("served")
+    except Exception as exc:  # reported by the test
+        results.append(exc)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="an abstract name and /proc: Linux")
+def test_a_peer_parking_fds_on_two_connections_cannot_starve_the_others() -> None:
+    """The issue's attack: a uid-65534 client parks fds on 2 connections to an asyncio
+    server whose fd table has 1024 slots; 3 legitimate clients must all be served."""
+    path = f"@fdchannel-parking-{os.getpid()}"  # "@": abstract, reachable by uid 65534
+    server = _spawn(_SERVER, path)
+    stop_r, stop_w = os.pipe()
+    report_r, report_w = os.pipe()
+    r, w = os.pipe()
+    parker = None
+    try:
+        assert server.stdout is not None
+        assert server.stdin is not None
+        assert server.stdout.readline().strip() == "ready"
+        parker = fork_child(lambda: _park(chr(0) + path[1:], stop_r, report_w))
+        os.close(report_w)
+        report_w = -1
+        report = os.fdopen(report_r, closefd=False)
+        assert report.readline() == "parked\n"  # the clients come once the fds are parked
+        results: list[object] = []
+        clients = [threading.Thread(target=_legit_client, args=(path, r, results)) for _ in range(3)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(3 * TIMEOUT)
+        os.write(stop_w, b"x")
+        code = wait_child(parker)
+        parker = None
+        assert code == 0
+        parked, cut = map(int, report.readline().split())
+        report.close()
+        server.stdin.close()
+        stats = json.loads(server.stdout.readline())
+        assert server.wait(TIMEOUT) == 0
+        assert results == ["served"] * 3, results
+        assert stats["served"] == 150, stats
+        assert stats["emfile"] == 0, stats
+        assert stats["peak"] < 1024, stats
+        assert cut >= 1, (parked, cut, stats)
+        assert stats["refused"] >= 1, (parked, cut, stats)
+        print(f"\nparked {parked} fds, {cut} connections cut, server {stats}")
+    finally:
+        if parker is not None:
+            os.write(stop_w, b"x")
+            wait_child(parker)
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        for f in (server.stdin, server.stdout):
+            if f is not None:
+                f.close()
+        for fd in (stop_r, stop_w, report_r, report_w, r, w):
+            if fd >= 0:
+                os.close(fd)
