@@ -376,7 +376,10 @@ def test_the_trio_recv_waits_only_until_the_frame_timeout(
 
 
 def _declare_big(peer: socket.socket, size: int, send: int) -> None:
-    peer.sendall(pack_header(0, 0, 0, size) + bytes(send))
+    try:
+        peer.sendall(pack_header(0, 0, 0, size) + bytes(send))
+    except OSError:
+        pass  # the channel refused the rest and its socket went: expected where a test says so
 
 
 def _read_what_arrived(ch: Channel) -> None:
