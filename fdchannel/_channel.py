@@ -500,6 +500,7 @@ class Channel(ChannelCore):
         if self._recv_lock.locked():
             self._recv_lock = threading.Lock()
             busy.append("recv()")
+        self._session.after_fork()
         if busy and not self._closed:
             self._break(
                 ChannelBroken(

@@ -117,3 +117,40 @@ def test_a_child_forked_during_a_blocked_send_closes_the_channel(
     else:
         transport = UnixRights()
     _fork_during_a_blocked_send(child_body, transport)
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        pytest.param(UnixRights(acknowledge=True), id="UnixRights-acked"),
+        pytest.param(
+            PidfdGetfd(), id="PidfdGetfd", marks=pytest.mark.skipif(sys.platform != "linux", reason="Linux")
+        ),
+    ],
+)
+def test_a_child_forked_while_a_thread_holds_the_session_lock_closes_the_channel(
+    transport: Transport,
+) -> None:
+    """A session lock a parent thread held at the fork does not hold the child's close()."""
+    a, b = Channel.pair(transport=transport)
+    holding, release = threading.Event(), threading.Event()
+    lock = a._session._lock  # type: ignore[attr-defined]
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert holding.wait(10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with a thread running: on purpose
+            pid = fork_child(lambda: (a.close(), b.close()))
+        assert wait_child(pid, 10) == 0  # before: the child's close() waited for ever
+    finally:
+        release.set()
+        t.join(10)
+        a.close()
+        b.close()

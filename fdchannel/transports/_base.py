@@ -130,6 +130,15 @@ class Session(abc.ABC):
         instead of holding them until `close`.
         """
 
+    def after_fork(self) -> None:  # noqa: B027 - optional hook
+        """In a child just forked: drop locks that a thread of the parent held.
+
+        That thread does not exist here, so nothing would release them and
+        `close` would wait forever.  The channel is already unusable in the
+        child when a call was in progress; this only has to make `close`
+        work.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """The channel is closing: release everything still held.
 

@@ -499,6 +499,10 @@ class PullSession(Session):
             finally:
                 self._os_close_peer(peer.proc)
 
+    def after_fork(self) -> None:
+        if self._lock.locked():
+            self._lock = threading.Lock()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

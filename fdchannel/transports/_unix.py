@@ -159,6 +159,10 @@ class _AckedSession(Session):
     def peer_closed(self) -> None:
         self._release(None)  # nobody will take them now
 
+    def after_fork(self) -> None:
+        if self._lock.locked():
+            self._lock = threading.Lock()
+
     def close(self) -> None:
         self._release(None)
 
