@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from ._errors import UpgradeFailed
 from ._ownedfd import OwnedFd, fileno_of
+from ._wait import ready_among
 
 __all__ = [
     "ENV_MARKER",
@@ -170,9 +171,7 @@ class ProcessHandle:
         if self.pid is None or self._gone:
             return True
         if self._pidfd >= 0:
-            import select
-
-            return bool(select.select([self._pidfd], [], [], max(timeout, 0.0))[0])
+            return bool(ready_among((self._pidfd,), max(timeout, 0.0)))
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["wait_ready"]
+__all__ = ["ready_among", "wait_ready"]
 
 _HAVE_POLL = hasattr(select, "poll")
 
@@ -38,6 +38,23 @@ def wait_ready(fds: Sequence[int], *, write: bool = False, deadline: float | Non
         # select() may wake a clock tick early (15.6 ms on Windows): look again.
         if ready or deadline is None:
             return ready
+
+
+def ready_among(fds: Sequence[int], timeout: float | None) -> list[int]:
+    """The fds of *fds* that are readable (or in error, or hung up) within *timeout* seconds.
+
+    ``select.select`` refuses fd numbers from 1024 on (``FD_SETSIZE``), which
+    a busy server reaches: poll where it exists.  Returns ``[]`` when the
+    time passed first.
+    """
+    if sys.platform == "win32" or not _HAVE_POLL:
+        ready: list[int] = select.select(list(fds), [], [], timeout)[0]
+        return ready
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return [fd for fd, _events in poller.poll(ms)]
 
 
 if sys.platform != "win32":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -55,7 +54,7 @@ from ._process import spawn
 from ._upgrade_aio import AsyncUpgrader
 from ._upgrade_base import CONNECT_ERRORS, DEFAULT_MAX_FDS, Base, log, wake_pipe
 from ._upgrade_base import say_busy as _say_busy
-from ._wait import wait_ready
+from ._wait import ready_among, wait_ready
 
 __all__ = [
     "AsyncUpgrader",
@@ -359,7 +358,7 @@ class Upgrader(Base):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("the successor did not answer in time")
-                readable = select.select(watch, [], [], left)[0]
+                readable = ready_among(watch, left)
                 if channel.fileno() in readable:
                     channel.settimeout(max(deadline - time.monotonic(), 0.001))
                     with channel.recv() as msg:
@@ -385,7 +384,7 @@ class Upgrader(Base):
         """Block until a successor took over (True) or *timeout* passed (False)."""
         if self._exiting:
             return True
-        select.select([self._exit_r], [], [], timeout)
+        ready_among((self._exit_r,), timeout)
         return self._exiting
 
     def drain(self, timeout: float) -> int:

@@ -28,6 +28,15 @@ from fdchannel.upgrade import AsyncUpgrader, UpgradeError, Upgrader
 TIMEOUT = 30.0
 
 
+def readable_among(objs: list[Any], timeout: float) -> list[Any]:
+    """``select.select(objs, [], [], timeout)[0]`` with poll(): fds past 1023 too (``--ballast``)."""
+    poller = select.poll()
+    by_fd = {obj.fileno(): obj for obj in objs}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(int(timeout * 1000))]
+
+
 def service_socket(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(path)
@@ -173,7 +182,7 @@ def run_blocking(args: argparse.Namespace) -> int:
     commands = Commands(up, boss)
     workers: list[threading.Thread] = []
     while not up.exiting:
-        readable = select.select([sock, up, boss], [], [], TIMEOUT)[0]
+        readable = readable_among([sock, up, boss], TIMEOUT)
         if not readable:
             return 7
         if sock in readable and up not in readable:
@@ -268,7 +277,19 @@ def main() -> int:
     parser.add_argument("--extra", type=int, default=0)
     parser.add_argument("--async", dest="use_async", action="store_true")
     parser.add_argument("--systemd", action="store_true")
+    parser.add_argument(
+        "--ballast", type=int, default=0, help="fds to hold open first, so later ones are >= 1024"
+    )
     args = parser.parse_args()
+    if args.ballast:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = args.ballast + 1024
+        if soft < want and (hard == resource.RLIM_INFINITY or hard >= want):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        ballast = [os.open(os.devnull, os.O_RDONLY) for _ in range(args.ballast)]
+        assert min(ballast) < 1024 <= os.open(os.devnull, os.O_RDONLY)  # the next fds are high
     if args.control and args.control.startswith("@"):
         args.control = "\0" + args.control[1:]  # an abstract name (argv cannot hold a NUL)
     if args.use_async:

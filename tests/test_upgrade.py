@@ -89,6 +89,19 @@ def test_sibling_model(harness: Harness) -> None:
     assert harness.ask() == third.pid
 
 
+def test_upgrades_with_every_fd_above_1023(harness: Harness) -> None:
+    """A busy server's fds are past select()'s FD_SETSIZE: the upgrade waits with poll()."""
+    old = harness.start("--ballast", "1100", sibling=True)
+    old.event("ready")
+    old.send("accept")  # the sibling model: waits for the successor's answers
+    new = harness.start("--ballast", "1100", sibling=True)
+    new.event("ready")
+    assert old.event("upgrade") == {"event": "upgrade", "ok": True, "pid": new.pid}
+    old.event("exiting")
+    harness.wait_gone(old.pid)
+    successful_upgrade(harness, new)  # the child model, from the sibling
+
+
 def test_sibling_of_another_uid_is_refused(harness: Harness) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to run a would-be successor as uid 65534")
