@@ -23,7 +23,7 @@ from ._message import Message
 from ._outbox import set_written
 from ._ownedfd import OwnedFd
 from ._shared import SealedMemory, share_large
-from ._sockio import write_pending
+from ._sockio import stall_delay, write_pending
 from ._wait import wait_ready
 from .transports import Transport
 
@@ -460,11 +460,16 @@ class Channel(ChannelCore):
         """
         outbox = self._outbox
         written = 0
+        stalls = 0
         try:
             while True:
-                written += write_pending(self._io, self._sock, outbox, self._send_flags)
+                n = write_pending(self._io, self._sock, outbox, self._send_flags)
+                written += n
                 if not outbox.pending:
                     return
+                stalls = 0 if n else stalls + 1
+                if stalls > 1:
+                    self._pause(stall_delay(stalls), deadline)
                 self._wait(True, deadline)
         except (BlockingIOError, TimeoutError) as exc:
             if raised_in_signal_handler(exc):
@@ -691,6 +696,13 @@ class Channel(ChannelCore):
             raise BlockingIOError(errno.EAGAIN, "the channel is non-blocking and the peer has not spoken yet")
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError("timed out")
+
+    def _pause(self, delay: float, deadline: float | None) -> None:
+        """Sleep *delay* seconds, never past *deadline* (a write that cannot go yet: `stall_delay`)."""
+        if deadline is not None:
+            delay = min(delay, deadline - time.monotonic())
+        if delay > 0 and self._timeout != 0.0:
+            time.sleep(delay)
 
     def _wait(self, write: bool, deadline: float | None) -> None:
         """Wait until the socket is writable (or readable), or raise as the timeout says."""

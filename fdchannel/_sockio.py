@@ -20,7 +20,7 @@ from . import _streamio
 from ._codec import Decoder
 from ._outbox import Outbox
 
-__all__ = ["HAVE_ANCILLARY", "SocketIO", "io_for", "write_pending"]
+__all__ = ["HAVE_ANCILLARY", "SocketIO", "io_for", "stall_delay", "write_pending"]
 
 
 class SocketIO(Protocol):
@@ -63,6 +63,20 @@ def io_for(sock: socket.socket) -> SocketIO:
     if HAVE_ANCILLARY and sock.family == getattr(socket, "AF_UNIX", None):
         return _ancillary_io
     return _streamio
+
+
+def stall_delay(stalls: int) -> float:
+    """Seconds to pause after *stalls* writes in a row that took nothing although the socket polled writable.
+
+    macOS answers ``sendmsg`` with fds by EMSGSIZE while the peer's buffer
+    cannot take the control data, and the socket still polls writable: the
+    wait would spin (libuv does).  The first retry is at once, then 1 ms,
+    doubling to 50 ms.  Elsewhere a write after a wait almost always takes
+    something, so this is 0.
+    """
+    if stalls < 2:
+        return 0.0
+    return float(min(0.001 * 2 ** (stalls - 2), 0.05))
 
 
 def write_pending(io: SocketIO, sock: socket.socket, outbox: Outbox, flags: int) -> int:

@@ -39,7 +39,7 @@ from ._message import Message
 from ._outbox import set_written
 from ._peer import check_server, unix_address, unix_socket
 from ._shared import SealedMemory, share_large
-from ._sockio import write_pending
+from ._sockio import stall_delay, write_pending
 from .transports import Session, Transport
 
 __all__ = ["Backend", "Event", "Gate", "Server", "StructuredChannel", "connect_with", "serve_with"]
@@ -425,11 +425,16 @@ class StructuredChannel(AsyncSurface):
         """
         outbox = self._outbox
         written = 0
+        stalls = 0
         try:
             while True:
-                written += write_pending(self._io, self._sock, outbox, self._send_flags)
+                n = write_pending(self._io, self._sock, outbox, self._send_flags)
+                written += n
                 if not outbox.pending:
                     return
+                stalls = 0 if n else stalls + 1
+                if stalls > 1:
+                    await self._backend.sleep(stall_delay(stalls))  # writable, yet nothing went: do not spin
                 await self._wait_writable()
         except BaseException as exc:
             if self._backend.is_cancelled(exc):

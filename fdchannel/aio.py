@@ -56,7 +56,7 @@ from ._peer import (
     unix_socket,
 )
 from ._shared import SealedMemory, share_large
-from ._sockio import write_pending
+from ._sockio import stall_delay, write_pending
 from .transports import Session, Transport
 
 __all__ = ["AsyncChannel", "Server", "connect", "start_server"]
@@ -661,11 +661,16 @@ class AsyncChannel(AsyncSurface):
         """
         outbox = self._outbox
         written = 0
+        stalls = 0
         try:
             while True:
-                written += write_pending(self._io, self._sock, outbox, self._send_flags)
+                n = write_pending(self._io, self._sock, outbox, self._send_flags)
+                written += n
                 if not outbox.pending:
                     return
+                stalls = 0 if n else stalls + 1
+                if stalls > 1:
+                    await asyncio.sleep(stall_delay(stalls))  # writable, yet nothing went: do not spin
                 await self._wait_writable()
         except asyncio.CancelledError as exc:
             self._push_paused(exc, before, written)

@@ -123,6 +123,53 @@ def test_darwin_emsgsize_mid_frame_does_not_break_the_channel(
         os.close(w)
 
 
+def test_darwin_emsgsize_backs_off_instead_of_spinning(
+    pair: tuple[Channel, Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The peer's buffer never takes the control data (for 0.3 s): the socket
+    # polls writable all along.  Without a pause the wait retried ~10^4 times.
+    monkeypatch.setattr(_posixio, "FACTS", DARWIN)
+    a, _b = pair
+    double = ErrnoSocket(a._sock, fail_send=lambda n: errno.EMSGSIZE)
+    install(a, double)
+    a.settimeout(0.3)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(TimeoutError) as info:
+            a.send(b"x", [r])
+        assert getattr(info.value, "characters_written", None) == 0
+        assert 3 <= double.sends_with_fds <= 20, double.sends_with_fds
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_darwin_emsgsize_backs_off_in_asyncio_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from fdchannel.aio import AsyncChannel
+
+    monkeypatch.setattr(_posixio, "FACTS", DARWIN)
+
+    async def main() -> int:
+        a, b = AsyncChannel.pair(transport=UnixRights(acknowledge=False))
+        async with a, b:
+            double = ErrnoSocket(a._sock, fail_send=lambda n: errno.EMSGSIZE)
+            install(a, double)
+            r, w = os.pipe()
+            try:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.3):
+                        await a.send(b"x", [r])
+            finally:
+                os.close(r)
+                os.close(w)
+            return double.sends_with_fds
+
+    tries = asyncio.run(main())
+    assert 3 <= tries <= 20, tries
+
+
 def test_elsewhere_emsgsize_on_send_is_an_error_and_nothing_is_taken(
     pair: tuple[Channel, Channel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
