@@ -1073,6 +1073,11 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
                 PyObject *r = Message_close(m, NULL);
                 Py_XDECREF(r);
                 PyErr_Clear();
+                /* First a mark no handler can cut (no Python code runs): should another
+                 * interrupt cut _recv_interrupted short, the next recv() still finds
+                 * the message was in hand (_check_leftovers), never a silent gap. */
+                if (store(channel, s_delivering, Py_True) < 0)
+                    PyErr_Clear();
                 r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
                 Py_XDECREF(r);
                 PyErr_Clear();
@@ -1123,6 +1128,11 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             PyErr_Clear();
             PyErr_NormalizeException(&type, &value, &tb);
             if (n > 0 || nfds > 0) {
+                /* First a mark no handler can cut (no Python code runs): should another
+                 * interrupt cut _recv_interrupted short, the next recv() still finds
+                 * the message was in hand (_check_leftovers), never a silent gap. */
+                if (store(channel, s_delivering, Py_True) < 0)
+                    PyErr_Clear();
                 r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
                 Py_XDECREF(r);
                 PyErr_Clear();
