@@ -10,7 +10,9 @@ compiled one is faster.
 The compiled path covers the common case of the default transport
 (`UnixRights` without acknowledgements over AF_UNIX): `attach` gives such a
 channel a ``FastPath`` object, which `Channel.send` and `Channel.recv` try
-first.  What it hands over comes back through the helpers below, which do
+first; `install` makes those two methods the compiled module's own C
+functions (the Python ones stay, for the docs and everything unusual).
+What it hands over comes back through the helpers below, which do
 exactly what the Python path does at that point.
 """
 
