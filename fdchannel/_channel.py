@@ -750,6 +750,10 @@ class Channel(ChannelCore):
         self.close()
 
 
+# With the compiled module loaded, send and recv are its C functions (the
+# Python methods above stay, for the docs and everything unusual).
+_fastpath.install(Channel)
+
 #: Every open Channel of this process, for `_after_fork_in_child`.
 _live: weakref.WeakSet[Channel] = weakref.WeakSet()
 

@@ -15,6 +15,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -31,13 +32,13 @@ static PyTypeObject *frame_type; /* fdchannel._codec.Frame, and its slots' offse
 static Py_ssize_t off_f_control, off_f_aux, off_f_payload, off_f_fds, off_f_shared;
 static Py_ssize_t off_payload, off_fds, off_raw;
 static PyObject *send_rest, *send_interrupted, *recv_rest;
-static PyObject *empty_tuple;
+static PyObject *empty_tuple, *empty_bytes;
 
 static PyObject *s_closed, *s_broken, *s_outbox, *s_pending, *s_send_lock, *s_recv_lock, *s_acquire,
     *s_release, *s_max_payload, *s_max_fds, *s_decoder, *s_frames, *s_error, *s_eof, *s_lone, *s_end,
     *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_recv_stopped, *s_push_back, *s_fileno,
     *s_characters_written, *s_popleft, *s_appendleft, *s_suspect, *s_unclaimed, *s_share_above,
-    *s_delivering, *s_landed, *s_recv_interrupted;
+    *s_delivering, *s_landed, *s_recv_interrupted, *s_ahead, *s_fast, *s_recv;
 
 typedef struct {
     PyObject_HEAD
@@ -52,41 +53,40 @@ typedef struct {
      * whole (else -1), the Message returned (Channel.recv clears it). */
     Py_ssize_t sent_whole;
     PyObject *delivered;
+    /* The channel's state as last read from its instance dict, so that a
+     * call whose dict is unchanged (same version: PEP 509) reads none of it
+     * again.  The pointers are borrowed from that dict: they are valid only
+     * while its version is chan_version (a changed entry changes it). */
+    PyObject *chan_dict;
+    unsigned long long chan_version;
+    unsigned int type_version; /* the class's, for class-level defaults (_unclaimed, _share_above) */
+    int chan_ok;               /* OK_SEND | OK_RECV as last checked */
+    long long max_payload, max_fds;
+    PyObject *send_lock, *recv_lock, *outbox, *decoder;
+    /* The decoder's, likewise (borrowed from its dict while dec_version holds). */
+    PyObject *dec_dict;
+    unsigned long long dec_version;
+    PyObject *frames, *dec_fds, *landed, *buf;
+    long long received;
 } FastPath;
+
+static PyTypeObject FastPath_Type;
+
+#define OK_SEND 1
+#define OK_RECV 2
 
 /* -- small helpers ------------------------------------------------------------ */
 
-/* The instance dicts of the (at most two) objects one call reads, so each
- * is fetched once per call.  Keyed by the object, which the call holds;
- * emptied when the call ends and whenever the GIL is released (another
- * thread's call uses the same cache meanwhile). */
-static struct {
-    PyObject *obj; /* borrowed: the caller holds it */
-    PyObject *dict;
-} dicts[2];
-
-static void forget_dicts(void) {
-    for (int i = 0; i < 2; i++) {
-        dicts[i].obj = NULL;
-        Py_CLEAR(dicts[i].dict);
-    }
-}
-
-/* obj's instance dict (borrowed from the cache), NULL without error if none. */
+/* obj's instance dict, borrowed, or NULL without an error when it has none.
+ * The channel's and the decoder's state are plain instance attributes. */
 static PyObject *dict_of(PyObject *obj) {
-    for (int i = 0; i < 2; i++)
-        if (dicts[i].obj == obj)
-            return dicts[i].dict;
-    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
-    if (dict == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    int slot = dicts[0].obj == NULL ? 0 : 1;
-    Py_XSETREF(dicts[slot].dict, dict);
-    dicts[slot].obj = obj;
-    return dict;
+    PyObject **dp = _PyObject_GetDictPtr(obj);
+    return dp != NULL ? *dp : NULL;
 }
+
+/* Nothing is cached across a release of the GIL any more: each check below
+ * compares dict versions instead (see FastPath). */
+static void forget_dicts(void) {}
 
 /* getattr(obj, name), new reference: the instance's own dict first (the
  * channel's and decoder's state are plain instance attributes), so the
@@ -143,15 +143,6 @@ static Py_ssize_t attr_len(PyObject *obj, PyObject *name) {
     return n;
 }
 
-/* getattr(obj, name) as a long long; -1 with an exception on error. */
-static long long attr_ll(PyObject *obj, PyObject *name) {
-    PyObject *v = lookup(obj, name);
-    if (v == NULL)
-        return -1;
-    long long n = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return n;
-}
 
 /* threading.Lock's object in CPython 3.11 and 3.12 (Modules/_threadmodule.c).
  * Its acquire() parses keyword arguments on every call, which costs more
@@ -169,12 +160,11 @@ typedef struct {
 #endif
 static PyTypeObject *lock_type; /* set when the layout matches */
 
-/* Take channel.<name> (a threading.Lock) if it is free at once: 1 taken
- * (*out holds a reference), 0 busy, -1 error. */
-static int try_lock(PyObject *channel, PyObject *name, PyObject **out) {
-    PyObject *lock = lookup(channel, name);
-    if (lock == NULL)
-        return -1;
+/* Take *lock* (a threading.Lock, a new reference that *out* keeps on
+ * success) if it is free at once: 1 taken, 0 busy, -1 error.  *direct* says
+ * whether it was taken without running any Python code (no other thread
+ * can have run meanwhile). */
+static int try_lock(PyObject *lock, PyObject **out, int *direct) {
 #ifdef DIRECT_LOCKS
     if (Py_TYPE(lock) == lock_type) {
         lockobject *l = (lockobject *)lock;
@@ -184,9 +174,11 @@ static int try_lock(PyObject *channel, PyObject *name, PyObject **out) {
         }
         l->locked = 1;
         *out = lock;
+        *direct = 1;
         return 1;
     }
 #endif
+    *direct = 0;
     PyObject *r = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
     if (r == NULL) {
         Py_DECREF(lock);
@@ -202,13 +194,191 @@ static int try_lock(PyObject *channel, PyObject *name, PyObject **out) {
     return 1;
 }
 
+/* -- the channel's state, read once per change ------------------------------------
+ *
+ * A channel's flags (_closed, _broken, _suspect, ...) change rarely and
+ * only by assignment to its instance dict, which changes the dict's
+ * version tag (PEP 509; deprecated in 3.12, still maintained up to 3.13).
+ * So the state is read in full only when the version moved since the last
+ * read; reading a dozen attributes on every call cost more than the
+ * system call's own user-space work. */
+
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
+#define HAVE_VERSIONS 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+static inline unsigned long long dict_version(PyObject *d) { return ((PyDictObject *)d)->ma_version_tag; }
+#pragma GCC diagnostic pop
+#else
+static inline unsigned long long dict_version(PyObject *d) {
+    (void)d;
+    return 0;
+}
+#endif
+
+static PyTypeObject *channel_type; /* fdchannel.Channel: its instances' state is cached, a subclass's is not */
+static PyTypeObject *deque_type;
+static PyTypeObject *outbox_type; /* the type off_pending was read from */
+static Py_ssize_t off_pending = -1;
+
+static Py_ssize_t slot_offset(PyObject *cls, const char *name);
+
+/* 1 if the value is true, 0 if false, -1 on error; *v* is a new reference (consumed). */
+static int truth(PyObject *v) {
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* Read the channel's state afresh into fp: OK_SEND | OK_RECV, or -1 on error. */
+static int chan_recheck(FastPath *fp, PyObject *ch, PyObject *d) {
+    fp->chan_dict = NULL;
+    fp->chan_ok = 0;
+    if (d == NULL)
+        return 0;
+    unsigned long long v0 = dict_version(d);
+    PyObject *sl = PyDict_GetItemWithError(d, s_send_lock);
+    PyObject *rl = sl ? PyDict_GetItemWithError(d, s_recv_lock) : NULL;
+    PyObject *ob = rl ? PyDict_GetItemWithError(d, s_outbox) : NULL;
+    PyObject *dec = ob ? PyDict_GetItemWithError(d, s_decoder) : NULL;
+    PyObject *mp = dec ? PyDict_GetItemWithError(d, s_max_payload) : NULL;
+    PyObject *mf = mp ? PyDict_GetItemWithError(d, s_max_fds) : NULL;
+    if (mf == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyLong_CheckExact(mp) || !PyLong_CheckExact(mf))
+        return 0;
+    long long max_payload = PyLong_AsLongLong(mp), max_fds = PyLong_AsLongLong(mf);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    /* Class-level defaults (_unclaimed, _share_above) are read the generic way. */
+    int closed = truth(lookup(ch, s_closed));
+    int broken = 1;
+    if (closed == 0) {
+        PyObject *bv = lookup(ch, s_broken);
+        broken = bv == NULL ? -1 : bv != Py_None;
+        Py_XDECREF(bv);
+    }
+    int unclaimed = broken == 0 ? truth(lookup(ch, s_unclaimed)) : 1;
+    int ok = 0;
+    if (closed < 0 || broken < 0 || unclaimed < 0)
+        return -1;
+    if (!closed && !broken && !unclaimed) {
+        int suspect = truth(lookup(ch, s_suspect));
+        PyObject *share = lookup(ch, s_share_above);
+        int delivering = truth(lookup(ch, s_delivering));
+        if (suspect < 0 || share == NULL || delivering < 0) {
+            Py_XDECREF(share);
+            return -1;
+        }
+        if (!suspect && share == Py_None) {
+            if (Py_TYPE(ob) != outbox_type) {
+                Py_ssize_t off = slot_offset((PyObject *)Py_TYPE(ob), "pending");
+                if (off < 0)
+                    PyErr_Clear();
+                else {
+                    outbox_type = Py_TYPE(ob); /* a static type or the module's class: it stays alive */
+                    off_pending = off;
+                }
+            }
+            if (Py_TYPE(ob) == outbox_type)
+                ok |= OK_SEND;
+        }
+        Py_DECREF(share);
+        if (!delivering)
+            ok |= OK_RECV;
+    }
+    if (dict_version(d) != v0)
+        return 0; /* changed while being read: this call goes the Python way */
+    fp->max_payload = max_payload;
+    fp->max_fds = max_fds;
+    fp->send_lock = sl;
+    fp->recv_lock = rl;
+    fp->outbox = ob;
+    fp->decoder = dec;
+    fp->chan_ok = ok;
+#ifdef HAVE_VERSIONS
+    PyTypeObject *tp = Py_TYPE(ch);
+    if (tp == channel_type && PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG) && tp->tp_version_tag != 0) {
+        fp->chan_dict = d;
+        fp->chan_version = v0;
+        fp->type_version = tp->tp_version_tag;
+    }
+#endif
+    fp->dec_dict = NULL;
+    return ok;
+}
+
+/* The channel's state (OK_SEND | OK_RECV), read again only if it may have changed. */
+static inline int chan_check(FastPath *fp, PyObject *ch) {
+    PyObject *d = dict_of(ch);
+#ifdef HAVE_VERSIONS
+    if (d != NULL && d == fp->chan_dict && dict_version(d) == fp->chan_version &&
+        Py_TYPE(ch)->tp_version_tag == fp->type_version)
+        return fp->chan_ok;
+#endif
+    return chan_recheck(fp, ch, d);
+}
+
+/* Read the decoder's state afresh: 1 when it is as the lone-frame path
+ * needs it (no error, no EOF, lone frames on, nothing buffered, no group
+ * pending), 0 when not, -1 on error.  fp->decoder must be fresh. */
+static int dec_recheck(FastPath *fp, PyObject *d) {
+    fp->dec_dict = NULL;
+    if (d == NULL)
+        return 0;
+    unsigned long long v0 = dict_version(d);
+    PyObject *v[10];
+    PyObject *names[10] = {s_error, s_eof, s_lone, s_end, s_big, s_ahead, s_frames, s_fds, s_buf, s_received};
+    for (int i = 0; i < 10; i++) {
+        v[i] = PyDict_GetItemWithError(d, names[i]);
+        if (v[i] == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *landed = PyDict_GetItemWithError(d, s_landed);
+    if (landed == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (v[0] != Py_None || v[1] != Py_False || v[2] != Py_True || !PyLong_CheckExact(v[3]) || PyLong_AsLong(v[3]) != 0 ||
+        v[4] != Py_None || v[5] != Py_False || Py_TYPE(v[6]) != deque_type || Py_TYPE(v[7]) != deque_type ||
+        !PyByteArray_CheckExact(v[8]) || !PyLong_CheckExact(v[9]) || !PyList_CheckExact(landed))
+        return PyErr_Occurred() ? -1 : 0;
+    long long received = PyLong_AsLongLong(v[9]);
+    if (received == -1 && PyErr_Occurred())
+        return -1;
+    if (dict_version(d) != v0)
+        return 0;
+    fp->frames = v[6];
+    fp->dec_fds = v[7];
+    fp->buf = v[8];
+    fp->landed = landed;
+    fp->received = received;
+#ifdef HAVE_VERSIONS
+    fp->dec_dict = d;
+    fp->dec_version = v0;
+#endif
+    return 1;
+}
+
+static inline int dec_check(FastPath *fp) {
+    PyObject *d = dict_of(fp->decoder);
+#ifdef HAVE_VERSIONS
+    if (d != NULL && d == fp->dec_dict && dict_version(d) == fp->dec_version)
+        return 1;
+#endif
+    return dec_recheck(fp, d);
+}
+
 /* Release *lock* and drop our reference; an exception already set stays
  * the one raised.  Then, as the Python path's `finally`, drop what the
  * channel holds if another thread closed it meanwhile.  Returns -1 when a
  * new error was raised here and none was set before. */
-static int leave(PyObject *channel, PyObject *lock) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+static int leave(FastPath *fp, PyObject *channel, PyObject *lock) {
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (PyErr_Occurred())
+        PyErr_Fetch(&type, &value, &tb);
     int failed = 0;
     PyObject *r = NULL;
 #ifdef DIRECT_LOCKS
@@ -228,7 +398,13 @@ static int leave(PyObject *channel, PyObject *lock) {
             Py_DECREF(r);
     }
     if (!failed) {
-        int closed = attr_true(channel, s_closed);
+        /* Unchanged state: not closed (a closed channel is never OK). */
+        int ok = 0;
+#ifdef HAVE_VERSIONS
+        PyObject *d = dict_of(channel);
+        ok = d != NULL && d == fp->chan_dict && dict_version(d) == fp->chan_version && fp->chan_ok;
+#endif
+        int closed = ok ? 0 : attr_true(channel, s_closed);
         if (closed < 0)
             failed = 1;
         else if (closed) {
@@ -259,6 +435,14 @@ static int clear_if_ordinary(void) {
     return 0;
 }
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+static inline void put_le(unsigned char *p, unsigned long long v, int n) { memcpy(p, &v, (size_t)n); }
+static inline unsigned long long get_le(const unsigned char *p, int n) {
+    unsigned long long v = 0;
+    memcpy(&v, p, (size_t)n);
+    return v;
+}
+#else
 static void put_le(unsigned char *p, unsigned long long v, int n) {
     for (int i = 0; i < n; i++) {
         p[i] = (unsigned char)(v & 0xff);
@@ -272,6 +456,7 @@ static unsigned long long get_le(const unsigned char *p, int n) {
         v = (v << 8) | p[i];
     return v;
 }
+#endif
 
 static void close_fds(const int *fds, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++)
@@ -458,50 +643,41 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
     }
 
     PyObject *result = NULL, *lock = NULL;
-    long long max_payload = attr_ll(channel, s_max_payload);
-    if (max_payload == -1 && PyErr_Occurred())
-        goto done;
-    long long max_fds = attr_ll(channel, s_max_fds);
-    if (max_fds == -1 && PyErr_Occurred())
-        goto done;
-    if (size > max_payload || nfds > max_fds)
-        goto not_handled;
+    int direct = 0;
+    /* What the Python path checks or does first: a closed or broken
+     * channel, an earlier send cut twice (_suspect), a forked child's end
+     * not yet claimed, payloads that may go as sealed shared memory, older
+     * data queued (all in chan_check). */
+    for (int again = 0;; again = 1) {
+        int ok = chan_check(self, channel);
+        if (ok < 0)
+            goto release;
+        if (!(ok & OK_SEND) || size > self->max_payload || nfds > self->max_fds)
+            goto release_not_handled;
+        PyObject *pending = SLOT(self->outbox, off_pending);
+        if (pending == NULL || Py_TYPE(pending) != deque_type || Py_SIZE(pending) != 0)
+            goto release_not_handled;
+        if (again)
+            break; /* still so with the lock taken */
+        Py_INCREF(self->send_lock);
+        int got = try_lock(self->send_lock, &lock, &direct);
+        if (got < 0)
+            goto done;
+        if (got == 0)
+            goto not_handled;
+        if (direct)
+            break; /* no Python code ran: nothing changed */
+    }
     for (Py_ssize_t i = 0; i < nfds; i++)
         if (fds[i] == self->fd)
-            goto not_handled;
-
-    int got = try_lock(channel, s_send_lock, &lock);
-    if (got < 0)
+            goto release_not_handled;
+    if (0) {
+    release:
+        if (lock != NULL)
+            leave(self, channel, lock);
         goto done;
-    if (got == 0)
-        goto not_handled;
-    int closed = attr_true(channel, s_closed);
-    int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
-    /* What the Python path checks or does first: an earlier send cut
-     * twice (_suspect), a forked child's end not yet claimed, payloads
-     * that may go as sealed shared memory. */
-    if (healthy == 1) {
-        int r = attr_true(channel, s_suspect);
-        if (r == 0)
-            r = attr_true(channel, s_unclaimed);
-        if (r == 0) {
-            r = attr_none(channel, s_share_above);
-            r = r < 0 ? -1 : !r;
-        }
-        healthy = r < 0 ? -1 : !r;
-    }
-    PyObject *outbox = healthy == 1 ? lookup(channel, s_outbox) : NULL;
-    Py_ssize_t pending = -1;
-    if (outbox != NULL) {
-        pending = attr_len(outbox, s_pending);
-        Py_DECREF(outbox);
-    }
-    if (PyErr_Occurred()) {
-        leave(channel, lock);
-        goto done;
-    }
-    if (pending != 0) {
-        if (leave(channel, lock) < 0)
+    release_not_handled:
+        if (lock != NULL && leave(self, channel, lock) < 0)
             goto done;
         goto not_handled;
     }
@@ -541,7 +717,7 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
             break;
         if (PyErr_CheckSignals() < 0) {
             send_was_interrupted(channel);
-            leave(channel, lock);
+            leave(self, channel, lock);
             goto done;
         }
     }
@@ -566,7 +742,7 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
         /* The kernel refused it and nothing left: the Python path writes it
          * again and raises its own way (naming a closed fd, EPERM for a peer
          * that takes only data, a close from another thread). */
-        if (leave(channel, lock) < 0)
+        if (leave(self, channel, lock) < 0)
             goto done;
         goto not_handled;
     }
@@ -582,7 +758,7 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
         Py_XDECREF(whole);
         PyErr_Restore(type, value, tb);
     }
-    if (leave(channel, lock) < 0)
+    if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
     if (result == Py_True)
         self->sent_whole = HEADER_SIZE + size;
@@ -641,6 +817,28 @@ static int add_received(PyObject *decoder, Py_ssize_t n) {
     return r;
 }
 
+/* add_received, through the decoder's cached state when it is still valid. */
+static int add_received_fast(FastPath *fp, PyObject *decoder, Py_ssize_t n) {
+    if (decoder != fp->decoder || dec_check(fp) != 1)
+        return add_received(decoder, n);
+    PyObject *d = dict_of(decoder);
+    long long v = fp->received + n;
+    PyObject *pv = PyLong_FromLongLong(v);
+    if (pv == NULL)
+        return -1;
+    int r = PyDict_SetItem(d, s_received, pv);
+    Py_DECREF(pv);
+    if (r < 0)
+        return -1;
+    fp->received = v;
+#ifdef HAVE_VERSIONS
+    /* Our own change: the rest of the state is as checked. */
+    if (fp->dec_dict == d)
+        fp->dec_version = dict_version(d);
+#endif
+    return 0;
+}
+
 /* The Python path's rule for an exception that cut into a receive. */
 static void recv_stopped(PyObject *channel) {
     PyObject *type, *value, *tb;
@@ -656,10 +854,19 @@ static void recv_stopped(PyObject *channel) {
 
 /* The decoder's next queued frame as a Message, if it is a plain data frame
  * (no transport data): NULL without an exception when there is none. */
+static PyObject *next_queued_from(PyObject *frames);
+
 static PyObject *next_queued(PyObject *decoder) {
     PyObject *frames = lookup(decoder, s_frames);
     if (frames == NULL)
         return NULL;
+    PyObject *m = next_queued_from(frames);
+    Py_DECREF(frames);
+    return m;
+}
+
+/* next_queued, from the decoder's queue itself (borrowed). */
+static PyObject *next_queued_from(PyObject *frames) {
     PyObject *result = NULL;
     Py_ssize_t n = PyObject_Length(frames);
     PyObject *f = n > 0 ? PySequence_GetItem(frames, 0) : NULL;
@@ -694,7 +901,6 @@ static PyObject *next_queued(PyObject *decoder) {
         }
     }
     Py_XDECREF(f);
-    Py_DECREF(frames);
     return result;
 }
 
@@ -704,48 +910,76 @@ static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored));
  * None when the Python path must go on (what was read is in the decoder). */
 static PyObject *recv_impl(FastPath *self, PyObject *channel) {
     PyObject *lock = NULL, *decoder = NULL, *bufobj = NULL, *result = NULL;
-    int got = try_lock(channel, s_recv_lock, &lock);
+    int direct = 0;
+    /* What the Python path checks first: a closed or broken channel, a
+     * message an earlier recv() had in hand when cut twice (_delivering,
+     * the decoder's landed list), a forked child's end not yet claimed. */
+    int ok = chan_check(self, channel);
+    if (ok < 0)
+        return NULL;
+    if (!(ok & OK_RECV))
+        Py_RETURN_NONE;
+    Py_INCREF(self->recv_lock);
+    int got = try_lock(self->recv_lock, &lock, &direct);
     if (got <= 0) {
         if (got < 0)
             return NULL;
         Py_RETURN_NONE;
     }
-    int closed = attr_true(channel, s_closed);
-    int healthy = closed == 0 ? attr_none(channel, s_broken) : 0;
-    /* What the Python path checks first: a message an earlier recv() had in
-     * hand when cut twice (_delivering, the decoder's landed list), a forked
-     * child's end not yet claimed. */
-    if (healthy == 1) {
-        int r = attr_true(channel, s_delivering);
-        if (r == 0)
-            r = attr_true(channel, s_unclaimed);
-        healthy = r < 0 ? -1 : !r;
+    if (!direct) {
+        ok = chan_check(self, channel);
+        if (ok < 0)
+            goto fail;
+        if (!(ok & OK_RECV))
+            goto not_handled;
     }
-    if (healthy == 1)
-        decoder = lookup(channel, s_decoder);
-    if (decoder != NULL) {
-        Py_ssize_t landed = attr_len(decoder, s_landed);
-        if (landed != 0)
-            Py_CLEAR(decoder);
-    }
-    if (decoder != NULL && frame_type != NULL) {
-        /* A frame the decoder already holds (a read brought several): hand
-         * out the next, as ChannelCore._next_message does for a plain one. */
-        PyObject *m = next_queued(decoder);
-        if (m != NULL) {
-            result = m;
-            goto out;
+    decoder = self->decoder;
+    Py_INCREF(decoder);
+    int dok = dec_check(self);
+    if (dok < 0)
+        goto fail;
+    if (dok) {
+        if (Py_SIZE(self->landed) != 0)
+            goto not_handled;
+        if (Py_SIZE(self->frames) != 0 && frame_type != NULL) {
+            /* A frame the decoder already holds (a read brought several): hand
+             * out the next, as ChannelCore._next_message does for a plain one. */
+            result = next_queued_from(self->frames);
+            if (result != NULL)
+                goto out;
+            if (PyErr_Occurred())
+                goto fail;
+            goto not_handled;
         }
+        if (Py_SIZE(self->frames) != 0 || Py_SIZE(self->dec_fds) != 0)
+            goto not_handled;
+        bufobj = self->buf;
+        Py_INCREF(bufobj);
+    } else {
+        /* Not idle: queued frames may still go out here, whatever else holds. */
+        Py_ssize_t landed = attr_len(decoder, s_landed);
+        if (landed != 0) {
+            if (landed < 0)
+                goto fail;
+            goto not_handled;
+        }
+        if (frame_type != NULL) {
+            PyObject *m = next_queued(decoder);
+            if (m != NULL) {
+                result = m;
+                goto out;
+            }
+            if (PyErr_Occurred())
+                goto fail;
+        }
+        int idle = decoder_idle(decoder);
+        if (idle == 1)
+            bufobj = lookup(decoder, s_buf);
         if (PyErr_Occurred())
             goto fail;
+        if (bufobj == NULL)
+            goto not_handled;
     }
-    int idle = decoder != NULL ? decoder_idle(decoder) : 0;
-    if (idle == 1)
-        bufobj = lookup(decoder, s_buf);
-    if (PyErr_Occurred())
-        goto fail;
-    if (bufobj == NULL)
-        goto not_handled;
 
     Py_buffer view;
     if (PyObject_GetBuffer(bufobj, &view, PyBUF_WRITABLE) < 0)
@@ -820,7 +1054,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             PyBuffer_Release(&view);
             PyObject *raw = payload ? int_tuple(fds, nfds) : NULL;
             PyObject *m = raw ? make_message(payload, raw) : NULL;
-            if (m == NULL || add_received(decoder, n) < 0) {
+            if (m == NULL || add_received_fast(self, decoder, n) < 0) {
                 /* Read but not delivered: lost, as the Python path would lose it. */
                 if (m == NULL)
                     close_fds(fds, nfds);
@@ -839,6 +1073,11 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
                 PyObject *r = Message_close(m, NULL);
                 Py_XDECREF(r);
                 PyErr_Clear();
+                /* First a mark no handler can cut (no Python code runs): should another
+                 * interrupt cut _recv_interrupted short, the next recv() still finds
+                 * the message was in hand (_check_leftovers), never a silent gap. */
+                if (store(channel, s_delivering, Py_True) < 0)
+                    PyErr_Clear();
                 r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
                 Py_XDECREF(r);
                 PyErr_Clear();
@@ -889,6 +1128,11 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             PyErr_Clear();
             PyErr_NormalizeException(&type, &value, &tb);
             if (n > 0 || nfds > 0) {
+                /* First a mark no handler can cut (no Python code runs): should another
+                 * interrupt cut _recv_interrupted short, the next recv() still finds
+                 * the message was in hand (_check_leftovers), never a silent gap. */
+                if (store(channel, s_delivering, Py_True) < 0)
+                    PyErr_Clear();
                 r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
                 Py_XDECREF(r);
                 PyErr_Clear();
@@ -910,7 +1154,7 @@ fail:
 out:
     Py_XDECREF(bufobj);
     Py_XDECREF(decoder);
-    if (leave(channel, lock) < 0)
+    if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
     return result;
 }
@@ -934,6 +1178,172 @@ static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
     return r;
 }
 
+/* -- Channel.send and Channel.recv themselves ------------------------------------------
+ *
+ * install() puts these on the Channel class in place of its Python methods
+ * (kept in the source, for the docs, and called here for anything this
+ * module does not take): a Python frame, its attribute loads and the call
+ * into FastPath cost as much as the C work of a small message. */
+
+static PyObject *py_send, *py_recv; /* Channel.send and Channel.recv as written in Python */
+
+/* While this thread runs a compiled send or recv: a signal handler that
+ * wants to know whether it struck inside one (the tests' storms) asks
+ * busy(); no Python frame of fdchannel shows it. */
+static _Thread_local int in_call;
+
+/* The FastPath of an exact Channel (borrowed), or NULL without an error. */
+static struct {
+    PyObject *channel, *dict; /* compared, never dereferenced unless equal to the live ones */
+    unsigned long long version;
+    PyObject *fp; /* borrowed from the dict: alive while the version holds */
+} recent[4]; /* the channels used last */
+
+static FastPath *fast_of(PyObject *channel) {
+    if (Py_TYPE(channel) != channel_type)
+        return NULL;
+    PyObject *d = dict_of(channel);
+    if (d == NULL)
+        return NULL;
+#ifdef HAVE_VERSIONS
+    /* The last channels' FastPath, without a dict lookup while their dicts are unchanged. */
+    for (int i = 0; i < 4; i++)
+        if (recent[i].channel == channel && recent[i].dict == d && recent[i].version == dict_version(d))
+            return (FastPath *)recent[i].fp;
+#endif
+    PyObject *fp = PyDict_GetItemWithError(d, s_fast);
+    if (fp == NULL || Py_TYPE(fp) != &FastPath_Type) {
+        PyErr_Clear();
+        return NULL;
+    }
+#ifdef HAVE_VERSIONS
+    static unsigned next;
+    unsigned slot = next++ & 3;
+    recent[slot].channel = channel;
+    recent[slot].dict = d;
+    recent[slot].version = dict_version(d);
+    recent[slot].fp = fp;
+#endif
+    return (FastPath *)fp;
+}
+
+/* func(channel, *args, **kwargs) for vectorcall arguments without self. */
+static PyObject *call_python(PyObject *func, PyObject *channel, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *small[8], **all = small;
+    if (nargs + nkw + 1 > 8) {
+        all = PyMem_Malloc((size_t)(nargs + nkw + 1) * sizeof(PyObject *));
+        if (all == NULL)
+            return PyErr_NoMemory();
+    }
+    all[0] = channel;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+        all[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(func, all, (size_t)(nargs + 1), kwnames);
+    if (all != small)
+        PyMem_Free(all);
+    return r;
+}
+
+static PyObject *Channel_send(PyObject *channel, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    FastPath *fp = kwnames == NULL && nargs <= 2 ? fast_of(channel) : NULL;
+    if (fp != NULL) {
+        PyObject *call[3] = {channel, nargs > 0 ? args[0] : empty_bytes, nargs > 1 ? args[1] : empty_tuple};
+        Py_INCREF(fp);
+        in_call = 1;
+        fp->sent_whole = -1;
+        PyObject *r = send_impl(fp, call, 3);
+        in_call = 0;
+        Py_DECREF(fp);
+        if (r == NULL)
+            return NULL;
+        int sent = r == Py_True;
+        Py_DECREF(r);
+        if (sent)
+            Py_RETURN_NONE;
+    }
+    /* Not taken (nothing was done): the Python path, from the start. */
+    return call_python(py_send, channel, args, nargs, kwnames);
+}
+
+static PyObject *Channel_recv(PyObject *channel, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    if (nargs != 0 || kwnames != NULL || Py_TYPE(channel) != channel_type)
+        return call_python(py_recv, channel, args, nargs, kwnames);
+    FastPath *fp = fast_of(channel);
+    if (fp != NULL) {
+        Py_INCREF(fp);
+        in_call = 1;
+        PyObject *r = recv_impl(fp, channel);
+        in_call = 0;
+        Py_DECREF(fp);
+        if (r != Py_None)
+            return r; /* the message, or NULL with the error */
+        Py_DECREF(r);
+    }
+    /* What Channel.recv does when the compiled path did not take it. */
+    return PyObject_CallMethodOneArg(channel, s_recv, Py_None);
+}
+
+static PyObject *busy(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+    return PyBool_FromLong(in_call);
+}
+
+static PyMethodDef channel_send_def = {"send", (PyCFunction)(void (*)(void))Channel_send,
+                                       METH_FASTCALL | METH_KEYWORDS, NULL};
+static PyMethodDef channel_recv_def = {"recv", (PyCFunction)(void (*)(void))Channel_recv,
+                                       METH_FASTCALL | METH_KEYWORDS, NULL};
+
+/* A copy of the Python method's docstring, after a text signature. */
+static const char *doc_for(PyObject *func, const char *signature) {
+    PyObject *doc = PyObject_GetAttrString(func, "__doc__");
+    if (doc == NULL)
+        return NULL;
+    const char *text = PyUnicode_Check(doc) ? PyUnicode_AsUTF8(doc) : "";
+    if (text == NULL) {
+        Py_DECREF(doc);
+        return NULL;
+    }
+    size_t n = strlen(signature) + strlen(text) + 1;
+    char *out = PyMem_RawMalloc(n); /* lives as long as the class (the process) */
+    if (out == NULL) {
+        Py_DECREF(doc);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    strcpy(out, signature);
+    strcat(out, text);
+    Py_DECREF(doc);
+    return out;
+}
+
+/* install(Channel, send, recv) -> (send, recv): the compiled methods, for the caller to put on Channel. */
+static PyObject *install(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *cls, *send, *recv;
+    if (!PyArg_ParseTuple(args, "O!OO", &PyType_Type, &cls, &send, &recv))
+        return NULL;
+    if (channel_type == NULL) {
+        const char *sd = doc_for(send, "send($self, /, payload=b'', fds=())\n--\n\n");
+        const char *rd = sd ? doc_for(recv, "recv($self, /)\n--\n\n") : NULL;
+        if (rd == NULL)
+            return NULL;
+        channel_send_def.ml_doc = sd;
+        channel_recv_def.ml_doc = rd;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(channel_type, (PyTypeObject *)cls);
+    Py_INCREF(send);
+    Py_XSETREF(py_send, send);
+    Py_INCREF(recv);
+    Py_XSETREF(py_recv, recv);
+    PyObject *s = PyDescr_NewMethod((PyTypeObject *)cls, &channel_send_def);
+    PyObject *r = s ? PyDescr_NewMethod((PyTypeObject *)cls, &channel_recv_def) : NULL;
+    PyObject *out = r ? PyTuple_Pack(2, s, r) : NULL;
+    Py_XDECREF(s);
+    Py_XDECREF(r);
+    return out;
+}
+
 /* -- Message.close and Message.__del__ ------------------------------------------------
  *
  * setup() puts these on the Message class in place of its Python methods
@@ -941,6 +1351,7 @@ static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
  * reading .fds closes its numbers here. */
 
 static PyObject *closed_fd; /* the OwnedFd that owns nothing, shown for numbers closed unread */
+static PyObject *closed_one; /* (closed_fd,) */
 
 /* The raw numbers out of the message (it owns none afterwards); NULL if none. */
 static PyObject *take_raw(PyObject *self) {
@@ -966,16 +1377,22 @@ static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
         Py_ssize_t n = Py_SIZE(raw);
         PyObject **items = PySequence_Fast_ITEMS(raw);
         /* Read afterwards, fds shows closed OwnedFds, as the Python close leaves it. */
-        PyObject *shown = PyTuple_New(n);
+        PyObject *shown;
+        if (n == 1 && closed_one != NULL) {
+            shown = closed_one; /* immutable: one serves every message of one fd */
+            Py_INCREF(shown);
+        } else
+            shown = PyTuple_New(n);
         if (shown == NULL) {
             SLOT(self, off_raw) = raw; /* give them back: nothing was closed */
             Py_DECREF(empty_tuple);
             return NULL;
         }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            Py_INCREF(closed_fd);
-            PyTuple_SET_ITEM(shown, i, closed_fd);
-        }
+        if (shown != closed_one)
+            for (Py_ssize_t i = 0; i < n; i++) {
+                Py_INCREF(closed_fd);
+                PyTuple_SET_ITEM(shown, i, closed_fd);
+            }
         Py_XSETREF(SLOT(self, off_fds), shown);
         for (Py_ssize_t i = 0; i < n; i++) {
             long fd = PyLong_AsLong(items[i]);
@@ -1061,6 +1478,19 @@ static PyObject *Message_del(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     }
     Py_DECREF(raw);
     Py_RETURN_NONE;
+}
+
+/* Message's tp_finalize: what slot_tp_finalize does with __del__ (this
+ * one), without looking the method up and calling it per message. */
+static void Message_finalize(PyObject *self) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = Message_del(self, NULL);
+    if (r == NULL)
+        PyErr_WriteUnraisable(self);
+    else
+        Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
 }
 
 static PyMethodDef message_close_def = {
@@ -1162,6 +1592,9 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_XSETREF(recv_rest, c);
     Py_INCREF(closed);
     Py_XSETREF(closed_fd, closed);
+    Py_XSETREF(closed_one, PyTuple_Pack(1, closed));
+    if (closed_one == NULL)
+        return NULL;
     PyObject *close_m = PyDescr_NewMethod((PyTypeObject *)cls, &message_close_def);
     PyObject *del_m = PyDescr_NewMethod((PyTypeObject *)cls, &message_del_def);
     int bad = close_m == NULL || del_m == NULL || PyObject_SetAttrString(cls, "close", close_m) < 0 ||
@@ -1170,6 +1603,9 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_XDECREF(del_m);
     if (bad)
         return NULL;
+    /* Assigning __del__ above made it slot_tp_finalize; a later assignment
+     * of __del__ (or close) puts the generic slot back. */
+    ((PyTypeObject *)cls)->tp_finalize = Message_finalize;
 #ifdef DIRECT_LOCKS
     PyObject *threading = PyImport_ImportModule("_thread");
     PyObject *lt = threading ? PyObject_GetAttrString(threading, "LockType") : NULL;
@@ -1187,6 +1623,8 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest)"},
+    {"install", install, METH_VARARGS, "install(Channel, send, recv) -> (send, recv): Channel's compiled methods"},
+    {"busy", busy, METH_NOARGS, "busy() -> True while this thread runs a compiled Channel.send or Channel.recv"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1233,8 +1671,22 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_delivering, "_delivering");
     INTERN(s_landed, "landed");
     INTERN(s_recv_interrupted, "_recv_interrupted");
-    if ((empty_tuple = PyTuple_New(0)) == NULL)
+    INTERN(s_ahead, "_ahead");
+    INTERN(s_fast, "_fast");
+    INTERN(s_recv, "_recv");
+    if ((empty_tuple = PyTuple_New(0)) == NULL || (empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
         return NULL;
+    PyObject *collections = PyImport_ImportModule("collections");
+    PyObject *dq = collections ? PyObject_GetAttrString(collections, "deque") : NULL;
+    Py_XDECREF(collections);
+    if (dq == NULL)
+        return NULL;
+    if (!PyType_Check(dq)) {
+        Py_DECREF(dq);
+        PyErr_SetString(PyExc_TypeError, "collections.deque is not a type");
+        return NULL;
+    }
+    deque_type = (PyTypeObject *)dq; /* kept for the module's life */
     if (PyType_Ready(&FastPath_Type) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
