@@ -32,11 +32,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from . import _fastpath
 from ._channel import Channel
-from ._message import Message
 
 # The workloads need AF_UNIX socketpairs, SCM_RIGHTS and fork: `_demo` does
 # not import this module on Windows.
@@ -203,19 +201,10 @@ def _fdc_channel(compiled: bool, sock: socket.socket) -> Channel:
         return Channel(sock.dup())
 
 
-def _send_recv(compiled: bool, a: Channel, b: Channel) -> tuple[Callable[..., None], Callable[[], Message]]:
-    """a.send and b.recv as this path has them: with FDCHANNEL_PURE=1 they are the Python methods."""
-    if compiled or "_python_send" not in Channel.__dict__:
-        return a.send, b.recv
-    py_send: Any = Channel.__dict__["_python_send"]
-    py_recv: Any = Channel.__dict__["_python_recv"]
-    return py_send.__get__(a), py_recv.__get__(b)
-
-
 def _fdc_local1(null: int, compiled: bool, n: int) -> float:
     a, b = _fdc_pair(compiled)
     with a, b:
-        (send, recv), one = _send_recv(compiled, a, b), [null]
+        send, recv, one = a.send, b.recv, [null]
         start = time.perf_counter()
         for _ in range(n):
             send(b"x", one)
@@ -225,14 +214,14 @@ def _fdc_local1(null: int, compiled: bool, n: int) -> float:
 
 def _fdc_send1(null: int, compiled: bool, sock: socket.socket, n: int) -> None:
     with _fdc_channel(compiled, sock) as ch:
-        send, one = _send_recv(compiled, ch, ch)[0], [null]
+        send, one = ch.send, [null]
         for _ in range(n):
             send(b"x", one)
 
 
 def _fdc_recv1(compiled: bool, sock: socket.socket, n: int) -> None:
     with _fdc_channel(compiled, sock) as ch:
-        recv = _send_recv(compiled, ch, ch)[1]
+        recv = ch.recv
         for _ in range(n):
             recv().close()
 
@@ -241,18 +230,17 @@ def _fdc_fd200(null: int, compiled: bool, n: int) -> float:
     a, b = _fdc_pair(compiled)
     many = [null] * MANY
     with a, b:
-        send, recv = _send_recv(compiled, a, b)
         start = time.perf_counter()
         for _ in range(n):
-            send(b"x", many)
-            recv().close()
+            a.send(b"x", many)
+            b.recv().close()
         return time.perf_counter() - start
 
 
 def _fdc_batch(null: int, compiled: bool, n: int) -> float:
     a, b = _fdc_pair(compiled)
     with a, b:
-        send_many, recv = a.send_many, _send_recv(compiled, a, b)[1]
+        send_many, recv = a.send_many, b.recv
         batch = [(b"x", [null])] * BATCH
         start = time.perf_counter()
         for _ in range(0, n, BATCH):
@@ -265,9 +253,8 @@ def _fdc_batch(null: int, compiled: bool, n: int) -> float:
 def _fdc_send_big(compiled: bool, sock: socket.socket, n: int) -> None:
     data = b"p" * BIG
     with _fdc_channel(compiled, sock) as ch:
-        send = _send_recv(compiled, ch, ch)[0]
         for _ in range(n):
-            send(data)
+            ch.send(data)
 
 
 def _fdc_recv_big(compiled: bool, sock: socket.socket, n: int) -> None:

@@ -725,6 +725,8 @@ class Channel(ChannelCore):
     def _wait_unfinished(self, unfinished: float) -> None:
         """Wait for more of the unfinished message, until its deadline (then fail the channel)."""
         if self._timeout == 0.0:
+            if time.monotonic() >= unfinished:
+                self._expire_unfinished()
             raise BlockingIOError(errno.EAGAIN, "the channel is non-blocking and the socket is not ready")
         if self._closed:
             raise ValueError(f"I/O operation on a closed {self._kind}")
@@ -750,9 +752,7 @@ class Channel(ChannelCore):
         self.close()
 
 
-# With the compiled module loaded, send and recv are its C functions (the
-# Python methods above stay, for the docs and everything unusual).
-_fastpath.install(Channel)
+_fastpath.register(Channel)
 
 #: Every open Channel of this process, for `_after_fork_in_child`.
 _live: weakref.WeakSet[Channel] = weakref.WeakSet()

@@ -148,6 +148,14 @@ class Frame:
 #: arrived: it starts at this size and grows as the bytes come (to twice
 #: what arrived, at least by this much), so a peer that declares a large
 #: payload and then drips costs this, not the size it declared.
+
+
+class _Charged(Frame):
+    """A `Frame` whose fds a `Budget` counts until the frame is taken (`Decoder.took`)."""
+
+    __slots__ = ()
+
+
 GROW_AHEAD: Final = 256 * 1024
 
 
@@ -322,6 +330,14 @@ class Decoder:
         # (a budget to charge, a deadline to set), not only reads with fds.
         self._watch = budget is not None or frame_timeout is not None
         self._charged = (0, 0)  # what the budget was last charged: (fds, bytes)
+        # Queued frames are of a subclass when a budget counts them: the
+        # compiled path takes only plain `Frame` objects off the queue, so
+        # every charged frame leaves through `took`.
+        self._frame = Frame if budget is None else _Charged
+        #: Set (by `evict`, from any thread) when a `Budget` wants all back.
+        self.evicted: LimitExceeded | None = None
+        #: A weak method the channel sets: called by `evict` to clean up or wake.
+        self.on_evict: Any = None
         self._unfinished_at = -1  # stream offset of the frame the deadline is for
         #: The `time.monotonic` time by which the unfinished frame must be
         #: complete (``frame_timeout``), or None: nothing is unfinished, or no
@@ -359,7 +375,10 @@ class Decoder:
         """
         one = self.buffer_updated_one(nbytes, fds)
         if one is not None:
-            self.frames.append(Frame(False, len(one[1]), b"", one[0], list(one[1]), self._received - nbytes))
+            start = self._received - nbytes
+            self.frames.append(self._frame(False, len(one[1]), b"", one[0], list(one[1]), start))
+            if self._watch:
+                self._settle()
 
     def buffer_updated_one(
         self, nbytes: int, fds: list[int] | tuple[int, ...] = ()
@@ -403,6 +422,8 @@ class Decoder:
         self._received = end = begin + nbytes
         if fds:
             self._fds.append([fds if fds.__class__ is list else list(fds), begin, end])
+        if self.evicted is not None and self.error is None:
+            self._failed(self.evicted)  # a Budget asked for it all back (any thread)
         if self.error is not None:
             if self._watch:
                 self._settle()
@@ -444,48 +465,64 @@ class Decoder:
 
     def _account(self, new_fds: bool) -> None:
         """Check what this read leaves held against the limits; charge the budget; set the deadline."""
-        parked = sum(len(batch[0]) for batch in self._fds) if self._fds else 0
-        if new_fds:
-            held = parked + (sum(len(frame.fds) for frame in self.frames) if self.frames else 0)
-            if held > self.max_held_fds:
+        if new_fds or self.budget is not None:
+            held = self.held_fds()
+            if new_fds and held > self.max_held_fds:
                 raise LimitExceeded(
                     f"the peer sent {held} fds for messages not received yet; max_held_fds is "
                     f"{self.max_held_fds}"
                 )
-        big = self._big
-        if self.budget is not None:
-            memory = len(big.payload) if big is not None and big.payload.__class__ is bytearray else 0
-            if (parked, memory) != self._charged:
-                self._charged = (parked, memory)
-                self.budget.charge(self, parked, memory)
+            if self.budget is not None:
+                self._charge(held, True)
         if self.frame_timeout is not None:
             self._time_unfinished()
 
     def _settle(self) -> None:
         """Charge the budget what is held now, without refusing (fds were given up, or the decoder failed)."""
         if self.budget is not None:
-            parked = sum(len(batch[0]) for batch in self._fds) if self._fds else 0
-            big = self._big
-            memory = len(big.payload) if big is not None and big.payload.__class__ is bytearray else 0
-            if (parked, memory) != self._charged:
-                self._charged = (parked, memory)
-                self.budget.charge(self, parked, memory, check=False)
+            self._charge(self.held_fds(), False)
         if self.frame_timeout is not None:
             self._time_unfinished()
+
+    def _charge(self, held: int, check: bool) -> None:
+        big = self._big
+        memory = len(big.payload) if big is not None and big.payload.__class__ is bytearray else 0
+        if (held, memory) != self._charged:
+            self._charged = (held, memory)
+            self.budget.charge(self, held, memory, check=check)  # type: ignore[union-attr]
+
+    def took(self, nfds: int) -> None:
+        """A queued frame with *nfds* fds was taken (they are the caller's): the budget lets go of them."""
+        if nfds and self.budget is not None:
+            self._charge(self._charged[0] - nfds, False)
+
+    def fail_now(self, exc: ProtocolError) -> None:
+        """Stop with *exc*, queued frames and buffers dropped now; the fds stay for `take_fds`."""
+        if self.error is None:
+            self._failed(exc)
+
+    def evict(self, exc: LimitExceeded) -> None:
+        """A `Budget` wants everything back: fail with *exc* (any thread; the owner's next step does it)."""
+        self.evicted = exc
+        hook = self.on_evict() if self.on_evict is not None else None
+        if hook is not None:
+            hook(exc)
 
     def _time_unfinished(self) -> None:
         """Start the frame timeout when a new frame is left unfinished; clear it at a boundary."""
         big = self._big
-        if self.error is not None:
-            at = -1  # nothing more will complete: no deadline
-        elif big is not None:
-            at = big.start
-        elif self._start != self._end:
-            at = self._received - (self._end - self._start)
-        elif self._fds:
-            at = self._received  # fds parked ahead of a frame not begun
-        else:
-            at = -1
+        at = -1  # nothing unfinished, or (an error) nothing more will complete: no deadline
+        if self.error is None:
+            if big is not None:
+                at = big.start
+            elif self._start != self._end:
+                at = self._received - (self._end - self._start)
+            if self._fds:
+                # fds parked ahead (a group's, for frames not begun): their
+                # time runs from the read that brought the oldest, however
+                # many frames complete meanwhile.
+                parked = self._fds[0][1]
+                at = parked if at < 0 else min(at, parked)
         if at < 0:
             self._unfinished_at = -1
             self.deadline = None
@@ -529,6 +566,8 @@ class Decoder:
         belong to no frame.
         """
         self.eof = True
+        if self.evicted is not None and self.error is None:
+            self._failed(self.evicted)
         if self.error is not None:
             return
         if self._big is not None or self._end > self._start:
@@ -611,7 +650,10 @@ class Decoder:
         Raises the stored `ProtocolError` once the frames before it are out.
         """
         if self.frames:
-            return self.frames.popleft()
+            frame = self.frames.popleft()
+            if frame.__class__ is not Frame:
+                self.took(len(frame.fds))
+            return frame
         if self.error is not None:
             raise self.error
         return None
@@ -619,7 +661,9 @@ class Decoder:
     def push_back(self, payload: bytes, fds: Sequence[int]) -> None:
         """Queue a lone frame that `buffer_updated_one` returned after all (its fds back to the decoder)."""
         start = self._received - HEADER_SIZE - len(payload)
-        self.frames.append(Frame(False, len(fds), b"", payload, list(fds), start))
+        self.frames.append(self._frame(False, len(fds), b"", payload, list(fds), start))
+        if self._watch:
+            self._settle()
 
     def take_control_frames(self) -> list[Frame]:
         """Remove and return the queued control frames, leaving data frames queued.
@@ -675,6 +719,7 @@ class Decoder:
 
     def _parse(self) -> None:  # noqa: C901, PLR0912 - the hot path, inline
         buf = self._buf
+        frame = self._frame
         start, end = self._start, self._end
         try:
             while end - start >= HEADER_SIZE:
@@ -723,7 +768,7 @@ class Decoder:
                     else []
                 )
                 self.frames.append(
-                    Frame(
+                    frame(
                         flags & FLAG_CONTROL != 0,
                         nfds,
                         aux,
@@ -745,7 +790,7 @@ class Decoder:
         self._big = None
         fds = self._take_inband(big.nfds, big.start, big.end, big.flags & FLAG_GROUP)
         self.frames.append(
-            Frame(
+            self._frame(
                 big.control,
                 big.nfds,
                 bytes(big.aux),

@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
@@ -38,7 +39,14 @@ from ._codec import (
     header_tag,
     pack_tagged,
 )
-from ._errors import ChannelBroken, ChannelClosed, FdChannelError, ProtocolError, TruncatedControlData
+from ._errors import (
+    ChannelBroken,
+    ChannelClosed,
+    FdChannelError,
+    LimitExceeded,
+    ProtocolError,
+    TruncatedControlData,
+)
 from ._fdutil import SocketHandle, close_all
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
@@ -193,6 +201,8 @@ class ChannelCore:
         self._delivering = False
         self._suspect = False
         self._pid = os.getpid()
+        # Weak: the decoder must not keep its channel alive (no cycle).
+        decoder.on_evict = weakref.WeakMethod(self._evicted)
         if max_fds == 0:
             # A data-only channel: where the kernel can, no fd even reaches
             # this process (the sender gets EPERM); elsewhere the decoder
@@ -823,8 +833,12 @@ class ChannelCore:
                 # `_close_held`, which takes each out of the list.
                 msg = Message._owning(frame.payload, frame.fds)
                 frames.popleft()
+                if frame.__class__ is not Frame:  # a Budget counts them: the caller's now
+                    decoder.took(len(frame.fds))
                 return msg
             frames.popleft()
+            if frame.__class__ is not Frame:
+                decoder.took(len(frame.fds))
             fds = self._incoming(frame)
             if frame.shared:
                 return shared_message(frame.payload, fds)
@@ -840,6 +854,27 @@ class ChannelCore:
                 self._at_eof()
             raise ChannelClosed("the peer closed the channel")
         return None
+
+    def _evicted(self, exc: LimitExceeded) -> None:
+        """The `Budget` wants back what this channel holds (called from any thread).
+
+        Idle: fail now, every fd it held closed.  Inside `recv` (another
+        thread, or a task waiting in it): shut the socket down so that the
+        call wakes; its decoder then fails with *exc* at its next step.
+        """
+        if self._closed:
+            return
+        if self._claim_recv():
+            try:
+                self._decoder.fail_now(exc)  # its buffers go now too
+                self._fail(exc)
+            finally:
+                self._release_recv()
+        else:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _expire_unfinished(self) -> None:
         """The unfinished message's ``frame_timeout`` passed: fail the channel, its fds closed.

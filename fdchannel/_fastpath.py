@@ -10,9 +10,7 @@ compiled one is faster.
 The compiled path covers the common case of the default transport
 (`UnixRights` without acknowledgements over AF_UNIX): `attach` gives such a
 channel a ``FastPath`` object, which `Channel.send` and `Channel.recv` try
-first; `install` makes those two methods the compiled module's own C
-functions (the Python ones stay, for the docs and everything unusual).
-What it hands over comes back through the helpers below, which do
+first.  What it hands over comes back through the helpers below, which do
 exactly what the Python path does at that point.
 """
 
@@ -34,10 +32,9 @@ from ._fdutil import close_all
 from ._message import CLOSED_FD, Message
 
 if TYPE_CHECKING:
-    from ._channel import Channel
     from ._core import ChannelCore
 
-__all__ = ["PURE_ENV", "attach", "compiled_available", "enabled", "forced", "install", "why_pure"]
+__all__ = ["PURE_ENV", "attach", "compiled_available", "enabled", "forced", "register", "why_pure"]
 
 #: The environment variable that forces the pure-Python path.
 PURE_ENV = "FDCHANNEL_PURE"
@@ -134,25 +131,10 @@ def attach(channel: ChannelCore) -> Any:
     )
 
 
-def install(cls: type[Channel]) -> None:
-    """Make `Channel.send` and `Channel.recv` the compiled module's, when it is loaded.
-
-    Those call the compiled path directly, with no Python frame in
-    between, and call the Python methods (kept as ``_python_send`` and
-    ``_python_recv``) for everything else: keyword arguments, a channel
-    without a `FastPath`, a subclass (exactly as before: its ``send`` runs
-    the Python method, which tries the `FastPath` itself), and whatever
-    the compiled path does not take.
-    """
-    module = _speedups
-    if module is None or "_python_send" in cls.__dict__:
-        return
-    py_send, py_recv = cls.__dict__["send"], cls.__dict__["recv"]
-    send, recv = module.install(cls, py_send, py_recv)
-    cls._python_send = py_send  # type: ignore[attr-defined]
-    cls._python_recv = py_recv  # type: ignore[attr-defined]
-    cls.send = send  # type: ignore[method-assign]
-    cls.recv = recv  # type: ignore[method-assign]
+def register(cls: type[ChannelCore]) -> None:
+    """Tell the compiled module which class is `Channel`: its exact instances' state is cached."""
+    if _speedups is not None:
+        _speedups.channel_class(cls)
 
 
 def compiled_available() -> bool:

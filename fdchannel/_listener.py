@@ -51,10 +51,10 @@ _CHANNEL_OPTIONS: Final = frozenset(
 )
 
 
-def _with_server_limits(options: dict[str, Any]) -> Budget:
+def _with_server_limits(options: dict[str, Any]) -> Budget | None:
     """Give a server's channel *options* its holding limits' defaults; check them; return the budget."""
     options.setdefault("frame_timeout", SERVER_FRAME_TIMEOUT)
-    if options.get("budget") is None:
+    if options.get("budget", "new") == "new":
         options["budget"] = Budget()
     # Checked now, not at the first accept: a bad limit is the caller's error.
     check_holding_limits(
@@ -63,7 +63,7 @@ def _with_server_limits(options: dict[str, Any]) -> Budget:
         options["frame_timeout"],
         options["budget"],
     )
-    budget: Budget = options["budget"]
+    budget: Budget | None = options["budget"]
     return budget
 
 
@@ -129,10 +129,10 @@ class Listener:
                 result (or an exception) refuses the peer.
             **channel_options: ``max_payload``, ``max_fds``,
                 ``max_held_fds``, ``frame_timeout`` (default here: 30 s;
-                ``None``: no limit), ``budget`` (default here, and for
-                ``None``: a new `Budget()` that the accepted channels
-                share) and ``transport``, given to every accepted
-                `Channel`.
+                ``None``: no limit), ``budget`` (default here, or
+                ``"new"``: a new `Budget()` that the accepted channels
+                share; ``None``: none) and ``transport``, given to every
+                accepted `Channel`.
 
         Raises:
             OSError: ``EADDRINUSE`` when a live listener holds *path*,
@@ -148,8 +148,8 @@ class Listener:
             raise TypeError(f"Listener() got unexpected keyword arguments {sorted(unknown)}")
         if mode & ~0o777:
             raise ValueError(f"mode must be permission bits (0o000-0o777), got {mode:#o}")
-        #: The `Budget` the accepted channels share.
-        self.budget: Budget = _with_server_limits(channel_options)
+        #: The `Budget` the accepted channels share (None: none).
+        self.budget: Budget | None = _with_server_limits(channel_options)
         self._channel_cls = Channel
         self._options = channel_options
         self._transport: Transport | None = channel_options.get("transport")

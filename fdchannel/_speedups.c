@@ -1178,171 +1178,6 @@ static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
     return r;
 }
 
-/* -- Channel.send and Channel.recv themselves ------------------------------------------
- *
- * install() puts these on the Channel class in place of its Python methods
- * (kept in the source, for the docs, and called here for anything this
- * module does not take): a Python frame, its attribute loads and the call
- * into FastPath cost as much as the C work of a small message. */
-
-static PyObject *py_send, *py_recv; /* Channel.send and Channel.recv as written in Python */
-
-/* While this thread runs a compiled send or recv: a signal handler that
- * wants to know whether it struck inside one (the tests' storms) asks
- * busy(); no Python frame of fdchannel shows it. */
-static _Thread_local int in_call;
-
-/* The FastPath of an exact Channel (borrowed), or NULL without an error. */
-static struct {
-    PyObject *channel, *dict; /* compared, never dereferenced unless equal to the live ones */
-    unsigned long long version;
-    PyObject *fp; /* borrowed from the dict: alive while the version holds */
-} recent[4]; /* the channels used last */
-
-static FastPath *fast_of(PyObject *channel) {
-    if (Py_TYPE(channel) != channel_type)
-        return NULL;
-    PyObject *d = dict_of(channel);
-    if (d == NULL)
-        return NULL;
-#ifdef HAVE_VERSIONS
-    /* The last channels' FastPath, without a dict lookup while their dicts are unchanged. */
-    for (int i = 0; i < 4; i++)
-        if (recent[i].channel == channel && recent[i].dict == d && recent[i].version == dict_version(d))
-            return (FastPath *)recent[i].fp;
-#endif
-    PyObject *fp = PyDict_GetItemWithError(d, s_fast);
-    if (fp == NULL || Py_TYPE(fp) != &FastPath_Type) {
-        PyErr_Clear();
-        return NULL;
-    }
-#ifdef HAVE_VERSIONS
-    static unsigned next;
-    unsigned slot = next++ & 3;
-    recent[slot].channel = channel;
-    recent[slot].dict = d;
-    recent[slot].version = dict_version(d);
-    recent[slot].fp = fp;
-#endif
-    return (FastPath *)fp;
-}
-
-/* func(channel, *args, **kwargs) for vectorcall arguments without self. */
-static PyObject *call_python(PyObject *func, PyObject *channel, PyObject *const *args, Py_ssize_t nargs,
-                             PyObject *kwnames) {
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *small[8], **all = small;
-    if (nargs + nkw + 1 > 8) {
-        all = PyMem_Malloc((size_t)(nargs + nkw + 1) * sizeof(PyObject *));
-        if (all == NULL)
-            return PyErr_NoMemory();
-    }
-    all[0] = channel;
-    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
-        all[i + 1] = args[i];
-    PyObject *r = PyObject_Vectorcall(func, all, (size_t)(nargs + 1), kwnames);
-    if (all != small)
-        PyMem_Free(all);
-    return r;
-}
-
-static PyObject *Channel_send(PyObject *channel, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    FastPath *fp = kwnames == NULL && nargs <= 2 ? fast_of(channel) : NULL;
-    if (fp != NULL) {
-        PyObject *call[3] = {channel, nargs > 0 ? args[0] : empty_bytes, nargs > 1 ? args[1] : empty_tuple};
-        Py_INCREF(fp);
-        in_call = 1;
-        fp->sent_whole = -1;
-        PyObject *r = send_impl(fp, call, 3);
-        in_call = 0;
-        Py_DECREF(fp);
-        if (r == NULL)
-            return NULL;
-        int sent = r == Py_True;
-        Py_DECREF(r);
-        if (sent)
-            Py_RETURN_NONE;
-    }
-    /* Not taken (nothing was done): the Python path, from the start. */
-    return call_python(py_send, channel, args, nargs, kwnames);
-}
-
-static PyObject *Channel_recv(PyObject *channel, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    if (nargs != 0 || kwnames != NULL || Py_TYPE(channel) != channel_type)
-        return call_python(py_recv, channel, args, nargs, kwnames);
-    FastPath *fp = fast_of(channel);
-    if (fp != NULL) {
-        Py_INCREF(fp);
-        in_call = 1;
-        PyObject *r = recv_impl(fp, channel);
-        in_call = 0;
-        Py_DECREF(fp);
-        if (r != Py_None)
-            return r; /* the message, or NULL with the error */
-        Py_DECREF(r);
-    }
-    /* What Channel.recv does when the compiled path did not take it. */
-    return PyObject_CallMethodOneArg(channel, s_recv, Py_None);
-}
-
-static PyObject *busy(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
-    return PyBool_FromLong(in_call);
-}
-
-static PyMethodDef channel_send_def = {"send", (PyCFunction)(void (*)(void))Channel_send,
-                                       METH_FASTCALL | METH_KEYWORDS, NULL};
-static PyMethodDef channel_recv_def = {"recv", (PyCFunction)(void (*)(void))Channel_recv,
-                                       METH_FASTCALL | METH_KEYWORDS, NULL};
-
-/* A copy of the Python method's docstring, after a text signature. */
-static const char *doc_for(PyObject *func, const char *signature) {
-    PyObject *doc = PyObject_GetAttrString(func, "__doc__");
-    if (doc == NULL)
-        return NULL;
-    const char *text = PyUnicode_Check(doc) ? PyUnicode_AsUTF8(doc) : "";
-    if (text == NULL) {
-        Py_DECREF(doc);
-        return NULL;
-    }
-    size_t n = strlen(signature) + strlen(text) + 1;
-    char *out = PyMem_RawMalloc(n); /* lives as long as the class (the process) */
-    if (out == NULL) {
-        Py_DECREF(doc);
-        PyErr_NoMemory();
-        return NULL;
-    }
-    strcpy(out, signature);
-    strcat(out, text);
-    Py_DECREF(doc);
-    return out;
-}
-
-/* install(Channel, send, recv) -> (send, recv): the compiled methods, for the caller to put on Channel. */
-static PyObject *install(PyObject *Py_UNUSED(module), PyObject *args) {
-    PyObject *cls, *send, *recv;
-    if (!PyArg_ParseTuple(args, "O!OO", &PyType_Type, &cls, &send, &recv))
-        return NULL;
-    if (channel_type == NULL) {
-        const char *sd = doc_for(send, "send($self, /, payload=b'', fds=())\n--\n\n");
-        const char *rd = sd ? doc_for(recv, "recv($self, /)\n--\n\n") : NULL;
-        if (rd == NULL)
-            return NULL;
-        channel_send_def.ml_doc = sd;
-        channel_recv_def.ml_doc = rd;
-    }
-    Py_INCREF(cls);
-    Py_XSETREF(channel_type, (PyTypeObject *)cls);
-    Py_INCREF(send);
-    Py_XSETREF(py_send, send);
-    Py_INCREF(recv);
-    Py_XSETREF(py_recv, recv);
-    PyObject *s = PyDescr_NewMethod((PyTypeObject *)cls, &channel_send_def);
-    PyObject *r = s ? PyDescr_NewMethod((PyTypeObject *)cls, &channel_recv_def) : NULL;
-    PyObject *out = r ? PyTuple_Pack(2, s, r) : NULL;
-    Py_XDECREF(s);
-    Py_XDECREF(r);
-    return out;
-}
 
 /* -- Message.close and Message.__del__ ------------------------------------------------
  *
@@ -1621,10 +1456,21 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* channel_class(Channel): the class whose exact instances' state is cached
+ * between calls (their dicts' versions say when to read it again). */
+static PyObject *channel_class(PyObject *Py_UNUSED(module), PyObject *cls) {
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "channel_class() takes a class");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(channel_type, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"channel_class", channel_class, METH_O, "channel_class(Channel): the class whose instances' state is cached"},
     {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest)"},
-    {"install", install, METH_VARARGS, "install(Channel, send, recv) -> (send, recv): Channel's compiled methods"},
-    {"busy", busy, METH_NOARGS, "busy() -> True while this thread runs a compiled Channel.send or Channel.recv"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,7 +30,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self
 
 from typing_extensions import Buffer
 
@@ -1039,7 +1039,7 @@ async def start_server(
     max_fds: int = DEFAULT_MAX_FDS,
     max_held_fds: int | None = None,
     frame_timeout: float | None = SERVER_FRAME_TIMEOUT,
-    budget: Budget | None = None,
+    budget: Budget | Literal["new"] | None = "new",
     transport: Transport | None = None,
 ) -> Server:
     """Listen on the Unix socket *path* and run ``await client_connected_cb(channel)`` per connection.
@@ -1078,10 +1078,10 @@ async def start_server(
         frame_timeout: Seconds a peer has to finish a message it began
             (default 30 s; ``None``: no limit); then its channel fails
             with `LimitExceeded`, the fds it held closed.
-        budget: The `fdchannel.Budget` every accepted channel shares
-            (``None``: a new ``Budget()``, a quarter of the soft
-            ``RLIMIT_NOFILE`` in fds and 512 MiB), in
-            ``server.listener.budget``.
+        budget: The `fdchannel.Budget` every accepted channel shares, in
+            ``server.listener.budget``: ``"new"`` (the default) makes one
+            for this server (half the soft ``RLIMIT_NOFILE`` in fds,
+            512 MiB); ``None``: none.
         transport: As for `AsyncChannel` (`default_transport()`).
 
     Returns:

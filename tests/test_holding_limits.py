@@ -63,12 +63,24 @@ def count_fds() -> int:
 # -- Budget, unit ------------------------------------------------------------------
 
 
-def test_budget_defaults_to_a_quarter_of_the_soft_fd_limit() -> None:
+class Recorder:
+    """A holder that records what the budget asks of it (the budget's own bookkeeping, no kernel)."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.evicted: LimitExceeded | None = None
+
+    def evict(self, exc: LimitExceeded) -> None:
+        self.evicted = exc
+        self.budget.charge(self, 0, 0, check=False)  # gives it all back at once, as an idle channel does
+
+
+def test_budget_defaults_to_half_the_soft_fd_limit() -> None:
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     budget = Budget()
-    assert budget.fds == default_fd_budget() == max(64, soft // 4)
+    assert budget.fds == default_fd_budget() == max(64, soft // 2)
     assert budget.memory == 512 * 1024 * 1024
     assert (budget.held_fds, budget.held_memory, budget.holders, budget.refused) == (0, 0, 0, 0)
 
@@ -80,32 +92,75 @@ def test_budget_refuses_negative_limits() -> None:
         Budget(memory=-1)
 
 
-def test_budget_fails_only_a_holder_over_its_fair_share() -> None:
+def test_budget_evicts_the_oldest_holders_first() -> None:
     budget = Budget(fds=100, memory=None)
-    parker, small, big = object(), object(), object()
-    budget.charge(parker, 90, 0)  # within the limit: fine
-    budget.charge(small, 20, 0)  # total 110 > 100, but 20 <= 100 // 2
-    assert budget.held_fds == 110
-    assert budget.refused == 0
-    with pytest.raises(LimitExceeded, match=r"held 40, more than its share \(33 among 3\)"):
-        budget.charge(big, 40, 0)
-    assert budget.refused == 1
-    # The charge stands until the holder gives the fds up.
-    assert budget.held_fds == 150
-    for holder in (parker, small, big):
-        budget.charge(holder, 0, 0)
-    assert (budget.held_fds, budget.holders) == (0, 0)
+    parkers = [Recorder(budget) for _ in range(3)]
+    for p in parkers:
+        budget.charge(p, 30, 0)  # 90: within
+    young = Recorder(budget)
+    budget.charge(young, 40, 0)  # 130: the oldest goes, 100 is within
+    assert [p.evicted is not None for p in parkers] == [True, False, False]
+    assert young.evicted is None
+    assert budget.held_fds == 100
+    budget.charge(young, 75, 0)  # 135: the next two oldest go
+    assert [p.evicted is not None for p in parkers] == [True, True, True]
+    assert budget.held_fds == 75
+    assert budget.refused == 3
+    assert "held 30" in str(parkers[0].evicted)
+
+
+def test_budget_fails_the_charger_when_it_is_the_oldest() -> None:
+    budget = Budget(fds=100, memory=None)
+    old, young = Recorder(budget), Recorder(budget)
+    budget.charge(old, 10, 0)
+    budget.charge(young, 20, 0)
+    with pytest.raises(LimitExceeded, match="over their budget of 100; this one held 95"):
+        budget.charge(old, 95, 0)  # 115: the oldest is the one that grew
+    assert young.evicted is None
+
+
+def test_budget_many_parkers_each_within_a_share_still_stay_within_the_limit() -> None:
+    """The review's attack on a fair-share rule: holder k parks limit // k."""
+    budget = Budget(fds=256, memory=None)
+    parkers = [Recorder(budget) for _ in range(100)]
+    for k, p in enumerate(parkers, 1):
+        budget.charge(p, 256 // k, 0)
+        assert budget.held_fds <= 256
+    assert budget.refused > 0
 
 
 def test_budget_never_refuses_a_holder_that_shrinks() -> None:
     budget = Budget(fds=10, memory=10)
-    h = object()
+    h, other = Recorder(budget), Recorder(budget)
     budget.charge(h, 5, 5)
-    with pytest.raises(LimitExceeded):
-        budget.charge(object(), 8, 8)  # 8 > 10 // 2
-    # h going down never raises, even with the total over the limit.
-    budget.charge(h, 4, 4)
-    assert budget.held_fds == 12
+    budget.charge(other, 4, 4)
+    budget.charge(h, 4, 4)  # going down never raises nor evicts
+    assert (h.evicted, other.evicted) == (None, None)
+    assert budget.held_fds == 8
+
+
+def test_budget_is_usable_in_a_child_forked_while_a_thread_held_its_lock() -> None:
+    budget = Budget(fds=10)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with budget._lock:
+            holding.set()
+            release.wait(TIMEOUT)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert holding.wait(TIMEOUT)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with a thread running: on purpose
+            pid = fork_child(lambda: budget.charge(object(), 1, 0))  # type: ignore[arg-type]
+        assert wait_child(pid, TIMEOUT) == 0
+    finally:
+        release.set()
+        t.join(TIMEOUT)
 
 
 def test_channel_refuses_holding_limits_that_cannot_hold() -> None:
@@ -318,6 +373,46 @@ def test_each_message_gets_a_frame_timeout_of_its_own(
         assert ch._decoder.deadline is None
 
 
+def test_fds_parked_ahead_keep_their_deadline_while_group_frames_complete(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    """The review's attack: 0-fd group frames keep completing while 253 fds stay parked."""
+    peer, sock, fd = raw_peer
+    with Channel(sock, frame_timeout=TIMEOUT) as ch:
+        ch.settimeout(0.0)
+        peer.sendmsg([pack_header(0, 0, 0, 1, flags=FLAG_GROUP), b"a"], rights(fd, 253))
+        with ch.recv():
+            pass
+        first = ch._decoder.deadline
+        assert first is not None
+        for _ in range(3):
+            peer.sendall(pack_header(0, 0, 0, 1, flags=FLAG_GROUP) + b"b")
+            with ch.recv():
+                pass
+            assert ch._decoder.deadline == first  # not restarted
+        ch._decoder.deadline = time.monotonic() - 1  # as if frame_timeout had passed
+        before = count_fds()
+        with pytest.raises(LimitExceeded, match="frame_timeout"):
+            ch.recv()
+        assert count_fds() == before - 253
+
+
+def test_a_non_blocking_recv_fails_an_unfinished_message_past_its_deadline(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    peer, sock, fd = raw_peer
+    with Channel(sock, frame_timeout=TIMEOUT) as ch:
+        ch.settimeout(0.0)
+        _start_unfinished(peer, fd)
+        with pytest.raises(BlockingIOError):
+            ch.recv()
+        with pytest.raises(BlockingIOError):
+            ch.recv()  # still in time
+        ch._decoder.deadline = time.monotonic() - 1  # as if frame_timeout had passed
+        with pytest.raises(LimitExceeded, match="frame_timeout"):
+            ch.recv()
+
+
 def test_the_asyncio_recv_waits_only_until_the_frame_timeout(
     raw_peer: tuple[socket.socket, socket.socket, int],
 ) -> None:
@@ -387,35 +482,145 @@ def _read_what_arrived(ch: Channel) -> None:
         ch.recv()
 
 
-def test_a_memory_budget_fails_the_channel_over_its_share() -> None:
+def test_a_memory_budget_evicts_the_parked_buffer_for_a_message_in_progress() -> None:
     budget = Budget(fds=None, memory=1 << 20)
     p1, s1 = socket.socketpair()
     p2, s2 = socket.socketpair()
-    with p1, p2, Channel(s1, budget=budget) as c1, Channel(s2, budget=budget) as c2:
-        c1.settimeout(0.0)
-        _declare_big(p1, 700 * 1024, 100 * 1024)  # fits the socket buffer
-        _read_what_arrived(c1)
+    with p1, p2, Channel(s1, budget=budget) as parked, Channel(s2, budget=budget) as busy:
+        parked.settimeout(0.0)
+        _declare_big(p1, 700 * 1024, 100 * 1024)  # begun, never finished: fits the socket buffer
+        _read_what_arrived(parked)
         held = budget.held_memory
         assert 100 * 1024 <= held <= 512 * 1024  # one buffer, grown only as bytes came
-        feeder = threading.Thread(target=_declare_big, args=(p2, 8 << 20, 3 << 20), daemon=True)
+        # A 900 KiB message arriving now takes the total over 1 MiB: the
+        # parked buffer, the older, goes; the message arrives whole.
+        feeder = threading.Thread(target=_declare_big, args=(p2, 900 * 1024, 900 * 1024), daemon=True)
         feeder.start()
-        c2.settimeout(TIMEOUT)
-        with pytest.raises(
-            LimitExceeded, match=r"bytes for unfinished messages, over their budget of 1048576"
-        ):
-            c2.recv()
-        assert budget.held_memory == held  # c2's buffer went with it
-        assert budget.refused == 1
-        p2.shutdown(socket.SHUT_RDWR)  # the feeder stops (EPIPE)
+        busy.settimeout(TIMEOUT)
+        with busy.recv() as msg:
+            assert len(msg.payload) == 900 * 1024
         feeder.join(TIMEOUT)
-        # c1, within its share, finishes its message.
-        rest = threading.Thread(target=p1.sendall, args=(bytes(600 * 1024),), daemon=True)
-        rest.start()
-        c1.settimeout(TIMEOUT)
-        with c1.recv() as msg:
-            assert len(msg.payload) == 700 * 1024
-        rest.join(TIMEOUT)
+        with pytest.raises(LimitExceeded, match="bytes, over their budget of 1048576"):
+            parked.recv()
+        assert budget.refused == 1
         assert (budget.held_memory, budget.holders) == (0, 0)
+
+
+def test_a_message_larger_than_the_whole_memory_budget_fails() -> None:
+    budget = Budget(fds=None, memory=1 << 20)
+    peer, sock = socket.socketpair()
+    with peer, Channel(sock, budget=budget) as ch:
+        feeder = threading.Thread(target=_declare_big, args=(peer, 8 << 20, 3 << 20), daemon=True)
+        feeder.start()
+        ch.settimeout(TIMEOUT)
+        with pytest.raises(LimitExceeded, match="never fits"):
+            ch.recv()
+        peer.shutdown(socket.SHUT_RDWR)
+        feeder.join(TIMEOUT)
+        assert (budget.held_memory, budget.holders) == (0, 0)
+
+
+def test_fds_of_messages_not_received_yet_are_charged() -> None:
+    """The review's queued-frame parking: frame 0 returned, frame 1's fds wait in the queue."""
+    budget = Budget(fds=1000)
+    peer, sock = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        with peer, Channel(sock, budget=budget) as ch:
+            ch.settimeout(TIMEOUT)
+            # One write: a message without fds, then one whose 50 fds ride on
+            # the write's first byte (a group).
+            first = pack_header(0, 0, 0, 1, flags=FLAG_GROUP) + b"a"
+            peer.sendmsg([first, pack_header(0, 50, 0, 1) + b"b"], rights(r, 50))
+            with ch.recv() as msg:
+                assert msg.payload == b"a"
+            assert budget.held_fds == 50  # held for a message recv() has not returned
+            with ch.recv() as msg:  # the compiled path leaves charged frames to Python: it lets go
+                assert len(msg.fds) == 50
+            assert (budget.held_fds, budget.holders) == (0, 0)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_parked_connections_are_evicted_for_a_legitimate_message_in_progress() -> None:
+    budget = Budget(fds=256, memory=None)
+    r, w = os.pipe()
+    socks = [socket.socketpair() for _ in range(4)]
+    try:
+        chans = [Channel(s, budget=budget, max_fds=300) for _, s in socks]
+        for ch in chans:
+            ch.settimeout(0.0)
+        for (peer, _), ch in zip(socks[:3], chans[:3], strict=True):
+            _start_unfinished(peer, r, nfds=80)  # 3 x 80 parked: 240 of 256
+            with pytest.raises(BlockingIOError):
+                ch.recv()
+        assert budget.held_fds == 240
+        # A legitimate 120-fd message with a 1 MiB payload, in several reads.
+        peer = socks[3][0]
+        sender = threading.Thread(
+            target=lambda: peer.sendmsg([pack_header(0, 120, 0, 1 << 20), bytes(1 << 20)], rights(r, 120)),
+            daemon=True,
+        )
+        sender.start()
+        chans[3].settimeout(TIMEOUT)
+        with chans[3].recv() as msg:
+            assert len(msg.fds) == 120
+        sender.join(TIMEOUT)
+        # The oldest parkers went (closed at once: they were idle), the newest stayed.
+        outcomes = []
+        for ch in chans[:3]:
+            try:
+                ch.recv()
+            except LimitExceeded:
+                outcomes.append("evicted")
+            except BlockingIOError:
+                outcomes.append("parked")
+        assert outcomes == ["evicted", "evicted", "parked"]
+        assert budget.held_fds == 80
+    finally:
+        for ch in chans:
+            ch.close()
+        for peer, _ in socks:
+            peer.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_budget_eviction_wakes_a_recv_blocked_in_another_thread() -> None:
+    budget = Budget(fds=100, memory=None)
+    r, w = os.pipe()
+    (p1, s1), (p2, s2) = socket.socketpair(), socket.socketpair()
+    outcome: list[BaseException] = []
+    try:
+        with p1, p2, Channel(s1, budget=budget) as parked, Channel(s2, budget=budget) as other:
+            _start_unfinished(p1, r, nfds=60)
+            parked.settimeout(TIMEOUT)
+
+            def wait_in_recv() -> None:
+                try:
+                    parked.recv()
+                except BaseException as exc:  # reported below
+                    outcome.append(exc)
+
+            t = threading.Thread(target=wait_in_recv)
+            t.start()
+            # Wait (bounded) until the thread's recv() took in the 60 fds.
+            deadline = time.monotonic() + TIMEOUT
+            while budget.held_fds < 60 and time.monotonic() < deadline:
+                select.select([], [], [], 0.001)
+            assert budget.held_fds == 60
+            _start_unfinished(p2, r, nfds=60)  # 120 > 100: the blocked one is older
+            other.settimeout(0.0)
+            with pytest.raises(BlockingIOError):
+                other.recv()
+            t.join(TIMEOUT)
+            assert not t.is_alive()
+            assert [type(e) for e in outcome] == [LimitExceeded]
+            assert budget.held_fds == 60
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_closing_a_channel_returns_its_charge() -> None:
