@@ -56,6 +56,17 @@ def raw_peer() -> Iterator[tuple[socket.socket, socket.socket, int]]:
         os.close(w)
 
 
+@pytest.fixture
+def r() -> Iterator[int]:
+    """An fd to send (a pipe's read end; its write end stays open too), closed after the test."""
+    rd, wr = os.pipe()
+    try:
+        yield rd
+    finally:
+        os.close(rd)
+        os.close(wr)
+
+
 def count_fds() -> int:
     return len(open_fds())
 
@@ -192,25 +203,18 @@ def test_a_channel_reports_its_holding_limits() -> None:
 # -- max_held_fds ------------------------------------------------------------------
 
 
-def test_a_group_over_max_held_fds_fails_the_channel_and_closes_every_fd() -> None:
+def test_a_group_over_max_held_fds_fails_the_channel_and_closes_every_fd(r: int) -> None:
     a, b = Channel.pair(max_fds=1, max_held_fds=50)
-    r, w = os.pipe()
-    try:
-        with a, b:
-            # One write: 100 one-fd messages, their 100 fds on its first byte.
-            a.send_many([(b"m%d" % i, [r]) for i in range(100)])
-            before = count_fds()
-            b.settimeout(TIMEOUT)
-            with pytest.raises(
-                LimitExceeded, match="100 fds for messages not received yet; max_held_fds is 50"
-            ):
-                b.recv()
-            assert count_fds() == before  # all 100 closed at once
-            with pytest.raises(ProtocolError):
-                b.recv()
-    finally:
-        os.close(r)
-        os.close(w)
+    with a, b:
+        # One write: 100 one-fd messages, their 100 fds on its first byte.
+        a.send_many([(b"m%d" % i, [r]) for i in range(100)])
+        before = count_fds()
+        b.settimeout(TIMEOUT)
+        with pytest.raises(LimitExceeded, match="100 fds for messages not received yet; max_held_fds is 50"):
+            b.recv()
+        assert count_fds() == before  # all 100 closed at once
+        with pytest.raises(ProtocolError):
+            b.recv()
 
 
 def test_a_child_flooding_small_fd_messages_meets_the_budget() -> None:
@@ -245,49 +249,39 @@ def test_a_child_flooding_small_fd_messages_meets_the_budget() -> None:
         os.close(w)
 
 
-def test_the_default_max_held_fds_takes_a_whole_group() -> None:
+def test_the_default_max_held_fds_takes_a_whole_group(r: int) -> None:
     a, b = Channel.pair(max_fds=1)
-    r, w = os.pipe()
-    try:
-        with a, b:
-            a.send_many([(b"m%d" % i, [r]) for i in range(200)])
-            b.settimeout(TIMEOUT)
-            for i in range(200):
-                with b.recv() as msg:
-                    assert msg.payload == b"m%d" % i
-                    assert len(msg.fds) == 1
-    finally:
-        os.close(r)
-        os.close(w)
+    with a, b:
+        a.send_many([(b"m%d" % i, [r]) for i in range(200)])
+        b.settimeout(TIMEOUT)
+        for i in range(200):
+            with b.recv() as msg:
+                assert msg.payload == b"m%d" % i
+                assert len(msg.fds) == 1
 
 
-def test_a_sending_end_never_pumps_past_max_held_fds() -> None:
+def test_a_sending_end_never_pumps_past_max_held_fds(r: int) -> None:
     """An acknowledging end reads ahead while it sends (for acknowledgements), never past its budget."""
     transport = UnixRights(acknowledge=True, window=1000)
     a, b = Channel.pair(transport=transport, max_fds=4, max_held_fds=40)
-    r, w = os.pipe()
-    try:
-        with a, b:
-            a.settimeout(TIMEOUT)
-            b.settimeout(TIMEOUT)
-            # a floods b with fd messages that b does not read (one write
-            # each: as many as the socket buffer takes)...
-            for _ in range(150):
-                a.send(b"x", [r])
-            # ...while b sends (each send pumps what arrived, for a's acknowledgements).
-            for _ in range(20):
-                b.send(b"y", [r])
-                assert b._decoder.held_fds() <= b.max_held_fds
-            for _ in range(20):
-                with a.recv() as msg:
-                    assert msg.payload == b"y"
-            for _ in range(150):
-                with b.recv() as msg:
-                    assert msg.payload == b"x"
-                    assert len(msg.fds) == 1
-    finally:
-        os.close(r)
-        os.close(w)
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        # a floods b with fd messages that b does not read (one write
+        # each: as many as the socket buffer takes)...
+        for _ in range(150):
+            a.send(b"x", [r])
+        # ...while b sends (each send pumps what arrived, for a's acknowledgements).
+        for _ in range(20):
+            b.send(b"y", [r])
+            assert b._decoder.held_fds() <= b.max_held_fds
+        for _ in range(20):
+            with a.recv() as msg:
+                assert msg.payload == b"y"
+        for _ in range(150):
+            with b.recv() as msg:
+                assert msg.payload == b"x"
+                assert len(msg.fds) == 1
 
 
 # -- frame_timeout -------------------------------------------------------------------
@@ -520,27 +514,22 @@ def test_a_message_larger_than_the_whole_memory_budget_fails() -> None:
         assert (budget.held_memory, budget.holders) == (0, 0)
 
 
-def test_fds_of_messages_not_received_yet_are_charged() -> None:
+def test_fds_of_messages_not_received_yet_are_charged(r: int) -> None:
     """The review's queued-frame parking: frame 0 returned, frame 1's fds wait in the queue."""
     budget = Budget(fds=1000)
     peer, sock = socket.socketpair()
-    r, w = os.pipe()
-    try:
-        with peer, Channel(sock, budget=budget) as ch:
-            ch.settimeout(TIMEOUT)
-            # One write: a message without fds, then one whose 50 fds ride on
-            # the write's first byte (a group).
-            first = pack_header(0, 0, 0, 1, flags=FLAG_GROUP) + b"a"
-            peer.sendmsg([first, pack_header(0, 50, 0, 1) + b"b"], rights(r, 50))
-            with ch.recv() as msg:
-                assert msg.payload == b"a"
-            assert budget.held_fds == 50  # held for a message recv() has not returned
-            with ch.recv() as msg:  # the compiled path leaves charged frames to Python: it lets go
-                assert len(msg.fds) == 50
-            assert (budget.held_fds, budget.holders) == (0, 0)
-    finally:
-        os.close(r)
-        os.close(w)
+    with peer, Channel(sock, budget=budget) as ch:
+        ch.settimeout(TIMEOUT)
+        # One write: a message without fds, then one whose 50 fds ride on
+        # the write's first byte (a group).
+        first = pack_header(0, 0, 0, 1, flags=FLAG_GROUP) + b"a"
+        peer.sendmsg([first, pack_header(0, 50, 0, 1) + b"b"], rights(r, 50))
+        with ch.recv() as msg:
+            assert msg.payload == b"a"
+        assert budget.held_fds == 50  # held for a message recv() has not returned
+        with ch.recv() as msg:  # the compiled path leaves charged frames to Python: it lets go
+            assert len(msg.fds) == 50
+        assert (budget.held_fds, budget.holders) == (0, 0)
 
 
 def test_parked_connections_are_evicted_for_a_legitimate_message_in_progress() -> None:
@@ -623,45 +612,35 @@ def test_a_budget_eviction_wakes_a_recv_blocked_in_another_thread() -> None:
         os.close(w)
 
 
-def test_closing_a_channel_returns_its_charge() -> None:
+def test_closing_a_channel_returns_its_charge(r: int) -> None:
     budget = Budget(fds=100)
     peer, sock = socket.socketpair()
-    r, w = os.pipe()
-    try:
-        with peer:
-            ch = Channel(sock, budget=budget)
-            ch.settimeout(0.0)
-            _start_unfinished(peer, r, nfds=7)
-            with pytest.raises(BlockingIOError):
-                ch.recv()
-            assert (budget.held_fds, budget.holders) == (7, 1)
-            ch.close()
-            assert (budget.held_fds, budget.holders) == (0, 0)
-    finally:
-        os.close(r)
-        os.close(w)
+    with peer:
+        ch = Channel(sock, budget=budget)
+        ch.settimeout(0.0)
+        _start_unfinished(peer, r, nfds=7)
+        with pytest.raises(BlockingIOError):
+            ch.recv()
+        assert (budget.held_fds, budget.holders) == (7, 1)
+        ch.close()
+        assert (budget.held_fds, budget.holders) == (0, 0)
 
 
-def test_fds_read_ahead_of_a_group_are_charged_until_their_frames_arrive() -> None:
+def test_fds_read_ahead_of_a_group_are_charged_until_their_frames_arrive(r: int) -> None:
     budget = Budget(fds=1000)
     peer, sock = socket.socketpair()
-    r, w = os.pipe()
-    try:
-        with peer, Channel(sock, budget=budget, max_fds=1) as ch:
-            ch.settimeout(0.0)
-            # A group frame with its own fd and 9 more for frames not yet sent.
-            peer.sendmsg([pack_header(0, 1, 0, 1, flags=FLAG_GROUP), b"a"], rights(r, 10))
-            with ch.recv() as msg:
-                assert msg.payload == b"a"
-            assert budget.held_fds == 9
-            peer.sendall(b"".join(pack_header(0, 1, 0, 1, flags=FLAG_GROUP) + b"b" for _ in range(8)))
-            peer.sendall(pack_header(0, 1, 0, 1) + b"c")
-            for _ in range(9):
-                ch.recv().close()
-            assert budget.held_fds == 0
-    finally:
-        os.close(r)
-        os.close(w)
+    with peer, Channel(sock, budget=budget, max_fds=1) as ch:
+        ch.settimeout(0.0)
+        # A group frame with its own fd and 9 more for frames not yet sent.
+        peer.sendmsg([pack_header(0, 1, 0, 1, flags=FLAG_GROUP), b"a"], rights(r, 10))
+        with ch.recv() as msg:
+            assert msg.payload == b"a"
+        assert budget.held_fds == 9
+        peer.sendall(b"".join(pack_header(0, 1, 0, 1, flags=FLAG_GROUP) + b"b" for _ in range(8)))
+        peer.sendall(pack_header(0, 1, 0, 1) + b"c")
+        for _ in range(9):
+            ch.recv().close()
+        assert budget.held_fds == 0
 
 
 # -- the server: fd parking (issue #17 point 2) --------------------------------------------
