@@ -13,6 +13,7 @@ from ._core import ChannelCore
 from ._errors import ChannelClosed
 from ._handoff import reduce_channel
 from ._message import Message
+from ._sockio import stall_delay, write_pending
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -26,6 +27,44 @@ class AsyncSurface(ChannelCore):
     if TYPE_CHECKING:
 
         async def recv(self) -> Message: ...
+
+    # -- what a subclass supplies: its way of waiting ------------------------------
+
+    async def _wait_writable(self) -> None:
+        raise NotImplementedError
+
+    async def _sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def _is_cancellation(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    async def _push(self, before: int | None) -> None:
+        """Write queued chunks until none is left, waiting for writability.
+
+        *before*: bytes of the current message written before the call
+        (``None`` when flushing older data).  How a cancellation or a failure
+        ends the message is the outbox's rule (`Outbox.paused`, `Outbox.failed`).
+        """
+        outbox = self._outbox
+        written = 0
+        stalls = 0
+        try:
+            while True:
+                n = write_pending(self._io, self._sock, outbox, self._send_flags)
+                written += n
+                if not outbox.pending:
+                    return
+                stalls = 0 if n else stalls + 1
+                if stalls > 1:
+                    await self._sleep(stall_delay(stalls))  # writable, yet nothing went: do not spin
+                await self._wait_writable()
+        except BaseException as exc:
+            if self._is_cancellation(exc):
+                self._push_paused(exc, before, written)
+            else:
+                self._push_failed(exc, before, written)
+            raise
 
     def __aiter__(self) -> AsyncIterator[Message]:
         """Iterate with ``async for``: messages until the peer closes the channel.

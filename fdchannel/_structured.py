@@ -39,7 +39,6 @@ from ._message import Message
 from ._outbox import set_written
 from ._peer import check_server, unix_address, unix_socket
 from ._shared import SealedMemory, share_large
-from ._sockio import stall_delay, write_pending
 from .transports import Session, Transport
 
 __all__ = ["Backend", "Event", "Gate", "Server", "StructuredChannel", "connect_with", "serve_with"]
@@ -416,32 +415,11 @@ class StructuredChannel(AsyncSurface):
         finally:
             self._send_gate.leave()
 
-    async def _push(self, before: int | None) -> None:
-        """Write queued chunks until none is left, waiting for writability.
+    async def _sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
 
-        *before*: bytes of the current message written before the call
-        (``None`` when flushing older data).  How a cancellation or a failure
-        ends the message is the outbox's rule (`Outbox.paused`, `Outbox.failed`).
-        """
-        outbox = self._outbox
-        written = 0
-        stalls = 0
-        try:
-            while True:
-                n = write_pending(self._io, self._sock, outbox, self._send_flags)
-                written += n
-                if not outbox.pending:
-                    return
-                stalls = 0 if n else stalls + 1
-                if stalls > 1:
-                    await self._backend.sleep(stall_delay(stalls))  # writable, yet nothing went: do not spin
-                await self._wait_writable()
-        except BaseException as exc:
-            if self._backend.is_cancelled(exc):
-                self._push_paused(exc, before, written)
-            else:
-                self._push_failed(exc, before, written)
-            raise
+    def _is_cancellation(self, exc: BaseException) -> bool:
+        return self._backend.is_cancelled(exc)
 
     # -- receiving ------------------------------------------------------------
 

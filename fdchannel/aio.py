@@ -56,7 +56,6 @@ from ._peer import (
     unix_socket,
 )
 from ._shared import SealedMemory, share_large
-from ._sockio import stall_delay, write_pending
 from .transports import Session, Transport
 
 __all__ = ["AsyncChannel", "Server", "connect", "start_server"]
@@ -652,32 +651,11 @@ class AsyncChannel(AsyncSurface):
         finally:
             self._send_gate.leave()
 
-    async def _push(self, before: int | None) -> None:
-        """Write queued chunks until none is left, waiting for writability.
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
-        *before*: bytes of the current message written before the call
-        (``None`` when flushing older data).  How a cancellation or a failure
-        ends the message is the outbox's rule (`Outbox.paused`, `Outbox.failed`).
-        """
-        outbox = self._outbox
-        written = 0
-        stalls = 0
-        try:
-            while True:
-                n = write_pending(self._io, self._sock, outbox, self._send_flags)
-                written += n
-                if not outbox.pending:
-                    return
-                stalls = 0 if n else stalls + 1
-                if stalls > 1:
-                    await asyncio.sleep(stall_delay(stalls))  # writable, yet nothing went: do not spin
-                await self._wait_writable()
-        except asyncio.CancelledError as exc:
-            self._push_paused(exc, before, written)
-            raise
-        except BaseException as exc:
-            self._push_failed(exc, before, written)
-            raise
+    def _is_cancellation(self, exc: BaseException) -> bool:
+        return isinstance(exc, asyncio.CancelledError)
 
     # -- receiving ------------------------------------------------------------
 
