@@ -16,10 +16,12 @@ double what a message costs (see benchmarks/bench_aio.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,7 +34,7 @@ from ._budget import Budget
 from ._channel import Channel
 from ._codec import SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
-from ._errors import ChannelClosed, FdChannelError
+from ._errors import ChannelClosed, FdChannelError, LimitExceeded
 from ._fdutil import close_all
 from ._listener import Listener
 from ._message import Message
@@ -180,6 +182,7 @@ class StructuredChannel(AsyncSurface):
         self._adopt(sock, transport, session, decoder, max_payload=max_payload, max_fds=max_fds)
         self._send_gate = Gate(self._backend)
         self._recv_gate = Gate(self._backend)
+        self._thread = threading.get_ident()  # the run's (a Budget's eviction from elsewhere only wakes)
         # Tasks inside wait_readable/wait_writable: close() must wake them
         # (notify_closing) before the fd goes.
         self._waiting = 0
@@ -293,6 +296,17 @@ class StructuredChannel(AsyncSurface):
 
     def _claim_recv(self) -> bool:
         return self._recv_gate.try_enter()
+
+    def _evicted(self, exc: LimitExceeded) -> None:
+        if threading.get_ident() != self._thread:
+            # A read in another thread (a Budget shared with a threaded
+            # server): the gates are the run's; only the socket is shut
+            # down, which wakes a task waiting in recv, and the decoder
+            # fails at its next step (`Decoder.evicted`).
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            return
+        super()._evicted(exc)
 
     def _release_recv(self) -> None:
         self._recv_gate.leave()

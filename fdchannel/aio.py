@@ -20,6 +20,7 @@ Cancellation (and so ``asyncio.timeout()``) is safe at every ``await``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -40,7 +41,7 @@ from ._budget import Budget
 from ._channel import Channel
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
-from ._errors import ChannelClosed, FdChannelError
+from ._errors import ChannelClosed, FdChannelError, LimitExceeded
 from ._interrupt import raised_in_signal_handler
 from ._listener import SERVER_FRAME_TIMEOUT, Listener
 from ._message import Message
@@ -437,6 +438,16 @@ class AsyncChannel(AsyncSurface):
     def _claim_recv(self) -> bool:
         return self._recv_gate.try_enter()
 
+    def _evicted(self, exc: LimitExceeded) -> None:
+        loop = self._loop
+        if loop is not None and not _in_loop(loop):
+            # A read in another thread (a Budget shared with a threaded
+            # server): the gates are this loop's, so its thread does it.
+            with contextlib.suppress(RuntimeError):  # the loop is closed: close() did it all
+                loop.call_soon_threadsafe(super()._evicted, exc)
+            return
+        super()._evicted(exc)
+
     def _release_recv(self) -> None:
         self._recv_gate.leave()
 
@@ -800,6 +811,13 @@ _proactor_class: Any = getattr(asyncio, "ProactorEventLoop", None)
 def _lacks_readiness(loop: asyncio.AbstractEventLoop) -> bool:
     """True for a loop without add_reader/add_writer (Windows' ProactorEventLoop)."""
     return _proactor_class is not None and isinstance(loop, _proactor_class)
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _writable_now(fd: int) -> bool:

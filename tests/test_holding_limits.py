@@ -815,3 +815,49 @@ def test_a_peer_parking_fds_on_two_connections_cannot_starve_the_others() -> Non
         for fd in (stop_r, stop_w, report_r, report_w, r, w):
             if fd >= 0:
                 os.close(fd)
+
+
+def test_a_budget_shared_with_a_threaded_server_evicts_an_asyncio_channel_in_its_loop(r: int) -> None:
+    """A read in one thread evicts an idle AsyncChannel whose loop runs in another: the loop does it."""
+    budget = Budget(fds=100, memory=None)
+    (p1, s1), (p2, s2) = socket.socketpair(), socket.socketpair()
+    parked, evicted = threading.Event(), threading.Event()
+    outcome: list[BaseException] = []
+    loop = asyncio.new_event_loop()
+
+    async def serve_one() -> None:
+        ch = aio.AsyncChannel(s1, budget=budget)
+        try:
+            _start_unfinished(p1, r, nfds=60)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await ch.recv()  # takes in the 60 fds; cancelled, they stay held
+            parked.set()
+            assert await asyncio.get_running_loop().run_in_executor(None, evicted.wait, TIMEOUT)
+            for _ in range(3):
+                await asyncio.sleep(0)  # the eviction was scheduled on this loop: let it run
+            try:
+                await ch.recv()
+            except BaseException as exc:  # reported below
+                outcome.append(exc)
+        finally:
+            ch.close()
+
+    t = threading.Thread(target=lambda: loop.run_until_complete(serve_one()))
+    t.start()
+    try:
+        with p1, p2, Channel(s2, budget=budget) as other:
+            assert parked.wait(TIMEOUT)
+            assert budget.held_fds == 60
+            other.settimeout(0.0)
+            _start_unfinished(p2, r, nfds=60)  # 120 > 100: the asyncio channel is older
+            with pytest.raises(BlockingIOError):
+                other.recv()
+            evicted.set()
+            t.join(TIMEOUT)
+            assert not t.is_alive()
+            assert [type(e) for e in outcome] == [LimitExceeded]
+            assert budget.held_fds == 60  # only the blocking channel's
+    finally:
+        t.join(TIMEOUT)
+        loop.close()
