@@ -9,18 +9,21 @@ the process's fd table or its memory.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 import time
 import weakref
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
 from ._errors import LimitExceeded
 
 __all__ = ["Budget", "default_fd_budget"]
+
+_log = logging.getLogger("fdchannel")
 
 #: The default memory budget of a server: eight maximal (64 MiB) payloads in
 #: flight at once.
@@ -71,15 +74,19 @@ class Budget:
 
     What `recv` has returned is the caller's and no longer charged.
 
-    When a read takes the total over a limit, the channels that have held
-    something the longest give it up first, until the total is within the
-    limit again: each fails with `LimitExceeded` and its fds are closed
-    (at once, or as soon as its `recv` in progress wakes).  If the channel
-    that read is itself the oldest holder left, its `recv` raises the
-    error.  A message that arrives whole in one read is never held, and a
-    large one is held only while it arrives, so peers that park fds or
-    buffers go first and the others are served.  A message that alone
-    needs more than the budget fails on any server that uses it.
+    When a read takes the total over a limit, the peer that holds the most
+    (channels are grouped by the peer's uid on AF_UNIX, by its host over
+    TCP) gives up first, its channel that has held the longest first,
+    until the total is within the limit again: each fails with
+    `LimitExceeded` and its fds are closed (at once, or as soon as its
+    `recv` in progress wakes).  If the channel that read is the one to go,
+    its `recv` raises the error.  A message that arrives whole in one read
+    is never held, and a large one is held only while it arrives.  A
+    message that needs more than its peer's share may be refused while
+    other peers hold theirs; one that alone needs more than the budget
+    never fits.  While channels asked to give up have not yet, what is
+    held stays below twice the limit (a channel that would take more
+    fails instead).
 
     Safe to share between threads and between servers of one process; it
     means nothing in another process (it is not pickled with a channel).
@@ -96,11 +103,14 @@ class Budget:
     fds: int | None = attrs.field(factory=default_fd_budget, validator=_non_negative)
     memory: int | None = attrs.field(default=DEFAULT_MEMORY, validator=_non_negative)
     refused: int = attrs.field(default=0, init=False)
-    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    # An RLock: the garbage collector may run a channel's finalizer, which
+    # charges this budget, while this thread is inside `charge`.
+    _lock: threading.RLock = attrs.field(factory=threading.RLock, init=False)
     _held_fds: int = attrs.field(default=0, init=False)
     _held_memory: int = attrs.field(default=0, init=False)
     # Per holder: [fds, bytes, since (time.monotonic() when it began to
-    # hold), evicting (asked to give up, not yet done)].
+    # hold), evicting (asked to give up, not yet done), group (its peer's
+    # uid, or the holder itself)].
     _holders: dict[Holder, list[Any]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -127,13 +137,17 @@ class Budget:
             f"held_memory={self._held_memory}, holders={len(self._holders)}, refused={self.refused})"
         )
 
-    def charge(self, holder: Holder, fds: int, memory: int, *, check: bool = True) -> None:
+    def charge(
+        self, holder: Holder, fds: int, memory: int, *, check: bool | Literal["others"] = True
+    ) -> None:
         """Record that *holder* now holds *fds* and *memory* bytes (replacing what it held before).
 
-        With *check*, when its holding grew and the total went over a limit,
-        the oldest holders are evicted until it is within; raises
-        `LimitExceeded` if *holder* is one of them (its charge stands until
-        it gives the fds up, which charges zero).
+        When its holding grew and the total went over a limit: with
+        *check* true, holders are evicted (see the class) until it is
+        within, and `LimitExceeded` is raised if *holder* is the one to go
+        (its charge stands until it gives the fds up, which charges zero);
+        with ``"others"``, only other holders are evicted; with false,
+        nothing is.
         """
         with self._lock:
             entry = self._holders.pop(holder, None)
@@ -142,61 +156,83 @@ class Budget:
             self._held_memory += memory - old_memory
             if fds or memory:
                 if entry is None:
-                    entry = [fds, memory, time.monotonic(), False]
+                    group = getattr(holder, "peer_group", None)
+                    entry = [fds, memory, time.monotonic(), False, holder if group is None else group]
                 else:
                     entry[0], entry[1] = fds, memory
                 self._holders[holder] = entry
             if not check or (fds <= old_fds and memory <= old_memory):
                 return
-            victims, mine = self._choose(holder)
+            victims, mine = self._choose(holder, may_fail=check is True)
             self.refused += len(victims) + (mine is not None)
         for victim, exc in victims:
             try:
                 victim.evict(exc)
             except Exception:
-                pass
+                _log.exception("evicting %r for its Budget failed", victim)
         if mine is not None:
             raise mine
 
-    def _choose(self, holder: Holder) -> tuple[list[tuple[Holder, LimitExceeded]], LimitExceeded | None]:
-        """The holders to evict, oldest first, until the total is within the limits (the lock is held)."""
-        fds = sum(e[0] for e in self._holders.values() if not e[3])
-        memory = sum(e[1] for e in self._holders.values() if not e[3])
-        if not self._over(fds, memory):
-            return [], None
+    def _choose(
+        self, holder: Holder, *, may_fail: bool
+    ) -> tuple[list[tuple[Holder, LimitExceeded]], LimitExceeded | None]:
+        """Who gives up what they hold so that the total is within the limits (the lock is held).
+
+        The peer (a user, by its uid) that holds the most goes first, its
+        channel that has held the longest first; never more than needed.
+        """
+        # A snapshot: a finalizer that the garbage collector runs inside this
+        # block may charge (less) meanwhile; the lock is an RLock for it.
+        live = [(h, e) for h, e in list(self._holders.items()) if not e[3]]
+        fds = sum(e[0] for _, e in live)
+        memory = sum(e[1] for _, e in live)
+        if may_fail and self._over(self._held_fds // 2, self._held_memory // 2):
+            # Channels asked to give up have not yet (a task in a busy
+            # thread): what is really held stays below twice the limit.
+            mine = next(e for h, e in live if h is holder) if any(h is holder for h, _ in live) else None
+            if mine is not None:
+                return [], LimitExceeded(self._why(self._held_fds, self._held_memory, mine, "twice"))
         victims: list[tuple[Holder, LimitExceeded]] = []
-        for h, entry in sorted(self._holders.items(), key=lambda item: item[1][2]):
-            fds_over = self.fds is not None and fds > self.fds
-            if entry[3] or not entry[0 if fds_over else 1]:
-                continue  # already going, or holding nothing of what is over
-            exc = LimitExceeded(self._why(fds, memory, entry))
+        while self._over(fds, memory):
+            which = 0 if self.fds is not None and fds > self.fds else 1
+            by_group: dict[object, list[tuple[Holder, list[Any]]]] = {}
+            for h, e in live:
+                if e[which] and not (h is holder and not may_fail):
+                    by_group.setdefault(e[4], []).append((h, e))
+            if not by_group:
+                break  # only the charger holds, and it may not fail here
+            group = max(by_group.values(), key=lambda members: sum(e[which] for _, e in members))
+            h, e = min(group, key=lambda member: member[1][2])
+            exc = LimitExceeded(self._why(fds, memory, e, "oldest"))
             if h is holder:
                 return victims, exc
-            entry[3] = True
+            e[3] = True
             victims.append((h, exc))
-            fds -= entry[0]
-            memory -= entry[1]
-            if not self._over(fds, memory):
-                break
+            live = [(x, y) for x, y in live if x is not h]
+            fds -= e[0]
+            memory -= e[1]
         return victims, None
 
     def _over(self, fds: int, memory: int) -> bool:
         return (self.fds is not None and fds > self.fds) or (self.memory is not None and memory > self.memory)
 
-    def _why(self, fds: int, memory: int, entry: list[Any]) -> str:
+    def _why(self, fds: int, memory: int, entry: list[Any], why: str) -> str:
         held = time.monotonic() - entry[2]
         if self.fds is not None and fds > self.fds:
             what = f"{fds} fds, over their budget of {self.fds}; this one held {entry[0]}"
         else:
             what = f"{memory} bytes, over their budget of {self.memory}; this one held {entry[1]}"
-        return (
-            f"the channels sharing this Budget held {what}, for {held:.3f} s, the longest of them: "
-            "it gives them up (a message that alone needs more than the budget never fits)"
-        )
+        if why == "twice":
+            how = "and the channels asked to give theirs up have not yet: this one cannot take more"
+        else:
+            how = (
+                f"for {held:.3f} s, the longest of its peer's, whose channels held the most: it gives "
+                "them up (a message that alone needs more than the budget never fits)"
+            )
+        return f"the channels sharing this Budget held {what}, {how}"
 
     def _after_fork(self) -> None:
-        if self._lock.locked():
-            self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a thread of the parent may have held it
 
 
 #: Every Budget of this process, for `_after_fork_in_child`.

@@ -33,7 +33,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ._errors import LimitExceeded, ProtocolError
 
@@ -338,7 +338,10 @@ class Decoder:
         self.evicted: LimitExceeded | None = None
         #: A weak method the channel sets: called by `evict` to clean up or wake.
         self.on_evict: Any = None
+        #: Who the peer is, for a `Budget`'s fairness (its uid), or None.
+        self.peer_group: object = None
         self._unfinished_at = -1  # stream offset of the frame the deadline is for
+        self._arrived: dict[int, float] = {}  # stream offset of a read with fds -> when it came
         #: The `time.monotonic` time by which the unfinished frame must be
         #: complete (``frame_timeout``), or None: nothing is unfinished, or no
         #: frame timeout applies.
@@ -421,7 +424,7 @@ class Decoder:
         begin = self._received
         self._received = end = begin + nbytes
         if fds:
-            self._fds.append([fds if fds.__class__ is list else list(fds), begin, end])
+            self._park(fds, begin, end)
         if self.evicted is not None and self.error is None:
             self._failed(self.evicted)  # a Budget asked for it all back (any thread)
         if self.error is not None:
@@ -444,8 +447,15 @@ class Decoder:
         except ProtocolError as exc:
             self._failed(exc)
 
+    def _park(self, fds: list[int] | tuple[int, ...], begin: int, end: int) -> None:
+        self._fds.append([fds if fds.__class__ is list else list(fds), begin, end])
+        if self.frame_timeout is not None:
+            self._arrived[begin] = time.monotonic()  # when these fds came: their deadline's start
+
     def _failed(self, exc: ProtocolError) -> None:
-        self.error = exc
+        # Kept for later calls without the frames it passed through: their
+        # locals (a payload buffer) would live as long as the error does.
+        self.error = exc.with_traceback(None)
         self._big = None  # a frame that will never complete: its buffer goes now
         if isinstance(exc, LimitExceeded):
             # Over a holding limit: what is held goes at once, the frames
@@ -478,13 +488,13 @@ class Decoder:
             self._time_unfinished()
 
     def _settle(self) -> None:
-        """Charge the budget what is held now, without refusing (fds were given up, or the decoder failed)."""
+        """Charge the budget what is held now; never refuses this decoder (if it grew, others may go)."""
         if self.budget is not None:
-            self._charge(self.held_fds(), False)
+            self._charge(self.held_fds(), "others")
         if self.frame_timeout is not None:
             self._time_unfinished()
 
-    def _charge(self, held: int, check: bool) -> None:
+    def _charge(self, held: int, check: bool | Literal["others"]) -> None:
         big = self._big
         memory = len(big.payload) if big is not None and big.payload.__class__ is bytearray else 0
         if (held, memory) != self._charged:
@@ -517,18 +527,25 @@ class Decoder:
                 at = big.start
             elif self._start != self._end:
                 at = self._received - (self._end - self._start)
-            if self._fds:
-                # fds parked ahead (a group's, for frames not begun): their
-                # time runs from the read that brought the oldest, however
-                # many frames complete meanwhile.
-                parked = self._fds[0][1]
-                at = parked if at < 0 else min(at, parked)
+        arrived = None
+        if self.error is None and self._fds:
+            # fds parked ahead (a group's, for frames not begun): their time
+            # runs from the read that brought the oldest, however many
+            # frames complete meanwhile.
+            parked = self._fds[0][1]
+            if at < 0 or parked < at:
+                at = parked
+                arrived = self._arrived.get(parked)
         if at < 0:
             self._unfinished_at = -1
             self.deadline = None
+            self._arrived.clear()
         elif at != self._unfinished_at:
             self._unfinished_at = at
-            self.deadline = time.monotonic() + self.frame_timeout  # type: ignore[operator]
+            start = time.monotonic() if arrived is None else arrived
+            self.deadline = start + self.frame_timeout  # type: ignore[operator]
+            for gone in [k for k in self._arrived if k < at]:
+                del self._arrived[gone]
 
     def _check_held(self) -> None:
         """Refuse more buffered fds than the frame in progress may carry.

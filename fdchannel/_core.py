@@ -203,6 +203,8 @@ class ChannelCore:
         self._pid = os.getpid()
         # Weak: the decoder must not keep its channel alive (no cycle).
         decoder.on_evict = weakref.WeakMethod(self._evicted)
+        if decoder.budget is not None and decoder.peer_group is None:
+            decoder.peer_group = _peer_group(sock)
         if max_fds == 0:
             # A data-only channel: where the kernel can, no fd even reaches
             # this process (the sender gets EPERM); elsewhere the decoder
@@ -870,6 +872,8 @@ class ChannelCore:
                 self._fail(exc)
             finally:
                 self._release_recv()
+            if self._closed:
+                self._drop_held()  # close() in another thread skipped what the lock guarded
         else:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -992,6 +996,18 @@ class ChannelCore:
             self._session.close()
         finally:
             self._sock.close()
+
+
+def _peer_group(sock: socket.socket) -> object:
+    """Who is at the other end, for a `Budget`'s fairness: its uid (AF_UNIX) or host (TCP), else None."""
+    try:
+        if sock.family == getattr(socket, "AF_UNIX", None):
+            return ("uid", peer_credentials(sock).uid)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            return ("host", sock.getpeername()[0])
+    except (OSError, NotImplementedError):
+        pass
+    return None  # no way to ask: the channel is a peer of its own
 
 
 def check_holding_limits(

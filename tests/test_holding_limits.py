@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fdchannel import Budget, Channel, LimitExceeded, ProtocolError, aio
+from fdchannel import Budget, Channel, LimitExceeded, Listener, ProtocolError, aio
 from fdchannel._budget import default_fd_budget
 from fdchannel._codec import FLAG_GROUP, pack_header
 from fdchannel.transports import UnixRights
@@ -77,8 +78,9 @@ def count_fds() -> int:
 class Recorder:
     """A holder that records what the budget asks of it (the budget's own bookkeeping, no kernel)."""
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, peer: object = "one user") -> None:
         self.budget = budget
+        self.peer_group = peer
         self.evicted: LimitExceeded | None = None
 
     def evict(self, exc: LimitExceeded) -> None:
@@ -118,6 +120,48 @@ def test_budget_evicts_the_oldest_holders_first() -> None:
     assert budget.held_fds == 75
     assert budget.refused == 3
     assert "held 30" in str(parkers[0].evicted)
+
+
+def test_budget_takes_first_from_the_peer_that_holds_the_most() -> None:
+    """The second review's attack: a young peer cannot evict another peer's older, smaller message."""
+    budget = Budget(fds=300, memory=None)
+    legit = Recorder(budget, peer="uid 1000")
+    budget.charge(legit, 100, 0)  # a large message in progress
+    attackers = [Recorder(budget, peer="uid 65534") for _ in range(3)]
+    for a in attackers:
+        budget.charge(a, 90, 0)  # 370 > 300 at the third
+    assert legit.evicted is None
+    assert [a.evicted is not None for a in attackers] == [True, False, False]
+    budget.charge(legit, 120, 0)  # 300: within
+    assert legit.evicted is None
+    with pytest.raises(LimitExceeded, match="whose channels held the most"):
+        budget.charge(attackers[2], 200, 0)  # it holds the most: it gives up
+
+
+def test_budget_caps_what_is_held_while_evicted_channels_have_not_let_go() -> None:
+    budget = Budget(fds=100, memory=None)
+
+    class Slow(Recorder):
+        def evict(self, exc: LimitExceeded) -> None:
+            self.evicted = exc  # a task in a busy thread: it lets go later
+
+    slow = [Slow(budget) for _ in range(3)]
+    for h in slow:
+        budget.charge(h, 60, 0)
+    assert budget.held_fds == 180  # two were asked to go, neither has
+    with pytest.raises(LimitExceeded, match="have not yet"):
+        budget.charge(Recorder(budget), 30, 0)  # 210 > twice the limit
+
+
+def test_budget_growth_that_may_not_fail_still_evicts_others() -> None:
+    budget = Budget(fds=100, memory=None)
+    old, grower = Recorder(budget), Recorder(budget)
+    budget.charge(old, 60, 0)
+    budget.charge(grower, 10, 0)
+    budget.charge(grower, 70, 0, check="others")  # 130: never raises; the oldest other goes
+    assert old.evicted is not None
+    assert grower.evicted is None
+    assert budget.held_fds == 70
 
 
 def test_budget_fails_the_charger_when_it_is_the_oldest() -> None:
@@ -389,6 +433,30 @@ def test_fds_parked_ahead_keep_their_deadline_while_group_frames_complete(
         with pytest.raises(LimitExceeded, match="frame_timeout"):
             ch.recv()
         assert count_fds() == before - 253
+
+
+def test_the_next_parked_batch_keeps_the_time_it_arrived(
+    raw_peer: tuple[socket.socket, socket.socket, int],
+) -> None:
+    """The second review's staggered batches: when the oldest parked batch is used up, the next
+    one's deadline runs from when it came, not from then."""
+    peer, sock, fd = raw_peer
+    group = pack_header(0, 1, 0, 1, flags=FLAG_GROUP)
+    with Channel(sock, frame_timeout=TIMEOUT, max_fds=2) as ch:
+        ch.settimeout(0.0)
+        peer.sendmsg([group, b"a"], rights(fd, 3))  # its own fd, 2 parked ahead (batch 1)
+        with ch.recv():
+            pass
+        peer.sendmsg([group, b"b"], rights(fd, 2))  # takes one of batch 1; batch 2 parks 2
+        with ch.recv():
+            pass
+        mark = time.monotonic()  # after batch 2 came
+        peer.sendall(group + b"c")  # takes batch 1's last fd: batch 2 is the oldest now
+        with ch.recv():
+            pass
+        deadline = ch._decoder.deadline
+        assert deadline is not None
+        assert deadline < mark + TIMEOUT  # before: restarted at the third read
 
 
 def test_a_non_blocking_recv_fails_an_unfinished_message_past_its_deadline(
@@ -861,3 +929,116 @@ def test_a_budget_shared_with_a_threaded_server_evicts_an_asyncio_channel_in_its
     finally:
         t.join(TIMEOUT)
         loop.close()
+
+
+def test_a_finalizer_run_by_the_gc_inside_charge_does_not_hang(r: int) -> None:
+    """The second review's hang: the GC frees a forgotten, charged channel while its budget's lock is held."""
+
+    def child() -> None:
+        import gc
+        import random
+        import types
+        import warnings
+
+        warnings.simplefilter("ignore", ResourceWarning)  # the forgotten channels say so: on purpose
+        budget = Budget(fds=100_000, memory=None)
+        rng = random.Random(17)
+        for _ in range(400):
+            gc.set_threshold(0)
+            pa, pb = socket.socketpair()
+            forgotten = Channel(pb, budget=budget)
+            forgotten.settimeout(0.0)
+            pa.sendmsg([pack_header(0, 1, 0, 5)], rights(r, 1))
+            with contextlib.suppress(BlockingIOError):
+                forgotten.recv()
+            cycle = types.SimpleNamespace(channel=forgotten, peer=pa)
+            cycle.me = cycle  # only the collector frees it
+            del cycle, forgotten, pa
+            qa, qb = socket.socketpair()
+            with qa, Channel(qb, budget=budget) as other:
+                other.settimeout(0.0)
+                qa.sendmsg([pack_header(0, 2, 0, 5)], rights(r, 2))
+                gc.set_threshold(rng.randint(1, 60))  # a collection somewhere inside the read
+                with contextlib.suppress(BlockingIOError):
+                    other.recv()
+            gc.set_threshold(0)
+            gc.collect()
+        gc.set_threshold(700)
+        assert (budget.held_fds, budget.holders) == (0, 0)
+
+    pid = fork_child(child)
+    assert wait_child(pid, 3 * TIMEOUT) == 0  # before: the child hung on its own lock, and was killed
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0, reason="needs root: an attacker as uid 65534"
+)
+def test_a_young_attacker_of_another_user_cannot_evict_a_message_in_progress() -> None:  # noqa: C901, PLR0915 - one scenario
+    """The second review's attack: fresh connections are always younger than a large message
+    in progress; the peer that holds the most (the attacker's user) gives up first."""
+    budget = Budget(fds=None, memory=1 << 20)
+    path = f"\0fdchannel-young-{os.getpid()}"
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+
+    def attack() -> None:
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        conns = []
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            s.sendall(pack_header(0, 0, 0, 4 << 20) + bytes(150 * 1024))  # begun, never finished
+            conns.append(s)
+        os.write(ready_w, b"x")
+        select.select([stop_r], [], [], TIMEOUT)
+        for s in conns:
+            s.close()
+
+    with Listener(path, budget=budget, max_payload=8 << 20) as listener:
+        listener.settimeout(TIMEOUT)
+        legit = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        legit.settimeout(TIMEOUT)
+        pid = -1
+        channels: list[Channel] = []
+        try:
+            legit.connect(path)
+            legit.sendall(pack_header(0, 0, 0, 700 * 1024) + bytes(100 * 1024))
+            ch = listener.accept()
+            channels.append(ch)
+            ch.settimeout(0.0)
+            with pytest.raises(BlockingIOError):
+                ch.recv()  # the legitimate message is in progress: the oldest holder
+            pid = fork_child(attack)
+            assert select.select([ready_r], [], [], TIMEOUT)[0]
+            evicted = 0
+            for _ in range(3):
+                a = listener.accept()
+                channels.append(a)
+                a.settimeout(0.0)
+                with pytest.raises(BlockingIOError):
+                    a.recv()
+            rest = threading.Thread(target=legit.sendall, args=(bytes(600 * 1024),), daemon=True)
+            rest.start()
+            ch.settimeout(TIMEOUT)
+            with ch.recv() as msg:  # before: the legitimate message was the one evicted
+                assert len(msg.payload) == 700 * 1024
+            rest.join(TIMEOUT)
+            for a in channels[1:]:
+                try:
+                    a.recv()
+                except LimitExceeded:
+                    evicted += 1
+                except BlockingIOError:
+                    pass
+            assert evicted >= 1
+            assert budget.held_memory <= 1 << 20
+        finally:
+            os.write(stop_w, b"x")
+            for c in channels:
+                c.close()
+            legit.close()
+            if pid > 0:
+                assert wait_child(pid, TIMEOUT) == 0
+            for fd in (ready_r, ready_w, stop_r, stop_w):
+                os.close(fd)
