@@ -341,7 +341,7 @@ class Channel(ChannelCore):
             if self._closed:
                 self._drop_held()
 
-    def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:
+    def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:  # noqa: C901, PLR0912 - compiled path first, then the Python one inline
         """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
 
         Each message arrives as if sent by `send` (the receiver calls

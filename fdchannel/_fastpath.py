@@ -75,7 +75,7 @@ def _send_rest(channel: Any, bufs: list[Buffer], nums: list[int], sent: int) -> 
 
 
 def _send_many_rest(channel: Any, bufs: list[Buffer], nums: list[int], sent: int, count: int) -> None:
-    """A ``send_many`` group's write took *sent* bytes (maybe 0): queue the rest and push it, as `Channel.send_many`.
+    """A ``send_many`` group's write took *sent* bytes (maybe 0): queue and push the rest, as `send_many`.
 
     The group held all *count* messages of the call; on an exception
     ``messages_taken`` says how many were taken, as `_batch.send_groups` does.

@@ -936,9 +936,19 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     } else if (sent >= 0 || err == EAGAIN || err == EWOULDBLOCK) {
         /* A partial write, or a full socket: the Python path queues the
          * group's rest and pushes it as send_many() does. */
-        if (PyErr_CheckSignals() < 0)
+        if (PyErr_CheckSignals() < 0) {
+            /* The stream is unusable; as _batch says for an error in the push,
+             * the messages count as taken once bytes of them left. */
             send_was_interrupted(channel);
-        else {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            PyObject *taken = PyLong_FromSsize_t(sent > 0 ? count : 0);
+            if (value == NULL || taken == NULL || PyObject_SetAttr(value, s_messages_taken, taken) < 0)
+                PyErr_Clear();
+            Py_XDECREF(taken);
+            PyErr_Restore(type, value, tb);
+        } else {
             PyObject *bufs = PyList_New(0), *numl = int_list(fds, nfds), *pn = PyLong_FromSsize_t(sent < 0 ? 0 : sent);
             PyObject *pc = PyLong_FromSsize_t(count);
             int bad = bufs == NULL || numl == NULL || pn == NULL || pc == NULL;
