@@ -1443,10 +1443,12 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         Py_SIZE(self->dec_fds) == 0 && Py_SIZE(self->landed) == 0) {
         /* Several whole plain frames (a send_many() group): queued here, as the decoder would. */
         Py_ssize_t k = scan_plain_frames(self, b, n, nfds);
-        if (k && decoder_takes_plain(decoder, nfds) &&
-            queue_plain_frames(self->frames, b, k, fds, self->received) == 0) {
+        PyObject *frames = self->frames; /* held: a finalizer run by an allocation may change the dict */
+        Py_INCREF(frames);
+        if (k && decoder_takes_plain(decoder, nfds) && queue_plain_frames(frames, b, k, fds, self->received) == 0) {
             PyBuffer_Release(&view);
             if (add_received_fast(self, decoder, n) < 0) {
+                Py_DECREF(frames);
                 recv_stopped(channel);
                 goto fail;
             }
@@ -1463,15 +1465,18 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
                 Py_XDECREF(r);
                 PyErr_Clear();
                 PyErr_Restore(type, value, tb);
+                Py_DECREF(frames);
                 goto fail;
             }
-            result = next_queued_from(self->frames);
+            result = next_queued_from(frames);
+            Py_DECREF(frames);
             if (result != NULL)
                 goto out;
             if (PyErr_Occurred())
                 goto fail;
             goto not_handled;
         }
+        Py_DECREF(frames);
         PyErr_Clear(); /* (out of memory) not queued: the Python decoder takes it all below */
     }
     PyBuffer_Release(&view);

@@ -12,8 +12,12 @@ the same.
 from __future__ import annotations
 
 import os
+import platform
+import signal
 import socket
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fdchannel import Channel, LimitExceeded, _batch, _fastpath
+from fdchannel import Channel, LimitExceeded, ProtocolError, _batch, _fastpath
 from fdchannel._codec import FLAG_GROUP, header_tag, pack_tagged
 
 TIMEOUT = 10.0
@@ -355,3 +359,116 @@ def test_both_paths_read_any_read_of_frames_alike(
         fds = [r if i % 2 else w for i in range(nfds)]
         count = len(spec)
         assert _outcome(True, data, fds, count) == _outcome(False, data, fds, count)
+
+
+# -- a signal handler that raises right after the system call ------------------------------
+
+_SENDMSG, _RECVMSG = {"x86_64": (46, 47), "aarch64": (211, 212)}.get(platform.machine(), (None, None))
+needs_proc_syscall = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or _RECVMSG is None or not hasattr(signal, "pthread_kill"),
+    reason="Linux /proc syscall and POSIX signals",
+)
+
+
+class _Alarm(TimeoutError):
+    pass
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise _Alarm("timed out (signal handler)")
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def _blocked_in(tid: int, nr: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            if f.read().split()[0] == str(nr):
+                return
+        time.sleep(0.001)  # no event says so: /proc is polled
+    raise TimeoutError(f"thread {tid} never blocked in system call {nr}")
+
+
+@compiled_only
+@needs_proc_syscall
+def test_a_group_read_cut_by_a_handler_says_so_and_leaks_nothing(alarm: None) -> None:
+    """The main thread blocks in recvmsg; another marks SIGUSR1 due and sends a group."""
+    main = threading.get_native_id()
+    failed: list[BaseException] = []
+    with _channels() as (a, b), _pipe() as (r, _w):
+        b.settimeout(None)
+
+        def peer() -> None:
+            try:
+                assert _RECVMSG is not None
+                _blocked_in(main, _RECVMSG)
+                signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # handled in main
+                a.send_many([(b"one", [r]), (b"two", [r]), (b"three", [r])])
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=peer)
+        thread.start()
+        try:
+            with pytest.raises(_Alarm):
+                b.recv()
+        finally:
+            thread.join(TIMEOUT)
+        assert not failed, failed
+        with pytest.raises(ProtocolError, match="interrupted by _Alarm"):
+            b.recv()
+
+
+@compiled_only
+@needs_proc_syscall
+def test_a_group_sent_whole_before_a_handler_raised_counts_as_taken(
+    alarm: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The main thread blocks in sendmsg (a full socket); another marks SIGUSR1 due, then reads."""
+    main = threading.get_native_id()
+    failed: list[BaseException] = []
+    got: list[bytes] = []
+    with _channels() as (a, b), _pipe() as (r, _w):
+        messages = [(bytes([i]) * 50_000, [r]) for i in range(4)]
+        a.settimeout(0.0)
+        fillers = 0
+        with pytest.raises(BlockingIOError):
+            while True:
+                a.send(b"f" * 1000)
+                fillers += 1
+        assert not a._outbox.pending
+        a.settimeout(None)
+        _no_python_send_many(monkeypatch)
+
+        def peer() -> None:
+            try:
+                assert _SENDMSG is not None
+                _blocked_in(main, _SENDMSG)
+                signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # handled in main
+                for _ in range(fillers):
+                    b.recv().close()
+                for _ in messages:
+                    with b.recv() as msg:
+                        got.append(bytes(msg.payload))
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=peer)
+        thread.start()
+        try:
+            with pytest.raises(_Alarm) as info:
+                a.send_many(messages)
+        finally:
+            thread.join(TIMEOUT)
+        assert not failed, failed
+        assert info.value.messages_taken == len(messages)  # type: ignore[attr-defined]
+        assert got == [p for p, _ in messages]
+        a.send(b"after")  # the channel is intact
+        assert b.recv().payload == b"after"
