@@ -9,8 +9,8 @@ compiled one is faster.
 
 The compiled path covers the common case of the default transport
 (`UnixRights` without acknowledgements over AF_UNIX): `attach` gives such a
-channel a ``FastPath`` object, which `Channel.send` and `Channel.recv` try
-first.  What it hands over comes back through the helpers below, which do
+channel a ``FastPath`` object, which `Channel.send`, `Channel.recv` and
+`Channel.send_many` try first.  What it hands over comes back through the helpers below, which do
 exactly what the Python path does at that point.
 """
 

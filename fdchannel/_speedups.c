@@ -1,9 +1,11 @@
-/* fdchannel._speedups: the compiled fast path of Channel.send and Channel.recv.
+/* fdchannel._speedups: the compiled fast path of Channel.send, Channel.recv
+ * and Channel.send_many.
  *
  * It covers the common case of the default transport (UnixRights without
  * acknowledgements, on Linux): one sendmsg of a whole frame with at most
- * SCM_MAX_FD fds and nothing queued, and one recvmsg that is exactly one
- * plain data frame.  Every check the Python path makes is made here first;
+ * SCM_MAX_FD fds and nothing queued, one sendmsg of a send_many() call
+ * that fits one group, and one recvmsg that is exactly one plain data
+ * frame or several whole ones (a group, queued in the decoder).  Every check the Python path makes is made here first;
  * anything unusual returns "not handled" (False or None) *before* any state
  * changed, or hands what was already read or written to the Python helpers
  * of fdchannel._fastpath, which leave the channel as the Python path would.
