@@ -5,10 +5,11 @@
  * acknowledgements, on Linux): one sendmsg of a whole frame with at most
  * SCM_MAX_FD fds and nothing queued, one sendmsg of a send_many() call
  * that fits one group, and one recvmsg that is exactly one plain data
- * frame or several whole ones (a group, queued in the decoder).  Every check the Python path makes is made here first;
- * anything unusual returns "not handled" (False or None) *before* any state
- * changed, or hands what was already read or written to the Python helpers
- * of fdchannel._fastpath, which leave the channel as the Python path would.
+ * frame or several whole ones (a group, queued in the decoder).  Every
+ * check the Python path makes is made here first; anything unusual
+ * returns "not handled" (False or None) *before* any state changed, or
+ * hands what was already read or written to the Python helpers of
+ * fdchannel._fastpath, which leave the channel as the Python path would.
  * The channel's own locks (threading.Lock objects) guard both paths alike.
  * The GIL is released around each system call.
  */

@@ -224,21 +224,29 @@ def test_a_partial_write_of_a_group_is_pushed_by_the_python_path(monkeypatch: py
 
 
 @compiled_only
-def test_a_full_socket_before_a_group_takes_none() -> None:
-    with _channels() as (a, b):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_full_socket_before_a_group_takes_none(compiled: bool) -> None:
+    with _channels(compiled) as (a, b):
         a.settimeout(0.0)
-        with pytest.raises(BlockingIOError):
+        fillers = 0
+        with pytest.raises(BlockingIOError) as full:
             while True:
-                a.send(b"f" * 60_000)
+                a.send(b"f")  # one small buffer each: taken whole or not at all
+                fillers += 1
+        assert full.value.characters_written == 0
+        assert not a._outbox.pending
+        if compiled:
+            with pytest.raises(BlockingIOError):
+                a._fast.send_many(a, [(b"x", []), (b"y", [])])  # taken by C, nothing left
         with pytest.raises(BlockingIOError) as info:
             a.send_many([(b"x", []), (b"y", [])])
-        assert info.value.messages_taken in (0, 2)  # type: ignore[attr-defined]
+        assert info.value.messages_taken == 0  # type: ignore[attr-defined]
+        assert not a._outbox.pending
         b.settimeout(0.0)
-        while True:
-            try:
-                b.recv().close()
-            except BlockingIOError:
-                break
+        for _ in range(fillers):
+            assert b.recv().payload == b"f"
+        with pytest.raises(BlockingIOError):
+            b.recv()
 
 
 # -- reads the compiled queueing hands to the Python decoder ---------------------------------
