@@ -28,6 +28,7 @@ __all__ = [
     "Prepared",
     "closed_meanwhile",
     "prepare",
+    "record_taken",
     "send_each",
     "send_each_async",
     "send_groups",
@@ -109,7 +110,7 @@ def prepare(
     return prepared
 
 
-def _taken(exc: BaseException, taken: int, count: int) -> None:
+def record_taken(exc: BaseException, taken: int, count: int) -> None:
     """Record on *exc* the messages taken: *taken*, and the *count* being written if it was taken."""
     if getattr(exc, "characters_written", 0):
         taken += count  # taken: its rest is pending
@@ -133,7 +134,7 @@ def send_groups(channel: Channel, prepared: Sequence[Prepared], deadline: float 
                 if sent is not None:
                     channel._push(deadline, sent)
         except BaseException as exc:
-            _taken(exc, taken, count)
+            record_taken(exc, taken, count)
             raise
         taken += count
 
@@ -144,7 +145,7 @@ def send_each(channel: Channel, prepared: Sequence[Prepared]) -> None:
         try:
             channel._send_queued(*item)
         except BaseException as exc:
-            _taken(exc, i, 1)
+            record_taken(exc, i, 1)
             raise
 
 
@@ -161,7 +162,7 @@ async def send_groups_async(channel: AsyncChannel, prepared: Sequence[Prepared])
                 if sent is not None:
                     await channel._push(sent)
         except BaseException as exc:
-            _taken(exc, taken, count)
+            record_taken(exc, taken, count)
             raise
         taken += count
 
@@ -172,7 +173,7 @@ async def send_each_async(channel: AsyncChannel, prepared: Sequence[Prepared]) -
         try:
             await channel._send_queued(*item)
         except BaseException as exc:
-            _taken(exc, i, 1)
+            record_taken(exc, i, 1)
             raise
 
 

@@ -341,7 +341,7 @@ class Channel(ChannelCore):
             if self._closed:
                 self._drop_held()
 
-    def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:
+    def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:  # noqa: C901, PLR0912 - compiled path first, then the Python one inline
         """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
 
         Each message arrives as if sent by `send` (the receiver calls
@@ -370,6 +370,16 @@ class Channel(ChannelCore):
                 (sent, or pending for `flush` when ``characters_written``
                 is more than 0); send the rest again.
         """
+        fast = self._fast
+        if fast is not None:
+            try:
+                if fast.send_many(self, messages):
+                    return  # one write in C (fdchannel._fastpath), or its rest handed over
+            except BaseException as exc:
+                if fast.sent_many >= 0:
+                    # A signal handler's error as the call returned: all had left.
+                    exc.messages_taken = fast.sent_many  # type: ignore[attr-defined]
+                raise
         prepared = _batch.prepare(self, messages)
         done = False
         try:

@@ -9,8 +9,8 @@ compiled one is faster.
 
 The compiled path covers the common case of the default transport
 (`UnixRights` without acknowledgements over AF_UNIX): `attach` gives such a
-channel a ``FastPath`` object, which `Channel.send` and `Channel.recv` try
-first.  What it hands over comes back through the helpers below, which do
+channel a ``FastPath`` object, which `Channel.send`, `Channel.recv` and
+`Channel.send_many` try first.  What it hands over comes back through the helpers below, which do
 exactly what the Python path does at that point.
 """
 
@@ -53,7 +53,7 @@ def _load() -> tuple[ModuleType | None, str]:
     if (module.HEADER_SIZE, module.SCM_MAX_FD) != (HEADER_SIZE, SCM_MAX_FD):
         return None, "fdchannel._speedups was built for another wire format"
     # Also puts C versions of Message.close and Message.__del__ on the class.
-    module.setup(Message, CLOSED_FD, Frame, _send_rest, _send_interrupted, _recv_rest)
+    module.setup(Message, CLOSED_FD, Frame, _send_rest, _send_interrupted, _recv_rest, _send_many_rest)
     return module, ""
 
 
@@ -70,6 +70,30 @@ def _send_rest(channel: Any, bufs: list[Buffer], nums: list[int], sent: int) -> 
         channel._send_interrupted(exc)
         if isinstance(exc, OSError | ChannelClosed):
             channel._closed_meanwhile(exc)
+        raise
+    channel._suspect = False
+
+
+def _send_many_rest(channel: Any, bufs: list[Buffer], nums: list[int], sent: int, count: int) -> None:
+    """A ``send_many`` group's write took *sent* bytes (maybe 0): queue and push the rest, as `send_many`.
+
+    The group held all *count* messages of the call; on an exception
+    ``messages_taken`` says how many were taken, as `_batch.send_groups` does.
+    """
+    from . import _batch
+
+    channel._outbox.add_unsent(bufs, nums, sent)
+    channel._suspect = True
+    try:
+        try:
+            channel._push(channel._deadline(), sent)
+        except BaseException as exc:
+            _batch.record_taken(exc, 0, count)
+            raise
+    except BaseException as exc:
+        channel._send_interrupted(exc)
+        if isinstance(exc, OSError | ChannelClosed):
+            _batch.closed_meanwhile(channel, exc)
         raise
     channel._suspect = False
 

@@ -1,12 +1,15 @@
-/* fdchannel._speedups: the compiled fast path of Channel.send and Channel.recv.
+/* fdchannel._speedups: the compiled fast path of Channel.send, Channel.recv
+ * and Channel.send_many.
  *
  * It covers the common case of the default transport (UnixRights without
  * acknowledgements, on Linux): one sendmsg of a whole frame with at most
- * SCM_MAX_FD fds and nothing queued, and one recvmsg that is exactly one
- * plain data frame.  Every check the Python path makes is made here first;
- * anything unusual returns "not handled" (False or None) *before* any state
- * changed, or hands what was already read or written to the Python helpers
- * of fdchannel._fastpath, which leave the channel as the Python path would.
+ * SCM_MAX_FD fds and nothing queued, one sendmsg of a send_many() call
+ * that fits one group, and one recvmsg that is exactly one plain data
+ * frame or several whole ones (a group, queued in the decoder).  Every
+ * check the Python path makes is made here first; anything unusual
+ * returns "not handled" (False or None) *before* any state changed, or
+ * hands what was already read or written to the Python helpers of
+ * fdchannel._fastpath, which leave the channel as the Python path would.
  * The channel's own locks (threading.Lock objects) guard both paths alike.
  * The GIL is released around each system call.
  */
@@ -24,21 +27,23 @@
 #define HEADER_SIZE 24
 #define SCM_MAX_FD 253
 #define FD_MAX 0x7fffffffL
+#define GROUP_BIT (4ULL << 48) /* FLAG_GROUP in the header's first 8 bytes */
 
 /* Set by setup(): the Message class and the offsets of its slots, and the
  * Python helpers that finish what this module hands over. */
 static PyTypeObject *message_type;
 static PyTypeObject *frame_type; /* fdchannel._codec.Frame, and its slots' offsets */
-static Py_ssize_t off_f_control, off_f_aux, off_f_payload, off_f_fds, off_f_shared;
+static Py_ssize_t off_f_control, off_f_aux, off_f_payload, off_f_fds, off_f_shared, off_f_nfds, off_f_start;
 static Py_ssize_t off_payload, off_fds, off_raw;
-static PyObject *send_rest, *send_interrupted, *recv_rest;
+static PyObject *send_rest, *send_interrupted, *recv_rest, *send_many_rest;
 static PyObject *empty_tuple, *empty_bytes;
 
 static PyObject *s_closed, *s_broken, *s_outbox, *s_pending, *s_send_lock, *s_recv_lock, *s_acquire,
     *s_release, *s_max_payload, *s_max_fds, *s_decoder, *s_frames, *s_error, *s_eof, *s_lone, *s_end,
     *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_recv_stopped, *s_push_back, *s_fileno,
     *s_characters_written, *s_popleft, *s_appendleft, *s_suspect, *s_unclaimed, *s_share_above,
-    *s_delivering, *s_landed, *s_recv_interrupted, *s_ahead, *s_fast, *s_recv;
+    *s_delivering, *s_landed, *s_recv_interrupted, *s_ahead, *s_fast, *s_recv, *s_watch, *s_evicted,
+    *s_max_held_fds, *s_extend, *s_messages_taken;
 
 typedef struct {
     PyObject_HEAD
@@ -52,6 +57,7 @@ typedef struct {
      * handlers right after a C call): the bytes of a message that left
      * whole (else -1), the Message returned (Channel.recv clears it). */
     Py_ssize_t sent_whole;
+    Py_ssize_t sent_many; /* likewise, the messages of the last send_many() that left whole, else -1 */
     PyObject *delivered;
     /* The channel's state as last read from its instance dict, so that a
      * call whose dict is unchanged (same version: PEP 509) reads none of it
@@ -773,6 +779,236 @@ done:
     return result;
 }
 
+/* -- send_many -------------------------------------------------------------------- */
+
+#define MANY_MAX_FRAMES 500            /* fdchannel._batch._MAX_FRAMES */
+#define MANY_MAX_BYTES (256 * 1024)    /* fdchannel._batch._MAX_BYTES */
+
+/* send_many(channel, messages) -> True when every message left in one
+ * write (or the rest was handed to the Python path, which pushed it),
+ * False when nothing was done: the Python path takes the call from the
+ * start.  Handled: a list or tuple of (bytes, list or tuple of fds) pairs
+ * that fit one group of fdchannel._batch (at most SCM_MAX_FD fds, 500
+ * frames, 256 KiB), each within the channel's limits. */
+static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *messages) {
+    int is_list = PyList_CheckExact(messages);
+    if (!is_list && !PyTuple_CheckExact(messages))
+        Py_RETURN_FALSE;
+    Py_ssize_t count = Py_SIZE(messages);
+    if (count < 1 || count > MANY_MAX_FRAMES)
+        Py_RETURN_FALSE;
+    /* The payloads are held here: fileno() below may change the list. */
+    PyObject *payloads[MANY_MAX_FRAMES];
+    int nums[MANY_MAX_FRAMES]; /* fds per message */
+    int fds[SCM_MAX_FD];
+    Py_ssize_t nfds = 0, total = 0, got = 0;
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (i >= Py_SIZE(messages))
+            goto not_handled_early;
+        PyObject *item = is_list ? PyList_GET_ITEM(messages, i) : PyTuple_GET_ITEM(messages, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2)
+            goto not_handled_early;
+        PyObject *payload = PyTuple_GET_ITEM(item, 0), *fdsobj = PyTuple_GET_ITEM(item, 1);
+        if (!PyBytes_CheckExact(payload))
+            goto not_handled_early;
+        Py_INCREF(payload);
+        payloads[got++] = payload;
+        Py_INCREF(fdsobj);
+        int mine[SCM_MAX_FD];
+        Py_ssize_t k = collect_fds(fdsobj, mine);
+        Py_DECREF(fdsobj);
+        if (k == -1)
+            goto done;
+        if (k == -2 || k > SCM_MAX_FD - nfds)
+            goto not_handled_early;
+        memcpy(fds + nfds, mine, sizeof(int) * (size_t)k);
+        nums[i] = (int)k;
+        nfds += k;
+        total += HEADER_SIZE + PyBytes_GET_SIZE(payload);
+        if (total > MANY_MAX_BYTES)
+            goto not_handled_early;
+    }
+    if (Py_SIZE(messages) != count)
+        goto not_handled_early;
+
+    PyObject *lock = NULL;
+    int direct = 0;
+    for (int again = 0;; again = 1) {
+        int ok = chan_check(self, channel);
+        if (ok < 0)
+            goto release;
+        if (!(ok & OK_SEND))
+            goto release_not_handled;
+        PyObject *pending = SLOT(self->outbox, off_pending);
+        if (pending == NULL || Py_TYPE(pending) != deque_type || Py_SIZE(pending) != 0)
+            goto release_not_handled;
+        if (again)
+            break;
+        Py_INCREF(self->send_lock);
+        int taken = try_lock(self->send_lock, &lock, &direct);
+        if (taken < 0)
+            goto done;
+        if (taken == 0)
+            goto not_handled_early;
+        if (direct)
+            break;
+    }
+    /* send()'s checks, message by message (the Python path raises its errors). */
+    for (Py_ssize_t i = 0, at = 0; i < count; at += nums[i], i++) {
+        if (PyBytes_GET_SIZE(payloads[i]) > self->max_payload || nums[i] > self->max_fds)
+            goto release_not_handled;
+        for (int j = 0; j < nums[i]; j++)
+            if (fds[at + j] == self->fd)
+                goto release_not_handled;
+    }
+    if (0) {
+    release:
+        if (lock != NULL)
+            leave(self, channel, lock);
+        goto done;
+    release_not_handled:
+        if (lock != NULL && leave(self, channel, lock) < 0)
+            goto done;
+        goto not_handled_early;
+    }
+
+    /* The group: every frame but the last with fds after it flagged FLAG_GROUP. */
+    unsigned char hdrs[MANY_MAX_FRAMES][HEADER_SIZE];
+    struct iovec iov[2 * MANY_MAX_FRAMES];
+    int niov = 0;
+    Py_ssize_t after = nfds;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        after -= nums[i];
+        Py_ssize_t size = PyBytes_GET_SIZE(payloads[i]);
+        put_le(hdrs[i], self->tag | (after > 0 ? GROUP_BIT : 0), 8);
+        put_le(hdrs[i] + 8, (unsigned long long)nums[i], 4);
+        put_le(hdrs[i] + 12, 0, 4);
+        put_le(hdrs[i] + 16, (unsigned long long)size, 8);
+        iov[niov].iov_base = hdrs[i];
+        iov[niov++].iov_len = HEADER_SIZE;
+        if (size) {
+            iov[niov].iov_base = PyBytes_AS_STRING(payloads[i]);
+            iov[niov++].iov_len = (size_t)size;
+        }
+    }
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * SCM_MAX_FD)];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = (size_t)niov;
+    if (nfds) {
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    ssize_t sent;
+    int err = 0;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        sent = sendmsg(self->fd, &msg, self->send_flags);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (sent >= 0 || err != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            /* As _batch's first write: the stream is unusable, none counted taken. */
+            send_was_interrupted(channel);
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            PyObject *zero = PyLong_FromLong(0);
+            if (value == NULL || zero == NULL || PyObject_SetAttr(value, s_messages_taken, zero) < 0)
+                PyErr_Clear();
+            Py_XDECREF(zero);
+            PyErr_Restore(type, value, tb);
+            leave(self, channel, lock);
+            goto done;
+        }
+    }
+    if (sent == total) {
+        result = Py_True;
+        Py_INCREF(result);
+    } else if (sent >= 0 || err == EAGAIN || err == EWOULDBLOCK) {
+        /* A partial write, or a full socket: the Python path queues the
+         * group's rest and pushes it as send_many() does. */
+        if (PyErr_CheckSignals() < 0) {
+            /* The stream is unusable; as _batch says for an error in the push,
+             * the messages count as taken once bytes of them left. */
+            send_was_interrupted(channel);
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            PyObject *taken = PyLong_FromSsize_t(sent > 0 ? count : 0);
+            if (value == NULL || taken == NULL || PyObject_SetAttr(value, s_messages_taken, taken) < 0)
+                PyErr_Clear();
+            Py_XDECREF(taken);
+            PyErr_Restore(type, value, tb);
+        } else {
+            PyObject *bufs = PyList_New(0), *numl = int_list(fds, nfds), *pn = PyLong_FromSsize_t(sent < 0 ? 0 : sent);
+            PyObject *pc = PyLong_FromSsize_t(count);
+            int bad = bufs == NULL || numl == NULL || pn == NULL || pc == NULL;
+            for (Py_ssize_t i = 0; !bad && i < count; i++) {
+                PyObject *h = PyBytes_FromStringAndSize((const char *)hdrs[i], HEADER_SIZE);
+                bad = h == NULL || PyList_Append(bufs, h) < 0 || PyList_Append(bufs, payloads[i]) < 0;
+                Py_XDECREF(h);
+            }
+            PyObject *r = NULL;
+            if (!bad)
+                r = PyObject_CallFunctionObjArgs(send_many_rest, channel, bufs, numl, pn, pc, NULL);
+            else
+                send_was_interrupted(channel); /* how much left is known, but not kept */
+            Py_XDECREF(bufs);
+            Py_XDECREF(numl);
+            Py_XDECREF(pn);
+            Py_XDECREF(pc);
+            if (r != NULL) {
+                Py_DECREF(r);
+                result = Py_True;
+                Py_INCREF(result);
+            }
+        }
+    } else {
+        /* The kernel refused it and nothing left: the Python path writes it
+         * again and raises its own way. */
+        if (leave(self, channel, lock) < 0)
+            goto done;
+        goto not_handled_early;
+    }
+    if (result == Py_True && PyErr_CheckSignals() < 0) {
+        /* A handler raised as the call ends: every message had left (or is pending). */
+        Py_CLEAR(result);
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject *all = PyLong_FromSsize_t(count);
+        if (value == NULL || all == NULL || PyObject_SetAttr(value, s_messages_taken, all) < 0)
+            PyErr_Clear();
+        Py_XDECREF(all);
+        PyErr_Restore(type, value, tb);
+    }
+    if (leave(self, channel, lock) < 0)
+        Py_CLEAR(result);
+    if (result == Py_True)
+        self->sent_many = count;
+    goto done;
+
+not_handled_early:
+    result = Py_False;
+    Py_INCREF(result);
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        Py_DECREF(payloads[i]);
+    return result;
+}
+
 /* -- recv ------------------------------------------------------------------------ */
 
 /* 1 when the decoder holds nothing and would take a lone frame, 0 when
@@ -904,13 +1140,126 @@ static PyObject *next_queued_from(PyObject *frames) {
     return result;
 }
 
+/* -- a read of several whole plain frames ---------------------------------------
+ *
+ * A read that holds several whole plain data frames and nothing else (a
+ * group that send_many() wrote, or coalesced sends without fds) is queued
+ * in the decoder here, exactly as Decoder._parse and _take_inband queue
+ * it: each frame's fds taken in order from the read's, FLAG_GROUP on
+ * every frame with fds after it (as send_many() flags them).  Anything
+ * else (a partial frame, transport data, another flag pattern, more fds
+ * than max_held_fds, a decoder with a budget or a frame timeout) goes to
+ * the Python decoder. */
+
+/* The frames (at least 2) when b[0:n] is such a read carrying nfds fds, else 0. */
+static Py_ssize_t scan_plain_frames(FastPath *fp, const unsigned char *b, Py_ssize_t n, Py_ssize_t nfds) {
+    Py_ssize_t off = 0, k = 0, taken = 0;
+    unsigned long long group_tag = fp->tag | GROUP_BIT;
+    while (off < n) {
+        if (n - off < HEADER_SIZE)
+            return 0;
+        const unsigned char *h = b + off;
+        unsigned long long tag = get_le(h, 8), dn = get_le(h + 8, 4), aux = get_le(h + 12, 4),
+                           plen = get_le(h + 16, 8);
+        int grp;
+        if (tag == fp->tag)
+            grp = 0;
+        else if (tag == group_tag)
+            grp = 1;
+        else
+            return 0;
+        if (aux != 0 || dn > (unsigned long long)fp->fast_max_fds || plen > (unsigned long long)fp->fast_max_payload ||
+            dn > (unsigned long long)(nfds - taken))
+            return 0;
+        if ((unsigned long long)(n - off - HEADER_SIZE) < plen)
+            return 0;
+        taken += (Py_ssize_t)dn;
+        if (grp != (taken < nfds))
+            return 0;
+        off += HEADER_SIZE + (Py_ssize_t)plen;
+        k++;
+    }
+    return taken == nfds && k >= 2 ? k : 0;
+}
+
+/* 1 when the decoder takes such a read without its Python code (no budget,
+ * no frame timeout, not evicted, nfds within max_held_fds), else 0. */
+static int decoder_takes_plain(PyObject *decoder, Py_ssize_t nfds) {
+    PyObject *d = dict_of(decoder);
+    if (d == NULL)
+        return 0;
+    PyObject *w = PyDict_GetItemWithError(d, s_watch);
+    PyObject *ev = w ? PyDict_GetItemWithError(d, s_evicted) : NULL;
+    PyObject *mh = ev ? PyDict_GetItemWithError(d, s_max_held_fds) : NULL;
+    if (mh == NULL || w != Py_False || ev != Py_None || !PyLong_CheckExact(mh)) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (nfds == 0)
+        return 1;
+    int overflow = 0;
+    long long m = PyLong_AsLongLongAndOverflow(mh, &overflow);
+    if (m == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return overflow > 0 || (overflow == 0 && m >= (long long)nfds);
+}
+
+/* Queue the k frames of b[0:n] (as scan_plain_frames found them) on
+ * *frames*, the first at stream offset *received*: 0 done, -1 on error
+ * with nothing queued (the fds are still the caller's). */
+static int queue_plain_frames(PyObject *frames, const unsigned char *b, Py_ssize_t k, const int *fds,
+                              long long received) {
+    PyObject *list = PyList_New(k);
+    if (list == NULL)
+        return -1;
+    Py_ssize_t off = 0, at = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        const unsigned char *h = b + off;
+        Py_ssize_t dn = (Py_ssize_t)get_le(h + 8, 4), plen = (Py_ssize_t)get_le(h + 16, 8);
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)h + HEADER_SIZE, plen);
+        PyObject *nums = payload ? int_list(fds + at, dn) : NULL;
+        PyObject *count = nums ? PyLong_FromSsize_t(dn) : NULL;
+        PyObject *start = count ? PyLong_FromLongLong(received + off) : NULL;
+        PyObject *f = start ? frame_type->tp_alloc(frame_type, 0) : NULL;
+        if (f == NULL) {
+            Py_XDECREF(payload);
+            Py_XDECREF(nums);
+            Py_XDECREF(count);
+            Py_XDECREF(start);
+            Py_DECREF(list);
+            return -1;
+        }
+        Py_INCREF(Py_False);
+        SLOT(f, off_f_control) = Py_False;
+        Py_INCREF(Py_False);
+        SLOT(f, off_f_shared) = Py_False;
+        Py_INCREF(empty_bytes);
+        SLOT(f, off_f_aux) = empty_bytes;
+        SLOT(f, off_f_nfds) = count;
+        SLOT(f, off_f_payload) = payload;
+        SLOT(f, off_f_fds) = nums;
+        SLOT(f, off_f_start) = start;
+        PyList_SET_ITEM(list, i, f);
+        off += HEADER_SIZE + plen;
+        at += dn;
+    }
+    PyObject *r = PyObject_CallMethodOneArg(frames, s_extend, list);
+    Py_DECREF(list);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored));
 
 /* recv(channel) -> the Message when one read was exactly one plain frame,
  * None when the Python path must go on (what was read is in the decoder). */
 static PyObject *recv_impl(FastPath *self, PyObject *channel) {
     PyObject *lock = NULL, *decoder = NULL, *bufobj = NULL, *result = NULL;
-    int direct = 0;
+    int direct = 0, idle = 0; /* idle: the decoder's state was as cached (dec_check) */
     /* What the Python path checks first: a closed or broken channel, a
      * message an earlier recv() had in hand when cut twice (_delivering,
      * the decoder's landed list), a forked child's end not yet claimed. */
@@ -953,6 +1302,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         }
         if (Py_SIZE(self->frames) != 0 || Py_SIZE(self->dec_fds) != 0)
             goto not_handled;
+        idle = 1;
         bufobj = self->buf;
         Py_INCREF(bufobj);
     } else {
@@ -972,8 +1322,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             if (PyErr_Occurred())
                 goto fail;
         }
-        int idle = decoder_idle(decoder);
-        if (idle == 1)
+        if (decoder_idle(decoder) == 1)
             bufobj = lookup(decoder, s_buf);
         if (PyErr_Occurred())
             goto fail;
@@ -1093,6 +1442,46 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             goto out;
         }
     }
+    if (n > 0 && !ctrunc && !odd && idle && frame_type != NULL && dec_check(self) == 1 && Py_SIZE(self->frames) == 0 &&
+        Py_SIZE(self->dec_fds) == 0 && Py_SIZE(self->landed) == 0) {
+        /* Several whole plain frames (a send_many() group): queued here, as the decoder would. */
+        Py_ssize_t k = scan_plain_frames(self, b, n, nfds);
+        PyObject *frames = self->frames; /* held: a finalizer run by an allocation may change the dict */
+        Py_INCREF(frames);
+        if (k && decoder_takes_plain(decoder, nfds) && queue_plain_frames(frames, b, k, fds, self->received) == 0) {
+            PyBuffer_Release(&view);
+            if (add_received_fast(self, decoder, n) < 0) {
+                Py_DECREF(frames);
+                recv_stopped(channel);
+                goto fail;
+            }
+            if (PyErr_CheckSignals() < 0) {
+                /* As on the Python path: a handler's error right after a read
+                 * that brought something makes the stream unusable (the frames
+                 * are the decoder's, which the channel drops). */
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                if (store(channel, s_delivering, Py_True) < 0)
+                    PyErr_Clear();
+                PyObject *r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
+                Py_XDECREF(r);
+                PyErr_Clear();
+                PyErr_Restore(type, value, tb);
+                Py_DECREF(frames);
+                goto fail;
+            }
+            result = next_queued_from(frames);
+            Py_DECREF(frames);
+            if (result != NULL)
+                goto out;
+            if (PyErr_Occurred())
+                goto fail;
+            goto not_handled;
+        }
+        Py_DECREF(frames);
+        PyErr_Clear(); /* (out of memory) not queued: the Python decoder takes it all below */
+    }
     PyBuffer_Release(&view);
     {
         /* Not one lone frame: the decoder takes it all, as the Python path's read does. */
@@ -1163,6 +1552,21 @@ static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t
     self->sent_whole = -1;
     PyObject *r = send_impl(self, args, nargs);
     forget_dicts();
+    return r;
+}
+
+static PyObject *FastPath_send_many(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    self->sent_many = -1;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send_many(channel, messages)");
+        return NULL;
+    }
+    PyObject *channel = args[0], *messages = args[1];
+    Py_INCREF(channel);
+    Py_INCREF(messages);
+    PyObject *r = send_many_impl(self, channel, messages);
+    Py_DECREF(messages);
+    Py_DECREF(channel);
     return r;
 }
 
@@ -1341,12 +1745,16 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKinn", kwlist, &self->fd, &self->tag, &self->send_flags,
                                      &self->fast_max_fds, &self->fast_max_payload))
         return -1;
+    self->sent_whole = -1;
+    self->sent_many = -1;
     return 0;
 }
 
 static PyMethodDef FastPath_methods[] = {
     {"send", (PyCFunction)(void (*)(void))FastPath_send, METH_FASTCALL,
      "send(channel, payload, fds) -> True if the whole message left, False if not handled"},
+    {"send_many", (PyCFunction)(void (*)(void))FastPath_send_many, METH_FASTCALL,
+     "send_many(channel, messages) -> True if the messages left (or were handed over), False if not handled"},
     {"recv", (PyCFunction)FastPath_recv, METH_O,
      "recv(channel) -> Message, or None when the Python path must go on"},
     {NULL, NULL, 0, NULL},
@@ -1355,6 +1763,8 @@ static PyMethodDef FastPath_methods[] = {
 static PyMemberDef FastPath_members[] = {
     {"sent_whole", T_PYSSIZET, offsetof(FastPath, sent_whole), READONLY,
      "bytes of the message the last send() sent whole, else -1"},
+    {"sent_many", T_PYSSIZET, offsetof(FastPath, sent_many), READONLY,
+     "messages the last send_many() sent (or left pending) whole, else -1"},
     {"delivered", T_OBJECT, offsetof(FastPath, delivered), 0,
      "the Message the last recv() returned, until Channel.recv clears it"},
     {NULL, 0, 0, 0, NULL},
@@ -1394,16 +1804,19 @@ static Py_ssize_t slot_offset(PyObject *cls, const char *name) {
     return off;
 }
 
-/* setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest) */
+/* setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest, send_many_rest) */
 static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
-    PyObject *cls, *closed, *fcls, *a, *b, *c;
-    if (!PyArg_ParseTuple(args, "O!OO!OOO", &PyType_Type, &cls, &closed, &PyType_Type, &fcls, &a, &b, &c))
+    PyObject *cls, *closed, *fcls, *a, *b, *c, *e;
+    if (!PyArg_ParseTuple(args, "O!OO!OOOO", &PyType_Type, &cls, &closed, &PyType_Type, &fcls, &a, &b, &c, &e))
         return NULL;
     Py_ssize_t fc = slot_offset(fcls, "control"), fa = slot_offset(fcls, "aux"),
                fp = slot_offset(fcls, "payload"), ff = slot_offset(fcls, "fds"),
-               fs = slot_offset(fcls, "shared");
-    if (fc < 0 || fa < 0 || fp < 0 || ff < 0 || fs < 0)
+               fs = slot_offset(fcls, "shared"), fn = slot_offset(fcls, "nfds"),
+               ft = slot_offset(fcls, "start");
+    if (fc < 0 || fa < 0 || fp < 0 || ff < 0 || fs < 0 || fn < 0 || ft < 0)
         return NULL;
+    off_f_nfds = fn;
+    off_f_start = ft;
     off_f_shared = fs;
     off_f_control = fc;
     off_f_aux = fa;
@@ -1425,6 +1838,8 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_XSETREF(send_interrupted, b);
     Py_INCREF(c);
     Py_XSETREF(recv_rest, c);
+    Py_INCREF(e);
+    Py_XSETREF(send_many_rest, e);
     Py_INCREF(closed);
     Py_XSETREF(closed_fd, closed);
     Py_XSETREF(closed_one, PyTuple_Pack(1, closed));
@@ -1470,7 +1885,7 @@ static PyObject *channel_class(PyObject *Py_UNUSED(module), PyObject *cls) {
 
 static PyMethodDef module_methods[] = {
     {"channel_class", channel_class, METH_O, "channel_class(Channel): the class whose instances' state is cached"},
-    {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest)"},
+    {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest, send_many_rest)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1520,6 +1935,11 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_ahead, "_ahead");
     INTERN(s_fast, "_fast");
     INTERN(s_recv, "_recv");
+    INTERN(s_watch, "_watch");
+    INTERN(s_evicted, "evicted");
+    INTERN(s_max_held_fds, "max_held_fds");
+    INTERN(s_extend, "extend");
+    INTERN(s_messages_taken, "messages_taken");
     if ((empty_tuple = PyTuple_New(0)) == NULL || (empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
         return NULL;
     PyObject *collections = PyImport_ImportModule("collections");
