@@ -597,7 +597,7 @@ class Channel(ChannelCore):
         msg = self._recv(view)
         return _into.place(msg, view)
 
-    def _recv(self, into: memoryview | None) -> Message:  # noqa: C901, PLR0912 - one loop for recv and recv_into
+    def _recv(self, into: memoryview | None) -> Message:  # noqa: C901, PLR0912, PLR0915 - one loop for recv and recv_into
         """`recv`, and `recv_into` when *into* is its buffer."""
         msg: Message | None = None
         try:
@@ -623,11 +623,17 @@ class Channel(ChannelCore):
                                 return msg
                         unfinished = decoder.deadline  # a frame_timeout runs
                         try:
-                            # Blocking (no timeout) and nothing unfinished: the read itself waits.
-                            msg = self._read(0) if unfinished is None else self._read_unfinished(unfinished)
+                            if unfinished is not None:
+                                msg = self._read_unfinished(unfinished)
+                            else:
+                                # Blocking (no timeout): the read itself waits,
+                                # unless the buffer grew (it shrinks before a wait).
+                                msg = self._read(self._dontwait if decoder.grown else 0)
                         except BlockingIOError as exc:
                             if raised_in_signal_handler(exc):
                                 raise
+                            if decoder.grown:
+                                decoder.shrink()  # idle: the large buffer goes back
                             if deadline is None and self._timeout:
                                 deadline = time.monotonic() + self._timeout
                             unfinished = decoder.deadline

@@ -86,10 +86,11 @@ SCM_MAX_FD: Final = 253
 #: Frames up to this size (header included) are parsed out of the shared read
 #: buffer; larger ones get buffers of their own that reads go straight into.
 INLINE_LIMIT: Final = 64 * 1024
-#: The read buffer a decoder starts with; it grows to twice `INLINE_LIMIT`
-#: the first time a frame does not fit (so 10,000 idle connections cost
-#: 80 MiB of buffers, not 1.3 GB).
-FIRST_BUFFER: Final = 8 * 1024
+#: The read buffer a decoder starts with and goes back to when idle
+#: (`Decoder.shrink`); it doubles, up to twice `INLINE_LIMIT`, while frames
+#: or reads need more (so 10,000 idle connections cost 160 MiB of buffers,
+#: not 1.3 GB).
+FIRST_BUFFER: Final = 16 * 1024
 #: Control frames are the transports' own small messages (acknowledgements).
 MAX_CONTROL_PAYLOAD: Final = 64 * 1024
 
@@ -289,6 +290,10 @@ class Decoder:
         # Small until a read needs more: an idle connection costs this much.
         self._buf = bytearray(FIRST_BUFFER)
         self._mv = memoryview(self._buf)
+        #: True while the read buffer is larger than `FIRST_BUFFER`: a read
+        #: then does not block (the channels' loops), so that `shrink` can
+        #: give it back before waiting.
+        self.grown = False
         self._start = 0  # first unparsed byte in _buf
         self._end = 0  # end of valid data in _buf
         self._received = 0  # stream offset just past everything received
@@ -360,15 +365,24 @@ class Decoder:
             n = self._end - self._start
             if n * 2 > len(self._buf) and len(self._buf) < 2 * INLINE_LIMIT:
                 # A frame longer than the buffer, or reads that fill it:
-                # the full size, at which unparsed data (less than a header
-                # or an inline frame) always leaves room once moved.
-                self._buf = bytearray(2 * INLINE_LIMIT)
+                # twice the size, up to the full one, at which unparsed data
+                # (less than a header or an inline frame) always leaves room
+                # once moved.
+                self._buf = bytearray(min(2 * len(self._buf), 2 * INLINE_LIMIT))
                 self._buf[:n] = self._mv[self._start : self._end]
                 self._mv = memoryview(self._buf)
+                self.grown = True
             else:
                 self._buf[:n] = self._mv[self._start : self._end]
             self._start, self._end = 0, n
         return self._mv[self._end :]
+
+    def shrink(self) -> None:
+        """Give the read buffer back down to `FIRST_BUFFER` if nothing is in it (call when about to wait)."""
+        if not self._end and self.grown and self._big is None and not self.landed:
+            self._buf = bytearray(FIRST_BUFFER)
+            self._mv = memoryview(self._buf)
+            self.grown = False
 
     def buffer_updated(self, nbytes: int, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Record that *nbytes* were read into the last `get_buffer` result.
@@ -709,6 +723,7 @@ class Decoder:
         self._buf = bytearray()
         self._mv = memoryview(self._buf)
         self._start = self._end = 0
+        self.grown = False
         if self._watch:
             self._settle()
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Buffer
 
-from ._codec import HEADER_SIZE, SCM_MAX_FD, Frame
+from ._codec import FIRST_BUFFER, HEADER_SIZE, SCM_MAX_FD, Frame
 from ._errors import ChannelClosed
 from ._fdutil import close_all
 from ._message import CLOSED_FD, Message
@@ -50,7 +50,11 @@ def _load() -> tuple[ModuleType | None, str]:
     except ImportError as exc:
         return None, f"fdchannel._speedups was not built ({exc})"
     module: ModuleType = _speedups
-    if (module.HEADER_SIZE, module.SCM_MAX_FD) != (HEADER_SIZE, SCM_MAX_FD):
+    if (module.HEADER_SIZE, module.SCM_MAX_FD, getattr(module, "FIRST_BUFFER", None)) != (
+        HEADER_SIZE,
+        SCM_MAX_FD,
+        FIRST_BUFFER,
+    ):
         return None, "fdchannel._speedups was built for another wire format"
     # Also puts C versions of Message.close and Message.__del__ on the class.
     module.setup(Message, CLOSED_FD, Frame, _send_rest, _send_interrupted, _recv_rest, _send_many_rest)

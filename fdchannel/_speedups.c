@@ -25,6 +25,8 @@
 #include <unistd.h>
 
 #define HEADER_SIZE 24
+/* The decoder's read buffer while idle (fdchannel._codec.FIRST_BUFFER). */
+#define FIRST_BUFFER (16 * 1024)
 #define SCM_MAX_FD 253
 #define FD_MAX 0x7fffffffL
 #define GROUP_BIT (4ULL << 48) /* FLAG_GROUP in the header's first 8 bytes */
@@ -1305,6 +1307,8 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         idle = 1;
         bufobj = self->buf;
         Py_INCREF(bufobj);
+        if (PyByteArray_Check(bufobj) && PyByteArray_GET_SIZE(bufobj) > FIRST_BUFFER)
+            goto not_handled; /* grown: the Python path reads without blocking first, and shrinks it when idle */
     } else {
         /* Not idle: queued frames may still go out here, whatever else holds. */
         Py_ssize_t landed = attr_len(decoder, s_landed);
@@ -1326,7 +1330,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             bufobj = lookup(decoder, s_buf);
         if (PyErr_Occurred())
             goto fail;
-        if (bufobj == NULL)
+        if (bufobj == NULL || (PyByteArray_Check(bufobj) && PyByteArray_GET_SIZE(bufobj) > FIRST_BUFFER))
             goto not_handled;
     }
 
@@ -1960,6 +1964,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         return NULL;
     /* fdchannel._fastpath compares them with the codec's before using this module. */
     if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "FIRST_BUFFER", FIRST_BUFFER) < 0 ||
         PyModule_AddIntConstant(m, "SCM_MAX_FD", SCM_MAX_FD) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -437,7 +437,7 @@ class StructuredChannel(AsyncSurface):
 
     # -- receiving ------------------------------------------------------------
 
-    async def recv(self) -> Message:
+    async def recv(self) -> Message:  # noqa: C901 - the recv loop, inline
         """Receive one whole message; its fds are now the caller's.
 
         Raises `ChannelClosed` when the peer closed between messages (or the
@@ -463,6 +463,8 @@ class StructuredChannel(AsyncSurface):
                 try:
                     msg = self._read(0)
                 except BlockingIOError:
+                    if decoder.grown:
+                        decoder.shrink()  # about to wait: an idle channel keeps a small buffer
                     unfinished = decoder.deadline  # a frame_timeout runs
                     if unfinished is None:
                         await self._wait_readable()

@@ -716,6 +716,8 @@ class AsyncChannel(AsyncSurface):
                     if raised_in_signal_handler(exc):
                         raise
                     self._streak = 0
+                    if decoder.grown:
+                        decoder.shrink()  # about to wait: an idle channel keeps a small buffer
                     unfinished = decoder.deadline  # a frame_timeout runs
                     if unfinished is None:
                         await self._wait_readable()

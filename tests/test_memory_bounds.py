@@ -14,9 +14,11 @@ the whole declared payload at once.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -240,3 +242,55 @@ def test_the_read_buffer_grows_for_a_frame_longer_than_it() -> None:
             with b.recv() as msg:
                 assert msg.payload == payload
                 assert len(msg.fds) == 1
+
+
+def test_a_grown_read_buffer_goes_back_when_the_channel_waits() -> None:
+    """The second review: a buffer grown by one larger message stayed at 128 KiB for good."""
+    from fdchannel import Channel
+    from fdchannel._codec import FIRST_BUFFER
+
+    a, b = Channel.pair()
+    with a, b:
+        a.settimeout(10)
+        a.send(bytes(40_000))  # more than FIRST_BUFFER, less than a large frame
+        b.settimeout(10)
+        with b.recv() as msg:
+            assert len(msg.payload) == 40_000
+        assert b._decoder.grown
+        # Blocking (no timeout): the recv below waits in another thread.
+        b.settimeout(None)
+        got: list[bytes] = []
+        t = threading.Thread(target=lambda: got.append(b.recv().payload))
+        t.start()
+        deadline = time.monotonic() + 10
+        while b._decoder.grown and time.monotonic() < deadline:
+            select.select([], [], [], 0.001)  # bounded: until the waiting recv gave it back
+        assert not b._decoder.grown
+        assert len(b._decoder._buf) == FIRST_BUFFER
+        a.send(b"after")
+        t.join(10)
+        assert got == [b"after"]
+        # Non-blocking: the wait is the caller's, the buffer goes back at once.
+        a.send(bytes(40_000))
+        b.settimeout(10)
+        b.recv().close()
+        assert b._decoder.grown
+        b.settimeout(0.0)
+        with pytest.raises(BlockingIOError):
+            b.recv()
+        assert not b._decoder.grown
+
+
+def test_a_grown_read_buffer_goes_back_when_an_async_channel_waits(run: Run) -> None:
+    async def body() -> None:
+        a, b = AsyncChannel.pair()
+        async with a, b:
+            await a.send(bytes(40_000))
+            (await b.recv()).close()
+            assert b._decoder.grown
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await b.recv()
+            assert not b._decoder.grown
+
+    run(body())
