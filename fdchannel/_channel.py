@@ -376,8 +376,10 @@ class Channel(ChannelCore):
                 if fast.send_many(self, messages):
                     return  # one write in C (fdchannel._fastpath), or its rest handed over
             except BaseException as exc:
-                if fast.sent_many >= 0:
-                    # A signal handler's error as the call returned: all had left.
+                if fast.sent_many >= 0 and not hasattr(exc, "messages_taken"):
+                    # A signal handler's error as the call returned: all had
+                    # left (this thread's count: another thread may have sent
+                    # on this channel since).
                     exc.messages_taken = fast.sent_many  # type: ignore[attr-defined]
                 raise
         prepared = _batch.prepare(self, messages)

@@ -58,9 +58,6 @@ typedef struct {
      * when a signal handler raises as the call returns (CPython runs
      * handlers right after a C call): the bytes of a message that left
      * whole (else -1), the Message returned (Channel.recv clears it). */
-    Py_ssize_t sent_whole;
-    Py_ssize_t sent_many; /* likewise, the messages of the last send_many() that left whole, else -1 */
-    PyObject *delivered;
     /* The channel's state as last read from its instance dict, so that a
      * call whose dict is unchanged (same version: PEP 509) reads none of it
      * again.  The pointers are borrowed from that dict: they are valid only
@@ -77,6 +74,14 @@ typedef struct {
     PyObject *frames, *dec_fds, *landed, *buf;
     long long received;
 } FastPath;
+
+/* What the last compiled call of this thread left for its Python caller, read
+ * by Channel.send/send_many/recv when the call ends in an exception: per
+ * thread, not per channel, because another thread's call on the same channel
+ * may run (the GIL is free at the signal check) before that caller reads it. */
+static _Thread_local Py_ssize_t tl_sent_whole = -1;  /* bytes of a message sent whole, else -1 */
+static _Thread_local Py_ssize_t tl_sent_many = -1;   /* messages a send_many() sent (or left pending) */
+static _Thread_local PyObject *tl_delivered = NULL; /* the Message the last recv() returned */
 
 static PyTypeObject FastPath_Type;
 
@@ -769,7 +774,7 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
     if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
     if (result == Py_True)
-        self->sent_whole = HEADER_SIZE + size;
+        tl_sent_whole = HEADER_SIZE + size;
     goto done;
 
 not_handled:
@@ -783,7 +788,10 @@ done:
 
 /* -- send_many -------------------------------------------------------------------- */
 
-#define MANY_MAX_FRAMES 500            /* fdchannel._batch._MAX_FRAMES */
+/* Frames of one compiled send_many() call (more: the Python path, which
+ * groups up to fdchannel._batch._MAX_FRAMES): its arrays live on the C
+ * stack, which a thread may have made small (threading.stack_size). */
+#define MANY_MAX_FRAMES 64
 #define MANY_MAX_BYTES (256 * 1024)    /* fdchannel._batch._MAX_BYTES */
 
 /* send_many(channel, messages) -> True when every message left in one
@@ -999,7 +1007,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
     if (result == Py_True)
-        self->sent_many = count;
+        tl_sent_many = count;
     goto done;
 
 not_handled_early:
@@ -1553,14 +1561,14 @@ out:
 }
 
 static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
-    self->sent_whole = -1;
+    tl_sent_whole = -1;
     PyObject *r = send_impl(self, args, nargs);
     forget_dicts();
     return r;
 }
 
 static PyObject *FastPath_send_many(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
-    self->sent_many = -1;
+    tl_sent_many = -1;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "send_many(channel, messages)");
         return NULL;
@@ -1580,7 +1588,7 @@ static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
     forget_dicts();
     if (r != NULL && r != Py_None) {
         Py_INCREF(r);
-        Py_XSETREF(self->delivered, r);
+        Py_XSETREF(tl_delivered, r);
     }
     Py_DECREF(channel);
     return r;
@@ -1749,8 +1757,6 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKinn", kwlist, &self->fd, &self->tag, &self->send_flags,
                                      &self->fast_max_fds, &self->fast_max_payload))
         return -1;
-    self->sent_whole = -1;
-    self->sent_many = -1;
     return 0;
 }
 
@@ -1764,18 +1770,41 @@ static PyMethodDef FastPath_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyMemberDef FastPath_members[] = {
-    {"sent_whole", T_PYSSIZET, offsetof(FastPath, sent_whole), READONLY,
-     "bytes of the message the last send() sent whole, else -1"},
-    {"sent_many", T_PYSSIZET, offsetof(FastPath, sent_many), READONLY,
-     "messages the last send_many() sent (or left pending) whole, else -1"},
-    {"delivered", T_OBJECT, offsetof(FastPath, delivered), 0,
-     "the Message the last recv() returned, until Channel.recv clears it"},
-    {NULL, 0, 0, 0, NULL},
+static PyObject *get_sent_whole(PyObject *Py_UNUSED(self), void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(tl_sent_whole);
+}
+
+static PyObject *get_sent_many(PyObject *Py_UNUSED(self), void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(tl_sent_many);
+}
+
+static PyObject *get_delivered(PyObject *Py_UNUSED(self), void *Py_UNUSED(closure)) {
+    PyObject *d = tl_delivered != NULL ? tl_delivered : Py_None;
+    Py_INCREF(d);
+    return d;
+}
+
+static int set_delivered(PyObject *Py_UNUSED(self), PyObject *value, void *Py_UNUSED(closure)) {
+    if (value == NULL || value == Py_None) {
+        Py_CLEAR(tl_delivered);
+    } else {
+        Py_INCREF(value);
+        Py_XSETREF(tl_delivered, value);
+    }
+    return 0;
+}
+
+static PyGetSetDef FastPath_getset[] = {
+    {"sent_whole", get_sent_whole, NULL, "bytes of the message this thread's last send() sent whole, else -1",
+     NULL},
+    {"sent_many", get_sent_many, NULL, "messages this thread's last send_many() sent (or left pending), else -1",
+     NULL},
+    {"delivered", get_delivered, set_delivered,
+     "the Message this thread's last recv() returned, until Channel.recv clears it", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static void FastPath_dealloc(FastPath *self) {
-    Py_CLEAR(self->delivered);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1787,7 +1816,7 @@ static PyTypeObject FastPath_Type = {
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastPath_init,
     .tp_methods = FastPath_methods,
-    .tp_members = FastPath_members,
+    .tp_getset = FastPath_getset,
     .tp_dealloc = (destructor)FastPath_dealloc,
 };
 

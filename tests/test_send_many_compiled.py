@@ -15,7 +15,9 @@ import os
 import platform
 import signal
 import socket
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -480,3 +482,66 @@ def test_a_group_sent_whole_before_a_handler_raised_counts_as_taken(
         assert got == [p for p, _ in messages]
         a.send(b"after")  # the channel is intact
         assert b.recv().payload == b"after"
+
+
+def test_the_compiled_send_many_runs_on_a_small_thread_stack() -> None:
+    """The third review: its arrays on the C stack crashed a thread made with threading.stack_size(32768)."""
+    code = textwrap.dedent(
+        """
+        import os, threading
+        from fdchannel import Channel, _fastpath
+        assert _fastpath.enabled() or os.environ.get("FDCHANNEL_PURE")
+        a, b = Channel.pair()
+        r, w = os.pipe()
+        done = []
+        def run():
+            for n in (3, 64, 65, 200):
+                a.send_many([(b"x", [r])] * n)
+                for _ in range(n):
+                    b.recv().close()
+            done.append(True)
+        threading.stack_size(32768)
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(30)
+        assert done == [True]
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@compiled_only
+def test_what_a_compiled_call_leaves_for_its_caller_is_per_thread() -> None:
+    """The third review's race: another thread's call on the same channel overwrote the count
+    (or the delivered message) that the first caller's except block reads."""
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    try:
+        with a, b:
+            fast_a, fast_b = a._fast, b._fast
+            assert fast_a is not None
+            assert fast_b is not None
+            seen: dict[str, object] = {}
+
+            def other() -> None:
+                assert fast_a.send_many(a, [(b"x", [r])] * 3)
+                msg = fast_b.recv(b)  # straight to C: nothing clears delivered
+                seen.update(sent_many=fast_a.sent_many, delivered=fast_b.delivered)
+                fast_b.delivered = None
+                msg.close()
+
+            t = threading.Thread(target=other)
+            t.start()
+            t.join(10)
+            assert seen["sent_many"] == 3
+            assert seen["delivered"] is not None
+            assert fast_a.sent_many == -1  # this thread's: it made no such call
+            assert fast_b.delivered is None
+            for _ in range(2):
+                b.recv().close()
+    finally:
+        os.close(r)
+        os.close(w)
