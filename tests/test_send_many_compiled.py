@@ -545,3 +545,52 @@ def test_what_a_compiled_call_leaves_for_its_caller_is_per_thread() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+_consistent_counts = st.lists(st.integers(0, 3), min_size=2, max_size=12)
+_mutation = st.sampled_from(["none", "none", "none", "flip a flag", "one fd more", "one fd less", "cut"])
+
+
+@compiled_only
+@settings(max_examples=150, deadline=None)
+@given(_consistent_counts, _mutation, st.integers(0, 11))
+def test_both_paths_read_groups_alike_mutated_or_not(counts: list[int], mutation: str, at: int) -> None:
+    """The third review: random flags almost never make a group the compiled path takes. Here
+    the groups are what send_many writes (flag iff fds follow), some of them mutated."""
+    at %= len(counts)
+    flags = [sum(counts[i + 1 :]) > 0 for i in range(len(counts))]
+    if mutation == "flip a flag":
+        flags[at] = not flags[at]
+    spec = [(flags[i], n, b"m%d" % i) for i, n in enumerate(counts)]
+    nfds = sum(counts) + {"one fd more": 1, "one fd less": -1}.get(mutation, 0)
+    data = _frames(spec)
+    if mutation == "cut":
+        data = data[: max(1, len(data) - 3)]
+    with _pipe() as (r, w):
+        fds = [r if i % 2 else w for i in range(max(0, nfds))]
+        assert _outcome(True, data, fds, len(spec)) == _outcome(False, data, fds, len(spec))
+
+
+@compiled_only
+def test_the_mutated_groups_do_reach_the_compiled_queueing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test above is only worth something if the compiled path takes most unmutated groups."""
+    from fdchannel._codec import Decoder
+
+    parsed: list[int] = []
+    parse = Decoder._parse
+
+    def spy(self: Decoder) -> None:
+        parsed.append(1)
+        parse(self)
+
+    monkeypatch.setattr(Decoder, "_parse", spy)
+    with _pipe() as (r, _w):
+        taken_in_c = 0
+        for counts in ([1, 1, 1], [0, 2, 1], [2, 0, 0, 1], [1, 0]):
+            flags = [sum(counts[i + 1 :]) > 0 for i in range(len(counts))]
+            spec = [(flags[i], n, b"m%d" % i) for i, n in enumerate(counts)]
+            before = len(parsed)
+            out = _outcome(True, _frames(spec), [r] * sum(counts), len(spec))
+            assert out[-1] == "no more"
+            taken_in_c += len(parsed) == before
+        assert taken_in_c == 4
