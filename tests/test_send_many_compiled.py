@@ -484,13 +484,14 @@ def test_a_group_sent_whole_before_a_handler_raised_counts_as_taken(
         assert b.recv().payload == b"after"
 
 
+@compiled_only
 def test_the_compiled_send_many_runs_on_a_small_thread_stack() -> None:
     """The third review: its arrays on the C stack crashed a thread made with threading.stack_size(32768)."""
     code = textwrap.dedent(
         """
         import os, threading
         from fdchannel import Channel, _fastpath
-        assert _fastpath.enabled() or os.environ.get("FDCHANNEL_PURE")
+        assert _fastpath.enabled()
         a, b = Channel.pair()
         r, w = os.pipe()
         done = []
