@@ -571,6 +571,19 @@ static Py_ssize_t collect_fds(PyObject *fdsobj, int *fds) {
 
 /* The frame's rest after a write that took *sent* bytes (maybe 0): the
  * Python path queues and pushes it (the send lock is held). */
+/* Set attribute *name* of the exception being raised to *n* (characters_written,
+ * messages_taken), leaving it raised; a failure to set it loses only the attribute. */
+static void set_on_error(PyObject *name, Py_ssize_t n) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *number = PyLong_FromSsize_t(n);
+    if (value == NULL || number == NULL || PyObject_SetAttr(value, name, number) < 0)
+        PyErr_Clear();
+    Py_XDECREF(number);
+    PyErr_Restore(type, value, tb);
+}
+
 static PyObject *hand_over_send(PyObject *channel, const unsigned char *hdr, PyObject *payload,
                                 const int *fds, Py_ssize_t nfds, Py_ssize_t sent) {
     PyObject *header = PyBytes_FromStringAndSize((const char *)hdr, HEADER_SIZE);
@@ -762,14 +775,7 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
     if (result == Py_True && PyErr_CheckSignals() < 0) {
         /* A handler raised as the call ends: the message had left whole. */
         Py_CLEAR(result);
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        PyObject *whole = PyLong_FromSsize_t(HEADER_SIZE + size);
-        if (value == NULL || whole == NULL || PyObject_SetAttr(value, s_characters_written, whole) < 0)
-            PyErr_Clear();
-        Py_XDECREF(whole);
-        PyErr_Restore(type, value, tb);
+        set_on_error(s_characters_written, HEADER_SIZE + size);
     }
     if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
@@ -931,14 +937,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         if (PyErr_CheckSignals() < 0) {
             /* As _batch's first write: the stream is unusable, none counted taken. */
             send_was_interrupted(channel);
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            PyObject *zero = PyLong_FromLong(0);
-            if (value == NULL || zero == NULL || PyObject_SetAttr(value, s_messages_taken, zero) < 0)
-                PyErr_Clear();
-            Py_XDECREF(zero);
-            PyErr_Restore(type, value, tb);
+            set_on_error(s_messages_taken, 0);
             leave(self, channel, lock);
             goto done;
         }
@@ -953,14 +952,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
             /* The stream is unusable; as _batch says for an error in the push,
              * the messages count as taken once bytes of them left. */
             send_was_interrupted(channel);
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            PyObject *taken = PyLong_FromSsize_t(sent > 0 ? count : 0);
-            if (value == NULL || taken == NULL || PyObject_SetAttr(value, s_messages_taken, taken) < 0)
-                PyErr_Clear();
-            Py_XDECREF(taken);
-            PyErr_Restore(type, value, tb);
+            set_on_error(s_messages_taken, sent > 0 ? count : 0);
         } else {
             PyObject *bufs = PyList_New(0), *numl = int_list(fds, nfds), *pn = PyLong_FromSsize_t(sent < 0 ? 0 : sent);
             PyObject *pc = PyLong_FromSsize_t(count);
@@ -995,14 +987,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     if (result == Py_True && PyErr_CheckSignals() < 0) {
         /* A handler raised as the call ends: every message had left (or is pending). */
         Py_CLEAR(result);
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        PyObject *all = PyLong_FromSsize_t(count);
-        if (value == NULL || all == NULL || PyObject_SetAttr(value, s_messages_taken, all) < 0)
-            PyErr_Clear();
-        Py_XDECREF(all);
-        PyErr_Restore(type, value, tb);
+        set_on_error(s_messages_taken, count);
     }
     if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
