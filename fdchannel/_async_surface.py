@@ -7,8 +7,10 @@ is written once.
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any, Self
 
+from ._codec import Decoder
 from ._core import ChannelCore
 from ._errors import ChannelClosed
 from ._handoff import reduce_channel
@@ -17,6 +19,9 @@ from ._sockio import stall_delay, write_pending
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from ._channel import Channel
+    from .transports import Session, Transport
 
 __all__ = ["AsyncSurface"]
 
@@ -27,6 +32,62 @@ class AsyncSurface(ChannelCore):
     if TYPE_CHECKING:
 
         async def recv(self) -> Message: ...
+
+    # -- taking over a blocking Channel (both kinds' from_channel) ------------------
+
+    def _setup(
+        self,
+        sock: socket.socket,
+        transport: Transport,
+        session: Session,
+        decoder: Decoder,
+        *,
+        max_payload: int,
+        max_fds: int,
+        greet: bool = True,
+    ) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _take_over(cls, channel: Channel) -> Self:
+        """``from_channel``: *channel*'s state in a new channel of *cls*, or nothing moved."""
+        ch: Any = channel  # its private state, by design: same package
+        if ch._closed:
+            raise ValueError("cannot take over a closed Channel")
+        if not ch._claim_send():
+            raise RuntimeError("the Channel is in use by another thread (send)")
+        try:
+            if not ch._claim_recv():
+                raise RuntimeError("the Channel is in use by another thread (recv)")
+            try:
+                self = cls.__new__(cls)
+                self._setup(
+                    ch._sock,
+                    ch._transport,
+                    ch._session,
+                    ch._decoder,
+                    max_payload=ch.max_payload,
+                    max_fds=ch.max_fds,
+                    greet=False,
+                )
+                # Chunks a blocking channel leaves pending are detached: they
+                # own their bytes and fds, so the whole outbox changes hands
+                # (before any control frame: it may hold a frame's rest).
+                self._outbox, ch._outbox = ch._outbox, self._outbox
+                # The decoder is this channel's now: the old one's clean-up
+                # (a call on it after this, its close) must not release it.
+                ch._decoder = Decoder(wire_id=0, in_band=False, max_payload=0, max_fds=0, max_aux=0)
+                self._broken = ch._broken
+                self._eof = ch._eof
+                self._share_above = ch._share_above
+                ch._closed = True
+                if self._has_control:
+                    self._flush_control_nowait()
+            finally:
+                ch._release_recv()
+        finally:
+            ch._release_send()
+        return self
 
     # -- what a subclass supplies: its way of waiting ------------------------------
 

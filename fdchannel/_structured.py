@@ -212,38 +212,7 @@ class StructuredChannel(AsyncSurface):
         *channel* is closed and `RuntimeError` if another thread is inside
         its ``send()`` or ``recv()``; nothing moves then.
         """
-        ch: Any = channel  # its private state, by design: same package
-        if ch._closed:
-            raise ValueError("cannot take over a closed Channel")
-        if not ch._claim_send():
-            raise RuntimeError("the Channel is in use by another thread (send)")
-        try:
-            if not ch._claim_recv():
-                raise RuntimeError("the Channel is in use by another thread (recv)")
-            try:
-                self = cls.__new__(cls)
-                self._setup(
-                    ch._sock,
-                    ch._transport,
-                    ch._session,
-                    ch._decoder,
-                    max_payload=ch.max_payload,
-                    max_fds=ch.max_fds,
-                    greet=False,
-                )
-                # The pending chunks of a blocking channel are detached: the
-                # whole outbox changes hands, before any control frame.
-                self._outbox, ch._outbox = ch._outbox, self._outbox
-                self._broken = ch._broken
-                self._eof = ch._eof
-                ch._closed = True
-                if self._has_control:
-                    self._flush_control_nowait()
-            finally:
-                ch._release_recv()
-        finally:
-            ch._release_send()
-        return self
+        return cls._take_over(channel)
 
     # -- waiting ----------------------------------------------------------
 
