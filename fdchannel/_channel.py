@@ -296,14 +296,17 @@ class Channel(ChannelCore):
             # Inline, not a helper method: a Python call costs as much as a
             # third of the compiled path's own work.
             try:
-                if fast.send(self, payload, fds):
-                    return  # the compiled path sent it all (fdchannel._fastpath)
+                sent = fast.send(self, payload, fds)
             except BaseException as exc:
                 if fast.sent_whole >= 0:
                     # A signal handler's error as the call returned: the
                     # message had left whole.
                     set_written(exc, fast.sent_whole)
                 raise
+            if sent is True:
+                return  # the compiled path sent it all (fdchannel._fastpath)
+            if sent is not False:
+                fds = sent  # the numbers its fileno() calls gave: none runs twice
         if self._share_above is not None:
             payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
@@ -373,8 +376,7 @@ class Channel(ChannelCore):
         fast = self._fast
         if fast is not None:
             try:
-                if fast.send_many(self, messages):
-                    return  # one write in C (fdchannel._fastpath), or its rest handed over
+                sent = fast.send_many(self, messages)
             except BaseException as exc:
                 if fast.sent_many >= 0 and not hasattr(exc, "messages_taken"):
                     # A signal handler's error as the call returned: all had
@@ -382,6 +384,10 @@ class Channel(ChannelCore):
                     # on this channel since).
                     exc.messages_taken = fast.sent_many  # type: ignore[attr-defined]
                 raise
+            if sent is True:
+                return  # one write in C (fdchannel._fastpath), or its rest handed over
+            if sent is not False:
+                messages = sent  # with the fd numbers its fileno() calls gave: none runs twice
         prepared = _batch.prepare(self, messages)
         done = False
         try:

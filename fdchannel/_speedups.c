@@ -524,49 +524,129 @@ static PyObject *make_message(PyObject *payload, PyObject *raw) {
 
 /* -- send ------------------------------------------------------------------------ */
 
+/* Where collect_fds() got to in a list of fds. */
+typedef struct {
+    PyObject *seq;     /* the snapshot read once fileno() could run (owned), else NULL */
+    Py_ssize_t stop;   /* items before it are in fds[] */
+    int called;        /* a fileno() ran: the Python path must not call it again */
+} FdScan;
+
+/* One exact int item into *fd*: 1, 0 when fileno_of() must decide, -1 on error. */
+static int int_fd(PyObject *item, int *fd) {
+    long v = PyLong_AsLong(item);
+    if (v == -1 && PyErr_Occurred())
+        return clear_if_ordinary() ? 0 : -1;
+    if (v < 0 || v > FD_MAX)
+        return 0;
+    *fd = (int)v;
+    return 1;
+}
+
+/* The fd of an object with fileno(), as fileno_of() reads it (and raises):
+ * 1, 0 when it has no fileno attribute (fileno_of's TypeError), -1 on error. */
+static int object_fd(PyObject *item, int *fd, FdScan *scan) {
+    PyObject *get = PyObject_GetAttr(item, s_fileno);
+    if (get == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    scan->called = 1;
+    PyObject *r = PyObject_CallNoArgs(get);
+    Py_DECREF(get);
+    if (r == NULL)
+        return -1; /* fileno()'s own error, as fileno_of lets it through */
+    int overflow = 0;
+    long v = PyLong_Check(r) ? PyLong_AsLongAndOverflow(r, &overflow) : 0;
+    if (!PyLong_Check(r)) {
+        PyObject *name = PyType_GetName(Py_TYPE(item)), *rname = PyType_GetName(Py_TYPE(r));
+        if (name != NULL && rname != NULL)
+            PyErr_Format(PyExc_TypeError, "%U.fileno() returned %U", name, rname);
+        Py_XDECREF(name);
+        Py_XDECREF(rname);
+    } else if (!(v == -1 && PyErr_Occurred()) && (overflow || v < 0 || v > FD_MAX))
+        PyErr_Format(PyExc_ValueError, "invalid file descriptor %S%s", r,
+                     overflow < 0 || (!overflow && v < 0) ? " (closed?)" : "");
+    Py_DECREF(r);
+    if (PyErr_Occurred())
+        return -1;
+    *fd = (int)v;
+    return 1;
+}
+
 /* The fd numbers of *fdsobj* (a list or tuple of ints or objects with
- * fileno()) into fds: the count, -2 for "let Python do it", -1 on error. */
-static Py_ssize_t collect_fds(PyObject *fdsobj, int *fds) {
+ * fileno()) into fds: the count, -2 for "let Python do it", -1 on error.
+ * *scan* says how far it got (release scan->seq): on -2 after a fileno()
+ * ran, `resolved_fds` gives the Python path the numbers read, so that no
+ * fileno() runs twice. */
+static Py_ssize_t collect_fds(PyObject *fdsobj, int *fds, FdScan *scan) {
+    scan->seq = NULL;
+    scan->stop = 0;
+    scan->called = 0;
     int is_list = PyList_CheckExact(fdsobj);
     if (!is_list && !PyTuple_CheckExact(fdsobj))
         return -2;
     Py_ssize_t n = Py_SIZE(fdsobj);
     if (n > SCM_MAX_FD)
         return -2;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        /* fileno() may change a list: read it afresh each time. */
-        if (i >= Py_SIZE(fdsobj))
-            return -2;
-        PyObject *item = is_list ? PyList_GET_ITEM(fdsobj, i) : PyTuple_GET_ITEM(fdsobj, i);
-        long v;
-        if (PyLong_CheckExact(item)) {
-            v = PyLong_AsLong(item);
-            if (v == -1 && PyErr_Occurred())
-                return clear_if_ordinary() ? -2 : -1;
-        } else if (PyLong_Check(item)) {
-            return -2; /* bool (refused) or an int subclass: fileno_of decides */
-        } else {
-            Py_INCREF(item);
-            PyObject *r = PyObject_CallMethodNoArgs(item, s_fileno);
-            Py_DECREF(item);
-            if (r == NULL)
-                return clear_if_ordinary() ? -2 : -1;
-            if (!PyLong_CheckExact(r)) {
-                Py_DECREF(r);
-                return -2;
-            }
-            v = PyLong_AsLong(r);
-            Py_DECREF(r);
-            if (v == -1 && PyErr_Occurred())
-                return clear_if_ordinary() ? -2 : -1;
+    PyObject **items = is_list ? ((PyListObject *)fdsobj)->ob_item : ((PyTupleObject *)fdsobj)->ob_item;
+    Py_ssize_t i = 0;
+    /* Exact ints run no code: read in place. */
+    for (; i < n && PyLong_CheckExact(items[i]); i++) {
+        int r = int_fd(items[i], fds + i);
+        if (r <= 0) {
+            scan->stop = i;
+            return r < 0 ? -1 : -2;
         }
-        if (v < 0 || v > FD_MAX)
-            return -2;
-        fds[i] = (int)v;
     }
-    if (Py_SIZE(fdsobj) != n)
-        return -2;
+    if (i < n) {
+        /* fileno() may run any code, even change the list: read a snapshot
+         * of it, as the Python path does (list(fds)). */
+        PyObject *snap = PySequence_Tuple(fdsobj);
+        if (snap == NULL)
+            return -1;
+        scan->seq = snap;
+        if (PyTuple_GET_SIZE(snap) != n) {
+            scan->stop = 0;
+            return -2;
+        }
+        for (; i < n; i++) {
+            PyObject *item = PyTuple_GET_ITEM(snap, i);
+            scan->stop = i;
+            int r;
+            if (PyLong_CheckExact(item))
+                r = int_fd(item, fds + i);
+            else if (PyLong_Check(item))
+                r = 0; /* bool (refused) or an int subclass: fileno_of decides */
+            else
+                r = object_fd(item, fds + i, scan);
+            if (r <= 0)
+                return r < 0 ? -1 : -2;
+        }
+    }
+    scan->stop = n;
     return n;
+}
+
+/* What the Python path reads after collect_fds() stopped: a list of the
+ * numbers read, then the items not reached. */
+static PyObject *resolved_fds(PyObject *fdsobj, const int *fds, const FdScan *scan) {
+    PyObject *seq = scan->seq != NULL ? scan->seq : fdsobj;
+    Py_ssize_t n = Py_SIZE(seq);
+    PyObject **items = PyList_CheckExact(seq) ? ((PyListObject *)seq)->ob_item : ((PyTupleObject *)seq)->ob_item;
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = i < scan->stop ? PyLong_FromLong(fds[i]) : Py_NewRef(items[i]);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    return out;
 }
 
 /* The frame's rest after a write that took *sent* bytes (maybe 0): the
@@ -636,7 +716,9 @@ static void send_was_interrupted(PyObject *channel) {
 }
 
 /* send(channel, payload, fds) -> True when the whole message left, False
- * when nothing was done (the Python path takes it from the start). */
+ * when nothing was done (the Python path takes it from the start), or a
+ * list: nothing was sent and the Python path takes it with these fds (the
+ * numbers that fileno() gave here, which must not run twice). */
 static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "send(channel, payload, fds)");
@@ -644,14 +726,16 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
     }
     PyObject *channel = args[0], *payload = args[1], *fdsobj = args[2];
     int fds[SCM_MAX_FD];
-    Py_ssize_t nfds = collect_fds(fdsobj, fds);
-    if (nfds == -1)
-        return NULL;
-    if (nfds == -2)
-        Py_RETURN_FALSE;
-
+    FdScan scan;
     Py_buffer view;
     int have_view = 0;
+    PyObject *result = NULL, *lock = NULL;
+    Py_ssize_t nfds = collect_fds(fdsobj, fds, &scan);
+    if (nfds == -1)
+        goto done;
+    if (nfds == -2)
+        goto not_handled;
+
     const char *data;
     Py_ssize_t size;
     if (PyBytes_CheckExact(payload)) {
@@ -660,15 +744,14 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
     } else {
         if (PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE) < 0) {
             if (clear_if_ordinary())
-                Py_RETURN_FALSE;
-            return NULL;
+                goto not_handled;
+            goto done;
         }
         have_view = 1;
         data = view.buf;
         size = view.len;
     }
 
-    PyObject *result = NULL, *lock = NULL;
     int direct = 0;
     /* What the Python path checks or does first: a closed or broken
      * channel, an earlier send cut twice (_suspect), a forked child's end
@@ -784,11 +867,16 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
     goto done;
 
 not_handled:
-    result = Py_False;
-    Py_INCREF(result);
+    if (scan.called)
+        result = resolved_fds(fdsobj, fds, &scan);
+    else {
+        result = Py_False;
+        Py_INCREF(result);
+    }
 done:
     if (have_view)
         PyBuffer_Release(&view);
+    Py_XDECREF(scan.seq);
     return result;
 }
 
@@ -800,12 +888,52 @@ done:
 #define MANY_MAX_FRAMES 64
 #define MANY_MAX_BYTES (256 * 1024)    /* fdchannel._batch._MAX_BYTES */
 
+/* The messages as the Python path should read them after send_many_impl
+ * read fds of some (so that no fileno() runs twice): those before *at* with
+ * the numbers read, message *at* with its fds as *scan* left them when
+ * *partial* (its fds) is set, then the rest of *messages* as it is now. */
+static PyObject *resolved_messages(PyObject *messages, PyObject *const *payloads, const int *fds, const int *nums,
+                                   Py_ssize_t at, PyObject *partial, const int *mine, const FdScan *scan) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t from = 0;
+    for (Py_ssize_t j = 0; j <= at; j++) {
+        PyObject *nums_j;
+        if (j < at) {
+            nums_j = int_list(fds + from, nums[j]);
+            from += nums[j];
+        } else if (partial != NULL)
+            nums_j = resolved_fds(partial, mine, scan);
+        else
+            break;
+        PyObject *pair = nums_j != NULL ? PyTuple_Pack(2, payloads[j], nums_j) : NULL;
+        Py_XDECREF(nums_j);
+        if (pair == NULL || PyList_Append(out, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+    for (Py_ssize_t j = partial != NULL ? at + 1 : at; j < Py_SIZE(messages); j++) {
+        PyObject *item = PyList_CheckExact(messages) ? PyList_GET_ITEM(messages, j) : PyTuple_GET_ITEM(messages, j);
+        if (PyList_Append(out, item) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
 /* send_many(channel, messages) -> True when every message left in one
  * write (or the rest was handed to the Python path, which pushed it),
  * False when nothing was done: the Python path takes the call from the
- * start.  Handled: a list or tuple of (bytes, list or tuple of fds) pairs
- * that fit one group of fdchannel._batch (at most SCM_MAX_FD fds, 500
- * frames, 256 KiB), each within the channel's limits. */
+ * start; or a list, when nothing was sent and a fileno() ran: the
+ * Python path takes these messages instead (`resolved_messages`).
+ * Handled: a list or tuple of (bytes, list or tuple of fds) pairs that
+ * fit one group of fdchannel._batch (at most SCM_MAX_FD fds, 500 frames,
+ * 256 KiB), each within the channel's limits. */
 static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *messages) {
     int is_list = PyList_CheckExact(messages);
     if (!is_list && !PyTuple_CheckExact(messages))
@@ -817,12 +945,15 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     PyObject *payloads[MANY_MAX_FRAMES];
     int nums[MANY_MAX_FRAMES]; /* fds per message */
     int fds[SCM_MAX_FD];
-    Py_ssize_t nfds = 0, total = 0, got = 0;
-    PyObject *result = NULL;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (i >= Py_SIZE(messages))
+    int mine[SCM_MAX_FD];      /* message at's */
+    Py_ssize_t nfds = 0, total = 0, got = 0, at = 0;
+    PyObject *result = NULL, *partial = NULL; /* message at's fds, once read */
+    FdScan scan = {NULL, 0, 0};
+    int called = 0;
+    for (; at < count; at++) {
+        if (at >= Py_SIZE(messages))
             goto not_handled_early;
-        PyObject *item = is_list ? PyList_GET_ITEM(messages, i) : PyTuple_GET_ITEM(messages, i);
+        PyObject *item = is_list ? PyList_GET_ITEM(messages, at) : PyTuple_GET_ITEM(messages, at);
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2)
             goto not_handled_early;
         PyObject *payload = PyTuple_GET_ITEM(item, 0), *fdsobj = PyTuple_GET_ITEM(item, 1);
@@ -830,20 +961,22 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
             goto not_handled_early;
         Py_INCREF(payload);
         payloads[got++] = payload;
+        Py_CLEAR(scan.seq);
         Py_INCREF(fdsobj);
-        int mine[SCM_MAX_FD];
-        Py_ssize_t k = collect_fds(fdsobj, mine);
-        Py_DECREF(fdsobj);
+        partial = fdsobj;
+        Py_ssize_t k = collect_fds(fdsobj, mine, &scan);
+        called |= scan.called;
         if (k == -1)
             goto done;
         if (k == -2 || k > SCM_MAX_FD - nfds)
             goto not_handled_early;
         memcpy(fds + nfds, mine, sizeof(int) * (size_t)k);
-        nums[i] = (int)k;
+        nums[at] = (int)k;
         nfds += k;
         total += HEADER_SIZE + PyBytes_GET_SIZE(payload);
         if (total > MANY_MAX_BYTES)
             goto not_handled_early;
+        Py_CLEAR(partial);
     }
     if (Py_SIZE(messages) != count)
         goto not_handled_early;
@@ -949,10 +1082,10 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         /* A partial write, or a full socket: the Python path queues the
          * group's rest and pushes it as send_many() does. */
         if (PyErr_CheckSignals() < 0) {
-            /* The stream is unusable; as _batch says for an error in the push,
-             * the messages count as taken once bytes of them left. */
+            /* The stream is unusable, and, as _batch.record_taken says for
+             * an error without characters_written, none counts as taken. */
             send_was_interrupted(channel);
-            set_on_error(s_messages_taken, sent > 0 ? count : 0);
+            set_on_error(s_messages_taken, 0);
         } else {
             PyObject *bufs = PyList_New(0), *numl = int_list(fds, nfds), *pn = PyLong_FromSsize_t(sent < 0 ? 0 : sent);
             PyObject *pc = PyLong_FromSsize_t(count);
@@ -965,8 +1098,10 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
             PyObject *r = NULL;
             if (!bad)
                 r = PyObject_CallFunctionObjArgs(send_many_rest, channel, bufs, numl, pn, pc, NULL);
-            else
+            else {
                 send_was_interrupted(channel); /* how much left is known, but not kept */
+                set_on_error(s_messages_taken, 0); /* as for the signal above */
+            }
             Py_XDECREF(bufs);
             Py_XDECREF(numl);
             Py_XDECREF(pn);
@@ -996,11 +1131,17 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     goto done;
 
 not_handled_early:
-    result = Py_False;
-    Py_INCREF(result);
+    if (called)
+        result = resolved_messages(messages, payloads, fds, nums, at, partial, mine, &scan);
+    else {
+        result = Py_False;
+        Py_INCREF(result);
+    }
 done:
     for (Py_ssize_t i = 0; i < got; i++)
         Py_DECREF(payloads[i]);
+    Py_XDECREF(partial);
+    Py_XDECREF(scan.seq);
     return result;
 }
 

@@ -595,3 +595,47 @@ def test_the_mutated_groups_do_reach_the_compiled_queueing(monkeypatch: pytest.M
             assert out[-1] == "no more"
             taken_in_c += len(parsed) == before
         assert taken_in_c == 4
+
+
+@needs_proc_syscall
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=compiled_only), False])
+def test_a_handler_raising_after_part_of_a_group_left_takes_none(alarm: None, compiled: bool) -> None:
+    """The third review: after a partial write the compiled path said all were taken, the Python path none.
+
+    The main thread blocks in sendmsg part way through a group (a small
+    send buffer, nobody reading); another thread marks SIGUSR1 due, so the
+    kernel returns the bytes it took and the handler raises.  The stream is
+    unusable then, nothing is pending, and both paths say none was taken.
+    """
+    main = threading.get_ident()
+    failed: list[BaseException] = []
+    with _channels(compiled) as (a, b), _pipe() as (r, _w):
+        a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        b._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        messages = [(bytes([i]) * 40_000, [r]) for i in range(5)]  # 200 KiB: one group
+        a.settimeout(None)
+        tid = threading.get_native_id()
+
+        def peer() -> None:
+            try:
+                assert _SENDMSG is not None
+                _blocked_in(tid, _SENDMSG)
+                signal.pthread_kill(main, signal.SIGUSR1)
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=peer)
+        thread.start()
+        try:
+            with pytest.raises(_Alarm) as info:
+                a.send_many(messages)
+        finally:
+            thread.join(TIMEOUT)
+        assert not failed, failed
+        assert info.value.messages_taken == 0  # type: ignore[attr-defined]
+        assert not a._outbox.pending
+        # Part of the group did leave (this was the partial write, not EINTR);
+        # read without room for fds, the kernel closes the ones it carried.
+        assert len(b._sock.recv(1 << 20, socket.MSG_DONTWAIT)) > 0
+        with pytest.raises(ProtocolError, match="interrupted by _Alarm"):
+            a.send(b"after")

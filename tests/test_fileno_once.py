@@ -1,0 +1,227 @@
+"""Each object's ``fileno()`` runs once per send, whichever path takes the message.
+
+The compiled path reads the fd numbers first, as the Python path does.  When
+it then hands the message over (a state or a limit it leaves to Python, a
+payload type it does not take, an error the Python path words), it hands
+over the numbers it read as well, so that no ``fileno()`` runs twice (a
+``fileno()`` may have side effects, or give another number the second time).
+Every case runs on both paths, which must call ``fileno()`` as often and end
+the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from fdchannel import Channel, _fastpath
+
+TIMEOUT = 10.0
+
+PATHS = [
+    pytest.param(
+        True,
+        id="compiled",
+        marks=pytest.mark.skipif(
+            not _fastpath.compiled_available(), reason=f"not built here: {_fastpath.why_pure()}"
+        ),
+    ),
+    pytest.param(False, id="pure"),
+]
+
+
+class Counted:
+    """An object with ``fileno()``, counting its calls (and maybe misbehaving)."""
+
+    def __init__(self, fd: int, *, gives: Any = None, raises: BaseException | None = None) -> None:
+        self.fd = fd
+        self.gives = gives
+        self.raises = raises
+        self.calls = 0
+        self.then: Callable[[], None] | None = None
+
+    def fileno(self) -> Any:
+        self.calls += 1
+        if self.then is not None:
+            self.then()
+        if self.raises is not None:
+            raise self.raises
+        return self.fd if self.gives is None else self.gives
+
+
+@contextmanager
+def _channels(compiled: bool) -> Iterator[tuple[Channel, Channel, int]]:
+    r, w = os.pipe()
+    try:
+        with _fastpath.forced(compiled):
+            a, b = Channel.pair()
+        with a, b:
+            a.settimeout(TIMEOUT)
+            b.settimeout(0.0)
+            yield a, b, r
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _outcome(call: Callable[[], None], b: Channel) -> tuple[str, list[tuple[bytes, int]]]:
+    """What a send did: the error it raised (type and text), and what arrived."""
+    try:
+        call()
+        error = ""
+    except (TypeError, ValueError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    got = []
+    while True:
+        try:
+            msg = b.recv()
+        except BlockingIOError:
+            return error, got
+        with msg:
+            got.append((bytes(msg.payload), len(msg.fds)))
+
+
+# -- send --------------------------------------------------------------------------
+
+
+SEND_CASES = {
+    # The compiled path reads the numbers, then leaves these to Python.
+    "payload over max_payload": lambda a, obj: a.send(b"x" * 100, [obj]),
+    "a negative int after it": lambda a, obj: a.send(b"x", [obj, -1]),
+    "a bool after it": lambda a, obj: a.send(b"x", [obj, True]),
+    "the channel's own socket after it": lambda a, obj: a.send(b"x", [obj, a.fileno()]),
+    "a payload it does not take": lambda a, obj: a.send(memoryview(b"x")[::1], [obj]),
+    "an object without fileno after it": lambda a, obj: a.send(b"x", [obj, object()]),
+    "a state it leaves to Python": lambda a, obj: a.send(b"x", (obj, obj)),
+    "sent in C": lambda a, obj: a.send(b"x", [obj]),
+}
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+@pytest.mark.parametrize("case", list(SEND_CASES))
+def test_send_calls_each_fileno_once(compiled: bool, case: str) -> None:
+    with _channels(compiled) as (a, b, r):
+        a.max_payload = 10
+        if case == "a state it leaves to Python":
+            a._share_above = 1 << 20  # type: ignore[assignment] # the compiled path declines it
+        obj = Counted(r)
+        error, got = _outcome(lambda: SEND_CASES[case](a, obj), b)
+        expected_calls = 2 if case == "a state it leaves to Python" else 1  # (obj, obj): twice in the tuple
+        assert obj.calls == expected_calls
+        sent = case in ("a payload it does not take", "a state it leaves to Python", "sent in C")
+        assert (error == "") == sent, error
+        if sent:
+            assert got == [(b"x", expected_calls)]
+        else:
+            assert got == []
+
+
+@pytest.mark.parametrize(
+    "misbehaviour",
+    ["raises OSError", "raises KeyError", "gives a str", "gives -1", "gives 2**40", "gives True"],
+)
+def test_a_misbehaving_fileno_runs_once_and_ends_alike_on_both_paths(misbehaviour: str) -> None:
+    outcomes = []
+    for compiled in [True, False] if _fastpath.compiled_available() else [False]:
+        with _channels(compiled) as (a, b, r):
+            kind, what = misbehaviour.split(" ", 1)
+            errors = {"OSError": OSError(9, "gone"), "KeyError": KeyError("no")}
+            raises = errors.get(what) if kind == "raises" else None
+            gives = {"a str": "3", "-1": -1, "2**40": 2**40, "True": True}.get(what)
+            obj = Counted(r, gives=gives, raises=raises)
+            ok = Counted(r)
+            try:
+                a.send(b"x", [ok, obj])
+                error = ""
+            except (TypeError, ValueError, OSError, KeyError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            assert (obj.calls, ok.calls) == (1, 1)
+            got = _outcome(lambda: None, b)[1]
+            outcomes.append((error, got))
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+    if misbehaviour == "gives True":
+        assert outcomes[0][0] == ""  # fileno_of takes an int subclass (True is fd 1)
+    else:
+        assert outcomes[0][0]
+        assert outcomes[0][1] == []
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+def test_a_fileno_that_empties_the_list_is_read_once_from_a_snapshot(compiled: bool) -> None:
+    """As ``list(fds)`` on the Python path: the items as they were when the call began."""
+    with _channels(compiled) as (a, b, r):
+        first, second = Counted(r), Counted(r)
+        fds: list[Any] = [first, second]
+        first.then = fds.clear
+        error, got = _outcome(lambda: a.send(b"x", fds), b)
+        assert (error, got) == ("", [(b"x", 2)])
+        assert (first.calls, second.calls) == (1, 1)
+
+
+# -- send_many ---------------------------------------------------------------------
+
+
+def _read(b: Channel, n: int, into: list[tuple[bytes, int]]) -> None:
+    b.settimeout(TIMEOUT)
+    for _ in range(n):
+        with b.recv() as msg:
+            into.append((bytes(msg.payload), len(msg.fds)))
+
+
+MANY_CASES = {
+    "a later payload it does not take": lambda obj, r: [(b"x", [obj]), (bytearray(b"y"), [r])],
+    "a later negative fd": lambda obj, r: [(b"x", [obj]), (b"y", [obj, -1])],
+    "a later object without fileno": lambda obj, r: [(b"x", [obj]), (b"y", [object()])],
+    "more bytes than one group": lambda obj, r: [(b"x", [obj]), (b"y" * 300_000, [])],
+    "more fds than one group": lambda obj, r: [(b"x", [obj]), (b"y", [r] * 253)],
+    "a later item that is a list": lambda obj, r: [(b"x", [obj]), [b"y", [r]]],
+    "sent in C": lambda obj, r: [(b"x", [obj]), (b"y", [obj, r])],
+}
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+@pytest.mark.parametrize("case", list(MANY_CASES))
+def test_send_many_calls_each_fileno_once(compiled: bool, case: str) -> None:
+    with _channels(compiled) as (a, b, r):
+        a.max_payload = 1 << 20
+        obj = Counted(r)
+        messages = MANY_CASES[case](obj, r)
+        if case == "more bytes than one group":
+            # More than the socket holds: read as it is written.
+            got = []
+            reader = threading.Thread(target=_read, args=(b, len(messages), got))
+            reader.start()
+            try:
+                a.send_many(messages)
+                error = ""
+            finally:
+                reader.join(TIMEOUT)
+            assert not reader.is_alive()
+        else:
+            error, got = _outcome(lambda: a.send_many(messages), b)
+        occurrences = sum(list(fds).count(obj) for _, fds in messages)
+        assert obj.calls == occurrences
+        if case in ("a later negative fd", "a later object without fileno"):
+            assert error
+            assert got == []
+        else:
+            assert error == ""
+            assert got == [(bytes(p), len(list(fds))) for p, fds in messages]
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+def test_a_fileno_that_adds_a_message_is_seen_as_the_python_path_iterates(compiled: bool) -> None:
+    """``send_many`` reads a list lazily on the Python path: an item added while it runs is sent too."""
+    with _channels(compiled) as (a, b, r):
+        obj = Counted(r)
+        messages: list[Any] = [(b"x", [obj])]
+        obj.then = lambda: messages.append((b"added", [r])) if len(messages) == 1 else None
+        error, got = _outcome(lambda: a.send_many(messages), b)
+        assert error == ""
+        assert obj.calls == 1
+        assert got == [(b"x", 1), (b"added", 1)]
