@@ -542,15 +542,20 @@ static int int_fd(PyObject *item, int *fd) {
     return 1;
 }
 
-/* The fd of an object with fileno(), as fileno_of() reads it (and raises):
- * 1, 0 when it has no fileno attribute (fileno_of's TypeError), -1 on error. */
+/* The fd of an object with fileno(), as fileno_of() reads it and with its
+ * errors (even the lookup of fileno runs once): 1, or -1 on error. */
 static int object_fd(PyObject *item, int *fd, FdScan *scan) {
     PyObject *get = PyObject_GetAttr(item, s_fileno);
     if (get == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
-            return -1;
-        PyErr_Clear();
-        return 0;
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyObject *name = PyType_GetName(Py_TYPE(item));
+            if (name != NULL) {
+                PyErr_Format(PyExc_TypeError, "expected an int fd or an object with fileno(), got %U", name);
+                Py_DECREF(name);
+            }
+        }
+        return -1;
     }
     scan->called = 1;
     PyObject *r = PyObject_CallNoArgs(get);
@@ -630,21 +635,30 @@ static Py_ssize_t collect_fds(PyObject *fdsobj, int *fds, FdScan *scan) {
 }
 
 /* What the Python path reads after collect_fds() stopped: a list of the
- * numbers read, then the items not reached. */
+ * numbers read, then the items not reached (fds it did not read at all,
+ * such as a generator, as they are). */
 static PyObject *resolved_fds(PyObject *fdsobj, const int *fds, const FdScan *scan) {
     PyObject *seq = scan->seq != NULL ? scan->seq : fdsobj;
-    Py_ssize_t n = Py_SIZE(seq);
-    PyObject **items = PyList_CheckExact(seq) ? ((PyListObject *)seq)->ob_item : ((PyTupleObject *)seq)->ob_item;
-    PyObject *out = PyList_New(n);
+    int is_list = PyList_CheckExact(seq);
+    if (!is_list && !PyTuple_CheckExact(seq))
+        return Py_NewRef(seq);
+    PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *v = i < scan->stop ? PyLong_FromLong(fds[i]) : Py_NewRef(items[i]);
-        if (v == NULL) {
+    /* An allocation may run a finalizer that changes a list: its size and
+     * items are read afresh each time, and each item held before the next. */
+    for (Py_ssize_t i = 0; i < Py_SIZE(seq); i++) {
+        PyObject *v;
+        if (i < scan->stop)
+            v = PyLong_FromLong(fds[i]);
+        else
+            v = Py_NewRef(is_list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i));
+        if (v == NULL || PyList_Append(out, v) < 0) {
+            Py_XDECREF(v);
             Py_DECREF(out);
             return NULL;
         }
-        PyList_SET_ITEM(out, i, v);
+        Py_DECREF(v);
     }
     return out;
 }
@@ -950,6 +964,13 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     PyObject *result = NULL, *partial = NULL; /* message at's fds, once read */
     FdScan scan = {NULL, 0, 0};
     int called = 0;
+    /* The limits as they are now: the Python path refuses a message before
+     * it reads the next one's fds (read again below, with the lock). */
+    int state = chan_check(self, channel);
+    if (state < 0)
+        return NULL;
+    if (!(state & OK_SEND))
+        Py_RETURN_FALSE;
     for (; at < count; at++) {
         if (at >= Py_SIZE(messages))
             goto not_handled_early;
@@ -968,8 +989,11 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         called |= scan.called;
         if (k == -1)
             goto done;
-        if (k == -2 || k > SCM_MAX_FD - nfds)
+        if (k == -2 || k > SCM_MAX_FD - nfds || k > self->max_fds || PyBytes_GET_SIZE(payload) > self->max_payload)
             goto not_handled_early;
+        for (Py_ssize_t j = 0; j < k; j++)
+            if (mine[j] == self->fd)
+                goto not_handled_early;
         memcpy(fds + nfds, mine, sizeof(int) * (size_t)k);
         nums[at] = (int)k;
         nfds += k;
@@ -1003,12 +1027,13 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         if (direct)
             break;
     }
-    /* send()'s checks, message by message (the Python path raises its errors). */
-    for (Py_ssize_t i = 0, at = 0; i < count; at += nums[i], i++) {
+    /* send()'s checks, message by message, again: a fileno() may have
+     * changed the limits (the Python path raises its errors). */
+    for (Py_ssize_t i = 0, off = 0; i < count; off += nums[i], i++) {
         if (PyBytes_GET_SIZE(payloads[i]) > self->max_payload || nums[i] > self->max_fds)
             goto release_not_handled;
         for (int j = 0; j < nums[i]; j++)
-            if (fds[at + j] == self->fd)
+            if (fds[off + j] == self->fd)
                 goto release_not_handled;
     }
     if (0) {

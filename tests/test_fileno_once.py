@@ -11,6 +11,7 @@ the same way.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -181,7 +182,19 @@ MANY_CASES = {
     "more fds than one group": lambda obj, r: [(b"x", [obj]), (b"y", [r] * 253)],
     "a later item that is a list": lambda obj, r: [(b"x", [obj]), [b"y", [r]]],
     "sent in C": lambda obj, r: [(b"x", [obj]), (b"y", [obj, r])],
+    # The review: fds that are no list or tuple, after a fileno() ran (the
+    # compiled path read them as a list: a crash, or a MemoryError).
+    "a later generator of fds": lambda obj, r: [(b"x", [obj]), (b"y", (f for f in [r]))],
+    "a later set of fds": lambda obj, r: [(b"x", [obj]), (b"y", {r})],
+    "a later deque of fds": lambda obj, r: [(b"x", [obj]), (b"y", collections.deque([r, r]))],
+    "a later range of fds": lambda obj, r: [(b"x", [obj]), (b"y", range(r, r + 1))],
+    "a later dict view of fds": lambda obj, r: [(b"x", [obj]), (b"y", {r: 0}.keys())],
+    "a later list subclass of fds": lambda obj, r: [(b"x", [obj]), (b"y", _Fds([r, r, r]))],
 }
+
+
+class _Fds(list[int]):
+    pass
 
 
 @pytest.mark.parametrize("compiled", PATHS)
@@ -191,6 +204,7 @@ def test_send_many_calls_each_fileno_once(compiled: bool, case: str) -> None:
         a.max_payload = 1 << 20
         obj = Counted(r)
         messages = MANY_CASES[case](obj, r)
+        expected = [(p, 1 if "generator" in case else len(list(fds))) for p, fds in messages]
         if case == "more bytes than one group":
             # More than the socket holds: read as it is written.
             got = []
@@ -204,14 +218,14 @@ def test_send_many_calls_each_fileno_once(compiled: bool, case: str) -> None:
             assert not reader.is_alive()
         else:
             error, got = _outcome(lambda: a.send_many(messages), b)
-        occurrences = sum(list(fds).count(obj) for _, fds in messages)
+        occurrences = sum(fds.count(obj) for _, fds in messages if isinstance(fds, list))
         assert obj.calls == occurrences
         if case in ("a later negative fd", "a later object without fileno"):
             assert error
             assert got == []
         else:
             assert error == ""
-            assert got == [(bytes(p), len(list(fds))) for p, fds in messages]
+            assert got == [(bytes(p), n) for p, n in expected]
 
 
 @pytest.mark.parametrize("compiled", PATHS)
@@ -225,3 +239,47 @@ def test_a_fileno_that_adds_a_message_is_seen_as_the_python_path_iterates(compil
         assert error == ""
         assert obj.calls == 1
         assert got == [(b"x", 1), (b"added", 1)]
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+@pytest.mark.parametrize("refused", ["own socket", "max_payload", "max_fds"])
+def test_send_many_reads_no_fds_past_a_message_it_refuses(compiled: bool, refused: str) -> None:
+    """As the Python path: message 0 is refused before message 1's ``fileno()`` runs."""
+    with _channels(compiled) as (a, b, r):
+        a.max_payload, a.max_fds = 10, 2
+        first = {
+            "own socket": (b"x", [a.fileno()]),
+            "max_payload": (b"x" * 11, []),
+            "max_fds": (b"x", [r] * 3),
+        }
+        later = Counted(r)
+        error, got = _outcome(lambda: a.send_many([first[refused], (b"y", [later])]), b)
+        assert error.startswith("ValueError")
+        assert got == []
+        assert later.calls == 0
+
+
+class _Lookups:
+    """``fileno`` is a property that raises AttributeError: the lookup fails (and counts)."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    @property
+    def fileno(self) -> Any:
+        self.lookups += 1
+        raise AttributeError("fileno")
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+@pytest.mark.parametrize("call", ["send", "send_many"])
+def test_a_failing_fileno_lookup_runs_once(compiled: bool, call: str) -> None:
+    with _channels(compiled) as (a, b, r):
+        obj, ok = _Lookups(), Counted(r)
+        if call == "send":
+            error, got = _outcome(lambda: a.send(b"x", [ok, obj]), b)
+        else:
+            error, got = _outcome(lambda: a.send_many([(b"x", [ok]), (b"y", [obj])]), b)
+        assert error == "TypeError: expected an int fd or an object with fileno(), got _Lookups"
+        assert got == []
+        assert (obj.lookups, ok.calls) == (1, 1)
