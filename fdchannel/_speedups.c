@@ -607,17 +607,19 @@ static Py_ssize_t collect_fds(PyObject *fdsobj, int *fds, FdScan *scan) {
     }
     if (i < n) {
         /* fileno() may run any code, even change the list: read a snapshot
-         * of it, as the Python path does (list(fds)). */
-        PyObject *snap = PySequence_Tuple(fdsobj);
+         * of it, as the Python path does (list(fds)).  PySequence_List
+         * allocates before it reads the items (PySequence_Tuple does not:
+         * a collection in between could free what it then copies). */
+        PyObject *snap = is_list ? PySequence_List(fdsobj) : Py_NewRef(fdsobj);
         if (snap == NULL)
             return -1;
         scan->seq = snap;
-        if (PyTuple_GET_SIZE(snap) != n) {
+        if (Py_SIZE(snap) != n) {
             scan->stop = 0;
             return -2;
         }
         for (; i < n; i++) {
-            PyObject *item = PyTuple_GET_ITEM(snap, i);
+            PyObject *item = is_list ? PyList_GET_ITEM(snap, i) : PyTuple_GET_ITEM(snap, i);
             scan->stop = i;
             int r;
             if (PyLong_CheckExact(item))
@@ -980,15 +982,23 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         PyObject *payload = PyTuple_GET_ITEM(item, 0), *fdsobj = PyTuple_GET_ITEM(item, 1);
         if (!PyBytes_CheckExact(payload))
             goto not_handled_early;
+        /* Both held before anything can run code. */
         Py_INCREF(payload);
         payloads[got++] = payload;
-        Py_CLEAR(scan.seq);
         Py_INCREF(fdsobj);
         partial = fdsobj;
         Py_ssize_t k = collect_fds(fdsobj, mine, &scan);
         called |= scan.called;
         if (k == -1)
             goto done;
+        if (scan.called) {
+            /* A fileno() may have changed the limits: read them again. */
+            state = chan_check(self, channel);
+            if (state < 0)
+                goto done;
+            if (!(state & OK_SEND))
+                goto not_handled_early;
+        }
         if (k == -2 || k > SCM_MAX_FD - nfds || k > self->max_fds || PyBytes_GET_SIZE(payload) > self->max_payload)
             goto not_handled_early;
         for (Py_ssize_t j = 0; j < k; j++)
@@ -1000,6 +1010,9 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         total += HEADER_SIZE + PyBytes_GET_SIZE(payload);
         if (total > MANY_MAX_BYTES)
             goto not_handled_early;
+        /* Let go of this message's snapshot before the next is read, as the
+         * Python path does (a finalizer it runs may change the list). */
+        Py_CLEAR(scan.seq);
         Py_CLEAR(partial);
     }
     if (Py_SIZE(messages) != count)
@@ -1714,6 +1727,8 @@ out:
 static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
     tl_sent_whole = -1;
     PyObject *r = send_impl(self, args, nargs);
+    if (r != Py_True)
+        tl_sent_whole = -1; /* not this call's: a send inside a fileno() it ran */
     forget_dicts();
     return r;
 }
@@ -1728,6 +1743,8 @@ static PyObject *FastPath_send_many(FastPath *self, PyObject *const *args, Py_ss
     Py_INCREF(channel);
     Py_INCREF(messages);
     PyObject *r = send_many_impl(self, channel, messages);
+    if (r != Py_True)
+        tl_sent_many = -1; /* not this call's: a send_many inside a fileno() it ran */
     Py_DECREF(messages);
     Py_DECREF(channel);
     return r;

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -283,3 +285,129 @@ def test_a_failing_fileno_lookup_runs_once(compiled: bool, call: str) -> None:
         assert error == "TypeError: expected an int fd or an object with fileno(), got _Lookups"
         assert got == []
         assert (obj.lookups, ok.calls) == (1, 1)
+
+
+# -- code that runs while the compiled path reads (the second review) -------------------
+#
+# Each runs in a child with the debug allocator (freed memory is poisoned), so
+# that reading freed memory crashes the child instead of passing by luck.
+
+_LIST_REGROWN_BY_A_COLLECTION = """
+import gc, os, sys
+from fdchannel import Channel, _fastpath
+with _fastpath.forced(sys.argv[1] == "compiled"):
+    a, b = Channel.pair()
+r, w = os.pipe()
+class Obj:
+    def fileno(self):
+        return r
+class Regrow:
+    # Cyclic garbage: the next collection runs this, which regrows the list.
+    def __init__(self, target):
+        self.target, self.me = target, self
+    def __del__(self):
+        self.target[:] = [w] * 40
+seen = set()
+for _ in range(50):
+    fds = [Obj()] + [w] * 29  # 30 items: past the tuple free list, a real allocation
+    Regrow(fds)
+    gc.set_threshold(1)  # collect at the next allocation (at once on CPython 3.11)
+    try:
+        a.send(b"x", fds)
+    finally:
+        gc.set_threshold(700)
+    with b.recv() as msg:
+        seen.add(len(msg.fds))
+print(sorted(seen))
+"""
+
+_MESSAGE_REPLACED_BY_A_FINALIZER = """
+import os, sys
+from fdchannel import Channel, _fastpath
+with _fastpath.forced(sys.argv[1] == "compiled"):
+    a, b = Channel.pair()
+r, w = os.pipe()
+messages = []
+class Killer:
+    def fileno(self):
+        return r
+    def __del__(self):
+        messages[1] = (b"other", [w])  # frees the old message 1 and its fds list
+class Marker:
+    def fileno(self):
+        return w
+class Dropper:
+    def __init__(self, fds):
+        self.fds = fds
+    def fileno(self):
+        self.fds.clear()  # message 0's snapshot now holds the last reference to the Killer
+        return r
+got = []
+for _ in range(200):
+    fds0 = [Killer()]
+    fds0.insert(0, Dropper(fds0))
+    messages[:] = [(b"zero", fds0), (b"one", [Marker()] + [w] * 10)]
+    a.send_many(messages)
+    got.append([(bytes(m.payload), len(m.fds)) for m in (b.recv(), b.recv())])
+print(sorted(set(map(tuple, got))))
+"""
+
+
+def _child(code: str, path: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code, path],
+        env={**os.environ, "PYTHONMALLOC": "debug"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+def test_a_list_a_collection_regrows_is_read_whole(compiled: bool) -> None:
+    """The snapshot of the fds was copied from an item array a collection had freed (a segfault)."""
+    seen = _child(_LIST_REGROWN_BY_A_COLLECTION, "compiled" if compiled else "pure")
+    # The list as it was before or after the collection: a collection's moment
+    # is the interpreter's to choose.
+    assert seen in ("[30]", "[40]", "[30, 40]")
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+def test_a_message_a_finalizer_replaces_is_read_safely(compiled: bool) -> None:
+    """send_many read message 1's fds after freeing what kept them alive (a segfault)."""
+    got = _child(_MESSAGE_REPLACED_BY_A_FINALIZER, "compiled" if compiled else "pure")
+    # Message 0 as list(fds) read it; message 1 as the finalizer left it.
+    assert got == "[((b'zero', 2), (b'other', 1))]"
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+@pytest.mark.parametrize("call", ["send", "send_many"])
+def test_a_send_inside_fileno_leaves_nothing_on_the_outer_error(compiled: bool, call: str) -> None:
+    """The counts a compiled call leaves for its wrapper were the inner send's, put on the outer error."""
+    with _channels(compiled) as (a, b, r):
+        obj = Counted(r, raises=OSError(9, "gone"))
+        obj.then = lambda: a.send_many([(b"inner", [])]) if call == "send_many" else a.send(b"inner")
+        with pytest.raises(OSError, match="gone") as info:
+            if call == "send":
+                a.send(b"x", [obj])
+            else:
+                a.send_many([(b"x", [obj])])
+        assert not hasattr(info.value, "characters_written")
+        assert not hasattr(info.value, "messages_taken")
+        assert _outcome(lambda: None, b)[1] == [(b"inner", 0)]
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+@pytest.mark.parametrize("limit", ["max_fds", "max_payload"])
+def test_a_limit_lowered_by_fileno_is_seen_before_the_next_fileno(compiled: bool, limit: str) -> None:
+    """Message 0's own fileno() lowers the limit it then breaks: message 1's never runs."""
+    with _channels(compiled) as (a, b, r):
+        first, later = Counted(r), Counted(r)
+        first.then = lambda: setattr(a, limit, 0)
+        error, got = _outcome(lambda: a.send_many([(b"x", [first]), (b"y", [later])]), b)
+        assert error.startswith("ValueError")
+        assert got == []
+        assert (first.calls, later.calls) == (1, 0)
