@@ -1040,15 +1040,10 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         if (direct)
             break;
     }
-    /* send()'s checks, message by message, again: a fileno() may have
-     * changed the limits (the Python path raises its errors). */
-    for (Py_ssize_t i = 0, off = 0; i < count; off += nums[i], i++) {
-        if (PyBytes_GET_SIZE(payloads[i]) > self->max_payload || nums[i] > self->max_fds)
-            goto release_not_handled;
-        for (int j = 0; j < nums[i]; j++)
-            if (fds[off + j] == self->fd)
-                goto release_not_handled;
-    }
+    /* send()'s checks were made message by message as their fds were read,
+     * each against the limits of that moment, as the Python path's prepare()
+     * makes them: a limit a later fileno() lowers does not refuse an earlier
+     * message. */
     if (0) {
     release:
         if (lock != NULL)

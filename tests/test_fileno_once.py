@@ -411,3 +411,15 @@ def test_a_limit_lowered_by_fileno_is_seen_before_the_next_fileno(compiled: bool
         assert error.startswith("ValueError")
         assert got == []
         assert (first.calls, later.calls) == (1, 0)
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+@pytest.mark.parametrize("limit", ["max_fds", "max_payload"])
+def test_a_limit_lowered_by_a_later_fileno_leaves_earlier_messages_sent(compiled: bool, limit: str) -> None:
+    """The third review: the compiled path checked message 0 again against the new limit and refused it."""
+    with _channels(compiled) as (a, b, r):
+        later = Counted(r)
+        later.then = lambda: setattr(a, limit, 1 if limit == "max_fds" else 3)
+        error, got = _outcome(lambda: a.send_many([(b"hello", [r, r]), (b"x", [later])]), b)
+        assert error == ""
+        assert got == [(b"hello", 2), (b"x", 1)]
