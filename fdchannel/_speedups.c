@@ -287,6 +287,12 @@ static int chan_recheck(FastPath *fp, PyObject *ch, PyObject *d) {
             Py_XDECREF(share);
             return -1;
         }
+        /* The lookups above may run code: use ob only if the dict still holds it. */
+        PyObject *still = PyDict_GetItemWithError(d, s_outbox);
+        if (still != ob) {
+            Py_DECREF(share);
+            return PyErr_Occurred() ? -1 : 0;
+        }
         if (!suspect && share == Py_None) {
             if (Py_TYPE(ob) != outbox_type) {
                 Py_ssize_t off = slot_offset((PyObject *)Py_TYPE(ob), "pending");
@@ -306,6 +312,10 @@ static int chan_recheck(FastPath *fp, PyObject *ch, PyObject *d) {
     }
     if (dict_version(d) != v0)
         return 0; /* changed while being read: this call goes the Python way */
+    /* Without version tags (other CPythons), each kept pointer is checked instead. */
+    if (PyDict_GetItemWithError(d, s_send_lock) != sl || PyDict_GetItemWithError(d, s_recv_lock) != rl ||
+        PyDict_GetItemWithError(d, s_outbox) != ob || PyDict_GetItemWithError(d, s_decoder) != dec)
+        return PyErr_Occurred() ? -1 : 0;
     fp->max_payload = max_payload;
     fp->max_fds = max_fds;
     fp->send_lock = sl;

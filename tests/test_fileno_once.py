@@ -383,6 +383,40 @@ def test_a_message_a_finalizer_replaces_is_read_safely(compiled: bool) -> None:
     assert got == "[((b'zero', 2), (b'other', 1))]"
 
 
+_OUTBOX_SWAPPED_BY_A_PROPERTY = """
+import copy, os, sys
+from fdchannel import Channel, _fastpath
+class Swapping(Channel):
+    # Reading _share_above swaps the outbox for a copy: the old one is freed.
+    swaps = 0
+    @property
+    def _share_above(self):
+        d = self.__dict__
+        if "_outbox" in d:
+            d["_outbox"] = copy.copy(d["_outbox"])
+            type(self).swaps += 1
+        return None
+    @_share_above.setter
+    def _share_above(self, value):
+        pass
+with _fastpath.forced(sys.argv[1] == "compiled"):
+    a, b = Channel.pair()
+    s = Swapping(a._sock.dup())
+a.close()
+r, w = os.pipe()
+for _ in range(100):
+    s.send(b"x", [r])
+    b.recv().close()
+print(Swapping.swaps > 0)
+"""
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+def test_state_a_subclass_property_replaces_while_it_is_read_is_not_used(compiled: bool) -> None:
+    """Reading the channel's state ran a property that freed the outbox it had just read (a segfault)."""
+    assert _child(_OUTBOX_SWAPPED_BY_A_PROPERTY, "compiled" if compiled else "pure") == "True"
+
+
 @pytest.mark.parametrize("compiled", PATHS)
 @pytest.mark.parametrize("call", ["send", "send_many"])
 def test_a_send_inside_fileno_leaves_nothing_on_the_outer_error(compiled: bool, call: str) -> None:
