@@ -272,7 +272,8 @@ class Channel(ChannelCore):
             payload: The message's bytes (any contiguous bytes-like object).
             fds: Ints or objects with ``fileno()`` (files, sockets,
                 `OwnedFd`); they stay the caller's, who may close them as
-                soon as the call returns or raises.
+                soon as the call returns or raises.  Each ``fileno()`` is
+                called once, as the call begins.
 
         Raises:
             ValueError: Before writing anything: the message exceeds
