@@ -855,6 +855,20 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
             leave(self, channel, lock);
             goto done;
         }
+        /* Nothing left.  A handler that returned (or another thread, while
+         * the GIL was released) may have closed the channel, and its fd
+         * number may name another file now: the Python path, as socket
+         * methods read the fd afresh after EINTR. */
+        int still = chan_check(self, channel);
+        if (still < 0) {
+            leave(self, channel, lock);
+            goto done;
+        }
+        if (!(still & OK_SEND)) {
+            if (leave(self, channel, lock) < 0)
+                goto done;
+            goto not_handled;
+        }
     }
     if (sent == HEADER_SIZE + size) {
         result = Py_True;
@@ -1116,6 +1130,17 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
             set_on_error(s_messages_taken, 0);
             leave(self, channel, lock);
             goto done;
+        }
+        /* Nothing left: as send() above, a channel closed meanwhile goes to Python. */
+        int still = chan_check(self, channel);
+        if (still < 0) {
+            leave(self, channel, lock);
+            goto done;
+        }
+        if (!(still & OK_SEND)) {
+            if (leave(self, channel, lock) < 0)
+                goto done;
+            goto not_handled_early;
         }
     }
     if (sent == total) {
@@ -1539,6 +1564,17 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             /* Nothing was read: the channel is intact, as on the Python path. */
             PyBuffer_Release(&view);
             goto fail;
+        }
+        /* Nothing was read.  A handler that returned (or another thread,
+         * while the GIL was released) may have closed the channel, and its
+         * fd number may name another file now: the Python path, as socket
+         * methods read the fd afresh after EINTR. */
+        int still = chan_check(self, channel);
+        if (still < 0 || !(still & OK_RECV)) {
+            PyBuffer_Release(&view);
+            if (still < 0)
+                goto fail;
+            goto not_handled;
         }
     }
     if (n < 0) {

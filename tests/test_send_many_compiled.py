@@ -639,3 +639,72 @@ def test_a_handler_raising_after_part_of_a_group_left_takes_none(alarm: None, co
         assert len(b._sock.recv(1 << 20, socket.MSG_DONTWAIT)) > 0
         with pytest.raises(ProtocolError, match="interrupted by _Alarm"):
             a.send(b"after")
+
+
+def _signal_when_blocked(tid: int, nr: int | None, main: int, failed: list[BaseException]) -> None:
+    try:
+        assert nr is not None
+        _blocked_in(tid, nr)
+        signal.pthread_kill(main, signal.SIGUSR1)
+    except BaseException as exc:
+        failed.append(exc)
+
+
+@needs_proc_syscall
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=compiled_only), False])
+@pytest.mark.parametrize("call", ["recv", "send"])
+def test_a_handler_closing_the_channel_in_eintr_leaves_other_sockets_alone(compiled: bool, call: str) -> None:
+    """A review of the receive side: after EINTR the compiled path retried on the closed channel's fd number.
+
+    The main thread blocks in recvmsg (or in sendmsg, on a full socket); a
+    handler that returns closes the channel and, as any open() may, reuses its
+    number for another channel's socket.  The retry then read that socket's
+    message (or wrote into it).  Now, as socket methods do, the channel is
+    looked at again after EINTR: ValueError, the other socket untouched.
+    """
+    failed: list[BaseException] = []
+    with _fastpath.forced(compiled):
+        a, b = Channel.pair()
+    c, d = Channel.pair()
+    old = a.fileno()
+    reused = -1
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal reused
+        a.close()
+        reused = os.dup2(c.fileno(), old)  # the number now names c's socket
+        d.send(b"for c")
+
+    try:
+        with _pipe() as (r, _w):
+            if call == "send":
+                a.settimeout(0.0)
+                with pytest.raises(BlockingIOError):
+                    while True:
+                        a.send(b"f" * 1000)
+            a.settimeout(None)
+            c.settimeout(TIMEOUT)
+            nr = _RECVMSG if call == "recv" else _SENDMSG
+            args = (threading.get_native_id(), nr, threading.get_ident(), failed)
+            old_handler = signal.signal(signal.SIGUSR1, handler)
+            thread = threading.Thread(target=_signal_when_blocked, args=args)
+            thread.start()
+            try:
+                with pytest.raises(ValueError, match="closed"):
+                    a.recv() if call == "recv" else a.send(b"meant for b", [r])
+            finally:
+                thread.join(TIMEOUT)
+                signal.signal(signal.SIGUSR1, old_handler)
+            assert not failed, failed
+            assert reused == old
+            # c's message is still there, and nothing was written to c's peer.
+            with c.recv() as msg:
+                assert msg.payload == b"for c"
+            d.settimeout(0.0)
+            with pytest.raises(BlockingIOError):
+                d.recv()
+    finally:
+        if reused >= 0:
+            os.close(reused)
+        for ch in (a, b, c, d):
+            ch.close()
