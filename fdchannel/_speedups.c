@@ -1882,9 +1882,12 @@ static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     PyObject *seq = PySequence_Fast(fds, "Message.fds must be a sequence");
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *r = PyObject_CallMethod(PySequence_Fast_GET_ITEM(seq, i), "close", NULL);
+    /* As the Python close's for loop: a close() may change a list of fds,
+     * so its size is read afresh and each item held while it closes. */
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));
+        PyObject *r = PyObject_CallMethod(item, "close", NULL);
+        Py_DECREF(item);
         if (r != NULL) {
             Py_DECREF(r);
             continue;

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -135,3 +137,34 @@ def test_a_constructed_message_keeps_the_objects_it_was_given() -> None:
         assert msg.fds is given
         assert msg.payload == b"y"
     assert all(fd.closed for fd in given)
+
+
+_CLOSE_THAT_EMPTIES_THE_LIST = """
+import fdchannel
+closed = []
+class Closer:
+    def close(self):
+        closed.append(self)
+        fds.clear()  # the message's own list of fds
+fds = [Closer(), Closer(), Closer()]
+fdchannel.Message(b"p", fds).close()
+print(len(closed))
+"""
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled-if-built", "pure"])
+def test_close_over_a_list_that_a_close_empties_stops_where_the_list_ends(pure: bool) -> None:
+    """A review: the compiled Message.close kept the first length of the list and read past its end."""
+    env = {**os.environ, "PYTHONMALLOC": "debug"}
+    if pure:
+        env["FDCHANNEL_PURE"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", _CLOSE_THAT_EMPTIES_THE_LIST],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "1"  # as a for loop over the list: it ends when the list does
