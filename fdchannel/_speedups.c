@@ -741,6 +741,20 @@ static void send_was_interrupted(PyObject *channel) {
     PyErr_Restore(type, value, tb);
 }
 
+/* After EINTR, with nothing written: 1 to write again.  A handler that
+ * returned (or another thread, while the GIL was released) may have closed
+ * the channel, and its fd number may name another file now, so the state is
+ * read again, as socket methods read their fd afresh; when it is no longer
+ * for this path, the send lock is left and 0 says the Python path takes the
+ * call (-1: an error is set). */
+static int may_send_again(FastPath *self, PyObject *channel, PyObject *lock) {
+    int ok = chan_check(self, channel);
+    if (ok > 0 && (ok & OK_SEND))
+        return 1;
+    int left = leave(self, channel, lock);
+    return ok < 0 || left < 0 ? -1 : 0;
+}
+
 /* send(channel, payload, fds) -> True when the whole message left, False
  * when nothing was done (the Python path takes it from the start), or a
  * list: nothing was sent and the Python path takes it with these fds (the
@@ -855,20 +869,11 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
             leave(self, channel, lock);
             goto done;
         }
-        /* Nothing left.  A handler that returned (or another thread, while
-         * the GIL was released) may have closed the channel, and its fd
-         * number may name another file now: the Python path, as socket
-         * methods read the fd afresh after EINTR. */
-        int still = chan_check(self, channel);
-        if (still < 0) {
-            leave(self, channel, lock);
+        int again = may_send_again(self, channel, lock);
+        if (again < 0)
             goto done;
-        }
-        if (!(still & OK_SEND)) {
-            if (leave(self, channel, lock) < 0)
-                goto done;
+        if (again == 0)
             goto not_handled;
-        }
     }
     if (sent == HEADER_SIZE + size) {
         result = Py_True;
@@ -1131,17 +1136,11 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
             leave(self, channel, lock);
             goto done;
         }
-        /* Nothing left: as send() above, a channel closed meanwhile goes to Python. */
-        int still = chan_check(self, channel);
-        if (still < 0) {
-            leave(self, channel, lock);
+        int again = may_send_again(self, channel, lock);
+        if (again < 0)
             goto done;
-        }
-        if (!(still & OK_SEND)) {
-            if (leave(self, channel, lock) < 0)
-                goto done;
+        if (again == 0)
             goto not_handled_early;
-        }
     }
     if (sent == total) {
         result = Py_True;

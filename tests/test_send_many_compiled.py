@@ -607,24 +607,14 @@ def test_a_handler_raising_after_part_of_a_group_left_takes_none(alarm: None, co
     kernel returns the bytes it took and the handler raises.  The stream is
     unusable then, nothing is pending, and both paths say none was taken.
     """
-    main = threading.get_ident()
     failed: list[BaseException] = []
     with _channels(compiled) as (a, b), _pipe() as (r, _w):
         a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         b._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         messages = [(bytes([i]) * 40_000, [r]) for i in range(5)]  # 200 KiB: one group
         a.settimeout(None)
-        tid = threading.get_native_id()
-
-        def peer() -> None:
-            try:
-                assert _SENDMSG is not None
-                _blocked_in(tid, _SENDMSG)
-                signal.pthread_kill(main, signal.SIGUSR1)
-            except BaseException as exc:
-                failed.append(exc)
-
-        thread = threading.Thread(target=peer)
+        args = (threading.get_native_id(), _SENDMSG, threading.get_ident(), failed)
+        thread = threading.Thread(target=_signal_when_blocked, args=args)
         thread.start()
         try:
             with pytest.raises(_Alarm) as info:
