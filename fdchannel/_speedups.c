@@ -93,7 +93,21 @@ static PyTypeObject FastPath_Type;
 /* obj's instance dict, borrowed, or NULL without an error when it has none.
  * The channel's and the decoder's state are plain instance attributes. */
 static PyObject *dict_of(PyObject *obj) {
-    PyObject **dp = _PyObject_GetDictPtr(obj);
+    PyObject **dp;
+#ifdef Py_TPFLAGS_MANAGED_DICT
+    if (PyType_HasFeature(Py_TYPE(obj), Py_TPFLAGS_MANAGED_DICT)) {
+        /* The first call makes the dict from the object's inline values, and
+         * that allocation may collect.  A finalizer that then reads the same
+         * object's __dict__ makes a second dict over the same values, and both
+         * later free them (CPython 3.11: a crash at a later collection).  So
+         * no collection runs while it is made. */
+        int was = PyGC_Disable();
+        dp = _PyObject_GetDictPtr(obj);
+        if (was)
+            PyGC_Enable();
+    } else
+#endif
+        dp = _PyObject_GetDictPtr(obj);
     return dp != NULL ? *dp : NULL;
 }
 

@@ -417,6 +417,54 @@ def test_state_a_subclass_property_replaces_while_it_is_read_is_not_used(compile
     assert _child(_OUTBOX_SWAPPED_BY_A_PROPERTY, "compiled" if compiled else "pure") == "True"
 
 
+_DICT_READ_BY_A_FINALIZER_AS_IT_IS_MADE = """
+import gc, os, sys
+from fdchannel import Channel, _fastpath
+mode = sys.argv[1].split("-")
+r, w = os.pipe()
+at, inside = [], [False]
+class Cycle:
+    # Freed only by a collection: one runs while recv() allocates.
+    def __init__(self, channel):
+        self.me, self.channel = self, channel
+    def __del__(self):
+        at.append(inside[0])
+        self.channel.__dict__["_decoder"] = self.channel._decoder
+got = []
+for _ in range(3):
+    with _fastpath.forced(mode[0] == "compiled"):
+        a, b = Channel.pair()
+    if mode[1] == "lone":
+        b.send(b"x", [r])
+    else:
+        b.send_many([(b"x", [r]), (b"y", [w])])
+    a.settimeout(0)
+    gc.collect()  # the count starts afresh: the next allocation (in recv) collects
+    Cycle(a)
+    gc.set_threshold(1, 1, 1)
+    inside[0] = True
+    m = a.recv()
+    inside[0] = False
+    gc.set_threshold(700, 10, 10)
+    with m:
+        got.append((bytes(m.payload), len(m.fds)))
+    a.close()
+    b.close()
+    gc.collect()
+print(got[0], at == [True] * 3)
+"""
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+@pytest.mark.parametrize("shape", ["lone", "group"])
+def test_a_finalizer_reading_the_channel_dict_as_recv_first_reads_it_is_safe(compiled: bool, shape: str) -> None:
+    """The fourth review's hardening crash: the compiled recv's first look at a channel's
+    state made its dict from inline values (CPython 3.11), a collection ran inside, and a
+    finalizer's own __dict__ made a second dict over the same values (a segfault later)."""
+    out = _child(_DICT_READ_BY_A_FINALIZER_AS_IT_IS_MADE, f"{'compiled' if compiled else 'pure'}-{shape}")
+    assert out == "(b'x', 1) True"
+
+
 @pytest.mark.parametrize("compiled", PATHS)
 @pytest.mark.parametrize("call", ["send", "send_many"])
 def test_a_send_inside_fileno_leaves_nothing_on_the_outer_error(compiled: bool, call: str) -> None:
