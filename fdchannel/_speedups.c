@@ -42,7 +42,7 @@ static PyObject *empty_tuple, *empty_bytes;
 
 static PyObject *s_closed, *s_broken, *s_outbox, *s_pending, *s_send_lock, *s_recv_lock, *s_acquire,
     *s_release, *s_max_payload, *s_max_fds, *s_decoder, *s_frames, *s_error, *s_eof, *s_lone, *s_end,
-    *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_recv_stopped, *s_push_back, *s_fileno,
+    *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_push_back, *s_fileno,
     *s_characters_written, *s_popleft, *s_appendleft, *s_suspect, *s_unclaimed, *s_share_above,
     *s_delivering, *s_landed, *s_recv_interrupted, *s_ahead, *s_fast, *s_recv, *s_watch, *s_evicted,
     *s_max_held_fds, *s_extend, *s_messages_taken;
@@ -1292,34 +1292,39 @@ static int add_received_fast(FastPath *fp, PyObject *decoder, Py_ssize_t n) {
     return 0;
 }
 
-/* The Python path's rule for an exception that cut into a receive. */
-static void recv_stopped(PyObject *channel) {
+/* The exception set struck after the kernel handed over bytes or fds that
+ * were then lost: the stream has a gap, and the channel says so from now on.
+ * First a mark no handler can cut and that needs no memory (a store to a key
+ * the dict has): should _recv_interrupted itself fail (another interrupt,
+ * out of memory again), the next recv() still finds it (_check_leftovers),
+ * never a silent gap.  The exception stays the one raised. */
+static void recv_cut(PyObject *channel) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    PyObject *r = PyObject_CallMethodOneArg(channel, s_recv_stopped, value ? value : Py_None);
-    if (r == NULL)
+    if (store(channel, s_delivering, Py_True) < 0)
         PyErr_Clear();
-    else
-        Py_DECREF(r);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
+    Py_XDECREF(r);
+    PyErr_Clear();
     PyErr_Restore(type, value, tb);
 }
 
 /* The decoder's next queued frame as a Message, if it is a plain data frame
  * (no transport data): NULL without an exception when there is none. */
-static PyObject *next_queued_from(PyObject *frames);
+static PyObject *next_queued_from(PyObject *channel, PyObject *frames);
 
-static PyObject *next_queued(PyObject *decoder) {
+static PyObject *next_queued(PyObject *channel, PyObject *decoder) {
     PyObject *frames = lookup(decoder, s_frames);
     if (frames == NULL)
         return NULL;
-    PyObject *m = next_queued_from(frames);
+    PyObject *m = next_queued_from(channel, frames);
     Py_DECREF(frames);
     return m;
 }
 
 /* next_queued, from the decoder's queue itself (borrowed). */
-static PyObject *next_queued_from(PyObject *frames) {
+static PyObject *next_queued_from(PyObject *channel, PyObject *frames) {
     PyObject *result = NULL;
     Py_ssize_t n = PyObject_Length(frames);
     PyObject *f = n > 0 ? PySequence_GetItem(frames, 0) : NULL;
@@ -1339,9 +1344,24 @@ static PyObject *next_queued_from(PyObject *frames) {
                     PyObject *type, *value, *tb;
                     PyErr_Fetch(&type, &value, &tb);
                     PyObject *r = PyObject_CallMethodOneArg(frames, s_appendleft, f);
-                    Py_XDECREF(r);
-                    PyErr_Clear();
-                    PyErr_Restore(type, value, tb);
+                    if (r != NULL) {
+                        Py_DECREF(r);
+                        PyErr_Restore(type, value, tb);
+                    } else {
+                        /* Out of memory twice: the frame is lost, its fds with it,
+                         * and the stream has a gap the channel must report. */
+                        PyErr_Clear();
+                        Py_ssize_t k = PyList_GET_SIZE(fds);
+                        for (Py_ssize_t i = 0; i < k; i++) {
+                            long v = PyLong_AsLong(PyList_GET_ITEM(fds, i));
+                            if (v >= 0 && v <= FD_MAX)
+                                close((int)v);
+                        }
+                        PyErr_Clear();
+                        PyList_SetSlice(fds, 0, k, NULL); /* shrinking: no allocation */
+                        PyErr_Restore(type, value, tb);
+                        recv_cut(channel);
+                    }
                 } else {
                     /* The message owns them now; the frame keeps nothing. */
                     PyObject *empty = PyList_New(0);
@@ -1510,7 +1530,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         if (Py_SIZE(self->frames) != 0 && frame_type != NULL) {
             /* A frame the decoder already holds (a read brought several): hand
              * out the next, as ChannelCore._next_message does for a plain one. */
-            result = next_queued_from(self->frames);
+            result = next_queued_from(channel, self->frames);
             if (result != NULL)
                 goto out;
             if (PyErr_Occurred())
@@ -1533,7 +1553,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             goto not_handled;
         }
         if (frame_type != NULL) {
-            PyObject *m = next_queued(decoder);
+            PyObject *m = next_queued(channel, decoder);
             if (m != NULL) {
                 result = m;
                 goto out;
@@ -1640,7 +1660,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
                 Py_XDECREF(m);
                 Py_XDECREF(payload);
                 Py_XDECREF(raw);
-                recv_stopped(channel);
+                recv_cut(channel);
                 goto fail;
             }
             if (PyErr_CheckSignals() < 0) {
@@ -1648,22 +1668,14 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
                  * path it is lost (its fds closed) and the channel says so. */
                 PyObject *type, *value, *tb;
                 PyErr_Fetch(&type, &value, &tb);
-                PyErr_NormalizeException(&type, &value, &tb);
                 PyObject *r = Message_close(m, NULL);
                 Py_XDECREF(r);
                 PyErr_Clear();
-                /* First a mark no handler can cut (no Python code runs): should another
-                 * interrupt cut _recv_interrupted short, the next recv() still finds
-                 * the message was in hand (_check_leftovers), never a silent gap. */
-                if (store(channel, s_delivering, Py_True) < 0)
-                    PyErr_Clear();
-                r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
-                Py_XDECREF(r);
-                PyErr_Clear();
+                PyErr_Restore(type, value, tb);
+                recv_cut(channel);
                 Py_DECREF(m);
                 Py_DECREF(payload);
                 Py_DECREF(raw);
-                PyErr_Restore(type, value, tb);
                 goto fail;
             }
             Py_DECREF(payload);
@@ -1682,26 +1694,18 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             PyBuffer_Release(&view);
             if (add_received_fast(self, decoder, n) < 0) {
                 Py_DECREF(frames);
-                recv_stopped(channel);
+                recv_cut(channel); /* queued, but the stream offset is not: unusable */
                 goto fail;
             }
             if (PyErr_CheckSignals() < 0) {
                 /* As on the Python path: a handler's error right after a read
                  * that brought something makes the stream unusable (the frames
                  * are the decoder's, which the channel drops). */
-                PyObject *type, *value, *tb;
-                PyErr_Fetch(&type, &value, &tb);
-                PyErr_NormalizeException(&type, &value, &tb);
-                if (store(channel, s_delivering, Py_True) < 0)
-                    PyErr_Clear();
-                PyObject *r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
-                Py_XDECREF(r);
-                PyErr_Clear();
-                PyErr_Restore(type, value, tb);
+                recv_cut(channel);
                 Py_DECREF(frames);
                 goto fail;
             }
-            result = next_queued_from(frames);
+            result = next_queued_from(channel, frames);
             Py_DECREF(frames);
             if (result != NULL)
                 goto out;
@@ -1718,7 +1722,10 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         PyObject *type = NULL, *value = NULL, *tb = NULL;
         if (PyErr_CheckSignals() < 0)
             PyErr_Fetch(&type, &value, &tb); /* raised once what was read is recorded */
-        PyObject *list = int_list(fds, nfds);
+        /* Everything allocated before the fds are listed: once in the list
+         * they are the decoder's to close, never closed here as well. */
+        PyObject *pn = PyLong_FromSsize_t(n);
+        PyObject *list = pn != NULL ? int_list(fds, nfds) : NULL;
         PyObject *r = NULL;
         PyObject *landed = list != NULL ? lookup(decoder, s_landed) : NULL;
         /* Listed where a handler's error finds them (Decoder.landed), as the
@@ -1731,32 +1738,21 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         Py_XDECREF(landed);
         if (list == NULL) {
             close_fds(fds, nfds);
+            if (type == NULL && (n > 0 || nfds > 0))
+                recv_cut(channel); /* read, then lost (out of memory): the stream has a gap */
         } else {
-            PyObject *pn = PyLong_FromSsize_t(n);
-            if (pn != NULL)
-                r = PyObject_CallFunctionObjArgs(recv_rest, channel, pn, list, ctrunc ? Py_True : Py_False, NULL);
-            else
-                close_fds(fds, nfds);
-            Py_XDECREF(pn);
+            r = PyObject_CallFunctionObjArgs(recv_rest, channel, pn, list, ctrunc ? Py_True : Py_False, NULL);
             Py_DECREF(list);
         }
+        Py_XDECREF(pn);
         if (type != NULL) {
             /* As on the Python path: a handler's error right after a read
              * that brought something makes the stream unusable. */
             Py_XDECREF(r);
             PyErr_Clear();
-            PyErr_NormalizeException(&type, &value, &tb);
-            if (n > 0 || nfds > 0) {
-                /* First a mark no handler can cut (no Python code runs): should another
-                 * interrupt cut _recv_interrupted short, the next recv() still finds
-                 * the message was in hand (_check_leftovers), never a silent gap. */
-                if (store(channel, s_delivering, Py_True) < 0)
-                    PyErr_Clear();
-                r = PyObject_CallMethodOneArg(channel, s_recv_interrupted, value ? value : Py_None);
-                Py_XDECREF(r);
-                PyErr_Clear();
-            }
             PyErr_Restore(type, value, tb);
+            if (n > 0 || nfds > 0)
+                recv_cut(channel);
             goto fail;
         }
         if (r == NULL)
@@ -2178,7 +2174,6 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_buf, "_buf");
     INTERN(s_received, "_received");
     INTERN(s_drop_held, "_drop_held");
-    INTERN(s_recv_stopped, "_recv_stopped");
     INTERN(s_push_back, "push_back");
     INTERN(s_fileno, "fileno");
     INTERN(s_characters_written, "characters_written");

@@ -457,7 +457,7 @@ print(got[0], at == [True] * 3)
 
 @pytest.mark.parametrize("compiled", PATHS)
 @pytest.mark.parametrize("shape", ["lone", "group"])
-def test_a_finalizer_reading_the_channel_dict_as_recv_first_reads_it_is_safe(compiled: bool, shape: str) -> None:
+def test_a_finalizer_reading_the_channel_dict_as_recv_makes_it_is_safe(compiled: bool, shape: str) -> None:
     """The fourth review's hardening crash: the compiled recv's first look at a channel's
     state made its dict from inline values (CPython 3.11), a collection ran inside, and a
     finalizer's own __dict__ made a second dict over the same values (a segfault later)."""
