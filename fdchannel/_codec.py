@@ -298,6 +298,8 @@ class Decoder:
         self._end = 0  # end of valid data in _buf
         self._received = 0  # stream offset just past everything received
         self._big: _Big | None = None
+        #: fds of a frame that could not be queued nor given back (out of memory twice).
+        self._stray: list[int] | None = None
         # True after a data frame of a group (FLAG_GROUP): the next frame's
         # fds may have arrived ahead of its bytes.
         self._ahead = False
@@ -732,12 +734,16 @@ class Decoder:
 
         For a caller that must move them out one by one (`fdchannel._ownedfd.adopt_all`).
         """
-        return [batch[0] for batch in self._fds] + [frame.fds for frame in self.frames]
+        stray = [self._stray] if self._stray else []
+        return [batch[0] for batch in self._fds] + [frame.fds for frame in self.frames] + stray
 
     def take_fds(self) -> list[int]:
         """Give up and return every fd still held (buffered and in queued frames)."""
         out = [fd for batch in self._fds for fd in batch[0]]
         self._fds.clear()
+        if self._stray:
+            out += self._stray
+        self._stray = None
         for frame in self.frames:
             out.extend(frame.fds)
             frame.fds = []
@@ -749,7 +755,7 @@ class Decoder:
 
     # -- parsing ----------------------------------------------------------
 
-    def _parse(self) -> None:  # noqa: C901, PLR0912 - the hot path, inline
+    def _parse(self) -> None:  # noqa: C901, PLR0912, PLR0915 - the hot path, inline
         buf = self._buf
         frame = self._frame
         start, end = self._start, self._end
@@ -799,17 +805,21 @@ class Decoder:
                     if nfds or self._fds
                     else []
                 )
-                self.frames.append(
-                    frame(
-                        flags & FLAG_CONTROL != 0,
-                        nfds,
-                        aux,
-                        payload,
-                        fds,
-                        frame_start,
-                        flags & FLAG_SHARED != 0,
+                try:
+                    self.frames.append(
+                        frame(
+                            flags & FLAG_CONTROL != 0,
+                            nfds,
+                            aux,
+                            payload,
+                            fds,
+                            frame_start,
+                            flags & FLAG_SHARED != 0,
+                        )
                     )
-                )
+                except BaseException:  # (out of memory) not queued: its fds are still held
+                    self._give_back(fds, frame_start)
+                    raise
                 if flags & FLAG_CONTROL and self._control_from is None:
                     self._control_from = frame_start
                 start += total
@@ -821,17 +831,21 @@ class Decoder:
     def _finish_big(self, big: _Big) -> None:
         self._big = None
         fds = self._take_inband(big.nfds, big.start, big.end, big.flags & FLAG_GROUP)
-        self.frames.append(
-            self._frame(
-                big.control,
-                big.nfds,
-                bytes(big.aux),
-                big.payload,
-                fds,
-                big.start,
-                bool(big.flags & FLAG_SHARED),
+        try:
+            self.frames.append(
+                self._frame(
+                    big.control,
+                    big.nfds,
+                    bytes(big.aux),
+                    big.payload,
+                    fds,
+                    big.start,
+                    bool(big.flags & FLAG_SHARED),
+                )
             )
-        )
+        except BaseException:
+            self._give_back(fds, big.start)
+            raise
         if big.control and self._control_from is None:
             self._control_from = big.start
 
@@ -881,8 +895,8 @@ class Decoder:
             batch = queue[0]
             held: list[int] = batch[0]
             if len(held) > want and (ahead or start < batch[2]) and (group or batch[2] > end):
-                batch[0] = held[want:]
-                return held[:want]
+                mine, batch[0] = held[:want], held[want:]  # both made before either is kept
+                return mine
         return self._take_batches(want, nfds, start, end, ahead, bool(group))
 
     def _take_batches(
@@ -912,8 +926,11 @@ class Decoder:
                     else:
                         taken = fds
                 else:
-                    taken.extend(fds[:need])
-                    batch[0] = fds[need:]
+                    # Both halves made before either is kept: an allocation
+                    # that fails leaves every fd in exactly one place.
+                    mine, rest = fds[:need], fds[need:]
+                    taken.extend(mine)
+                    batch[0] = rest
             # fds read together with bytes of the next frame may be that
             # frame's; fds that arrived no later than this frame's last byte
             # are surplus, unless this frame leads more of its group.
@@ -923,11 +940,23 @@ class Decoder:
                     if self._in_band
                     else f"{self._transport_name} carries no in-band fds, but some arrived"
                 )
-        except ProtocolError:
-            if taken:  # hand them back so take_fds() releases them too
-                queue.appendleft([taken, start, start + 1])
+        except BaseException:  # ProtocolError, or MemoryError partway
+            self._give_back(taken, start)
             raise
         return taken
+
+    def _give_back(self, fds: list[int], start: int) -> None:
+        """Hold *fds*, taken for the frame at *start* but not queued: take_fds() releases them too."""
+        if fds:
+            try:
+                self._fds.appendleft([fds, start, start + 1])
+            except BaseException:
+                # Out of memory again: kept where a store needs no memory.
+                if self._stray is None:
+                    self._stray = fds
+                else:
+                    self._stray.extend(fds)
+                raise
 
 
 def default_max_held_fds(max_fds: int) -> int:

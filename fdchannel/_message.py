@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from ._fdutil import close_all, close_fd
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Message"]
 
+
+_new = object.__new__
 
 #: What `Message.fds` shows for a number closed before anyone read it: an
 #: OwnedFd that owns nothing (every method but close raises, close does
@@ -71,7 +74,20 @@ class Message:
         """The fds, in the order sent: a tuple of `OwnedFd` (each owns its fd until taken)."""
         raw = self._raw
         if raw:
-            self._fds = tuple(map(OwnedFd, raw))
+            # Objects first, owning nothing: if making one fails, none closes
+            # a number the message still holds.  Then each takes its number in
+            # a loop that allocates nothing, and the message lets go of them
+            # all in one store.  Cut short (a signal handler's error), the
+            # objects let go again and the numbers stay the message's.
+            owners = tuple(map(_new, repeat(OwnedFd, len(raw))))
+            try:
+                for owner, n in zip(owners, raw, strict=True):
+                    owner._fd = n
+            except BaseException:
+                for owner in owners:
+                    owner._fd = -1
+                raise
+            self._fds = owners
             self._raw = ()
         return self._fds
 

@@ -157,20 +157,45 @@ class OwnedFd:
             ValueError: ``closefd=False`` (the fd must have exactly one
                 owner), or this object is closed, detached or converted.
             Exception: Whatever `open` raises for invalid arguments; this
-                object then still owns the fd.
+                object then still owns the fd.  (Out of memory once the
+                arguments were found valid, the fd is the file object's
+                to close even if making it fails: never closed twice.)
         """
         fd = self._check()
         if fd.__class__ is SocketHandle:
             raise ValueError("a Windows socket cannot be opened as a file; use socket()")
-        if not kwargs.pop("closefd", True) or (len(args) >= 4 and not args[3]):
+        if not kwargs.pop("closefd", True) or (len(args) >= 5 and not args[4]):
             raise ValueError("closefd=False would leave the fd without an owner; use dup()")
+        # open() ignores an opener when given an fd: so do we (ours is below).
+        kwargs.pop("opener", None)
+        args = args[:5]
         # open() closes a raw fd it has already wrapped when a later layer
         # fails (a bad encoding, say), which would leave us owning a closed
         # number.  A trial run that never owns the fd finds such errors first.
         open_: Any = open  # mode is a runtime str: no overload to pick
         _discard(open_(fd, mode, *args, closefd=False, **kwargs))
-        f: IO[Any] = open_(fd, mode, *args, **kwargs)
+        # The real one takes the fd through an opener, so that whatever fails
+        # after the trial (out of memory) says whether the fd became open()'s
+        # (which then closes it) or is still ours: never closed twice, never
+        # left open.
+        taken = False
+
+        def opener(_path: str, _flags: int) -> int:
+            nonlocal taken
+            taken = True
+            return fd
+
+        inheritable = sys.platform != "win32" and os.get_inheritable(fd)
+        try:
+            f: IO[Any] = open_(_OPENED_FD, mode, *args, opener=opener, **kwargs)
+        except BaseException:
+            if taken:
+                self._fd = -1
+            raise
         self._fd = -1
+        if inheritable:
+            os.set_inheritable(fd, True)  # open() made it close-on-exec, as for any file it opens
+        _name_fd(f, fd)
         return f
 
     def socket(self) -> socket.socket:
@@ -232,6 +257,18 @@ class OwnedFd:
             finally:
                 self._fd = -1
                 warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
+
+
+#: The name open() is given with our opener; the file's ``name`` is then set to the fd, as open(fd) sets it.
+_OPENED_FD = "<fdchannel OwnedFd>"
+
+
+def _name_fd(f: IO[Any], fd: int) -> None:
+    """Give *f*'s FileIO the fd as its name, as ``open(fd)`` does (the layers above read it from there)."""
+    raw: Any = f
+    for layer in ("buffer", "raw"):
+        raw = getattr(raw, layer, raw)
+    raw.name = fd
 
 
 def _discard(probe: IO[Any]) -> None:

@@ -137,6 +137,33 @@ def test_open_refuses_closefd_false() -> None:
     w.close()
 
 
+def test_open_takes_open_arguments_by_position() -> None:
+    """closefd is open()'s sixth argument after the file: a falsy newline before it was taken for it."""
+    r, w = owned_pipe()
+    with w.open("w", -1, "utf-8", "strict", "") as fw:  # newline="" by position
+        fw.write("a\r\nb")
+    with pytest.raises(ValueError, match="closefd"):
+        r.open("rb", -1, None, None, None, False)  # closefd=False by position
+    assert not r.closed
+    with r.open("r", -1, "utf-8", None, "") as fr:
+        assert fr.read() == "a\r\nb"
+
+
+def test_open_makes_a_file_named_by_its_fd_and_keeps_its_inheritable_flag() -> None:
+    """As open(fd) does: named by the number, the inheritable flag left as it was."""
+    for inheritable in (False, True):
+        r, w = owned_pipe()
+        fd = r.fileno()
+        os.set_inheritable(fd, inheritable)
+        with r.open("rb") as fr:
+            assert fr.name == fd
+            assert fr.raw.name == fd
+            assert os.get_inheritable(fd) is inheritable
+        with w.open("w", buffering=1) as fw:
+            assert fw.name == fw.buffer.name
+        assert r.closed
+
+
 _NO_AF_UNIX = pytest.mark.skipif(
     not hasattr(socket, "AF_UNIX"), reason="socket.AF_UNIX, which Python on Windows lacks"
 )
