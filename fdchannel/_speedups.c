@@ -92,10 +92,24 @@ static PyTypeObject FastPath_Type;
 
 /* obj's instance dict, borrowed, or NULL without an error when it has none.
  * The channel's and the decoder's state are plain instance attributes. */
+#if defined(Py_TPFLAGS_MANAGED_DICT) && PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+/* CPython 3.11 keeps an instance's attributes as inline values until its
+ * dict is asked for, in the word four pointers before the object (NULL once
+ * the dict is made: Include/internal/pycore_object.h).  setup() checks that
+ * layout on a probe object and sets this only if it holds. */
+static int values_layout_ok = 0;
+#define VALUES_OF(obj) (((void **)(obj))[-4])
+#define MANAGED_DICT_OF(obj) (((PyObject **)(obj))[-3])
+#endif
+
 static PyObject *dict_of(PyObject *obj) {
     PyObject **dp;
 #ifdef Py_TPFLAGS_MANAGED_DICT
     if (PyType_HasFeature(Py_TYPE(obj), Py_TPFLAGS_MANAGED_DICT)) {
+#ifdef VALUES_OF
+        if (values_layout_ok && VALUES_OF(obj) == NULL)
+            return MANAGED_DICT_OF(obj); /* made already: nothing to allocate */
+#endif
         /* The first call makes the dict from the object's inline values, and
          * that allocation may collect.  A finalizer that then reads the same
          * object's __dict__ makes a second dict over the same values, and both
@@ -110,6 +124,30 @@ static PyObject *dict_of(PyObject *obj) {
         dp = _PyObject_GetDictPtr(obj);
     return dp != NULL ? *dp : NULL;
 }
+
+#ifdef VALUES_OF
+/* Whether VALUES_OF and MANAGED_DICT_OF read this interpreter right: on a
+ * plain class's instance, values before its dict is made, then none, and the
+ * dict where _PyObject_GetDictPtr says. */
+static void check_values_layout(void) {
+    PyObject *probe = NULL, *ns = PyDict_New();
+    PyObject *cls = ns ? PyObject_CallFunction((PyObject *)&PyType_Type, "s()O", "_probe", ns) : NULL;
+    if (cls != NULL && PyType_HasFeature((PyTypeObject *)cls, Py_TPFLAGS_MANAGED_DICT))
+        probe = PyObject_CallNoArgs(cls);
+    if (probe != NULL && PyObject_SetAttrString(probe, "x", Py_None) == 0 && VALUES_OF(probe) != NULL &&
+        MANAGED_DICT_OF(probe) == NULL) {
+        int was = PyGC_Disable();
+        PyObject **dp = _PyObject_GetDictPtr(probe);
+        if (was)
+            PyGC_Enable();
+        values_layout_ok = dp != NULL && *dp != NULL && VALUES_OF(probe) == NULL && MANAGED_DICT_OF(probe) == *dp;
+    }
+    PyErr_Clear();
+    Py_XDECREF(probe);
+    Py_XDECREF(cls);
+    Py_XDECREF(ns);
+}
+#endif
 
 /* Nothing is cached across a release of the GIL any more: each check below
  * compares dict versions instead (see FastPath). */
@@ -2059,10 +2097,21 @@ static Py_ssize_t slot_offset(PyObject *cls, const char *name) {
 }
 
 /* setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest, send_many_rest) */
+static PyObject *values_layout(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+#ifdef VALUES_OF
+    return PyBool_FromLong(values_layout_ok);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *cls, *closed, *fcls, *a, *b, *c, *e;
     if (!PyArg_ParseTuple(args, "O!OO!OOOO", &PyType_Type, &cls, &closed, &PyType_Type, &fcls, &a, &b, &c, &e))
         return NULL;
+#ifdef VALUES_OF
+    check_values_layout();
+#endif
     Py_ssize_t fc = slot_offset(fcls, "control"), fa = slot_offset(fcls, "aux"),
                fp = slot_offset(fcls, "payload"), ff = slot_offset(fcls, "fds"),
                fs = slot_offset(fcls, "shared"), fn = slot_offset(fcls, "nfds"),
@@ -2139,6 +2188,7 @@ static PyObject *channel_class(PyObject *Py_UNUSED(module), PyObject *cls) {
 
 static PyMethodDef module_methods[] = {
     {"channel_class", channel_class, METH_O, "channel_class(Channel): the class whose instances' state is cached"},
+    {"values_layout", values_layout, METH_NOARGS, "values_layout() -> whether instance dicts are read without a guard once made (CPython 3.11)"},
     {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest, send_many_rest)"},
     {NULL, NULL, 0, NULL},
 };

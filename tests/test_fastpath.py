@@ -44,6 +44,16 @@ def test_the_compiled_path_is_in_use_when_built() -> None:
         os.close(w)
 
 
+@pytest.mark.skipif(
+    sys.version_info[:2] != (3, 11), reason="the inline-values layout is read on CPython 3.11 only"
+)
+def test_the_compiled_path_reads_made_dicts_without_a_guard_on_3_11() -> None:
+    """dict_of() stops collections only while an instance dict is first made: the layout check held."""
+    if not _fastpath.compiled_available():
+        pytest.skip(f"not built here: {_fastpath.why_pure()}")
+    assert _fastpath._speedups.values_layout() is True
+
+
 def test_fdchannel_pure_forces_the_python_path() -> None:
     code = (
         "from fdchannel import Channel, _fastpath\n"
