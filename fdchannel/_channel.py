@@ -17,7 +17,7 @@ from . import _batch, _fastpath, _handoff, _into, _peer
 from ._budget import Budget
 from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
-from ._errors import ChannelBroken, ChannelClosed
+from ._errors import BufferTooShort, ChannelBroken, ChannelClosed
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import set_written
@@ -604,7 +604,15 @@ class Channel(ChannelCore):
         """
         view = _into.writable_bytes(buffer)
         msg = self._recv(view)
-        return _into.place(msg, view)
+        try:
+            return _into.place(msg, view)
+        except BufferTooShort:
+            raise  # the whole message is on it: nothing lost
+        except BaseException as exc:
+            # Out of memory, or a signal handler's error, with the message in
+            # hand: lost, and the channel says so, as recv() does.
+            self._recv_lost(exc, msg)
+            raise
 
     def _recv(self, into: memoryview | None) -> Message:  # noqa: C901, PLR0912, PLR0915 - one loop for recv and recv_into
         """`recv`, and `recv_into` when *into* is its buffer."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["SocketHandle", "close_all", "close_fd"]
 
@@ -56,7 +56,21 @@ def close_fd(fd: int) -> None:
 
 
 def close_all(fds: Iterable[int]) -> None:
-    """Close every fd in *fds* (`close_fd`), ignoring ones already gone (EBADF)."""
+    """Close every fd in *fds* (`close_fd`), ignoring ones already gone (EBADF) and negative ones.
+
+    A list or tuple is walked by index, which allocates nothing (for fewer
+    than 257 fds): error paths call this, maybe out of memory.
+    """
+    if fds.__class__ is list or fds.__class__ is tuple:
+        seq = cast("list[int]", fds)
+        i = 0
+        while i < len(seq):
+            try:
+                close_fd(seq[i])
+            except OSError:
+                pass
+            i += 1
+        return
     for fd in fds:
         try:
             close_fd(fd)

@@ -90,10 +90,11 @@ def copy(data: Buffer, name: str) -> tuple[int, int]:
         while done < size:
             done += os.pwrite(fd, view[done : done + _WRITE_CHUNK], done)
         _seal(fd)
+        made = fd, size  # inside: this tuple is an allocation too
     except BaseException:
         os.close(fd)
         raise
-    return fd, size
+    return made
 
 
 def build(size: int, fill: Callable[[memoryview], object], name: str) -> tuple[int, int]:
@@ -117,10 +118,11 @@ def build(size: int, fill: Callable[[memoryview], object], name: str) -> tuple[i
                         "returning (the memory cannot be sealed while writable views exist)"
                     ) from None
         _seal(fd)
+        made = fd, size  # inside: this tuple is an allocation too
     except BaseException:
         os.close(fd)
         raise
-    return fd, size
+    return made
 
 
 def check(fd: int, size: int) -> None:

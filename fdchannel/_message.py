@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, Self
 
-from ._fdutil import close_all, close_fd
+from ._fdutil import close_fd
 from ._ownedfd import OwnedFd
 
 if TYPE_CHECKING:
@@ -106,13 +106,22 @@ class Message:
 
         Closes them all even when one fails, then raises the first `OSError`.
         """
-        errors: list[OSError] = []
+        first: OSError | None = None
         raw = self._raw
         if raw:
+            # Read afterwards, fds shows closed OwnedFd objects, as if they had
+            # been there all along; out of memory, closing matters more.
+            try:
+                shown: tuple[OwnedFd, ...] = (CLOSED_FD,) * len(raw)
+            except MemoryError:
+                shown = ()
             self._raw = ()
-            # Read afterwards, fds shows closed OwnedFd objects, as if they had been there all along.
-            self._fds = (CLOSED_FD,) * len(raw)
-            for n in raw:
+            self._fds = shown
+            # By index, which allocates nothing (a for loop's iterator would).
+            i, count = 0, len(raw)
+            while i < count:
+                n = raw[i]
+                i += 1
                 try:
                     if n.__class__ is int:
                         if n >= 0:  # -1: taken out by the channel after an interrupt (`adopt_all`)
@@ -120,14 +129,14 @@ class Message:
                     else:  # a Windows SOCKET
                         close_fd(n)
                 except OSError as exc:
-                    errors.append(exc)
+                    first = first or exc
         for fd in self._fds:
             try:
                 fd.close()
             except OSError as exc:  # keep closing the rest
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+                first = first or exc
+        if first is not None:
+            raise first
 
     def __repr__(self) -> str:
         raw = self._raw
@@ -153,11 +162,20 @@ class Message:
             return
         if raw:
             self._raw = ()
-            # -1: taken out by the channel after an interrupt (`adopt_all`), no fd.
-            raw = [n for n in raw if n.__class__ is not int or n >= 0]
-            # Close them all first: with -W error::ResourceWarning the warning raises.
+            # Close them all first, allocating nothing (a finalizer may run out
+            # of memory; indices below 257 are cached ints): with -W
+            # error::ResourceWarning the warning raises.
+            i, count = 0, len(raw)
             try:
-                close_all(raw)
+                while i < count:
+                    n = raw[i]
+                    if n.__class__ is not int or n >= 0:  # -1: taken out after an interrupt (`adopt_all`)
+                        try:
+                            close_fd(n)
+                        except OSError:
+                            pass
+                    i += 1
             finally:
                 for n in raw:
-                    warnings.warn(f"unclosed <OwnedFd fd={n}>", ResourceWarning, stacklevel=2, source=self)
+                    if n.__class__ is not int or n >= 0:
+                        warnings.warn(f"unclosed <OwnedFd fd={n}>", ResourceWarning, 2, source=self)

@@ -17,9 +17,9 @@ from typing_extensions import Buffer
 
 from ._codec import SHARED_DESCRIPTOR
 from ._errors import SharedMemoryRefused
-from ._fdutil import close_all
+from ._fdutil import close_all, close_fd
 from ._message import Message
-from ._ownedfd import OwnedFd
+from ._ownedfd import OwnedFd, adopt
 
 if TYPE_CHECKING:
     from ._core import ChannelCore
@@ -74,11 +74,23 @@ class SealedMemory:
 
     @classmethod
     def _own(cls, fd: int, size: int, quiet: bool = False) -> SealedMemory:
+        """An object owning *fd*, or an error before it owns it (the stores allocate nothing)."""
         self = object.__new__(cls)
-        self._fd = fd
         self._size = size
         self._view = None
         self._quiet = quiet
+        self._fd = fd
+        return self
+
+    @classmethod
+    def _made(cls, make: Callable[..., tuple[int, int]], *args: Any, quiet: bool = False) -> SealedMemory:
+        """An object owning the memfd ``make(*args, name)`` creates.
+
+        The object comes first, owning nothing: out of memory after the
+        memfd exists, nothing is left without an owner.
+        """
+        self = cls._own(-1, 0, quiet)
+        self._fd, self._size = make(*args, _NAME)
         return self
 
     @classmethod
@@ -93,7 +105,7 @@ class SealedMemory:
             raise NotImplementedError(_UNAVAILABLE)
         from . import _memfd
 
-        return cls._own(*_memfd.copy(data, _NAME))
+        return cls._made(_memfd.copy, data)
 
     @classmethod
     def build(cls, size: int, fill: Callable[[memoryview], object]) -> SealedMemory:
@@ -111,7 +123,7 @@ class SealedMemory:
             raise NotImplementedError(_UNAVAILABLE)
         from . import _memfd
 
-        return cls._own(*_memfd.build(size, fill, _NAME))
+        return cls._made(_memfd.build, size, fill)
 
     @property
     def size(self) -> int:
@@ -164,7 +176,7 @@ class SealedMemory:
         fd, self._fd = self._fd, -1
         self._view = None
         if fd >= 0:
-            close_all([fd])
+            _close_quietly(fd)
 
     def __enter__(self) -> Self:
         return self
@@ -183,9 +195,17 @@ class SealedMemory:
         fd = getattr(self, "_fd", -1)
         if fd >= 0:
             self._fd = -1
-            close_all([fd])
+            _close_quietly(fd)
             if not self._quiet:
                 warnings.warn(f"unclosed <SealedMemory fd={fd}>", ResourceWarning, stacklevel=2, source=self)
+
+
+def _close_quietly(fd: int) -> None:
+    """Close *fd*, allocating nothing (finalizers call it, maybe out of memory); EBADF ignored."""
+    try:
+        close_fd(fd)
+    except OSError:
+        pass
 
 
 class SharedMessage(Message):
@@ -235,8 +255,8 @@ def shared_message(descriptor: bytes | bytearray | memoryview, fds: list[int]) -
     Raises `SharedMemoryRefused` after closing every fd when the memfd fails
     the checks.
     """
-    (size,) = SHARED_DESCRIPTOR.unpack(descriptor)
     try:
+        (size,) = SHARED_DESCRIPTOR.unpack(descriptor)
         if sys.platform != "linux":
             raise SharedMemoryRefused(
                 f"the peer sent a shared-memory payload, which {sys.platform} cannot check "
@@ -245,11 +265,27 @@ def shared_message(descriptor: bytes | bytearray | memoryview, fds: list[int]) -
         from . import _memfd
 
         _memfd.check(fds[-1], size)
+        # Takes the memfd or fails before (its stores allocate nothing).
+        memory = SealedMemory._own(fds[-1], size)
     except BaseException:
         close_all(fds)
         raise
-    memory = SealedMemory._own(fds[-1], size)
-    return SharedMessage(tuple(map(OwnedFd, fds[:-1])), memory)
+    # From here the memfd is memory's (freed, it closes it); each other fd
+    # moves into an OwnedFd as its slot is struck, so a failure (out of
+    # memory) leaves each either listed here or owned, never both.
+    del fds[-1]
+    owners: tuple[OwnedFd, ...] = ()
+    try:
+        owners = adopt(fds)
+        return SharedMessage(owners, memory)
+    except BaseException:
+        # Closed now, not when the traceback (which the channel keeps as the
+        # cause of its break) lets go of this frame.
+        memory.close()
+        for owner in owners:
+            owner.close()
+        close_all(fds)  # those not adopted yet (adopted ones are -1 here)
+        raise
 
 
 def share_large(channel: ChannelCore, payload: Any) -> Any:
@@ -280,4 +316,4 @@ def share_large(channel: ChannelCore, payload: Any) -> Any:
 
     # Quiet: the send's own reference is its only owner, and it closes the
     # memfd when the call ends (the channel duplicates what it keeps).
-    return SealedMemory._own(*_memfd.copy(payload, _NAME), quiet=True)
+    return SealedMemory._made(_memfd.copy, payload, quiet=True)

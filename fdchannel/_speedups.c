@@ -1891,11 +1891,9 @@ static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
         } else
             shown = PyTuple_New(n);
         if (shown == NULL) {
-            SLOT(self, off_raw) = raw; /* give them back: nothing was closed */
-            Py_DECREF(empty_tuple);
-            return NULL;
-        }
-        if (shown != closed_one)
+            PyErr_Clear(); /* out of memory: closing matters more than what fds shows afterwards */
+            shown = Py_NewRef(empty_tuple);
+        } else if (shown != closed_one)
             for (Py_ssize_t i = 0; i < n; i++) {
                 Py_INCREF(closed_fd);
                 PyTuple_SET_ITEM(shown, i, closed_fd);

@@ -22,14 +22,17 @@ the wrong place can crash the interpreter.
 from __future__ import annotations
 
 import _testcapi  # type: ignore[import-not-found]
+import asyncio
 import gc
 import json
 import os
 import sys
+from collections.abc import Callable
 
-from fdchannel import Channel, ChannelBroken, Message, _fastpath
+from fdchannel import Channel, ChannelBroken, Message, _fastpath, shm
+from fdchannel.aio import AsyncChannel
 
-X, Y, Z = b"x" * 20, b"y" * 20, b"z" * 100_000
+X, Y, Z, S = b"x" * 20, b"y" * 20, b"z" * 100_000, b"s" * 5000
 
 #: What the failing call is, and the messages the receiving end must end up with.
 SCENARIOS: dict[str, list[bytes]] = {
@@ -40,8 +43,18 @@ SCENARIOS: dict[str, list[bytes]] = {
     "send_many": [X, Y],
     "fds": [],  # a received message's .fds made (lazily)
     "close": [],
+    "close_many": [],  # more fds than the tuple free lists serve
     "open": [],  # an OwnedFd made into a file object
+    "send_shm": [S],  # a payload sent as sealed shared memory (a memfd of its own)
+    "recv_shm": [S],
+    "recv_into": [X],  # into the caller's buffer
+    "aio_recv": [X],
+    "aio_send": [X],
 }
+
+
+def _receiving(scenario: str) -> bool:
+    return scenario.startswith(("recv", "aio_recv"))
 
 
 def _fds() -> set[str]:
@@ -63,48 +76,102 @@ def _drain(ch: Channel, ino: int) -> list[bytes]:
             got.append(bytes(m.payload))
 
 
-def _pair(path: str, scenario: str, r: int, w: int) -> tuple[Channel, Channel, Message | None]:
-    """A channel pair in use for a while, and what the scenario needs sent or received already."""
+def _pair(path: str, scenario: str, r: int) -> tuple[Channel, Channel]:
+    """A channel pair in use for a while, with what the scenario needs sent already."""
     with _fastpath.forced(path == "compiled"):
         a, b = Channel.pair()
     a.settimeout(0)
     b.settimeout(0)
-    sender, receiver = (b, a) if scenario.startswith("recv") else (a, b)
+    sender, receiver = (b, a) if _receiving(scenario) else (a, b)
     for _ in range(12):  # stream offsets past the small-int cache, as in a long-lived channel
         sender.send(b"warm-up", [r])
         receiver.recv().close()
-    if scenario == "recv":
+    if scenario.endswith("_shm"):
+        shm.share_above(sender, 4096)
+    if scenario in ("recv", "recv_into", "aio_recv"):
         b.send(X, [r])
+    elif scenario == "recv_shm":
+        b.send(S, [r])
     elif scenario == "recv_group":
         b.send_many([(X, [r]), (Y, [r, r])])
     elif scenario == "recv_big":
         b.send(Z, [r])
+    return a, b
+
+
+def _held(scenario: str, a: Channel, b: Channel, r: int, w: int) -> Message | None:
+    """The received message the Message scenarios work on."""
     if scenario in ("fds", "close", "open"):
         b.send(X, [r, w, r])
-        return a, b, a.recv()
-    return a, b, None
-
-
-def _step(scenario: str, a: Channel, held: Message | None, r: int) -> object:
-    """The call that runs out of memory."""
-    if scenario.startswith("recv"):
         return a.recv()
-    if scenario == "send":
-        return a.send(X, [r])
-    if scenario == "send_many":
-        return a.send_many([(X, [r]), (Y, [r, r])])
-    assert held is not None
-    if scenario == "fds":
-        return held.fds
-    if scenario == "close":
-        return held.close()
-    return held.fds[0].open("rb")
+    if scenario == "close_many":
+        b.send(X, [r, w] * 20)
+        return a.recv()
+    return None
+
+
+def _call(scenario: str, a: Channel, held: Message | None, r: int) -> Callable[[], object]:
+    """The call that runs out of memory (made beforehand: the harness allocates nothing in the window)."""
+    calls: dict[str, Callable[[], object]] = {
+        "recv_into": lambda: a.recv_into(bytearray(64)),  # (count, fds): the bytes are not looked at
+        "send": lambda: a.send(X, [r]),
+        "send_shm": lambda: a.send(S, [r]),
+        "send_many": lambda: a.send_many([(X, [r]), (Y, [r, r])]),
+        "fds": lambda: held.fds if held else None,
+        "close": lambda: held.close() if held else None,
+        "close_many": lambda: held.close() if held else None,
+        "open": lambda: held.fds[0].open("rb") if held else None,
+    }
+    return calls.get(scenario, a.recv)
+
+
+def _aio_case(
+    scenario: str, k: int, width: int, a: Channel, b: Channel, r: int, ino: int
+) -> tuple[bool, list[bytes]]:
+    """The asyncio twin: *a* taken over by an AsyncChannel, its call run out of memory inside the loop."""
+
+    async def case() -> tuple[bool, list[bytes]]:
+        ch = AsyncChannel.from_channel(a)
+        try:
+            made: object = None
+            error = False
+            _testcapi.set_nomemory(k, k + width)
+            try:
+                made = await (ch.recv() if scenario == "aio_recv" else ch.send(X, [r]))
+            except (MemoryError, RuntimeError):
+                error = True
+            finally:
+                _testcapi.remove_mem_hooks()
+            if scenario == "aio_send":
+                return error, _drain(b, ino)
+            if not isinstance(made, Message):
+                try:  # still there, or the channel says it is broken (a silent gap times out)
+                    made = await asyncio.wait_for(ch.recv(), 10)
+                except ChannelBroken:
+                    return error, [b"BROKEN"]
+            assert isinstance(made, Message)
+            with made:
+                return error, _checked(made, ino)
+        finally:
+            ch.close()
+
+    return asyncio.run(case())
+
+
+def _checked(m: Message, ino: int) -> list[bytes]:
+    if any(os.fstat(f.fileno()).st_ino != ino for f in m.fds):
+        return [b"WRONG FD"]
+    return [bytes(m.payload)]
 
 
 def _received(scenario: str, made: object, receiver: Channel, held: Message | None, ino: int) -> list[bytes]:
     """Close what the call made and what is held; the messages the receiver ends up with."""
     got: list[bytes] = []
-    if isinstance(made, Message):
+    if scenario == "recv_into" and isinstance(made, tuple):
+        for f in made[1]:
+            f.close()
+        got.append(X)  # its count and fds came back: the message arrived
+    elif isinstance(made, Message):
         with made:
             got.append(bytes(made.payload))
     elif hasattr(made, "close"):
@@ -123,7 +190,7 @@ def _gap(scenario: str, got: list[bytes], error: bool) -> bool:
         return False
     if got and got[-1] == b"BROKEN" and want[: len(got) - 1] == got[:-1]:
         return False
-    if error and not scenario.startswith("recv") and got == []:
+    if error and not _receiving(scenario) and got == []:
         return False  # refused before anything left
     return not (error and scenario == "send_many" and got == want[:1])  # the first message left
 
@@ -145,36 +212,47 @@ def _fds_reused_stay_open(k: int, a: Channel, b: Channel) -> list[str]:
     return broken
 
 
+def _sync_case(
+    scenario: str, k: int, width: int, a: Channel, b: Channel, r: int, w: int, ino: int
+) -> tuple[bool, list[bytes], list[str]]:
+    """One run of a blocking channel's call out of memory: (error, received, broken rules)."""
+    held = _held(scenario, a, b, r, w)
+    call = _call(scenario, a, held, r)
+    made: object = None
+    error = False  # not the exception itself: its traceback would keep the call's locals alive
+    _testcapi.set_nomemory(k, k + width)
+    try:
+        made = call()
+    except (MemoryError, RuntimeError):  # io's "can't allocate read lock" is a RuntimeError
+        error = True
+    finally:
+        _testcapi.remove_mem_hooks()
+    try:
+        return error, _received(scenario, made, a if _receiving(scenario) else b, held, ino), []
+    except Exception as exc:  # any error here is what the test reports
+        return error, [], [f"k={k}: cleaning up raised {exc!r}"]
+
+
 def main(path: str, scenario: str, count: int, width: int = 1) -> dict[str, object]:
     r, w = os.pipe()
     ino = os.fstat(r).st_ino
     failed = succeeded = 0
     last_failed = -1
     broken: list[str] = []
+    gc.collect()
     for k in range(count):
-        gc.collect()
-        before = _fds()
-        a, b, held = _pair(path, scenario, r, w)
-        made: object = None
-        error = False  # not the exception itself: its traceback would keep the call's locals alive
-        _testcapi.set_nomemory(k, k + width)
-        try:
-            made = _step(scenario, a, held, r)
-        except (MemoryError, RuntimeError):  # io's "can't allocate read lock" is a RuntimeError
-            error = True
-        finally:
-            _testcapi.remove_mem_hooks()
+        before = _fds()  # each run ends collected (below)
+        a, b = _pair(path, scenario, r)
+        if scenario.startswith("aio_"):
+            error, got = _aio_case(scenario, k, width, a, b, r, ino)
+        else:
+            error, got, problems = _sync_case(scenario, k, width, a, b, r, w, ino)
+            broken += problems
         if error:
             failed += 1
             last_failed = k
         else:
             succeeded += 1
-        got: list[bytes] = []
-        try:
-            got = _received(scenario, made, a if scenario.startswith("recv") else b, held, ino)
-        except Exception as exc:  # any error here is what the test reports
-            broken.append(f"k={k}: cleaning up raised {exc!r}")
-        made = held = None
         if _gap(scenario, got, error):
             broken.append(f"k={k}: {'MemoryError' if error else 'no error'}, received {[g[:4] for g in got]}")
         broken += _fds_reused_stay_open(k, a, b)

@@ -20,10 +20,12 @@ import pytest
 
 from fdchannel import _fastpath
 
-pytest.importorskip("_testcapi", reason="CPython's fault injection (_testcapi) is not installed")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the harness reads /proc/self/fd")
+if sys.platform == "linux":
+    pytest.importorskip("_testcapi", reason="CPython's fault injection (_testcapi) is not installed")
 
 HELPER = Path(__file__).with_name("_nomem.py")
-ALLOCATIONS = 160  # more than any of these calls makes (measured: the last to fail is k=95)
+ALLOCATIONS = 130  # more than any of these calls makes (measured: the last to fail is k=95)
 
 PATHS = [
     pytest.param(
@@ -34,7 +36,22 @@ PATHS = [
     ),
     "pure",
 ]
-SCENARIOS = ["recv", "recv_group", "recv_big", "send", "send_many", "fds", "close", "open"]
+SCENARIOS = [
+    "recv",
+    "recv_group",
+    "recv_big",
+    "recv_into",
+    "recv_shm",
+    "send",
+    "send_many",
+    "send_shm",
+    "aio_recv",
+    "aio_send",
+    "fds",
+    "close",
+    "close_many",
+    "open",
+]
 
 
 @pytest.mark.parametrize("width", [1, 3])
@@ -52,8 +69,8 @@ def test_every_failing_allocation_keeps_the_rules(path: str, scenario: str, widt
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["broken"] == []
     assert result["failed"] + result["succeeded"] == ALLOCATIONS
-    assert result["last_failed"] < ALLOCATIONS - 40  # the call's allocations all reached
-    if scenario == "close":
+    assert result["last_failed"] < ALLOCATIONS - 30  # the call's allocations all reached
+    if scenario.startswith("close"):
         assert result["failed"] == 0  # closing a message allocates nothing: it works out of memory
     else:
         assert result["failed"] > 0  # the injection reached the call
