@@ -805,20 +805,20 @@ class Decoder:
                     if nfds or self._fds
                     else []
                 )
+                queued = None
                 try:
-                    self.frames.append(
-                        frame(
-                            flags & FLAG_CONTROL != 0,
-                            nfds,
-                            aux,
-                            payload,
-                            fds,
-                            frame_start,
-                            flags & FLAG_SHARED != 0,
-                        )
+                    queued = frame(
+                        flags & FLAG_CONTROL != 0,
+                        nfds,
+                        aux,
+                        payload,
+                        fds,
+                        frame_start,
+                        flags & FLAG_SHARED != 0,
                     )
-                except BaseException:  # (out of memory) not queued: its fds are still held
-                    self._give_back(fds, frame_start)
+                    self.frames.append(queued)
+                except BaseException:
+                    self._not_queued(queued, fds, frame_start)
                     raise
                 if flags & FLAG_CONTROL and self._control_from is None:
                     self._control_from = frame_start
@@ -831,20 +831,20 @@ class Decoder:
     def _finish_big(self, big: _Big) -> None:
         self._big = None
         fds = self._take_inband(big.nfds, big.start, big.end, big.flags & FLAG_GROUP)
+        queued = None
         try:
-            self.frames.append(
-                self._frame(
-                    big.control,
-                    big.nfds,
-                    bytes(big.aux),
-                    big.payload,
-                    fds,
-                    big.start,
-                    bool(big.flags & FLAG_SHARED),
-                )
+            queued = self._frame(
+                big.control,
+                big.nfds,
+                bytes(big.aux),
+                big.payload,
+                fds,
+                big.start,
+                bool(big.flags & FLAG_SHARED),
             )
+            self.frames.append(queued)
         except BaseException:
-            self._give_back(fds, big.start)
+            self._not_queued(queued, fds, big.start)
             raise
         if big.control and self._control_from is None:
             self._control_from = big.start
@@ -886,8 +886,8 @@ class Decoder:
             # The common case: one read brought exactly this frame's fds.
             batch = queue[0]
             if len(batch[0]) == want and start < batch[2] <= end:
-                queue.popleft()
                 fds: list[int] = batch[0]
+                del queue[0]  # not popleft(): no signal handler runs between this and the return
                 return fds
         if want and queue and (group or ahead):
             # A group's frame: its fds at the front of one read's batch, the
@@ -919,17 +919,16 @@ class Decoder:
                 if read_end <= start and not ahead:
                     raise ProtocolError("fds arrived with bytes before the frame they were counted for")
                 need = want - len(taken)
+                # Every fd in exactly one place at each point where an
+                # allocation can fail or a signal handler run (the end of a
+                # C call): taken first, then struck from the queue, by
+                # statements that call nothing.
                 if len(fds) <= need:
-                    queue.popleft()
-                    if taken:
-                        taken.extend(fds)
-                    else:
-                        taken = fds
+                    taken = taken + fds if taken else fds
+                    del queue[0]
                 else:
-                    # Both halves made before either is kept: an allocation
-                    # that fails leaves every fd in exactly one place.
                     mine, rest = fds[:need], fds[need:]
-                    taken.extend(mine)
+                    taken = taken + mine
                     batch[0] = rest
             # fds read together with bytes of the next frame may be that
             # frame's; fds that arrived no later than this frame's last byte
@@ -944,6 +943,15 @@ class Decoder:
             self._give_back(taken, start)
             raise
         return taken
+
+    def _not_queued(self, queued: Frame | None, fds: list[int], start: int) -> None:
+        """An error (out of memory, a signal handler's) struck as the frame of *fds* was queued.
+
+        Struck as ``append`` returned, the frame is queued and the fds are
+        its own; before, they go back to those held.
+        """
+        if queued is None or not (self.frames and self.frames[-1] is queued):
+            self._give_back(fds, start)
 
     def _give_back(self, fds: list[int], start: int) -> None:
         """Hold *fds*, taken for the frame at *start* but not queued: take_fds() releases them too."""

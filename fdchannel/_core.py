@@ -813,6 +813,39 @@ class ChannelCore:
         decoder.landed.clear()
         return msg
 
+    def _message_of(self, frame: Frame) -> Message:
+        """The message of *frame*, first in the queue and not a plain one: then off the queue.
+
+        A shared-memory frame of the plain transport stays queued while its
+        fds become the message's (`shared_message` empties its list whatever
+        happens), so that a signal handler's error until then leaves them to
+        `_close_held`; refused (the memfd fails its checks), it goes.  Any
+        other frame goes first: the session takes its fds as it is called.
+        """
+        decoder = self._decoder
+        frames = decoder.frames
+        count = len(frame.fds)
+        if frame.shared and self._simple and not frame.aux:
+            try:
+                msg = shared_message(frame.payload, frame.fds)
+            except BaseException:
+                if not frame.fds and frames and frames[0] is frame:
+                    frames.popleft()  # its fds dealt with (closed): the next frame is next
+                    if frame.__class__ is not Frame:
+                        decoder.took(count)
+                raise
+            frames.popleft()
+            if frame.__class__ is not Frame:  # a Budget counts them: the caller's now
+                decoder.took(count)
+            return msg
+        frames.popleft()
+        if frame.__class__ is not Frame:
+            decoder.took(count)
+        fds = self._incoming(frame)
+        if frame.shared:
+            return shared_message(frame.payload, fds)
+        return Message._owning(frame.payload, fds)
+
     def _next_message(self) -> Message | None:
         """The next message the decoder holds, or None when it needs more data.
 
@@ -838,13 +871,7 @@ class ChannelCore:
                 if frame.__class__ is not Frame:  # a Budget counts them: the caller's now
                     decoder.took(len(frame.fds))
                 return msg
-            frames.popleft()
-            if frame.__class__ is not Frame:
-                decoder.took(len(frame.fds))
-            fds = self._incoming(frame)
-            if frame.shared:
-                return shared_message(frame.payload, fds)
-            return Message._owning(frame.payload, fds)
+            return self._message_of(frame)
         if decoder.error is not None:
             # Not through a local: the frame of this call would hold the
             # error whose traceback holds the frame, a cycle (with the

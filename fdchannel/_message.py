@@ -6,7 +6,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self, cast
 
 from ._fdutil import close_fd
 from ._ownedfd import OwnedFd
@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Message"]
 
-
-_new = object.__new__
 
 #: What `Message.fds` shows for a number closed before anyone read it: an
 #: OwnedFd that owns nothing (every method but close raises, close does
@@ -74,27 +72,43 @@ class Message:
         """The fds, in the order sent: a tuple of `OwnedFd` (each owns its fd until taken)."""
         raw = self._raw
         if raw:
-            # Objects first, owning nothing: if making one fails, none closes
-            # a number the message still holds.  Then each takes its number in
-            # a loop that allocates nothing, and the message lets go of them
-            # all in one store.  Cut short (a signal handler's error), the
-            # objects let go again and the numbers stay the message's.
-            owners = tuple(map(_new, repeat(OwnedFd, len(raw))))
-            try:
-                for owner, n in zip(owners, raw, strict=True):
-                    owner._fd = n
-            except BaseException:
-                for owner in owners:
-                    owner._fd = -1
-                raise
-            self._fds = owners
-            self._raw = ()
+            self._own_raw(raw)
         return self._fds
 
     @fds.setter
     def fds(self, fds: tuple[OwnedFd, ...]) -> None:
         self.fds  # noqa: B018 - the numbers held so far become objects, as if read before
         self._fds = fds
+
+    def _own_raw(self, raw: Sequence[int]) -> None:
+        """Move each number of *raw* into an `OwnedFd` of its own, in `_fds`.
+
+        Each number moves in two stores with no point between them where
+        CPython runs a signal handler (or another thread), and the objects
+        are in `_fds` before any moves: cut short anywhere (a handler's
+        error, out of memory), every number is either still in ``_raw`` or
+        in one of those objects, never both, `close` closes both kinds, and
+        reading `fds` again carries on where the move stopped.
+        """
+        if raw.__class__ is not list:
+            slots = list(raw)  # (a tuple from the compiled path) slots to strike
+            if self._raw is raw:  # (no point between this test and the store)
+                self._raw = slots
+        raw = cast("list[int]", self._raw)  # another thread's list, if it got here first
+        count = len(raw)
+        if not self._fds:
+            made = tuple(map(OwnedFd, repeat(-1, count)))  # each owning nothing yet
+            if not self._fds:  # (no point between this test and the store)
+                self._fds = made
+        owners = self._fds
+        i = 0
+        while i < count:
+            n = raw[i]
+            if n.__class__ is not int or n >= 0:  # -1: moved already, or taken out (`adopt_all`)
+                owners[i]._fd = n
+                raw[i] = -1
+            i += 1
+        self._raw = ()
 
     @property
     def shared(self) -> SealedMemory | None:
@@ -108,6 +122,7 @@ class Message:
         """
         first: OSError | None = None
         raw = self._raw
+        owners = self._fds  # read, or (a move into them cut short) partly so
         if raw:
             # Read afterwards, fds shows closed OwnedFd objects, as if they had
             # been there all along; out of memory, closing matters more.
@@ -130,7 +145,7 @@ class Message:
                         close_fd(n)
                 except OSError as exc:
                     first = first or exc
-        for fd in self._fds:
+        for fd in owners:
             try:
                 fd.close()
             except OSError as exc:  # keep closing the rest

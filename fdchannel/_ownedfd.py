@@ -158,44 +158,38 @@ class OwnedFd:
                 owner), or this object is closed, detached or converted.
             Exception: Whatever `open` raises for invalid arguments; this
                 object then still owns the fd.  (Out of memory once the
-                arguments were found valid, the fd is the file object's
-                to close even if making it fails: never closed twice.)
+                arguments were found valid: still owned here if `open`
+                failed before it took the fd, closed if after; never
+                closed twice.)
         """
         fd = self._check()
         if fd.__class__ is SocketHandle:
             raise ValueError("a Windows socket cannot be opened as a file; use socket()")
         if not kwargs.pop("closefd", True) or (len(args) >= 5 and not args[4]):
             raise ValueError("closefd=False would leave the fd without an owner; use dup()")
-        # open() ignores an opener when given an fd: so do we (ours is below).
+        if len(args) > 6:
+            raise TypeError(f"open() takes at most 8 arguments ({len(args) + 2} given)")
+        # closefd is known true (or not given) by now: the trial below passes
+        # it by name.  open() ignores an opener when given an fd: so do we.
         kwargs.pop("opener", None)
-        args = args[:5]
+        args = args[:4]
         # open() closes a raw fd it has already wrapped when a later layer
         # fails (a bad encoding, say), which would leave us owning a closed
         # number.  A trial run that never owns the fd finds such errors first.
         open_: Any = open  # mode is a runtime str: no overload to pick
         _discard(open_(fd, mode, *args, closefd=False, **kwargs))
-        # The real one takes the fd through an opener, so that whatever fails
-        # after the trial (out of memory) says whether the fd became open()'s
-        # (which then closes it) or is still ours: never closed twice, never
-        # left open.
-        taken = False
-
-        def opener(_path: str, _flags: int) -> int:
-            nonlocal taken
-            taken = True
-            return fd
-
-        inheritable = sys.platform != "win32" and os.get_inheritable(fd)
-        try:
-            f: IO[Any] = open_(_OPENED_FD, mode, *args, opener=opener, **kwargs)
-        except BaseException:
-            if taken:
-                self._fd = -1
-            raise
+        # Should the real one fail all the same (out of memory), open() has
+        # closed the fd if it had wrapped it already, and not if it failed
+        # before: which one, the fd itself says (closed, or still the same
+        # file).  Let go first, so that no path closes it twice.
+        before = os.fstat(fd)
         self._fd = -1
-        if inheritable:
-            os.set_inheritable(fd, True)  # open() made it close-on-exec, as for any file it opens
-        _name_fd(f, fd)
+        try:
+            f: IO[Any] = open_(fd, mode, *args, **kwargs)
+        except BaseException:
+            if _same_file(fd, before):
+                self._fd = fd  # open() failed before it took the fd: still ours
+            raise
         return f
 
     def socket(self) -> socket.socket:
@@ -259,16 +253,21 @@ class OwnedFd:
                 warnings.warn(f"unclosed <OwnedFd fd={fd}>", ResourceWarning, stacklevel=2, source=self)
 
 
-#: The name open() is given with our opener; the file's ``name`` is then set to the fd, as open(fd) sets it.
-_OPENED_FD = "<fdchannel OwnedFd>"
-
-
-def _name_fd(f: IO[Any], fd: int) -> None:
-    """Give *f*'s FileIO the fd as its name, as ``open(fd)`` does (the layers above read it from there)."""
-    raw: Any = f
-    for layer in ("buffer", "raw"):
-        raw = getattr(raw, layer, raw)
-    raw.name = fd
+def _same_file(fd: int, before: os.stat_result) -> bool:
+    """True if *fd* is open and names the file *before* describes."""
+    try:
+        now = os.fstat(fd)
+    except OSError:
+        return False
+    except MemoryError:
+        # Out of memory still: whether it is open, at least (a bool costs
+        # nothing), rather than leave an fd nobody owns.
+        try:
+            os.get_inheritable(fd)
+        except BaseException:
+            return False
+        return True
+    return (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)
 
 
 def _discard(probe: IO[Any]) -> None:

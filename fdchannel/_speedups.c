@@ -1898,7 +1898,10 @@ static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
                 Py_INCREF(closed_fd);
                 PyTuple_SET_ITEM(shown, i, closed_fd);
             }
-        Py_XSETREF(SLOT(self, off_fds), shown);
+        /* A move into OwnedFds that was cut short (Message._own_raw) left
+         * some numbers in them: closed below, as the Python close does. */
+        PyObject *moving = SLOT(self, off_fds);
+        SLOT(self, off_fds) = shown;
         for (Py_ssize_t i = 0; i < n; i++) {
             long fd = PyLong_AsLong(items[i]);
             if (fd == -1 && PyErr_Occurred()) {
@@ -1914,6 +1917,28 @@ static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
             }
         }
         Py_DECREF(raw);
+        if (moving != NULL && PyTuple_CheckExact(moving)) {
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(moving); i++) {
+                PyObject *r = PyObject_CallMethod(PyTuple_GET_ITEM(moving, i), "close", NULL);
+                if (r != NULL) {
+                    Py_DECREF(r);
+                } else if (!PyErr_ExceptionMatches(PyExc_OSError)) {
+                    /* Not the close's own error (a signal handler's): raised at
+                     * once, as the loop over read fds does; the rest still own theirs. */
+                    Py_XDECREF(ft);
+                    Py_XDECREF(fv);
+                    Py_XDECREF(ftb);
+                    Py_DECREF(moving);
+                    return NULL;
+                } else if (first == NULL) {
+                    PyErr_Fetch(&ft, &fv, &ftb);
+                    first = ft;
+                } else {
+                    PyErr_Clear();
+                }
+            }
+        }
+        Py_XDECREF(moving);
         if (first != NULL) {
             PyErr_Restore(ft, fv, ftb);
             return NULL;

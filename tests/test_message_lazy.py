@@ -168,3 +168,66 @@ def test_close_over_a_list_that_a_close_empties_stops_where_the_list_ends(pure: 
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "1"  # as a for loop over the list: it ends when the list does
+
+
+_FDS_UNDER_A_STORM = """
+import gc, os, signal, sys
+from fdchannel import Channel, Message
+# Raises only while Message.fds moves numbers into objects: a storm of
+# SIGALRMs, so that a second error may strike while the first is handled.
+MOVING = {Message.fds.fget.__code__, getattr(Message, "_own_raw", Message.fds.fget).__code__}
+def handler(signum, frame):
+    if frame is not None and frame.f_code in MOVING:
+        raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, handler)
+a, b = Channel.pair()
+null = os.open(os.devnull, os.O_RDONLY)
+interrupted = twice = 0
+for _ in range(int(sys.argv[1])):
+    a.send(b"x", [null] * 100)
+    m = b.recv()
+    signal.setitimer(signal.ITIMER_REAL, 2e-5, 2e-5)
+    try:
+        m.fds
+    except KeyboardInterrupt:
+        interrupted += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    # Opened now, these take the numbers of any fd closed already: a second
+    # close of such a number closes one of them.
+    canaries = [os.pipe() for _ in range(60)]
+    try:
+        m.close()
+    except OSError:
+        twice += 1  # EBADF: closed before
+    del m
+    gc.collect()
+    for pair in canaries:
+        for fd in pair:
+            try:
+                os.fstat(fd)
+            except OSError:
+                twice += 1
+            else:
+                os.close(fd)
+a.close(); b.close(); os.close(null)
+print(interrupted > 0, twice)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a setitimer storm against the Linux channel")
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled-if-built", "pure"])
+def test_fds_cut_short_by_a_storm_of_handlers_closes_each_number_once(pure: bool) -> None:
+    """A review: a second handler's error while the first was handled left objects owning
+    numbers the message still listed, and both closed them."""
+    env = {**os.environ, **({"FDCHANNEL_PURE": "1"} if pure else {})}
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore::ResourceWarning", "-c", _FDS_UNDER_A_STORM, "400"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "0"]  # interrupted, and no number closed twice

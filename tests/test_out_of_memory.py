@@ -1,6 +1,6 @@
 """Out of memory at every allocation of a call: nothing leaks, nothing is closed twice, no silent gap.
 
-Each case runs `tests/_nomem.py` in a child: it fails allocation k of one
+Each case runs `tests/_faults.py` in a child: it fails allocation k of one
 call for every k in turn (CPython's own fault injection,
 ``_testcapi.set_nomemory``), then checks the rules listed there.  *width*
 3 fails the two allocations after k as well, so that the clean-up after the
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the harness rea
 if sys.platform == "linux":
     pytest.importorskip("_testcapi", reason="CPython's fault injection (_testcapi) is not installed")
 
-HELPER = Path(__file__).with_name("_nomem.py")
+HELPER = Path(__file__).with_name("_faults.py")
 ALLOCATIONS = 130  # more than any of these calls makes (measured: the last to fail is k=95)
 
 PATHS = [

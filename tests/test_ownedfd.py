@@ -6,6 +6,7 @@ import errno
 import gc
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 
@@ -144,8 +145,10 @@ def test_open_takes_open_arguments_by_position() -> None:
         fw.write("a\r\nb")
     with pytest.raises(ValueError, match="closefd"):
         r.open("rb", -1, None, None, None, False)  # closefd=False by position
+    with pytest.raises(TypeError, match="at most 8 arguments"):
+        r.open("rb", -1, None, None, None, True, None, "extra")  # as open() itself
     assert not r.closed
-    with r.open("r", -1, "utf-8", None, "") as fr:
+    with r.open("r", -1, "utf-8", None, "", True) as fr:  # closefd=True by position
         assert fr.read() == "a\r\nb"
 
 
@@ -162,6 +165,27 @@ def test_open_makes_a_file_named_by_its_fd_and_keeps_its_inheritable_flag() -> N
         with w.open("w", buffering=1) as fw:
             assert fw.name == fw.buffer.name
         assert r.closed
+
+
+_AUDITED_OPEN = """
+import os, sys
+from fdchannel import OwnedFd
+events = []
+sys.addaudithook(lambda event, args: events.append(args) if event == "open" else None)
+r, w = os.pipe()
+OwnedFd(r).open("rb").close()
+os.close(w)
+print(all(isinstance(args[0], int) for args in events), len(events) > 0)
+"""
+
+
+def test_open_is_audited_as_an_open_of_the_fd() -> None:
+    """A review: an opener made open() audit a path; a hook refusing paths would refuse this."""
+    out = subprocess.run(
+        [sys.executable, "-c", _AUDITED_OPEN], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"]
 
 
 _NO_AF_UNIX = pytest.mark.skipif(

@@ -1,6 +1,6 @@
 """Run one call with its k-th memory allocation failing, for each k in turn (a child process).
 
-``python tests/_nomem.py PATH SCENARIO COUNT [WIDTH]``: PATH is
+``python tests/_faults.py PATH SCENARIO COUNT [WIDTH]``: PATH is
 ``compiled`` or ``pure``; SCENARIO one of `SCENARIOS`.  For each k below
 COUNT a fresh channel pair runs the scenario with allocation k failing (and
 the WIDTH - 1 after it: a clean-up that allocates fails too)
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import _testcapi  # type: ignore[import-not-found]
 import asyncio
+import dis
 import gc
 import json
 import os
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 from fdchannel import Channel, ChannelBroken, Message, _fastpath, shm
 from fdchannel.aio import AsyncChannel
@@ -51,6 +53,87 @@ SCENARIOS: dict[str, list[bytes]] = {
     "aio_recv": [X],
     "aio_send": [X],
 }
+
+
+#: What a failing step raises: out of memory (io's "can't allocate read lock"
+#: is a RuntimeError), or the interrupt of ``signals`` mode.
+FAILURES = (MemoryError, RuntimeError, KeyboardInterrupt)
+#: ``memory``: allocation k fails.  ``signals``: a KeyboardInterrupt is
+#: raised at the k-th point where CPython 3.11 runs signal handlers (so where
+#: a handler's error can strike): a Python function's entry, a loop's jump
+#: back, and the end of a call to a C function (its result, if any, dropped).
+MODE = sys.argv[5] if len(sys.argv) > 5 else "memory"
+HARNESS = os.path.abspath(__file__)
+_CALL, _JUMP_BACKWARD = dis.opmap["CALL"], dis.opmap["JUMP_BACKWARD"]
+
+
+class _Interrupter:
+    """A tracer raising KeyboardInterrupt at the k-th point a signal handler could run."""
+
+    def __init__(self, k: int) -> None:
+        self.left = k
+        self.entered = 0  # Python frames begun so far
+        self.after_call: dict[FrameType, int] = {}  # frame -> self.entered as its CALL began
+
+    def _strike(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    def enter(self, frame: FrameType, event: str, arg: object) -> object:
+        self.entered += 1  # a Python frame: its caller's CALL does not check as it ends
+        if frame.f_code.co_filename == HARNESS or _unguardable(frame):
+            return None
+        self._strike()  # RESUME: the function's first instruction checks
+        frame.f_trace_opcodes = True
+        return self.opcode
+
+    def opcode(self, frame: FrameType, event: str, arg: object) -> object:
+        if event != "opcode":
+            return self.opcode
+        began = self.after_call.pop(frame, None)
+        if began is not None and began == self.entered:
+            self._strike()  # it called a C function: the CALL checks as it ends
+        op = frame.f_code.co_code[frame.f_lasti]
+        if op == _CALL:
+            self.after_call[frame] = self.entered
+        elif op == _JUMP_BACKWARD:
+            self._strike()
+        return self.opcode
+
+
+def _unguardable(frame: FrameType | None) -> bool:
+    """True where no Python code can keep a handler's error from losing an fd.
+
+    Inside a ``__del__``: a finalizer can be cut short at its very first
+    instruction (the compiled path's finalizers are C).  In
+    ``_memfd._create``: an fd that a C function returns is on the stack,
+    not yet stored, when the end of that call runs handlers; so it is for
+    every Python program (``os.open``, ``socket.socket``).  That is the one
+    place these calls make an fd in Python.
+    """
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or (
+            frame.f_code.co_name == "_create" and frame.f_code.co_filename.endswith("_memfd.py")
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _fail_from(k: int, width: int) -> None:
+    if MODE == "memory":
+        _testcapi.set_nomemory(k, k + width)
+    else:
+        sys.settrace(_Interrupter(k).enter)
+
+
+def _stop_failing() -> None:
+    if MODE == "memory":
+        _testcapi.remove_mem_hooks()
+    else:
+        sys.settrace(None)
 
 
 def _receiving(scenario: str) -> bool:
@@ -135,13 +218,13 @@ def _aio_case(
         try:
             made: object = None
             error = False
-            _testcapi.set_nomemory(k, k + width)
+            _fail_from(k, width)
             try:
                 made = await (ch.recv() if scenario == "aio_recv" else ch.send(X, [r]))
-            except (MemoryError, RuntimeError):
+            except FAILURES:
                 error = True
             finally:
-                _testcapi.remove_mem_hooks()
+                _stop_failing()
             if scenario == "aio_send":
                 return error, _drain(b, ino)
             if not isinstance(made, Message):
@@ -220,13 +303,13 @@ def _sync_case(
     call = _call(scenario, a, held, r)
     made: object = None
     error = False  # not the exception itself: its traceback would keep the call's locals alive
-    _testcapi.set_nomemory(k, k + width)
+    _fail_from(k, width)
     try:
         made = call()
-    except (MemoryError, RuntimeError):  # io's "can't allocate read lock" is a RuntimeError
+    except FAILURES:
         error = True
     finally:
-        _testcapi.remove_mem_hooks()
+        _stop_failing()
     try:
         return error, _received(scenario, made, a if _receiving(scenario) else b, held, ino), []
     except Exception as exc:  # any error here is what the test reports
@@ -267,4 +350,8 @@ def main(path: str, scenario: str, count: int, width: int = 1) -> dict[str, obje
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:5]))))
+    print(
+        json.dumps(
+            main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+        )
+    )
