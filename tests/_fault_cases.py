@@ -1,0 +1,62 @@
+"""What `test_out_of_memory` and `test_interrupt_points` share: the cases, and a run of `_faults.py`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fdchannel import _fastpath
+
+HELPER = Path(__file__).with_name("_faults.py")
+
+PATHS = [
+    pytest.param(
+        "compiled",
+        marks=pytest.mark.skipif(
+            not _fastpath.compiled_available(), reason=f"not built here: {_fastpath.why_pure()}"
+        ),
+    ),
+    "pure",
+]
+SCENARIOS = [
+    "recv",
+    "recv_group",
+    "recv_big",
+    "recv_into",
+    "recv_shm",
+    "send",
+    "send_many",
+    "send_shm",
+    "aio_recv",
+    "aio_send",
+    "fds",
+    "close",
+    "close_many",
+    "open",
+]
+
+
+def sweep(path: str, scenario: str, count: int, width: int, mode: str) -> dict[str, Any]:
+    """`_faults.py` run in a child for *count* values of k: its result, checked as every case needs."""
+    out = subprocess.run(
+        [sys.executable, str(HELPER), path, scenario, str(count), str(width), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    assert result["broken"] == []
+    assert result["failed"] + result["succeeded"] == count
+    assert result["last_failed"] < count - 30  # every point of the call reached
+    if scenario.startswith("close"):
+        assert result["failed"] == 0  # closing a message allocates nothing and runs no handler point
+    else:
+        assert result["failed"] > 0  # the injection reached the call
+    return result
