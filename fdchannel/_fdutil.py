@@ -55,6 +55,33 @@ def close_fd(fd: int) -> None:
         os.close(fd)
 
 
+def close_listed(fds: list[int]) -> None:
+    """Close every fd of *fds*, each slot struck (-1) just before its close, then empty it.
+
+    No point where a signal handler runs lies between a strike and its
+    close: cut short anywhere, each number is either still listed or
+    closed, never both, so whoever closes what the list holds (a queued
+    frame's list, say) closes nothing twice.
+    """
+    i = 0
+    while i < len(fds):
+        n = fds[i]
+        if n.__class__ is int and n >= 0:
+            fds[i] = -1
+            try:
+                os.close(n)  # not close_fd(): its first instruction would be such a point
+            except OSError:
+                pass
+        elif n.__class__ is not int:  # a Windows SOCKET
+            fds[i] = -1
+            try:
+                close_fd(n)
+            except OSError:
+                pass
+        i += 1
+    del fds[:]
+
+
 def close_all(fds: Iterable[int]) -> None:
     """Close every fd in *fds* (`close_fd`), ignoring ones already gone (EBADF) and negative ones.
 

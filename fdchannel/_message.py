@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = ["Message"]
 
 
+_new = object.__new__
+
 #: What `Message.fds` shows for a number closed before anyone read it: an
 #: OwnedFd that owns nothing (every method but close raises, close does
 #: nothing), so one object serves them all.
@@ -97,18 +99,28 @@ class Message:
         raw = cast("list[int]", self._raw)  # another thread's list, if it got here first
         count = len(raw)
         if not self._fds:
-            made = tuple(map(OwnedFd, repeat(-1, count)))  # each owning nothing yet
-            if not self._fds:  # (no point between this test and the store)
+            # Each owning nothing yet (made without __init__, which costs a
+            # Python call per fd); cut short here, they are simply dropped.
+            made = tuple(map(_new, repeat(OwnedFd, count)))
+            for owner in made:
+                owner._fd = -1
+            if not self._fds and self._raw is raw:  # (no point between the tests and the store)
                 self._fds = made
         owners = self._fds
         i = 0
         while i < count:
+            # Each step tests that no close() (another thread's) took the
+            # numbers meanwhile, then moves one: no point in between.  Once
+            # close() has, its placeholders must never receive a number.
+            if self._raw is not raw:
+                return
             n = raw[i]
             if n.__class__ is not int or n >= 0:  # -1: moved already, or taken out (`adopt_all`)
                 owners[i]._fd = n
                 raw[i] = -1
             i += 1
-        self._raw = ()
+        if self._raw is raw:
+            self._raw = ()
 
     @property
     def shared(self) -> SealedMemory | None:
@@ -121,16 +133,18 @@ class Message:
         Closes them all even when one fails, then raises the first `OSError`.
         """
         first: OSError | None = None
+        # Taken, both, before any point where another thread (or a signal
+        # handler) runs: a move in progress (`_own_raw`) stops there.
         raw = self._raw
         owners = self._fds  # read, or (a move into them cut short) partly so
         if raw:
+            self._raw = ()
             # Read afterwards, fds shows closed OwnedFd objects, as if they had
             # been there all along; out of memory, closing matters more.
             try:
                 shown: tuple[OwnedFd, ...] = (CLOSED_FD,) * len(raw)
             except MemoryError:
                 shown = ()
-            self._raw = ()
             self._fds = shown
             # By index, which allocates nothing (a for loop's iterator would).
             i, count = 0, len(raw)

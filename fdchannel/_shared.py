@@ -17,7 +17,7 @@ from typing_extensions import Buffer
 
 from ._codec import SHARED_DESCRIPTOR
 from ._errors import SharedMemoryRefused
-from ._fdutil import close_all, close_fd
+from ._fdutil import close_fd, close_listed
 from ._message import Message
 from ._ownedfd import OwnedFd, adopt
 
@@ -267,7 +267,7 @@ def shared_message(descriptor: bytes | bytearray | memoryview, fds: list[int]) -
         # Takes the memfd or fails before (its stores allocate nothing).
         memory = SealedMemory._own(fds[-1], size)
     except BaseException:
-        _close_listed(fds)
+        close_listed(fds)
         raise
     # From here the memfd is memory's (freed, it closes it); each other fd
     # moves into an OwnedFd as its slot is struck, so a failure (out of
@@ -283,14 +283,8 @@ def shared_message(descriptor: bytes | bytearray | memoryview, fds: list[int]) -
         memory.close()
         for owner in owners:
             owner.close()
-        _close_listed(fds)  # those not adopted yet (adopted ones are -1 here)
+        close_listed(fds)  # those not adopted yet (adopted ones are -1 here)
         raise
-
-
-def _close_listed(fds: list[int]) -> None:
-    """Close every fd of *fds* and empty it, so that the queued frame that may share it holds none."""
-    close_all(fds)
-    del fds[:]
 
 
 def share_large(channel: ChannelCore, payload: Any) -> Any:

@@ -29,6 +29,7 @@ SCENARIOS = [
     "recv_big",
     "recv_into",
     "recv_shm",
+    "recv_refused",
     "send",
     "send_many",
     "send_shm",

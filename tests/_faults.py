@@ -49,6 +49,7 @@ SCENARIOS: dict[str, list[bytes]] = {
     "open": [],  # an OwnedFd made into a file object
     "send_shm": [S],  # a payload sent as sealed shared memory (a memfd of its own)
     "recv_shm": [S],
+    "recv_refused": [X],  # a pipe posing as a memfd, refused (its fds closed), then a plain message
     "recv_into": [X],  # into the caller's buffer
     "aio_recv": [X],
     "aio_send": [X],
@@ -56,8 +57,10 @@ SCENARIOS: dict[str, list[bytes]] = {
 
 
 #: What a failing step raises: out of memory (io's "can't allocate read lock"
-#: is a RuntimeError), or the interrupt of ``signals`` mode.
-FAILURES = (MemoryError, RuntimeError, KeyboardInterrupt)
+#: is a RuntimeError; fcntl, out of memory as it raises its OSError, returns
+#: "error return without exception set", a SystemError), or the interrupt of
+#: ``signals`` mode.
+FAILURES = (MemoryError, RuntimeError, SystemError, KeyboardInterrupt)
 #: ``memory``: allocation k fails.  ``signals``: a KeyboardInterrupt is
 #: raised at the k-th point where CPython 3.11 runs signal handlers (so where
 #: a handler's error can strike): a Python function's entry, a loop's jump
@@ -153,6 +156,8 @@ def _drain(ch: Channel, ino: int) -> list[bytes]:
             return got
         except ChannelBroken:
             return [*got, b"BROKEN"]
+        except shm.SharedMemoryRefused:
+            continue  # (recv_refused) the bad memfd, dropped: the next message is next
         with m:
             if any(os.fstat(f.fileno()).st_ino != ino for f in m.fds):
                 return [*got, b"WRONG FD"]
@@ -179,6 +184,13 @@ def _pair(path: str, scenario: str, r: int) -> tuple[Channel, Channel]:
         b.send_many([(X, [r]), (Y, [r, r])])
     elif scenario == "recv_big":
         b.send(Z, [r])
+    elif scenario == "recv_refused":
+        pr, pw = os.pipe()
+        fake = shm.SealedMemory._own(pr, 4096)
+        b.send(fake, [r, r])
+        fake.close()
+        os.close(pw)
+        b.send(X, [r])
     return a, b
 
 
@@ -197,6 +209,7 @@ def _call(scenario: str, a: Channel, held: Message | None, r: int) -> Callable[[
     """The call that runs out of memory (made beforehand: the harness allocates nothing in the window)."""
     calls: dict[str, Callable[[], object]] = {
         "recv_into": lambda: a.recv_into(bytearray(64)),  # (count, fds): the bytes are not looked at
+        "recv_refused": lambda: _refused_then(a),
         "send": lambda: a.send(X, [r]),
         "send_shm": lambda: a.send(S, [r]),
         "send_many": lambda: a.send_many([(X, [r]), (Y, [r, r])]),
@@ -206,6 +219,14 @@ def _call(scenario: str, a: Channel, held: Message | None, r: int) -> Callable[[
         "open": lambda: held.fds[0].open("rb") if held else None,
     }
     return calls.get(scenario, a.recv)
+
+
+def _refused_then(a: Channel) -> object:
+    """recv(): the refusal is expected, and the plain message after it is the one looked for."""
+    try:
+        return a.recv()
+    except shm.SharedMemoryRefused:
+        return None
 
 
 def _aio_case(
