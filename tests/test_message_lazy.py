@@ -139,6 +139,16 @@ def test_a_constructed_message_keeps_the_objects_it_was_given() -> None:
     assert all(fd.closed for fd in given)
 
 
+def _in_child(pure: bool, args: list[str], **env: str) -> str:
+    """What a child Python run with *args* prints (pure: with FDCHANNEL_PURE=1); it must exit 0."""
+    environ = {**os.environ, **env, **({"FDCHANNEL_PURE": "1"} if pure else {})}
+    out = subprocess.run(
+        [sys.executable, *args], env=environ, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 _CLOSE_THAT_EMPTIES_THE_LIST = """
 import fdchannel
 closed = []
@@ -155,19 +165,8 @@ print(len(closed))
 @pytest.mark.parametrize("pure", [False, True], ids=["compiled-if-built", "pure"])
 def test_close_over_a_list_that_a_close_empties_stops_where_the_list_ends(pure: bool) -> None:
     """A review: the compiled Message.close kept the first length of the list and read past its end."""
-    env = {**os.environ, "PYTHONMALLOC": "debug"}
-    if pure:
-        env["FDCHANNEL_PURE"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-c", _CLOSE_THAT_EMPTIES_THE_LIST],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "1"  # as a for loop over the list: it ends when the list does
+    out = _in_child(pure, ["-c", _CLOSE_THAT_EMPTIES_THE_LIST], PYTHONMALLOC="debug")
+    assert out.strip() == "1"  # as a for loop over the list: it ends when the list does
 
 
 _FDS_UNDER_A_STORM = """
@@ -220,14 +219,5 @@ print(interrupted > 0, twice)
 def test_fds_cut_short_by_a_storm_of_handlers_closes_each_number_once(pure: bool) -> None:
     """A review: a second handler's error while the first was handled left objects owning
     numbers the message still listed, and both closed them."""
-    env = {**os.environ, **({"FDCHANNEL_PURE": "1"} if pure else {})}
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore::ResourceWarning", "-c", _FDS_UNDER_A_STORM, "400"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["True", "0"]  # interrupted, and no number closed twice
+    out = _in_child(pure, ["-W", "ignore::ResourceWarning", "-c", _FDS_UNDER_A_STORM, "400"])
+    assert out.split() == ["True", "0"]  # interrupted, and no number closed twice
