@@ -73,6 +73,7 @@ typedef struct {
     unsigned long long dec_version;
     PyObject *frames, *dec_fds, *landed, *buf;
     long long received;
+    PyObject *received_obj; /* the int object of _received (borrowed likewise) */
 } FastPath;
 
 /* What the last compiled call of this thread left for its Python caller, read
@@ -100,6 +101,12 @@ static PyTypeObject FastPath_Type;
 static int values_layout_ok = 0;
 #define VALUES_OF(obj) (((void **)(obj))[-4])
 #define MANAGED_DICT_OF(obj) (((PyObject **)(obj))[-3])
+#endif
+/* CPython 3.11's int layout (a digit array of PyLong_SHIFT == 30 bits,
+ * Py_SIZE digits): add_received_fast may change the decoder's stream offset
+ * in place (see there). */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
+#define IN_PLACE_INTS 1
 #endif
 
 static PyObject *dict_of(PyObject *obj) {
@@ -224,6 +231,15 @@ typedef struct {
 } lockobject;
 #endif
 static PyTypeObject *lock_type; /* set when the layout matches */
+#if defined(DIRECT_LOCKS) && defined(__linux__)
+#include <semaphore.h>
+/* Set when sys.thread_info.lock is "semaphore": a lock's lock_lock is then
+ * a sem_t (thread_pthread.h, USE_SEMAPHORES), taken at once with
+ * sem_trywait.  PyThread_acquire_lock_timed(lock, 0, 0) reads the clock to
+ * compute a deadline even for a zero timeout: about 150 instructions a
+ * call, a call per send and per recv. */
+static int sem_locks = 0;
+#endif
 
 /* Take *lock* (a threading.Lock, a new reference that *out* keeps on
  * success) if it is free at once: 1 taken, 0 busy, -1 error.  *direct* says
@@ -233,7 +249,16 @@ static int try_lock(PyObject *lock, PyObject **out, int *direct) {
 #ifdef DIRECT_LOCKS
     if (Py_TYPE(lock) == lock_type) {
         lockobject *l = (lockobject *)lock;
-        if (PyThread_acquire_lock_timed(l->lock_lock, 0, 0) != PY_LOCK_ACQUIRED) {
+        int taken;
+#ifdef __linux__
+        if (sem_locks) {
+            /* EINTR: taken as busy, as the Python path's acquire(False)
+             * never retries either; the caller then takes that path. */
+            taken = sem_trywait((sem_t *)l->lock_lock) == 0;
+        } else
+#endif
+            taken = PyThread_acquire_lock_timed(l->lock_lock, 0, 0) == PY_LOCK_ACQUIRED;
+        if (!taken) {
             Py_DECREF(lock);
             return 0;
         }
@@ -430,6 +455,7 @@ static int dec_recheck(FastPath *fp, PyObject *d) {
     fp->buf = v[8];
     fp->landed = landed;
     fp->received = received;
+    fp->received_obj = v[9];
 #ifdef HAVE_VERSIONS
     fp->dec_dict = d;
     fp->dec_version = v0;
@@ -460,7 +486,12 @@ static int leave(FastPath *fp, PyObject *channel, PyObject *lock) {
     if (Py_TYPE(lock) == lock_type) {
         lockobject *l = (lockobject *)lock;
         l->locked = 0;
-        PyThread_release_lock(l->lock_lock);
+#ifdef __linux__
+        if (sem_locks)
+            sem_post((sem_t *)l->lock_lock); /* (PyThread_release_lock's own call, less its checks) */
+        else
+#endif
+            PyThread_release_lock(l->lock_lock);
         Py_DECREF(lock);
     } else
 #endif
@@ -1314,6 +1345,24 @@ static int add_received_fast(FastPath *fp, PyObject *decoder, Py_ssize_t n) {
         return add_received(decoder, n);
     PyObject *d = dict_of(decoder);
     long long v = fp->received + n;
+#if defined(IN_PLACE_INTS) && defined(HAVE_VERSIONS)
+    /* The dict's int, changed in place when nothing but the dict refers to
+     * it (so nobody can see it change) and it has room for the new value:
+     * a new int and a dict store per message cost about 400 instructions.
+     * The dict is as checked (dec_check), so received_obj is its value. */
+    PyObject *old = fp->received_obj;
+    if (d == fp->dec_dict && Py_REFCNT(old) == 1 && Py_TYPE(old) == &PyLong_Type && v > 256 && v < (1LL << 60)) {
+        Py_ssize_t want = v < (1LL << PyLong_SHIFT) ? 1 : 2;
+        if (Py_SIZE(old) == want) {
+            PyLongObject *o = (PyLongObject *)old;
+            o->ob_digit[0] = (digit)(v & PyLong_MASK);
+            if (want == 2)
+                o->ob_digit[1] = (digit)(v >> PyLong_SHIFT);
+            fp->received = v;
+            return 0;
+        }
+    }
+#endif
     PyObject *pv = PyLong_FromLongLong(v);
     if (pv == NULL)
         return -1;
@@ -1324,8 +1373,10 @@ static int add_received_fast(FastPath *fp, PyObject *decoder, Py_ssize_t n) {
     fp->received = v;
 #ifdef HAVE_VERSIONS
     /* Our own change: the rest of the state is as checked. */
-    if (fp->dec_dict == d)
+    if (fp->dec_dict == d) {
         fp->dec_version = dict_version(d);
+        fp->received_obj = pv; /* (the dict's reference keeps it) */
+    }
 #endif
     return 0;
 }
@@ -2193,6 +2244,13 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
         Py_XSETREF(lock_type, (PyTypeObject *)lt);
     else
         Py_DECREF(lt);
+#ifdef __linux__
+    PyObject *info = PyThread_GetInfo();
+    PyObject *kind = info != NULL && PyTuple_Check(info) && PyTuple_GET_SIZE(info) >= 2 ? PyTuple_GET_ITEM(info, 1) : NULL;
+    sem_locks = kind != NULL && PyUnicode_Check(kind) && PyUnicode_CompareWithASCIIString(kind, "semaphore") == 0;
+    Py_XDECREF(info);
+    PyErr_Clear();
+#endif
 #endif
     Py_RETURN_NONE;
 }
@@ -2209,7 +2267,23 @@ static PyObject *channel_class(PyObject *Py_UNUSED(module), PyObject *cls) {
     Py_RETURN_NONE;
 }
 
+/* lock_kind() -> how the channel locks are taken: "semaphore" (sem_trywait
+ * on the lock's own semaphore), "direct" (PyThread_acquire_lock_timed) or
+ * "methods" (their acquire and release methods). */
+static PyObject *lock_kind(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+#if defined(DIRECT_LOCKS) && defined(__linux__)
+    if (lock_type != NULL && sem_locks)
+        return PyUnicode_FromString("semaphore");
+#endif
+#ifdef DIRECT_LOCKS
+    if (lock_type != NULL)
+        return PyUnicode_FromString("direct");
+#endif
+    return PyUnicode_FromString("methods");
+}
+
 static PyMethodDef module_methods[] = {
+    {"lock_kind", lock_kind, METH_NOARGS, "lock_kind() -> 'semaphore', 'direct' or 'methods'"},
     {"channel_class", channel_class, METH_O, "channel_class(Channel): the class whose instances' state is cached"},
     {"values_layout", values_layout, METH_NOARGS, "values_layout() -> whether instance dicts are read without a guard once made (CPython 3.11)"},
     {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest, send_many_rest)"},

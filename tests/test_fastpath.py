@@ -165,3 +165,73 @@ def test_the_compiled_path_leaves_channels_in_the_python_paths_states_to_it() ->
             b._decoder.landed.clear()
         with b.recv() as msg:
             assert msg.payload == b"waiting"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the compiled path is built for Linux only")
+def test_the_channel_locks_are_taken_on_their_own_semaphores_where_cpython_uses_them() -> None:
+    """sys.thread_info says how CPython builds its locks; the compiled path
+    takes a semaphore lock with sem_trywait, skipping a clock read per call."""
+    if not _fastpath.compiled_available():
+        pytest.skip(f"not built here: {_fastpath.why_pure()}")
+    kind = _fastpath._speedups.lock_kind()
+    if sys.version_info[:2] in ((3, 11), (3, 12)):
+        assert kind == ("semaphore" if sys.thread_info.lock == "semaphore" else "direct")
+    a, b = Channel.pair()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        # Held by another owner: the compiled path leaves the call to the
+        # Python path, which waits for the lock (here: gives up at once).
+        assert b._recv_lock.acquire(timeout=TIMEOUT)
+        try:
+            a.send(b"held")
+            assert b._fast.recv(b) is None
+            assert b._recv_lock.locked()
+            assert a._send_lock.acquire(timeout=TIMEOUT)
+            try:
+                assert a._fast.send(a, b"x", []) is False
+            finally:
+                a._send_lock.release()
+        finally:
+            b._recv_lock.release()
+        # Free again, and released by every compiled call.
+        for _ in range(3):
+            with b.recv() as msg:
+                assert msg.payload == b"held"
+            assert not b._recv_lock.locked()
+            assert not a._send_lock.locked()
+            a.send(b"held")
+        assert b._recv_lock.acquire(blocking=False)
+        b._recv_lock.release()
+
+
+@needs_unix_rights
+@pytest.mark.parametrize("start", [None, 2**30 - 100, 2**31 - 100, 2**60 - 100])
+def test_the_stream_offset_counts_every_byte_and_offsets_read_earlier_keep_their_value(
+    start: int | None,
+) -> None:
+    """The compiled recv may advance the decoder's offset in place (an int
+    nobody else holds): every byte counted, past one and two 30-bit digits,
+    and an offset someone read keeps the value it had."""
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        dec = b._decoder
+        if start is not None:
+            dec._received = start
+        base = dec.received
+        held: list[tuple[int, int]] = []
+        for i in range(60):
+            a.send(b"x" * (i % 7), [r] if i % 2 else [])
+            with b.recv():
+                pass
+            base += 24 + i % 7
+            assert dec.received == base
+            if i % 10 == 0:
+                got = dec.received
+                held.append((got, int(str(got))))
+        assert all(obj == copy for obj, copy in held)
+    os.close(r)
+    os.close(w)
