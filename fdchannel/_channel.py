@@ -301,8 +301,10 @@ class Channel(ChannelCore):
             except BaseException as exc:
                 if fast.sent_whole >= 0:
                     # A signal handler's error as the call returned: the
-                    # message had left whole.
-                    set_written(exc, fast.sent_whole)
+                    # message had left whole.  Stored here, not by a call:
+                    # a call is a point where a second handler's error (a
+                    # storm of signals) could replace *exc* before the store.
+                    exc.characters_written = fast.sent_whole  # type: ignore[attr-defined]
                 raise
             if sent is True:
                 return  # the compiled path sent it all (fdchannel._fastpath)
@@ -333,8 +335,8 @@ class Channel(ChannelCore):
         except BaseException as exc:
             if done:
                 # A signal handler's error as the lock was released: the
-                # message had left whole.
-                set_written(exc, HEADER_SIZE + size)
+                # message had left whole (stored without a call, as above).
+                exc.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
             elif isinstance(exc, OSError | ChannelClosed):
                 self._closed_meanwhile(exc)
             raise
@@ -379,7 +381,7 @@ class Channel(ChannelCore):
             try:
                 sent = fast.send_many(self, messages)
             except BaseException as exc:
-                if fast.sent_many >= 0 and not hasattr(exc, "messages_taken"):
+                if fast.sent_many >= 0 and "messages_taken" not in exc.__dict__:  # (no call, as in send)
                     # A signal handler's error as the call returned: all had
                     # left (this thread's count: another thread may have sent
                     # on this channel since).
@@ -390,6 +392,7 @@ class Channel(ChannelCore):
             if sent is not False:
                 messages = sent  # with the fd numbers its fileno() calls gave: none runs twice
         prepared = _batch.prepare(self, messages)
+        count = len(prepared)  # (a call: not in the handler below)
         done = False
         try:
             with self._send_lock:
@@ -410,7 +413,7 @@ class Channel(ChannelCore):
         except BaseException as exc:
             if done:
                 # A signal handler's error as the lock was released: all had left.
-                exc.messages_taken = len(prepared)  # type: ignore[attr-defined]
+                exc.messages_taken = count  # type: ignore[attr-defined]
             elif isinstance(exc, OSError | ChannelClosed):
                 _batch.closed_meanwhile(self, exc)
             raise
@@ -571,6 +574,10 @@ class Channel(ChannelCore):
                 lost = fast.delivered
                 if lost is not None:
                     # A signal handler's error as the call returned the message.
+                    # First a mark that needs no call: should a second
+                    # handler's error cut the call below short, the next
+                    # recv() still says the message was lost (_check_leftovers).
+                    self._delivering = True
                     fast.delivered = None
                     self._recv_lost(exc, lost)
                 raise
@@ -611,6 +618,7 @@ class Channel(ChannelCore):
         except BaseException as exc:
             # Out of memory, or a signal handler's error, with the message in
             # hand: lost, and the channel says so, as recv() does.
+            self._delivering = True  # (no call first: see Channel.recv)
             self._recv_lost(exc, msg)
             raise
 
@@ -670,6 +678,7 @@ class Channel(ChannelCore):
                         decoder.set_into(None)
         except BaseException as exc:
             if msg is not None:
+                self._delivering = True  # (no call first: see Channel.recv)
                 self._recv_lost(exc, msg)
             raise
         finally:

@@ -300,6 +300,13 @@ class Decoder:
         self._big: _Big | None = None
         #: fds of a frame that could not be queued nor given back (out of memory twice).
         self._stray: list[int] | None = None
+        # The fds taken for the frame being made, from the moment they leave
+        # the held batches until it is queued or they are given back: a
+        # second signal handler's error while the first is handled (a storm)
+        # can cut any call, so they are kept where a store, not a call, puts
+        # them.  It may be the same list as a batch's (given back, then
+        # cut): _flight() counts it only where it is not also listed.
+        self._taking: list[int] | None = None
         # True after a data frame of a group (FLAG_GROUP): the next frame's
         # fds may have arrived ahead of its bytes.
         self._ahead = False
@@ -735,11 +742,24 @@ class Decoder:
         For a caller that must move them out one by one (`fdchannel._ownedfd.adopt_all`).
         """
         stray = [self._stray] if self._stray else []
-        return [batch[0] for batch in self._fds] + [frame.fds for frame in self.frames] + stray
+        held = [batch[0] for batch in self._fds]
+        return held + [frame.fds for frame in self.frames] + stray + self._flight()
+
+    def _flight(self) -> list[list[int]]:
+        """``[_taking]`` when it holds fds listed nowhere else (the same list object), else ``[]``."""
+        taking = self._taking
+        if not taking or taking is self._stray:
+            return []
+        if any(batch[0] is taking for batch in self._fds):
+            return []
+        return [] if any(frame.fds is taking for frame in self.frames) else [taking]
 
     def take_fds(self) -> list[int]:
         """Give up and return every fd still held (buffered and in queued frames)."""
         out = [fd for batch in self._fds for fd in batch[0]]
+        for taking in self._flight():
+            out += taking
+        self._taking = None
         self._fds.clear()
         if self._stray:
             out += self._stray
@@ -818,8 +838,15 @@ class Decoder:
                     )
                     self.frames.append(queued)
                 except BaseException:
-                    self._not_queued(queued, fds, frame_start)
+                    # Struck as append() returned, the frame is queued and
+                    # the fds are its own; before, they go back to those held.
+                    # The test and the store call nothing (see _taking).
+                    if queued is not None and self.frames and self.frames[-1] is queued:
+                        self._taking = None
+                    else:
+                        self._give_back(fds, frame_start)
                     raise
+                self._taking = None
                 if flags & FLAG_CONTROL and self._control_from is None:
                     self._control_from = frame_start
                 start += total
@@ -844,8 +871,13 @@ class Decoder:
             )
             self.frames.append(queued)
         except BaseException:
-            self._not_queued(queued, fds, big.start)
+            # As in _parse.
+            if queued is not None and self.frames and self.frames[-1] is queued:
+                self._taking = None
+            else:
+                self._give_back(fds, big.start)
             raise
+        self._taking = None
         if big.control and self._control_from is None:
             self._control_from = big.start
 
@@ -887,7 +919,8 @@ class Decoder:
             batch = queue[0]
             if len(batch[0]) == want and start < batch[2] <= end:
                 fds: list[int] = batch[0]
-                del queue[0]  # not popleft(): no signal handler runs between this and the return
+                self._taking = fds
+                del queue[0]  # not popleft(): no signal handler runs between the store and this
                 return fds
         if want and queue and (group or ahead):
             # A group's frame: its fds at the front of one read's batch, the
@@ -895,7 +928,9 @@ class Decoder:
             batch = queue[0]
             held: list[int] = batch[0]
             if len(held) > want and (ahead or start < batch[2]) and (group or batch[2] > end):
-                mine, batch[0] = held[:want], held[want:]  # both made before either is kept
+                mine, rest = held[:want], held[want:]  # both made before either is kept
+                self._taking = mine
+                batch[0] = rest
                 return mine
         return self._take_batches(want, nfds, start, end, ahead, bool(group))
 
@@ -925,10 +960,12 @@ class Decoder:
                 # statements that call nothing.
                 if len(fds) <= need:
                     taken = taken + fds if taken else fds
+                    self._taking = taken
                     del queue[0]
                 else:
                     mine, rest = fds[:need], fds[need:]
                     taken = taken + mine
+                    self._taking = taken
                     batch[0] = rest
             # fds read together with bytes of the next frame may be that
             # frame's; fds that arrived no later than this frame's last byte
@@ -944,15 +981,6 @@ class Decoder:
             raise
         return taken
 
-    def _not_queued(self, queued: Frame | None, fds: list[int], start: int) -> None:
-        """An error (out of memory, a signal handler's) struck as the frame of *fds* was queued.
-
-        Struck as ``append`` returned, the frame is queued and the fds are
-        its own; before, they go back to those held.
-        """
-        if queued is None or not (self.frames and self.frames[-1] is queued):
-            self._give_back(fds, start)
-
     def _give_back(self, fds: list[int], start: int) -> None:
         """Hold *fds*, taken for the frame at *start* but not queued: take_fds() releases them too."""
         if fds:
@@ -965,6 +993,7 @@ class Decoder:
                 else:
                     self._stray.extend(fds)
                 raise
+        self._taking = None
 
 
 def default_max_held_fds(max_fds: int) -> int:

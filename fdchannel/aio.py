@@ -532,8 +532,9 @@ class AsyncChannel(AsyncSurface):
         except BaseException as exc:
             if done:
                 # A signal handler's error as the gate was left: the
-                # message had left whole.
-                set_written(exc, HEADER_SIZE + size)
+                # message had left whole.  Stored without a call, where a
+                # second handler's error could replace *exc* first.
+                exc.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
             raise
         finally:
             if gate._waiters:
@@ -634,7 +635,7 @@ class AsyncChannel(AsyncSurface):
 
     # -- receiving ------------------------------------------------------------
 
-    async def recv(self) -> Message:  # noqa: C901, PLR0912 - the recv fast path: one loop, no call per step
+    async def recv(self) -> Message:  # noqa: C901, PLR0912, PLR0915 - the recv fast path: one loop, no call per step
         """Receive one whole message; its fds are now the caller's.
 
         Cancelled: nothing is lost; what arrived stays buffered for the next
@@ -700,6 +701,7 @@ class AsyncChannel(AsyncSurface):
                     gate.leave()
                 except BaseException as exc:
                     if msg is not None:
+                        self._delivering = True  # (no call first: see Channel.recv)
                         self._recv_lost(exc, msg)
                     raise
             else:

@@ -1,18 +1,23 @@
 """Run one call with its k-th memory allocation failing, for each k in turn (a child process).
 
-``python tests/_faults.py PATH SCENARIO COUNT [WIDTH]``: PATH is
+``python tests/_faults.py PATH SCENARIO COUNT [WIDTH [MODE]]``: PATH is
 ``compiled`` or ``pure``; SCENARIO one of `SCENARIOS`.  For each k below
 COUNT a fresh channel pair runs the scenario with allocation k failing (and
 the WIDTH - 1 after it: a clean-up that allocates fails too)
 (``_testcapi.set_nomemory``: CPython's own fault injection, every allocator
-domain) and then, with memory back, checks what must hold after any error:
+domain), or in ``signals`` MODE with a KeyboardInterrupt at the k-th point
+where a signal handler runs (WIDTH 2: and a second one at the next point),
+and then, with memory back, checks what must hold after any error:
 
 - every message arrives, or those before a reported break (`ChannelBroken`)
   do: never a silent gap, never a wrong fd;
 - closing everything releases every fd exactly once: none is left open
   (the fd table is as before) and none is closed twice (fds opened after
   the failing call, which would take any number freed too early, stay
-  open).
+  open);
+- a failed send's exception does not hide what left: ``characters_written``
+  (``messages_taken`` for send_many) says so, or, unknown, the channel
+  refuses a retry.
 
 It prints one JSON line: how many runs ended in MemoryError, how many
 succeeded, the last k that failed, and each broken rule.  A child, because a failing allocation in
@@ -31,7 +36,7 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-from fdchannel import Channel, ChannelBroken, Message, _fastpath, shm
+from fdchannel import Channel, ChannelBroken, Message, ProtocolError, _fastpath, shm
 from fdchannel.aio import AsyncChannel
 
 X, Y, Z, S = b"x" * 20, b"y" * 20, b"z" * 100_000, b"s" * 5000
@@ -71,10 +76,19 @@ _CALL, _JUMP_BACKWARD = dis.opmap["CALL"], dis.opmap["JUMP_BACKWARD"]
 
 
 class _Interrupter:
-    """A tracer raising KeyboardInterrupt at the k-th point a signal handler could run."""
+    """A tracer raising KeyboardInterrupt at the k-th point a signal handler could run.
 
-    def __init__(self, k: int) -> None:
+    With *twice*, a second handler raises at the next point after that (as
+    in a storm of signals, while the code handling the first runs): the
+    first raise ends tracing (CPython drops a tracer that raised), so a
+    profile function strikes the second time, at the next function entry or
+    end of a C call (the points a profiler sees; a loop's jump back it does
+    not).
+    """
+
+    def __init__(self, k: int, twice: bool = False) -> None:
         self.left = k
+        self.twice = twice
         self.entered = 0  # Python frames begun so far
         self.after_call: dict[FrameType, int] = {}  # frame -> self.entered as its CALL began
 
@@ -82,7 +96,15 @@ class _Interrupter:
         self.left -= 1
         if self.left < 0:
             sys.settrace(None)
+            if self.twice:
+                sys.setprofile(self.again)
             raise KeyboardInterrupt
+
+    def again(self, frame: FrameType, event: str, arg: object) -> None:
+        if event not in ("call", "c_return") or frame.f_code.co_filename == HARNESS or _unguardable(frame):
+            return
+        sys.setprofile(None)
+        raise KeyboardInterrupt
 
     def enter(self, frame: FrameType, event: str, arg: object) -> object:
         self.entered += 1  # a Python frame: its caller's CALL does not check as it ends
@@ -129,7 +151,7 @@ def _fail_from(k: int, width: int) -> None:
     if MODE == "memory":
         _testcapi.set_nomemory(k, k + width)
     else:
-        sys.settrace(_Interrupter(k).enter)
+        sys.settrace(_Interrupter(k, twice=width > 1).enter)
 
 
 def _stop_failing() -> None:
@@ -137,6 +159,42 @@ def _stop_failing() -> None:
         _testcapi.remove_mem_hooks()
     else:
         sys.settrace(None)
+        sys.setprofile(None)
+
+
+def _told(exc: BaseException, scenario: str) -> int | None:
+    """What a failed send's exception says was taken: bytes (send_many: messages); None: unknown."""
+    told = getattr(exc, "messages_taken" if scenario == "send_many" else "characters_written", None)
+    return told if isinstance(told, int) else None
+
+
+def _misreported(
+    scenario: str, error: bool, told: int | None, got: list[bytes], sender: Channel
+) -> list[str]:
+    """A send's exception must not hide what left: a caller that sends again what it was told did
+    not leave (or was not told about, on a channel that accepts the retry) would duplicate it."""
+    if not error or _receiving(scenario) or not SCENARIOS[scenario]:
+        return []
+    arrived = 0
+    for sent, wanted in zip(got, SCENARIOS[scenario], strict=False):
+        if sent != wanted:
+            break
+        arrived += 1
+    if told is not None:
+        told_messages = told if scenario == "send_many" else int(told > 0)
+        if told_messages == arrived:
+            return []
+        if told_messages > arrived:
+            return [f"told {told} taken, only {arrived} message(s) arrived"]
+    elif arrived == 0:
+        return []
+    # Fewer told than arrived, or nothing told (unknown): safe only if the
+    # channel refuses the retry.
+    try:
+        sender.send(b"retry")
+    except (ProtocolError, OSError, ValueError):
+        return []
+    return [f"{arrived} message(s) arrived, the exception said {told}, and a retry was accepted"]
 
 
 def _receiving(scenario: str) -> bool:
@@ -239,15 +297,26 @@ def _aio_case(
         try:
             made: object = None
             error = False
+            told: int | None = None
             _fail_from(k, width)
             try:
                 made = await (ch.recv() if scenario == "aio_recv" else ch.send(X, [r]))
-            except FAILURES:
+            except FAILURES as exc:
                 error = True
+                told = _told(exc, scenario)
             finally:
                 _stop_failing()
             if scenario == "aio_send":
-                return error, _drain(b, ino)
+                got = _drain(b, ino)
+                if error and told is not None and (told > 0) != (got == [X]):
+                    return error, [b"MISREPORTED"]
+                if error and told is None and got == [X]:
+                    try:
+                        await ch.send(b"retry")
+                    except (ProtocolError, OSError, ValueError):
+                        return error, got  # unknown, and the channel refuses a retry
+                    return error, [b"UNTOLD, AND A RETRY WAS ACCEPTED"]
+                return error, got
             if not isinstance(made, Message):
                 try:  # still there, or the channel says it is broken (a silent gap times out)
                     made = await asyncio.wait_for(ch.recv(), 10)
@@ -324,15 +393,18 @@ def _sync_case(
     call = _call(scenario, a, held, r)
     made: object = None
     error = False  # not the exception itself: its traceback would keep the call's locals alive
+    told: int | None = None
     _fail_from(k, width)
     try:
         made = call()
-    except FAILURES:
+    except FAILURES as exc:
         error = True
+        told = _told(exc, scenario)
     finally:
         _stop_failing()
     try:
-        return error, _received(scenario, made, a if _receiving(scenario) else b, held, ino), []
+        got = _received(scenario, made, a if _receiving(scenario) else b, held, ino)
+        return error, got, [f"k={k}: {why}" for why in _misreported(scenario, error, told, got, a)]
     except Exception as exc:  # any error here is what the test reports
         return error, [], [f"k={k}: cleaning up raised {exc!r}"]
 

@@ -4,9 +4,16 @@ Each case runs `tests/_faults.py` in its ``signals`` mode in a child: a
 tracer raises KeyboardInterrupt at the k-th point where CPython 3.11 runs
 signal handlers (a Python function's first instruction, a loop's jump
 back, the end of a call to a C function), for every k in turn, then checks
-the same rules as `test_out_of_memory`.  `tests/_faults.py` names the two
-places it leaves out, which no Python code can guard (a finalizer's first
-instruction; the end of the C call that returns a new memfd).
+the same rules as `test_out_of_memory`, and that a failed send's exception
+never hides a message that left (a caller's retry would duplicate it).
+`tests/_faults.py` names the two places it leaves out, which no Python code
+can guard (a finalizer's first instruction; the end of the C call that
+returns a new memfd).
+
+The second test adds a second handler's error at the next point after the
+first, as in a storm of signals while the first is being handled: what the
+first call had in hand must still be recorded (a frame taken, fds read, a
+message returned), so the code that records it must call nothing first.
 """
 
 from __future__ import annotations
@@ -29,3 +36,9 @@ POINTS = 130  # more than any of these calls passes (measured: the last to strik
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_a_handler_raising_at_every_point_keeps_the_rules(path: str, scenario: str) -> None:
     sweep(path, scenario, POINTS, 1, "signals")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_a_second_handler_raising_as_the_first_is_handled_keeps_the_rules(path: str, scenario: str) -> None:
+    sweep(path, scenario, POINTS, 2, "signals")
