@@ -9,9 +9,13 @@ to the references, computed round by round (same round, same conditions).
 Implementations: ``fdchannel`` (the compiled fast path, when it was built),
 ``fdchannel-pure`` (the pure-Python path, as with ``FDCHANNEL_PURE=1``),
 ``stdlib`` (``socket.send_fds``/``recv_fds``; ``sendall``/``recv_into`` for
-payloads), ``perl`` (IO::FDPass, when ``perl -MIO::FDPass`` works) and
+payloads), ``perl`` (IO::FDPass, when ``perl -MIO::FDPass`` works),
 ``raw-c`` (sendmsg/recvmsg and nothing else, built on the fly when a C
-compiler is found).  Perl and C time themselves, excluding their start-up.
+compiler is found) and, for the 1-fd rows, ``python-floor``: a C extension
+built on the fly whose three functions (send one fd, receive one, close
+it) are each one system call with the GIL released and nothing else, the
+least any Python API with a call per operation can cost.  Perl and C time
+themselves, excluding their start-up.
 
 Timing lives here, never in the test suite.
 """
@@ -19,12 +23,14 @@ Timing lives here, never in the test suite.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from . import _fastpath
 from ._channel import Channel
@@ -306,8 +313,59 @@ def _perl() -> tuple[dict[str, Runner] | None, str]:
     return _external([perl, script], {"local1": "local1", "stream1": "stream1"}), ""
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _floor_module(workdir: str) -> tuple[Any, str]:
+    """`_benchsrc/floor.c` built as an extension module in *workdir* and loaded, or None and why not."""
+    cc = _compiler()
+    include = sysconfig.get_paths()["include"]
+    if cc is None or not os.path.exists(os.path.join(include, "Python.h")):
+        return None, "no C compiler (cc)" if cc is None else f"no Python headers in {include}"
+    so = os.path.join(workdir, "_fdbench_floor" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    argv = [cc, "-O2", "-shared", "-fPIC", f"-I{include}", "-o", so, str(_SRC / "floor.c")]
+    build = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    spec = importlib.util.spec_from_file_location("_fdbench_floor", so) if build.returncode == 0 else None
+    if spec is None or spec.loader is None:
+        return None, f"{cc} failed: {build.stderr.strip()[:200]}"
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, ""
+
+
+def _floor(null: int, workdir: str) -> tuple[dict[str, Runner] | None, str]:
+    """The python-floor runners (see the module's docstring)."""
+    mod, why = _floor_module(workdir)
+    if mod is None:
+        return None, why
+    send1, recv1, close1 = mod.send1, mod.recv1, mod.close1
+
+    def local1(n: int) -> float:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with a, b:
+            fa, fb = a.fileno(), b.fileno()
+            start = time.perf_counter()
+            for _ in range(n):
+                send1(fa, null)
+                close1(recv1(fb))
+            return time.perf_counter() - start
+
+    def sender(sock: socket.socket, n: int) -> None:
+        fa = sock.fileno()
+        for _ in range(n):
+            send1(fa, null)
+
+    def receiver(sock: socket.socket, n: int) -> None:
+        fb = sock.fileno()
+        for _ in range(n):
+            close1(recv1(fb))
+
+    return {"local1": local1, "stream1": partial(_two_processes, sender, receiver)}, ""
+
+
 def _raw_c(workdir: str) -> tuple[dict[str, Runner] | None, str]:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = _compiler()
     if cc is None:
         return None, "no C compiler (cc)"
     exe = os.path.join(workdir, "raw")
@@ -359,7 +417,8 @@ def _implementations(null: int, workdir: str, notes: list[str]) -> dict[str, dic
         notes.append(f"fdchannel (compiled): not built ({_fastpath.why_pure()})")
     impls["fdchannel-pure"] = _fdc_runners(null, compiled=False)
     impls["stdlib"] = _std_runners(null)
-    for name, (found, why) in (("perl", _perl()), ("raw-c", _raw_c(workdir))):
+    others = (("perl", _perl()), ("raw-c", _raw_c(workdir)), ("python-floor", _floor(null, workdir)))
+    for name, (found, why) in others:
         if found is None:
             notes.append(f"{name}: skipped ({why})")
         else:
@@ -407,7 +466,7 @@ def _ratio(results: Results, impl: str, ref: str, workload: str) -> tuple[float,
     return _quartiles([m / t for m, t in zip(mine, theirs, strict=False)])
 
 
-REFERENCES = ("stdlib", "perl", "raw-c")
+REFERENCES = ("stdlib", "perl", "raw-c", "python-floor")
 
 
 def table(results: Results, workloads: list[Workload]) -> str:

@@ -25,6 +25,9 @@ def test_bench_runs_every_workload_and_prints_the_tables() -> None:
     assert "64 MiB payload" in out.stdout
     assert "| fdchannel-pure |" in out.stdout
     assert "vs stdlib" in out.stdout
+    # The floor of any Python API (built on the fly): measured, or said why not.
+    assert "vs python-floor" in out.stdout
+    assert "| python-floor |" in out.stdout or "python-floor: skipped" in out.stdout
     # Progress goes to stderr while it runs.
     assert "round 2/2" in out.stderr
 
