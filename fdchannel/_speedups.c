@@ -2282,7 +2282,107 @@ static PyObject *lock_kind(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(igno
     return PyUnicode_FromString("methods");
 }
 
+/* -- OwnedFd.__del__ and SealedMemory.__del__ ------------------------------------------
+ *
+ * finalizers(OwnedFd, SealedMemory) puts these on the two classes in place of
+ * their Python __del__: a Python finalizer can be cut short at its first
+ * instruction by a signal handler's error (CPython runs handlers on entry
+ * to every Python function), leaving the fd of an unclosed object open for
+ * good.  A C one has no such point: the fd is struck and closed before
+ * anything can run.  Same behaviour otherwise: closed, then ResourceWarning
+ * (SealedMemory: unless made quiet). */
+
+typedef struct {
+    Py_ssize_t off_fd, off_quiet; /* slot offsets; off_quiet -1: always warns */
+    const char *name;
+    PyObject *python_del; /* the class's own __del__, for an _fd that is not an int */
+} FdOwner;
+static FdOwner owned_fd_kind = {-1, -1, "OwnedFd", NULL}, sealed_kind = {-1, -1, "SealedMemory", NULL};
+
+static PyObject *owner_del(FdOwner *kind, PyObject *self) {
+    PyObject *v = SLOT(self, kind->off_fd);
+    if (v == NULL) /* __init__ never ran */
+        Py_RETURN_NONE;
+    if (!PyLong_CheckExact(v))
+        return PyObject_CallOneArg(kind->python_del, self);
+    long fd = PyLong_AsLong(v);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0)
+        Py_RETURN_NONE;
+    /* Struck first (-1 is a cached int: no allocation), then closed. */
+    SLOT(self, kind->off_fd) = PyLong_FromLong(-1);
+    Py_DECREF(v);
+    close((int)fd);
+    int quiet = 0;
+    if (kind->off_quiet >= 0) {
+        PyObject *q = SLOT(self, kind->off_quiet);
+        quiet = q != NULL && PyObject_IsTrue(q) == 1;
+        PyErr_Clear();
+    }
+    if (!quiet && PyErr_ResourceWarning(self, 1, "unclosed <%s fd=%ld>", kind->name, fd) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static void owner_finalize(FdOwner *kind, PyObject *self) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = owner_del(kind, self);
+    if (r == NULL)
+        PyErr_WriteUnraisable(self);
+    else
+        Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+static PyObject *OwnedFd_del(PyObject *self, PyObject *Py_UNUSED(ignored)) { return owner_del(&owned_fd_kind, self); }
+static PyObject *Sealed_del(PyObject *self, PyObject *Py_UNUSED(ignored)) { return owner_del(&sealed_kind, self); }
+static void OwnedFd_finalize(PyObject *self) { owner_finalize(&owned_fd_kind, self); }
+static void Sealed_finalize(PyObject *self) { owner_finalize(&sealed_kind, self); }
+static PyMethodDef owned_fd_del_def = {"__del__", OwnedFd_del, METH_NOARGS, NULL};
+static PyMethodDef sealed_del_def = {"__del__", Sealed_del, METH_NOARGS, NULL};
+
+static int install_finalizer(PyObject *cls, FdOwner *kind, PyMethodDef *def, destructor finalize, int quiet) {
+    Py_ssize_t f = slot_offset(cls, "_fd"), q = quiet ? slot_offset(cls, "_quiet") : -1;
+    if (f < 0 || (quiet && q < 0))
+        return -1;
+    PyObject *old = PyObject_GetAttrString(cls, "__del__");
+    if (old == NULL)
+        return -1;
+    if (PyCFunction_Check(old) || Py_TYPE(old) == &PyMethodDescr_Type) {
+        Py_DECREF(old); /* installed already (another setup of this module) */
+        return 0;
+    }
+    PyObject *m = PyDescr_NewMethod((PyTypeObject *)cls, def);
+    if (m == NULL || PyObject_SetAttrString(cls, "__del__", m) < 0) {
+        Py_XDECREF(m);
+        Py_DECREF(old);
+        return -1;
+    }
+    Py_DECREF(m);
+    kind->off_fd = f;
+    kind->off_quiet = q;
+    Py_XSETREF(kind->python_del, old);
+    /* As for Message: the assignment made it slot_tp_finalize; this one
+     * needs no lookup of __del__ per object. */
+    ((PyTypeObject *)cls)->tp_finalize = finalize;
+    return 0;
+}
+
+/* finalizers(OwnedFd, SealedMemory) */
+static PyObject *finalizers(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *owned, *sealed;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &owned, &PyType_Type, &sealed))
+        return NULL;
+    if (install_finalizer(owned, &owned_fd_kind, &owned_fd_del_def, OwnedFd_finalize, 0) < 0 ||
+        install_finalizer(sealed, &sealed_kind, &sealed_del_def, Sealed_finalize, 1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"finalizers", finalizers, METH_VARARGS, "finalizers(OwnedFd, SealedMemory): C versions of their __del__"},
     {"lock_kind", lock_kind, METH_NOARGS, "lock_kind() -> 'semaphore', 'direct' or 'methods'"},
     {"channel_class", channel_class, METH_O, "channel_class(Channel): the class whose instances' state is cached"},
     {"values_layout", values_layout, METH_NOARGS, "values_layout() -> whether instance dicts are read without a guard once made (CPython 3.11)"},

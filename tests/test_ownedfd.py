@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import pytest
 
-from fdchannel import Message, OwnedFd
+from fdchannel import Message, OwnedFd, _fastpath
 from fdchannel._fdutil import SocketHandle
 
 from ._portable import wine_unbound_socket_quirk
@@ -252,3 +253,41 @@ def test_message_close_closes_the_rest_when_one_fails() -> None:
     assert kept.closed
     with pytest.raises(OSError):
         os.fstat(w)  # really closed
+
+
+def _interrupting_finalizers(frame: Any, event: str, arg: object) -> None:
+    """A tracer: a signal handler's error at the first instruction of every ``__del__``."""
+    if frame.f_code.co_name == "__del__":
+        raise KeyboardInterrupt
+
+
+@pytest.mark.skipif(not _fastpath.compiled_available(), reason="the C finalizers come with the compiled path")
+def test_an_unclosed_owner_closes_its_fd_even_if_a_handler_raises_as_it_is_collected() -> None:
+    """With the compiled path, OwnedFd, SealedMemory and Message close what they own in C:
+    no Python finalizer frame, so no first instruction for a handler's error to cut."""
+    from fdchannel import _memfd
+    from fdchannel.shm import SealedMemory
+
+    r, w = os.pipe()
+    mem_fd, size = _memfd.copy(b"sealed", "test")
+    owners = [OwnedFd(os.dup(r)), SealedMemory._own(mem_fd, size), Message._owning(b"m", (os.dup(w),))]
+    numbers = [owners[0].fileno(), mem_fd, owners[2]._raw[0]]
+    unraisable: list[object] = []
+    saved_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with pytest.warns(ResourceWarning, match="unclosed"):
+            while owners:
+                # (A tracer that raised is dropped: armed again for each.)
+                sys.settrace(_interrupting_finalizers)
+                try:
+                    owners.pop()  # collected here, unclosed
+                finally:
+                    sys.settrace(None)
+            gc.collect()
+    finally:
+        sys.unraisablehook = saved_hook
+        os.close(r)
+        os.close(w)
+    assert [n for n in numbers if is_open(n)] == []
+    assert unraisable == []
