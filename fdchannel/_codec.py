@@ -987,11 +987,15 @@ class Decoder:
             try:
                 self._fds.appendleft([fds, start, start + 1])
             except BaseException:
-                # Out of memory again: kept where a store needs no memory.
+                # Out of memory again: kept where a store needs no memory
+                # (_taking holds them until that store is done; the same
+                # list in both, or the numbers in _stray alone, never both
+                # as two lists).
                 if self._stray is None:
                     self._stray = fds
                 else:
-                    self._stray.extend(fds)
+                    self._stray = self._stray + fds
+                    self._taking = None
                 raise
         self._taking = None
 

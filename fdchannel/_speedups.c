@@ -2295,25 +2295,33 @@ static PyObject *lock_kind(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(igno
 typedef struct {
     Py_ssize_t off_fd, off_quiet; /* slot offsets; off_quiet -1: always warns */
     const char *name;
-    PyObject *python_del; /* the class's own __del__, for an _fd that is not an int */
+    int report_close; /* a failing close() is reported (unraisable), as OwnedFd's close_fd raises */
+    PyTypeObject *type;   /* the class */
+    PyObject *fd_member;  /* its _fd slot's descriptor: a subclass that declares its own is not read here */
+    PyObject *python_del; /* the class's own __del__, for whatever is not read here */
 } FdOwner;
-static FdOwner owned_fd_kind = {-1, -1, "OwnedFd", NULL}, sealed_kind = {-1, -1, "SealedMemory", NULL};
+static PyObject *s_fd_slot; /* "_fd" */
+static FdOwner owned_fd_kind = {-1, -1, "OwnedFd", 1, NULL, NULL, NULL},
+               sealed_kind = {-1, -1, "SealedMemory", 0, NULL, NULL, NULL};
 
 static PyObject *owner_del(FdOwner *kind, PyObject *self) {
+    if (Py_TYPE(self) != kind->type && _PyType_Lookup(Py_TYPE(self), s_fd_slot) != kind->fd_member)
+        return PyObject_CallOneArg(kind->python_del, self); /* a subclass with an _fd slot of its own */
     PyObject *v = SLOT(self, kind->off_fd);
     if (v == NULL) /* __init__ never ran */
         Py_RETURN_NONE;
-    if (!PyLong_CheckExact(v))
+    int overflow = 0;
+    long fd = PyLong_CheckExact(v) ? PyLong_AsLongAndOverflow(v, &overflow) : -1;
+    if (!PyLong_CheckExact(v) || overflow || fd > INT_MAX)
+        /* Not a number close() takes (a Windows SOCKET, a bad OwnedFd(2**32 + n)):
+         * the Python finalizer's own way, which never closes a truncated number. */
         return PyObject_CallOneArg(kind->python_del, self);
-    long fd = PyLong_AsLong(v);
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
     if (fd < 0)
         Py_RETURN_NONE;
     /* Struck first (-1 is a cached int: no allocation), then closed. */
     SLOT(self, kind->off_fd) = PyLong_FromLong(-1);
     Py_DECREF(v);
-    close((int)fd);
+    int closed = close((int)fd) == 0 || errno == EINTR, err = errno;
     int quiet = 0;
     if (kind->off_quiet >= 0) {
         PyObject *q = SLOT(self, kind->off_quiet);
@@ -2322,6 +2330,10 @@ static PyObject *owner_del(FdOwner *kind, PyObject *self) {
     }
     if (!quiet && PyErr_ResourceWarning(self, 1, "unclosed <%s fd=%ld>", kind->name, fd) < 0)
         return NULL;
+    if (!closed && kind->report_close) {
+        errno = err; /* (EBADF: a sign of a double close elsewhere, as the Python finalizer says) */
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
@@ -2347,6 +2359,11 @@ static int install_finalizer(PyObject *cls, FdOwner *kind, PyMethodDef *def, des
     Py_ssize_t f = slot_offset(cls, "_fd"), q = quiet ? slot_offset(cls, "_quiet") : -1;
     if (f < 0 || (quiet && q < 0))
         return -1;
+    PyObject *member = _PyType_Lookup((PyTypeObject *)cls, s_fd_slot);
+    if (member == NULL) {
+        PyErr_SetString(PyExc_TypeError, "no _fd slot");
+        return -1;
+    }
     PyObject *old = PyObject_GetAttrString(cls, "__del__");
     if (old == NULL)
         return -1;
@@ -2363,6 +2380,10 @@ static int install_finalizer(PyObject *cls, FdOwner *kind, PyMethodDef *def, des
     Py_DECREF(m);
     kind->off_fd = f;
     kind->off_quiet = q;
+    Py_INCREF(cls);
+    Py_XSETREF(kind->type, (PyTypeObject *)cls);
+    Py_INCREF(member);
+    Py_XSETREF(kind->fd_member, member);
     Py_XSETREF(kind->python_del, old);
     /* As for Message: the assignment made it slot_tp_finalize; this one
      * needs no lookup of __del__ per object. */
@@ -2373,6 +2394,8 @@ static int install_finalizer(PyObject *cls, FdOwner *kind, PyMethodDef *def, des
 /* finalizers(OwnedFd, SealedMemory) */
 static PyObject *finalizers(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *owned, *sealed;
+    if (s_fd_slot == NULL && (s_fd_slot = PyUnicode_InternFromString("_fd")) == NULL)
+        return NULL;
     if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &owned, &PyType_Type, &sealed))
         return NULL;
     if (install_finalizer(owned, &owned_fd_kind, &owned_fd_del_def, OwnedFd_finalize, 0) < 0 ||

@@ -385,3 +385,31 @@ def test_garbage_never_escapes_as_anything_but_protocol_error(junk: bytes, fdcou
         pass
     handed_back = dec.take_fds()
     assert len(set(handed_back)) == len(handed_back)
+
+
+class _NoRoomLeft(deque):  # type: ignore[type-arg]
+    """Held batches that cannot take one more (out of memory as fds are given back)."""
+
+    def appendleft(self, item: Any) -> None:
+        raise MemoryError
+
+
+def test_fds_neither_queued_nor_given_back_are_held_once() -> None:
+    """Out of memory making two frames and again giving their fds back: each
+    number is held exactly once (in _stray), never also in _taking as a
+    second list that take_fds() would return twice."""
+
+    def no_frame(*args: Any) -> Frame:
+        raise MemoryError
+
+    dec = Decoder(wire_id=0, in_band=True, max_payload=1 << 20, max_fds=8, max_aux=16, lone_frames=False)
+    dec._fds = _NoRoomLeft()
+    dec._frame = no_frame  # type: ignore[assignment]
+    frame = pack_header(0, 1, 0, 1) + b"x"
+    for fd in (100, 101):
+        buf = dec.get_buffer()
+        buf[: len(frame)] = frame
+        with pytest.raises(MemoryError):
+            dec.buffer_updated(len(frame), [fd])
+    assert sorted(n for fds in dec.fd_lists() for n in fds) == [100, 101]
+    assert sorted(dec.take_fds()) == [100, 101]

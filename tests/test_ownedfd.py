@@ -291,3 +291,53 @@ def test_an_unclosed_owner_closes_its_fd_even_if_a_handler_raises_as_it_is_colle
         os.close(w)
     assert [n for n in numbers if is_open(n)] == []
     assert unraisable == []
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_a_collected_owner_of_an_impossible_number_closes_no_other_fd() -> None:
+    """OwnedFd(2**32 + n) is refused at close (OverflowError), never truncated to n."""
+    r, w = os.pipe()
+    unraisable: list[Any] = []
+    saved_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        owner = OwnedFd(2**32 + r)
+        del owner
+        gc.collect()
+        assert is_open(r)
+    finally:
+        sys.unraisablehook = saved_hook
+        os.close(r)
+        os.close(w)
+    assert [type(u.exc_value) for u in unraisable] == [OverflowError]
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_a_collected_owner_whose_fd_was_closed_elsewhere_says_so() -> None:
+    """Its close fails with EBADF, a sign of a double close: reported (unraisable), on both paths."""
+    r, w = os.pipe()
+    os.close(w)
+    owner = OwnedFd(r)
+    os.close(r)  # behind its back
+    unraisable: list[Any] = []
+    saved_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        del owner
+        gc.collect()
+    finally:
+        sys.unraisablehook = saved_hook
+    assert [getattr(u.exc_value, "errno", None) for u in unraisable] == [errno.EBADF]
+
+
+def test_a_subclass_with_an_fd_slot_of_its_own_still_closes_and_warns() -> None:
+    class Shadow(OwnedFd):
+        __slots__ = ("_fd",)  # a slot of its own, on purpose
+
+    r, w = os.pipe()
+    os.close(w)
+    owner = Shadow(r)
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del owner
+        gc.collect()
+    assert not is_open(r)
