@@ -2064,18 +2064,20 @@ static PyObject *Message_del(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-/* Message's tp_finalize: what slot_tp_finalize does with __del__ (this
- * one), without looking the method up and calling it per message. */
-static void Message_finalize(PyObject *self) {
+/* A tp_finalize that runs *del* (a C __del__) as slot_tp_finalize runs a
+ * __del__, without looking the method up and calling it per object. */
+static void finalize_with(PyObject *self, PyObject *(*del)(PyObject *, PyObject *)) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = Message_del(self, NULL);
+    PyObject *r = del(self, NULL);
     if (r == NULL)
         PyErr_WriteUnraisable(self);
     else
         Py_DECREF(r);
     PyErr_Restore(type, value, tb);
 }
+
+static void Message_finalize(PyObject *self) { finalize_with(self, Message_del); }
 
 static PyMethodDef message_close_def = {
     "close", Message_close, METH_NOARGS,
@@ -2337,21 +2339,10 @@ static PyObject *owner_del(FdOwner *kind, PyObject *self) {
     Py_RETURN_NONE;
 }
 
-static void owner_finalize(FdOwner *kind, PyObject *self) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = owner_del(kind, self);
-    if (r == NULL)
-        PyErr_WriteUnraisable(self);
-    else
-        Py_DECREF(r);
-    PyErr_Restore(type, value, tb);
-}
-
 static PyObject *OwnedFd_del(PyObject *self, PyObject *Py_UNUSED(ignored)) { return owner_del(&owned_fd_kind, self); }
 static PyObject *Sealed_del(PyObject *self, PyObject *Py_UNUSED(ignored)) { return owner_del(&sealed_kind, self); }
-static void OwnedFd_finalize(PyObject *self) { owner_finalize(&owned_fd_kind, self); }
-static void Sealed_finalize(PyObject *self) { owner_finalize(&sealed_kind, self); }
+static void OwnedFd_finalize(PyObject *self) { finalize_with(self, OwnedFd_del); }
+static void Sealed_finalize(PyObject *self) { finalize_with(self, Sealed_del); }
 static PyMethodDef owned_fd_del_def = {"__del__", OwnedFd_del, METH_NOARGS, NULL};
 static PyMethodDef sealed_del_def = {"__del__", Sealed_del, METH_NOARGS, NULL};
 

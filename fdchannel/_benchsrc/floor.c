@@ -22,6 +22,15 @@ typedef union {
     struct cmsghdr align;
 } control;
 
+/* *msg* for one byte at *iov* and room for one fd in *ctl*. */
+static void one_fd_message(struct msghdr *msg, struct iovec *iov, control *ctl) {
+    memset(msg, 0, sizeof *msg);
+    msg->msg_iov = iov;
+    msg->msg_iovlen = 1;
+    msg->msg_control = ctl->buf;
+    msg->msg_controllen = sizeof ctl->buf;
+}
+
 static PyObject *send1(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "send1(sock, fd)");
@@ -34,11 +43,7 @@ static PyObject *send1(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ss
     struct iovec iov = {&byte, 1};
     control ctl;
     struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl.buf;
-    msg.msg_controllen = sizeof ctl.buf;
+    one_fd_message(&msg, &iov, &ctl);
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
@@ -61,11 +66,7 @@ static PyObject *recv1(PyObject *Py_UNUSED(module), PyObject *arg) {
     struct iovec iov = {&byte, 1};
     control ctl;
     struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl.buf;
-    msg.msg_controllen = sizeof ctl.buf;
+    one_fd_message(&msg, &iov, &ctl);
     ssize_t n;
     Py_BEGIN_ALLOW_THREADS
     n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
@@ -74,6 +75,11 @@ static PyObject *recv1(PyObject *Py_UNUSED(module), PyObject *arg) {
         return PyErr_SetFromErrno(PyExc_OSError);
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     if (n != 1 || c == NULL || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int))) {
+        if (c != NULL && c->cmsg_type == SCM_RIGHTS && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int stray;
+            memcpy(&stray, CMSG_DATA(c), sizeof stray);
+            close(stray); /* what did come is not kept */
+        }
         PyErr_SetString(PyExc_RuntimeError, "recv1: not one byte and one fd");
         return NULL;
     }
