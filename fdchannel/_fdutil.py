@@ -55,31 +55,34 @@ def close_fd(fd: int) -> None:
         os.close(fd)
 
 
-def close_listed(fds: list[int]) -> None:
-    """Close every fd of *fds*, each slot struck (-1) just before its close, then empty it.
+def close_listed(fds: list[Any], empty: bool = True) -> OSError | None:
+    """Close every fd of *fds*, each slot struck (-1) just before its close, then empty it; the first error.
 
-    No point where a signal handler runs lies between a strike and its
-    close: cut short anywhere, each number is either still listed or
-    closed, never both, so whoever closes what the list holds (a queued
-    frame's list, say) closes nothing twice.
+    No point where a signal handler (or another thread) runs lies between a
+    strike and its close: cut short anywhere, each number is either still
+    listed or closed, never both, so whoever closes what the list holds (a
+    queued frame's list, a message's numbers) closes nothing twice.  With
+    *empty* false the struck list is left as it is (its length unchanged,
+    for whoever walks it by index meanwhile).  Errors (``EBADF`` and the
+    like) do not stop it: the first is returned.
     """
+    first: OSError | None = None
     i = 0
     while i < len(fds):
         n = fds[i]
-        if n.__class__ is int and n >= 0:
+        if n.__class__ is not int or n >= 0:  # -1: closed, moved, or taken out (`adopt_all`)
             fds[i] = -1
             try:
-                os.close(n)  # not close_fd(): its first instruction would be such a point
-            except OSError:
-                pass
-        elif n.__class__ is not int:  # a Windows SOCKET
-            fds[i] = -1
-            try:
-                close_fd(n)
-            except OSError:
-                pass
+                if n.__class__ is int:
+                    os.close(n)  # not close_fd(): its first instruction would be such a point
+                else:  # a Windows SOCKET
+                    close_fd(n)
+            except OSError as exc:
+                first = first or exc
         i += 1
-    del fds[:]
+    if empty:
+        del fds[:]
+    return first
 
 
 def close_all(fds: Iterable[int]) -> None:

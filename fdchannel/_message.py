@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, Self, cast
 
-from ._fdutil import close_fd
+from ._fdutil import close_fd, close_listed
 from ._ownedfd import OwnedFd
 
 if TYPE_CHECKING:
@@ -133,32 +132,27 @@ class Message:
         Closes them all even when one fails, then raises the first `OSError`.
         """
         first: OSError | None = None
-        # Taken, both, before any point where another thread (or a signal
-        # handler) runs: a move in progress (`_own_raw`) stops there.
         raw = self._raw
-        owners = self._fds  # read, or (a move into them cut short) partly so
         if raw:
-            self._raw = ()
+            if raw.__class__ is not list:
+                slots = list(raw)  # (a tuple from the compiled path) slots to strike
+                if self._raw is raw:  # (no point between this test and the store)
+                    self._raw = slots
+                raw = self._raw
+            first = close_listed(cast("list[int]", raw), empty=False)
+            count = len(raw)
             # Read afterwards, fds shows closed OwnedFd objects, as if they had
             # been there all along; out of memory, closing matters more.
             try:
-                shown: tuple[OwnedFd, ...] = (CLOSED_FD,) * len(raw)
+                shown: tuple[OwnedFd, ...] = (CLOSED_FD,) * count
             except MemoryError:
                 shown = ()
-            self._fds = shown
-            # By index, which allocates nothing (a for loop's iterator would).
-            i, count = 0, len(raw)
-            while i < count:
-                n = raw[i]
-                i += 1
-                try:
-                    if n.__class__ is int:
-                        if n >= 0:  # -1: taken out by the channel after an interrupt (`adopt_all`)
-                            os.close(n)
-                    else:  # a Windows SOCKET
-                        close_fd(n)
-                except OSError as exc:
-                    first = first or exc
+            owners = self._fds  # a move into them cut short left numbers in some
+            if self._raw is raw:  # (no point between this test and the stores)
+                self._fds = shown
+                self._raw = ()
+        else:
+            owners = self._fds
         for fd in owners:
             try:
                 fd.close()

@@ -42,3 +42,11 @@ def test_a_handler_raising_at_every_point_keeps_the_rules(path: str, scenario: s
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_a_second_handler_raising_as_the_first_is_handled_keeps_the_rules(path: str, scenario: str) -> None:
     sweep(path, scenario, POINTS, 2, "signals")
+
+
+@pytest.mark.parametrize("width", [1, 2])
+@pytest.mark.parametrize("scenario", ["close", "close_many"])
+def test_python_message_close_keeps_the_rules_where_nothing_is_compiled(scenario: str, width: int) -> None:
+    """Off Linux (or unbuilt) Message.close is Python: a handler's error in its loop leaves
+    each number listed (a second close closes it) or closed."""
+    sweep("pure", scenario, POINTS, width, "signals", pure_only=True)
