@@ -57,8 +57,14 @@ class Channel(ChannelCore):
     #: True in a forked child until this process claimed the inherited end
     #: (`_handoff.claim_forked_end`) at its first send() or recv().
     _unclaimed = False
+    # A slot, not an attribute in the instance dict: send() and recv() read
+    # it on every call, and once the compiled path has asked for the dict
+    # (it keeps the channel's state there) CPython 3.11 no longer specializes
+    # reads of attributes from it; a slot's read stays one instruction
+    # (the generic lookup cost about 250).
+    __slots__ = ("_fast",)
     #: The compiled send/recv (`fdchannel._fastpath`), None for the Python path.
-    _fast: Any = None
+    _fast: Any
 
     def __init__(
         self,
@@ -106,6 +112,7 @@ class Channel(ChannelCore):
                 or *max_held_fds* is below *max_fds*, or the transport
                 cannot use *sock* (the socket then stays the caller's).
         """
+        self._fast = None
         transport, session, decoder = self._open(
             sock, transport, max_payload, max_fds, max_held_fds, frame_timeout, budget
         )
@@ -582,7 +589,7 @@ class Channel(ChannelCore):
                     self._recv_lost(exc, lost)
                 raise
             if msg is not None:
-                fast.delivered = None
+                del fast[msg]  # it reached us: no longer in flight (no call: see _speedups.c)
                 return msg  # one read, one message, in C (fdchannel._fastpath)
         return self._recv(None)
 

@@ -235,3 +235,61 @@ def test_the_stream_offset_counts_every_byte_and_offsets_read_earlier_keep_their
         assert all(obj == copy for obj, copy in held)
     os.close(r)
     os.close(w)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the compiled path is built for Linux only")
+def test_recv_forgets_the_delivered_message_only_when_it_is_that_message() -> None:
+    """``del fast[msg]`` (Channel.recv's success path) clears this thread's record of *msg*, nothing else."""
+    if not _fastpath.compiled_available():
+        pytest.skip(f"not built here: {_fastpath.why_pure()}")
+    a, b = Channel.pair()
+    with a, b:
+        fast = b._fast
+        a.send(b"one")
+        with b.recv() as msg:  # through Channel.recv: the record is gone as it returns
+            assert msg.payload == b"one"
+            assert fast.delivered is None
+        a.send(b"two")
+        direct = fast.recv(b)  # straight to C: recorded until someone says it arrived
+        assert direct is not None and fast.delivered is direct
+        with direct:
+            del fast[object()]  # not the delivered one: kept
+            assert fast.delivered is direct
+            del fast[direct]
+            assert fast.delivered is None
+            del fast[direct]  # again: nothing to forget, no error
+        with pytest.raises(TypeError, match="only `del fast"):
+            fast[direct] = None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the compiled path is built for Linux only")
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="reads CPython 3.11's specialized bytecode")
+def test_send_and_recv_read_the_compiled_path_with_a_specialized_load_on_3_11() -> None:
+    """Channel.send and recv stay cheap once the compiled path has made the channel's dict.
+
+    The C code keeps the channel's state in its instance dict; once made, 3.11
+    specializes no read of an attribute stored there (every such read takes the
+    generic lookup, about 250 instructions).  ``_fast`` is a slot for that
+    reason: its read must be specialized (LOAD_ATTR_SLOT), not left adaptive.
+    """
+    import dis
+
+    if not _fastpath.compiled_available():
+        pytest.skip(f"not built here: {_fastpath.why_pure()}")
+    a, b = Channel.pair()
+    with a, b:
+        r, w = os.pipe()
+        try:
+            for _ in range(200):
+                a.send(b"x", [r])
+                b.recv().close()
+        finally:
+            os.close(r)
+            os.close(w)
+        for method in (Channel.send, Channel.recv):
+            loads = [
+                i.opname
+                for i in dis.get_instructions(method, adaptive=True)
+                if i.opname.startswith("LOAD_ATTR") and i.argval == "_fast"
+            ]
+            assert loads == ["LOAD_ATTR_SLOT"], (method.__name__, loads)
