@@ -251,7 +251,8 @@ def test_recv_forgets_the_delivered_message_only_when_it_is_that_message() -> No
             assert fast.delivered is None
         a.send(b"two")
         direct = fast.recv(b)  # straight to C: recorded until someone says it arrived
-        assert direct is not None and fast.delivered is direct
+        assert direct is not None
+        assert fast.delivered is direct
         with direct:
             del fast[object()]  # not the delivered one: kept
             assert fast.delivered is direct
