@@ -564,9 +564,40 @@ static unsigned long long get_le(const unsigned char *p, int n) {
 }
 #endif
 
-static void close_fds(const int *fds, Py_ssize_t n) {
+/* close() each of *fds*, the GIL released once around them all, as os.close
+ * releases it: a close can block (a socket lingering on unsent data, a tty
+ * draining its output), and no other thread may wait on that.  Returns the
+ * errno of the first that failed, 0 if none did. */
+static int close_fds(const int *fds, Py_ssize_t n) {
+    int first = 0;
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
-        close(fds[i]);
+        if (close(fds[i]) < 0 && first == 0)
+            first = errno;
+    Py_END_ALLOW_THREADS
+    return first;
+}
+
+/* close_fds() on the numbers in items[0:n] (ints; a negative one, or one no
+ * fd can have, is skipped: taken out already), a chunk at a time.  Returns
+ * the errno of the first close that failed, 0 if none did. */
+static int close_numbers(PyObject *const *items, Py_ssize_t n) {
+    int chunk[64], first = 0;
+    Py_ssize_t i = 0;
+    while (i < n) {
+        Py_ssize_t k = 0;
+        for (; i < n && k < (Py_ssize_t)(sizeof chunk / sizeof chunk[0]); i++) {
+            long fd = PyLong_AsLong(items[i]);
+            if (fd == -1 && PyErr_Occurred())
+                PyErr_Clear();
+            else if (fd >= 0 && fd <= INT_MAX) /* -1: taken out by the channel after an interrupt (adopt_all) */
+                chunk[k++] = (int)fd;
+        }
+        int err = close_fds(chunk, k);
+        if (first == 0)
+            first = err;
+    }
+    return first;
 }
 
 static PyObject *int_tuple(const int *fds, Py_ssize_t n) {
@@ -1953,19 +1984,12 @@ static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
          * some numbers in them: closed below, as the Python close does. */
         PyObject *moving = SLOT(self, off_fds);
         SLOT(self, off_fds) = shown;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            long fd = PyLong_AsLong(items[i]);
-            if (fd == -1 && PyErr_Occurred()) {
-                PyErr_Clear();
-                continue;
-            }
-            if (fd < 0) /* taken out by the channel after an interrupt (adopt_all) */
-                continue;
-            if (close((int)fd) < 0 && first == NULL) {
-                PyErr_SetFromErrno(PyExc_OSError);
-                PyErr_Fetch(&ft, &fv, &ftb);
-                first = ft;
-            }
+        int err = close_numbers(items, n);
+        if (err != 0) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_Fetch(&ft, &fv, &ftb);
+            first = ft;
         }
         Py_DECREF(raw);
         if (moving != NULL && PyTuple_CheckExact(moving)) {
@@ -2042,13 +2066,7 @@ static PyObject *Message_del(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     Py_ssize_t n = Py_SIZE(raw);
     PyObject **items = PySequence_Fast_ITEMS(raw);
     /* Close them all first: with -W error::ResourceWarning the warning raises. */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long fd = PyLong_AsLong(items[i]);
-        if (fd == -1 && PyErr_Occurred())
-            PyErr_Clear();
-        else if (fd >= 0) /* -1: taken out by the channel after an interrupt (adopt_all) */
-            close((int)fd);
-    }
+    close_numbers(items, n);
     for (Py_ssize_t i = 0; i < n; i++) {
         long fd = PyLong_AsLong(items[i]);
         if (fd < 0) {
@@ -2343,7 +2361,11 @@ static PyObject *owner_del(FdOwner *kind, PyObject *self) {
     /* Struck first (-1 is a cached int: no allocation), then closed. */
     SLOT(self, kind->off_fd) = PyLong_FromLong(-1);
     Py_DECREF(v);
-    int closed = close((int)fd) == 0 || errno == EINTR, err = errno;
+    int closed, err;
+    Py_BEGIN_ALLOW_THREADS /* (as close_fds: a close can block) */
+    closed = close((int)fd) == 0 || errno == EINTR;
+    err = errno;
+    Py_END_ALLOW_THREADS
     int quiet = 0;
     if (kind->off_quiet >= 0) {
         PyObject *q = SLOT(self, kind->off_quiet);

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
 import warnings
+from collections.abc import Callable
 
 import pytest
 
-from fdchannel import Message, OwnedFd
+from fdchannel import Channel, Message, OwnedFd
 
 from ._portable import read_fd
 from ._transports import PairFactory
@@ -221,3 +226,88 @@ def test_fds_cut_short_by_a_storm_of_handlers_closes_each_number_once(pure: bool
     numbers the message still listed, and both closed them."""
     out = _in_child(pure, ["-W", "ignore::ResourceWarning", "-c", _FDS_UNDER_A_STORM, "400"])
     assert out.split() == ["True", "0"]  # interrupted, and no number closed twice
+
+
+LINGER = 1  # seconds a close of the lingering socket below blocks
+
+
+def _lingering_client() -> tuple[socket.socket, socket.socket]:
+    """A TCP connection whose client end has unsent data and SO_LINGER on: its last close blocks LINGER s.
+
+    The server end never reads, so the data can never leave and the close
+    waits out the whole linger time (then resets the connection).
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        server, _ = listener.accept()
+    client.setblocking(False)
+    chunk = b"x" * 65536
+    try:
+        while True:
+            client.send(chunk)
+    except BlockingIOError:
+        pass  # both buffers full: what is left in the client's stays unsent
+    client.setblocking(True)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, LINGER))
+    return client, server
+
+
+# Each closes the fd of the one message in *box*, which holds its only reference.
+
+
+def _close_message(box: list[Message]) -> None:
+    box[0].close()
+
+
+def _drop_message(box: list[Message]) -> None:
+    with pytest.warns(ResourceWarning, match="unclosed <OwnedFd"):
+        box.clear()  # the last reference: the finalizer closes the fd
+
+
+def _close_ownedfd(box: list[Message]) -> None:
+    OwnedFd(box.pop().fds[0].detach()).close()
+
+
+def _drop_ownedfd(box: list[Message]) -> None:
+    owned = [OwnedFd(box.pop().fds[0].detach())]
+    with pytest.warns(ResourceWarning, match="unclosed <OwnedFd"):
+        owned.clear()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SO_LINGER's blocking close as POSIX systems do it")
+@pytest.mark.parametrize(
+    "closer",
+    [_close_message, _drop_message, _close_ownedfd, _drop_ownedfd],
+    ids=["Message.close", "Message-finalizer", "OwnedFd.close", "OwnedFd-finalizer"],
+)
+def test_a_close_that_blocks_lets_other_threads_run(closer: Callable[[list[Message]], None]) -> None:
+    """Every close of a received fd releases the GIL around close(), as os.close does.
+
+    A close can block (here a socket lingering on data it cannot send, for
+    LINGER s): another thread woken as it begins runs during it, not after.
+    """
+    client, server = _lingering_client()
+    a, b = Channel.pair()
+    with a, b, server:
+        a.send(b"", [client])
+        client.close()  # the message's fd is now the connection's last
+        box = [b.recv()]
+        go, ran = threading.Event(), []
+
+        def other() -> None:
+            if go.wait(TIMEOUT):
+                ran.append(time.monotonic())
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        go.set()
+        start = time.monotonic()
+        closer(box)
+        end = time.monotonic()
+        box.clear()
+        thread.join(TIMEOUT)
+        assert end - start >= LINGER / 2, "the close did not block: the premise of this test failed"
+        assert ran, "the other thread never ran"
+        # Held across the close, the GIL would pass to it only as the close
+        # returned (the first point after a C call where it can change hands).
+        assert ran[0] - start < LINGER / 2, f"the other thread waited {ran[0] - start:.3f} s: for the close"
