@@ -17,7 +17,7 @@ from . import _batch, _fastpath, _handoff, _into, _peer
 from ._budget import Budget
 from ._codec import HEADER_SIZE, SCM_MAX_FD
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
-from ._errors import BufferTooShort, ChannelBroken, ChannelClosed
+from ._errors import BufferTooShort, ChannelBroken, ChannelClosed, ProtocolError
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import set_written
@@ -710,7 +710,10 @@ class Channel(ChannelCore):
 
     def _recv_stopped(self, exc: BaseException) -> None:
         super()._recv_stopped(exc)
-        if isinstance(exc, OSError | ChannelClosed):
+        # The end of the stream too: close() shuts the socket down to wake
+        # this call, which may then read EOF in the middle of a frame (a
+        # ProtocolError) before it sees the flag.
+        if isinstance(exc, OSError | ChannelClosed) or (isinstance(exc, ProtocolError) and self._decoder.eof):
             self._closed_meanwhile(exc)
 
     def _closed_meanwhile(self, exc: BaseException) -> None:

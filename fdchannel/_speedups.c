@@ -18,6 +18,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -564,39 +565,73 @@ static unsigned long long get_le(const unsigned char *p, int n) {
 }
 #endif
 
+/* The fds that close_fds() calls, each in some thread with the GIL
+ * released, have yet to close.  No object owns them any more (the caller let
+ * go of them first), so a fork in another thread meanwhile would copy them
+ * into a child where nothing ever closes them: the child closes them as it
+ * starts (close_pending_in_child, a pthread_atfork handler).  The one being
+ * closed as the fork came is left alone: it may have left the fd table
+ * already, its number free for another open. */
+typedef struct pending_close {
+    const int *fds;
+    Py_ssize_t n;
+    Py_ssize_t at; /* the index being closed (atomic): -1 before the first */
+    struct pending_close *next;
+} pending_close;
+static pending_close *pending_closes; /* linked and unlinked with the GIL held */
+
+static void close_pending_in_child(void) {
+    for (pending_close *p = pending_closes; p != NULL; p = p->next)
+        for (Py_ssize_t i = __atomic_load_n(&p->at, __ATOMIC_SEQ_CST) + 1; i < p->n; i++)
+            close(p->fds[i]);
+    pending_closes = NULL;
+}
+
 /* close() each of *fds*, the GIL released once around them all, as os.close
  * releases it: a close can block (a socket lingering on unsent data, a tty
  * draining its output), and no other thread may wait on that.  Returns the
  * errno of the first that failed, 0 if none did. */
 static int close_fds(const int *fds, Py_ssize_t n) {
     int first = 0;
+    pending_close me = {fds, n, -1, pending_closes};
+    __atomic_store_n(&pending_closes, &me, __ATOMIC_SEQ_CST);
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
+    for (Py_ssize_t i = 0; i < n; i++) {
+        __atomic_store_n(&me.at, i, __ATOMIC_SEQ_CST); /* seen by a fork before this close begins */
         if (close(fds[i]) < 0 && first == 0)
             first = errno;
+    }
     Py_END_ALLOW_THREADS
+    pending_close **link = &pending_closes; /* the list may have grown at its head meanwhile */
+    while (*link != &me)
+        link = &(*link)->next;
+    __atomic_store_n(link, me.next, __ATOMIC_SEQ_CST);
     return first;
 }
 
 /* close_fds() on the numbers in items[0:n] (ints; a negative one, or one no
- * fd can have, is skipped: taken out already), a chunk at a time.  Returns
- * the errno of the first close that failed, 0 if none did. */
+ * fd can have, is skipped: taken out already), all in one release of the
+ * GIL: a fork during it finds every one not yet closed in pending_closes.
+ * Returns the errno of the first close that failed, 0 if none did. */
 static int close_numbers(PyObject *const *items, Py_ssize_t n) {
-    int chunk[64], first = 0;
-    Py_ssize_t i = 0;
-    while (i < n) {
-        Py_ssize_t k = 0;
-        for (; i < n && k < (Py_ssize_t)(sizeof chunk / sizeof chunk[0]); i++) {
-            long fd = PyLong_AsLong(items[i]);
-            if (fd == -1 && PyErr_Occurred())
-                PyErr_Clear();
-            else if (fd >= 0 && fd <= INT_MAX) /* -1: taken out by the channel after an interrupt (adopt_all) */
-                chunk[k++] = (int)fd;
+    int stack[256], first = 0;
+    int *fds = n <= (Py_ssize_t)(sizeof stack / sizeof stack[0]) ? stack : PyMem_Malloc((size_t)n * sizeof(int));
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(items[i]);
+        if (fd == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        else if (fd >= 0 && fd <= INT_MAX) { /* -1: taken out by the channel after an interrupt (adopt_all) */
+            if (fds != NULL)
+                fds[k++] = (int)fd;
+            else if (close((int)fd) < 0 && first == 0) /* out of memory: each closed at once, the GIL held */
+                first = errno;
         }
-        int err = close_fds(chunk, k);
-        if (first == 0)
-            first = err;
     }
+    if (fds != NULL)
+        first = close_fds(fds, k);
+    if (fds != stack)
+        PyMem_Free(fds);
     return first;
 }
 
@@ -2361,11 +2396,7 @@ static PyObject *owner_del(FdOwner *kind, PyObject *self) {
     /* Struck first (-1 is a cached int: no allocation), then closed. */
     SLOT(self, kind->off_fd) = PyLong_FromLong(-1);
     Py_DECREF(v);
-    int closed, err;
-    Py_BEGIN_ALLOW_THREADS /* (as close_fds: a close can block) */
-    closed = close((int)fd) == 0 || errno == EINTR;
-    err = errno;
-    Py_END_ALLOW_THREADS
+    int one = (int)fd, err = close_fds(&one, 1), closed = err == 0 || err == EINTR;
     int quiet = 0;
     if (kind->off_quiet >= 0) {
         PyObject *q = SLOT(self, kind->off_quiet);
@@ -2456,6 +2487,14 @@ static struct PyModuleDef module_def = {
         return NULL;
 
 PyMODINIT_FUNC PyInit__speedups(void) {
+    static int at_fork;
+    if (!at_fork) {
+        if (pthread_atfork(NULL, NULL, close_pending_in_child) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+            return NULL;
+        }
+        at_fork = 1;
+    }
     INTERN(s_closed, "_closed");
     INTERN(s_broken, "_broken");
     INTERN(s_outbox, "_outbox");

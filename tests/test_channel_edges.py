@@ -159,6 +159,47 @@ def test_close_from_another_thread_during_recv_closes_buffered_fds() -> None:
     raw.close()
 
 
+def test_close_from_another_thread_as_recv_begins_always_says_closed() -> None:
+    """Whenever the close comes, the call raises the closed-channel error, never a stream error.
+
+    close() shuts the socket down to wake the call; a call that had not
+    reached its wait yet then read EOF in the middle of the half frame and
+    raised ProtocolError ("peer closed the stream"): 8 to 28 of 600 rounds on
+    the pure path before the fix.
+    """
+    frame = fdchannel._codec.pack_header(0, 1, 0, 4) + b"half"
+    for _ in range(300):
+        raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ch = Channel(other)
+        ch.settimeout(TIMEOUT)
+        r, w = os.pipe()
+        raw.sendmsg([frame[:10]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+        os.close(w)
+        outcome: list[BaseException] = []
+
+        def receiver(ch: Channel = ch, outcome: list[BaseException] = outcome) -> None:
+            try:
+                ch.recv()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=receiver, daemon=True)
+        try:
+            t.start()
+            while not ch._recv_lock.locked():
+                t.join(0.001)
+            ch.close()
+            t.join(TIMEOUT)
+            assert not t.is_alive()
+            assert len(outcome) == 1
+            assert isinstance(outcome[0], OSError | ValueError), repr(outcome[0])
+            assert read_fd(r, 1, TIMEOUT) == b""  # the fd that was buffered is closed
+        finally:
+            ch.close()
+            os.close(r)
+            raw.close()
+
+
 def test_close_does_not_wait_for_a_blocked_send() -> None:
     a, b = Channel.pair()
     r, w = os.pipe()
