@@ -85,6 +85,25 @@ def close_listed(fds: list[Any], empty: bool = True) -> OSError | None:
     return first
 
 
+#: Lists that a close loop (`close_listed`) is going through in some thread
+#: and that no object owns any more (a finalizer's), by id.  A close can
+#: block, and a fork in another thread meanwhile copies the fds not yet
+#: closed into a child where nothing would ever close them: the child closes
+#: what is still listed (each is struck just before its close, so the one
+#: being closed as the fork came is not; it may have left the fd table).
+closing: dict[int, list[Any]] = {}
+
+
+def _close_pending_in_child() -> None:
+    for fds in list(closing.values()):
+        close_listed(fds, empty=False)
+    closing.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_pending_in_child)
+
+
 def close_all(fds: Iterable[int]) -> None:
     """Close every fd in *fds* (`close_fd`), ignoring ones already gone (EBADF) and negative ones.
 

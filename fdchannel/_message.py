@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, Self, cast
 
-from ._fdutil import close_fd, close_listed
+from ._fdutil import close_fd, close_listed, closing
 from ._ownedfd import OwnedFd
 
 if TYPE_CHECKING:
@@ -178,27 +178,39 @@ class Message:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # noqa: C901 - the allocation-free loop stays, for out of memory
         try:
             raw = self._raw
         except AttributeError:  # never initialised
             return
         if raw:
-            self._raw = ()
-            # Close them all first, allocating nothing (a finalizer may run out
-            # of memory; indices below 257 are cached ints): with -W
-            # error::ResourceWarning the warning raises.
-            i, count = 0, len(raw)
+            # Close them all first (with -W error::ResourceWarning the warning
+            # raises), from a list that _fdutil.closing holds meanwhile: no
+            # object owns them once _raw is empty, and a close can block
+            # while another thread forks.
             try:
-                while i < count:
-                    n = raw[i]
-                    if n.__class__ is not int or n >= 0:  # -1: taken out after an interrupt (`adopt_all`)
-                        try:
-                            close_fd(n)
-                        except OSError:
-                            pass
-                    i += 1
+                fds: list[Any] | None = list(raw)
+                closing[id(fds)] = fds
+            except MemoryError:
+                fds = None
+            self._raw = ()
+            try:
+                if fds is not None:
+                    close_listed(fds, empty=False)  # (errors ignored, as below)
+                else:
+                    # Out of memory: allocating nothing (indices below 257 are cached ints).
+                    i, count = 0, len(raw)
+                    while i < count:
+                        n = raw[i]
+                        if n.__class__ is not int or n >= 0:  # -1: taken out after an interrupt (`adopt_all`)
+                            try:
+                                close_fd(n)
+                            except OSError:
+                                pass
+                        i += 1
             finally:
+                if fds is not None:
+                    closing.pop(id(fds), None)
                 for n in raw:
                     if n.__class__ is not int or n >= 0:
                         warnings.warn(f"unclosed <OwnedFd fd={n}>", ResourceWarning, 2, source=self)

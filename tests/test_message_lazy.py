@@ -253,14 +253,6 @@ def _lingering_client() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def _fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def _open_copies(files: set[tuple[int, int]]) -> list[int]:
     """This process's fds open on any of *files* (``(st_dev, st_ino)``)."""
     found = []
@@ -323,7 +315,7 @@ def test_a_close_that_blocks_lets_other_threads_run(closer: Callable[[list[Messa
 
         def other() -> None:
             deadline = time.monotonic() + TIMEOUT
-            while _fd_is_open(number) and time.monotonic() < deadline:
+            while _is_open(number) and time.monotonic() < deadline:
                 pass  # (each fstat releases the GIL)
             ran.append(time.monotonic())
 
@@ -351,14 +343,7 @@ def test_a_close_that_blocks_lets_other_threads_run(closer: Callable[[list[Messa
     "closer",
     [
         _close_message,
-        pytest.param(
-            _drop_message,
-            marks=pytest.mark.xfail(
-                os.environ.get("FDCHANNEL_PURE") == "1",
-                reason="the pure Message.__del__ holds the numbers it has yet to close in a local",
-                strict=True,
-            ),
-        ),
+        _drop_message,
     ],
     ids=["Message.close", "Message-finalizer"],
 )
@@ -392,7 +377,7 @@ def test_a_fork_while_a_close_blocks_leaves_the_child_none_of_the_fds_still_to_c
             # The first close has begun once its number has left the fd table
             # (Linux takes it out before the lingering wait).
             deadline = time.monotonic() + TIMEOUT
-            while _fd_is_open(numbers[0]):
+            while _is_open(numbers[0]):
                 assert time.monotonic() < deadline, "the close never began"
             pid = os.fork()
             if pid == 0:  # the child: close what its copy of the message owns, count what is left
