@@ -86,12 +86,13 @@ def close_listed(fds: list[Any], empty: bool = True) -> OSError | None:
 
 
 #: Lists that a close loop (`close_listed`) is going through in some thread
-#: and that no object owns any more (a finalizer's), by id.  A close can
+#: and that no object owns any more (a finalizer's), by the object they were
+#: taken from.  A close can
 #: block, and a fork in another thread meanwhile copies the fds not yet
 #: closed into a child where nothing would ever close them: the child closes
 #: what is still listed (each is struck just before its close, so the one
 #: being closed as the fork came is not; it may have left the fd table).
-closing: dict[int, list[Any]] = {}
+closing: dict[object, list[Any]] = {}
 
 
 def _close_pending_in_child() -> None:

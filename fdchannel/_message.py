@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, Self, cast
 
-from ._fdutil import close_fd, close_listed, closing
+from ._fdutil import close_all, close_listed, closing
 from ._ownedfd import OwnedFd
 
 if TYPE_CHECKING:
@@ -178,39 +178,36 @@ class Message:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:  # noqa: C901 - the allocation-free loop stays, for out of memory
+    def __del__(self) -> None:
         try:
             raw = self._raw
         except AttributeError:  # never initialised
             return
         if raw:
             # Close them all first (with -W error::ResourceWarning the warning
-            # raises), from a list that _fdutil.closing holds meanwhile: no
-            # object owns them once _raw is empty, and a close can block
-            # while another thread forks.
+            # raises), from a list that _fdutil.closing holds meanwhile (by
+            # this message): no object owns them once _raw is empty, and a
+            # close can block while another thread forks.  Nothing up to the
+            # store into _raw is a call, so no signal handler runs in between.
+            fds: list[Any] | None = None
             try:
-                fds: list[Any] | None = list(raw)
-                closing[id(fds)] = fds
+                listed = [*raw]
+                closing[self] = listed
+                fds = listed
             except MemoryError:
-                fds = None
+                pass
             self._raw = ()
             try:
                 if fds is not None:
                     close_listed(fds, empty=False)  # (errors ignored, as below)
                 else:
-                    # Out of memory: allocating nothing (indices below 257 are cached ints).
-                    i, count = 0, len(raw)
-                    while i < count:
-                        n = raw[i]
-                        if n.__class__ is not int or n >= 0:  # -1: taken out after an interrupt (`adopt_all`)
-                            try:
-                                close_fd(n)
-                            except OSError:
-                                pass
-                        i += 1
-            finally:
+                    close_all(raw)  # out of memory: allocating nothing (-1, taken out by `adopt_all`: EBADF)
+            except BaseException:
                 if fds is not None:
-                    closing.pop(id(fds), None)
+                    close_listed(fds, empty=False)  # a signal handler's error cut the first short
+                raise
+            finally:
+                closing.pop(self, None)
                 for n in raw:
                     if n.__class__ is not int or n >= 0:
                         warnings.warn(f"unclosed <OwnedFd fd={n}>", ResourceWarning, 2, source=self)

@@ -571,20 +571,30 @@ static unsigned long long get_le(const unsigned char *p, int n) {
  * into a child where nothing ever closes them: the child closes them as it
  * starts (close_pending_in_child, a pthread_atfork handler).  The one being
  * closed as the fork came is left alone: it may have left the fd table
- * already, its number free for another open. */
+ * already, its number free for another open.
+ *
+ * fork_lock keeps the list and each index still for the whole fork (taken
+ * by the prepare handler, released after it on both sides): Linux copies
+ * the fd table before the memory, and a close that went on in between
+ * would leave the child an index past fds its table still holds. */
 typedef struct pending_close {
     const int *fds;
     Py_ssize_t n;
-    Py_ssize_t at; /* the index being closed (atomic): -1 before the first */
+    Py_ssize_t at; /* the index being closed: -1 before the first */
     struct pending_close *next;
 } pending_close;
-static pending_close *pending_closes; /* linked and unlinked with the GIL held */
+static pending_close *pending_closes;
+static pthread_mutex_t fork_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void fork_prepare(void) { pthread_mutex_lock(&fork_lock); }
+static void fork_parent(void) { pthread_mutex_unlock(&fork_lock); }
 
 static void close_pending_in_child(void) {
     for (pending_close *p = pending_closes; p != NULL; p = p->next)
-        for (Py_ssize_t i = __atomic_load_n(&p->at, __ATOMIC_SEQ_CST) + 1; i < p->n; i++)
+        for (Py_ssize_t i = p->at + 1; i < p->n; i++)
             close(p->fds[i]);
     pending_closes = NULL;
+    pthread_mutex_unlock(&fork_lock);
 }
 
 /* close() each of *fds*, the GIL released once around them all, as os.close
@@ -593,19 +603,30 @@ static void close_pending_in_child(void) {
  * errno of the first that failed, 0 if none did. */
 static int close_fds(const int *fds, Py_ssize_t n) {
     int first = 0;
-    pending_close me = {fds, n, -1, pending_closes};
-    __atomic_store_n(&pending_closes, &me, __ATOMIC_SEQ_CST);
+    pending_close me = {fds, n, -1, NULL};
+    /* Linked with the GIL held, so that no Python thread forks between the
+     * caller letting go of the fds and this.  No deadlock: a thread that
+     * forks from Python holds the GIL as it takes fork_lock, and a thread
+     * holds fork_lock without the GIL only for a store. */
+    pthread_mutex_lock(&fork_lock);
+    me.next = pending_closes;
+    pending_closes = &me;
+    pthread_mutex_unlock(&fork_lock);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        __atomic_store_n(&me.at, i, __ATOMIC_SEQ_CST); /* seen by a fork before this close begins */
+        pthread_mutex_lock(&fork_lock);
+        me.at = i; /* a fork from here on leaves fds[i] to this close */
+        pthread_mutex_unlock(&fork_lock);
         if (close(fds[i]) < 0 && first == 0)
             first = errno;
     }
     Py_END_ALLOW_THREADS
-    pending_close **link = &pending_closes; /* the list may have grown at its head meanwhile */
+    pthread_mutex_lock(&fork_lock);
+    pending_close **link = &pending_closes; /* others may have linked theirs in front */
     while (*link != &me)
         link = &(*link)->next;
-    __atomic_store_n(link, me.next, __ATOMIC_SEQ_CST);
+    *link = me.next;
+    pthread_mutex_unlock(&fork_lock);
     return first;
 }
 
@@ -2489,7 +2510,7 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__speedups(void) {
     static int at_fork;
     if (!at_fork) {
-        if (pthread_atfork(NULL, NULL, close_pending_in_child) != 0) {
+        if (pthread_atfork(fork_prepare, fork_parent, close_pending_in_child) != 0) {
             PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
             return NULL;
         }

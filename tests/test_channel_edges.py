@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -166,7 +167,9 @@ def test_close_from_another_thread_as_recv_begins_always_says_closed() -> None:
     close() shuts the socket down to wake the call; a call that had not
     reached its wait yet then read EOF in the middle of the half frame and
     raised ProtocolError ("peer closed the stream"): 8 to 28 of 600 rounds on
-    the pure path before the fix.
+    the pure path before the fix (the compiled path's first read comes
+    earlier and was not seen to lose the race; both end in the same
+    Python loop).
     """
     frame = fdchannel._codec.pack_header(0, 1, 0, 4) + b"half"
     for _ in range(300):
@@ -187,7 +190,9 @@ def test_close_from_another_thread_as_recv_begins_always_says_closed() -> None:
         t = threading.Thread(target=receiver, daemon=True)
         try:
             t.start()
+            deadline = time.monotonic() + TIMEOUT
             while not ch._recv_lock.locked():
+                assert time.monotonic() < deadline, "recv() never began"
                 t.join(0.001)
             ch.close()
             t.join(TIMEOUT)
