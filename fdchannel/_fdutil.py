@@ -87,11 +87,11 @@ def close_listed(fds: list[Any], empty: bool = True) -> OSError | None:
 
 #: Lists that a close loop (`close_listed`) is going through in some thread
 #: and that no object owns any more (a finalizer's), by the object they were
-#: taken from.  A close can
-#: block, and a fork in another thread meanwhile copies the fds not yet
-#: closed into a child where nothing would ever close them: the child closes
-#: what is still listed (each is struck just before its close, so the one
-#: being closed as the fork came is not; it may have left the fd table).
+#: taken from.  A close can block, and a fork in another thread meanwhile
+#: copies the fds not yet closed into a child where nothing would ever close
+#: them: the child closes what is still listed (each is struck just before
+#: its close, so the one being closed as the fork came is not; it may have
+#: left the fd table).
 closing: dict[object, list[Any]] = {}
 
 
