@@ -21,6 +21,7 @@ from collections.abc import Callable
 import pytest
 
 from fdchannel import Channel, Message, OwnedFd
+from fdchannel.shm import SealedMemory
 
 from ._portable import read_fd
 from ._transports import PairFactory
@@ -289,13 +290,35 @@ def _drop_ownedfd(box: list[Message]) -> None:
         owned.clear()
 
 
+# SealedMemory owns a memfd, whose close never blocks; owning the lingering
+# socket instead, it shows that its closes (the C finalizer's too) let go of
+# the GIL as OwnedFd's do.
+
+
+def _close_sealed(box: list[Message]) -> None:
+    SealedMemory._own(box.pop().fds[0].detach(), 0).close()
+
+
+def _drop_sealed(box: list[Message]) -> None:
+    sealed = [SealedMemory._own(box.pop().fds[0].detach(), 0)]
+    with pytest.warns(ResourceWarning, match="unclosed <SealedMemory"):
+        sealed.clear()
+
+
 @pytest.mark.skipif(
     sys.platform != "linux", reason="SO_LINGER's blocking close as Linux does it (in seconds)"
 )
 @pytest.mark.parametrize(
     "closer",
-    [_close_message, _drop_message, _close_ownedfd, _drop_ownedfd],
-    ids=["Message.close", "Message-finalizer", "OwnedFd.close", "OwnedFd-finalizer"],
+    [_close_message, _drop_message, _close_ownedfd, _drop_ownedfd, _close_sealed, _drop_sealed],
+    ids=[
+        "Message.close",
+        "Message-finalizer",
+        "OwnedFd.close",
+        "OwnedFd-finalizer",
+        "SealedMemory.close",
+        "SealedMemory-finalizer",
+    ],
 )
 def test_a_close_that_blocks_lets_other_threads_run(closer: Callable[[list[Message]], None]) -> None:
     """Every close of a received fd releases the GIL around close(), as os.close does.

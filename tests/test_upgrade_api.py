@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -299,15 +300,23 @@ SUCCESSOR = (
 
 
 def reap(pid: int) -> None:
-    """Wait for a successor started by upgrade() (the upgrader never waits for it)."""
-    fd = os.pidfd_open(pid)
-    try:
-        import select
+    """Wait for a successor started by upgrade() (the upgrader never waits for it).
 
-        assert select.select([fd], [], [], TIMEOUT)[0], f"the successor {pid} did not exit"
-    finally:
-        os.close(fd)
-    os.waitpid(pid, 0)
+    Through the Popen the upgrader keeps, so that it knows the successor
+    ended: reaped behind its back, it warns at exit that the process is
+    still running.
+    """
+    from fdchannel import _upgrade_base
+
+    kept = [p for p in _upgrade_base._successors if p.pid == pid]
+    assert len(kept) == 1, f"the upgrader kept no Popen for {pid}"
+    _upgrade_base._successors.remove(kept[0])
+    try:
+        kept[0].wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kept[0].kill()
+        kept[0].wait(TIMEOUT)
+        raise AssertionError(f"the successor {pid} did not exit") from None
 
 
 def test_blocking_wait_for_a_sibling_ends_when_an_upgrade_succeeds(tmp_path: Path) -> None:
