@@ -79,8 +79,12 @@ class Chunk:
         Raises `OSError` (``EMFILE``) if a duplicate cannot be made; the chunk
         then still borrows the caller's fds.
         """
-        if len(self.bufs) != 1 or self.bufs[0].__class__ is not bytes:
-            self.bufs = [b"".join(self.bufs)]
+        bufs = self.bufs
+        if len(bufs) != 1 or bufs[0].__class__ is not bytes:
+            # In place: the caller's frames still hold this list (an
+            # exception's traceback keeps them), and views of the caller's
+            # buffers in it would keep those from resizing until it goes.
+            bufs[:] = [b"".join(bufs)]
         if self.fds and not self.owns_fds:
             dups: list[int] = []
             try:

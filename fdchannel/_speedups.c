@@ -1154,9 +1154,10 @@ static PyObject *resolved_messages(PyObject *messages, PyObject *const *payloads
  * False when nothing was done: the Python path takes the call from the
  * start; or a list, when nothing was sent and a fileno() ran: the
  * Python path takes these messages instead (`resolved_messages`).
- * Handled: a list or tuple of (bytes, list or tuple of fds) pairs that
- * fit one group of fdchannel._batch (at most SCM_MAX_FD fds, 500 frames,
- * 256 KiB), each within the channel's limits. */
+ * Handled: a list or tuple of (payload, list or tuple of fds) pairs, each
+ * payload bytes or another C-contiguous buffer, that fit one group of
+ * fdchannel._batch (at most SCM_MAX_FD fds, MANY_MAX_FRAMES frames, 256
+ * KiB), each within the channel's limits. */
 static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *messages) {
     int is_list = PyList_CheckExact(messages);
     if (!is_list && !PyTuple_CheckExact(messages))
@@ -1164,8 +1165,12 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     Py_ssize_t count = Py_SIZE(messages);
     if (count < 1 || count > MANY_MAX_FRAMES)
         Py_RETURN_FALSE;
-    /* The payloads are held here: fileno() below may change the list. */
-    PyObject *payloads[MANY_MAX_FRAMES];
+    /* The payloads are held here: fileno() below may change the list.  A
+     * payload other than bytes is read through a memoryview (mvs[i], else
+     * NULL), which pins its buffer until the write is done. */
+    PyObject *payloads[MANY_MAX_FRAMES], *mvs[MANY_MAX_FRAMES];
+    const char *datas[MANY_MAX_FRAMES];
+    Py_ssize_t sizes[MANY_MAX_FRAMES];
     int nums[MANY_MAX_FRAMES]; /* fds per message */
     int fds[SCM_MAX_FD];
     int mine[SCM_MAX_FD];      /* message at's */
@@ -1187,10 +1192,11 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2)
             goto not_handled_early;
         PyObject *payload = PyTuple_GET_ITEM(item, 0), *fdsobj = PyTuple_GET_ITEM(item, 1);
-        if (!PyBytes_CheckExact(payload))
-            goto not_handled_early;
+        if (!PyBytes_CheckExact(payload) && !PyObject_CheckBuffer(payload))
+            goto not_handled_early; /* a SealedMemory, or the Python path's TypeError */
         /* Both held before anything can run code. */
         Py_INCREF(payload);
+        mvs[got] = NULL;
         payloads[got++] = payload;
         Py_INCREF(fdsobj);
         partial = fdsobj;
@@ -1206,7 +1212,27 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
             if (!(state & OK_SEND))
                 goto not_handled_early;
         }
-        if (k == -2 || k > SCM_MAX_FD - nfds || k > self->max_fds || PyBytes_GET_SIZE(payload) > self->max_payload)
+        if (k == -2)
+            goto not_handled_early;
+        /* The buffer after the fds, as the Python path's _message reads them. */
+        if (PyBytes_CheckExact(payload)) {
+            datas[at] = PyBytes_AS_STRING(payload);
+            sizes[at] = PyBytes_GET_SIZE(payload);
+        } else {
+            PyObject *mv = PyMemoryView_FromObject(payload);
+            if (mv == NULL) {
+                if (clear_if_ordinary())
+                    goto not_handled_early; /* the Python path raises its own error */
+                goto done;
+            }
+            mvs[at] = mv;
+            Py_buffer *b = PyMemoryView_GET_BUFFER(mv);
+            if (!PyBuffer_IsContiguous(b, 'C'))
+                goto not_handled_early; /* its BufferError, or its way with a Fortran-ordered one */
+            datas[at] = b->buf;
+            sizes[at] = b->len;
+        }
+        if (k > SCM_MAX_FD - nfds || k > self->max_fds || sizes[at] > self->max_payload)
             goto not_handled_early;
         for (Py_ssize_t j = 0; j < k; j++)
             if (mine[j] == self->fd)
@@ -1214,7 +1240,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         memcpy(fds + nfds, mine, sizeof(int) * (size_t)k);
         nums[at] = (int)k;
         nfds += k;
-        total += HEADER_SIZE + PyBytes_GET_SIZE(payload);
+        total += HEADER_SIZE + sizes[at];
         if (total > MANY_MAX_BYTES)
             goto not_handled_early;
         /* Let go of this message's snapshot before the next is read, as the
@@ -1269,7 +1295,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     Py_ssize_t after = nfds;
     for (Py_ssize_t i = 0; i < count; i++) {
         after -= nums[i];
-        Py_ssize_t size = PyBytes_GET_SIZE(payloads[i]);
+        Py_ssize_t size = sizes[i];
         put_le(hdrs[i], self->tag | (after > 0 ? GROUP_BIT : 0), 8);
         put_le(hdrs[i] + 8, (unsigned long long)nums[i], 4);
         put_le(hdrs[i] + 12, 0, 4);
@@ -1277,7 +1303,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
         iov[niov].iov_base = hdrs[i];
         iov[niov++].iov_len = HEADER_SIZE;
         if (size) {
-            iov[niov].iov_base = PyBytes_AS_STRING(payloads[i]);
+            iov[niov].iov_base = (void *)datas[i];
             iov[niov++].iov_len = (size_t)size;
         }
     }
@@ -1383,8 +1409,10 @@ not_handled_early:
         Py_INCREF(result);
     }
 done:
-    for (Py_ssize_t i = 0; i < got; i++)
+    for (Py_ssize_t i = 0; i < got; i++) {
+        Py_XDECREF(mvs[i]);
         Py_DECREF(payloads[i]);
+    }
     Py_XDECREF(partial);
     Py_XDECREF(scan.seq);
     return result;

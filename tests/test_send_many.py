@@ -155,6 +155,37 @@ def test_a_full_socket_says_how_many_messages_were_taken(make_pair: PairFactory)
         assert got == [p for p, _ in messages]
 
 
+@needs_unix_rights
+@pytest.mark.parametrize("call", ["send", "send_many"])
+def test_a_bytearray_left_pending_can_change_while_the_error_is_handled(call: str) -> None:
+    """The rest of a taken message is copied: the caller's buffers are free as the call raises.
+
+    An exception's traceback keeps the frames of the call; the views of the
+    caller's bytearrays they held kept those from resizing (BufferError)
+    until the exception went.
+    """
+    a, b = Channel.pair()
+    with a, b:
+        b.settimeout(TIMEOUT)
+        a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        given = [bytearray(bytes([i]) * 40_000) for i in range(5)]
+        sent = [bytes(p) for p in given]
+        a.settimeout(0.0)
+        with pytest.raises(BlockingIOError) as info:
+            a.send(given[0]) if call == "send" else a.send_many([(p, []) for p in given])
+        taken = 1 if call == "send" else info.value.messages_taken  # type: ignore[attr-defined]
+        assert taken >= 1
+        assert info.value.characters_written > 0
+        for p in given:
+            p[:] = b"changed"  # BufferError if still borrowed
+        got: list[bytes] = []
+        reader = _in_thread(lambda: got.extend(bytes(b.recv().payload) for _ in range(taken)))
+        a.settimeout(TIMEOUT)
+        a.flush()
+        _join(reader)
+        assert got == sent[:taken]
+
+
 # -- the decoder's rules for groups --------------------------------------------------
 
 

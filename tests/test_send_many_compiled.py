@@ -11,6 +11,7 @@ the same.
 
 from __future__ import annotations
 
+import array
 import os
 import platform
 import signal
@@ -96,6 +97,31 @@ def test_a_group_is_sent_and_queued_in_c(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @compiled_only
+def test_any_contiguous_buffer_is_taken_in_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Blob(bytes):
+        pass
+
+    with _channels() as (a, b), _pipe() as (r, _w):
+        _no_python_send_many(monkeypatch)
+        payloads: list[Any] = [
+            bytearray(b"one"),
+            memoryview(b"two"),
+            memoryview(bytearray(b"xthreex"))[1:-1],
+            array.array("i", [1, 2, 3]),
+            memoryview(b"abcd").cast("B", (2, 2)),
+            Blob(b"six"),
+            bytearray(),
+        ]
+        assert a._fast.send_many(a, [(p, [r]) for p in payloads]) is True
+        for p in payloads:
+            with b.recv() as msg:
+                assert msg.payload == bytes(p)
+                assert len(msg.fds) == 1
+        # Nothing still pins the buffers: a bytearray can change size again.
+        payloads[0].extend(b"more")
+
+
+@compiled_only
 def test_fileno_objects_and_tuples_are_taken_too(monkeypatch: pytest.MonkeyPatch) -> None:
     with _channels() as (a, b), open(os.devnull, "rb") as f:
         _no_python_send_many(monkeypatch)
@@ -115,8 +141,8 @@ def _handed_over(a: Channel, messages: Any) -> None:
     "case",
     [
         "generator",
-        "bytearray",
-        "memoryview",
+        "strided memoryview",
+        "text",
         "list item",
         "too many fds",
         "too many frames",
@@ -133,8 +159,8 @@ def test_what_the_compiled_send_many_does_not_take_goes_the_python_way(case: str
     with _channels() as (a, b), _pipe() as (r, _w):
         many: Any = {
             "generator": (m for m in [(b"x", [r])]),
-            "bytearray": [(b"x", [r]), (bytearray(b"y"), [r])],
-            "memoryview": [(memoryview(b"y"), [])],
+            "strided memoryview": [(b"x", [r]), (memoryview(b"xyzw")[::2], [r])],
+            "text": [(b"x", [r]), ("y", [r])],
             "list item": [[b"x", [r]]],
             "too many fds": [(b"x", [r] * 200), (b"y", [r] * 54)],
             "too many frames": [(b"x", [])] * 501,
@@ -150,6 +176,7 @@ def test_what_the_compiled_send_many_does_not_take_goes_the_python_way(case: str
         a.max_payload = 10 if case == "max_payload" else a.max_payload
         refused = {"max_fds": ValueError, "max_payload": ValueError, "own socket": ValueError}
         refused |= {"negative fd": ValueError, "bool fd": TypeError}
+        refused |= {"strided memoryview": BufferError, "text": TypeError}
         if case == "generator":
             assert a._fast.send_many(a, many) is False
             many = [(b"x", [r])]  # not consumed by the compiled path; a fresh one for send_many
@@ -196,18 +223,25 @@ def test_the_compiled_send_many_leaves_the_python_paths_states_to_it(state: str)
 
 
 @compiled_only
-def test_a_partial_write_of_a_group_is_pushed_by_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_a_partial_write_of_a_group_is_pushed_by_the_python_path(
+    monkeypatch: pytest.MonkeyPatch, kind: type[bytes | bytearray]
+) -> None:
     with _channels() as (a, b), _pipe() as (r, _w):
         _no_python_send_many(monkeypatch)
         a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         b._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        messages = [(bytes([i]) * 40_000, [r]) for i in range(5)]  # 200 KiB: one group
+        given = [(kind(bytes([i]) * 40_000), [r]) for i in range(5)]  # 200 KiB: one group
+        messages = [(bytes(p), fds) for p, fds in given]
         a.settimeout(0.0)
         with pytest.raises(BlockingIOError) as info:
-            a.send_many(messages)
+            a.send_many(given)
         # Partly written: all five are taken (the rest pending for flush).
         assert info.value.messages_taken == 5  # type: ignore[attr-defined]
         assert info.value.characters_written > 0
+        if kind is bytearray:
+            for p, _fds in given:
+                p[:] = b"changed"  # the rest pending was copied: none of this goes
         got: list[tuple[bytes, int]] = []
 
         def drain() -> None:
