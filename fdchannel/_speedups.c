@@ -2187,7 +2187,12 @@ static void finalize_with(PyObject *self, PyObject *(*del)(PyObject *, PyObject 
     PyErr_Restore(type, value, tb);
 }
 
-static void Message_finalize(PyObject *self) { finalize_with(self, Message_del); }
+static void Message_finalize(PyObject *self) {
+    PyObject *raw = SLOT(self, off_raw);
+    if (raw == empty_tuple)
+        return; /* closed, or its fds read: nothing to do (most messages) */
+    finalize_with(self, Message_del);
+}
 
 static PyMethodDef message_close_def = {
     "close", Message_close, METH_NOARGS,
