@@ -372,7 +372,13 @@ class Listener:
                     "authorize) and cannot; the connection was closed"
                 ) from exc
             raise
-        reason = self._check(creds, sock)
+        try:
+            reason = self._check(creds, sock)
+        except BaseException:
+            # authorize() lets through what is not an Exception (a signal
+            # handler's KeyboardInterrupt, SystemExit): the peer goes too.
+            sock.close()
+            raise
         if reason is not None:
             self._refuse(sock, creds, reason)
             return False
@@ -444,14 +450,24 @@ class Listener:
             if self._closed:
                 return
             self._closed = True
-            busy = self._waiters
-        # The files go first, while the liveness lock is still held: a
-        # listener starting now sees this one live or finds nothing there.
-        self._release_file()
-        if busy:
-            os.write(self._wake_w, b"\0\0\0\0\0\0\0\1")
-        else:
-            self._release()
+            # Counted as a waiter until done: an accept() leaving meanwhile
+            # must not release the wake-up fd this writes to, nor the
+            # liveness lock _release_file reads.
+            self._waiters += 1
+        try:
+            # The files go first, while the liveness lock is still held: a
+            # listener starting now sees this one live or finds nothing there.
+            self._release_file()
+            with self._lock:
+                busy = self._waiters > 1
+            if busy:
+                os.write(self._wake_w, b"\0\0\0\0\0\0\0\1")
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                last = not self._waiters
+            if last:
+                self._release()
 
     def _release(self) -> None:
         if self._released:

@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -346,6 +347,54 @@ def test_close_from_another_thread_ends_iteration(listener: Listener) -> None:
         listener.accept()
 
 
+def test_an_accept_that_leaves_during_close_leaves_its_wake_up_fd_to_close(
+    listener: Listener, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: close() read that a thread waited, removed the file, then wrote to the wake-up fd.
+
+    The waiter, woken by a peer meanwhile, had left and released the
+    listener, wake-up fd included: the write raised EBADF, or put 8 bytes
+    into whatever file took that number since.
+    """
+    listener.settimeout(None)
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            listener.accept().close()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + TIMEOUT
+    while listener._waiters == 0:
+        assert time.monotonic() < deadline, "accept() never began"
+    release_file = Listener._release_file
+    bystander: list[int] = []
+
+    def waiter_leaves_first(self: Listener) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+            peer.connect(str(sock_path))  # wakes the waiter, which sees the listener closed
+            waiter.join(TIMEOUT)
+            assert not waiter.is_alive()
+        bystander.extend(os.pipe())  # takes any number the waiter let go of
+        release_file(self)
+
+    monkeypatch.setattr(Listener, "_release_file", waiter_leaves_first)
+    try:
+        listener.close()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ValueError), outcome
+        os.set_blocking(bystander[0], False)
+        with pytest.raises(BlockingIOError):
+            os.read(bystander[0], 64)  # nothing was written into the bystander's pipe
+    finally:
+        for fd in bystander:
+            os.close(fd)
+    assert listener._released
+
+
 # -- peer checks ---------------------------------------------------------------------------
 
 
@@ -473,6 +522,24 @@ def test_authorize_exception_refuses_and_logs(caplog: pytest.LogCaptureFixture) 
         assert lst.refused == 1
         assert "policy bug" in caplog.text
         assert caplog.records[0].exc_info is not None
+
+
+def test_an_authorize_that_raises_keyboardinterrupt_closes_the_peer() -> None:
+    """Not refused (it is not an Exception), but the accepted socket is closed, not left to the GC."""
+    name = abstract_name()
+
+    def authorize(creds: PeerCredentials) -> bool:
+        raise KeyboardInterrupt
+
+    with Listener(name, authorize=authorize) as lst:
+        lst.settimeout(TIMEOUT)
+        with Channel.connect(name, timeout=TIMEOUT) as client:
+            with pytest.raises(KeyboardInterrupt) as info:
+                lst.accept()
+            del info  # (its traceback would keep the socket, were it not closed)
+            with pytest.raises(ChannelClosed):
+                client.recv()  # the server's side is closed at once
+        assert lst.refused == 0
 
 
 def test_pair_credentials_name_the_creator() -> None:
