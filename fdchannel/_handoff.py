@@ -96,7 +96,10 @@ def claim_forked_end(channel: ChannelCore) -> None:
     record lock on its socket, which belongs to that process (not to the
     shared file description) and goes with it; a second child gets
     `ValueError`.  Where the platform has no record locks on sockets
-    nothing is enforced.
+    nothing is enforced.  Nor once the child closes any other fd of the
+    same socket (a dup): POSIX then drops the process's record locks on it.
+    No lock does better: `flock` and OFD locks belong to the shared file
+    description, which every child holds.
     """
     if sys.platform == "win32":  # pragma: no cover - no fork there
         return
