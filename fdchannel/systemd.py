@@ -14,6 +14,7 @@ Both protocols are POSIX; the abstract namespace is Linux only.  On Windows
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Any, Final
 
 from ._codec import SCM_MAX_FD
 from ._errors import ActivationError
+from ._fdutil import close_listed
 from ._ownedfd import OwnedFd, fileno_of
 
 __all__ = [
@@ -52,7 +54,13 @@ DEFAULT_NOTIFY_TIMEOUT: Final = 5.0
 UNKNOWN_NAME: Final = "unknown"
 
 _ACTIVATION_VARS: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-_DIGITS: Final = re.compile(r"[0-9]+")
+_DECIMAL: Final = re.compile(r"0|[1-9][0-9]*")
+_LEADING_ZERO: Final = re.compile(r"0[0-9]+")
+#: Set by the `listen_fds` call that hands the fds out: a later call (the
+#: variables kept, or set again by hand) would give each a second owner.
+#: A forked child inherits it along with the copies of those owners.
+_handed_out: dict[str, object] = {}
+_new = object.__new__
 
 
 def listen_fds(*, unset_environment: bool = True) -> dict[str, list[OwnedFd]]:
@@ -62,19 +70,33 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, list[OwnedFd]]:
     `OwnedFd` the caller owns, made close-on-exec.  The names come from
     ``LISTEN_FDNAMES`` (``"unknown"`` for all when it is not set); a name
     may be shared by several fds (a socket unit with several ``Listen*=``
-    lines names them all after the unit), hence a list per name.
+    lines names them all after the unit), or be empty, hence a list per
+    name.
 
     Returns ``{}`` when the process was not activated: ``LISTEN_PID`` is not
     set, or names another process (the variables were inherited from a
     parent), or ``LISTEN_FDS`` is not set.  With *unset_environment* (the
     default, as ``sd_listen_fds(1)``) the three variables are removed from
-    `os.environ` in every case, so children do not see them.
+    `os.environ` in every case, so children do not see them, and a later
+    call returns ``{}``.
+
+    The fds are handed out once per process: where libsystemd returns the
+    same numbers again, a later call that finds the variables still set
+    (``unset_environment=False``, or set again by hand) raises
+    `ActivationError`, in a forked child too, rather than give an fd a
+    second owner.  Code that needs the fds after the first call must be
+    given the `OwnedFd` objects it returned.
 
     Raises `ActivationError` (a `ValueError`) quoting the value when
-    ``LISTEN_PID`` or ``LISTEN_FDS`` is not a number, ``LISTEN_FDNAMES``
-    does not hold one name per fd, or a named fd is not open; then no fd is
-    taken.  `OSError` (``ENOTSUP``) on Windows, which has no fd inheritance
-    of this kind.
+    ``LISTEN_PID`` or ``LISTEN_FDS`` is not a plain decimal number (a
+    leading zero, octal to libsystemd, included), ``LISTEN_FDS`` is 0,
+    ``LISTEN_FDNAMES`` does not hold one name per fd, a named fd is not
+    open, or the fds were handed out already; then no fd is taken.  Any
+    other exception on the way (`OSError` making an fd close-on-exec, a
+    signal handler's `KeyboardInterrupt`) closes every one of the fds
+    before it propagates, the ones already wrapped included: none is left
+    open without an owner.  `OSError` (``ENOTSUP``) on Windows, which has
+    no fd inheritance of this kind.
     """
     if sys.platform == "win32":
         raise OSError(errno.ENOTSUP, "socket activation (LISTEN_FDS) needs POSIX fd inheritance")
@@ -87,49 +109,106 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, list[OwnedFd]]:
 
 
 def _listen_fds() -> dict[str, list[OwnedFd]]:
-    pid_text = os.environ.get("LISTEN_PID")
-    if pid_text is None:
+    count = _count_for_this_process()
+    if count is None:
         return {}
-    pid = _number("LISTEN_PID", pid_text)
-    if pid <= 0:
-        raise ActivationError(f"LISTEN_PID={pid_text!r} is not a process id")
-    if pid != os.getpid():
-        return {}  # meant for another process (we inherited its environment)
-    count_text = os.environ.get("LISTEN_FDS")
-    if count_text is None:
-        return {}
-    count = _number("LISTEN_FDS", count_text)
-    if count > 2**31 - 1 - LISTEN_FDS_START:
-        raise ActivationError(f"LISTEN_FDS={count_text!r} is larger than any fd table")
+    if _handed_out:
+        # Before the fstat()s: the first owner may have closed the fds, or
+        # their numbers name other files by now.
+        raise _taken_already(count)
     names = _names(count)
-    fds = range(LISTEN_FDS_START, LISTEN_FDS_START + count)
+    fds = list(range(LISTEN_FDS_START, LISTEN_FDS_START + count))
     for fd in fds:
         try:
             os.fstat(fd)
         except OSError as exc:
             raise ActivationError(f"LISTEN_FDS={count} names fd {fd}, which is not open ({exc})") from exc
-    result: dict[str, list[OwnedFd]] = {}
-    for fd, name in zip(fds, names, strict=True):
-        os.set_inheritable(fd, False)
-        result.setdefault(name, []).append(OwnedFd(fd))
+    claim = object()
+    if _handed_out.setdefault("fds", claim) is not claim:  # another thread got here first
+        raise _taken_already(count)
+    return _take(fds, names)
+
+
+def _count_for_this_process() -> int | None:
+    """``LISTEN_FDS``, or None when the variables are not set or are another process's."""
+    pid_text = os.environ.get("LISTEN_PID")
+    if pid_text is None:
+        return None
+    pid = _number("LISTEN_PID", pid_text)
+    if pid <= 0:
+        raise ActivationError(f"LISTEN_PID={pid_text!r} is not a process id")
+    if pid != os.getpid():
+        return None  # meant for another process (we inherited its environment)
+    count_text = os.environ.get("LISTEN_FDS")
+    if count_text is None:
+        return None
+    count = _number("LISTEN_FDS", count_text)
+    if count == 0:
+        # A manager with no fd to pass sets none of the variables; libsystemd: EINVAL.
+        raise ActivationError(f"LISTEN_FDS={count_text!r} passes no fd")
+    if count > 2**31 - 1 - LISTEN_FDS_START:
+        raise ActivationError(f"LISTEN_FDS={count_text!r} is larger than any fd table")
+    return count
+
+
+def _take(fds: list[int], names: list[str]) -> dict[str, list[OwnedFd]]:
+    """Own *fds*, close-on-exec, by name; on any exception close every one of them."""
+    # With the claim made (and, by default, the variables removed) nobody
+    # takes these fds later: ours to close whatever happens.  Each moves into
+    # its owner as `adopt` does (no point where a signal handler runs between
+    # the two stores), but into a list of this frame, so that an exception
+    # part-way closes the owned ones now, not when its traceback is freed.
+    owners: list[OwnedFd] = []
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        for i in range(len(fds)):
+            owner = _new(OwnedFd)
+            owner._fd = fds[i]
+            fds[i] = -1
+            owners.append(owner)
+        result: dict[str, list[OwnedFd]] = {}
+        for owner, name in zip(owners, names, strict=True):
+            result.setdefault(name, []).append(owner)
+    except BaseException:
+        for owner in owners:
+            with contextlib.suppress(OSError):
+                owner.close()
+        close_listed(fds)  # those not moved yet (moved ones are -1 here)
+        raise
     return result
+
+
+def _taken_already(count: int) -> ActivationError:
+    return ActivationError(
+        f"LISTEN_FDS={count}: listen_fds() handed these fds out already in this process (or in the "
+        "one it was forked from): the OwnedFd objects it returned own them (or, if that call failed "
+        "part-way, it closed them)"
+    )
 
 
 def _names(count: int) -> list[str]:
     text = os.environ.get("LISTEN_FDNAMES")
     if text is None:
         return [UNKNOWN_NAME] * count
-    names = text.split(":") if text else []
+    # As libsystemd splits it: "" is one empty name, "a:" two names.
+    names = text.split(":")
     if len(names) != count:
         raise ActivationError(f"LISTEN_FDNAMES={text!r} has {len(names)} names for LISTEN_FDS={count}")
     return names
 
 
 def _number(var: str, text: str) -> int:
-    # int() would take " 3", "+3" and "3_0"; systemd takes plain digits.
-    if not _DIGITS.fullmatch(text):
-        raise ActivationError(f"{var}={text!r} is not a decimal number")
-    return int(text)
+    # systemd writes plain decimal.  libsystemd's parser also skips leading
+    # blanks and takes a sign and 0x, 0o and 0b prefixes, none of which a
+    # manager writes; and it reads a leading 0 as octal, where other readers
+    # (and int()) read decimal: which fds, or whose, such a value means
+    # depends on who reads it, so it is refused rather than guessed.
+    if _DECIMAL.fullmatch(text):
+        return int(text)
+    if _LEADING_ZERO.fullmatch(text):
+        raise ActivationError(f"{var}={text!r} has a leading zero, which libsystemd reads as octal")
+    raise ActivationError(f"{var}={text!r} is not a decimal number")
 
 
 # -- sd_notify ------------------------------------------------------------------------
@@ -153,7 +232,8 @@ def notify(
     Returns ``False`` without sending when ``NOTIFY_SOCKET`` is not set (not
     run by a manager that listens), ``True`` once the datagram was sent.
     With *unset_environment* the variable is removed from `os.environ`
-    afterwards (whatever the outcome), so children do not inherit it.
+    afterwards whatever the outcome (an argument refused included, as
+    libsystemd does), so children do not inherit it.
 
     The manager's socket may have a full queue (a manager that is busy or
     stuck): libsystemd then blocks until there is room, for ever.  This
@@ -162,20 +242,22 @@ def notify(
     raises `TimeoutError` (``0.0``: `BlockingIOError`), nothing sent.
 
     Raises `ActivationError` when ``NOTIFY_SOCKET`` is neither an absolute
-    path nor ``@abstract`` or is too long, `ValueError` for a mapping value
-    holding a newline, more than 253 fds or a negative *timeout*,
-    `TimeoutError`/`BlockingIOError` as above, and `OSError` from the
-    kernel (``ECONNREFUSED`` when nobody listens there).  `OSError`
-    (``EAFNOSUPPORT``) on Windows.
+    path nor ``@abstract`` or is too long, `ValueError` for an empty
+    *state*, an invalid mapping key, a value holding a newline, more than
+    253 fds or a negative *timeout*, `TypeError` for an fd that is neither
+    an int nor has ``fileno()``, `TimeoutError`/`BlockingIOError` as
+    above, and `OSError` from the kernel (``ECONNREFUSED`` when nobody
+    listens there).  `OSError` (``EAFNOSUPPORT``) on Windows.
     """
-    if timeout is not None and timeout < 0:
-        raise ValueError("timeout must be non-negative or None")
-    text = _format_state(state)
-    nums = [fileno_of(fd) for fd in fds]
-    if len(nums) > SCM_MAX_FD:
-        raise ValueError(f"one notification carries at most {SCM_MAX_FD} fds, got {len(nums)}")
-    address = os.environ.get("NOTIFY_SOCKET")
     try:
+        # Checked inside: libsystemd unsets the variable on its EINVAL paths too.
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be non-negative or None")
+        text = _format_state(state)
+        nums = [fileno_of(fd) for fd in fds]
+        if len(nums) > SCM_MAX_FD:
+            raise ValueError(f"one notification carries at most {SCM_MAX_FD} fds, got {len(nums)}")
+        address = os.environ.get("NOTIFY_SOCKET")
         if address is None:
             return False
         _send_datagram(_notify_address(address), text.encode(), nums, timeout)

@@ -53,4 +53,38 @@ def libsystemd() -> Any:
         ctypes.c_uint,
     )
     lib.sd_pid_notify_with_fds.restype = ctypes.c_int
+    lib.sd_listen_fds_with_names.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.POINTER(ctypes.c_void_p)))
+    lib.sd_listen_fds_with_names.restype = ctypes.c_int
     return lib
+
+
+def c_getenv(name: str) -> bytes | None:
+    """*name* in the C environment, which libsystemd changes behind `os.environ`'s back."""
+    libc = ctypes.CDLL(None)
+    libc.getenv.argtypes = (ctypes.c_char_p,)
+    libc.getenv.restype = ctypes.c_char_p
+    value: bytes | None = libc.getenv(name.encode())
+    return value
+
+
+def sd_listen_fds_with_names(lib: Any, passed: int) -> int | list[str]:
+    """What ``sd_listen_fds_with_names(0)`` makes of this process's variables: the names, or its 0 or -errno.
+
+    The variables stay set.  libsystemd makes the fds it returns
+    close-on-exec: the *passed* fds from 3 on get their inheritance back, so
+    that the code under test finds them as the manager passed them.
+    """
+    libc = ctypes.CDLL(None)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    before = [os.get_inheritable(3 + i) for i in range(passed)]
+    names = ctypes.POINTER(ctypes.c_void_p)()
+    n = int(lib.sd_listen_fds_with_names(0, ctypes.byref(names)))
+    try:
+        return n if n <= 0 else [ctypes.string_at(names[i]).decode() for i in range(n)]
+    finally:
+        if n > 0:
+            for i in range(n):
+                libc.free(names[i])
+            libc.free(names)
+        for i, inheritable in enumerate(before):
+            os.set_inheritable(3 + i, inheritable)

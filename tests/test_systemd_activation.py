@@ -3,11 +3,14 @@
 The program binds the sockets, waits for a first connection and execs a
 Python server with them; the server reports what `listen_fds` gave it over
 each connection it accepts.  The malformed-variable cases run in a forked
-child that puts real sockets at fds 3 and up.
+child that puts real sockets at fds 3 and up; where libsystemd's
+``sd_listen_fds_with_names`` (ctypes on libsystemd.so.0) reads a value, the
+child asks it first.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -21,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from ._proc import TIMEOUT, run_child
-from ._systemd import posix_only, socket_activate_program
+from ._systemd import libsystemd, posix_only, sd_listen_fds_with_names, socket_activate_program
 
 pytestmark = posix_only
 
@@ -149,16 +152,25 @@ def in_child_with_fds(count: int, env: dict[str, str], body: object) -> None:
         inodes = []
         for i in range(count):
             a, b = socket.socketpair()
-            os.dup2(a.fileno(), 3 + i)  # inheritable, as a manager passes them
-            a.close()
+            if a.fileno() == 3 + i:  # the number was free: dup2() would be a no-op, close() would free it
+                os.set_inheritable(3 + i, True)
+                a.detach()
+            else:
+                os.dup2(a.fileno(), 3 + i)  # inheritable, as a manager passes them
+                a.close()
             b.detach()  # the child exits at once; leaving the peer open keeps 3+i alive
             inodes.append(os.fstat(3 + i).st_ino)
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
-        os.environ.update({k: v.replace("{pid}", str(os.getpid())) for k, v in env.items()})
+        os.environ.update({k: with_pid(v) for k, v in env.items()})
         body(inodes)  # type: ignore[operator]
 
     run_child(child)
+
+
+def with_pid(text: str) -> str:
+    """*text* with ``{pid}`` this process's id in decimal, ``{oct}`` in octal."""
+    return text.replace("{pid}", str(os.getpid())).replace("{oct}", format(os.getpid(), "o"))
 
 
 def test_fds_owned_and_close_on_exec() -> None:
@@ -252,3 +264,132 @@ def test_malformed_variables(env: dict[str, str], words: str) -> None:
         assert "LISTEN_FDS" not in os.environ
 
     in_child_with_fds(2, env, body)
+
+
+def test_fds_are_handed_out_once() -> None:
+    """libsystemd returns the same numbers again; a second OwnedFd for each would close them twice."""
+
+    def body(inodes: list[int]) -> None:
+        from fdchannel.systemd import ActivationError, listen_fds
+
+        (fd,) = listen_fds(unset_environment=False)["unknown"]
+        with pytest.raises(ActivationError, match="handed these fds out already"):
+            listen_fds(unset_environment=False)
+        assert os.environ["LISTEN_FDS"] == "1"  # kept, as asked
+        with pytest.raises(ActivationError, match="handed these fds out already"):
+            listen_fds()
+        assert "LISTEN_FDS" not in os.environ  # removed all the same
+        assert listen_fds() == {}
+
+        def forked() -> None:
+            # The copy of `fd` owns fd 3 here too.
+            os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+            with pytest.raises(ActivationError, match="forked from"):
+                listen_fds()
+
+        run_child(forked)
+        assert os.fstat(fd.fileno()).st_ino == inodes[0]
+        assert not fd.closed
+        fd.close()
+
+    in_child_with_fds(1, {"LISTEN_PID": "{pid}", "LISTEN_FDS": "1"}, body)
+
+
+@pytest.mark.parametrize("unset", [True, False])
+def test_interrupted_handout_closes_every_fd(unset: bool) -> None:
+    def body(inodes: list[int]) -> None:
+        from fdchannel.systemd import ActivationError, listen_fds
+
+        real = os.set_inheritable
+
+        def interrupted(fd: int, inheritable: bool) -> None:
+            if fd == 4:
+                raise KeyboardInterrupt  # where a signal handler's exception would come out
+            real(fd, inheritable)
+
+        os.set_inheritable = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                listen_fds(unset_environment=unset)
+        finally:
+            os.set_inheritable = real
+        # Closed at once, the one already wrapped too (the traceback still
+        # holds the frames): no fd left without an owner.
+        for fd in (3, 4):
+            with pytest.raises(OSError, match="Bad file descriptor"):
+                os.fstat(fd)
+        assert ("LISTEN_FDS" in os.environ) == (not unset)
+        # The numbers go to other files; the variables, if kept, still name
+        # them, and they are not handed out again.
+        a, b = socket.socketpair()
+        with a, b:
+            assert sorted([a.fileno(), b.fileno()]) == [3, 4]
+            if not unset:
+                with pytest.raises(ActivationError, match="failed part-way"):
+                    listen_fds()
+            else:
+                assert listen_fds() == {}
+            os.fstat(a.fileno())
+            os.fstat(b.fileno())
+
+    in_child_with_fds(2, {"LISTEN_PID": "{pid}", "LISTEN_FDS": "2"}, body)
+
+
+def test_empty_fdnames_is_one_empty_name() -> None:
+    lib = libsystemd()
+
+    def body(inodes: list[int]) -> None:
+        from fdchannel.systemd import listen_fds
+
+        assert sd_listen_fds_with_names(lib, 2) == [""]
+        fds = listen_fds()
+        assert list(fds) == [""]
+        (fd,) = fds[""]
+        assert os.fstat(fd.fileno()).st_ino == inodes[0]
+        fd.close()
+
+    in_child_with_fds(2, {"LISTEN_PID": "{pid}", "LISTEN_FDS": "1", "LISTEN_FDNAMES": ""}, body)
+
+
+@pytest.mark.parametrize(
+    ("passed", "env", "theirs", "words"),
+    [
+        # A manager with nothing to pass sets no variable; libsystemd refuses a 0.
+        (1, {"LISTEN_PID": "{pid}", "LISTEN_FDS": "0"}, -errno.EINVAL, "LISTEN_FDS='0' passes no fd"),
+        # A leading zero is octal to libsystemd, decimal to int(): which
+        # process's (or how many) fds they are depends on who reads it.
+        (
+            1,
+            {"LISTEN_PID": "0{oct}", "LISTEN_FDS": "1"},
+            ["unknown"],
+            "LISTEN_PID='0{oct}' has a leading zero",
+        ),
+        (
+            1,
+            {"LISTEN_PID": "0{pid}", "LISTEN_FDS": "1"},
+            "not ours",
+            "LISTEN_PID='0{pid}' has a leading zero",
+        ),
+        (10, {"LISTEN_PID": "{pid}", "LISTEN_FDS": "010"}, ["unknown"] * 8, "LISTEN_FDS='010' has a leading"),
+    ],
+)
+def test_refused_where_libsystemd_refuses_or_reads_otherwise(
+    passed: int, env: dict[str, str], theirs: object, words: str
+) -> None:
+    lib = libsystemd()
+
+    def body(inodes: list[int]) -> None:
+        from fdchannel.systemd import ActivationError, listen_fds
+
+        got = sd_listen_fds_with_names(lib, passed)
+        if theirs == "not ours":
+            assert got in (0, -errno.EINVAL)  # another pid in octal, or no octal number at all
+        else:
+            assert got == theirs
+        with pytest.raises(ActivationError, match=with_pid(words)):
+            listen_fds()
+        assert [os.fstat(3 + i).st_ino for i in range(passed)] == inodes
+        assert all(os.get_inheritable(3 + i) for i in range(passed))
+        assert "LISTEN_PID" not in os.environ
+
+    in_child_with_fds(passed, env, body)

@@ -26,7 +26,7 @@ import pytest
 
 from fdchannel import systemd
 
-from ._systemd import libsystemd, posix_only
+from ._systemd import c_getenv, libsystemd, posix_only
 
 pytestmark = posix_only
 
@@ -232,6 +232,29 @@ def test_nobody_listening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_bad_input_sends_nothing(notify_socket: NotifySocket, call: Callable[[], object]) -> None:
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"state": ""}, ValueError),
+        ({"state": {"STATUS": "two\nlines"}}, ValueError),
+        ({"state": "READY=1", "timeout": -1}, ValueError),
+        ({"state": "READY=1", "fds": [object()]}, TypeError),
+        ({"state": "READY=1", "fds": [0] * 254}, ValueError),
+    ],
+    ids=["empty", "newline", "timeout", "not-an-fd", "too-many-fds"],
+)
+def test_unset_environment_when_arguments_are_refused(
+    notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], error: type
+) -> None:
+    with pytest.raises(error):
+        systemd.notify(**kwargs, unset_environment=True)
+    assert "NOTIFY_SOCKET" not in os.environ
+    # As libsystemd on its EINVAL paths (no state): it unsets the variable too.
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.env_value)
+    assert libsystemd().sd_pid_notify_with_fds(0, 1, None, None, 0) == -errno.EINVAL
+    assert c_getenv("NOTIFY_SOCKET") is None
 
 
 # -- a manager whose queue is full ------------------------------------------------------
