@@ -60,6 +60,9 @@ class AsyncSurface(ChannelCore):
             if not ch._claim_recv():
                 raise RuntimeError("the Channel is in use by another thread (recv)")
             try:
+                # An end inherited across fork serves one process, taken over
+                # or not: another child's use raises ValueError here.
+                ch._claim()
                 self = cls.__new__(cls)
                 self._setup(
                     ch._sock,

@@ -32,10 +32,10 @@ from typing_extensions import Buffer
 from ._async_surface import AsyncSurface
 from ._budget import Budget
 from ._channel import Channel
-from ._codec import SCM_MAX_FD, Decoder
+from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
 from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
 from ._errors import ChannelClosed, FdChannelError, LimitExceeded
-from ._fdutil import close_all
+from ._interrupt import raised_in_signal_handler
 from ._listener import Listener
 from ._message import Message
 from ._outbox import set_written
@@ -96,6 +96,8 @@ class Gate:
     A waiter parks on an event of its own; `leave` hands the gate to the
     first waiter by setting its event (the gate stays busy: it is theirs).
     A waiter cancelled after the hand-over passes it on, so it is never lost.
+    The channel leaves it inline (see `StructuredChannel.recv`): a signal
+    handler's error at a call's entry must not leave it taken for good.
     """
 
     __slots__ = ("_backend", "_busy", "_waiters")
@@ -130,8 +132,16 @@ class Gate:
             raise
 
     def leave(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()
+        """Hand the gate to the first waiter, or free it.
+
+        Cut short by a signal handler's error, it may run again: the first
+        waiter stays listed until its event is set (setting it twice is
+        harmless), and goes with no call after that.
+        """
+        waiters = self._waiters
+        if waiters:
+            waiters[0].set()
+            del waiters[0]
         else:
             self._busy = False
 
@@ -209,8 +219,9 @@ class StructuredChannel(AsyncSurface):
         received but not yet returned, and any remainder a timed-out or
         non-blocking ``send()`` left pending (finished first).  *channel* is
         closed afterwards without closing anything.  Raises `ValueError` if
-        *channel* is closed and `RuntimeError` if another thread is inside
-        its ``send()`` or ``recv()``; nothing moves then.
+        *channel* is closed or is an end inherited across ``fork`` that
+        another child uses already, and `RuntimeError` if another thread is
+        inside its ``send()`` or ``recv()``; nothing moves then.
         """
         return cls._take_over(channel)
 
@@ -291,9 +302,11 @@ class StructuredChannel(AsyncSurface):
 
     def _drop_held(self) -> None:
         # One thread: a task suspended in send() or recv() touches nothing
-        # until it runs again, and then it finds the channel closed.
+        # until it runs again, and then it finds the channel closed.  The
+        # fds a read left landed (cut short by a signal handler) go too.
         self._outbox.discard()
-        close_all(self._decoder.take_fds())
+        self._close_held()
+        self._decoder.release()
 
     def _checkpoint(self) -> Awaitable[None]:
         """The cancellation point a call starts with; a full checkpoint every `_FAIRNESS` calls."""
@@ -304,12 +317,15 @@ class StructuredChannel(AsyncSurface):
         return self._backend.checkpoint_if_cancelled()
 
     def _recv_stopped(self, exc: BaseException) -> None:
-        if not isinstance(exc, self._recv_ok) and not self._backend.is_cancelled(exc):
-            self._recv_interrupted(exc)
+        if self._backend.is_cancelled(exc) and not raised_in_signal_handler(exc):
+            # Delivered only at an await, where nothing is in hand.
+            self._delivering = False
+            return
+        super()._recv_stopped(exc)
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:
+    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912 - inline, as aio
         """Send one message: *payload* and *fds*, delivered together.
 
         *fds* are ints or objects with ``fileno()``; they stay the caller's
@@ -344,18 +360,40 @@ class StructuredChannel(AsyncSurface):
         except BaseException as exc:
             set_written(exc, 0)
             raise
+        done = False
         try:
-            if self._closed or self._broken is not None:
-                self._check_usable()
-            if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
-                # The common case: no await unless the socket is full.
-                sent = self._send_whole(payload, nums, size)
-                if sent is not None:
-                    await self._push(sent)
-                return
-            await self._send_queued(payload, nums, size)
+            try:
+                if self._closed or self._broken is not None or self._suspect:
+                    self._check_leftovers(False)
+                self._suspect = True
+                if self._simple and len(nums) <= SCM_MAX_FD and not self._outbox.pending:
+                    # The common case: no await unless the socket is full.
+                    sent = self._send_whole(payload, nums, size)
+                    if sent is not None:
+                        await self._push(sent)
+                else:
+                    await self._send_queued(payload, nums, size)
+            except BaseException as exc:
+                self._send_interrupted(exc)
+                raise
+            self._suspect = False
+            done = True
         finally:
-            gate.leave()
+            # Inline, as in recv(): no call before the gate is let go.
+            waiters = gate._waiters
+            if not waiters:
+                gate._busy = False
+            else:
+                first = waiters[0]
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    if waiters and waiters[0] is first:
+                        gate.leave()  # cut short before the hand-over: done now
+                    if done:
+                        # The message had left whole (stored with no call first).
+                        exc.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
+                    raise
 
     async def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
@@ -367,6 +405,7 @@ class StructuredChannel(AsyncSurface):
                 # reads the greeting for us then.
                 await self._backend.sleep(delay)
                 delay = min(delay * 2, 0.05)
+                self._check_usable()  # closed meanwhile: ValueError, as a wait for writability says
             if self._outbox.pending:
                 # Older data goes first; if it cannot, this message is not taken.
                 await self._push(None)
@@ -388,7 +427,8 @@ class StructuredChannel(AsyncSurface):
         Raises as `send` does.  Cancelling it leaves the rest pending.
         """
         await self._checkpoint()
-        await self._send_gate.enter()
+        gate = self._send_gate
+        await gate.enter()
         try:
             self._check_usable()
             if self._has_control:
@@ -396,7 +436,17 @@ class StructuredChannel(AsyncSurface):
             if self._outbox.pending:
                 await self._push(None)
         finally:
-            self._send_gate.leave()
+            waiters = gate._waiters  # inline, as in send()
+            if not waiters:
+                gate._busy = False
+            else:
+                first = waiters[0]
+                try:
+                    gate.leave()
+                except BaseException:
+                    if waiters and waiters[0] is first:
+                        gate.leave()
+                    raise
 
     async def _sleep(self, seconds: float) -> None:
         await self._backend.sleep(seconds)
@@ -406,7 +456,7 @@ class StructuredChannel(AsyncSurface):
 
     # -- receiving ------------------------------------------------------------
 
-    async def recv(self) -> Message:  # noqa: C901 - the recv loop, inline
+    async def recv(self) -> Message:  # noqa: C901, PLR0912, PLR0915 - the recv loop, inline
         """Receive one whole message; its fds are now the caller's.
 
         Raises `ChannelClosed` when the peer closed between messages (or the
@@ -417,21 +467,31 @@ class StructuredChannel(AsyncSurface):
         """
         gate = self._recv_gate
         await self._checkpoint()  # nothing in hand yet: a cancellation here loses nothing
+        waited = False
         if not gate.try_enter():
             await gate.enter()
+            waited = True
+        msg: Message | None = None
         try:
-            if self._closed or self._broken is not None:
-                self._check_usable()
+            if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
+                if waited and self._closed:
+                    # Closed while this task waited for the gate: as for the
+                    # task that waited for data, so `async for` ends.
+                    raise ChannelClosed("the channel was closed while waiting in recv()")
+                self._check_leftovers(True)
             decoder = self._decoder
             while True:
                 # No await between a message in hand and the return.
                 if decoder.frames or decoder.error is not None or decoder.eof:
                     msg = self._next_message()
                     if msg is not None:
+                        self._delivering = False
                         return msg
                 try:
                     msg = self._read(0)
-                except BlockingIOError:
+                except BlockingIOError as exc:
+                    if raised_in_signal_handler(exc):
+                        raise
                     if decoder.grown:
                         decoder.shrink()  # about to wait: an idle channel keeps a small buffer
                     unfinished = decoder.deadline  # a frame_timeout runs
@@ -441,12 +501,28 @@ class StructuredChannel(AsyncSurface):
                         await self._wait_unfinished(unfinished)
                     continue
                 if msg is not None:
+                    self._delivering = False
                     return msg
         except BaseException as exc:
             self._recv_stopped(exc)
             raise
         finally:
-            gate.leave()
+            # Inline: a call here is a point where a signal handler's error
+            # could leave the gate taken for good (every later call waits).
+            waiters = gate._waiters
+            if not waiters:
+                gate._busy = False
+            else:
+                first = waiters[0]
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    if waiters and waiters[0] is first:
+                        gate.leave()  # cut short before the hand-over: done now
+                    if msg is not None:
+                        self._delivering = True  # (no call first: see Channel.recv)
+                        self._recv_lost(exc, msg)
+                    raise
 
 
 # -- named endpoints -------------------------------------------------------------

@@ -261,7 +261,9 @@ class AsyncChannel(AsyncSurface):
             The new channel, owned by the caller.
 
         Raises:
-            ValueError: *channel* is closed (nothing moves).
+            ValueError: *channel* is closed, or it is an end inherited
+                across ``fork`` that another child uses already (nothing
+                moves).
             RuntimeError: Another thread is inside *channel*'s ``send()`` or
                 ``recv()`` (nothing moves).
         """
@@ -589,6 +591,7 @@ class AsyncChannel(AsyncSurface):
                 # it reads the greeting for us then.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
+                self._check_usable()  # closed meanwhile: ValueError, as a wait for writability says
             if self._outbox.pending:
                 # Older data goes first; if it cannot, this message is not taken.
                 await self._push(None)
@@ -656,11 +659,17 @@ class AsyncChannel(AsyncSurface):
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
         gate = self._recv_gate
+        waited = False
         if not gate.try_enter():
             await gate.enter()
+            waited = True
         msg: Message | None = None
         try:
             if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
+                if waited and self._closed:
+                    # Closed while this task waited for the gate: as for the
+                    # task that waited for data, so `async for` ends.
+                    raise ChannelClosed("the channel was closed while waiting in recv()")
                 self._check_leftovers(True)
             self._streak += 1
             if self._streak >= _FAIRNESS:  # inline: no coroutine per message

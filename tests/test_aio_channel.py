@@ -386,6 +386,57 @@ def test_close_wakes_waiting_tasks(run: Run, apair: APair) -> None:
     run(main())
 
 
+def test_close_ends_every_waiting_receiver_with_channel_closed(run: Run) -> None:
+    """The task waiting for the gate too (it got ValueError, a review found): ``async for`` ends in both."""
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        ended: list[str] = []
+
+        async def reader() -> None:
+            async for msg in a:
+                msg.close()
+            ended.append("ended")
+
+        readers = [asyncio.create_task(reader()) for _ in range(2)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not any(t.done() for t in readers)
+        a.close()
+        await asyncio.wait_for(asyncio.gather(*readers), TIMEOUT)
+        assert ended == ["ended", "ended"]
+        b.close()
+
+    run(main())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="UnixRights: SCM_RIGHTS")
+def test_close_while_a_send_waits_for_acknowledgements_raises_value_error(run: Run) -> None:
+    """Not EBADF from writing to the closed socket (a review): the closed-channel error, as documented."""
+    from fdchannel.transports import UnixRights
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair(transport=UnixRights(acknowledge=True, window=2))
+        r, w = os.pipe()
+        try:
+            await a.send(b"1", [r])
+            await a.send(b"2", [r])  # the window is full: the next send polls for an acknowledgement
+            sender = asyncio.create_task(a.send(b"3", [r]))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not sender.done()
+            a.close()
+            with pytest.raises(ValueError, match="closed"):
+                await asyncio.wait_for(sender, TIMEOUT)
+        finally:
+            a.close()
+            b.close()
+            os.close(r)
+            os.close(w)
+
+    run(main())
+
+
 def test_unread_messages_are_closed_with_the_channel(run: Run) -> None:
     async def main() -> None:
         a, b = AsyncChannel.pair()

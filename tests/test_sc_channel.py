@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from fdchannel import Channel, ChannelClosed, Listener
+from fdchannel import Channel, ChannelBroken, ChannelClosed, Listener
 
 from ._portable import read_fd
 from ._proc import fork_child, needs_fork, wait_child
@@ -302,6 +302,220 @@ def test_from_channel_refuses_closed(sc_kind: str) -> None:
     with pytest.raises(ValueError, match="closed"):
         channel_class(sc_kind).from_channel(a)
     b.close()
+
+
+@needs_fork
+def test_from_channel_refuses_an_end_another_forked_child_uses(sc_kind: str) -> None:
+    """A forked end serves one process: a review found two children taking it over, their frames mixed."""
+    cls = channel_class(sc_kind)
+    parent, inherited = Channel.pair()
+    first_r, first_w = os.pipe()  # the first child says it holds the end, then waits to be let go
+    go_r, go_w = os.pipe()
+
+    async def use() -> None:
+        async with cls.from_channel(inherited) as ch:
+            await ch.send(b"first")
+
+    def first() -> None:
+        parent.close()
+        inherited.send(b"claimed")  # the end is this child's from here
+        os.write(first_w, b"x")
+        read_fd(go_r, 1)  # alive (its lock held) until the second child tried
+
+    def second() -> None:
+        parent.close()
+        try:
+            run_kind(sc_kind, use)
+        except ValueError as exc:
+            assert "already in use by another process" in str(exc)
+            return
+        raise AssertionError("the second child took over the end")
+
+    pid1 = fork_child(first)
+    try:
+        assert read_fd(first_r, 1) == b"x"
+        assert wait_child(fork_child(second)) == 0
+    finally:
+        os.write(go_w, b"x")
+        assert wait_child(pid1) == 0
+        inherited.close()
+        for fd in (first_r, first_w, go_r, go_w):
+            os.close(fd)
+    with parent:
+        parent.settimeout(TIMEOUT)
+        assert parent.recv().payload == b"claimed"
+        with pytest.raises(ChannelClosed):
+            parent.recv()  # nothing from the second child: both ends are gone
+
+
+def test_close_ends_every_waiting_receiver_with_channel_closed(sc_kind: str) -> None:
+    """The task waiting for the gate too (it got ValueError): ``async for`` simply ends in both."""
+    cls = channel_class(sc_kind)
+
+    async def main() -> None:
+        a, b = cls.pair()
+        ended: list[str] = []
+
+        async def reader() -> None:
+            async for msg in a:
+                msg.close()
+            ended.append("ended")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(reader)
+            group.start_soon(reader)
+            await anyio.wait_all_tasks_blocked()
+            a.close()
+        assert ended == ["ended", "ended"]
+        b.close()
+
+    run_kind(sc_kind, main)
+
+
+def test_close_while_a_send_waits_for_acknowledgements_raises_value_error(sc_kind: str) -> None:
+    """Not EBADF from writing to the closed socket (a review): the closed-channel error, as documented."""
+    from fdchannel.transports import UnixRights
+
+    cls = channel_class(sc_kind)
+
+    async def main() -> None:
+        a, b = cls.pair(transport=UnixRights(acknowledge=True, window=2))
+        r, w = os.pipe()
+        outcome: list[BaseException] = []
+        try:
+            await a.send(b"1", [r])
+            await a.send(b"2", [r])  # the window is full: the next send polls for an acknowledgement
+
+            async def sender() -> None:
+                try:
+                    await a.send(b"3", [r])
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(sender)
+                await anyio.wait_all_tasks_blocked()
+                a.close()
+            assert len(outcome) == 1
+            assert isinstance(outcome[0], ValueError), repr(outcome[0])
+            assert "closed" in str(outcome[0])
+        finally:
+            a.close()
+            b.close()
+            os.close(r)
+            os.close(w)
+
+    run_kind(sc_kind, main)
+
+
+class _Alarm(TimeoutError):
+    """What a SIGALRM handler raises."""
+
+
+def _strike_at_entry(code_name: str, owner: object = None) -> None:
+    """Raise `_Alarm` at the entry of the next call of *code_name* (on *owner*, if given).
+
+    From a trace function, which CPython calls with the frame about to run:
+    the channel tells it for a signal handler's error (``handler(signum,
+    frame)``), struck where a handler runs, at a function's first instruction.
+    """
+
+    def tracer(frame: Any, event: str, arg: object) -> None:
+        if frame.f_code.co_name == code_name and (owner is None or frame.f_locals.get("self") is owner):
+            sys.settrace(None)
+            raise _Alarm("a SIGALRM handler's timeout")
+
+    sys.settrace(tracer)
+
+
+@pytest.mark.parametrize("at", ["leave", "set"])
+def test_a_handlers_error_as_recv_hands_the_gate_over_neither_loses_nor_wedges(sc_kind: str, at: str) -> None:
+    """Gate.leave, or the waiter's Event.set, cut short at its first instruction (a review: the
+    gate stayed taken, every later recv() waited for good, and the message went in silence)."""
+    cls = channel_class(sc_kind)
+
+    async def main() -> None:
+        a, b = cls.pair()
+        outcomes: list[object] = []
+
+        both = anyio.Event()
+
+        async def receive() -> None:
+            try:
+                with await a.recv() as msg:
+                    outcomes.append(bytes(msg.payload))
+            except BaseException as exc:
+                outcomes.append(exc)
+            if len(outcomes) == 2:
+                both.set()
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(receive)
+                await anyio.wait_all_tasks_blocked()  # the first holds the gate, waiting for data
+                group.start_soon(receive)
+                await anyio.wait_all_tasks_blocked()  # the second waits for the gate
+                waiter = a._recv_gate._waiters[0]
+                _strike_at_entry("leave", a._recv_gate) if at == "leave" else _strike_at_entry("set", waiter)
+                try:
+                    await b.send(b"one")
+                    await b.send(b"two")
+                    await both.wait()
+                finally:
+                    sys.settrace(None)
+            assert isinstance(outcomes[0], _Alarm), outcomes
+            # The first call's message was lost, and the channel says so; the
+            # second call got the gate (no hang) and that answer.
+            assert isinstance(outcomes[1], ChannelBroken), outcomes
+            assert not a._recv_gate.locked()
+        finally:
+            a.close()
+            b.close()
+
+    run_kind(sc_kind, main)
+
+
+@pytest.mark.parametrize("at", ["leave", "set"])
+def test_a_handlers_error_as_send_hands_the_gate_over_neither_hides_nor_wedges(sc_kind: str, at: str) -> None:
+    """The send that had left whole says so (characters_written), and the next sender goes on."""
+    cls = channel_class(sc_kind)
+
+    async def main() -> None:
+        a, b = cls.pair()
+        outcomes: list[object] = []
+        big = b"z" * (4 << 20)  # more than the socket holds: the first send waits for the reader
+
+        async def send(payload: bytes) -> None:
+            try:
+                await a.send(payload)
+                outcomes.append("sent")
+            except BaseException as exc:
+                outcomes.append(exc)
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(send, big)
+                await anyio.wait_all_tasks_blocked()  # the first holds the gate, the socket full
+                group.start_soon(send, b"second")
+                await anyio.wait_all_tasks_blocked()  # the second waits for the gate
+                waiter = a._send_gate._waiters[0]
+                _strike_at_entry("leave", a._send_gate) if at == "leave" else _strike_at_entry("set", waiter)
+                try:
+                    with await b.recv() as msg:
+                        assert len(msg.payload) == len(big)
+                finally:
+                    sys.settrace(None)
+                with await b.recv() as msg:
+                    assert msg.payload == b"second"
+            assert isinstance(outcomes[0], _Alarm), outcomes
+            assert outcomes[0].characters_written == 24 + len(big)  # type: ignore[attr-defined]
+            assert outcomes[1] == "sent"
+            assert not a._send_gate.locked()
+        finally:
+            a.close()
+            b.close()
+
+    run_kind(sc_kind, main)
 
 
 # -- connect and serve ------------------------------------------------------------------------
