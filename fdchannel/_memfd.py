@@ -21,6 +21,7 @@ from typing import Final
 from typing_extensions import Buffer
 
 from ._errors import SharedMemoryRefused
+from ._interrupt import raised_in_signal_handler
 
 assert sys.platform == "linux"  # the rest is Linux only; mypy skips it elsewhere too
 
@@ -57,15 +58,21 @@ def available() -> bool:
     """True if this kernel creates memfds and seals them as `fdchannel.shm` needs."""
     global _available
     if _available is None:
+        # A signal handler's error is not the kernel's answer: raised, not
+        # kept as "unavailable" for the life of the process.
         try:
             fd = _create("fdchannel-probe")
-        except (NotImplementedError, OSError):
+        except (NotImplementedError, OSError) as exc:
+            if raised_in_signal_handler(exc):
+                raise
             _available = False
         else:
             try:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
                 _available = True
-            except OSError:
+            except OSError as exc:
+                if raised_in_signal_handler(exc):
+                    raise
                 _available = False
             finally:
                 os.close(fd)
@@ -130,12 +137,16 @@ def check(fd: int, size: int) -> None:
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError as exc:
+        if raised_in_signal_handler(exc):
+            raise  # a handler's TimeoutError, not the kernel's answer: the caller's to handle
         raise SharedMemoryRefused(
             f"the shared-memory payload is not a memfd (F_GET_SEALS failed: {exc.strerror})"
         ) from None
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
+    except OSError as exc:
+        if raised_in_signal_handler(exc):
+            raise
         target = None  # no /proc: F_GET_SEALS answered, so it is a shmem file
     if target is not None and not target.startswith("/memfd:"):
         raise SharedMemoryRefused(f"the shared-memory payload is not a memfd but {target!r}")

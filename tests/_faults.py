@@ -7,6 +7,8 @@ the WIDTH - 1 after it: a clean-up that allocates fails too)
 (``_testcapi.set_nomemory``: CPython's own fault injection, every allocator
 domain), or in ``signals`` MODE with a KeyboardInterrupt at the k-th point
 where a signal handler runs (WIDTH 2: and a second one at the next point),
+or in ``alarms`` MODE a TimeoutError there (what a ``SIGALRM`` handler
+raises: an `OSError` like the kernel's own, told apart by the traceback),
 and then, with memory back, checks what must hold after any error:
 
 - every message arrives, or those before a reported break (`ChannelBroken`)
@@ -33,8 +35,10 @@ import gc
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from fdchannel import Channel, ChannelBroken, Message, ProtocolError, _fastpath, shm
 from fdchannel.aio import AsyncChannel
@@ -58,6 +62,12 @@ SCENARIOS: dict[str, list[bytes]] = {
     "recv_into": [X],  # into the caller's buffer
     "aio_recv": [X],
     "aio_send": [X],
+    # The structured twins, taken over from the blocking end: their calls
+    # are struck only in this package's frames (trio's own cannot be guarded).
+    "trio_recv": [X],
+    "trio_send": [X],
+    "anyio_recv": [X],
+    "anyio_send": [X],
 }
 
 
@@ -65,12 +75,14 @@ SCENARIOS: dict[str, list[bytes]] = {
 #: is a RuntimeError; fcntl, out of memory as it raises its OSError, returns
 #: "error return without exception set", a SystemError), or the interrupt of
 #: ``signals`` mode.
-FAILURES = (MemoryError, RuntimeError, SystemError, KeyboardInterrupt)
+FAILURES = (MemoryError, RuntimeError, SystemError, KeyboardInterrupt, TimeoutError)
 #: ``memory``: allocation k fails.  ``signals``: a KeyboardInterrupt is
 #: raised at the k-th point where CPython 3.11 runs signal handlers (so where
 #: a handler's error can strike): a Python function's entry, a loop's jump
 #: back, and the end of a call to a C function (its result, if any, dropped).
 MODE = sys.argv[5] if len(sys.argv) > 5 else "memory"
+#: Set for the structured scenarios: only frames of this package are struck.
+OURS_ONLY = len(sys.argv) > 2 and sys.argv[2].startswith(("trio_", "anyio_"))
 HARNESS = os.path.abspath(__file__)
 _CALL, _JUMP_BACKWARD = dis.opmap["CALL"], dis.opmap["JUMP_BACKWARD"]
 
@@ -98,17 +110,17 @@ class _Interrupter:
             sys.settrace(None)
             if self.twice:
                 sys.setprofile(self.again)
-            raise KeyboardInterrupt
+            _raise()
 
     def again(self, frame: FrameType, event: str, arg: object) -> None:
-        if event not in ("call", "c_return") or frame.f_code.co_filename == HARNESS or _unguardable(frame):
+        if event not in ("call", "c_return") or _spared(frame):
             return
         sys.setprofile(None)
-        raise KeyboardInterrupt
+        _raise()
 
     def enter(self, frame: FrameType, event: str, arg: object) -> object:
         self.entered += 1  # a Python frame: its caller's CALL does not check as it ends
-        if frame.f_code.co_filename == HARNESS or _unguardable(frame):
+        if _spared(frame):
             return None
         self._strike()  # RESUME: the function's first instruction checks
         frame.f_trace_opcodes = True
@@ -126,6 +138,21 @@ class _Interrupter:
         elif op == _JUMP_BACKWARD:
             self._strike()
         return self.opcode
+
+
+def _raise() -> None:
+    """The handler's error.  Raised inside a trace function, which CPython
+    calls with the interrupted frame: `raised_in_signal_handler` sees a
+    handler's, as it would for ``handler(signum, frame)``."""
+    if MODE == "alarms":
+        raise TimeoutError("a SIGALRM handler's timeout")
+    raise KeyboardInterrupt
+
+
+def _spared(frame: FrameType) -> bool:
+    if frame.f_code.co_filename == HARNESS or _unguardable(frame):
+        return True
+    return OURS_ONLY and not frame.f_globals.get("__name__", "").startswith("fdchannel")
 
 
 def _unguardable(frame: FrameType | None) -> bool:
@@ -198,7 +225,7 @@ def _misreported(
 
 
 def _receiving(scenario: str) -> bool:
-    return scenario.startswith(("recv", "aio_recv"))
+    return scenario.startswith("recv") or scenario.endswith("_recv")
 
 
 def _fds() -> set[str]:
@@ -234,7 +261,7 @@ def _pair(path: str, scenario: str, r: int) -> tuple[Channel, Channel]:
         receiver.recv().close()
     if scenario.endswith("_shm"):
         shm.share_above(sender, 4096)
-    if scenario in ("recv", "recv_into", "aio_recv"):
+    if scenario in ("recv", "recv_into") or scenario.endswith("_recv"):
         b.send(X, [r])
     elif scenario == "recv_shm":
         b.send(S, [r])
@@ -331,6 +358,92 @@ def _aio_case(
     return asyncio.run(case())
 
 
+def _structured_lib(scenario: str) -> tuple[Any, Callable[..., Any], Callable[[float], Any]]:
+    """The channel class, ``run`` and ``move_on_after`` of a trio_ or anyio_ scenario."""
+    if scenario.startswith("trio_"):
+        import trio
+
+        from fdchannel.trio import TrioChannel
+
+        return TrioChannel, trio.run, trio.move_on_after
+    import anyio
+
+    from fdchannel.anyio import AnyioChannel
+
+    return AnyioChannel, anyio.run, anyio.move_on_after  # (its asyncio backend)
+
+
+async def _structured_sent(
+    ch: Any, b: Channel, error: bool, told: int | None, ino: int, move_on_after: Callable[[float], Any]
+) -> list[bytes]:
+    """What a structured send's receiver got, checked as `_aio_case` checks it, and that sending goes on."""
+    got = _drain(b, ino)
+    if error and told is not None and (told > 0) != (got == [X]):
+        return [b"MISREPORTED"]
+    with move_on_after(10) as waited:  # a gate left taken would hang these
+        if error and told is None and got == [X]:
+            try:
+                await ch.send(b"retry")
+                return [b"UNTOLD, AND A RETRY WAS ACCEPTED"]
+            except (ProtocolError, OSError, ValueError):
+                pass  # unknown, and the channel refuses a retry
+        try:
+            await ch.send(b"after")
+        except (ProtocolError, OSError, ValueError):
+            pass  # refused: the channel said it is unusable
+        _drain(b, ino)
+    return [b"A LATER SEND HUNG"] if waited.cancelled_caught else got
+
+
+def _structured_case(
+    scenario: str, k: int, width: int, a: Channel, b: Channel, r: int, ino: int
+) -> tuple[bool, list[bytes]]:
+    """`_aio_case` for the trio and anyio channels."""
+    cls, run, move_on_after = _structured_lib(scenario)
+    outcome: list[tuple[bool, list[bytes]]] = []
+
+    async def case() -> None:
+        ch = cls.from_channel(a)
+        try:
+            made: object = None
+            error = False
+            told: int | None = None
+            _fail_from(k, width)
+            try:
+                made = await (ch.recv() if scenario.endswith("_recv") else ch.send(X, [r]))
+            except FAILURES as exc:
+                error = True
+                told = _told(exc, scenario)
+            finally:
+                _stop_failing()
+            if scenario.endswith("_send"):
+                outcome.append((error, await _structured_sent(ch, b, error, told, ino, move_on_after)))
+                return
+            if not isinstance(made, Message):
+                # Still there, or the channel says it is broken (a silent
+                # gap, or a gate left taken, times out).
+                with move_on_after(10):
+                    try:
+                        made = await ch.recv()
+                    except ChannelBroken:
+                        outcome.append((error, [b"BROKEN"]))
+                        return
+            if not isinstance(made, Message):
+                outcome.append((error, [b"NOTHING WITHIN 10 S"]))
+                return
+            with made:
+                outcome.append((error, _checked(made, ino)))
+        finally:
+            ch.close()
+
+    with warnings.catch_warnings():
+        # A strike between making a checkpoint's coroutine and awaiting it
+        # leaves it unawaited: nothing was in hand yet.
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        run(case)
+    return outcome[0]
+
+
 def _checked(m: Message, ino: int) -> list[bytes]:
     if any(os.fstat(f.fileno()).st_ino != ino for f in m.fds):
         return [b"WRONG FD"]
@@ -421,6 +534,8 @@ def main(path: str, scenario: str, count: int, width: int = 1) -> dict[str, obje
         a, b = _pair(path, scenario, r)
         if scenario.startswith("aio_"):
             error, got = _aio_case(scenario, k, width, a, b, r, ino)
+        elif OURS_ONLY:
+            error, got = _structured_case(scenario, k, width, a, b, r, ino)
         else:
             error, got, problems = _sync_case(scenario, k, width, a, b, r, w, ino)
             broken += problems
