@@ -388,12 +388,19 @@ class StructuredChannel(AsyncSurface):
                 try:
                     gate.leave()
                 except BaseException as exc:
-                    if waiters and waiters[0] is first:
-                        gate.leave()  # cut short before the hand-over: done now
+                    last = exc
                     if done:
-                        # The message had left whole (stored with no call first).
+                        # The message had left whole: stored first, with no
+                        # call (a second handler's error may cut the retry).
                         exc.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
-                    raise
+                    while waiters and waiters[0] is first:  # cut short before the hand-over: done now
+                        try:
+                            gate.leave()
+                        except BaseException as again:  # a storm of signals: the last error is raised
+                            if done:
+                                again.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
+                            last = again
+                    raise last  # noqa: B904 - the last handler's error (the first is its context)
 
     async def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
@@ -443,10 +450,14 @@ class StructuredChannel(AsyncSurface):
                 first = waiters[0]
                 try:
                     gate.leave()
-                except BaseException:
-                    if waiters and waiters[0] is first:
-                        gate.leave()
-                    raise
+                except BaseException as exc:
+                    last = exc
+                    while waiters and waiters[0] is first:  # as in send()
+                        try:
+                            gate.leave()
+                        except BaseException as again:
+                            last = again
+                    raise last  # noqa: B904 - the last handler's error (the first is its context)
 
     async def _sleep(self, seconds: float) -> None:
         await self._backend.sleep(seconds)
@@ -469,8 +480,9 @@ class StructuredChannel(AsyncSurface):
         await self._checkpoint()  # nothing in hand yet: a cancellation here loses nothing
         waited = False
         if not gate.try_enter():
+            closed_before = self._closed
             await gate.enter()
-            waited = True
+            waited = not closed_before
         msg: Message | None = None
         try:
             if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
@@ -517,12 +529,17 @@ class StructuredChannel(AsyncSurface):
                 try:
                     gate.leave()
                 except BaseException as exc:
-                    if waiters and waiters[0] is first:
-                        gate.leave()  # cut short before the hand-over: done now
+                    last = exc
                     if msg is not None:
-                        self._delivering = True  # (no call first: see Channel.recv)
+                        self._delivering = True  # first, with no call: see Channel.recv
+                    while waiters and waiters[0] is first:  # cut short before the hand-over: done now
+                        try:
+                            gate.leave()
+                        except BaseException as again:  # a storm of signals: the last error is raised
+                            last = again
+                    if msg is not None:
                         self._recv_lost(exc, msg)
-                    raise
+                    raise last  # noqa: B904 - the last handler's error (the first is its context)
 
 
 # -- named endpoints -------------------------------------------------------------

@@ -75,13 +75,16 @@ class _Gate:
     `asyncio.Lock` can only be taken by awaiting a coroutine, which the
     fast paths of `AsyncChannel` would pay on every message.  Ownership is
     handed to the next waiter on `leave`; a waiter cancelled after the hand-
-    over passes it on, so the gate is never lost.
+    over passes it on, so the gate is never lost.  The channel leaves it
+    inline, and runs `leave` again if a signal handler's error cut it short
+    (``_turns`` did not move): no hand-over is lost or made twice.
     """
 
-    __slots__ = ("_busy", "_waiters")
+    __slots__ = ("_busy", "_turns", "_waiters")
 
     def __init__(self) -> None:
         self._busy = False
+        self._turns = 0  # hand-overs and releases `leave` completed
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     def locked(self) -> bool:
@@ -111,13 +114,25 @@ class _Gate:
             raise
 
     def leave(self) -> None:
-        """Release the gate, handing it to the first live waiter."""
-        while self._waiters:
-            fut = self._waiters.popleft()
+        """Release the gate, handing it to the first live waiter.
+
+        A woken waiter stays listed until the hand-over ends, so that a run
+        cut short after waking it finds it again (woken, not cancelled) and
+        wakes no second one.
+        """
+        waiters = self._waiters
+        while waiters:
+            fut = waiters[0]
             if not fut.done():
                 fut.set_result(None)  # the gate stays busy: it is theirs now
-                return
+            elif fut.cancelled():
+                del waiters[0]
+                continue
+            del waiters[0]
+            self._turns += 1
+            return
         self._busy = False
+        self._turns += 1
 
 
 class AsyncChannel(AsyncSurface):
@@ -465,7 +480,7 @@ class AsyncChannel(AsyncSurface):
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912 - the send fast path, inline
+    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912, PLR0915 - the send fast path, inline
         """Send one message: *payload* and *fds*, delivered together.
 
         Waits while the socket is full (backpressure): memory held by the
@@ -539,10 +554,24 @@ class AsyncChannel(AsyncSurface):
                 exc.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
             raise
         finally:
-            if gate._waiters:
-                gate.leave()
-            else:
+            if not gate._waiters:
                 gate._busy = False  # as in recv(): no call, no interrupt point
+            else:
+                turn = gate._turns
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    last = exc
+                    if done:  # first, with no call: as above
+                        exc.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
+                    while gate._turns == turn:  # cut short: the hand-over is finished now
+                        try:
+                            gate.leave()
+                        except BaseException as again:  # a storm of signals: the last error is raised
+                            if done:
+                                again.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
+                            last = again
+                    raise last  # noqa: B904 - the last handler's error (the first is its context)
 
     async def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:
         """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
@@ -577,7 +606,21 @@ class AsyncChannel(AsyncSurface):
                 raise
             self._suspect = False
         finally:
-            self._send_gate.leave()
+            gate = self._send_gate  # left as in send()
+            if not gate._waiters:
+                gate._busy = False
+            else:
+                turn = gate._turns
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    last = exc
+                    while gate._turns == turn:  # cut short: finished now (as in send())
+                        try:
+                            gate.leave()
+                        except BaseException as again:
+                            last = again
+                    raise last  # noqa: B904 - the last handler's error (the first is its context)
 
     async def _send_queued(self, payload: Buffer | SealedMemory, nums: list[int], size: int) -> None:
         """The general send: control frames and older data first, then the message."""
@@ -628,7 +671,21 @@ class AsyncChannel(AsyncSurface):
             if self._outbox.pending:
                 await self._push(None)
         finally:
-            self._send_gate.leave()
+            gate = self._send_gate  # left as in send()
+            if not gate._waiters:
+                gate._busy = False
+            else:
+                turn = gate._turns
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    last = exc
+                    while gate._turns == turn:  # cut short: finished now (as in send())
+                        try:
+                            gate.leave()
+                        except BaseException as again:
+                            last = again
+                    raise last  # noqa: B904 - the last handler's error (the first is its context)
 
     async def _sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -661,8 +718,9 @@ class AsyncChannel(AsyncSurface):
         gate = self._recv_gate
         waited = False
         if not gate.try_enter():
+            closed_before = self._closed
             await gate.enter()
-            waited = True
+            waited = not closed_before
         msg: Message | None = None
         try:
             if self._closed or self._broken is not None or self._delivering or self._decoder.landed:
@@ -705,18 +763,26 @@ class AsyncChannel(AsyncSurface):
             self._recv_stopped(exc)
             raise
         finally:
-            if gate._waiters:
-                try:
-                    gate.leave()
-                except BaseException as exc:
-                    if msg is not None:
-                        self._delivering = True  # (no call first: see Channel.recv)
-                        self._recv_lost(exc, msg)
-                    raise
-            else:
+            if not gate._waiters:
                 # No call, so no point where a signal handler could run
                 # and leave the gate taken for good.
                 gate._busy = False
+            else:
+                turn = gate._turns
+                try:
+                    gate.leave()
+                except BaseException as exc:
+                    last = exc
+                    if msg is not None:
+                        self._delivering = True  # (no call first: see Channel.recv)
+                    while gate._turns == turn:  # cut short: the hand-over is finished now
+                        try:
+                            gate.leave()
+                        except BaseException as again:  # a storm of signals: the last error is raised
+                            last = again
+                    if msg is not None:
+                        self._recv_lost(exc, msg)
+                    raise last  # noqa: B904 - the last handler's error (the first is its context)
 
 
 # -- named endpoints -------------------------------------------------------------

@@ -437,6 +437,125 @@ def test_close_while_a_send_waits_for_acknowledgements_raises_value_error(run: R
     run(main())
 
 
+class _Alarm(TimeoutError):
+    """What a SIGALRM handler raises."""
+
+
+def _strike_gate(at: str, gate: object) -> None:
+    """Raise `_Alarm` where a signal handler runs as *gate* is handed over.
+
+    ``leave``: at `_Gate.leave`'s first instruction (``leave-twice``: at the
+    retry's too); ``set_result``: as the waiter's future was just woken (the
+    end of that C call).  From trace and profile functions, which CPython
+    calls with the running frame: the channel tells it for a handler's error.
+    """
+    if at == "set_result":
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if (
+                event == "c_return"
+                and getattr(arg, "__name__", "") == "set_result"
+                and frame.f_code.co_name == "leave"
+                and frame.f_locals.get("self") is gate
+            ):
+                sys.setprofile(None)
+                raise _Alarm("a SIGALRM handler's timeout")
+
+        sys.setprofile(profile)
+        return
+
+    def again(frame: Any, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_name == "leave" and frame.f_locals.get("self") is gate:
+            sys.setprofile(None)
+            raise _Alarm("a second SIGALRM handler's timeout")
+
+    def tracer(frame: Any, event: str, arg: object) -> None:
+        if frame.f_code.co_name == "leave" and frame.f_locals.get("self") is gate:
+            sys.settrace(None)  # (CPython drops a tracer that raised: a profile function strikes again)
+            if at == "leave-twice":
+                sys.setprofile(again)
+            raise _Alarm("a SIGALRM handler's timeout")
+
+    sys.settrace(tracer)
+
+
+def _stop_striking() -> None:
+    sys.settrace(None)
+    sys.setprofile(None)
+
+
+@pytest.mark.parametrize("at", ["leave", "set_result", "leave-twice"])
+def test_a_handlers_error_as_recv_hands_the_gate_over_neither_loses_nor_wedges(run: Run, at: str) -> None:
+    """A review: the waiter was taken off the queue before it was woken, and never woken; the gate
+    stayed taken, every later recv() waited for good."""
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        try:
+            first = asyncio.create_task(a.recv())
+            for _ in range(5):
+                await asyncio.sleep(0)  # the first holds the gate, waiting for data
+            second = asyncio.create_task(a.recv())
+            for _ in range(5):
+                await asyncio.sleep(0)  # the second waits for the gate
+            assert a._recv_gate._waiters
+            _strike_gate(at, a._recv_gate)
+            try:
+                await b.send(b"one")
+                await b.send(b"two")
+                done, _ = await asyncio.wait([first, second], timeout=TIMEOUT)
+            finally:
+                _stop_striking()
+            assert len(done) == 2, "a recv() waits for a gate nobody holds"
+            with pytest.raises(_Alarm):
+                first.result()
+            with pytest.raises(ProtocolError):  # ChannelBroken: the first call's message was lost
+                second.result()
+            assert not a._recv_gate.locked()
+        finally:
+            a.close()
+            b.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("at", ["leave", "set_result", "leave-twice"])
+def test_a_handlers_error_as_send_hands_the_gate_over_neither_hides_nor_wedges(run: Run, at: str) -> None:
+    """The send that left whole says so (characters_written), and the waiting sender goes on."""
+
+    async def main() -> None:
+        a, b = AsyncChannel.pair()
+        big = b"z" * (4 << 20)  # more than the socket holds: the first send waits for the reader
+        try:
+            first = asyncio.create_task(a.send(big))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            second = asyncio.create_task(a.send(b"second"))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert a._send_gate._waiters
+            _strike_gate(at, a._send_gate)
+            try:
+                with await asyncio.wait_for(b.recv(), TIMEOUT) as msg:
+                    assert len(msg.payload) == len(big)
+                done, _ = await asyncio.wait([first], timeout=TIMEOUT)
+            finally:
+                _stop_striking()
+            assert done
+            with await asyncio.wait_for(b.recv(), TIMEOUT) as msg:
+                assert msg.payload == b"second"
+            await asyncio.wait_for(second, TIMEOUT)
+            with pytest.raises(_Alarm) as info:
+                first.result()
+            assert info.value.characters_written == 24 + len(big)  # type: ignore[attr-defined]
+            assert not a._send_gate.locked()
+        finally:
+            a.close()
+            b.close()
+
+    run(main())
+
+
 def test_unread_messages_are_closed_with_the_channel(run: Run) -> None:
     async def main() -> None:
         a, b = AsyncChannel.pair()
