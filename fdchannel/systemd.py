@@ -91,11 +91,13 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, list[OwnedFd]]:
     ``LISTEN_PID`` or ``LISTEN_FDS`` is not a plain decimal number (a
     leading zero, octal to libsystemd, included), ``LISTEN_FDS`` is 0,
     ``LISTEN_FDNAMES`` does not hold one name per fd, a named fd is not
-    open, or the fds were handed out already; then no fd is taken.  Any
-    other exception on the way (`OSError` making an fd close-on-exec, a
+    open, or the fds were handed out already; then no fd is taken.  An
+    exception while they are taken (`OSError` making an fd close-on-exec, a
     signal handler's `KeyboardInterrupt`) closes every one of the fds
-    before it propagates, the ones already wrapped included: none is left
-    open without an owner.  `OSError` (``ENOTSUP``) on Windows, which has
+    before it propagates, the ones already wrapped included.  A signal
+    handler's error earlier, while the variables are read and the fds
+    checked, leaves the fds open and unowned (and, with
+    *unset_environment*, the variables gone).  `OSError` (``ENOTSUP``) on Windows, which has
     no fd inheritance of this kind.
     """
     if sys.platform == "win32":
