@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Final, Self
 from ._budget import Budget
 from ._channel import Channel
 from ._core import DEFAULT_MAX_FDS, check_holding_limits
-from ._fdutil import close_all
 from ._peer import (
     SUN_PATH_MAX,
     PeerCredentials,
@@ -195,6 +194,7 @@ class Listener:
             raise
         self._waiters = 0
         self._released = False
+        self._files_released = False
 
     @property
     def path(self) -> str | bytes:
@@ -446,15 +446,19 @@ class Listener:
         in `accept` wake up with `ValueError`; the socket is closed when the
         last of them has left.
         """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            # Counted as a waiter until done: an accept() leaving meanwhile
-            # must not release the wake-up fd this writes to, nor the
-            # liveness lock _release_file reads.
-            self._waiters += 1
+        # Each step may be cut short by a signal handler's error: another
+        # close() (or the finalizer's) then finishes what is left.
+        counted = False
         try:
+            with self._lock:
+                if self._released:
+                    return
+                self._closed = True
+                # Counted as a waiter until done: an accept() leaving meanwhile
+                # must not release the wake-up fd this writes to, nor the
+                # liveness lock _release_file reads.
+                self._waiters += 1
+                counted = True
             # The files go first, while the liveness lock is still held: a
             # listener starting now sees this one live or finds nothing there.
             self._release_file()
@@ -463,21 +467,36 @@ class Listener:
             if busy:
                 os.write(self._wake_w, b"\0\0\0\0\0\0\0\1")
         finally:
-            with self._lock:
-                self._waiters -= 1
-                last = not self._waiters
-            if last:
-                self._release()
+            if counted:
+                with self._lock:
+                    self._waiters -= 1
+                    last = not self._waiters
+                if last:
+                    self._release()
 
     def _release(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        self._sock.close()
-        close_all({self._wake_r, self._wake_w})
-        if self._liveness >= 0:
+        # Under the lock: one thread releases.  Each number is struck before
+        # its close (no point between where a handler runs), so a release cut
+        # short goes on where it stopped when called again.
+        with self._lock:
+            if self._released:
+                return
+            if not self._files_released:
+                self._release_file()  # (a close() cut short before it: files first still)
+            self._sock.close()
+            r = self._wake_r
+            if self._wake_w == r:
+                self._wake_w = -1  # one fd (an eventfd): struck once, with _wake_r
+            self._wake_r = -1
+            if r >= 0:
+                os.close(r)
+            w, self._wake_w = self._wake_w, -1
+            if w >= 0:
+                os.close(w)
             lock, self._liveness = self._liveness, -1
-            os.close(lock)
+            if lock >= 0:
+                os.close(lock)
+            self._released = True
 
     def _release_file(self) -> None:
         if self._file_id is None or os.getpid() != self._owner_pid:
@@ -491,6 +510,7 @@ class Listener:
             pass
         if self._liveness >= 0:
             _drop_liveness_lock(path, self._liveness, unlink=True, close=False)
+        self._files_released = True
 
     def __del__(self) -> None:
         if not getattr(self, "_released", True):

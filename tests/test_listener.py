@@ -13,6 +13,7 @@ if sys.platform == "win32":
     )
 
 import ctypes
+import dis
 import errno
 import logging
 import os
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from fdchannel import Channel, ChannelClosed, Listener, PeerCredentials
 
@@ -357,11 +359,12 @@ def test_an_accept_that_leaves_during_close_leaves_its_wake_up_fd_to_close(
     into whatever file took that number since.
     """
     listener.settimeout(None)
-    outcome: list[BaseException] = []
+    outcome: list[object] = []
 
     def wait() -> None:
         try:
             listener.accept().close()
+            outcome.append("accepted")  # it had passed its look at _closed as close() began
         except BaseException as exc:
             outcome.append(exc)
 
@@ -385,7 +388,7 @@ def test_an_accept_that_leaves_during_close_leaves_its_wake_up_fd_to_close(
     try:
         listener.close()
         assert len(outcome) == 1
-        assert isinstance(outcome[0], ValueError), outcome
+        assert outcome[0] == "accepted" or isinstance(outcome[0], ValueError), outcome
         os.set_blocking(bystander[0], False)
         with pytest.raises(BlockingIOError):
             os.read(bystander[0], 64)  # nothing was written into the bystander's pipe
@@ -393,6 +396,89 @@ def test_an_accept_that_leaves_during_close_leaves_its_wake_up_fd_to_close(
         for fd in bystander:
             os.close(fd)
     assert listener._released
+
+
+class _Strike:
+    """A tracer raising KeyboardInterrupt at the k-th point where CPython 3.11 runs a signal
+    handler (a Python function's entry, a loop's jump back, the end of a call to a C function),
+    in this thread only; as tests/_faults.py does."""
+
+    def __init__(self, k: int) -> None:
+        self.left = k
+        self.entered = 0
+        self.after_call: dict[Any, int] = {}
+
+    def _strike(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    def enter(self, frame: Any, event: str, arg: object) -> Any:
+        self.entered += 1
+        if frame.f_code.co_filename == __file__ or frame.f_code.co_name == "__del__":
+            return None
+        self._strike()
+        frame.f_trace_opcodes = True
+        return self.opcode
+
+    def opcode(self, frame: Any, event: str, arg: object) -> Any:
+        if event != "opcode":
+            return self.opcode
+        began = self.after_call.pop(frame, None)
+        if began is not None and began == self.entered:
+            self._strike()
+        op = frame.f_code.co_code[frame.f_lasti]
+        if op == dis.opmap["CALL"]:
+            self.after_call[frame] = self.entered
+        elif op == dis.opmap["JUMP_BACKWARD"]:
+            self._strike()
+        return self.opcode
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="models CPython 3.11's handler points")
+@pytest.mark.parametrize("waiting", [True, False], ids=["accept-waiting", "idle"])
+def test_a_close_cut_short_by_a_handler_is_finished_by_the_next(tmp_path: Path, waiting: bool) -> None:
+    """A review: once a handler's error cut close() short, a second close() (or the finalizer's)
+    did nothing: accept() stayed blocked, and the socket, the wake-up fd and the lock fd leaked."""
+    struck = 0
+    for k in range(200):
+        path = tmp_path / f"s{k}"
+        lst = Listener(path)
+        lst.settimeout(None)
+        outcome: list[BaseException] = []
+        waiter = None
+        if waiting:
+
+            def wait(lst: Listener = lst, outcome: list[BaseException] = outcome) -> None:
+                try:
+                    lst.accept().close()
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            waiter = threading.Thread(target=wait)
+            waiter.start()
+            deadline = time.monotonic() + TIMEOUT
+            while lst._waiters == 0:
+                assert time.monotonic() < deadline, "accept() never began"
+        sys.settrace(_Strike(k).enter)
+        try:
+            lst.close()
+        except KeyboardInterrupt:
+            struck += 1
+        finally:
+            sys.settrace(None)
+        lst.close()  # the caller's retry (or the finalizer's)
+        if waiter is not None:
+            waiter.join(TIMEOUT)
+            assert not waiter.is_alive(), f"k={k}: accept() still blocked after the second close()"
+            assert len(outcome) == 1
+            assert isinstance(outcome[0], ValueError), (k, outcome)
+        assert lst._released, f"k={k}: the listener was never released"
+        assert not path.exists(), f"k={k}: the socket file was left"
+        if struck <= k:
+            break  # the k-th point is past the end of close(): every point was struck
+    assert struck > 10
 
 
 # -- peer checks ---------------------------------------------------------------------------
