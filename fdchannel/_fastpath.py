@@ -56,7 +56,8 @@ def _load() -> tuple[ModuleType | None, str]:
         FIRST_BUFFER,
     ):
         return None, "fdchannel._speedups was built for another wire format"
-    # Also puts C versions of Message.close and Message.__del__ on the class.
+    # Also puts C versions of Message.close, Message.__del__ and its dealloc
+    # (which keeps a few messages for the next recv) on the class.
     module.setup(Message, CLOSED_FD, Frame, _send_rest, _send_interrupted, _recv_rest, _send_many_rest)
     # And of OwnedFd.__del__ and SealedMemory.__del__: no signal handler can
     # cut them short before they close (see _speedups.c).

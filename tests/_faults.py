@@ -176,6 +176,10 @@ def _unguardable(frame: FrameType | None) -> bool:
 
 def _fail_from(k: int, width: int) -> None:
     if MODE == "memory":
+        if _fastpath.compiled_available():
+            # The Message a recv() makes is then its own allocation, not one
+            # kept from an earlier message let go: that allocation fails too.
+            _fastpath._speedups.drop_spare_messages()
         _testcapi.set_nomemory(k, k + width)
     else:
         sys.settrace(_Interrupter(k, twice=width > 1).enter)

@@ -422,7 +422,7 @@ import gc, os, sys
 from fdchannel import Channel, _fastpath
 mode = sys.argv[1].split("-")
 r, w = os.pipe()
-at, inside = [], [False]
+at, inside, kept = [], [False], []
 class Cycle:
     # Freed only by a collection: one runs while recv() allocates.
     def __init__(self, channel):
@@ -448,6 +448,9 @@ for _ in range(3):
     gc.set_threshold(700, 10, 10)
     with m:
         got.append((bytes(m.payload), len(m.fds)))
+    # Kept: a message let go would be the next recv()'s (spare_messages in
+    # _speedups.c), and that recv would then allocate no object to collect in.
+    kept.append(m)
     a.close()
     b.close()
     gc.collect()
