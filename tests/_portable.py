@@ -4,6 +4,7 @@
   sockets only, not pipes).
 - `stream_socketpair`: the kind of pair `Channel.pair` makes (AF_UNIX where
   it exists, else the loopback TCP pair of ``socket.socketpair()``).
+- `is_open`: whether a number names an open fd (``os.fstat`` works on it).
 - `more_than_a_socket_holds`: a size no unread socket pair takes whole,
   measured here (loopback buffers differ a lot: about 200 KiB for AF_UNIX
   on Linux, about 4 MB for TCP on loopback under Wine).
@@ -22,6 +23,15 @@ import pytest
 from ._transports import tcp_socketpair
 
 TIMEOUT = 10.0
+
+
+def is_open(fd: int) -> bool:
+    """True while *fd* names an open file (``os.fstat`` succeeds)."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _under_wine() -> bool:

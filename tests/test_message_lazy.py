@@ -23,7 +23,7 @@ import pytest
 from fdchannel import Channel, Message, OwnedFd
 from fdchannel.shm import SealedMemory
 
-from ._portable import read_fd
+from ._portable import is_open, read_fd
 from ._transports import PairFactory
 
 TIMEOUT = 10.0
@@ -32,14 +32,6 @@ TIMEOUT = 10.0
 def _owned_fds_alive() -> int:
     gc.collect()
     return sum(1 for o in gc.get_objects() if isinstance(o, OwnedFd))
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def test_closing_an_untouched_message_makes_no_ownedfd_and_closes_every_fd(make_pair: PairFactory) -> None:
@@ -54,9 +46,9 @@ def test_closing_an_untouched_message_makes_no_ownedfd_and_closes_every_fd(make_
         assert _owned_fds_alive() == before, "recv() made OwnedFd objects nobody asked for"
         numbers = list(msg._raw)
         assert len(numbers) == 3
-        assert all(_is_open(n) for n in numbers)
+        assert all(is_open(n) for n in numbers)
         msg.close()
-        assert not any(_is_open(n) for n in numbers)
+        assert not any(is_open(n) for n in numbers)
         assert _owned_fds_alive() == before
         # Read after close, the fds are there, closed, as they always were.
         assert len(msg.fds) == 3
@@ -80,8 +72,8 @@ def test_fds_become_owned_objects_once_and_what_was_taken_stays_open(make_pair: 
             kept_w = fds[1].detach()
             other = fds[0].fileno()
         # Leaving `with` closed the read end nobody took, not the detached write end.
-        assert not _is_open(other)
-        assert _is_open(kept_w)
+        assert not is_open(other)
+        assert is_open(kept_w)
         os.write(kept_w, b"k")
         os.close(kept_w)
         assert read_fd(r) == b"k"
@@ -118,7 +110,7 @@ def test_a_dropped_message_closes_its_fds_and_warns(make_pair: PairFactory) -> N
         with pytest.warns(ResourceWarning, match=f"unclosed <OwnedFd fd={number}>"):
             del msg
             gc.collect()
-        assert not _is_open(number)
+        assert not is_open(number)
     os.close(r)
 
 
@@ -133,7 +125,7 @@ def test_assigning_fds_replaces_them_as_before() -> None:
     assert msg.fds is replacement
     msg.close()
     assert old[0].fileno() == r
-    assert not _is_open(w)
+    assert not is_open(w)
     old[0].close()
 
 
@@ -339,7 +331,7 @@ def test_a_close_that_blocks_lets_other_threads_run(closer: Callable[[list[Messa
 
         def other() -> None:
             deadline = time.monotonic() + TIMEOUT
-            while _is_open(number) and time.monotonic() < deadline:
+            while is_open(number) and time.monotonic() < deadline:
                 pass  # (each fstat releases the GIL)
             ran.append(time.monotonic())
 
@@ -401,7 +393,7 @@ def test_a_fork_while_a_close_blocks_leaves_the_child_none_of_the_fds_still_to_c
             # The first close has begun once its number has left the fd table
             # (Linux takes it out before the lingering wait).
             deadline = time.monotonic() + TIMEOUT
-            while _is_open(numbers[0]):
+            while is_open(numbers[0]):
                 assert time.monotonic() < deadline, "the close never began"
             pid = os.fork()
             if pid == 0:  # the child: close what its copy of the message owns, count what is left

@@ -20,15 +20,9 @@ import pytest
 
 from fdchannel import Channel, Message, OwnedFd
 
+from ._portable import is_open
+
 TIMEOUT = 10.0
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _pair() -> tuple[Channel, Channel]:
@@ -100,7 +94,7 @@ def test_a_message_kept_alive_by_its_own_resource_warning_stays_whole() -> None:
             warnings.simplefilter("always", ResourceWarning)
             del msg
             gc.collect()
-        assert not _is_open(number)  # the finalizer closed it, as for any dropped message
+        assert not is_open(number)  # the finalizer closed it, as for any dropped message
         [record] = [c for c in caught if issubclass(c.category, ResourceWarning)]
         back = record.source
         assert isinstance(back, Message)

@@ -16,15 +16,7 @@ import pytest
 from fdchannel import Message, OwnedFd, _fastpath
 from fdchannel._fdutil import SocketHandle
 
-from ._portable import wine_unbound_socket_quirk
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+from ._portable import is_open, wine_unbound_socket_quirk
 
 
 def owned_pipe() -> tuple[OwnedFd, OwnedFd]:
