@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import Buffer
 
 from ._codec import FLAG_GROUP, HEADER_SIZE, SCM_MAX_FD, pack_tagged
+from ._core import hold
 from ._shared import SealedMemory, share_large
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "closed_meanwhile",
     "prepare",
     "record_taken",
+    "release",
     "send_each",
     "send_each_async",
     "send_groups",
@@ -98,16 +100,39 @@ def _groups(tag: int, prepared: Sequence[Prepared]) -> Iterator[_Group | Prepare
 
 
 def prepare(
-    channel: ChannelCore, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]
+    channel: ChannelCore,
+    messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]],
+    pins: list[memoryview],
 ) -> list[Prepared]:
-    """Check every message as ``send()`` would, before anything is written."""
+    """Check every message as ``send()`` would, before anything is written.
+
+    Each payload is held from the moment its size is read (`hold`, the views
+    added to *pins*): a later message's ``fileno()``, or another task while
+    the async twin waits, cannot resize it under its header.  On an error
+    path the caller lets them go with `release`; raising, this does.
+    """
     prepared: list[Prepared] = []
     share = channel._share_above is not None
-    for given, fds in messages:
-        payload = share_large(channel, given) if share else given
-        nums, size = channel._message(payload, fds)
-        prepared.append((payload, nums, size))
+    try:
+        for given, fds in messages:
+            payload = share_large(channel, given) if share else given
+            nums, size = channel._message(payload, fds)
+            if payload.__class__ is not bytes:
+                pin = hold(payload)
+                if pin is not None:
+                    pins.append(pin)
+            prepared.append((payload, nums, size))
+    except BaseException:
+        release(pins)
+        raise
     return prepared
+
+
+def release(pins: list[memoryview]) -> None:
+    """Let go of the views `prepare` made: the caller's buffers are free again."""
+    for pin in pins:
+        pin.release()
+    pins.clear()
 
 
 def record_taken(exc: BaseException, taken: int, count: int) -> None:

@@ -16,7 +16,7 @@ from typing_extensions import Buffer
 from . import _batch, _fastpath, _handoff, _into, _peer
 from ._budget import Budget
 from ._codec import HEADER_SIZE, SCM_MAX_FD
-from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore, hold
 from ._errors import BufferTooShort, ChannelBroken, ChannelClosed, ProtocolError
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
@@ -268,7 +268,7 @@ class Channel(ChannelCore):
 
     # -- sending ------------------------------------------------------------
 
-    def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912 - compiled path first, then the Python one inline
+    def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912, PLR0915 - compiled path first, then the Python one inline
         """Send one message: *payload* and *fds*, delivered together.
 
         The receiver gets duplicates of the same open files: they share the
@@ -276,7 +276,10 @@ class Channel(ChannelCore):
         [what a sent fd shares][what-a-sent-fd-shares]).
 
         Args:
-            payload: The message's bytes (any contiguous bytes-like object).
+            payload: The message's bytes (any contiguous bytes-like object),
+                borrowed until the call returns: resizing it meanwhile (from
+                another thread, or a later ``fileno()``) raises `BufferError`
+                where it is tried.
             fds: Ints or objects with ``fileno()`` (files, sockets,
                 `OwnedFd`); they stay the caller's, who may close them as
                 soon as the call returns or raises.  Each ``fileno()`` is
@@ -320,6 +323,9 @@ class Channel(ChannelCore):
         if self._share_above is not None:
             payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
+        # Held until the call ends (`hold`): another thread cannot resize it
+        # while this one waits for the lock.  No call for bytes.
+        pin = None if payload.__class__ is bytes else hold(payload)
         done = False
         try:
             with self._send_lock:
@@ -335,6 +341,12 @@ class Channel(ChannelCore):
                     else:
                         self._send_queued(payload, nums, size)
                 except BaseException as exc:
+                    if pin is not None:
+                        # The caller's buffer is free as it handles the error.
+                        # A handler's error here leaves the call suspect, as
+                        # one at the next line would.
+                        pin.release()
+                        pin = None
                     self._send_interrupted(exc)
                     raise
                 self._suspect = False
@@ -344,8 +356,11 @@ class Channel(ChannelCore):
                 # A signal handler's error as the lock was released: the
                 # message had left whole (stored without a call, as above).
                 exc.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
-            elif isinstance(exc, OSError | ChannelClosed):
-                self._closed_meanwhile(exc)
+            else:
+                if pin is not None:
+                    pin.release()  # raised before any write (or the handler above was cut short)
+                if isinstance(exc, OSError | ChannelClosed):
+                    self._closed_meanwhile(exc)
             raise
         finally:
             # close() in another thread skips what a busy lock guards, and it
@@ -398,7 +413,8 @@ class Channel(ChannelCore):
                 return  # one write in C (fdchannel._fastpath), or its rest handed over
             if sent is not False:
                 messages = sent  # with the fd numbers its fileno() calls gave: none runs twice
-        prepared = _batch.prepare(self, messages)
+        pins: list[memoryview] = []  # as in send(), each payload held until the call ends
+        prepared = _batch.prepare(self, messages, pins)
         count = len(prepared)  # (a call: not in the handler below)
         done = False
         try:
@@ -413,6 +429,8 @@ class Channel(ChannelCore):
                     else:
                         _batch.send_each(self, prepared)
                 except BaseException as exc:
+                    if pins:
+                        _batch.release(pins)  # first, as in send()
                     self._send_interrupted(exc)
                     raise
                 self._suspect = False
@@ -421,8 +439,11 @@ class Channel(ChannelCore):
             if done:
                 # A signal handler's error as the lock was released: all had left.
                 exc.messages_taken = count  # type: ignore[attr-defined]
-            elif isinstance(exc, OSError | ChannelClosed):
-                _batch.closed_meanwhile(self, exc)
+            else:
+                if pins:
+                    _batch.release(pins)  # as in send()
+                if isinstance(exc, OSError | ChannelClosed):
+                    _batch.closed_meanwhile(self, exc)
             raise
         finally:
             if self._closed:

@@ -57,7 +57,7 @@ from ._shared import SealedMemory, shared_message
 from ._sockio import SocketIO, io_for, write_pending
 from .transports import Outgoing, Session, Transport, default_transport
 
-__all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "PUMP_BUDGET", "ChannelCore"]
+__all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "PUMP_BUDGET", "ChannelCore", "hold"]
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
 """The default ``max_payload`` of a channel: 64 MiB, the largest payload of one message."""
@@ -1023,6 +1023,25 @@ class ChannelCore:
             self._session.close()
         finally:
             self._sock.close()
+
+
+def hold(payload: Buffer | SealedMemory) -> memoryview | None:
+    """A view of ours holding *payload* from the moment its size was read, or None.
+
+    A payload whose size is in a header already must not change size before
+    it is written: while this view lives, a resize (by a later message's
+    ``fileno()``, another thread, another task) raises `BufferError` where
+    it is tried, instead of putting bytes on the stream that no header
+    counts.  ``bytes`` and `SealedMemory` cannot change size: None.
+
+    The writes use *payload* itself, never this view, so that releasing it
+    (on an error path, so that the caller's buffer is free while the error is
+    handled; a call that returns drops it with its frame) cannot touch what
+    is still queued.
+    """
+    if payload.__class__ is bytes or payload.__class__ is SealedMemory:
+        return None
+    return memoryview(payload)  # type: ignore[arg-type]  # (not SealedMemory)
 
 
 def _peer_group(sock: socket.socket) -> object:

@@ -33,7 +33,7 @@ from ._async_surface import AsyncSurface
 from ._budget import Budget
 from ._channel import Channel
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
-from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, hold
 from ._errors import ChannelClosed, FdChannelError, LimitExceeded
 from ._interrupt import raised_in_signal_handler
 from ._listener import Listener
@@ -325,13 +325,14 @@ class StructuredChannel(AsyncSurface):
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912 - inline, as aio
+    async def send(self, payload: Buffer | SealedMemory = b"", fds: Iterable[int | Any] = ()) -> None:  # noqa: C901, PLR0912, PLR0915 - inline, as aio
         """Send one message: *payload* and *fds*, delivered together.
 
         *fds* are ints or objects with ``fileno()``; they stay the caller's
         (close them as soon as ``send()`` returns or raises, also when it was
         cancelled).  Waits while the socket is full (backpressure).
-        *payload* is borrowed until ``send()`` returns: do not change it.
+        *payload* is borrowed until ``send()`` returns: do not change it
+        (resizing it then raises `BufferError` where it is tried).
 
         Raises `ValueError` before writing anything when the message exceeds
         ``max_payload``/``max_fds``, names an impossible fd number or the
@@ -352,12 +353,17 @@ class StructuredChannel(AsyncSurface):
         if self._share_above is not None:
             payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
+        # Held until the call ends (`hold`): another task cannot resize it
+        # while this one waits.  No call for bytes.
+        pin = None if payload.__class__ is bytes else hold(payload)
         gate = self._send_gate
         try:
             await self._checkpoint()
             if not gate.try_enter():
                 await gate.enter()
         except BaseException as exc:
+            if pin is not None:
+                pin.release()  # nothing was written: a handler's error here says nothing either
             set_written(exc, 0)
             raise
         done = False
@@ -374,6 +380,11 @@ class StructuredChannel(AsyncSurface):
                 else:
                     await self._send_queued(payload, nums, size)
             except BaseException as exc:
+                if pin is not None:
+                    # The caller's buffer is free as it handles the error.  A
+                    # handler's error here leaves the call suspect, as one at
+                    # the next line would.
+                    pin.release()
                 self._send_interrupted(exc)
                 raise
             self._suspect = False

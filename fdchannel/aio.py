@@ -40,7 +40,7 @@ from ._async_surface import AsyncSurface
 from ._budget import Budget
 from ._channel import Channel
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
-from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, hold
 from ._errors import ChannelClosed, FdChannelError, LimitExceeded
 from ._interrupt import raised_in_signal_handler
 from ._listener import SERVER_FRAME_TIMEOUT, Listener
@@ -491,7 +491,8 @@ class AsyncChannel(AsyncSurface):
 
         Args:
             payload: The message's bytes, borrowed until ``send()`` returns:
-                do not change it meanwhile.
+                do not change it meanwhile (resizing it then raises
+                `BufferError` where it is tried).
             fds: Ints or objects with ``fileno()``; they stay the caller's,
                 who may close them as soon as the call returns or raises.
 
@@ -514,12 +515,17 @@ class AsyncChannel(AsyncSurface):
         if self._share_above is not None:
             payload = share_large(self, payload)
         nums, size = self._message(payload, fds)
+        # Held until the call ends (`hold`): another task cannot resize it
+        # while this one waits.  No call for bytes.
+        pin = None if payload.__class__ is bytes else hold(payload)
         gate = self._send_gate
         if not gate.try_enter():
             try:
                 # Cancelled while waiting for the gate: nothing was taken.
                 await gate.enter()
             except BaseException as exc:
+                if pin is not None:
+                    pin.release()  # nothing was written: a handler's error here says nothing either
                 set_written(exc, 0)
                 raise
         done = False
@@ -542,6 +548,11 @@ class AsyncChannel(AsyncSurface):
                 else:
                     await self._send_queued(payload, nums, size)
             except BaseException as exc:
+                if pin is not None:
+                    # The caller's buffer is free as it handles the error.  A
+                    # handler's error here leaves the call suspect, as one at
+                    # the next line would.
+                    pin.release()
                 self._send_interrupted(exc)
                 raise
             self._suspect = False
@@ -573,7 +584,7 @@ class AsyncChannel(AsyncSurface):
                             last = again
                     raise last  # noqa: B904 - the last handler's error (the first is its context)
 
-    async def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:
+    async def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:  # noqa: C901, PLR0912 - each error path inline, as send()
         """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
 
         As `fdchannel.Channel.send_many`: every message is checked first,
@@ -586,10 +597,13 @@ class AsyncChannel(AsyncSurface):
         """
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()
-        prepared = _batch.prepare(self, messages)
+        pins: list[memoryview] = []  # as in send(), each payload held until the call ends
+        prepared = _batch.prepare(self, messages, pins)
         try:
             await self._send_gate.enter()
         except BaseException as exc:
+            if pins:
+                _batch.release(pins)  # as in send()
             exc.messages_taken = 0  # type: ignore[attr-defined]
             raise
         try:
@@ -602,6 +616,8 @@ class AsyncChannel(AsyncSurface):
                 else:
                     await _batch.send_each_async(self, prepared)
             except BaseException as exc:
+                if pins:
+                    _batch.release(pins)  # first, as in send()
                 self._send_interrupted(exc)
                 raise
             self._suspect = False

@@ -52,6 +52,10 @@ SCENARIOS: dict[str, list[bytes]] = {
     "recv_big": [Z],  # a frame larger than the read buffer: the Python decoder
     "send": [X],
     "send_many": [X, Y],
+    # The same with bytearray payloads: each is held by a view of the call's
+    # (`fdchannel._core.hold`), let go on every error path.
+    "send_buffer": [X],
+    "send_many_buffer": [X, Y],
     "fds": [],  # a received message's .fds made (lazily)
     "close": [],
     "close_many": [],  # more fds than the tuple free lists serve
@@ -62,6 +66,7 @@ SCENARIOS: dict[str, list[bytes]] = {
     "recv_into": [X],  # into the caller's buffer
     "aio_recv": [X],
     "aio_send": [X],
+    "aio_send_buffer": [X],
     # The structured twins, taken over from the blocking end: their calls
     # are struck only in this package's frames (trio's own cannot be guarded).
     "trio_recv": [X],
@@ -195,7 +200,7 @@ def _stop_failing() -> None:
 
 def _told(exc: BaseException, scenario: str) -> int | None:
     """What a failed send's exception says was taken: bytes (send_many: messages); None: unknown."""
-    told = getattr(exc, "messages_taken" if scenario == "send_many" else "characters_written", None)
+    told = getattr(exc, "messages_taken" if scenario.startswith("send_many") else "characters_written", None)
     return told if isinstance(told, int) else None
 
 
@@ -212,7 +217,7 @@ def _misreported(
             break
         arrived += 1
     if told is not None:
-        told_messages = told if scenario == "send_many" else int(told > 0)
+        told_messages = told if scenario.startswith("send_many") else int(told > 0)
         if told_messages == arrived:
             return []
         if told_messages > arrived:
@@ -296,12 +301,15 @@ def _held(scenario: str, a: Channel, b: Channel, r: int, w: int) -> Message | No
 
 def _call(scenario: str, a: Channel, held: Message | None, r: int) -> Callable[[], object]:
     """The call that runs out of memory (made beforehand: the harness allocates nothing in the window)."""
+    x, y = bytearray(X), bytearray(Y)
     calls: dict[str, Callable[[], object]] = {
         "recv_into": lambda: a.recv_into(bytearray(64)),  # (count, fds): the bytes are not looked at
         "recv_refused": lambda: _refused_then(a),
         "send": lambda: a.send(X, [r]),
         "send_shm": lambda: a.send(S, [r]),
         "send_many": lambda: a.send_many([(X, [r]), (Y, [r, r])]),
+        "send_buffer": lambda: a.send(x, [r]),
+        "send_many_buffer": lambda: a.send_many([(x, [r]), (y, [r, r])]),
         "fds": lambda: held.fds if held else None,
         "close": lambda: held.close() if held else None,
         "close_many": lambda: held.close() if held else None,
@@ -329,15 +337,16 @@ def _aio_case(
             made: object = None
             error = False
             told: int | None = None
+            payload = bytearray(X) if scenario == "aio_send_buffer" else X
             _fail_from(k, width)
             try:
-                made = await (ch.recv() if scenario == "aio_recv" else ch.send(X, [r]))
+                made = await (ch.recv() if scenario == "aio_recv" else ch.send(payload, [r]))
             except FAILURES as exc:
                 error = True
                 told = _told(exc, scenario)
             finally:
                 _stop_failing()
-            if scenario == "aio_send":
+            if scenario.startswith("aio_send"):
                 got = _drain(b, ino)
                 if error and told is not None and (told > 0) != (got == [X]):
                     return error, [b"MISREPORTED"]
@@ -482,7 +491,7 @@ def _gap(scenario: str, got: list[bytes], error: bool) -> bool:
         return False
     if error and not _receiving(scenario) and got == []:
         return False  # refused before anything left
-    return not (error and scenario == "send_many" and got == want[:1])  # the first message left
+    return not (error and scenario.startswith("send_many") and got == want[:1])  # the first message left
 
 
 def _fds_reused_stay_open(k: int, a: Channel, b: Channel) -> list[str]:

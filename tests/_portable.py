@@ -5,6 +5,10 @@
 - `stream_socketpair`: the kind of pair `Channel.pair` makes (AF_UNIX where
   it exists, else the loopback TCP pair of ``socket.socketpair()``).
 - `is_open`: whether a number names an open fd (``os.fstat`` works on it).
+- `in_thread` / `join_clean`: a call in a daemon thread that keeps what it
+  raised, and the join that fails the test on a timeout or an error.
+- `AnnouncingLock`: a channel's send lock that says when a second caller
+  has reached it and when one holds it (a send waiting its turn, by events).
 - `more_than_a_socket_holds`: a size no unread socket pair takes whole,
   measured here (loopback buffers differ a lot: about 200 KiB for AF_UNIX
   on Linux, about 4 MB for TCP on loopback under Wine).
@@ -17,12 +21,59 @@ import os
 import socket
 import sys
 import threading
+from typing import Any
 
 import pytest
 
 from ._transports import tcp_socketpair
 
 TIMEOUT = 10.0
+
+
+def in_thread(fn: object, *args: object) -> threading.Thread:
+    """``fn(*args)`` in a daemon thread, started; what it raises goes to the thread's ``errors``."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn(*args)  # type: ignore[operator]
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.errors = errors  # type: ignore[attr-defined]
+    t.start()
+    return t
+
+
+def join_clean(t: threading.Thread) -> None:
+    """Join an `in_thread` thread: it must end within `TIMEOUT` and raise nothing."""
+    t.join(TIMEOUT)
+    assert not t.is_alive(), "the thread did not finish in time"
+    assert not t.errors  # type: ignore[attr-defined]
+
+
+class AnnouncingLock:
+    """In place of a channel's ``_send_lock``: `held` once one holds it, `second` once a second arrives."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.held = threading.Event()
+        self.second = threading.Event()
+        self.count = 0
+
+    def __enter__(self) -> None:
+        self.count += 1
+        if self.count == 2:
+            self.second.set()
+        self.lock.acquire()
+        self.held.set()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lock, name)
 
 
 def is_open(fd: int) -> bool:

@@ -26,11 +26,19 @@ from typing import Any
 import pytest
 
 import fdchannel._codec
+import fdchannel._fastpath
 from fdchannel import Channel, ChannelClosed, ProtocolError
 from fdchannel.aio import AsyncChannel
 
 from ._aio import loop_kind, run  # noqa: F401 - fixtures
-from ._portable import more_than_a_socket_holds, read_fd, stream_socketpair
+from ._portable import (
+    AnnouncingLock,
+    in_thread,
+    join_clean,
+    more_than_a_socket_holds,
+    read_fd,
+    stream_socketpair,
+)
 from ._proc import run_child
 from ._transports import needs_unix_rights
 
@@ -477,3 +485,31 @@ def test_send_on_a_closed_channel_whose_fd_number_was_reused_says_closed(tmp_pat
     finally:
         os.close(fd)
         b.close()
+
+
+@pytest.mark.parametrize("call", ["send", "send_many"])
+def test_a_payload_waiting_for_the_lock_cannot_be_resized_under_its_header(call: str) -> None:
+    """Another thread grows a bytearray whose send waits for the send lock: refused, the stream intact.
+
+    Its size was read as the call began; before, the grown buffer went out
+    under the old header.
+    """
+    with fdchannel._fastpath.forced(False):  # the compiled path hands a busy lock to this one
+        a, b = Channel.pair()
+    with a, b:
+        a.settimeout(TIMEOUT)
+        b.settimeout(TIMEOUT)
+        lock = a._send_lock = AnnouncingLock(a._send_lock)  # type: ignore[assignment]
+        big = bytes(range(256)) * (more_than_a_socket_holds(1 << 20) // 256)
+        given = bytearray(b"hello")
+        first = in_thread(lambda: a.send(big))
+        assert lock.held.wait(TIMEOUT)
+        second = in_thread(lambda: a.send(given) if call == "send" else a.send_many([(given, [])]))
+        assert lock.second.wait(TIMEOUT)
+        with pytest.raises(BufferError):
+            given.extend(b" world")
+        got = [bytes(b.recv().payload) for _ in range(2)]
+        join_clean(first)
+        join_clean(second)
+        assert got == [bytes(big), b"hello"]
+        given.extend(b" again")  # free once the call is over

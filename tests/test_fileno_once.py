@@ -508,3 +508,25 @@ def test_a_limit_lowered_by_a_later_fileno_leaves_earlier_messages_sent(compiled
         error, got = _outcome(lambda: a.send_many([(b"hello", [r, r]), (b"x", [later])]), b)
         assert error == ""
         assert got == [(b"hello", 2), (b"x", 1)]
+
+
+@pytest.mark.parametrize("compiled", PATHS)
+def test_a_later_fileno_cannot_resize_an_earlier_payload(compiled: bool) -> None:
+    """Message 1's fileno() grows message 0's bytearray: refused, nothing written.
+
+    The size in message 0's header was read before; a buffer grown after it
+    would put bytes on the stream that no header counts (the pure path
+    wrote 12 bytes under a 5-byte header, and the reader's next frame began
+    inside them).  Both paths hold each payload from its size onwards.
+    """
+    with _channels(compiled) as (a, b, r):
+        grown = bytearray(b"hello")
+        later = Counted(r)
+        later.then = lambda: grown.extend(b" world!")
+        with pytest.raises(BufferError):
+            a.send_many([(grown, [r]), (b"y", [later])])
+        assert later.calls == 1
+        assert grown == b"hello"
+        grown.extend(b" again")  # free once the call is over
+        a.send_many([(grown, [r]), (b"y", [r])])
+        assert _outcome(lambda: None, b) == ("", [(b"hello again", 1), (b"y", 1)])

@@ -907,3 +907,29 @@ def test_multiprocessing_process_argument(sc_kind: str) -> None:
         ours.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_payload_waiting_its_turn_cannot_be_resized_under_its_header(sc_kind: str) -> None:
+    """As for `AsyncChannel`: a bytearray whose send waits for the gate keeps its size."""
+    cls = channel_class(sc_kind)
+
+    async def main() -> None:
+        a, b = cls.pair()
+        big = bytes(range(256)) * 8000  # more than the socket holds: its send waits
+        given = bytearray(b"hello")
+        got: list[bytes] = []
+        async with a, b, anyio.create_task_group() as group:
+            group.start_soon(a.send, big)
+            while not a.pending:
+                await anyio.sleep(0.001)
+            group.start_soon(a.send, given)
+            while not a._send_gate._waiters:
+                await anyio.sleep(0.001)
+            with pytest.raises(BufferError):
+                given.extend(b" world")
+            for _ in range(2):
+                got.append(bytes((await b.recv()).payload))
+        assert got == [big, b"hello"]
+        given.extend(b" again")  # free once the call is over
+
+    run_kind(sc_kind, main)

@@ -19,6 +19,7 @@ from fdchannel._codec import FLAG_GROUP, HEADER_SIZE, Decoder, header_tag, pack_
 from fdchannel.aio import AsyncChannel
 
 from ._aio import loop_kind, run  # noqa: F401 - fixtures
+from ._portable import in_thread, join_clean
 from ._transports import PairFactory, needs_unix_rights
 
 TIMEOUT = 10.0
@@ -32,38 +33,17 @@ def _pair(make_pair: PairFactory) -> tuple[Channel, Channel]:
     return a, b
 
 
-def _in_thread(fn: object, *args: object) -> threading.Thread:
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fn(*args)  # type: ignore[operator]
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=target, daemon=True)
-    t.errors = errors  # type: ignore[attr-defined]
-    t.start()
-    return t
-
-
-def _join(t: threading.Thread) -> None:
-    t.join(TIMEOUT)
-    assert not t.is_alive(), "the sender did not finish in time"
-    assert not t.errors  # type: ignore[attr-defined]
-
-
 def test_messages_arrive_in_order_with_their_fds(make_pair: PairFactory) -> None:
     a, b = _pair(make_pair)
     r, w = os.pipe()
     with a, b:
         # A thread sends: a duplication transport waits for acknowledgements.
-        t = _in_thread(a.send_many, [(b"m%d" % i, [r, w][: i % 3]) for i in range(100)])
+        t = in_thread(a.send_many, [(b"m%d" % i, [r, w][: i % 3]) for i in range(100)])
         for i in range(100):
             with b.recv() as msg:
                 assert msg.payload == b"m%d" % i
                 assert len(msg.fds) == i % 3
-        _join(t)
+        join_clean(t)
     os.close(r)
     os.close(w)
 
@@ -91,12 +71,12 @@ def test_three_coalesced_60000_byte_frames_with_fds(make_pair: PairFactory) -> N
     r, w = os.pipe()
     payloads = [bytes([i]) * 60_000 for i in range(3)]
     with a, b:
-        t = _in_thread(a.send_many, [(p, [r]) for p in payloads])
+        t = in_thread(a.send_many, [(p, [r]) for p in payloads])
         for p in payloads:
             with b.recv() as msg:
                 assert msg.payload == p
                 assert len(msg.fds) == 1
-        _join(t)
+        join_clean(t)
     os.close(r)
     os.close(w)
 
@@ -108,11 +88,11 @@ def test_a_message_with_more_fds_than_one_write_goes_on_its_own() -> None:
     a, b = _pair(Channel.pair)
     r, w = os.pipe()
     with a, b:
-        t = _in_thread(a.send_many, [(b"before", [r]), (b"many", [w] * 300), (b"after", [r, w])])
+        t = in_thread(a.send_many, [(b"before", [r]), (b"many", [w] * 300), (b"after", [r, w])])
         for n in (1, 300, 2):
             with b.recv() as msg:
                 assert len(msg.fds) == n
-        _join(t)
+        join_clean(t)
     os.close(r)
     os.close(w)
 
@@ -179,10 +159,10 @@ def test_a_bytearray_left_pending_can_change_while_the_error_is_handled(call: st
         for p in given:
             p[:] = b"changed"  # BufferError if still borrowed
         got: list[bytes] = []
-        reader = _in_thread(lambda: got.extend(bytes(b.recv().payload) for _ in range(taken)))
+        reader = in_thread(lambda: got.extend(bytes(b.recv().payload) for _ in range(taken)))
         a.settimeout(TIMEOUT)
         a.flush()
-        _join(reader)
+        join_clean(reader)
         assert got == sent[:taken]
 
 
@@ -325,5 +305,35 @@ def test_a_cancelled_async_send_many_says_how_many_were_taken(run: Runner) -> No
             await a.send_many(messages[taken:])
             await reader
             assert got == [p for p, _ in messages]
+
+    run(body())
+
+
+@pytest.mark.parametrize("call", ["send", "send_many"])
+def test_a_payload_waiting_its_turn_cannot_be_resized_under_its_header(run: Runner, call: str) -> None:
+    """Another task grows a bytearray whose send waits for the gate: refused, the stream intact.
+
+    Its size was read as the call began; before, the grown buffer went out
+    under the old header and the reader's next frame began inside it.
+    """
+
+    async def body() -> None:
+        a, b = AsyncChannel.pair()
+        big = bytes(range(256)) * 8000  # more than the socket holds: its send waits
+        given = bytearray(b"hello")
+        async with a, b:
+            first = asyncio.create_task(a.send(big))
+            while not a.pending:
+                await asyncio.sleep(0.001)
+            second = asyncio.create_task(a.send(given) if call == "send" else a.send_many([(given, [])]))
+            while not a._send_gate._waiters:
+                await asyncio.sleep(0.001)
+            with pytest.raises(BufferError):
+                given.extend(b" world")
+            got = [bytes((await b.recv()).payload) for _ in range(2)]
+            await first
+            await second
+            assert got == [big, b"hello"]
+            given.extend(b" again")  # free once the call is over
 
     run(body())
