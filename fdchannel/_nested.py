@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
@@ -186,14 +187,23 @@ def _taken(exc: BaseException, via: ChannelCore, broken_before: bool) -> bool:
     return not broken_before and via._broken is not None
 
 
-def _wire(
-    descriptor: bytes, payload: Buffer, end: ChannelCore, fds: Iterable[Any]
-) -> tuple[bytes, list[Any]]:
+def _wire(descriptor: bytes, payload: Buffer) -> bytes:
     try:
         data = memoryview(payload).tobytes()
     except TypeError:
         raise TypeError(f"the payload must be a bytes-like object, not {type(payload).__name__}") from None
-    return descriptor + data, [end.fileno(), *fds]
+    return descriptor + data
+
+
+def _own_socket(end: ChannelCore) -> socket.socket:
+    """A duplicate of *end*'s socket, sent in place of its number.
+
+    ``send()`` reads the numbers as it begins and writes them once it has
+    its turn; a ``close()`` of *end* by another thread or task meanwhile
+    frees the number for any file opened next, which would go to the peer
+    instead.  The duplicate keeps the socket itself; the caller closes it.
+    """
+    return end._sock.dup()
 
 
 def send_channel(via: Channel, end: ChannelCore, payload: Buffer = b"", fds: Iterable[Any] = ()) -> None:
@@ -218,8 +228,9 @@ def send_channel(via: Channel, end: ChannelCore, payload: Buffer = b"", fds: Ite
     _claim(via, end)
     broken_before = via._broken is not None
     try:
-        data, nums = _wire(_descriptor(end), payload, end, fds)
-        via.send(data, nums)
+        data = _wire(_descriptor(end), payload)
+        with _own_socket(end) as sock:
+            via.send(data, [sock, *fds])
     except BaseException as exc:
         if _taken(exc, via, broken_before):
             _hand_over(end)
@@ -241,8 +252,9 @@ async def asend_channel(
     _claim(via, end)
     broken_before = via._broken is not None
     try:
-        data, nums = _wire(_descriptor(end), payload, end, fds)
-        await via.send(data, nums)
+        data = _wire(_descriptor(end), payload)
+        with _own_socket(end) as sock:
+            await via.send(data, [sock, *fds])
     except BaseException as exc:
         if _taken(exc, via, broken_before):
             _hand_over(end)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import sys
 import threading
 
 import pytest
 
 import fdchannel
+import fdchannel._fastpath
 from fdchannel import Channel, ChannelClosed, ProtocolError, recv_channel, send_channel, send_new_channel, shm
 from fdchannel._codec import pack_header
 from fdchannel._nested import CHANNEL_DESCRIPTOR, asend_channel, asend_new_channel
 from fdchannel.aio import AsyncChannel
 from fdchannel.transports import PidfdGetfd, UnixRights
 
-from ._portable import more_than_a_socket_holds
+from ._portable import AnnouncingLock, in_thread, join_clean, more_than_a_socket_holds
 from ._proc import fork_child, wait_child
 from ._structured import channel_class, run_kind, sc_kind  # noqa: F401 - sc_kind is a fixture
 from ._transports import PIDFD_UNAVAILABLE, PairFactory
@@ -392,6 +394,72 @@ def test_a_cancelled_send_that_was_taken_moves_the_end() -> None:
                 assert (await ch.recv()).payload == b"moved"
 
     asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+def test_an_end_closed_while_its_send_waits_for_its_turn_is_not_replaced_by_another_file() -> None:
+    """Another task closes *end*, and a pipe takes its number, while the send waits for *via*.
+
+    Before, the number read as the call began went out: the peer got the pipe.
+    """
+
+    async def main() -> None:
+        via, via_peer = AsyncChannel.pair(max_payload=1 << 30)
+        end, peer = AsyncChannel.pair()
+        number = end.fileno()
+        async with via, via_peer, peer:
+            big = b"w" * more_than_a_socket_holds(1 << 20)
+            stuck = asyncio.ensure_future(via.send(big))  # older data: the next send waits
+            await asyncio.sleep(0)
+            task = asyncio.ensure_future(asend_channel(via, end, b"end"))
+            await asyncio.sleep(0)
+            end.close()
+            r, w = os.pipe()
+            try:
+                assert number in (r, w)  # the number names the pipe now
+                assert (await via_peer.recv()).payload == big
+                with await via_peer.recv() as msg:
+                    got = recv_channel(msg)
+                await stuck
+                await task
+                async with got.channel as ch:
+                    assert got.payload == b"end"
+                    assert stat.S_ISSOCK(os.fstat(ch.fileno()).st_mode)
+                    await peer.send(b"moved")
+                    assert (await ch.recv()).payload == b"moved"
+            finally:
+                os.close(r)
+                os.close(w)
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+def test_an_end_closed_while_its_send_waits_for_the_lock_is_not_replaced_by_another_file() -> None:
+    """The blocking twin: another thread closes *end* while ``send_channel`` waits for *via*'s lock."""
+    with fdchannel._fastpath.forced(False):  # the compiled path hands a busy lock to this one
+        via, via_peer = pair(max_payload=1 << 30)
+    end, peer = pair()
+    number = end.fileno()
+    with via, via_peer, peer:
+        big = b"w" * more_than_a_socket_holds(1 << 20)
+        lock = via._send_lock = AnnouncingLock(via._send_lock)  # type: ignore[assignment]
+        first = in_thread(lambda: via.send(big))
+        assert lock.held.wait(TIMEOUT)  # the first send holds the lock, waiting to write
+        second = in_thread(lambda: send_channel(via, end, b"end"))
+        assert lock.second.wait(TIMEOUT)
+        end.close()
+        r, w = os.pipe()
+        try:
+            assert number in (r, w)
+            assert via_peer.recv().payload == big
+            with via_peer.recv() as msg:
+                got = recv_channel(msg)
+            join_clean(first)
+            join_clean(second)
+            with got.channel as ch:
+                assert stat.S_ISSOCK(os.fstat(ch.fileno()).st_mode)
+        finally:
+            os.close(r)
+            os.close(w)
 
 
 # -- receiving -------------------------------------------------------------------------
