@@ -30,7 +30,7 @@ import pytest
 
 from fdchannel import Channel, ChannelBroken, ChannelClosed, Listener
 
-from ._portable import read_fd
+from ._portable import more_than_a_socket_holds, read_fd
 from ._proc import fork_child, needs_fork, wait_child
 from ._structured import TIMEOUT, anyio, channel_class, run_kind, sc_kind  # noqa: F401 - fixture
 
@@ -915,7 +915,7 @@ def test_a_payload_waiting_its_turn_cannot_be_resized_under_its_header(sc_kind: 
 
     async def main() -> None:
         a, b = cls.pair()
-        big = bytes(range(256)) * 8000  # more than the socket holds: its send waits
+        big = bytes(range(256)) * (more_than_a_socket_holds(1 << 20) // 256)  # its send waits
         given = bytearray(b"hello")
         got: list[bytes] = []
         async with a, b, anyio.create_task_group() as group:

@@ -19,7 +19,7 @@ from fdchannel._codec import FLAG_GROUP, HEADER_SIZE, Decoder, header_tag, pack_
 from fdchannel.aio import AsyncChannel
 
 from ._aio import loop_kind, run  # noqa: F401 - fixtures
-from ._portable import in_thread, join_clean
+from ._portable import in_thread, join_clean, more_than_a_socket_holds
 from ._transports import PairFactory, needs_unix_rights
 
 TIMEOUT = 10.0
@@ -319,7 +319,7 @@ def test_a_payload_waiting_its_turn_cannot_be_resized_under_its_header(run: Runn
 
     async def body() -> None:
         a, b = AsyncChannel.pair()
-        big = bytes(range(256)) * 8000  # more than the socket holds: its send waits
+        big = bytes(range(256)) * (more_than_a_socket_holds(1 << 20) // 256)  # its send waits
         given = bytearray(b"hello")
         async with a, b:
             first = asyncio.create_task(a.send(big))
