@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import Buffer
 
 from ._codec import FLAG_GROUP, HEADER_SIZE, SCM_MAX_FD, pack_tagged
-from ._core import hold
 from ._shared import SealedMemory, share_large
 
 if TYPE_CHECKING:
@@ -106,8 +105,8 @@ def prepare(
 ) -> list[Prepared]:
     """Check every message as ``send()`` would, before anything is written.
 
-    Each payload is held from the moment its size is read (`hold`, the views
-    added to *pins*): a later message's ``fileno()``, or another task while
+    Each payload is held from the moment its size is read (the pins of
+    `ChannelCore._message`, added to *pins*): a later message's ``fileno()``, or another task while
     the async twin waits, cannot resize it under its header.  On an error
     path the caller lets them go with `release`; raising, this does.
     """
@@ -116,11 +115,9 @@ def prepare(
     try:
         for given, fds in messages:
             payload = share_large(channel, given) if share else given
-            nums, size = channel._message(payload, fds)
-            if payload.__class__ is not bytes:
-                pin = hold(payload)
-                if pin is not None:
-                    pins.append(pin)
+            nums, size, pin = channel._message(payload, fds)
+            if pin is not None:
+                pins.append(pin)
             prepared.append((payload, nums, size))
     except BaseException:
         release(pins)

@@ -16,7 +16,7 @@ from typing_extensions import Buffer
 from . import _batch, _fastpath, _handoff, _into, _peer
 from ._budget import Budget
 from ._codec import HEADER_SIZE, SCM_MAX_FD
-from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore, hold
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, ChannelCore
 from ._errors import BufferTooShort, ChannelBroken, ChannelClosed, ProtocolError
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
@@ -322,10 +322,7 @@ class Channel(ChannelCore):
                 fds = sent  # the numbers its fileno() calls gave: none runs twice
         if self._share_above is not None:
             payload = share_large(self, payload)
-        nums, size = self._message(payload, fds)
-        # Held until the call ends (`hold`): another thread cannot resize it
-        # while this one waits for the lock.  No call for bytes.
-        pin = None if payload.__class__ is bytes else hold(payload)
+        nums, size, pin = self._message(payload, fds)  # pin: held until the call ends
         done = False
         try:
             with self._send_lock:
@@ -356,6 +353,12 @@ class Channel(ChannelCore):
                 # A signal handler's error as the lock was released: the
                 # message had left whole (stored without a call, as above).
                 exc.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
+                if pin is not None:
+                    try:
+                        pin.release()
+                    except BaseException as again:  # a second handler's error: it says so too
+                        again.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
+                        raise
             else:
                 if pin is not None:
                     pin.release()  # raised before any write (or the handler above was cut short)
@@ -369,7 +372,7 @@ class Channel(ChannelCore):
             if self._closed:
                 self._drop_held()
 
-    def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:  # noqa: C901, PLR0912 - compiled path first, then the Python one inline
+    def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:  # noqa: C901, PLR0912, PLR0915 - compiled path first, then the Python one inline
         """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
 
         Each message arrives as if sent by `send` (the receiver calls
@@ -414,8 +417,13 @@ class Channel(ChannelCore):
             if sent is not False:
                 messages = sent  # with the fd numbers its fileno() calls gave: none runs twice
         pins: list[memoryview] = []  # as in send(), each payload held until the call ends
-        prepared = _batch.prepare(self, messages, pins)
-        count = len(prepared)  # (a call: not in the handler below)
+        try:
+            prepared = _batch.prepare(self, messages, pins)
+            count = len(prepared)  # (a call: not in the handlers below)
+        except BaseException:
+            if pins:  # (prepare's own release may have been cut short by a second handler's error)
+                _batch.release(pins)
+            raise
         done = False
         try:
             with self._send_lock:
@@ -439,6 +447,12 @@ class Channel(ChannelCore):
             if done:
                 # A signal handler's error as the lock was released: all had left.
                 exc.messages_taken = count  # type: ignore[attr-defined]
+                if pins:
+                    try:
+                        _batch.release(pins)
+                    except BaseException as again:  # a second handler's error: it says so too
+                        again.messages_taken = count  # type: ignore[attr-defined]
+                        raise
             else:
                 if pins:
                     _batch.release(pins)  # as in send()

@@ -57,7 +57,7 @@ from ._shared import SealedMemory, shared_message
 from ._sockio import SocketIO, io_for, write_pending
 from .transports import Outgoing, Session, Transport, default_transport
 
-__all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "PUMP_BUDGET", "ChannelCore", "hold"]
+__all__ = ["DEFAULT_MAX_FDS", "DEFAULT_MAX_PAYLOAD", "PUMP_BUDGET", "ChannelCore"]
 
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
 """The default ``max_payload`` of a channel: 64 MiB, the largest payload of one message."""
@@ -466,8 +466,20 @@ class ChannelCore:
 
     # -- sending: the non-waiting steps --------------------------------------
 
-    def _message(self, payload: Buffer | SealedMemory, fds: Iterable[int | Any]) -> tuple[list[int], int]:
-        """The fd numbers and payload size of a message; raises before anything is written."""
+    def _message(  # noqa: C901 - every send's first step, inline
+        self, payload: Buffer | SealedMemory, fds: Iterable[int | Any]
+    ) -> tuple[list[int], int, memoryview | None]:
+        """The fd numbers, payload size and pin of a message; raises before anything is written.
+
+        The pin is the view the size was read from, for a payload that could
+        change size (anything but ``bytes`` and `SealedMemory`), else None.
+        While it lives a resize (by a later message's ``fileno()``, another
+        thread, another task) raises `BufferError` where it is tried,
+        instead of putting bytes on the stream that no header counts; the
+        caller keeps it until the call ends and releases it on its error
+        paths (so that the caller's buffer is free while the error is
+        handled).  The writes use *payload* itself, never the pin.
+        """
         try:
             nums = list(fds)
         except TypeError:
@@ -480,6 +492,7 @@ class ChannelCore:
             if f.__class__ is not int or not 0 <= f <= FD_MAX:
                 nums = [fileno_of(f) for f in nums]  # objects, or a clear error
                 break
+        view = None
         if payload.__class__ is bytes:
             size = len(payload)
         elif isinstance(payload, SealedMemory):
@@ -499,11 +512,17 @@ class ChannelCore:
                     f"not {type(payload).__name__}{fix}"
                 ) from None
             if not view.contiguous:
+                view.release()
                 raise BufferError("the payload must be a contiguous buffer")
             size = view.nbytes
-        if size > self.max_payload or len(nums) > self.max_fds or self._fileno in nums:
-            self._refuse(size, nums)
-        return nums, size
+        try:
+            if size > self.max_payload or len(nums) > self.max_fds or self._fileno in nums:
+                self._refuse(size, nums)
+        except BaseException:
+            if view is not None:
+                view.release()  # refused (or a handler's error): the caller's buffer is free
+            raise
+        return nums, size, view
 
     def _refuse(self, size: int, nums: list[int]) -> None:
         """Raise the `ValueError` for a message `send` must not write (the caller's quick check hit).
@@ -1023,25 +1042,6 @@ class ChannelCore:
             self._session.close()
         finally:
             self._sock.close()
-
-
-def hold(payload: Buffer | SealedMemory) -> memoryview | None:
-    """A view of ours holding *payload* from the moment its size was read, or None.
-
-    A payload whose size is in a header already must not change size before
-    it is written: while this view lives, a resize (by a later message's
-    ``fileno()``, another thread, another task) raises `BufferError` where
-    it is tried, instead of putting bytes on the stream that no header
-    counts.  ``bytes`` and `SealedMemory` cannot change size: None.
-
-    The writes use *payload* itself, never this view, so that releasing it
-    (on an error path, so that the caller's buffer is free while the error is
-    handled; a call that returns drops it with its frame) cannot touch what
-    is still queued.
-    """
-    if payload.__class__ is bytes or payload.__class__ is SealedMemory:
-        return None
-    return memoryview(payload)  # type: ignore[arg-type]  # (not SealedMemory)
 
 
 def _peer_group(sock: socket.socket) -> object:

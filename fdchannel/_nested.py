@@ -203,7 +203,12 @@ def _own_socket(end: ChannelCore) -> socket.socket:
     frees the number for any file opened next, which would go to the peer
     instead.  The duplicate keeps the socket itself; the caller closes it.
     """
-    return end._sock.dup()
+    try:
+        return end._sock.dup()
+    except OSError:
+        if end.closed:  # by another thread since the checks: as they say it
+            raise ValueError(f"cannot send a closed {end._kind}") from None
+        raise
 
 
 def send_channel(via: Channel, end: ChannelCore, payload: Buffer = b"", fds: Iterable[Any] = ()) -> None:
@@ -227,15 +232,21 @@ def send_channel(via: Channel, end: ChannelCore, payload: Buffer = b"", fds: Ite
     """
     _claim(via, end)
     broken_before = via._broken is not None
+    sock: socket.socket | None = None
+    sent = False
     try:
         data = _wire(_descriptor(end), payload)
-        with _own_socket(end) as sock:
-            via.send(data, [sock, *fds])
+        sock = _own_socket(end)
+        via.send(data, [sock, *fds])
+        sent = True  # (no call since the send returned: no point where a handler's error lands)
+        sock.close()
     except BaseException as exc:
-        if _taken(exc, via, broken_before):
+        if sent or _taken(exc, via, broken_before):
             _hand_over(end)
         else:
             _release(end)
+        if sock is not None:
+            sock.close()
         raise
     _hand_over(end)
 
@@ -251,15 +262,21 @@ async def asend_channel(
     """
     _claim(via, end)
     broken_before = via._broken is not None
+    sock: socket.socket | None = None
+    sent = False
     try:
         data = _wire(_descriptor(end), payload)
-        with _own_socket(end) as sock:
-            await via.send(data, [sock, *fds])
+        sock = _own_socket(end)
+        await via.send(data, [sock, *fds])
+        sent = True  # (no call since the send returned: no point where a handler's error lands)
+        sock.close()
     except BaseException as exc:
-        if _taken(exc, via, broken_before):
+        if sent or _taken(exc, via, broken_before):
             _hand_over(end)
         else:
             _release(end)
+        if sock is not None:
+            sock.close()
         raise
     _hand_over(end)
 

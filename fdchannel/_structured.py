@@ -33,7 +33,7 @@ from ._async_surface import AsyncSurface
 from ._budget import Budget
 from ._channel import Channel
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
-from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, hold
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
 from ._errors import ChannelClosed, FdChannelError, LimitExceeded
 from ._interrupt import raised_in_signal_handler
 from ._listener import Listener
@@ -352,10 +352,7 @@ class StructuredChannel(AsyncSurface):
         """
         if self._share_above is not None:
             payload = share_large(self, payload)
-        nums, size = self._message(payload, fds)
-        # Held until the call ends (`hold`): another task cannot resize it
-        # while this one waits.  No call for bytes.
-        pin = None if payload.__class__ is bytes else hold(payload)
+        nums, size, pin = self._message(payload, fds)  # pin: held until the call ends
         gate = self._send_gate
         try:
             await self._checkpoint()
@@ -385,6 +382,7 @@ class StructuredChannel(AsyncSurface):
                     # handler's error here leaves the call suspect, as one at
                     # the next line would.
                     pin.release()
+                    pin = None
                 self._send_interrupted(exc)
                 raise
             self._suspect = False
@@ -410,6 +408,12 @@ class StructuredChannel(AsyncSurface):
                         except BaseException as again:  # a storm of signals: the last error is raised
                             if done:
                                 again.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
+                            last = again
+                    if done and pin is not None:  # (not done: let go above, or nothing was written)
+                        try:
+                            pin.release()
+                        except BaseException as again:
+                            again.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
                             last = again
                     raise last  # noqa: B904 - the last handler's error (the first is its context)
 

@@ -40,7 +40,7 @@ from ._async_surface import AsyncSurface
 from ._budget import Budget
 from ._channel import Channel
 from ._codec import HEADER_SIZE, SCM_MAX_FD, Decoder
-from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD, hold
+from ._core import DEFAULT_MAX_FDS, DEFAULT_MAX_PAYLOAD
 from ._errors import ChannelClosed, FdChannelError, LimitExceeded
 from ._interrupt import raised_in_signal_handler
 from ._listener import SERVER_FRAME_TIMEOUT, Listener
@@ -514,20 +514,17 @@ class AsyncChannel(AsyncSurface):
             self._enter_loop()  # RuntimeError from another loop, before anything is touched
         if self._share_above is not None:
             payload = share_large(self, payload)
-        nums, size = self._message(payload, fds)
-        # Held until the call ends (`hold`): another task cannot resize it
-        # while this one waits.  No call for bytes.
-        pin = None if payload.__class__ is bytes else hold(payload)
+        nums, size, pin = self._message(payload, fds)  # pin: held until the call ends
         gate = self._send_gate
-        if not gate.try_enter():
-            try:
+        try:
+            if not gate.try_enter():
                 # Cancelled while waiting for the gate: nothing was taken.
                 await gate.enter()
-            except BaseException as exc:
-                if pin is not None:
-                    pin.release()  # nothing was written: a handler's error here says nothing either
-                set_written(exc, 0)
-                raise
+        except BaseException as exc:
+            if pin is not None:
+                pin.release()  # nothing was written: a handler's error here says nothing either
+            set_written(exc, 0)
+            raise
         done = False
         try:
             try:
@@ -553,6 +550,7 @@ class AsyncChannel(AsyncSurface):
                     # handler's error here leaves the call suspect, as one at
                     # the next line would.
                     pin.release()
+                    pin = None
                 self._send_interrupted(exc)
                 raise
             self._suspect = False
@@ -582,9 +580,15 @@ class AsyncChannel(AsyncSurface):
                             if done:
                                 again.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
                             last = again
+                    if done and pin is not None:  # (not done: let go above, or nothing was written)
+                        try:
+                            pin.release()
+                        except BaseException as again:
+                            again.characters_written = HEADER_SIZE + size  # type: ignore[attr-defined]
+                            last = again
                     raise last  # noqa: B904 - the last handler's error (the first is its context)
 
-    async def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:  # noqa: C901, PLR0912 - each error path inline, as send()
+    async def send_many(self, messages: Iterable[tuple[Buffer | SealedMemory, Iterable[int | Any]]]) -> None:  # noqa: C901, PLR0912, PLR0915 - each error path inline, as send()
         """Send ``(payload, fds)`` messages in order, as few system calls as the kernel allows.
 
         As `fdchannel.Channel.send_many`: every message is checked first,
@@ -598,7 +602,13 @@ class AsyncChannel(AsyncSurface):
         if self._loop is not asyncio.get_running_loop():
             self._enter_loop()
         pins: list[memoryview] = []  # as in send(), each payload held until the call ends
-        prepared = _batch.prepare(self, messages, pins)
+        try:
+            prepared = _batch.prepare(self, messages, pins)
+            count = len(prepared)  # (a call: not in the handlers below)
+        except BaseException:
+            if pins:  # (prepare's own release may have been cut short by a second handler's error)
+                _batch.release(pins)
+            raise
         try:
             await self._send_gate.enter()
         except BaseException as exc:
@@ -606,6 +616,7 @@ class AsyncChannel(AsyncSurface):
                 _batch.release(pins)  # as in send()
             exc.messages_taken = 0  # type: ignore[attr-defined]
             raise
+        done = False
         try:
             if self._closed or self._broken is not None or self._suspect:
                 self._check_leftovers(False)
@@ -621,6 +632,7 @@ class AsyncChannel(AsyncSurface):
                 self._send_interrupted(exc)
                 raise
             self._suspect = False
+            done = True
         finally:
             gate = self._send_gate  # left as in send()
             if not gate._waiters:
@@ -630,11 +642,23 @@ class AsyncChannel(AsyncSurface):
                 try:
                     gate.leave()
                 except BaseException as exc:
+                    # A signal handler's error as the gate was left: all had
+                    # left (stored first, with no call, as in send()).
                     last = exc
+                    if done:
+                        exc.messages_taken = count  # type: ignore[attr-defined]
                     while gate._turns == turn:  # cut short: finished now (as in send())
                         try:
                             gate.leave()
                         except BaseException as again:
+                            if done:
+                                again.messages_taken = count  # type: ignore[attr-defined]
+                            last = again
+                    if done and pins:
+                        try:
+                            _batch.release(pins)
+                        except BaseException as again:
+                            again.messages_taken = count  # type: ignore[attr-defined]
                             last = again
                     raise last  # noqa: B904 - the last handler's error (the first is its context)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 import sys
 import threading
+from types import FrameType
 
 import pytest
 
@@ -411,7 +413,8 @@ def test_an_end_closed_while_its_send_waits_for_its_turn_is_not_replaced_by_anot
             stuck = asyncio.ensure_future(via.send(big))  # older data: the next send waits
             await asyncio.sleep(0)
             task = asyncio.ensure_future(asend_channel(via, end, b"end"))
-            await asyncio.sleep(0)
+            while not via._send_gate._waiters:  # the send waits its turn, the numbers read
+                await asyncio.sleep(0.001)
             end.close()
             r, w = os.pipe()
             try:
@@ -460,6 +463,40 @@ def test_an_end_closed_while_its_send_waits_for_the_lock_is_not_replaced_by_anot
         finally:
             os.close(r)
             os.close(w)
+
+
+def test_a_handlers_error_as_the_sent_duplicate_is_closed_still_moves_the_end() -> None:
+    """The review: the message had left, a handler raised at the duplicate's close, the end stayed open too.
+
+    A trace function raises where a signal handler's error would (at the
+    first instruction of ``socket.close``), as tests/_faults.py does.
+    """
+    via, via_peer = pair()
+    end, peer = pair()
+    with via, via_peer, peer:
+
+        def strike(frame: FrameType, event: str, arg: object) -> None:
+            if (
+                event == "call"
+                and frame.f_code.co_name == "close"
+                and frame.f_code.co_filename == socket.__file__
+            ):
+                sys.settrace(None)
+                raise KeyboardInterrupt
+
+        sys.settrace(strike)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                send_channel(via, end, b"end")
+        finally:
+            sys.settrace(None)
+        assert end.closed  # the peer's now: one owner
+        with via_peer.recv() as msg:
+            got = recv_channel(msg)
+        with got.channel as ch:
+            ch.settimeout(TIMEOUT)
+            peer.send(b"moved")
+            assert ch.recv().payload == b"moved"
 
 
 # -- receiving -------------------------------------------------------------------------
