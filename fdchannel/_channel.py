@@ -256,6 +256,11 @@ class Channel(ChannelCore):
         # per-call MSG_DONTWAIT exists (Windows) it stays non-blocking even
         # without one, so the calls that must never wait cannot block.
         self._sock.setblocking(timeout is None and bool(self._dontwait))
+        fast = self._fast
+        if fast is not None:
+            # It makes a call without waiting first when no other thread could
+            # run meanwhile, and then needs to know whether to wait after all.
+            fast.blocking = self._sock.getblocking()
 
     def setblocking(self, flag: bool) -> None:
         """Make the channel blocking or non-blocking, as `socket.socket.setblocking`.

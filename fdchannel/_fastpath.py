@@ -163,6 +163,7 @@ def attach(channel: ChannelCore) -> Any:
         channel._send_flags,
         decoder._fast_max_fds,
         decoder._fast_max_payload,
+        channel._sock.getblocking(),
     )
 
 

@@ -54,6 +54,7 @@ typedef struct {
     int fd;                       /* the channel's socket */
     unsigned long long tag;       /* the header's first 8 bytes of a data frame */
     int send_flags;               /* MSG_NOSIGNAL */
+    int blocking;                 /* the socket is in blocking mode (Channel.settimeout(None)) */
     Py_ssize_t fast_max_fds;      /* what a lone frame may carry (the decoder's bounds) */
     Py_ssize_t fast_max_payload;
     /* What the last call handed out, for Channel.send/recv to account for
@@ -566,6 +567,73 @@ static unsigned long long get_le(const unsigned char *p, int n) {
 }
 #endif
 
+/* -- the GIL around system calls ------------------------------------------------ */
+
+/* 1 when no other thread could take the GIL while this one is in a system
+ * call: this thread's is the only thread state of the only interpreter (one
+ * being started by threading counts: its state is made before it runs).
+ * Releasing the GIL and taking it back costs about 400 instructions a call,
+ * a quarter of this module's whole work for a 1-fd send+recv+close; with no
+ * other thread to run meanwhile it buys nothing, so a lone thread keeps it
+ * (numpy does the same below a size).  Whenever another thread exists the
+ * GIL is released around every call, as before.
+ *
+ * A call made with the GIL held must not wait: sendmsg and recvmsg go with
+ * MSG_DONTWAIT and, should they find they would wait on a blocking socket,
+ * are made again with the GIL released.  close() can wait too (a socket
+ * lingering on unsent data, a tty draining), and with nobody else to run
+ * that only delays this thread, as it would without the GIL.
+ *
+ * The lists are read without the runtime's lock: a thread that Python did
+ * not start registering itself meanwhile (PyGILState_Ensure) waits for this
+ * one call, which cannot block (close aside, as said). */
+static int alone(void) {
+#ifdef Py_GIL_DISABLED
+    return 0; /* no GIL: the thread state is detached around a call that may wait */
+#else
+    PyThreadState *ts = PyThreadState_GET();
+    return PyThreadState_Next(ts) == NULL && PyInterpreterState_ThreadHead(PyThreadState_GetInterpreter(ts)) == ts &&
+           PyInterpreterState_Next(PyInterpreterState_Head()) == NULL;
+#endif
+}
+
+/* A payload above this goes with the GIL released whatever alone() says:
+ * a partial write of it (MSG_DONTWAIT on a full socket) would go through
+ * the Python path's send_rest, and the release is nothing beside its copy. */
+#define KEEP_GIL_MAX (64 * 1024)
+
+/* sendmsg(), the GIL released unless alone() (see there); *err: its errno. */
+static ssize_t send_gil(FastPath *self, const struct msghdr *msg, size_t size, int *err) {
+    ssize_t r;
+    if (size <= KEEP_GIL_MAX && alone()) {
+        r = sendmsg(self->fd, msg, self->send_flags | MSG_DONTWAIT);
+        *err = errno;
+        if (r >= 0 || !self->blocking || (*err != EAGAIN && *err != EWOULDBLOCK))
+            return r;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    r = sendmsg(self->fd, msg, self->send_flags);
+    *err = errno;
+    Py_END_ALLOW_THREADS
+    return r;
+}
+
+/* recvmsg() likewise. */
+static ssize_t recv_gil(FastPath *self, struct msghdr *msg, int flags, int *err) {
+    ssize_t r;
+    if (alone()) {
+        r = recvmsg(self->fd, msg, flags | MSG_DONTWAIT);
+        *err = errno;
+        if (r >= 0 || !self->blocking || (*err != EAGAIN && *err != EWOULDBLOCK))
+            return r;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    r = recvmsg(self->fd, msg, flags);
+    *err = errno;
+    Py_END_ALLOW_THREADS
+    return r;
+}
+
 /* The fds that close_fds() calls, each in some thread with the GIL
  * released, have yet to close.  No object owns them any more (the caller let
  * go of them first), so a fork in another thread meanwhile would copy them
@@ -620,7 +688,7 @@ static int close_fds(const int *fds, Py_ssize_t n) {
     me.next = pending_closes;
     pending_closes = &me;
     unlock_forks();
-    Py_BEGIN_ALLOW_THREADS
+    PyThreadState *save = alone() ? NULL : PyEval_SaveThread();
     for (Py_ssize_t i = 0; i < n; i++) {
         lock_forks();
         me.at = i; /* a fork from here on leaves fds[i] to this close */
@@ -628,7 +696,8 @@ static int close_fds(const int *fds, Py_ssize_t n) {
         if (close(fds[i]) < 0 && first == 0)
             first = errno;
     }
-    Py_END_ALLOW_THREADS
+    if (save != NULL)
+        PyEval_RestoreThread(save);
     lock_forks();
     pending_close **link = &pending_closes; /* others may have linked theirs in front */
     while (*link != &me)
@@ -1047,10 +1116,7 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
     int err = 0;
     for (;;) {
         forget_dicts();
-        Py_BEGIN_ALLOW_THREADS
-        sent = sendmsg(self->fd, &msg, self->send_flags);
-        err = errno;
-        Py_END_ALLOW_THREADS
+        sent = send_gil(self, &msg, HEADER_SIZE + (size_t)size, &err);
         if (sent >= 0 || err != EINTR)
             break;
         if (PyErr_CheckSignals() < 0) {
@@ -1338,10 +1404,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     ssize_t sent;
     int err = 0;
     for (;;) {
-        Py_BEGIN_ALLOW_THREADS
-        sent = sendmsg(self->fd, &msg, self->send_flags);
-        err = errno;
-        Py_END_ALLOW_THREADS
+        sent = send_gil(self, &msg, (size_t)total, &err);
         if (sent >= 0 || err != EINTR)
             break;
         if (PyErr_CheckSignals() < 0) {
@@ -1810,10 +1873,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         msg.msg_control = ctl.buf;
         msg.msg_controllen = sizeof ctl.buf;
         forget_dicts();
-        Py_BEGIN_ALLOW_THREADS
-        n = recvmsg(self->fd, &msg, MSG_CMSG_CLOEXEC);
-        err = errno;
-        Py_END_ALLOW_THREADS
+        n = recv_gil(self, &msg, MSG_CMSG_CLOEXEC, &err);
         if (n >= 0 || err != EINTR)
             break;
         if (PyErr_CheckSignals() < 0) {
@@ -2262,9 +2322,10 @@ static PyMethodDef message_del_def = {"__del__", Message_del, METH_NOARGS, NULL}
 /* -- the type and the module ---------------------------------------------------------- */
 
 static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd", "tag", "send_flags", "fast_max_fds", "fast_max_payload", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKinn", kwlist, &self->fd, &self->tag, &self->send_flags,
-                                     &self->fast_max_fds, &self->fast_max_payload))
+    static char *kwlist[] = {"fd", "tag", "send_flags", "fast_max_fds", "fast_max_payload", "blocking", NULL};
+    self->blocking = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKinn|p", kwlist, &self->fd, &self->tag, &self->send_flags,
+                                     &self->fast_max_fds, &self->fast_max_payload, &self->blocking))
         return -1;
     return 0;
 }
@@ -2322,6 +2383,12 @@ static PyMappingMethods FastPath_mapping = {
     .mp_ass_subscript = FastPath_forget,
 };
 
+static PyMemberDef FastPath_members[] = {
+    {"blocking", T_INT, offsetof(FastPath, blocking), 0,
+     "the socket is in blocking mode: a call alone() makes without waiting is made again, waiting"},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyGetSetDef FastPath_getset[] = {
     {"sent_whole", get_sent_whole, NULL, "bytes of the message this thread's last send() sent whole, else -1",
      NULL},
@@ -2345,6 +2412,7 @@ static PyTypeObject FastPath_Type = {
     .tp_init = (initproc)FastPath_init,
     .tp_methods = FastPath_methods,
     .tp_getset = FastPath_getset,
+    .tp_members = FastPath_members,
     .tp_as_mapping = &FastPath_mapping,
     .tp_dealloc = (destructor)FastPath_dealloc,
 };
@@ -2373,6 +2441,10 @@ static PyObject *values_layout(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(
 #else
     Py_RETURN_FALSE;
 #endif
+}
+
+static PyObject *alone_(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+    return PyBool_FromLong(alone());
 }
 
 static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *args) {
@@ -2605,6 +2677,7 @@ static PyMethodDef module_methods[] = {
      "drop_spare_messages() -> int: free the Messages kept for reuse"},
     {"lock_kind", lock_kind, METH_NOARGS, "lock_kind() -> 'semaphore', 'direct' or 'methods'"},
     {"channel_class", channel_class, METH_O, "channel_class(Channel): the class whose instances' state is cached"},
+    {"alone", alone_, METH_NOARGS, "alone() -> whether the system calls made now keep the GIL (no other thread could run)"},
     {"values_layout", values_layout, METH_NOARGS, "values_layout() -> whether instance dicts are read without a guard once made (CPython 3.11)"},
     {"setup", setup, METH_VARARGS, "setup(Message, closed_fd, Frame, send_rest, send_interrupted, recv_rest, send_many_rest)"},
     {NULL, NULL, 0, NULL},
