@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, Final, Self, cast
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from ._fdutil import close_all, close_listed, closing
 from ._ownedfd import OwnedFd
@@ -95,15 +95,17 @@ class Message:
             slots = list(raw)  # (a tuple from the compiled path) slots to strike
             if self._raw is raw:  # (no point between this test and the store)
                 self._raw = slots
-        raw = cast("list[int]", self._raw)  # another thread's list, if it got here first
-        count = len(raw)
+        # A list now (another thread's, if it got here first).  Typed by
+        # annotation: typing.cast would be a call on every message.
+        listed: list[int] = self._raw  # type: ignore[assignment]
+        count = len(listed)
         if not self._fds:
             # Each owning nothing yet (made without __init__, which costs a
             # Python call per fd); cut short here, they are simply dropped.
             made = tuple(map(_new, repeat(OwnedFd, count)))
             for owner in made:
                 owner._fd = -1
-            if not self._fds and self._raw is raw:  # (no point between the tests and the store)
+            if not self._fds and self._raw is listed:  # (no point between the tests and the store)
                 self._fds = made
         owners = self._fds
         i = 0
@@ -111,14 +113,14 @@ class Message:
             # Each step tests that no close() (another thread's) took the
             # numbers meanwhile, then moves one: no point in between.  Once
             # close() has, its placeholders must never receive a number.
-            if self._raw is not raw:
+            if self._raw is not listed:
                 return
-            n = raw[i]
+            n = listed[i]
             if n.__class__ is not int or n >= 0:  # -1: moved already, or taken out (`adopt_all`)
                 owners[i]._fd = n
-                raw[i] = -1
+                listed[i] = -1
             i += 1
-        if self._raw is raw:
+        if self._raw is listed:
             self._raw = ()
 
     @property
@@ -139,7 +141,8 @@ class Message:
                 if self._raw is raw:  # (no point between this test and the store)
                     self._raw = slots
                 raw = self._raw
-            first = close_listed(cast("list[int]", raw), empty=False)
+            listed: list[int] = raw  # type: ignore[assignment]  # a list now (not typing.cast: a call)
+            first = close_listed(listed, empty=False)
             count = len(raw)
             # Read afterwards, fds shows closed OwnedFd objects, as if they had
             # been there all along; out of memory, closing matters more.

@@ -45,7 +45,7 @@ static PyObject *empty_tuple, *empty_bytes;
 static PyObject *s_closed, *s_broken, *s_outbox, *s_pending, *s_send_lock, *s_recv_lock, *s_acquire,
     *s_release, *s_max_payload, *s_max_fds, *s_decoder, *s_frames, *s_error, *s_eof, *s_lone, *s_end,
     *s_big, *s_fds, *s_buf, *s_received, *s_drop_held, *s_push_back, *s_fileno,
-    *s_characters_written, *s_popleft, *s_appendleft, *s_suspect, *s_unclaimed, *s_share_above,
+    *s_popleft, *s_appendleft, *s_suspect, *s_unclaimed, *s_share_above,
     *s_delivering, *s_landed, *s_recv_interrupted, *s_ahead, *s_fast, *s_recv, *s_watch, *s_evicted,
     *s_max_held_fds, *s_extend, *s_messages_taken;
 
@@ -112,14 +112,21 @@ static int values_layout_ok = 0;
 #define IN_PLACE_INTS 1
 #endif
 
-static PyObject *dict_of(PyObject *obj) {
+static PyObject *dict_made(PyObject *obj);
+
+/* Inline: a dict made already is the common case (seven reads a message). */
+static inline PyObject *dict_of(PyObject *obj) {
+#ifdef VALUES_OF
+    if (values_layout_ok && PyType_HasFeature(Py_TYPE(obj), Py_TPFLAGS_MANAGED_DICT) && VALUES_OF(obj) == NULL)
+        return MANAGED_DICT_OF(obj); /* made already: nothing to allocate */
+#endif
+    return dict_made(obj);
+}
+
+static PyObject *dict_made(PyObject *obj) {
     PyObject **dp;
 #ifdef Py_TPFLAGS_MANAGED_DICT
     if (PyType_HasFeature(Py_TYPE(obj), Py_TPFLAGS_MANAGED_DICT)) {
-#ifdef VALUES_OF
-        if (values_layout_ok && VALUES_OF(obj) == NULL)
-            return MANAGED_DICT_OF(obj); /* made already: nothing to allocate */
-#endif
         /* The first call makes the dict from the object's inline values, and
          * that allocation may collect.  A finalizer that then reads the same
          * object's __dict__ makes a second dict over the same values, and both
@@ -592,8 +599,18 @@ static int alone(void) {
     return 0; /* no GIL: the thread state is detached around a call that may wait */
 #else
     PyThreadState *ts = PyThreadState_GET();
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
+    /* The thread states of an interpreter are a list with the newest at its
+     * head (cpython/pystate.h: prev and next): the fields read as
+     * PyThreadState_Next and PyInterpreterState_ThreadHead would (four
+     * calls fewer, about 15 instructions a call of this). */
+    PyInterpreterState *interp = ts->interp;
+    return ts->next == NULL && ts->prev == NULL && PyInterpreterState_Head() == interp &&
+           PyInterpreterState_Next(interp) == NULL;
+#else
     return PyThreadState_Next(ts) == NULL && PyInterpreterState_ThreadHead(PyThreadState_GetInterpreter(ts)) == ts &&
            PyInterpreterState_Next(PyInterpreterState_Head()) == NULL;
+#endif
 #endif
 }
 
@@ -718,7 +735,20 @@ static int close_numbers(PyObject *const *items, Py_ssize_t n) {
     return first;
 }
 
+/* (fd,) for each fd number below ONE_TUPLES, made on first use and kept: a
+ * message of one fd (the common case) then makes and frees no tuple, about
+ * 250 instructions a message.  Messages may share one: a tuple never changes,
+ * and a message's _raw is only ever replaced (never changed in place), so
+ * identity tests on one message's _raw still tell whether it was replaced;
+ * and while a message holds (fd,) unclosed, no other message can get fd. */
+#define ONE_TUPLES 256
+static PyObject *one_tuples[ONE_TUPLES];
+
 static PyObject *int_tuple(const int *fds, Py_ssize_t n) {
+    if (n == 1 && fds[0] >= 0 && fds[0] < ONE_TUPLES && one_tuples[fds[0]] != NULL) {
+        Py_INCREF(one_tuples[fds[0]]);
+        return one_tuples[fds[0]];
+    }
     PyObject *t = PyTuple_New(n);
     if (t == NULL)
         return NULL;
@@ -729,6 +759,10 @@ static PyObject *int_tuple(const int *fds, Py_ssize_t n) {
             return NULL;
         }
         PyTuple_SET_ITEM(t, i, v);
+    }
+    if (n == 1 && fds[0] >= 0 && fds[0] < ONE_TUPLES) {
+        Py_INCREF(t);
+        one_tuples[fds[0]] = t;
     }
     return t;
 }
@@ -920,8 +954,8 @@ static PyObject *resolved_fds(PyObject *fdsobj, const int *fds, const FdScan *sc
 
 /* The frame's rest after a write that took *sent* bytes (maybe 0): the
  * Python path queues and pushes it (the send lock is held). */
-/* Set attribute *name* of the exception being raised to *n* (characters_written,
- * messages_taken), leaving it raised; a failure to set it loses only the attribute. */
+/* Set attribute *name* of the exception being raised to *n* (messages_taken),
+ * leaving it raised; a failure to set it loses only the attribute. */
 static void set_on_error(PyObject *name, Py_ssize_t n) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -1140,11 +1174,9 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
             goto done;
         goto not_handled;
     }
-    if (result == Py_True && PyErr_CheckSignals() < 0) {
-        /* A handler raised as the call ends: the message had left whole. */
-        Py_CLEAR(result);
-        set_on_error(s_characters_written, HEADER_SIZE + size);
-    }
+    /* A signal handler with an error to raise runs as this call returns,
+     * in Channel.send's frame: it reads tl_sent_whole (the message left
+     * whole).  Not checked here as well: that costs 50 instructions. */
     if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
     if (result == Py_True)
@@ -1761,7 +1793,40 @@ static int queue_plain_frames(PyObject *frames, const unsigned char *b, Py_ssize
     return 0;
 }
 
-static PyObject *Message_close(PyObject *self, PyObject *Py_UNUSED(ignored));
+/* PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) and PyBuffer_Release: for
+ * the decoder's bytearray, its export count kept as bytearray's own
+ * getbuffer keeps it (no resize while held; the buffer is read into with
+ * the GIL released) without the generic calls, about 70 instructions. */
+#if PY_VERSION_HEX < 0x030E0000
+#define DIRECT_BYTEARRAY 1
+#endif
+
+static int get_writable(PyObject *obj, Py_buffer *view) {
+#ifdef DIRECT_BYTEARRAY
+    if (PyByteArray_CheckExact(obj)) {
+        ((PyByteArrayObject *)obj)->ob_exports++;
+        Py_INCREF(obj);
+        view->obj = obj;
+        view->buf = PyByteArray_AS_STRING(obj);
+        view->len = PyByteArray_GET_SIZE(obj);
+        return 0;
+    }
+#endif
+    return PyObject_GetBuffer(obj, view, PyBUF_WRITABLE);
+}
+
+static void release_writable(Py_buffer *view) {
+#ifdef DIRECT_BYTEARRAY
+    PyObject *obj = view->obj;
+    if (obj != NULL && PyByteArray_CheckExact(obj)) {
+        ((PyByteArrayObject *)obj)->ob_exports--;
+        view->obj = NULL;
+        Py_DECREF(obj);
+        return;
+    }
+#endif
+    PyBuffer_Release(view);
+}
 
 /* recv(channel) -> the Message when one read was exactly one plain frame,
  * None when the Python path must go on (what was read is in the decoder). */
@@ -1841,7 +1906,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
     }
 
     Py_buffer view;
-    if (PyObject_GetBuffer(bufobj, &view, PyBUF_WRITABLE) < 0)
+    if (get_writable(bufobj, &view) < 0)
         goto fail;
     struct iovec iov = {view.buf, (size_t)view.len};
     union {
@@ -1863,7 +1928,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             break;
         if (PyErr_CheckSignals() < 0) {
             /* Nothing was read: the channel is intact, as on the Python path. */
-            PyBuffer_Release(&view);
+            release_writable(&view);
             goto fail;
         }
         /* Nothing was read.  A handler that returned (or another thread,
@@ -1872,14 +1937,14 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
          * methods read the fd afresh after EINTR. */
         int still = chan_check(self, channel);
         if (still < 0 || !(still & OK_RECV)) {
-            PyBuffer_Release(&view);
+            release_writable(&view);
             if (still < 0)
                 goto fail;
             goto not_handled;
         }
     }
     if (n < 0) {
-        PyBuffer_Release(&view);
+        release_writable(&view);
         if (err == EAGAIN || err == EWOULDBLOCK)
             goto not_handled; /* the Python path waits */
         if (err != ECONNRESET)
@@ -1918,7 +1983,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             plen <= (unsigned long long)self->fast_max_payload && aux == 0 &&
             (unsigned long long)n == HEADER_SIZE + plen) {
             PyObject *payload = PyBytes_FromStringAndSize((const char *)b + HEADER_SIZE, (Py_ssize_t)plen);
-            PyBuffer_Release(&view);
+            release_writable(&view);
             PyObject *raw = payload ? int_tuple(fds, nfds) : NULL;
             PyObject *m = raw ? make_message(payload, raw) : NULL;
             if (m == NULL || add_received_fast(self, decoder, n) < 0) {
@@ -1931,21 +1996,10 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
                 recv_cut(channel);
                 goto fail;
             }
-            if (PyErr_CheckSignals() < 0) {
-                /* A handler raised with the message in hand: as on the Python
-                 * path it is lost (its fds closed) and the channel says so. */
-                PyObject *type, *value, *tb;
-                PyErr_Fetch(&type, &value, &tb);
-                PyObject *r = Message_close(m, NULL);
-                Py_XDECREF(r);
-                PyErr_Clear();
-                PyErr_Restore(type, value, tb);
-                recv_cut(channel);
-                Py_DECREF(m);
-                Py_DECREF(payload);
-                Py_DECREF(raw);
-                goto fail;
-            }
+            /* A signal handler with an error to raise runs as this call
+             * returns, in Channel.recv's frame: it finds the message in
+             * tl_delivered, closes it and says it was lost (_recv_lost).
+             * Not checked here as well: that costs 50 instructions. */
             Py_DECREF(payload);
             Py_DECREF(raw);
             result = m;
@@ -1959,7 +2013,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         PyObject *frames = self->frames; /* held: a finalizer run by an allocation may change the dict */
         Py_INCREF(frames);
         if (k && decoder_takes_plain(decoder, nfds) && queue_plain_frames(frames, b, k, fds, self->received) == 0) {
-            PyBuffer_Release(&view);
+            release_writable(&view);
             if (add_received_fast(self, decoder, n) < 0) {
                 Py_DECREF(frames);
                 recv_cut(channel); /* queued, but the stream offset is not: unusable */
@@ -1984,7 +2038,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
         Py_DECREF(frames);
         PyErr_Clear(); /* (out of memory) not queued: the Python decoder takes it all below */
     }
-    PyBuffer_Release(&view);
+    release_writable(&view);
     {
         /* Not one lone frame: the decoder takes it all, as the Python path's read does. */
         PyObject *type = NULL, *value = NULL, *tb = NULL;
@@ -2709,7 +2763,6 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_drop_held, "_drop_held");
     INTERN(s_push_back, "push_back");
     INTERN(s_fileno, "fileno");
-    INTERN(s_characters_written, "characters_written");
     INTERN(s_popleft, "popleft");
     INTERN(s_appendleft, "appendleft");
     INTERN(s_suspect, "_suspect");

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -294,3 +295,39 @@ def test_send_and_recv_read_the_compiled_path_with_a_specialized_load_on_3_11() 
                 if i.opname.startswith("LOAD_ATTR") and i.argval == "_fast"
             ]
             assert loads == ["LOAD_ATTR_SLOT"], (method.__name__, loads)
+
+
+def test_messages_given_the_same_fd_number_stay_apart(tmp_path: Path) -> None:
+    """Each message owns its numbers alone, even when one number comes back.
+
+    The compiled path hands every 1-fd message of a number below 256 the same
+    ``(n,)`` tuple (a tuple made and freed per message costs about 250
+    instructions); a message's ``_raw`` is replaced, never changed, so the
+    sharing must not let one message's close or ``.fds`` reach another's fd.
+    """
+    a, b = Channel.pair()
+    with a, b, open(tmp_path / "f", "w") as f, open(tmp_path / "g", "w") as g:
+        a.send(b"1", [f])
+        first = b.recv()
+        raw = first._raw
+        number = raw[0]
+        first.close()
+        a.send(b"2", [g])
+        second = b.recv()  # the number the first had: the lowest free one
+        if _fastpath.compiled_available():
+            assert second._raw is raw  # shared (the same tuple), so the test means something
+        first.close()  # again: closes nothing (the second's fd is the same number)
+        assert [fd.closed for fd in first.fds] == [True]
+        with second:
+            a.send(b"3", [f])
+            with b.recv() as third:  # while the second holds its number: another one
+                owned = second.fds[0]
+                assert owned.fileno() != third.fds[0].fileno()
+                assert os.path.samestat(os.fstat(owned.fileno()), os.stat(tmp_path / "g"))
+                assert os.path.samestat(os.fstat(third.fds[0].fileno()), os.stat(tmp_path / "f"))
+        assert owned.closed
+        if _fastpath.compiled_available():
+            assert raw == (number,)  # the shared tuple itself is untouched
+        a.send(b"4", [g])
+        with b.recv() as fourth:  # the number is free again: the fd is the one just sent
+            assert os.path.samestat(os.fstat(fourth.fds[0].fileno()), os.stat(tmp_path / "g"))
