@@ -685,7 +685,8 @@ class Channel(ChannelCore):
                     self._claim()
                 decoder = self._decoder
                 deadline = None
-                _into.offer(decoder, into)
+                if into is not None:  # (recv(): no call)
+                    _into.offer(decoder, into)
                 try:
                     while True:
                         if decoder.frames or decoder.error is not None or decoder.eof:

@@ -41,6 +41,7 @@ SCENARIOS = [
     "aio_send_buffer",
     "fds",
     "close",
+    "close_one",
     "close_many",
     "open",
 ]

@@ -58,6 +58,7 @@ SCENARIOS: dict[str, list[bytes]] = {
     "send_many_buffer": [X, Y],
     "fds": [],  # a received message's .fds made (lazily)
     "close": [],
+    "close_one": [],  # a message of one fd: Message.close's own inline close
     "close_many": [],  # more fds than the tuple free lists serve
     "open": [],  # an OwnedFd made into a file object
     "send_shm": [S],  # a payload sent as sealed shared memory (a memfd of its own)
@@ -293,6 +294,9 @@ def _held(scenario: str, a: Channel, b: Channel, r: int, w: int) -> Message | No
     if scenario in ("fds", "close", "open"):
         b.send(X, [r, w, r])
         return a.recv()
+    if scenario == "close_one":
+        b.send(X, [w])
+        return a.recv()
     if scenario == "close_many":
         b.send(X, [r, w] * 20)
         return a.recv()
@@ -328,6 +332,7 @@ def _call(scenario: str, a: Channel, held: Message | None, r: int) -> Callable[[
         "send_many_buffer": lambda: a.send_many([(x, [r]), (y, [r, r])]),
         "fds": lambda: held.fds if held else None,
         "close": lambda: held.close() if held else None,
+        "close_one": lambda: held.close() if held else None,
         "close_many": lambda: held.close() if held else None,
         "open": lambda: held.fds[0].open("rb") if held else None,
     }

@@ -68,7 +68,7 @@ def test_the_structured_channels_keep_the_rules_at_every_point(
 
 
 @pytest.mark.parametrize("width", [1, 2])
-@pytest.mark.parametrize("scenario", ["close", "close_many"])
+@pytest.mark.parametrize("scenario", ["close", "close_one", "close_many"])
 def test_python_message_close_keeps_the_rules_where_nothing_is_compiled(scenario: str, width: int) -> None:
     """Off Linux (or unbuilt) Message.close is Python: a handler's error in its loop leaves
     each number listed (a second close closes it) or closed."""
