@@ -633,6 +633,10 @@ class AsyncChannel(AsyncSurface):
                 raise
             self._suspect = False
             done = True
+        except BaseException:
+            if not done and pins:
+                _batch.release(pins)  # refused before a write (a broken channel): free as it is handled
+            raise
         finally:
             gate = self._send_gate  # left as in send()
             if not gate._waiters:

@@ -337,3 +337,38 @@ def test_a_payload_waiting_its_turn_cannot_be_resized_under_its_header(run: Runn
             given.extend(b" again")  # free once the call is over
 
     run(body())
+
+
+@pytest.mark.parametrize("call", ["send", "send_many"])
+def test_a_call_refused_by_a_broken_channel_leaves_the_payload_free(run: Runner, call: str) -> None:
+    """The caller may resize its bytearray while it handles the refusal (the asyncio
+    send_many held it until the exception went: the check came before its release)."""
+
+    async def body() -> None:
+        a, b = AsyncChannel.pair()
+        async with a, b:
+            b._sock.send(b"garbage that is no frame header: a's next recv breaks the channel")
+            with pytest.raises(ProtocolError, match="bad magic"):
+                await a.recv()
+            given = bytearray(b"hello")
+            with pytest.raises(ProtocolError, match="unusable") as info:
+                await (a.send(given) if call == "send" else a.send_many([(given, [])]))
+            given.extend(b" world")  # free while the error (and the call's frame) is still in hand
+            del info
+
+    run(body())
+
+
+@pytest.mark.parametrize("call", ["send", "send_many"])
+def test_a_blocking_call_refused_by_a_broken_channel_leaves_the_payload_free(call: str) -> None:
+    a, b = Channel.pair()
+    with a, b:
+        b._sock.send(b"garbage that is no frame header: a's next recv breaks the channel")
+        a.settimeout(10)
+        with pytest.raises(ProtocolError, match="bad magic"):
+            a.recv()
+        given = bytearray(b"hello")
+        with pytest.raises(ProtocolError, match="unusable") as info:
+            a.send(given) if call == "send" else a.send_many([(given, [])])
+        given.extend(b" world")  # free while the error (and the call's frame) is still in hand
+        del info
