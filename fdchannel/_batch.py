@@ -76,8 +76,12 @@ def _groups(tag: int, prepared: Sequence[Prepared]) -> Iterator[_Group | Prepare
         return group
 
     for message in prepared:
-        nums = message[1]
-        if len(nums) > SCM_MAX_FD or message[0].__class__ is SealedMemory:
+        nums, payload = message[1], message[0]
+        if (
+            len(nums) > SCM_MAX_FD
+            or payload.__class__ is SealedMemory
+            or (payload.__class__ is not bytes and isinstance(payload, SealedMemory))  # a subclass's too
+        ):
             if members:
                 yield close()
                 group, members = _Group(), []

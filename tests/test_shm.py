@@ -661,3 +661,37 @@ def test_recv_into_copies_a_sealed_payload_out_and_lets_the_memory_go() -> None:
         os.close(w)
         a.close()
         b.close()
+
+
+class _OwnSealed(SealedMemory):
+    """An application's own subclass (a name of its own, a helper method)."""
+
+    __slots__ = ()
+
+    def text(self) -> str:
+        with self.view() as view:
+            return bytes(view).decode()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_send_many_takes_a_sealed_memory_subclass_in_order(compiled: bool) -> None:
+    """A subclass goes alone, as SealedMemory does (it went into a group as if it were bytes: TypeError)."""
+    from fdchannel import _fastpath
+
+    with _fastpath.forced(compiled):
+        a, b = Channel.pair()
+    with a, b, _OwnSealed.copy(b"shared bytes") as mem, open(os.devnull) as f:
+        assert mem.text() == "shared bytes"
+        b.settimeout(10)
+        a.send_many([(b"one", [f]), (mem, [f]), (b"two", [])])
+        got = [b.recv() for _ in range(3)]
+        try:
+            assert [m.payload if m.shared is None else None for m in got] == [b"one", None, b"two"]
+            shared = got[1].shared
+            assert shared is not None
+            with shared.view() as view:
+                assert bytes(view) == b"shared bytes"
+            assert [len(m.fds) for m in got] == [1, 1, 0]
+        finally:
+            for m in got:
+                m.close()
