@@ -710,28 +710,32 @@ class ChannelCore:
         if not self._claim_send():
             return
         try:
-            if self._broken is not None or self._closed:
-                return
-            outbox = self._outbox
-            outbox.add_control(self._session.take_control())
-            if not outbox.pending:
-                return
-            try:
-                self._write_now()
-            except OSError as exc:
-                if raised_in_signal_handler(exc):
-                    self._break(outbox.interrupted(exc))
-                    raise
-                # A vanished peer needs no acknowledgements, and recv() still
-                # delivers what it sent before; anything else mid-frame breaks.
-                broken = outbox.failed(exc, None, 0)
-                if broken is not None:
-                    self._break(broken)
-                return
-            for chunk in outbox.pending:
-                chunk.detach()  # control frames own their bytes: nothing to duplicate
+            self._flush_control_held()
         finally:
             self._release_send()
+
+    def _flush_control_held(self) -> None:
+        """`_flush_control_nowait` for a caller that holds the send lock already."""
+        if self._broken is not None or self._closed:
+            return
+        outbox = self._outbox
+        outbox.add_control(self._session.take_control())
+        if not outbox.pending:
+            return
+        try:
+            self._write_now()
+        except OSError as exc:
+            if raised_in_signal_handler(exc):
+                self._break(outbox.interrupted(exc))
+                raise
+            # A vanished peer needs no acknowledgements, and recv() still
+            # delivers what it sent before; anything else mid-frame breaks.
+            broken = outbox.failed(exc, None, 0)
+            if broken is not None:
+                self._break(broken)
+            return
+        for chunk in outbox.pending:
+            chunk.detach()  # control frames own their bytes: nothing to duplicate
 
     def _pump_nowait(self) -> None:
         """Read whatever already arrived, so the session sees the peer's control frames.

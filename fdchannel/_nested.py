@@ -26,6 +26,7 @@ from typing_extensions import Buffer
 
 from ._channel import Channel
 from ._core import ChannelCore
+from ._fdutil import close_listed
 from ._message import Message
 from ._ownedfd import OwnedFd
 from .transports import PidfdGetfd, Transport, UnixRights
@@ -131,16 +132,38 @@ def _check_state(via: ChannelCore, end: ChannelCore) -> None:
     _transport_fields(end.transport)  # ValueError for a transport that cannot move
 
 
-def _claim(via: ChannelCore, end: ChannelCore) -> None:
-    """Check *end* may be sent over *via* and take its locks; raise with nothing taken otherwise."""
+def _claim(via: ChannelCore, end: ChannelCore, step: list[int]) -> None:
+    """Check *end* may be sent over *via* and take its locks, marking them in *step*.
+
+    *step* begins ``[0, 1, 1, 0]`` (neither lock held); a lock taken has
+    its mark (``step[1]`` receive, ``step[2]`` send) cleared, so that
+    `_let_go` releases what is held even when a signal handler's error cut
+    this short: a blocking Channel's mark is cleared first, then the lock
+    taken by one C call, with no point between.  Raises before the
+    message with the locks let go (the caller's `_let_go` finishes that
+    if it is cut short).
+    """
     _check_state(via, end)
+    if isinstance(end, Channel):
+        step[2] = 0
+        if not end._send_lock.acquire(False):
+            step[2] = 1
+            raise RuntimeError(f"the {end._kind} is in use by another send()")
+        step[1] = 0
+        if not end._recv_lock.acquire(False):
+            step[1] = 1
+            raise RuntimeError(f"the {end._kind} is in use by another recv()")
+    else:
+        if not end._claim_send():
+            raise RuntimeError(f"the {end._kind} is in use by another send()")
+        if not end._claim_recv():
+            end._release_send()
+            raise RuntimeError(f"the {end._kind} is in use by another recv()")
+        step[1] = step[2] = 0
     # Acknowledgements owed to end's peer go now, while end is still ours.
-    end._flush_control_nowait()
-    if not end._claim_send():
-        raise RuntimeError(f"the {end._kind} is in use by another send()")
-    if not end._claim_recv():
-        end._release_send()
-        raise RuntimeError(f"the {end._kind} is in use by another recv()")
+    end._flush_control_held()
+    if end._broken is not None:  # (by that flush)
+        raise ValueError(f"cannot send an unusable {end._kind} ({end._broken})")
     decoder = end._decoder
     why = None
     if end.pending:
@@ -148,7 +171,6 @@ def _claim(via: ChannelCore, end: ChannelCore) -> None:
     elif decoder.frames or not decoder.at_boundary:
         why = "it holds received data not yet returned by recv() (receive it first)"
     if why is not None:
-        _release(end)
         raise ValueError(f"cannot send a {end._kind} while {why}")
 
 
@@ -157,34 +179,52 @@ def _release(end: ChannelCore) -> None:
     end._release_send()
 
 
-def _hand_over(end: ChannelCore) -> None:
+def _let_go(end: ChannelCore, step: list[int]) -> None:
+    """Release the locks `_claim` took on *end*, each once: ``step[1]``, ``step[2]`` say which went.
+
+    A blocking Channel's are marked, then released by one C call, with no
+    point between where a signal handler runs: cut short, calling again
+    releases what is left and nothing twice.  The async kinds' gates are
+    let go once, as far as they get.
+    """
+    if isinstance(end, Channel):
+        if not step[1]:
+            step[1] = 1
+            end._recv_lock.release()
+        if not step[2]:
+            step[2] = 1
+            end._send_lock.release()
+    elif not step[1]:
+        step[1] = step[2] = 1
+        _release(end)
+
+
+def _hand_over(end: ChannelCore, step: list[int]) -> None:
     """The message carrying *end* was taken: this object lets go, the socket lives on elsewhere.
 
     Not `close()`: that would read from the socket (control frames), and
     with a call waiting shut it down for every holder.
+
+    A signal handler's error can cut it short at any call; the caller then
+    calls it again with the same *step* (``[0, 0, 0, 0]`` to begin), which
+    says what is done, until ``step[3]`` says all is: each step is
+    idempotent or marked as `_let_go` marks its own.
     """
     end._closed = True
     try:
-        if not isinstance(end, Channel):
-            # The async kinds drop their event-loop registrations on the fd
-            # number; a blocking Channel's wake-up would shut the socket down.
-            end._wake_waiters()
-        end._session.close()
+        if not step[0]:
+            if not isinstance(end, Channel):
+                # The async kinds drop their event-loop registrations on the fd
+                # number; a blocking Channel's wake-up would shut the socket down.
+                end._wake_waiters()
+            end._session.close()
+            step[0] = 1  # (no point between a Python call's return and this store)
     finally:
-        end._sock.close()
-        # Calls waiting for its locks now find it closed (ValueError).
-        _release(end)
-
-
-def _taken(exc: BaseException, via: ChannelCore, broken_before: bool) -> bool:
-    """Whether the message left (in part) although ``send()`` raised *exc*."""
-    written = getattr(exc, "characters_written", None)
-    if written is not None:
-        return bool(written)
-    # No count: raised before writing (a bad argument, a closed or broken
-    # channel), unless the send broke the channel mid-write, where how much
-    # left is unknown; then the end counts as gone, or it could have two owners.
-    return not broken_before and via._broken is not None
+        try:
+            end._sock.close()  # (idempotent)
+        finally:
+            _let_go(end, step)  # calls waiting for its locks now find it closed (ValueError)
+    step[3] = 1
 
 
 def _wire(descriptor: bytes, payload: Buffer) -> bytes:
@@ -195,16 +235,27 @@ def _wire(descriptor: bytes, payload: Buffer) -> bytes:
     return descriptor + data
 
 
-def _own_socket(end: ChannelCore) -> socket.socket:
-    """A duplicate of *end*'s socket, sent in place of its number.
+def _dup(sock: socket.socket, held: list[int]) -> None:
+    """``held[0]`` = a duplicate of *sock*'s fd.  The end of ``os.dup`` (its
+    result on the stack, not yet stored) is the one point where a signal
+    handler's error loses an fd here, as for every Python program that
+    makes one."""
+    held[0] = os.dup(sock.fileno())
+
+
+def _own_dup(end: ChannelCore, held: list[int]) -> None:
+    """A duplicate of *end*'s socket into ``held[0]``, sent in place of its number.
 
     ``send()`` reads the numbers as it begins and writes them once it has
     its turn; a ``close()`` of *end* by another thread or task meanwhile
     frees the number for any file opened next, which would go to the peer
-    instead.  The duplicate keeps the socket itself; the caller closes it.
+    instead.  The duplicate keeps the socket itself.  A bare number in a
+    list, which the caller closes with `close_listed`: a socket object
+    made from it would be a call (an allocation that can fail, Python code
+    in ``socket.dup``) between the fd and its owner.
     """
     try:
-        return end._sock.dup()
+        _dup(end._sock, held)
     except OSError:
         if end.closed:  # by another thread since the checks: as they say it
             raise ValueError(f"cannot send a closed {end._kind}") from None
@@ -230,25 +281,43 @@ def send_channel(via: Channel, end: ChannelCore, payload: Buffer = b"", fds: Ite
     cannot move; `RuntimeError` when another thread is inside *end*'s
     ``send()``/``recv()``; whatever ``via.send()`` raises.
     """
-    _claim(via, end)
     broken_before = via._broken is not None
-    sock: socket.socket | None = None
+    held = [-1]  # the duplicate of end's socket (_own_dup)
     sent = False
+    step = [0, 1, 1, 0]  # the locks taken (_claim) and what _hand_over has done
     try:
+        _claim(via, end, step)
         data = _wire(_descriptor(end), payload)
-        sock = _own_socket(end)
-        via.send(data, [sock, *fds])
+        _own_dup(end, held)
+        via.send(data, [held[0], *fds])
         sent = True  # (no call since the send returned: no point where a handler's error lands)
-        sock.close()
+        close_listed(held)
+        _hand_over(end, step)
     except BaseException as exc:
-        if sent or _taken(exc, via, broken_before):
-            _hand_over(end)
-        else:
-            _release(end)
-        if sock is not None:
-            sock.close()
+        # Inline, calling nothing before what is in hand is settled: a second
+        # handler's error may strike at any call.
+        last = exc
+        if not sent:
+            # Whether it left although send() raised: as the exception says,
+            # or, when it broke *via* mid-write, unknown: then gone (else
+            # *end* could have two owners).
+            try:
+                written = exc.characters_written  # type: ignore[attr-defined]  # (no call)
+            except BaseException:  # (none: AttributeError, or out of memory making that)
+                written = None
+            sent = written > 0 if written is not None else not broken_before and via._broken is not None
+        while not step[3 if sent else 2]:
+            try:
+                if sent:
+                    _hand_over(end, step)
+                else:
+                    _let_go(end, step)  # not taken: *end* stays the caller's
+            except BaseException as again:  # a storm of signals: each run carries on from the last
+                last = again
+        close_listed(held)
+        if last is not exc:
+            raise last  # noqa: B904 - the last handler's error (the first is its context)
         raise
-    _hand_over(end)
 
 
 async def asend_channel(
@@ -260,25 +329,43 @@ async def asend_channel(
     sent nothing and *end* stays the caller's; otherwise *end* is gone (the
     rest of the message goes out first with the next call on *via*).
     """
-    _claim(via, end)
     broken_before = via._broken is not None
-    sock: socket.socket | None = None
+    held = [-1]  # the duplicate of end's socket (_own_dup)
     sent = False
+    step = [0, 1, 1, 0]  # the locks taken (_claim) and what _hand_over has done
     try:
+        _claim(via, end, step)
         data = _wire(_descriptor(end), payload)
-        sock = _own_socket(end)
-        await via.send(data, [sock, *fds])
+        _own_dup(end, held)
+        await via.send(data, [held[0], *fds])
         sent = True  # (no call since the send returned: no point where a handler's error lands)
-        sock.close()
+        close_listed(held)
+        _hand_over(end, step)
     except BaseException as exc:
-        if sent or _taken(exc, via, broken_before):
-            _hand_over(end)
-        else:
-            _release(end)
-        if sock is not None:
-            sock.close()
+        # Inline, calling nothing before what is in hand is settled: a second
+        # handler's error may strike at any call.
+        last = exc
+        if not sent:
+            # Whether it left although send() raised: as the exception says,
+            # or, when it broke *via* mid-write, unknown: then gone (else
+            # *end* could have two owners).
+            try:
+                written = exc.characters_written  # type: ignore[attr-defined]  # (no call)
+            except BaseException:  # (none: AttributeError, or out of memory making that)
+                written = None
+            sent = written > 0 if written is not None else not broken_before and via._broken is not None
+        while not step[3 if sent else 2]:
+            try:
+                if sent:
+                    _hand_over(end, step)
+                else:
+                    _let_go(end, step)  # not taken: *end* stays the caller's
+            except BaseException as again:  # a storm of signals: each run carries on from the last
+                last = again
+        close_listed(held)
+        if last is not exc:
+            raise last  # noqa: B904 - the last handler's error (the first is its context)
         raise
-    _hand_over(end)
 
 
 def _new_pair(via: _C) -> tuple[_C, _C]:

@@ -44,6 +44,7 @@ SCENARIOS = [
     "close_one",
     "close_many",
     "open",
+    "send_channel",
 ]
 #: The trio and anyio channels' calls (signals modes only: an allocation that
 #: fails inside those libraries' own code is theirs to survive).

@@ -40,7 +40,16 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from fdchannel import Channel, ChannelBroken, Message, ProtocolError, _fastpath, shm
+from fdchannel import (
+    Channel,
+    ChannelBroken,
+    Message,
+    ProtocolError,
+    _fastpath,
+    recv_channel,
+    send_channel,
+    shm,
+)
 from fdchannel.aio import AsyncChannel
 
 X, Y, Z, S = b"x" * 20, b"y" * 20, b"z" * 100_000, b"s" * 5000
@@ -61,6 +70,7 @@ SCENARIOS: dict[str, list[bytes]] = {
     "close_one": [],  # a message of one fd: Message.close's own inline close
     "close_many": [],  # more fds than the tuple free lists serve
     "open": [],  # an OwnedFd made into a file object
+    "send_channel": [],  # a channel end sent: the peer's once it arrived, else still ours (checked apart)
     "send_shm": [S],  # a payload sent as sealed shared memory (a memfd of its own)
     "recv_shm": [S],
     "recv_refused": [X],  # a pipe posing as a memfd, refused (its fds closed), then a plain message
@@ -166,14 +176,15 @@ def _unguardable(frame: FrameType | None) -> bool:
 
     Inside a ``__del__``: a finalizer can be cut short at its very first
     instruction (the compiled path's finalizers are C).  In
-    ``_memfd._create``: an fd that a C function returns is on the stack,
-    not yet stored, when the end of that call runs handlers; so it is for
-    every Python program (``os.open``, ``socket.socket``).  That is the one
-    place these calls make an fd in Python.
+    ``_memfd._create`` and ``_nested._dup``: an fd that a C function
+    returns is on the stack, not yet stored, when the end of that call runs
+    handlers; so it is for every Python program (``os.open``, ``os.dup``).
+    Those are the places these calls make an fd in Python.
     """
     while frame is not None:
         if frame.f_code.co_name == "__del__" or (
-            frame.f_code.co_name == "_create" and frame.f_code.co_filename.endswith("_memfd.py")
+            (frame.f_code.co_name, os.path.basename(frame.f_code.co_filename))
+            in (("_create", "_memfd.py"), ("_dup", "_nested.py"))
         ):
             return True
         frame = frame.f_back
@@ -572,6 +583,66 @@ def _sync_case(
         return error, [], [f"k={k}: cleaning up raised {exc!r}"]
 
 
+def _send_channel_case(  # noqa: C901, PLR0912, PLR0915 - one scenario, kept in one piece
+    path: str, k: int, width: int, a: Channel, b: Channel
+) -> tuple[bool, list[bytes], list[str]]:
+    """``send_channel(a, end)`` struck at point k: *end* is the peer's once the message
+    arrived (closed here, working there), else still the caller's and usable; never both."""
+    with _fastpath.forced(path == "compiled"):
+        end, partner = Channel.pair()
+    end.settimeout(0)
+    partner.settimeout(0)
+    error = False
+    told: int | None = None
+    _fail_from(k, width)
+    try:
+        send_channel(a, end, X)
+    except FAILURES as exc:
+        error = True
+        told = _told(exc, "send_channel")
+    finally:
+        _stop_failing()
+    broken: list[str] = []
+    moved: list[Any] = []
+    try:
+        cut = False
+        while True:
+            try:
+                m = b.recv()
+            except BlockingIOError:
+                break
+            except ChannelBroken:
+                cut = True
+                break
+            with m:
+                moved.append(recv_channel(m).channel)
+        if moved and not end.closed:
+            broken.append("the end arrived and is still open here: two owners")
+        for lock in (end._send_lock, end._recv_lock):
+            if not lock.acquire(False):  # a later call would hang instead of working (or saying closed)
+                return error, [], [f"k={k}: a lock of the end was left taken"]
+            lock.release()
+        if moved:
+            partner.send(b"moved")
+            if [bytes(moved[0].recv().payload)] != [b"moved"]:
+                broken.append("the end that arrived does not carry its stream")
+        elif end.closed:
+            if not cut and not a.closed and a._broken is None:
+                broken.append("the end was let go here and never arrived")
+        else:
+            end.send(b"kept")
+            if bytes(partner.recv().payload) != b"kept":
+                broken.append("the end kept here does not carry its stream")
+        if error and told is not None and (told > 0) != bool(moved) and not cut:
+            broken.append(f"characters_written={told}, and the end {'arrived' if moved else 'did not'}")
+    except Exception as exc:  # any error here is what the test reports
+        broken.append(f"checking raised {exc!r}")
+    finally:
+        for ch in (*moved, end, partner):
+            ch.close()
+    return error, [], [f"k={k}: {why}" for why in broken]
+
+
 def main(path: str, scenario: str, count: int, width: int = 1) -> dict[str, object]:
     r, w = os.pipe()
     ino = os.fstat(r).st_ino
@@ -586,6 +657,9 @@ def main(path: str, scenario: str, count: int, width: int = 1) -> dict[str, obje
             error, got = _aio_case(scenario, k, width, a, b, r, ino)
         elif OURS_ONLY:
             error, got = _structured_case(scenario, k, width, a, b, r, ino)
+        elif scenario == "send_channel":
+            error, got, problems = _send_channel_case(path, k, width, a, b)
+            broken += problems
         else:
             error, got, problems = _sync_case(scenario, k, width, a, b, r, w, ino)
             broken += problems
