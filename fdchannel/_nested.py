@@ -135,7 +135,7 @@ def _check_state(via: ChannelCore, end: ChannelCore) -> None:
 def _claim(via: ChannelCore, end: ChannelCore, step: list[int]) -> None:
     """Check *end* may be sent over *via* and take its locks, marking them in *step*.
 
-    *step* begins ``[0, 1, 1, 0]`` (neither lock held); a lock taken has
+    *step* (as `_settle` reads it) begins with neither lock held; a lock taken has
     its mark (``step[1]`` receive, ``step[2]`` send) cleared, so that
     `_let_go` releases what is held even when a signal handler's error cut
     this short: a blocking Channel's mark is cleared first, then the lock
@@ -179,6 +179,45 @@ def _release(end: ChannelCore) -> None:
     end._release_send()
 
 
+def _settle(
+    exc: BaseException,
+    via: ChannelCore,
+    end: ChannelCore,
+    step: list[int],
+    sent: bool,
+    broken_before: bool,
+    held: list[int],
+) -> None:
+    """After *exc* cut `send_channel` short: *end* handed over if the message
+    left (or may have), else let go for the caller; the duplicate closed.
+
+    The caller runs it until ``step[5]`` is set: each part carries on from
+    where an earlier run stopped.  *step* is send_channel's progress, ints
+    changed by stores only (a signal handler's error strikes at calls, so
+    it never leaves them wrong): [0] the end's session closed, [1] and [2]
+    its receive and send locks free, [3] the hand-over done, [4] the end
+    taken (2) or not (1) once decided, [5] all settled after an error.
+    """
+    if not step[4]:
+        left = sent
+        if not left:
+            # As the exception says, or, when the send broke *via* mid-write,
+            # unknown: then gone (else *end* could have two owners).
+            try:
+                written = exc.characters_written  # type: ignore[attr-defined]  # (no call)
+            except BaseException:  # (none: AttributeError, or out of memory making that)
+                written = None
+            left = written > 0 if written is not None else not broken_before and via._broken is not None
+        step[4] = 2 if left else 1
+    if step[4] == 2:
+        if not step[3]:
+            _hand_over(end, step)
+    else:
+        _let_go(end, step)  # not taken: *end* stays the caller's
+    close_listed(held)
+    step[5] = 1
+
+
 def _let_go(end: ChannelCore, step: list[int]) -> None:
     """Release the locks `_claim` took on *end*, each once: ``step[1]``, ``step[2]`` say which went.
 
@@ -206,9 +245,9 @@ def _hand_over(end: ChannelCore, step: list[int]) -> None:
     with a call waiting shut it down for every holder.
 
     A signal handler's error can cut it short at any call; the caller then
-    calls it again with the same *step* (``[0, 0, 0, 0]`` to begin), which
-    says what is done, until ``step[3]`` says all is: each step is
-    idempotent or marked as `_let_go` marks its own.
+    calls it again with the same *step* (as `_settle` reads it), which says what is
+    done, until ``step[3]`` says all is: each step is idempotent or marked
+    as `_let_go` marks its own.
     """
     end._closed = True
     try:
@@ -284,7 +323,7 @@ def send_channel(via: Channel, end: ChannelCore, payload: Buffer = b"", fds: Ite
     broken_before = via._broken is not None
     held = [-1]  # the duplicate of end's socket (_own_dup)
     sent = False
-    step = [0, 1, 1, 0]  # the locks taken (_claim) and what _hand_over has done
+    step = [0, 1, 1, 0, 0, 0]  # how far it got (see _settle)
     try:
         _claim(via, end, step)
         data = _wire(_descriptor(end), payload)
@@ -294,27 +333,12 @@ def send_channel(via: Channel, end: ChannelCore, payload: Buffer = b"", fds: Ite
         close_listed(held)
         _hand_over(end, step)
     except BaseException as exc:
-        # Inline, calling nothing before what is in hand is settled: a second
-        # handler's error may strike at any call.
         last = exc
-        if not sent:
-            # Whether it left although send() raised: as the exception says,
-            # or, when it broke *via* mid-write, unknown: then gone (else
-            # *end* could have two owners).
+        while not step[5]:  # (calling nothing first: a second handler's error may strike at any call)
             try:
-                written = exc.characters_written  # type: ignore[attr-defined]  # (no call)
-            except BaseException:  # (none: AttributeError, or out of memory making that)
-                written = None
-            sent = written > 0 if written is not None else not broken_before and via._broken is not None
-        while not step[3 if sent else 2]:
-            try:
-                if sent:
-                    _hand_over(end, step)
-                else:
-                    _let_go(end, step)  # not taken: *end* stays the caller's
+                _settle(exc, via, end, step, sent, broken_before, held)
             except BaseException as again:  # a storm of signals: each run carries on from the last
                 last = again
-        close_listed(held)
         if last is not exc:
             raise last  # noqa: B904 - the last handler's error (the first is its context)
         raise
@@ -332,7 +356,7 @@ async def asend_channel(
     broken_before = via._broken is not None
     held = [-1]  # the duplicate of end's socket (_own_dup)
     sent = False
-    step = [0, 1, 1, 0]  # the locks taken (_claim) and what _hand_over has done
+    step = [0, 1, 1, 0, 0, 0]  # how far it got (see _settle)
     try:
         _claim(via, end, step)
         data = _wire(_descriptor(end), payload)
@@ -342,27 +366,12 @@ async def asend_channel(
         close_listed(held)
         _hand_over(end, step)
     except BaseException as exc:
-        # Inline, calling nothing before what is in hand is settled: a second
-        # handler's error may strike at any call.
         last = exc
-        if not sent:
-            # Whether it left although send() raised: as the exception says,
-            # or, when it broke *via* mid-write, unknown: then gone (else
-            # *end* could have two owners).
+        while not step[5]:  # (calling nothing first: a second handler's error may strike at any call)
             try:
-                written = exc.characters_written  # type: ignore[attr-defined]  # (no call)
-            except BaseException:  # (none: AttributeError, or out of memory making that)
-                written = None
-            sent = written > 0 if written is not None else not broken_before and via._broken is not None
-        while not step[3 if sent else 2]:
-            try:
-                if sent:
-                    _hand_over(end, step)
-                else:
-                    _let_go(end, step)  # not taken: *end* stays the caller's
+                _settle(exc, via, end, step, sent, broken_before, held)
             except BaseException as again:  # a storm of signals: each run carries on from the last
                 last = again
-        close_listed(held)
         if last is not exc:
             raise last  # noqa: B904 - the last handler's error (the first is its context)
         raise
