@@ -132,34 +132,31 @@ def _check_state(via: ChannelCore, end: ChannelCore) -> None:
     _transport_fields(end.transport)  # ValueError for a transport that cannot move
 
 
-def _claim(via: ChannelCore, end: ChannelCore, step: list[int]) -> None:
-    """Check *end* may be sent over *via* and take its locks, marking them in *step*.
+def _claim(via: ChannelCore, end: ChannelCore, locks: list[bool]) -> None:
+    """Check *end* may be sent over *via* and take its locks, recording them in *locks*.
 
-    *step* (as `_settle` reads it) begins with neither lock held; a lock taken has
-    its mark (``step[1]`` receive, ``step[2]`` send) cleared, so that
-    `_let_go` releases what is held even when a signal handler's error cut
-    this short: a blocking Channel's mark is cleared first, then the lock
-    taken by one C call, with no point between.  Raises before the
-    message with the locks let go (the caller's `_let_go` finishes that
-    if it is cut short).
+    ``locks[0]`` and ``locks[1]`` say whether this call took *end*'s send
+    and receive lock: each result is stored by the call that takes the lock
+    (``list.extend`` over ``map``, from C), so that a signal handler's
+    error at the end of that call finds it recorded, taken or not, and
+    `_let_go` releases exactly what this call holds.  (An async end's gate
+    is taken by Python code, where a handler's error after the gate is
+    taken and before its result is stored still leaves it taken.)  Raises
+    with the caller to let go of what *locks* says.
     """
     _check_state(via, end)
     if isinstance(end, Channel):
-        step[2] = 0
-        if not end._send_lock.acquire(False):
-            step[2] = 1
-            raise RuntimeError(f"the {end._kind} is in use by another send()")
-        step[1] = 0
-        if not end._recv_lock.acquire(False):
-            step[1] = 1
-            raise RuntimeError(f"the {end._kind} is in use by another recv()")
+        locks.extend(map(end._send_lock.acquire, (False,)))
     else:
-        if not end._claim_send():
-            raise RuntimeError(f"the {end._kind} is in use by another send()")
-        if not end._claim_recv():
-            end._release_send()
-            raise RuntimeError(f"the {end._kind} is in use by another recv()")
-        step[1] = step[2] = 0
+        locks.extend(map(type(end)._claim_send, (end,)))
+    if not locks[0]:
+        raise RuntimeError(f"the {end._kind} is in use by another send()")
+    if isinstance(end, Channel):
+        locks.extend(map(end._recv_lock.acquire, (False,)))
+    else:
+        locks.extend(map(type(end)._claim_recv, (end,)))
+    if not locks[1]:
+        raise RuntimeError(f"the {end._kind} is in use by another recv()")
     # Acknowledgements owed to end's peer go now, while end is still ours.
     end._flush_control_held()
     if end._broken is not None:  # (by that flush)
@@ -179,11 +176,17 @@ def _release(end: ChannelCore) -> None:
     end._release_send()
 
 
+#: How many times an interrupted send_channel runs `_settle` at most: each
+#: run is one more signal handler's error (or a failure that would repeat).
+_RUNS = 8
+
+
 def _settle(
     exc: BaseException,
     via: ChannelCore,
     end: ChannelCore,
     step: list[int],
+    locks: list[bool],
     sent: bool,
     broken_before: bool,
     held: list[int],
@@ -191,14 +194,15 @@ def _settle(
     """After *exc* cut `send_channel` short: *end* handed over if the message
     left (or may have), else let go for the caller; the duplicate closed.
 
-    The caller runs it until ``step[5]`` is set: each part carries on from
-    where an earlier run stopped.  *step* is send_channel's progress, ints
-    changed by stores only (a signal handler's error strikes at calls, so
-    it never leaves them wrong): [0] the end's session closed, [1] and [2]
-    its receive and send locks free, [3] the hand-over done, [4] the end
-    taken (2) or not (1) once decided, [5] all settled after an error.
+    The caller runs it until ``step[3]`` is set (at most `_RUNS` times):
+    each part carries on from where an earlier run stopped.  *step* is
+    send_channel's progress, ints changed by stores only (a signal
+    handler's error strikes at calls, so it never leaves them wrong): [0]
+    the end's session closed (or tried), [1] the hand-over done, [2] the end
+    taken (2) or not (1) once decided, [3] all settled, [4] runs so far.
     """
-    if not step[4]:
+    step[4] += 1
+    if not step[2]:
         left = sent
         if not left:
             # As the exception says, or, when the send broke *via* mid-write,
@@ -207,63 +211,71 @@ def _settle(
                 written = exc.characters_written  # type: ignore[attr-defined]  # (no call)
             except BaseException:  # (none: AttributeError, or out of memory making that)
                 written = None
-            left = written > 0 if written is not None else not broken_before and via._broken is not None
-        step[4] = 2 if left else 1
-    if step[4] == 2:
-        if not step[3]:
-            _hand_over(end, step)
+            if written is None:
+                left = not broken_before and via._broken is not None
+            else:
+                left = written.__class__ is int and written > 0
+        step[2] = 2 if left else 1
+    if step[2] == 2:
+        if not step[1]:
+            _hand_over(end, step, locks)
     else:
-        _let_go(end, step)  # not taken: *end* stays the caller's
+        _let_go(end, locks)  # not taken: *end* stays the caller's
     close_listed(held)
-    step[5] = 1
+    step[3] = 1
 
 
-def _let_go(end: ChannelCore, step: list[int]) -> None:
-    """Release the locks `_claim` took on *end*, each once: ``step[1]``, ``step[2]`` say which went.
+def _let_go(end: ChannelCore, locks: list[bool]) -> None:
+    """Release the locks `_claim` took on *end* (as *locks* records), each once.
 
-    A blocking Channel's are marked, then released by one C call, with no
-    point between where a signal handler runs: cut short, calling again
-    releases what is left and nothing twice.  The async kinds' gates are
-    let go once, as far as they get.
+    A blocking Channel's lock is marked released, then released by one C
+    call, with no point between where a signal handler runs.  An async
+    end's gate is released by Python code, then marked: cut short as that
+    begins, it is still marked held for the next run.  Either way, calling
+    again releases what is left and nothing twice.
     """
     if isinstance(end, Channel):
-        if not step[1]:
-            step[1] = 1
+        if len(locks) > 1 and locks[1]:
+            locks[1] = False
             end._recv_lock.release()
-        if not step[2]:
-            step[2] = 1
+        if locks and locks[0]:
+            locks[0] = False
             end._send_lock.release()
-    elif not step[1]:
-        step[1] = step[2] = 1
-        _release(end)
+        return
+    if len(locks) > 1 and locks[1]:
+        end._release_recv()
+        locks[1] = False  # (no point between a Python call's return and this store)
+    if locks and locks[0]:
+        end._release_send()
+        locks[0] = False
 
 
-def _hand_over(end: ChannelCore, step: list[int]) -> None:
+def _hand_over(end: ChannelCore, step: list[int], locks: list[bool]) -> None:
     """The message carrying *end* was taken: this object lets go, the socket lives on elsewhere.
 
     Not `close()`: that would read from the socket (control frames), and
     with a call waiting shut it down for every holder.
 
     A signal handler's error can cut it short at any call; the caller then
-    calls it again with the same *step* (as `_settle` reads it), which says what is
-    done, until ``step[3]`` says all is: each step is idempotent or marked
-    as `_let_go` marks its own.
+    calls it again with the same *step* and *locks* (as `_settle` reads
+    them), until ``step[1]`` says all is done: each step is idempotent,
+    marked tried before it begins, or marked as `_let_go` marks its own.
     """
     end._closed = True
     try:
         if not step[0]:
+            step[0] = 1  # tried: an error of its own is not retried
             if not isinstance(end, Channel):
                 # The async kinds drop their event-loop registrations on the fd
                 # number; a blocking Channel's wake-up would shut the socket down.
                 end._wake_waiters()
             end._session.close()
-            step[0] = 1  # (no point between a Python call's return and this store)
     finally:
         try:
             end._sock.close()  # (idempotent)
         finally:
-            _let_go(end, step)  # calls waiting for its locks now find it closed (ValueError)
-    step[3] = 1
+            _let_go(end, locks)  # calls waiting for its locks now find it closed (ValueError)
+    step[1] = 1
 
 
 def _wire(descriptor: bytes, payload: Buffer) -> bytes:
@@ -323,20 +335,24 @@ def send_channel(via: Channel, end: ChannelCore, payload: Buffer = b"", fds: Ite
     broken_before = via._broken is not None
     held = [-1]  # the duplicate of end's socket (_own_dup)
     sent = False
-    step = [0, 1, 1, 0, 0, 0]  # how far it got (see _settle)
+    step = [0, 0, 0, 0, 0]  # how far it got (see _settle)
+    locks: list[bool] = []  # the locks of *end* taken (_claim)
     try:
-        _claim(via, end, step)
+        _claim(via, end, locks)
+        broken_before = via._broken is not None  # (again: as the message is about to go)
         data = _wire(_descriptor(end), payload)
         _own_dup(end, held)
         via.send(data, [held[0], *fds])
         sent = True  # (no call since the send returned: no point where a handler's error lands)
         close_listed(held)
-        _hand_over(end, step)
+        _hand_over(end, step, locks)
     except BaseException as exc:
         last = exc
-        while not step[5]:  # (calling nothing first: a second handler's error may strike at any call)
+        while (
+            not step[3] and step[4] < _RUNS
+        ):  # (calling nothing first: a handler's error may strike at any call)
             try:
-                _settle(exc, via, end, step, sent, broken_before, held)
+                _settle(exc, via, end, step, locks, sent, broken_before, held)
             except BaseException as again:  # a storm of signals: each run carries on from the last
                 last = again
         if last is not exc:
@@ -356,20 +372,24 @@ async def asend_channel(
     broken_before = via._broken is not None
     held = [-1]  # the duplicate of end's socket (_own_dup)
     sent = False
-    step = [0, 1, 1, 0, 0, 0]  # how far it got (see _settle)
+    step = [0, 0, 0, 0, 0]  # how far it got (see _settle)
+    locks: list[bool] = []  # the locks of *end* taken (_claim)
     try:
-        _claim(via, end, step)
+        _claim(via, end, locks)
+        broken_before = via._broken is not None  # (again: as the message is about to go)
         data = _wire(_descriptor(end), payload)
         _own_dup(end, held)
         await via.send(data, [held[0], *fds])
         sent = True  # (no call since the send returned: no point where a handler's error lands)
         close_listed(held)
-        _hand_over(end, step)
+        _hand_over(end, step, locks)
     except BaseException as exc:
         last = exc
-        while not step[5]:  # (calling nothing first: a second handler's error may strike at any call)
+        while (
+            not step[3] and step[4] < _RUNS
+        ):  # (calling nothing first: a handler's error may strike at any call)
             try:
-                _settle(exc, via, end, step, sent, broken_before, held)
+                _settle(exc, via, end, step, locks, sent, broken_before, held)
             except BaseException as again:  # a storm of signals: each run carries on from the last
                 last = again
         if last is not exc:

@@ -560,3 +560,63 @@ def test_trio_and_anyio_ends_move_and_arrive_as_their_kind(sc_kind: str) -> None
                             assert moved.recv().payload == b"to the moved end"
 
     run_kind(sc_kind, main)
+
+
+def _strike_as_the_send_lock_is_tried() -> list[bool]:
+    """Raise KeyboardInterrupt (as a signal handler's error) at the end of the first C call
+    `_claim` makes to try *end*'s send lock: where CPython 3.11 runs pending handlers."""
+    armed = [True]
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if (
+            armed[0]
+            and event == "c_return"
+            and frame.f_code.co_name == "_claim"
+            and getattr(arg, "__name__", "") in ("acquire", "extend")
+        ):
+            armed[0] = False
+            raise KeyboardInterrupt("a signal handler's error")
+
+    sys.setprofile(profile)
+    return armed
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_a_handler_error_as_the_end_is_claimed_releases_only_what_the_call_took(busy: bool) -> None:
+    """Busy: another thread's send holds the end's lock, the try fails, and the error must not
+    release that thread's lock (it did: the mark said held before the try).  Free: the lock
+    the try took is let go, so the end stays usable."""
+    via, peer = Channel.pair()
+    end, partner = Channel.pair()
+    held, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with end._send_lock:  # as a send() in progress in another thread
+            held.set()
+            done.wait(TIMEOUT)
+
+    thread = threading.Thread(target=other) if busy else None
+    with via, peer, end, partner:
+        try:
+            if thread is not None:
+                thread.start()
+                assert held.wait(TIMEOUT)
+            armed = _strike_as_the_send_lock_is_tried()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    send_channel(via, end, b"x")
+            finally:
+                sys.setprofile(None)
+            assert not armed[0]  # it struck
+            assert end._send_lock.locked() == busy  # the other thread's, still; or ours, let go
+            assert not end._recv_lock.locked()
+        finally:
+            done.set()
+            if thread is not None:
+                thread.join(TIMEOUT)
+        peer.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            peer.recv()  # nothing was sent
+        end.send(b"still mine")
+        partner.settimeout(TIMEOUT)
+        assert partner.recv().payload == b"still mine"
