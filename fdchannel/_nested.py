@@ -171,11 +171,6 @@ def _claim(via: ChannelCore, end: ChannelCore, locks: list[bool]) -> None:
         raise ValueError(f"cannot send a {end._kind} while {why}")
 
 
-def _release(end: ChannelCore) -> None:
-    end._release_recv()
-    end._release_send()
-
-
 #: How many times an interrupted send_channel runs `_settle` at most: each
 #: run is one more signal handler's error (or a failure that would repeat).
 _RUNS = 8

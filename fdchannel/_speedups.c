@@ -745,9 +745,10 @@ static int close_numbers(PyObject *const *items, Py_ssize_t n) {
 static PyObject *one_tuples[ONE_TUPLES];
 
 static PyObject *int_tuple(const int *fds, Py_ssize_t n) {
-    if (n == 1 && fds[0] >= 0 && fds[0] < ONE_TUPLES && one_tuples[fds[0]] != NULL) {
-        Py_INCREF(one_tuples[fds[0]]);
-        return one_tuples[fds[0]];
+    PyObject **kept = n == 1 && fds[0] >= 0 && fds[0] < ONE_TUPLES ? &one_tuples[fds[0]] : NULL;
+    if (kept != NULL && *kept != NULL) {
+        Py_INCREF(*kept);
+        return *kept;
     }
     PyObject *t = PyTuple_New(n);
     if (t == NULL)
@@ -760,9 +761,9 @@ static PyObject *int_tuple(const int *fds, Py_ssize_t n) {
         }
         PyTuple_SET_ITEM(t, i, v);
     }
-    if (n == 1 && fds[0] >= 0 && fds[0] < ONE_TUPLES) {
+    if (kept != NULL) {
         Py_INCREF(t);
-        one_tuples[fds[0]] = t;
+        *kept = t;
     }
     return t;
 }
