@@ -79,13 +79,80 @@ typedef struct {
     PyObject *received_obj; /* the int object of _received (borrowed likewise) */
 } FastPath;
 
-/* What the last compiled call of this thread left for its Python caller, read
- * by Channel.send/send_many/recv when the call ends in an exception: per
- * thread, not per channel, because another thread's call on the same channel
- * may run (the GIL is free at the signal check) before that caller reads it. */
-static _Thread_local Py_ssize_t tl_sent_whole = -1;  /* bytes of a message sent whole, else -1 */
-static _Thread_local Py_ssize_t tl_sent_many = -1;   /* messages a send_many() sent (or left pending) */
-static _Thread_local PyObject *tl_delivered = NULL; /* the Message the last recv() returned */
+/* What a compiled call left for the Python frame that made it, read there
+ * (Channel.send/send_many/recv) when the call ends in an exception: a signal
+ * handler's error as the call returned.  Per thread, because another thread's
+ * call on the same channel may run (the GIL is free at the signal check)
+ * before that frame reads it; and per calling frame, because the handler
+ * runs at that very point and may itself send or receive on a compiled
+ * channel, from frames of its own, before it raises.  A few slots a thread:
+ * calls nest only as deep as handlers run inside handlers. */
+#define RECORDS 8
+typedef struct {
+    const void *frame;     /* the calling frame's address: a key, never read through (NULL: a free slot) */
+    Py_ssize_t sent_whole; /* bytes of the message send() sent whole, else -1 */
+    Py_ssize_t sent_many;  /* messages send_many() sent (or left pending), else -1 */
+    PyObject *delivered;   /* the Message recv() returned, until Channel.recv forgets it */
+} Record;
+static _Thread_local Record tl_records[RECORDS];
+static _Thread_local unsigned tl_last;  /* the slot found last: a loop's calls come from one frame */
+static _Thread_local unsigned tl_evict; /* the slot a new frame takes (round robin) */
+
+/* The Python frame this C code was called from, as a key (NULL if none).
+ * CPython 3.11 and 3.12 keep it in the thread state (cpython/pystate.h);
+ * elsewhere the frame object, which lives as long as its frame. */
+static inline const void *calling_frame(void) {
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+    return PyThreadState_GET()->cframe->current_frame;
+#else
+    return PyEval_GetFrame();
+#endif
+}
+
+/* The record of *frame*, or NULL if it has none. */
+static inline Record *record_of(const void *frame) {
+    Record *r = &tl_records[tl_last];
+    if (r->frame == frame)
+        return frame != NULL ? r : NULL;
+    if (frame == NULL)
+        return NULL;
+    for (unsigned i = 0; i < RECORDS; i++)
+        if (tl_records[i].frame == frame) {
+            tl_last = i;
+            return &tl_records[i];
+        }
+    return NULL;
+}
+
+/* The record of *frame*, made (blank) if it has none; NULL for no frame.
+ * *drop*: a message the slot held for an earlier frame, for the caller to
+ * release once it is done with the record (releasing it may run code that
+ * makes calls of its own). */
+static Record *record_for(const void *frame, PyObject **drop) {
+    Record *r = record_of(frame);
+    if (r != NULL || frame == NULL)
+        return r;
+    unsigned i = tl_evict;
+    tl_evict = (i + 1) % RECORDS;
+    tl_last = i;
+    r = &tl_records[i];
+    *drop = r->delivered;
+    r->frame = frame;
+    r->sent_whole = -1;
+    r->sent_many = -1;
+    r->delivered = NULL;
+    return r;
+}
+
+/* Releases what record_for dropped, keeping a pending exception. */
+static void release_dropped(PyObject *drop) {
+    if (drop == NULL)
+        return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    Py_DECREF(drop);
+    PyErr_Restore(type, value, tb);
+}
 
 static PyTypeObject FastPath_Type;
 
@@ -1037,7 +1104,7 @@ static int may_send_again(FastPath *self, PyObject *channel, PyObject *lock) {
  * when nothing was done (the Python path takes it from the start), or a
  * list: nothing was sent and the Python path takes it with these fds (the
  * numbers that fileno() gave here, which must not run twice). */
-static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t *whole) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "send(channel, payload, fds)");
         return NULL;
@@ -1176,12 +1243,12 @@ static PyObject *send_impl(FastPath *self, PyObject *const *args, Py_ssize_t nar
         goto not_handled;
     }
     /* A signal handler with an error to raise runs as this call returns,
-     * in Channel.send's frame: it reads tl_sent_whole (the message left
+     * in Channel.send's frame: it reads sent_whole (the message left
      * whole).  Not checked here as well: that costs 50 instructions. */
     if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
     if (result == Py_True)
-        tl_sent_whole = HEADER_SIZE + size;
+        *whole = HEADER_SIZE + size;
     goto done;
 
 not_handled:
@@ -1253,7 +1320,7 @@ static PyObject *resolved_messages(PyObject *messages, PyObject *const *payloads
  * payload bytes or another C-contiguous buffer, that fit one group of
  * fdchannel._batch (at most SCM_MAX_FD fds, MANY_MAX_FRAMES frames, 256
  * KiB), each within the channel's limits. */
-static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *messages) {
+static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *messages, Py_ssize_t *taken) {
     int is_list = PyList_CheckExact(messages);
     if (!is_list && !PyTuple_CheckExact(messages))
         Py_RETURN_FALSE;
@@ -1490,7 +1557,7 @@ static PyObject *send_many_impl(FastPath *self, PyObject *channel, PyObject *mes
     if (leave(self, channel, lock) < 0)
         Py_CLEAR(result);
     if (result == Py_True)
-        tl_sent_many = count;
+        *taken = count;
     goto done;
 
 not_handled_early:
@@ -1999,7 +2066,7 @@ static PyObject *recv_impl(FastPath *self, PyObject *channel) {
             }
             /* A signal handler with an error to raise runs as this call
              * returns, in Channel.recv's frame: it finds the message in
-             * tl_delivered, closes it and says it was lost (_recv_lost).
+             * its delivered record, closes it and says it was lost (_recv_lost).
              * Not checked here as well: that costs 50 instructions. */
             Py_DECREF(payload);
             Py_DECREF(raw);
@@ -2098,16 +2165,20 @@ out:
 }
 
 static PyObject *FastPath_send(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
-    tl_sent_whole = -1;
-    PyObject *r = send_impl(self, args, nargs);
-    if (r != Py_True)
-        tl_sent_whole = -1; /* not this call's: a send inside a fileno() it ran */
+    Py_ssize_t whole = -1;
+    PyObject *r = send_impl(self, args, nargs, &whole);
     forget_dicts();
+    /* After the call: code it ran (a fileno(), the Python path it handed
+     * over to) may have made records of its own meanwhile. */
+    PyObject *drop = NULL;
+    Record *rec = record_for(calling_frame(), &drop);
+    if (rec != NULL)
+        rec->sent_whole = r == Py_True ? whole : -1;
+    release_dropped(drop);
     return r;
 }
 
 static PyObject *FastPath_send_many(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
-    tl_sent_many = -1;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "send_many(channel, messages)");
         return NULL;
@@ -2115,11 +2186,15 @@ static PyObject *FastPath_send_many(FastPath *self, PyObject *const *args, Py_ss
     PyObject *channel = args[0], *messages = args[1];
     Py_INCREF(channel);
     Py_INCREF(messages);
-    PyObject *r = send_many_impl(self, channel, messages);
-    if (r != Py_True)
-        tl_sent_many = -1; /* not this call's: a send_many inside a fileno() it ran */
+    Py_ssize_t taken = -1;
+    PyObject *r = send_many_impl(self, channel, messages, &taken);
     Py_DECREF(messages);
     Py_DECREF(channel);
+    PyObject *drop = NULL;
+    Record *rec = record_for(calling_frame(), &drop);
+    if (rec != NULL)
+        rec->sent_many = r == Py_True ? taken : -1;
+    release_dropped(drop);
     return r;
 }
 
@@ -2127,11 +2202,21 @@ static PyObject *FastPath_recv(FastPath *self, PyObject *channel) {
     Py_INCREF(channel);
     PyObject *r = recv_impl(self, channel);
     forget_dicts();
-    if (r != NULL && r != Py_None) {
-        Py_INCREF(r);
-        Py_XSETREF(tl_delivered, r);
-    }
     Py_DECREF(channel);
+    PyObject *drop = NULL;
+    Record *rec = record_for(calling_frame(), &drop);
+    if (rec != NULL) {
+        /* Not this frame's any more if it had one: this call's, or none. */
+        PyObject *old = rec->delivered;
+        if (r != NULL && r != Py_None) {
+            Py_INCREF(r);
+            rec->delivered = r;
+        } else
+            rec->delivered = NULL;
+        if (old != NULL)
+            drop = old; /* (a record found: nothing else dropped) */
+    }
+    release_dropped(drop);
     return r;
 }
 
@@ -2380,42 +2465,51 @@ static PyMethodDef FastPath_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The getters and `del fast[msg]` read the record of the frame that reads
+ * them: the one that made the call. */
 static PyObject *get_sent_whole(PyObject *Py_UNUSED(self), void *Py_UNUSED(closure)) {
-    return PyLong_FromSsize_t(tl_sent_whole);
+    Record *rec = record_of(calling_frame());
+    return PyLong_FromSsize_t(rec != NULL ? rec->sent_whole : -1);
 }
 
 static PyObject *get_sent_many(PyObject *Py_UNUSED(self), void *Py_UNUSED(closure)) {
-    return PyLong_FromSsize_t(tl_sent_many);
+    Record *rec = record_of(calling_frame());
+    return PyLong_FromSsize_t(rec != NULL ? rec->sent_many : -1);
 }
 
 static PyObject *get_delivered(PyObject *Py_UNUSED(self), void *Py_UNUSED(closure)) {
-    PyObject *d = tl_delivered != NULL ? tl_delivered : Py_None;
+    Record *rec = record_of(calling_frame());
+    PyObject *d = rec != NULL && rec->delivered != NULL ? rec->delivered : Py_None;
     Py_INCREF(d);
     return d;
 }
 
 static int set_delivered(PyObject *Py_UNUSED(self), PyObject *value, void *Py_UNUSED(closure)) {
-    if (value == NULL || value == Py_None) {
-        Py_CLEAR(tl_delivered);
-    } else {
-        Py_INCREF(value);
-        Py_XSETREF(tl_delivered, value);
+    PyObject *drop = NULL;
+    Record *rec = value == NULL || value == Py_None ? record_of(calling_frame()) : record_for(calling_frame(), &drop);
+    if (rec != NULL) {
+        PyObject *old = rec->delivered;
+        rec->delivered = value == Py_None ? NULL : value;
+        Py_XINCREF(rec->delivered);
+        Py_XDECREF(old);
     }
+    release_dropped(drop);
     return 0;
 }
 
 /* `del fast[msg]`: Channel.recv's word that *msg* reached it, so it is no
- * longer this thread's delivered message (only if it still is: a recv inside
- * a signal handler may have replaced it).  A subscript, not a call or the
- * `delivered` setter: no signal handler can run at it, and it costs about 40
- * instructions where an assignment through the getset costs about 200. */
+ * longer its frame's delivered message (only if it still is).  A subscript,
+ * not a call or the `delivered` setter: no signal handler can run at it, and
+ * it costs about 40 instructions where an assignment through the getset
+ * costs about 200. */
 static int FastPath_forget(PyObject *Py_UNUSED(self), PyObject *key, PyObject *value) {
     if (value != NULL) {
         PyErr_SetString(PyExc_TypeError, "only `del fast[message]` is supported");
         return -1;
     }
-    if (tl_delivered == key)
-        Py_CLEAR(tl_delivered);
+    Record *rec = record_of(calling_frame());
+    if (rec != NULL && rec->delivered == key)
+        Py_CLEAR(rec->delivered);
     return 0;
 }
 
@@ -2430,12 +2524,12 @@ static PyMemberDef FastPath_members[] = {
 };
 
 static PyGetSetDef FastPath_getset[] = {
-    {"sent_whole", get_sent_whole, NULL, "bytes of the message this thread's last send() sent whole, else -1",
+    {"sent_whole", get_sent_whole, NULL, "bytes of the message the last send() made from the reading frame sent whole, else -1",
      NULL},
-    {"sent_many", get_sent_many, NULL, "messages this thread's last send_many() sent (or left pending), else -1",
+    {"sent_many", get_sent_many, NULL, "messages the last send_many() made from the reading frame sent (or left pending), else -1",
      NULL},
     {"delivered", get_delivered, set_delivered,
-     "the Message this thread's last recv() returned, until Channel.recv clears it", NULL},
+     "the Message the last recv() made from the reading frame returned, until Channel.recv clears it", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

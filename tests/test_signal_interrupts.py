@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 
-from fdchannel import Channel, ChannelClosed, ProtocolError
+from fdchannel import Channel, ChannelBroken, ChannelClosed, ProtocolError
+from fdchannel._codec import HEADER_SIZE
 from fdchannel.aio import AsyncChannel
 
 from ._aio import Runner as Run
@@ -52,6 +53,9 @@ def _raise_alarm(signum: int, frame: object) -> None:
 
 
 _CALLS = {"send", "recv", "flush"}
+
+#: Bounds every wait for a message that should be there.
+TIMEOUT = 10.0
 
 
 def _raise_alarm_inside_fdchannel(signum: int, frame: FrameType | None) -> None:
@@ -222,6 +226,134 @@ def test_async_send_interrupted_after_the_kernel_took_the_frame(handler: None, r
                 await b.recv()
 
     run(body())
+
+
+# -- a handler that sends or receives itself, then raises --------------------------------
+
+
+def _handler_at_the_end_of(fast: Any, name: str, handler_io: Any) -> list[bool]:
+    """As a signal handler that struck as the compiled ``fast.<name>`` call returned (the
+    point CPython runs handlers), do *handler_io* (the handler's own channel calls), then
+    raise the handler's error.  A profile function: CPython drops the call's result when it
+    raises there, as when a handler does."""
+    armed = [True]
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if (
+            armed[0]
+            and event == "c_return"
+            and frame.f_code.co_name == name
+            and getattr(arg, "__self__", None) is fast
+            and getattr(arg, "__name__", "") == name
+        ):
+            armed[0] = False
+            handler_io()  # (not profiled: CPython runs a profile function unprofiled)
+            raise KeyboardInterrupt("a signal handler's error")
+
+    sys.setprofile(profile)
+    return armed
+
+
+def _compiled(*channels: Channel) -> None:
+    if any(ch._fast is None for ch in channels):
+        pytest.skip("the record a compiled call leaves for its caller: the compiled path is not in use")
+
+
+def test_recv_struck_by_a_handler_that_receives_itself_still_says_the_message_was_lost() -> None:
+    """The handler's own recv() (on another channel) made a record of its own, which replaced
+    the interrupted call's while the record was kept per thread: the message was dropped and
+    the channel said nothing."""
+    a, b = Channel.pair()
+    c, d = Channel.pair()
+    r, w = os.pipe()
+    inner: list[bytes] = []
+
+    def handler_io() -> None:
+        with d.recv() as msg:
+            inner.append(msg.payload)
+
+    try:
+        with a, b, c, d:
+            _compiled(b, d)
+            a.send(b"outer", [r])
+            c.send(b"inner", [r])
+            armed = _handler_at_the_end_of(b._fast, "recv", handler_io)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    b.recv()
+            finally:
+                sys.setprofile(None)
+            assert not armed[0]
+            assert inner == [b"inner"]
+            b.settimeout(TIMEOUT)
+            with pytest.raises(ChannelBroken, match="a message was lost"):
+                b.recv()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("inner_sends", [True, False])
+def test_send_struck_by_a_handler_that_sends_itself_still_says_the_message_left(inner_sends: bool) -> None:
+    """The handler's own send(), refused or made, replaced the interrupted call's record (kept
+    per thread): the message that had left was reported as not sent, and a retry sends it twice."""
+    a, b = Channel.pair()
+    c, d = Channel.pair()
+    r, w = os.pipe()
+
+    def handler_io() -> None:
+        if inner_sends:
+            c.send(b"handler's own message")
+        else:
+            with pytest.raises(ValueError, match="payload"):
+                c.send(b"x" * (c.max_payload + 1))
+
+    try:
+        with a, b, c, d:
+            _compiled(a, c)
+            armed = _handler_at_the_end_of(a._fast, "send", handler_io)
+            try:
+                with pytest.raises(KeyboardInterrupt) as info:
+                    a.send(b"outer", [r])
+            finally:
+                sys.setprofile(None)
+            assert not armed[0]
+            assert getattr(info.value, "characters_written", None) == HEADER_SIZE + len(b"outer")
+            b.settimeout(TIMEOUT)
+            with b.recv() as msg:
+                assert msg.payload == b"outer"
+                assert len(msg.fds) == 1
+            if inner_sends:
+                d.settimeout(TIMEOUT)
+                with d.recv() as msg:
+                    assert msg.payload == b"handler's own message"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_send_many_struck_by_a_handler_that_sends_itself_still_counts_what_was_taken() -> None:
+    a, b = Channel.pair()
+    c, d = Channel.pair()
+
+    def handler_io() -> None:
+        with pytest.raises(ValueError, match="payload"):
+            c.send_many([(b"x" * (c.max_payload + 1), [])])
+
+    with a, b, c, d:
+        _compiled(a, c)
+        armed = _handler_at_the_end_of(a._fast, "send_many", handler_io)
+        try:
+            with pytest.raises(KeyboardInterrupt) as info:
+                a.send_many([(b"one", [0]), (b"two", [0])])
+        finally:
+            sys.setprofile(None)
+        assert not armed[0]
+        assert getattr(info.value, "messages_taken", None) == 2
+        b.settimeout(TIMEOUT)
+        for payload in (b"one", b"two"):
+            with b.recv() as msg:
+                assert msg.payload == payload
 
 
 # -- a real setitimer storm -------------------------------------------------------
