@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Self
 from ._codec import Decoder
 from ._core import ChannelCore
 from ._errors import ChannelClosed
+from ._guard import run_held
 from ._handoff import reduce_channel
 from ._message import Message
 from ._sockio import stall_delay, write_pending
@@ -54,43 +55,44 @@ class AsyncSurface(ChannelCore):
         ch: Any = channel  # its private state, by design: same package
         if ch._closed:
             raise ValueError("cannot take over a closed Channel")
-        if not ch._claim_send():
-            raise RuntimeError("the Channel is in use by another thread (send)")
-        try:
-            if not ch._claim_recv():
+        taken: list[Self] = []
+
+        def move() -> None:
+            # An end inherited across fork serves one process, taken over
+            # or not: another child's use raises ValueError here.
+            ch._claim()
+            new = cls.__new__(cls)
+            new._setup(
+                ch._sock,
+                ch._transport,
+                ch._session,
+                ch._decoder,
+                max_payload=ch.max_payload,
+                max_fds=ch.max_fds,
+                greet=False,
+            )
+            # Chunks a blocking channel leaves pending are detached: they
+            # own their bytes and fds, so the whole outbox changes hands
+            # (before any control frame: it may hold a frame's rest).
+            new._outbox, ch._outbox = ch._outbox, new._outbox
+            # The decoder is this channel's now: the old one's clean-up
+            # (a call on it after this, its close) must not release it.
+            ch._decoder = Decoder(wire_id=0, in_band=False, max_payload=0, max_fds=0, max_aux=0)
+            new._broken = ch._broken
+            new._eof = ch._eof
+            new._share_above = ch._share_above
+            ch._closed = True
+            taken.append(new)
+            if new._has_control:
+                new._flush_control_nowait()
+
+        def move_receiving() -> None:
+            if not run_held(ch._recv_guard(), move):
                 raise RuntimeError("the Channel is in use by another thread (recv)")
-            try:
-                # An end inherited across fork serves one process, taken over
-                # or not: another child's use raises ValueError here.
-                ch._claim()
-                self = cls.__new__(cls)
-                self._setup(
-                    ch._sock,
-                    ch._transport,
-                    ch._session,
-                    ch._decoder,
-                    max_payload=ch.max_payload,
-                    max_fds=ch.max_fds,
-                    greet=False,
-                )
-                # Chunks a blocking channel leaves pending are detached: they
-                # own their bytes and fds, so the whole outbox changes hands
-                # (before any control frame: it may hold a frame's rest).
-                self._outbox, ch._outbox = ch._outbox, self._outbox
-                # The decoder is this channel's now: the old one's clean-up
-                # (a call on it after this, its close) must not release it.
-                ch._decoder = Decoder(wire_id=0, in_band=False, max_payload=0, max_fds=0, max_aux=0)
-                self._broken = ch._broken
-                self._eof = ch._eof
-                self._share_above = ch._share_above
-                ch._closed = True
-                if self._has_control:
-                    self._flush_control_nowait()
-            finally:
-                ch._release_recv()
-        finally:
-            ch._release_send()
-        return self
+
+        if not run_held(ch._send_guard(), move_receiving):
+            raise RuntimeError("the Channel is in use by another thread (send)")
+        return taken[0]
 
     # -- what a subclass supplies: its way of waiting ------------------------------
 

@@ -581,17 +581,11 @@ class Channel(ChannelCore):
                 )
             )
 
-    def _claim_send(self) -> bool:
-        return self._send_lock.acquire(blocking=False)
+    def _send_guard(self) -> threading.Lock:
+        return self._send_lock
 
-    def _release_send(self) -> None:
-        self._send_lock.release()
-
-    def _claim_recv(self) -> bool:
-        return self._recv_lock.acquire(blocking=False)
-
-    def _release_recv(self) -> None:
-        self._recv_lock.release()
+    def _recv_guard(self) -> threading.Lock:
+        return self._recv_lock
 
     # -- receiving ------------------------------------------------------------
 

@@ -9,8 +9,9 @@ reads into the `Decoder` and turning its frames into messages, pumping and
 flushing the transport's control frames, failure handling and the error
 raised after a failure, and closing.
 
-A subclass supplies the locks through four hooks that never wait
-(`_claim_send`, `_release_send`, `_claim_recv`, `_release_recv`), may wake
+A subclass supplies its send and receive lock (or gate) through two hooks
+(`_send_guard`, `_recv_guard`), which `fdchannel._guard` takes without
+waiting and releases however a signal handler's error strikes; it may wake
 its waiters on close (`_wake_waiters`), and drops what other threads hold
 on close its own way (`_drop_held`).
 """
@@ -48,6 +49,7 @@ from ._errors import (
     TruncatedControlData,
 )
 from ._fdutil import SocketHandle, close_all
+from ._guard import Guard, run_held
 from ._interrupt import raised_in_signal_handler
 from ._message import Message
 from ._outbox import Outbox, set_written
@@ -102,6 +104,10 @@ class ChannelCore:
     _broken: FdChannelError | None
     _eof: bool
     _closed: bool
+    #: Set by `close` as it marks the channel closed, cleared once every
+    #: step of it ran: a close() cut short by a signal handler's error is
+    #: finished by the next one.
+    _closing: bool = False
     _pid: int
     #: Payloads above this many bytes go as sealed shared memory
     #: (`fdchannel.shm.share_above`); None: never on their own.
@@ -316,18 +322,12 @@ class ChannelCore:
 
     # -- the subclass's locks, never waiting ---------------------------------
 
-    def _claim_send(self) -> bool:
-        """Take the send lock if it is free at once; False if a call holds it."""
+    def _send_guard(self) -> Guard:
+        """The lock (or gate) that `send` holds, for `fdchannel._guard` to take without waiting."""
         raise NotImplementedError
 
-    def _release_send(self) -> None:
-        raise NotImplementedError
-
-    def _claim_recv(self) -> bool:
-        """Take the receive lock if it is free at once; False if a call holds it."""
-        raise NotImplementedError
-
-    def _release_recv(self) -> None:
+    def _recv_guard(self) -> Guard:
+        """The lock (or gate) that `recv` holds, for `fdchannel._guard` to take without waiting."""
         raise NotImplementedError
 
     def _wake_waiters(self) -> None:
@@ -335,17 +335,15 @@ class ChannelCore:
 
     def _drop_held(self) -> None:
         """On close: drop the queued output and the buffered fds no call is using."""
-        if self._claim_send():
-            try:
-                self._outbox.discard()
-            finally:
-                self._release_send()
-        if self._claim_recv():
-            try:
-                self._close_held()
-                self._decoder.release()
-            finally:
-                self._release_recv()
+        try:
+            run_held(self._send_guard(), self._outbox.discard)
+        finally:
+            run_held(self._recv_guard(), self._drop_buffered)
+
+    def _drop_buffered(self) -> None:
+        """Close the fds buffered for messages not yet returned (the caller holds the receive lock)."""
+        self._close_held()
+        self._decoder.release()
 
     # -- small public surface ------------------------------------------------
 
@@ -707,12 +705,7 @@ class ChannelCore:
 
     def _flush_control_nowait(self) -> None:
         """Send queued control frames if that can be done without waiting (opportunistic)."""
-        if not self._claim_send():
-            return
-        try:
-            self._flush_control_held()
-        finally:
-            self._release_send()
+        run_held(self._send_guard(), self._flush_control_held)
 
     def _flush_control_held(self) -> None:
         """`_flush_control_nowait` for a caller that holds the send lock already."""
@@ -746,43 +739,42 @@ class ChannelCore:
         """
         # A call inside recv() owns the decoder: reading here could leave it
         # waiting for readability with a whole message already buffered.
-        if not self._claim_recv():
-            return
+        run_held(self._recv_guard(), self._pump_held)
+
+    def _pump_held(self) -> None:
+        """`_pump_nowait` for a caller that holds the receive lock."""
+        decoder = self._decoder
+        read = self._io.read
         try:
-            decoder = self._decoder
-            read = self._io.read
-            try:
-                # Bounded, so a peer that streams without pause cannot keep a
-                # send() here; reading ahead of recv() stops at PUMP_BUDGET
-                # of unread data (control frames behind it then wait for recv()).
-                for _ in range(16):
-                    if decoder.eof or decoder.unread_bytes >= PUMP_BUDGET:
-                        break
-                    # One more read could bring a write's worth of fds: not
-                    # past max_held_fds for messages nobody asked for yet (as
-                    # with PUMP_BUDGET, control frames behind them then wait
-                    # for recv()).
-                    held = decoder.held_fds()
-                    if held and held + SCM_MAX_FD > decoder.max_held_fds:
-                        break
-                    one = read(self._sock, decoder, self._dontwait)
-                    if one is not None:  # pragma: no cover - sessions with control frames queue all
-                        decoder.push_back(*one)
-                    decoder.landed.clear()  # what arrived is the decoder's now
-                    if decoder.eof and not self._eof:
-                        self._at_eof()
-            except TruncatedControlData as exc:
-                self._fail(exc)
+            # Bounded, so a peer that streams without pause cannot keep a
+            # send() here; reading ahead of recv() stops at PUMP_BUDGET
+            # of unread data (control frames behind it then wait for recv()).
+            for _ in range(16):
+                if decoder.eof or decoder.unread_bytes >= PUMP_BUDGET:
+                    break
+                # One more read could bring a write's worth of fds: not
+                # past max_held_fds for messages nobody asked for yet (as
+                # with PUMP_BUDGET, control frames behind them then wait
+                # for recv()).
+                held = decoder.held_fds()
+                if held and held + SCM_MAX_FD > decoder.max_held_fds:
+                    break
+                one = read(self._sock, decoder, self._dontwait)
+                if one is not None:  # pragma: no cover - sessions with control frames queue all
+                    decoder.push_back(*one)
+                decoder.landed.clear()  # what arrived is the decoder's now
+                if decoder.eof and not self._eof:
+                    self._at_eof()
+        except TruncatedControlData as exc:
+            self._fail(exc)
+            raise
+        except BaseException as exc:
+            if isinstance(exc, OSError) and not raised_in_signal_handler(exc):
+                pass  # drained (BlockingIOError), or a stream error recv() reports
+            else:
+                self._recv_interrupted(exc)
                 raise
-            except BaseException as exc:
-                if isinstance(exc, OSError) and not raised_in_signal_handler(exc):
-                    pass  # drained (BlockingIOError), or a stream error recv() reports
-                else:
-                    self._recv_interrupted(exc)
-                    raise
-            self._take_control()
-        finally:
-            self._release_recv()
+        self._take_control()
 
     def _take_control(self) -> None:
         """Hand the queued control frames to the session, leaving the data frames for recv().
@@ -916,12 +908,7 @@ class ChannelCore:
         """
         if self._closed:
             return
-        if self._claim_recv():
-            try:
-                self._decoder.fail_now(exc)  # its buffers go now too
-                self._fail(exc)
-            finally:
-                self._release_recv()
+        if run_held(self._recv_guard(), lambda: self._evict_held(exc)):
             if self._closed:
                 self._drop_held()  # close() in another thread skipped what the lock guarded
         else:
@@ -929,6 +916,10 @@ class ChannelCore:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _evict_held(self, exc: LimitExceeded) -> None:
+        self._decoder.fail_now(exc)  # its buffers go now too
+        self._fail(exc)
 
     def _expire_unfinished(self) -> None:
         """The unfinished message's ``frame_timeout`` passed: fail the channel, its fds closed.
@@ -1015,17 +1006,14 @@ class ChannelCore:
     def close(self) -> None:
         """Close the socket and every fd the channel still holds.  Idempotent."""
         if self._closed:
+            if self._closing:
+                self._finish_close()  # a signal handler's error cut the first close() short
             return
         # A forked copy must not push the creator's queued output a second
         # time, nor read the creator's stream.
         ours = self._pid == os.getpid()
-        if ours and self._outbox.pending and self._broken is None and self._claim_send():
-            try:
-                self._write_now()
-            except OSError:
-                pass
-            finally:
-                self._release_send()
+        if ours and self._outbox.pending and self._broken is None:
+            run_held(self._send_guard(), self._write_pending_nowait)
         if ours and self._has_control and self._broken is None and not self._eof:
             # Take the peer's control frames (acknowledgements) out of the
             # socket first: closing a Unix socket with unread data resets the
@@ -1034,18 +1022,40 @@ class ChannelCore:
                 self._pump_nowait()
             except FdChannelError:
                 pass
+        self._closing = True
         self._closed = True
         # The error that broke the channel holds, through its traceback, the
         # frames of the call that met it, and they hold the channel: a
         # cycle that only the cyclic GC would collect, with every buffer in
         # it.  A closed channel reports that it is closed, not why it broke.
         self._broken = None
-        self._wake_waiters()
-        self._drop_held()
+        self._finish_close()
+
+    def _write_pending_nowait(self) -> None:
         try:
-            self._session.close()
+            self._write_now()
+        except OSError:
+            pass
+
+    def _finish_close(self) -> None:
+        """The steps of `close` once the channel is marked closed, each one safe to run again.
+
+        Every step runs however the one before it ended; cut short by a
+        signal handler's error, ``_closing`` stays set and the next
+        ``close()`` runs them again (``_closed`` alone is also set by a
+        hand-over, after which the socket is somebody else's).
+        """
+        try:
+            try:
+                self._wake_waiters()
+            finally:
+                self._drop_held()
         finally:
-            self._sock.close()
+            try:
+                self._session.close()
+            finally:
+                self._sock.close()
+        self._closing = False
 
 
 def _peer_group(sock: socket.socket) -> object:

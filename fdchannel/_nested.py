@@ -27,6 +27,7 @@ from typing_extensions import Buffer
 from ._channel import Channel
 from ._core import ChannelCore
 from ._fdutil import close_listed
+from ._guard import let_go, take
 from ._message import Message
 from ._ownedfd import OwnedFd
 from .transports import PidfdGetfd, Transport, UnixRights
@@ -136,26 +137,16 @@ def _claim(via: ChannelCore, end: ChannelCore, locks: list[bool]) -> None:
     """Check *end* may be sent over *via* and take its locks, recording them in *locks*.
 
     ``locks[0]`` and ``locks[1]`` say whether this call took *end*'s send
-    and receive lock: each result is stored by the call that takes the lock
-    (``list.extend`` over ``map``, from C), so that a signal handler's
-    error at the end of that call finds it recorded, taken or not, and
-    `_let_go` releases exactly what this call holds.  (An async end's gate
-    is taken by Python code, where a handler's error after the gate is
-    taken and before its result is stored still leaves it taken.)  Raises
-    with the caller to let go of what *locks* says.
+    and receive lock (or gate): each result is stored by the call that takes
+    it (`fdchannel._guard.take`), so that a signal handler's error at the
+    end of that call finds it recorded, taken or not, and `_let_go`
+    releases exactly what this call holds.  Raises with the caller to let
+    go of what *locks* says.
     """
     _check_state(via, end)
-    if isinstance(end, Channel):
-        locks.extend(map(end._send_lock.acquire, (False,)))
-    else:
-        locks.extend(map(type(end)._claim_send, (end,)))
-    if not locks[0]:
+    if not take(end._send_guard(), locks):
         raise RuntimeError(f"the {end._kind} is in use by another send()")
-    if isinstance(end, Channel):
-        locks.extend(map(end._recv_lock.acquire, (False,)))
-    else:
-        locks.extend(map(type(end)._claim_recv, (end,)))
-    if not locks[1]:
+    if not take(end._recv_guard(), locks):
         raise RuntimeError(f"the {end._kind} is in use by another recv()")
     # Acknowledgements owed to end's peer go now, while end is still ours.
     end._flush_control_held()
@@ -223,26 +214,13 @@ def _settle(
 def _let_go(end: ChannelCore, locks: list[bool]) -> None:
     """Release the locks `_claim` took on *end* (as *locks* records), each once.
 
-    A blocking Channel's lock is marked released, then released by one C
-    call, with no point between where a signal handler runs.  An async
-    end's gate is released by Python code, then marked: cut short as that
-    begins, it is still marked held for the next run.  Either way, calling
-    again releases what is left and nothing twice.
+    Cut short by a signal handler's error, calling it again releases what
+    is left and nothing twice (`fdchannel._guard.let_go`).
     """
-    if isinstance(end, Channel):
-        if len(locks) > 1 and locks[1]:
-            locks[1] = False
-            end._recv_lock.release()
-        if locks and locks[0]:
-            locks[0] = False
-            end._send_lock.release()
-        return
     if len(locks) > 1 and locks[1]:
-        end._release_recv()
-        locks[1] = False  # (no point between a Python call's return and this store)
+        let_go(end._recv_guard(), locks, 1)
     if locks and locks[0]:
-        end._release_send()
-        locks[0] = False
+        let_go(end._send_guard(), locks, 0)
 
 
 def _hand_over(end: ChannelCore, step: list[int], locks: list[bool]) -> None:

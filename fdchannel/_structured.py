@@ -268,14 +268,11 @@ class StructuredChannel(AsyncSurface):
 
     # -- the gates, for the core ----------------------------------------------
 
-    def _claim_send(self) -> bool:
-        return self._send_gate.try_enter()
+    def _send_guard(self) -> Gate:
+        return self._send_gate
 
-    def _release_send(self) -> None:
-        self._send_gate.leave()
-
-    def _claim_recv(self) -> bool:
-        return self._recv_gate.try_enter()
+    def _recv_guard(self) -> Gate:
+        return self._recv_gate
 
     def _evicted(self, exc: LimitExceeded) -> None:
         if threading.get_ident() != self._thread:
@@ -287,9 +284,6 @@ class StructuredChannel(AsyncSurface):
                 self._sock.shutdown(socket.SHUT_RDWR)
             return
         super()._evicted(exc)
-
-    def _release_recv(self) -> None:
-        self._recv_gate.leave()
 
     def _wake_waiters(self) -> None:
         if self._waiting:
@@ -305,8 +299,7 @@ class StructuredChannel(AsyncSurface):
         # until it runs again, and then it finds the channel closed.  The
         # fds a read left landed (cut short by a signal handler) go too.
         self._outbox.discard()
-        self._close_held()
-        self._decoder.release()
+        self._drop_buffered()
 
     def _checkpoint(self) -> Awaitable[None]:
         """The cancellation point a call starts with; a full checkpoint every `_FAIRNESS` calls."""

@@ -410,14 +410,11 @@ class AsyncChannel(AsyncSurface):
 
     # -- the gates, for the core ----------------------------------------------
 
-    def _claim_send(self) -> bool:
-        return self._send_gate.try_enter()
+    def _send_guard(self) -> _Gate:
+        return self._send_gate
 
-    def _release_send(self) -> None:
-        self._send_gate.leave()
-
-    def _claim_recv(self) -> bool:
-        return self._recv_gate.try_enter()
+    def _recv_guard(self) -> _Gate:
+        return self._recv_gate
 
     def _evicted(self, exc: LimitExceeded) -> None:
         loop = self._loop
@@ -428,9 +425,6 @@ class AsyncChannel(AsyncSurface):
                 loop.call_soon_threadsafe(super()._evicted, exc)
             return
         super()._evicted(exc)
-
-    def _release_recv(self) -> None:
-        self._recv_gate.leave()
 
     # Windows' default ProactorEventLoop completes operations instead of
     # reporting readiness (no add_reader/add_writer).  Readable: a zero-byte
@@ -475,8 +469,7 @@ class AsyncChannel(AsyncSurface):
         # One thread: a task suspended in send() or recv() touches nothing
         # until it runs again, and then it finds the channel closed.
         self._outbox.discard()
-        self._close_held()
-        self._decoder.release()
+        self._drop_buffered()
 
     # -- sending ------------------------------------------------------------
 

@@ -45,6 +45,7 @@ SCENARIOS = [
     "close_many",
     "open",
     "send_channel",
+    "channel_close",
 ]
 #: The trio and anyio channels' calls (signals modes only: an allocation that
 #: fails inside those libraries' own code is theirs to survive).

@@ -34,6 +34,7 @@ import dis
 import gc
 import json
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Callable
@@ -71,6 +72,7 @@ SCENARIOS: dict[str, list[bytes]] = {
     "close_many": [],  # more fds than the tuple free lists serve
     "open": [],  # an OwnedFd made into a file object
     "send_channel": [],  # a channel end sent: the peer's once it arrived, else still ours (checked apart)
+    "channel_close": [],  # a Channel closed with output pending and received fds buffered (checked apart)
     "send_shm": [S],  # a payload sent as sealed shared memory (a memfd of its own)
     "recv_shm": [S],
     "recv_refused": [X],  # a pipe posing as a memfd, refused (its fds closed), then a plain message
@@ -643,6 +645,41 @@ def _send_channel_case(  # noqa: C901, PLR0912, PLR0915 - one scenario, kept in 
     return error, [], [f"k={k}: {why}" for why in broken]
 
 
+def _channel_close_case(
+    k: int, width: int, a: Channel, b: Channel, r: int
+) -> tuple[bool, list[bytes], list[str]]:
+    """``a.close()`` struck at point k, with output pending and a received message's fds
+    buffered: a second ``close()`` finishes it (every fd closed once, no lock left taken)."""
+    b.send_many([(X, [r]), (Y, [r, r])])
+    a.recv().close()  # the second message stays buffered, with its fds
+    a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        a.send(Z * 4)  # more than the socket holds: the rest stays queued
+    except BlockingIOError:
+        pass
+    broken: list[str] = [] if a.pending else ["setting up: no output pending"]
+    error = False
+    _fail_from(k, width)
+    try:
+        a.close()
+    except FAILURES:
+        error = True
+    finally:
+        _stop_failing()
+    try:
+        a.close()  # finishes what a close cut short left
+        if a._sock.fileno() != -1:
+            broken.append("the socket is still open after a second close()")
+        for lock in (a._send_lock, a._recv_lock):
+            if not lock.acquire(False):  # a later call would hang instead of saying closed
+                broken.append("a lock was left taken")
+            else:
+                lock.release()
+    except Exception as exc:  # any error here is what the test reports
+        broken.append(f"checking raised {exc!r}")
+    return error, [], [f"k={k}: {why}" for why in broken]
+
+
 def main(path: str, scenario: str, count: int, width: int = 1) -> dict[str, object]:
     r, w = os.pipe()
     ino = os.fstat(r).st_ino
@@ -659,6 +696,9 @@ def main(path: str, scenario: str, count: int, width: int = 1) -> dict[str, obje
             error, got = _structured_case(scenario, k, width, a, b, r, ino)
         elif scenario == "send_channel":
             error, got, problems = _send_channel_case(path, k, width, a, b)
+            broken += problems
+        elif scenario == "channel_close":
+            error, got, problems = _channel_close_case(k, width, a, b, r)
             broken += problems
         else:
             error, got, problems = _sync_case(scenario, k, width, a, b, r, w, ino)
