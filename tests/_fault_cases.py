@@ -45,6 +45,7 @@ SCENARIOS = [
     "close_many",
     "open",
     "send_channel",
+    "send_channel_aio",
     "channel_close",
 ]
 #: The trio and anyio channels' calls (signals modes only: an allocation that

@@ -72,6 +72,7 @@ SCENARIOS: dict[str, list[bytes]] = {
     "close_many": [],  # more fds than the tuple free lists serve
     "open": [],  # an OwnedFd made into a file object
     "send_channel": [],  # a channel end sent: the peer's once it arrived, else still ours (checked apart)
+    "send_channel_aio": [],  # the same with an AsyncChannel end (its gates instead of locks)
     "channel_close": [],  # a Channel closed with output pending and received fds buffered (checked apart)
     "send_shm": [S],  # a payload sent as sealed shared memory (a memfd of its own)
     "recv_shm": [S],
@@ -585,15 +586,32 @@ def _sync_case(
         return error, [], [f"k={k}: cleaning up raised {exc!r}"]
 
 
+def _guard_free(guard: Any) -> bool:
+    """Whether a lock (or an async channel's gate) is free: a later call would not wait for good."""
+    if hasattr(guard, "try_enter"):
+        return not guard._busy and not guard._waiters
+    if not guard.acquire(False):
+        return False
+    guard.release()
+    return True
+
+
 def _send_channel_case(  # noqa: C901, PLR0912, PLR0915 - one scenario, kept in one piece
-    path: str, k: int, width: int, a: Channel, b: Channel
+    path: str, k: int, width: int, a: Channel, b: Channel, kind: str = "blocking"
 ) -> tuple[bool, list[bytes], list[str]]:
     """``send_channel(a, end)`` struck at point k: *end* is the peer's once the message
-    arrived (closed here, working there), else still the caller's and usable; never both."""
+    arrived (closed here, working there), else still the caller's and usable; never both.
+    *kind* ``aio``: *end* is an AsyncChannel (taken over before the strikes begin)."""
     with _fastpath.forced(path == "compiled"):
         end, partner = Channel.pair()
     end.settimeout(0)
     partner.settimeout(0)
+    if kind == "aio":
+        end = AsyncChannel.from_channel(end)  # type: ignore[assignment]
+
+    def run(call: Any) -> Any:
+        return asyncio.run(asyncio.wait_for(call, 10)) if kind == "aio" else call
+
     error = False
     told: int | None = None
     _fail_from(k, width)
@@ -620,19 +638,18 @@ def _send_channel_case(  # noqa: C901, PLR0912, PLR0915 - one scenario, kept in 
                 moved.append(recv_channel(m).channel)
         if moved and not end.closed:
             broken.append("the end arrived and is still open here: two owners")
-        for lock in (end._send_lock, end._recv_lock):
-            if not lock.acquire(False):  # a later call would hang instead of working (or saying closed)
+        for guard in (end._send_guard(), end._recv_guard()):
+            if not _guard_free(guard):  # a later call would hang instead of working (or saying closed)
                 return error, [], [f"k={k}: a lock of the end was left taken"]
-            lock.release()
         if moved:
             partner.send(b"moved")
-            if [bytes(moved[0].recv().payload)] != [b"moved"]:
+            if [bytes(run(moved[0].recv()).payload)] != [b"moved"]:
                 broken.append("the end that arrived does not carry its stream")
         elif end.closed:
             if not cut and not a.closed and a._broken is None:
                 broken.append("the end was let go here and never arrived")
         else:
-            end.send(b"kept")
+            run(end.send(b"kept"))
             if bytes(partner.recv().payload) != b"kept":
                 broken.append("the end kept here does not carry its stream")
         if error and told is not None and (told > 0) != bool(moved) and not cut:
@@ -694,8 +711,9 @@ def main(path: str, scenario: str, count: int, width: int = 1) -> dict[str, obje
             error, got = _aio_case(scenario, k, width, a, b, r, ino)
         elif OURS_ONLY:
             error, got = _structured_case(scenario, k, width, a, b, r, ino)
-        elif scenario == "send_channel":
-            error, got, problems = _send_channel_case(path, k, width, a, b)
+        elif scenario.startswith("send_channel"):
+            kind = "aio" if scenario.endswith("_aio") else "blocking"
+            error, got, problems = _send_channel_case(path, k, width, a, b, kind)
             broken += problems
         elif scenario == "channel_close":
             error, got, problems = _channel_close_case(k, width, a, b, r)
