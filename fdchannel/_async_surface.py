@@ -8,6 +8,7 @@ is written once.
 from __future__ import annotations
 
 import socket
+import weakref
 from typing import TYPE_CHECKING, Any, Self
 
 from ._codec import Decoder
@@ -61,28 +62,40 @@ class AsyncSurface(ChannelCore):
             # An end inherited across fork serves one process, taken over
             # or not: another child's use raises ValueError here.
             ch._claim()
+            # Made first: from the set-up on, nothing between it and the
+            # hand-over below is a call (no point where a signal handler runs).
+            fresh = Decoder(wire_id=0, in_band=False, max_payload=0, max_fds=0, max_aux=0)
             new = cls.__new__(cls)
-            new._setup(
-                ch._sock,
-                ch._transport,
-                ch._session,
-                ch._decoder,
-                max_payload=ch.max_payload,
-                max_fds=ch.max_fds,
-                greet=False,
-            )
-            # Chunks a blocking channel leaves pending are detached: they
-            # own their bytes and fds, so the whole outbox changes hands
-            # (before any control frame: it may hold a frame's rest).
-            new._outbox, ch._outbox = ch._outbox, new._outbox
-            # The decoder is this channel's now: the old one's clean-up
-            # (a call on it after this, its close) must not release it.
-            ch._decoder = Decoder(wire_id=0, in_band=False, max_payload=0, max_fds=0, max_aux=0)
-            new._broken = ch._broken
-            new._eof = ch._eof
-            new._share_above = ch._share_above
-            ch._closed = True
-            taken.append(new)
+            try:
+                new._setup(
+                    ch._sock,
+                    ch._transport,
+                    ch._session,
+                    ch._decoder,
+                    max_payload=ch.max_payload,
+                    max_fds=ch.max_fds,
+                    greet=False,
+                )
+                # Chunks a blocking channel leaves pending are detached: they
+                # own their bytes and fds, so the whole outbox changes hands
+                # (before any control frame: it may hold a frame's rest).
+                new._outbox, ch._outbox = ch._outbox, new._outbox
+                # The decoder is this channel's now: the old one's clean-up
+                # (a call on it after this, its close) must not release it.
+                ch._decoder = fresh
+                new._broken = ch._broken
+                new._eof = ch._eof
+                new._share_above = ch._share_above
+                ch._closed = True
+                taken.append(new)
+            except BaseException:
+                if not taken:
+                    # Cut short in the set-up: nothing moved.  The half-made
+                    # channel must not close the socket as it goes (no call
+                    # before this store), and the decoder reports to *ch* again.
+                    new._closed = True
+                    ch._decoder.on_evict = weakref.WeakMethod(ch._evicted)
+                raise
             if new._has_control:
                 new._flush_control_nowait()
 

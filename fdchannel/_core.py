@@ -104,10 +104,14 @@ class ChannelCore:
     _broken: FdChannelError | None
     _eof: bool
     _closed: bool
-    #: Set by `close` as it marks the channel closed, cleared once every
-    #: step of it ran: a close() cut short by a signal handler's error is
-    #: finished by the next one.
-    _closing: bool = False
+    #: `close`'s steps after it marks the channel closed: 0 none left (or
+    #: not begun), 1 left to run (a close() cut short by a signal handler's
+    #: error: the next one runs them), 2 running (another close(), in
+    #: another thread or a handler inside this one, returns at once).
+    _closing: int = 0
+    #: Whether close() has called the session's close (once, as a session
+    #: is promised; tried, it is not tried again).
+    _session_closed: bool = False
     _pid: int
     #: Payloads above this many bytes go as sealed shared memory
     #: (`fdchannel.shm.share_above`); None: never on their own.
@@ -1006,7 +1010,7 @@ class ChannelCore:
     def close(self) -> None:
         """Close the socket and every fd the channel still holds.  Idempotent."""
         if self._closed:
-            if self._closing:
+            if self._closing == 1:
                 self._finish_close()  # a signal handler's error cut the first close() short
             return
         # A forked copy must not push the creator's queued output a second
@@ -1022,7 +1026,7 @@ class ChannelCore:
                 self._pump_nowait()
             except FdChannelError:
                 pass
-        self._closing = True
+        self._closing = 1
         self._closed = True
         # The error that broke the channel holds, through its traceback, the
         # frames of the call that met it, and they hold the channel: a
@@ -1041,21 +1045,31 @@ class ChannelCore:
         """The steps of `close` once the channel is marked closed, each one safe to run again.
 
         Every step runs however the one before it ended; cut short by a
-        signal handler's error, ``_closing`` stays set and the next
-        ``close()`` runs them again (``_closed`` alone is also set by a
-        hand-over, after which the socket is somebody else's).
+        signal handler's error, ``_closing`` goes back to 1 (a store with
+        no call first) and the next ``close()`` runs them again.  While they
+        run it is 2, and a close() meanwhile (another thread's, or a
+        handler's inside this one) returns at once, as before they ran.
+        ``_closed`` alone is also set by a hand-over, after which the socket
+        is somebody else's.
         """
+        self._closing = 2
         try:
             try:
-                self._wake_waiters()
+                try:
+                    self._wake_waiters()
+                finally:
+                    self._drop_held()
             finally:
-                self._drop_held()
-        finally:
-            try:
-                self._session.close()
-            finally:
-                self._sock.close()
-        self._closing = False
+                try:
+                    if not self._session_closed:
+                        self._session_closed = True  # tried: a session is closed once
+                        self._session.close()
+                finally:
+                    self._sock.close()
+        except BaseException:
+            self._closing = 1
+            raise
+        self._closing = 0
 
 
 def _peer_group(sock: socket.socket) -> object:

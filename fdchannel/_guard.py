@@ -18,7 +18,7 @@ hand-over when run again).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Protocol, TypeAlias, cast
+from typing import Final, Protocol, TypeAlias
 
 __all__ = ["Guard", "let_go", "run_held", "take"]
 
@@ -43,12 +43,24 @@ class Gate(Protocol):
 Guard: TypeAlias = Lock | Gate
 
 _NOW: Final = (False,)
+#: How many times `run_held` runs a gate's cut-short release again at most:
+#: each run is one more signal handler's error (or a failure that would repeat).
+_RUNS: Final = 8
 
 
 def _split(guard: Guard) -> tuple[Lock | None, Gate | None]:
     if hasattr(guard, "try_enter"):
-        return None, cast(Gate, guard)
+        gate: Gate = guard  # type: ignore[assignment]  # (not typing.cast: a call)
+        return None, gate
     return guard, None
+
+
+def _take(lock: Lock | None, gate: Gate | None, held: list[bool]) -> bool:
+    if lock is not None:
+        held.extend(map(lock.acquire, _NOW))
+    elif gate is not None:
+        held.extend(map(type(gate).try_enter, (gate,)))
+    return held[-1]
 
 
 def take(guard: Guard, held: list[bool]) -> bool:
@@ -58,11 +70,7 @@ def take(guard: Guard, held: list[bool]) -> bool:
     nothing appended (nothing taken), or the result.
     """
     lock, gate = _split(guard)
-    if lock is not None:
-        held.extend(map(lock.acquire, _NOW))
-    elif gate is not None:
-        held.extend(map(type(gate).try_enter, (gate,)))
-    return held[-1]
+    return _take(lock, gate, held)
 
 
 def let_go(guard: Guard, held: list[bool], i: int) -> None:
@@ -88,12 +96,14 @@ def run_held(guard: Guard, body: Callable[[], object]) -> bool:
 
     *guard* is released on every path, however *body* ends, and exactly once
     whatever a signal handler raises meanwhile (the error of the last one
-    raised as the release is finished is what propagates).
+    raised as the release is finished is what propagates), up to a storm of
+    `_RUNS` handlers' errors cutting a gate's release short (or one at the
+    retry loop's jump back, after two): a gate is then left taken.
     """
     lock, gate = _split(guard)
     held: list[bool] = []
     try:
-        take(guard, held)
+        _take(lock, gate, held)
         if held[0]:
             body()
         return held[0]
@@ -107,7 +117,7 @@ def run_held(guard: Guard, body: Callable[[], object]) -> bool:
                     gate.leave()
                 except BaseException as exc:
                     last = exc
-                    while True:
+                    for _ in range(_RUNS):
                         try:
                             gate.leave()  # finishes what the cut-short run began
                             break

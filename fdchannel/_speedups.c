@@ -26,8 +26,11 @@
 #include <sys/uio.h>
 #include <unistd.h>
 #ifdef __linux__
-#include <linux/membarrier.h>
 #include <sys/syscall.h>
+/* membarrier's commands, the kernel's ABI: not from <linux/membarrier.h>,
+ * which kernel headers before 4.14 lack or hold without these two. */
+#define FDC_MEMBARRIER_PRIVATE_EXPEDITED (1 << 3)
+#define FDC_MEMBARRIER_REGISTER_PRIVATE_EXPEDITED (1 << 4)
 #endif
 
 #define HEADER_SIZE 24
@@ -755,7 +758,7 @@ static int forks_pending;  /* forks between their prepare handler and their pare
 
 static void register_fences(void) {
 #if defined(__linux__) && defined(__NR_membarrier)
-    fences_usable = syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+    fences_usable = syscall(__NR_membarrier, FDC_MEMBARRIER_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
     fences = fences_usable;
 #endif
 }
@@ -764,8 +767,11 @@ static void fork_prepare(void) {
     __atomic_add_fetch(&forks_pending, 1, __ATOMIC_SEQ_CST);
 #if defined(__linux__) && defined(__NR_membarrier)
     if (__atomic_load_n(&fences, __ATOMIC_RELAXED) &&
-        syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)
-        __atomic_store_n(&fences, 0, __ATOMIC_SEQ_CST); /* every index takes the lock from now on */
+        syscall(__NR_membarrier, FDC_MEMBARRIER_PRIVATE_EXPEDITED, 0, 0) != 0)
+        /* Every index takes the lock from now on.  (Late for a close that
+         * passed the count just now, during this fork: only where the
+         * command registers and then fails, as a filter could make it.) */
+        __atomic_store_n(&fences, 0, __ATOMIC_SEQ_CST);
 #endif
     lock_forks();
 }

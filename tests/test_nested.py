@@ -564,7 +564,7 @@ def test_trio_and_anyio_ends_move_and_arrive_as_their_kind(sc_kind: str) -> None
 
 def _strike_as_the_send_lock_is_tried() -> list[bool]:
     """Raise KeyboardInterrupt (as a signal handler's error) at the end of the first C call
-    `_claim` makes (through `fdchannel._guard.take`) to try *end*'s send lock: where CPython
+    `_claim` makes (in `fdchannel._guard._take`) to try *end*'s send lock: where CPython
     3.11 runs pending handlers."""
     armed = [True]
 
@@ -572,7 +572,7 @@ def _strike_as_the_send_lock_is_tried() -> list[bool]:
         if (
             armed[0]
             and event == "c_return"
-            and frame.f_code.co_name == "take"
+            and frame.f_code.co_name == "_take"
             and getattr(arg, "__name__", "") in ("acquire", "extend")
         ):
             armed[0] = False

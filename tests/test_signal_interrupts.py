@@ -19,6 +19,7 @@ real ``setitimer`` storm.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import signal
@@ -38,6 +39,7 @@ from fdchannel.aio import AsyncChannel
 
 from ._aio import Runner as Run
 from ._aio import loop_kind, run  # noqa: F401 - fixtures
+from ._portable import is_open
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32" or not hasattr(signal, "setitimer"), reason="POSIX signals and setitimer"
@@ -361,6 +363,132 @@ def test_send_many_struck_by_a_handler_that_sends_itself_still_counts_what_was_t
         for payload in (b"one", b"two"):
             with b.recv() as msg:
                 assert msg.payload == payload
+
+
+# -- close() cut short, and a close() inside it --------------------------------------
+
+
+class _CountingSession:
+    """Wraps a channel's session to count its close() calls (a session is closed once)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+        self._inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_handler_that_closes_the_channel_inside_close_then_raises_leaves_nothing_open() -> None:
+    """A handler struck inside close() (as it begins dropping the buffered fds) closes the
+    channel itself, then raises.  The inner close() returns at once, as it did before close()
+    could be finished by a later one (it ran the steps again inside the first, marked them
+    done, and the buffered fds stayed open for good); the next close() finishes; the
+    session is closed once."""
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    try:
+        b.send_many([(b"one", [r]), (b"two", [r, w])])
+        a.settimeout(TIMEOUT)
+        a.recv().close()  # the second message stays buffered, with its two fds
+        buffered = list(a._decoder.fd_lists()[0])
+        assert len(buffered) == 2
+        session = a._session = _CountingSession(a._session)
+        armed = [True]
+
+        def profile(frame: FrameType, event: str, arg: object) -> None:
+            if armed[0] and event == "call" and frame.f_code.co_name == "_close_held":
+                armed[0] = False
+                a.close()  # the handler's own close (not profiled)
+                raise KeyboardInterrupt("a signal handler's error")
+
+        sys.setprofile(profile)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                a.close()
+        finally:
+            sys.setprofile(None)
+        assert not armed[0]  # it struck
+        assert a.closed
+        a.close()  # finishes what the first left
+        assert not any(is_open(fd) for fd in buffered)
+        assert a._sock.fileno() == -1
+        assert session.closes == 1
+        assert a._closing == 0
+    finally:
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
+def _struck_take_over(k: int) -> tuple[Channel, Channel, AsyncChannel | None]:
+    """``AsyncChannel.from_channel`` of a channel with output queued, a handler's error at
+    the k-th Python call it makes (none when it makes fewer): (channel, peer, new or None)."""
+    a, b = Channel.pair()
+    a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.settimeout(0)
+    with pytest.raises(BlockingIOError):
+        a.send(bytes(1 << 20))  # more than the socket holds: the rest stays queued
+    assert a.pending
+    left = [k]
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_globals.get("__name__", "").startswith("fdchannel"):
+            left[0] -= 1
+            if left[0] < 0:
+                sys.setprofile(None)
+                raise KeyboardInterrupt("a signal handler's error")
+
+    sys.setprofile(profile)
+    try:
+        return a, b, AsyncChannel.from_channel(a)
+    except KeyboardInterrupt:
+        return a, b, None
+    finally:
+        sys.setprofile(None)
+
+
+def test_a_handler_error_as_from_channel_runs_moves_nothing_or_everything() -> None:
+    """Struck at each Python call ``AsyncChannel.from_channel`` makes: either nothing moved
+    (the blocking channel keeps its socket, its queued output and its use) or all did.  A
+    review found the half-made channel's finalizer closing the socket under the blocking
+    one when a handler struck after the set-up (the queued output lost with it)."""
+    k = 0
+    while True:
+        a, b, new = _struck_take_over(k)
+        try:
+            gc.collect()  # a half-made channel goes
+            if new is not None:
+                assert a.closed
+                new.close()
+                break  # past every call: not struck
+            assert not a.closed, k
+            assert a.pending, k
+            assert a._sock.fileno() != -1, k
+            b.settimeout(TIMEOUT)
+            a.settimeout(TIMEOUT)
+            got = bytearray()
+
+            def drain(b: Channel = b, got: bytearray = got) -> None:
+                while len(got) < 1 << 20:
+                    got.extend(b.recv().payload)
+
+            reader = threading.Thread(target=drain)
+            reader.start()
+            a.flush()
+            reader.join(TIMEOUT)
+            assert not reader.is_alive(), k
+            assert got == bytes(1 << 20), k
+        finally:
+            a.close()
+            b.close()
+        k += 1
+    assert k > 3  # it struck inside the take-over, not only as it began
 
 
 # -- a real setitimer storm -------------------------------------------------------
