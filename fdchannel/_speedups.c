@@ -16,6 +16,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+/* The interpreter frame's link to its caller (record_for's walk of the live
+ * frames): CPython's internal header, as greenlet includes it. */
+#define Py_BUILD_CORE 1
+#include "internal/pycore_frame.h"
+#undef Py_BUILD_CORE
+#endif
 
 #include <errno.h>
 #include <pthread.h>
@@ -135,11 +142,46 @@ static inline Record *record_of(const void *frame) {
  * *drop*: a message the slot held for an earlier frame, for the caller to
  * release once it is done with the record (releasing it may run code that
  * makes calls of its own). */
+/* Which slots' frames are still running in this thread (bit i: slot i):
+ * their calls may yet read their records. */
+static unsigned live_slots(void) {
+    unsigned live = 0;
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+    for (_PyInterpreterFrame *f = PyThreadState_GET()->cframe->current_frame; f != NULL; f = f->previous)
+        for (unsigned i = 0; i < RECORDS; i++)
+            if (tl_records[i].frame == (const void *)f)
+                live |= 1u << i;
+#else
+    PyFrameObject *f = PyEval_GetFrame();
+    Py_XINCREF(f);
+    while (f != NULL) {
+        for (unsigned i = 0; i < RECORDS; i++)
+            if (tl_records[i].frame == (const void *)f)
+                live |= 1u << i;
+        PyFrameObject *back = PyFrame_GetBack(f);
+        Py_DECREF(f);
+        f = back;
+    }
+#endif
+    return live;
+}
+
 static Record *record_for(const void *frame, PyObject **drop) {
     Record *r = record_of(frame);
     if (r != NULL || frame == NULL)
         return r;
-    unsigned i = tl_evict;
+    /* A slot of a frame that has returned, first: a frame still running
+     * (the one a signal handler interrupted, below the handler's own calls)
+     * may yet read its record.  Only with every slot live (calls nested
+     * deeper than RECORDS) does one go round robin. */
+    unsigned live = live_slots(), i = tl_evict;
+    for (unsigned n = 0; n < RECORDS; n++) {
+        unsigned j = (tl_evict + n) % RECORDS;
+        if (!(live & (1u << j))) {
+            i = j;
+            break;
+        }
+    }
     tl_evict = (i + 1) % RECORDS;
     tl_last = i;
     r = &tl_records[i];

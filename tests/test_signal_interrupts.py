@@ -302,6 +302,53 @@ def test_recv_struck_by_a_handler_that_receives_itself_still_says_the_message_wa
         os.close(w)
 
 
+def _at_depth(depth: int, call: Any) -> None:
+    """*call* made *depth* Python frames further down: from a frame at another address."""
+    if depth:
+        _at_depth(depth - 1, call)
+    else:
+        call()
+
+
+def test_recv_struck_by_a_handler_that_calls_from_many_frames_still_says_the_message_was_lost() -> None:
+    """The handler's own calls come from more frames than a thread keeps records for (8):
+    the slots of frames that returned go first, never the interrupted call's, whose frame
+    still runs (they went round robin, and the tenth call took it: the message was lost
+    in silence, as a storm test found once in a full run)."""
+    a, b = Channel.pair()
+    c, d = Channel.pair()
+    r, w = os.pipe()
+    inner: list[bytes] = []
+
+    def round_trip() -> None:
+        c.send(b"inner", [r])
+        with d.recv() as msg:
+            inner.append(msg.payload)
+
+    def handler_io() -> None:
+        for depth in range(10):
+            _at_depth(depth, round_trip)
+
+    try:
+        with a, b, c, d:
+            _compiled(b, d)
+            a.send(b"outer", [r])
+            armed = _handler_at_the_end_of(b._fast, "recv", handler_io)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    b.recv()
+            finally:
+                sys.setprofile(None)
+            assert not armed[0]
+            assert inner == [b"inner"] * 10
+            b.settimeout(TIMEOUT)
+            with pytest.raises(ChannelBroken, match="a message was lost"):
+                b.recv()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 @pytest.mark.parametrize("inner_sends", [True, False])
 def test_send_struck_by_a_handler_that_sends_itself_still_says_the_message_left(inner_sends: bool) -> None:
     """The handler's own send(), refused or made, replaced the interrupted call's record (kept
