@@ -138,10 +138,6 @@ static inline Record *record_of(const void *frame) {
     return NULL;
 }
 
-/* The record of *frame*, made (blank) if it has none; NULL for no frame.
- * *drop*: a message the slot held for an earlier frame, for the caller to
- * release once it is done with the record (releasing it may run code that
- * makes calls of its own). */
 /* Which slots' frames are still running in this thread (bit i: slot i):
  * their calls may yet read their records. */
 static unsigned live_slots(void) {
@@ -166,6 +162,10 @@ static unsigned live_slots(void) {
     return live;
 }
 
+/* The record of *frame*, made (blank) if it has none; NULL for no frame.
+ * *drop*: a message the slot held for an earlier frame, for the caller to
+ * release once it is done with the record (releasing it may run code that
+ * makes calls of its own). */
 static Record *record_for(const void *frame, PyObject **drop) {
     Record *r = record_of(frame);
     if (r != NULL || frame == NULL)

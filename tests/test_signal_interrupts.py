@@ -268,6 +268,22 @@ def _compiled(*channels: Channel) -> None:
         pytest.skip("the record a compiled call leaves for its caller: the compiled path is not in use")
 
 
+def _strike_recv_then_expect_the_loss(b: Channel, handler_io: Any, handler_did: Any) -> None:
+    """``b.recv()`` struck as its compiled call returns, by a handler that runs *handler_io*
+    first (*handler_did* then holds); the next recv() says the message was lost."""
+    armed = _handler_at_the_end_of(b._fast, "recv", handler_io)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            b.recv()
+    finally:
+        sys.setprofile(None)
+    assert not armed[0]
+    assert handler_did()
+    b.settimeout(TIMEOUT)
+    with pytest.raises(ChannelBroken, match="a message was lost"):
+        b.recv()
+
+
 def test_recv_struck_by_a_handler_that_receives_itself_still_says_the_message_was_lost() -> None:
     """The handler's own recv() (on another channel) made a record of its own, which replaced
     the interrupted call's while the record was kept per thread: the message was dropped and
@@ -286,17 +302,7 @@ def test_recv_struck_by_a_handler_that_receives_itself_still_says_the_message_wa
             _compiled(b, d)
             a.send(b"outer", [r])
             c.send(b"inner", [r])
-            armed = _handler_at_the_end_of(b._fast, "recv", handler_io)
-            try:
-                with pytest.raises(KeyboardInterrupt):
-                    b.recv()
-            finally:
-                sys.setprofile(None)
-            assert not armed[0]
-            assert inner == [b"inner"]
-            b.settimeout(TIMEOUT)
-            with pytest.raises(ChannelBroken, match="a message was lost"):
-                b.recv()
+            _strike_recv_then_expect_the_loss(b, handler_io, lambda: inner == [b"inner"])
     finally:
         os.close(r)
         os.close(w)
@@ -333,17 +339,7 @@ def test_recv_struck_by_a_handler_that_calls_from_many_frames_still_says_the_mes
         with a, b, c, d:
             _compiled(b, d)
             a.send(b"outer", [r])
-            armed = _handler_at_the_end_of(b._fast, "recv", handler_io)
-            try:
-                with pytest.raises(KeyboardInterrupt):
-                    b.recv()
-            finally:
-                sys.setprofile(None)
-            assert not armed[0]
-            assert inner == [b"inner"] * 10
-            b.settimeout(TIMEOUT)
-            with pytest.raises(ChannelBroken, match="a message was lost"):
-                b.recv()
+            _strike_recv_then_expect_the_loss(b, handler_io, lambda: inner == [b"inner"] * 10)
     finally:
         os.close(r)
         os.close(w)
